@@ -1,0 +1,237 @@
+/*
+DataLoader: streams (inputs, targets) batches of token ids from llm.c-format token shards.
+
+A shard is a header of 256 little-endian int32 (1024 bytes) followed by the tokens:
+    header[0] = magic, header[1] = version, header[2] = token count
+    magic 20240520, version 1: uint16 tokens (GPT-2 style vocabularies)
+    magic 20240801, version 7: uint32 tokens (vocabularies above 65536)
+A glob pattern names the shards; they are read in sorted name order.
+
+Batch k of a shard is the window of B*T+1 tokens starting at k*B*T: inputs are its first B*T
+tokens, targets the same window shifted by one. A shard holds (ntok - 1) / (B*T) whole batches;
+a trailing partial window is skipped. After the last batch of a shard comes the next shard, and
+after the last shard the loader wraps around to shard 0, batch 0. Order is fixed (no shuffling),
+so (shard_index, batch_index) is the whole position and a resumed run can restore it.
+
+Each batch is read with fseek/fread: shards can be gigabytes, and a batch is a few KB to MB.
+Everything that can be checked cheaply is checked at init (header, and every shard's file size
+against its token count), so a bad shard fails at startup rather than hours into a run. Token ids
+are checked against vocab_size as each batch is read: an id out of range would otherwise index
+past the embedding table silently.
+*/
+#pragma once
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <glob.h>
+#include <sys/types.h>
+
+#include "common.h"
+
+#define DATALOADER_HEADER_INTS 256
+#define DATALOADER_HEADER_BYTES (DATALOADER_HEADER_INTS * 4)
+#define DATALOADER_MAGIC_U16 20240520
+#define DATALOADER_VERSION_U16 1
+#define DATALOADER_MAGIC_U32 20240801
+#define DATALOADER_VERSION_U32 7
+
+struct DataLoader {
+    int B = 0, T = 0;         // batch size, sequence length
+    int vocab_size = 0;       // every token id must be < vocab_size
+    std::vector<std::string> shard_paths;     // sorted glob matches
+    std::vector<size_t> shard_tokens;         // token count of each shard
+    std::vector<int> shard_token_bytes;       // 2 or 4
+    // position of the next batch; public so a resumed run can save and restore it
+    int shard_index = 0;      // shard the next batch comes from
+    size_t batch_index = 0;   // batch within that shard: it takes tokens [batch_index*B*T, batch_index*B*T + B*T + 1)
+    int* inputs = nullptr;    // (B, T) token ids
+    int* targets = nullptr;   // (B, T) the next token after each input
+    // one shard is open at a time; switching shards closes it and opens the next
+    FILE* file = nullptr;
+    int file_shard = -1;      // which shard `file` holds open, -1 if none
+    unsigned char* read_buffer = nullptr;   // (B*T+1) * 4 bytes: one window of raw tokens, widest case
+};
+
+// ---- helpers
+
+inline int32_t dataloader_read_le_int32(const unsigned char* p) {
+    return (int32_t)((uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24));
+}
+
+// Reads and checks one shard's header and size. Returns the token count and sets *token_bytes.
+inline size_t dataloader_check_shard(const char* path, int B, int T, int* token_bytes) {
+    FILE* f = fopen_or_fail(path, "rb");
+    unsigned char header[DATALOADER_HEADER_BYTES];
+    size_t got = fread(header, 1, sizeof(header), f);
+    // a directory opens fine on Linux and only fails here, with EISDIR
+    if (ferror(f)) fail("cannot read '%s': %s", path, strerror(errno));
+    if (got < sizeof(header)) {
+        fail("'%s': header is only %zu bytes; a shard starts with a %d-byte header", path, got,
+             DATALOADER_HEADER_BYTES);
+    }
+    int magic = dataloader_read_le_int32(header);
+    int version = dataloader_read_le_int32(header + 4);
+    int count = dataloader_read_le_int32(header + 8);
+    if (magic == DATALOADER_MAGIC_U16) {
+        if (version != DATALOADER_VERSION_U16) {
+            fail("'%s': magic %d (uint16 tokens) expects version %d, but the header says version %d",
+                 path, magic, DATALOADER_VERSION_U16, version);
+        }
+        *token_bytes = 2;
+    } else if (magic == DATALOADER_MAGIC_U32) {
+        if (version != DATALOADER_VERSION_U32) {
+            fail("'%s': magic %d (uint32 tokens) expects version %d, but the header says version %d",
+                 path, magic, DATALOADER_VERSION_U32, version);
+        }
+        *token_bytes = 4;
+    } else {
+        fail("'%s': bad magic number %d (expected %d for uint16 tokens or %d for uint32 tokens)",
+             path, magic, DATALOADER_MAGIC_U16, DATALOADER_MAGIC_U32);
+    }
+    if (count < 0) fail("'%s': header says a negative token count (%d)", path, count);
+
+    // the file must hold exactly the header plus `count` tokens: fewer means a cut-off copy,
+    // more means the header and the data disagree, and either way the tokens can't be trusted
+    if (fseeko(f, 0, SEEK_END) != 0) fail("cannot seek in '%s': %s", path, strerror(errno));
+    off_t file_bytes = ftello(f);
+    if (file_bytes < 0) fail("cannot get the size of '%s': %s", path, strerror(errno));
+    fclose(f);
+    size_t expected_bytes = DATALOADER_HEADER_BYTES + (size_t)count * *token_bytes;
+    if ((size_t)file_bytes < expected_bytes) {
+        fail("'%s': truncated: header says %d tokens (%zu bytes) but the file holds %zu bytes",
+             path, count, expected_bytes, (size_t)file_bytes);
+    }
+    if ((size_t)file_bytes > expected_bytes) {
+        fail("'%s': trailing bytes: header says %d tokens (%zu bytes) but the file holds %zu bytes",
+             path, count, expected_bytes, (size_t)file_bytes);
+    }
+
+    // one batch needs B*T inputs plus one more token for the last target
+    size_t window = (size_t)B * T + 1;
+    if ((size_t)count < window) {
+        fail("'%s': shard has %d tokens, fewer than the B*T+1 = %zu one batch needs (B=%d, T=%d)",
+             path, count, window, B, T);
+    }
+    return (size_t)count;
+}
+
+inline size_t dataloader_shard_batches(const DataLoader* loader, int shard) {
+    return (loader->shard_tokens[shard] - 1) / ((size_t)loader->B * loader->T);
+}
+
+// ---- API
+
+inline void dataloader_reset(DataLoader* loader) {
+    loader->shard_index = 0;
+    loader->batch_index = 0;
+}
+
+inline void dataloader_init(DataLoader* loader, const char* pattern, int B, int T, int vocab_size) {
+    if (B < 1 || T < 1) fail("dataloader: B and T must be at least 1, got B=%d, T=%d", B, T);
+    if (vocab_size < 1) fail("dataloader: vocab_size must be at least 1, got %d", vocab_size);
+    loader->B = B;
+    loader->T = T;
+    loader->vocab_size = vocab_size;
+
+    glob_t matches;
+    int rc = glob(pattern, 0, nullptr, &matches);
+    if (rc == GLOB_NOMATCH) fail("dataloader: no files match '%s'", pattern);
+    if (rc != 0) fail("dataloader: glob failed for '%s' (error %d)", pattern, rc);
+    loader->shard_paths.assign(matches.gl_pathv, matches.gl_pathv + matches.gl_pathc);
+    globfree(&matches);
+    // glob sorts with strcoll, which depends on the locale; byte order is the same everywhere
+    std::sort(loader->shard_paths.begin(), loader->shard_paths.end());
+
+    loader->shard_tokens.clear();
+    loader->shard_token_bytes.clear();
+    for (const std::string& path : loader->shard_paths) {
+        int token_bytes = 0;
+        loader->shard_tokens.push_back(dataloader_check_shard(path.c_str(), B, T, &token_bytes));
+        loader->shard_token_bytes.push_back(token_bytes);
+    }
+
+    size_t BT = (size_t)B * T;
+    loader->inputs = (int*)malloc_or_fail(BT * sizeof(int), "dataloader inputs");
+    loader->targets = (int*)malloc_or_fail(BT * sizeof(int), "dataloader targets");
+    loader->read_buffer = (unsigned char*)malloc_or_fail((BT + 1) * 4, "dataloader read buffer");
+    loader->file = nullptr;
+    loader->file_shard = -1;
+    dataloader_reset(loader);
+}
+
+inline size_t dataloader_num_batches(const DataLoader* loader) {
+    size_t total = 0;
+    for (size_t s = 0; s < loader->shard_paths.size(); s++) total += dataloader_shard_batches(loader, (int)s);
+    return total;
+}
+
+inline void dataloader_next_batch(DataLoader* loader) {
+    int shard = loader->shard_index;
+    // the position may have been restored from a checkpoint made with other shards or B, T
+    if (shard < 0 || shard >= (int)loader->shard_paths.size()) {
+        fail("dataloader: shard_index %d is out of range (%zu shards)", shard, loader->shard_paths.size());
+    }
+    if (loader->batch_index >= dataloader_shard_batches(loader, shard)) {
+        fail("dataloader: batch_index %zu is out of range for '%s' (%zu batches)", loader->batch_index,
+             loader->shard_paths[shard].c_str(), dataloader_shard_batches(loader, shard));
+    }
+    const char* path = loader->shard_paths[shard].c_str();
+    if (loader->file_shard != shard) {
+        if (loader->file != nullptr) fclose(loader->file);
+        loader->file = fopen_or_fail(path, "rb");
+        loader->file_shard = shard;
+    }
+
+    size_t BT = (size_t)loader->B * loader->T;
+    int token_bytes = loader->shard_token_bytes[shard];
+    size_t first_token = loader->batch_index * BT;
+    off_t offset = (off_t)DATALOADER_HEADER_BYTES + (off_t)(first_token * token_bytes);
+    if (fseeko(loader->file, offset, SEEK_SET) != 0) fail("cannot seek in '%s': %s", path, strerror(errno));
+    size_t got = fread(loader->read_buffer, token_bytes, BT + 1, loader->file);
+    // init checked the size, so a short read here means the file changed or the disk failed
+    if (got != BT + 1) {
+        fail("cannot read tokens %zu..%zu of '%s': %s", first_token, first_token + BT, path,
+             ferror(loader->file) ? strerror(errno) : "file ended early (was it changed after init?)");
+    }
+
+    // window (BT+1): token i is input i and target i-1
+    for (size_t i = 0; i <= BT; i++) {
+        const unsigned char* p = loader->read_buffer + i * token_bytes;
+        uint32_t token = token_bytes == 2 ? (uint32_t)p[0] | ((uint32_t)p[1] << 8)
+                                          : (uint32_t)dataloader_read_le_int32(p);
+        if (token >= (uint32_t)loader->vocab_size) {
+            fail("'%s': token at position %zu is %u, not below vocab_size %d", path, first_token + i,
+                 token, loader->vocab_size);
+        }
+        if (i < BT) loader->inputs[i] = (int)token;
+        if (i > 0) loader->targets[i - 1] = (int)token;
+    }
+
+    loader->batch_index++;
+    if (loader->batch_index >= dataloader_shard_batches(loader, shard)) {
+        loader->batch_index = 0;
+        loader->shard_index = (shard + 1) % (int)loader->shard_paths.size();
+    }
+}
+
+inline void dataloader_free(DataLoader* loader) {
+    if (loader->file != nullptr) fclose(loader->file);
+    loader->file = nullptr;
+    loader->file_shard = -1;
+    free(loader->inputs);
+    free(loader->targets);
+    free(loader->read_buffer);
+    loader->inputs = nullptr;
+    loader->targets = nullptr;
+    loader->read_buffer = nullptr;
+    loader->shard_paths.clear();
+    loader->shard_tokens.clear();
+    loader->shard_token_bytes.clear();
+}
