@@ -1,0 +1,134 @@
+"""
+Generate the fixtures the C++ parity tests compare against (at test time; never committed).
+
+    /usr/bin/python3 dev/make_fixtures.py --out DIR [--cases pre,post,mix,mix_half] [--fp64-drift]
+
+For each case, DIR/<case>/ holds:
+  config.json, model.safetensors   the initial checkpoint (norm weights perturbed, see below)
+  train.bin                        uint16 shard of 10*B*T + 1 random tokens in [0, V)
+  train.json                       training hyperparameters (numbers)
+  fixture.safetensors              inputs, targets (I32 (B,T), batch 0), logits (B,T,V), loss [1],
+                                   grad.<name> at the initial weights, train_loss/lr/grad_norm (10,)
+                                   of a 10-step run, final.<name> after it; __metadata__ holds the
+                                   hyperparameters as strings.
+--fp64-drift also trains a float64 copy and prints how far fp32 lands from it: a floor for the
+tolerances a C++ fp32 implementation can be held to.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference as ref  # noqa: E402
+
+# Shared by all cases: small enough that every case takes well under a second.
+V, C, NH, F, T, B = 97, 48, 4, 136, 24, 3
+EMBED_STD = 0.02
+STEPS, LR, WARMUP, MIN_LR_RATIO = 10, 1e-2, 3, 0.1
+
+# name -> layers, alpha, seed, weight_decay, grad_clip
+CASES = {
+    "pre":      dict(L=4, alpha=0.0,  seed=1001, weight_decay=0.0, grad_clip=0.0),
+    "post":     dict(L=4, alpha=1.0,  seed=1002, weight_decay=0.0, grad_clip=0.0),
+    # grad_clip 0.5: about half the first step's grad norm (1.19; the norms stay in 1.13..1.20
+    # over the 10 steps), so clipping engages on every step. make_case asserts that it engages
+    # and that it moves the final weights (by ~5e-3 here, far above fp32 noise).
+    "mix":      dict(L=4, alpha=0.25, seed=1003, weight_decay=0.0, grad_clip=0.5),
+    "mix_half": dict(L=6, alpha=0.5,  seed=1004, weight_decay=0.1, grad_clip=0.0),
+}
+
+
+def make_case(out, name, spec, fp64_drift):
+    t0 = time.perf_counter()
+    d = os.path.join(out, name)
+    os.makedirs(d, exist_ok=True)
+
+    # Initial checkpoint. Norm weights are moved off 1 so that a C++ bug that ignores a norm
+    # weight (or uses the wrong one of a layer's two) changes the numbers.
+    cfg = ref.Config.make(V, C, spec["L"], NH, F, T, spec["alpha"])
+    model = ref.MixLNForCausalLM(cfg)
+    gen = ref.init_weights(model, spec["seed"], EMBED_STD)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if ref.is_norm_weight(pname):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    ref.save_checkpoint(model, d)
+
+    tok_gen = torch.Generator().manual_seed(spec["seed"] + 500)
+    tokens = torch.randint(0, V, (10 * B * T + 1,), generator=tok_gen).numpy()
+    ref.shard_save(os.path.join(d, "train.bin"), tokens)
+    tokens = ref.shard_load(os.path.join(d, "train.bin"))  # use exactly what the C++ side reads
+
+    hp = dict(batch=B, seq_len=T, steps=STEPS, lr=LR, warmup=WARMUP, min_lr_ratio=MIN_LR_RATIO,
+              weight_decay=spec["weight_decay"], grad_clip=spec["grad_clip"])
+    with open(os.path.join(d, "train.json"), "w") as f:
+        json.dump(hp, f, indent=2)
+        f.write("\n")
+
+    # Forward + backward of batch 0 at the initial weights, from the checkpoint as written.
+    model = ref.load_checkpoint(d)
+    x, y = ref.batch(tokens, 0, B, T)
+    logits, loss = model(x, y)
+    loss.backward()
+    fx = {
+        "inputs": x.to(torch.int32),
+        "targets": y.to(torch.int32),
+        "logits": logits.detach(),
+        "loss": loss.detach().reshape(1),
+    }
+    for pname, p in model.named_parameters():
+        fx["grad." + pname] = p.grad.detach().clone()
+
+    # 10 training steps from the same initial weights.
+    model = ref.load_checkpoint(d)
+    train_args = (tokens, B, T, STEPS, LR, WARMUP, MIN_LR_RATIO, spec["weight_decay"], spec["grad_clip"])
+    log = ref.train(model, *train_args)
+    fx["train_loss"] = torch.tensor([l for l, _, _ in log], dtype=torch.float32)
+    fx["lr"] = torch.tensor([lr for _, lr, _ in log], dtype=torch.float32)
+    fx["grad_norm"] = torch.tensor([g for _, _, g in log], dtype=torch.float32)
+    for pname, p in model.named_parameters():
+        fx["final." + pname] = p.detach().clone()
+
+    if spec["grad_clip"] > 0:
+        # Clipping must engage, and must change the result by more than float noise, or the
+        # case would not test it.
+        assert any(g > spec["grad_clip"] for _, _, g in log), f"{name}: grad_clip never engaged"
+        unclipped = ref.load_checkpoint(d)
+        ref.train(unclipped, *train_args[:-1], 0.0)
+        diff = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), unclipped.parameters()))
+        assert diff > 1e-4, f"{name}: clipping changed the final weights by only {diff:.2e}"
+
+    ref.safetensors_save(os.path.join(d, "fixture.safetensors"), fx, {k: str(v) for k, v in hp.items()})
+
+    secs = time.perf_counter() - t0
+    print(f"{name:9s} post_ln_layers={cfg.post_ln_layers} loss={float(loss):.6f} "
+          f"train_loss[0]={log[0][0]:.6f} train_loss[-1]={log[-1][0]:.6f} "
+          f"grad_norm[0]={log[0][2]:.4f} {secs:.2f}s")
+
+    if fp64_drift:
+        m64 = ref.load_checkpoint(d).double()
+        log64 = ref.train(m64, *train_args)
+        dl = max(abs(a[0] - b[0]) for a, b in zip(log, log64))
+        dw = max(float((p.double() - q).abs().max()) for p, q in zip(model.parameters(), m64.parameters()))
+        print(f"{'':9s} fp32 vs fp64 after {STEPS} steps: max |train_loss diff| {dl:.2e}, max |weight diff| {dw:.2e}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
+    p.add_argument("--fp64-drift", action="store_true")
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    for name in a.cases.split(","):
+        make_case(a.out, name, CASES[name], a.fp64_drift)
+    print(f"fixtures written to {a.out} in {time.perf_counter() - t0:.2f}s")
+
+
+if __name__ == "__main__":
+    main()
