@@ -1,0 +1,48 @@
+/*
+The loss at the end of the LM head: softmax over the vocabulary and cross-entropy against the
+next token, loss = -log softmax(logits)[target], averaged over all B*T positions by the caller.
+
+Backward overwrites the logits with their gradient, (softmax - onehot(target)) * dloss, so no
+separate (B, T, V) buffer is needed: the logits are not used again after the loss.
+Both directions use a max-shifted softmax with sums in double.
+*/
+#pragma once
+
+#include <cmath>
+
+#include "../common.h"
+
+// ---- CPU reference
+
+// losses (N) per position; logits (N, V); targets (N)
+inline void crossentropy_forward_cpu(real* losses, const real* logits, const int* targets, int N, int V) {
+    #pragma omp parallel for
+    for (int i = 0; i < N; i++) {
+        const real* row = logits + (size_t)i * V;
+        real max_logit = row[0];
+        for (int v = 1; v < V; v++) max_logit = row[v] > max_logit ? row[v] : max_logit;
+        double sum = 0.0;
+        for (int v = 0; v < V; v++) sum += exp((double)(row[v] - max_logit));
+        // -log p[target] = log(sum) - (logit[target] - max)
+        losses[i] = (real)(log(sum) - (double)(row[targets[i]] - max_logit));
+    }
+}
+
+// dlogits (N, V) = (softmax(logits) - onehot) * dloss, written over logits (they may alias);
+// dloss is the gradient of the final loss with respect to each position's loss (1/N for a mean)
+inline void crossentropy_backward_cpu(real* dlogits, const real* logits, const int* targets,
+                               real dloss, int N, int V) {
+    #pragma omp parallel for
+    for (int i = 0; i < N; i++) {
+        const real* row = logits + (size_t)i * V;
+        real* drow = dlogits + (size_t)i * V;
+        real max_logit = row[0];
+        for (int v = 1; v < V; v++) max_logit = row[v] > max_logit ? row[v] : max_logit;
+        double sum = 0.0;
+        for (int v = 0; v < V; v++) sum += exp((double)(row[v] - max_logit));
+        for (int v = 0; v < V; v++) {
+            real p = (real)(exp((double)(row[v] - max_logit)) / sum);
+            drow[v] = (p - (v == targets[i] ? 1 : 0)) * dloss;
+        }
+    }
+}

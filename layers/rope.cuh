@@ -1,0 +1,71 @@
+/*
+Rotary position embedding (RoPE) in the Hugging Face "rotate half" form, applied to the query
+and key heads in place. For head size hs, pair i < hs/2 of a head at position t is rotated by
+the angle t * theta^(-2i/hs):
+    x'[i]        = x[i] * cos - x[i + hs/2] * sin
+    x'[i + hs/2] = x[i + hs/2] * cos + x[i] * sin
+Position t counts from 0 at the start of every sequence.
+
+The cos/sin tables are computed in double and rounded once to fp32 (the PyTorch reference does
+the same; Hugging Face computes them in fp32, which differs by ~1e-5 at large positions).
+
+A rotation's inverse is its transpose, so backward rotates the gradient by -angle.
+*/
+#pragma once
+
+#include <cmath>
+
+#include "../common.h"
+
+// ---- CPU reference
+
+// rope_cos, rope_sin (T, hs/2)
+inline void rope_tables_cpu(real* rope_cos, real* rope_sin, int T, int head_size, float theta) {
+    int half = head_size / 2;
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < half; i++) {
+            double inv_freq = 1.0 / pow((double)theta, (2.0 * i) / head_size);
+            double angle = t * inv_freq;
+            rope_cos[(size_t)t * half + i] = (real)cos(angle);
+            rope_sin[(size_t)t * half + i] = (real)sin(angle);
+        }
+    }
+}
+
+// Rotates q and k in place: qkv (B, T, 3C) holds [q | k | v] per position, C = NH * hs.
+// direction +1 applies the rotation (forward), -1 its inverse (backward, on the gradient).
+inline void rope_rotate_cpu(real* qkv, const real* rope_cos, const real* rope_sin,
+                            int B, int T, int NH, int head_size, int direction) {
+    int C = NH * head_size;
+    int half = head_size / 2;
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            real* row = qkv + ((size_t)b * T + t) * 3 * C;
+            const real* cos_t = rope_cos + (size_t)t * half;
+            const real* sin_t = rope_sin + (size_t)t * half;
+            // the q heads then the k heads: 2 * NH heads of hs values, contiguous
+            for (int h = 0; h < 2 * NH; h++) {
+                real* x = row + (size_t)h * head_size;
+                for (int i = 0; i < half; i++) {
+                    real s = direction * sin_t[i];
+                    real x1 = x[i], x2 = x[i + half];
+                    x[i] = x1 * cos_t[i] - x2 * s;
+                    x[i + half] = x2 * cos_t[i] + x1 * s;
+                }
+            }
+        }
+    }
+}
+
+// qkv (B, T, 3C): q and k rotated in place
+inline void rope_forward_cpu(real* qkv, const real* rope_cos, const real* rope_sin,
+                      int B, int T, int NH, int head_size) {
+    rope_rotate_cpu(qkv, rope_cos, rope_sin, B, T, NH, head_size, +1);
+}
+
+// dqkv (B, T, 3C): the q and k gradients rotated back in place
+inline void rope_backward_cpu(real* dqkv, const real* rope_cos, const real* rope_sin,
+                       int B, int T, int NH, int head_size) {
+    rope_rotate_cpu(dqkv, rope_cos, rope_sin, B, T, NH, head_size, -1);
+}

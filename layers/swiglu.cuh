@@ -1,0 +1,46 @@
+/*
+SwiGLU, the gated activation of the LLaMA MLP: out = silu(gate) * up, silu(g) = g * sigmoid(g).
+
+gate and up come from one matmul against the stacked (2F, C) gate_up_proj weight, so each row
+of the input holds F gate values followed by F up values.
+
+Backward, with s = sigmoid(g):  dgate += dout * up * s * (1 + g * (1 - s)),  dup += dout * silu(g).
+*/
+#pragma once
+
+#include <cmath>
+
+#include "../common.h"
+
+// ---- CPU reference
+
+// out (N, F); gate_up (N, 2F): [gate | up] per row
+inline void swiglu_forward_cpu(real* out, const real* gate_up, int N, int F) {
+    #pragma omp parallel for
+    for (int i = 0; i < N; i++) {
+        const real* gate = gate_up + (size_t)i * 2 * F;
+        const real* up = gate + F;
+        for (int f = 0; f < F; f++) {
+            real sigmoid = 1 / (1 + exp(-gate[f]));
+            out[(size_t)i * F + f] = gate[f] * sigmoid * up[f];
+        }
+    }
+}
+
+// dgate_up (N, 2F) +=; dout (N, F); gate_up (N, 2F) from forward
+inline void swiglu_backward_cpu(real* dgate_up, const real* dout, const real* gate_up, int N, int F) {
+    #pragma omp parallel for
+    for (int i = 0; i < N; i++) {
+        const real* gate = gate_up + (size_t)i * 2 * F;
+        const real* up = gate + F;
+        real* dgate = dgate_up + (size_t)i * 2 * F;
+        real* dup = dgate + F;
+        for (int f = 0; f < F; f++) {
+            real g = gate[f];
+            real sigmoid = 1 / (1 + exp(-g));
+            real dy = dout[(size_t)i * F + f];
+            dgate[f] += dy * up[f] * sigmoid * (1 + g * (1 - sigmoid));
+            dup[f] += dy * g * sigmoid;
+        }
+    }
+}

@@ -1,0 +1,611 @@
+/*
+The Mix-LN LLaMA model: its configuration, its buffers and one training step's worth of
+orchestration (forward, backward, update). The layers themselves live in layers/, one file each.
+
+Architecture (LLaMA, no biases, untied LM head):
+    x = embed_tokens[tokens]
+    for each of L decoder layers: attention sublayer, then SwiGLU MLP sublayer, with the norm
+        Post-LN for layers l < post_ln_layers:   h = N1(x + Attn(x))        y = N2(h + MLP(h))
+        Pre-LN  for the rest:                     h = x + Attn(N1(x))        y = h + MLP(N2(h))
+    logits = lm_head(final_norm(x)); loss = mean cross-entropy
+post_ln_layers = floor(alpha * L): alpha = 0 is pure Pre-LN, 1 pure Post-LN, 0.25 the paper's best.
+The final norm is applied in every mode (a pure Post-LN model normalises twice at the end, as the
+paper's code does).
+
+Memory, as in llm.c: all parameters live in one flat buffer with a struct of pointers into it; the
+gradients and the two AdamW moments are flat buffers of the same layout; every activation the
+backward pass needs, plus the backward pass's scratch, lives in one more buffer sized once from
+(B, T, config). Nothing is allocated during a step.
+
+Gradient convention: every backward function in layers/ accumulates (+=) into the gradients it
+writes, so a residual connection's gradient reaches both of its inputs by both branches
+accumulating into one buffer (see model_backward).
+*/
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "layers/adamw.cuh"
+#include "layers/attention.cuh"
+#include "layers/crossentropy.cuh"
+#include "layers/embedding.cuh"
+#include "layers/global_norm.cuh"
+#include "layers/matmul.cuh"
+#include "layers/residual.cuh"
+#include "layers/rmsnorm.cuh"
+#include "layers/rope.cuh"
+#include "layers/swiglu.cuh"
+
+// ----------------------------------------------------------------------------
+// configuration
+
+struct ModelConfig {
+    int vocab_size = 0;       // V
+    int channels = 0;         // C, Hugging Face hidden_size
+    int num_layers = 0;       // L
+    int num_heads = 0;        // NH; head size hs = C / NH
+    int ffn_channels = 0;     // F, Hugging Face intermediate_size
+    int max_seq_len = 0;      // T at most (max_position_embeddings)
+    int post_ln_layers = 0;   // layers 0 .. post_ln_layers-1 are Post-LN, the rest Pre-LN
+    float mixln_alpha = 0;    // the alpha that post_ln_layers came from, recorded in config.json
+    float rms_norm_eps = 1e-6f;
+    float rope_theta = 10000.0f;
+};
+
+// floor(alpha * L). The 1e-6 keeps float error from losing a layer (0.29 * 100 = 28.999...).
+inline int post_ln_layers_for(float alpha, int num_layers) {
+    return (int)floor((double)alpha * num_layers + 1e-6);
+}
+
+// Refuses configurations the kernels cannot run, with a message naming the problem.
+inline void model_config_check(const ModelConfig& c) {
+    if (c.vocab_size < 1 || c.channels < 1 || c.num_layers < 1 || c.num_heads < 1 ||
+        c.ffn_channels < 1 || c.max_seq_len < 1) {
+        fail("model sizes must be positive (vocab %d, dim %d, layers %d, heads %d, ffn %d, seq-len %d)",
+             c.vocab_size, c.channels, c.num_layers, c.num_heads, c.ffn_channels, c.max_seq_len);
+    }
+    if (c.channels % c.num_heads != 0) {
+        fail("the number of heads (%d) does not divide the width (dim %d)", c.num_heads, c.channels);
+    }
+    if ((c.channels / c.num_heads) % 2 != 0) {
+        fail("RoPE needs an even head size, but dim %d / heads %d = %d", c.channels, c.num_heads,
+             c.channels / c.num_heads);
+    }
+    if (!(c.mixln_alpha >= 0.0f && c.mixln_alpha <= 1.0f)) {
+        fail("alpha must be in [0, 1], got %g", c.mixln_alpha);
+    }
+    if (c.post_ln_layers < 0 || c.post_ln_layers > c.num_layers) {
+        fail("post_ln_layers must be in [0, %d], got %d", c.num_layers, c.post_ln_layers);
+    }
+    if (!(c.rms_norm_eps > 0.0f) || !(c.rope_theta > 0.0f)) {
+        fail("rms_norm_eps and rope_theta must be positive");
+    }
+}
+
+// ----------------------------------------------------------------------------
+// parameters
+
+// Pointers into the flat parameter buffer (and, with the same layout, into the gradient buffer).
+// q/k/v are stacked into one (3C, C) matrix per layer and gate/up into one (2F, C), so that each
+// pair of projections is one matmul; every Hugging Face tensor is still one contiguous slice.
+struct ParameterTensors {
+    real* embed_tokens;   // (V, C)      model.embed_tokens.weight
+    real* attn_norm;      // (L, C)      N1: input_layernorm (Pre-LN) / post_attention_layernorm (Post-LN)
+    real* qkv_proj;       // (L, 3C, C)  self_attn.{q,k,v}_proj.weight, stacked in that order
+    real* o_proj;         // (L, C, C)   self_attn.o_proj.weight
+    real* mlp_norm;       // (L, C)      N2: post_attention_layernorm (Pre-LN) / post_feedforward_layernorm (Post-LN)
+    real* gate_up_proj;   // (L, 2F, C)  mlp.{gate,up}_proj.weight, stacked in that order
+    real* down_proj;      // (L, C, F)   mlp.down_proj.weight
+    real* final_norm;     // (C)         model.norm.weight
+    real* lm_head;        // (V, C)      lm_head.weight
+};
+constexpr int NUM_PARAMETER_TENSORS = 9;
+
+inline void parameter_sizes(size_t sizes[NUM_PARAMETER_TENSORS], const ModelConfig& c) {
+    size_t V = c.vocab_size, C = c.channels, L = c.num_layers, F = c.ffn_channels;
+    sizes[0] = V * C;
+    sizes[1] = L * C;
+    sizes[2] = L * 3 * C * C;
+    sizes[3] = L * C * C;
+    sizes[4] = L * C;
+    sizes[5] = L * 2 * F * C;
+    sizes[6] = L * C * F;
+    sizes[7] = C;
+    sizes[8] = V * C;
+}
+
+inline size_t num_parameters(const ModelConfig& c) {
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    parameter_sizes(sizes, c);
+    size_t total = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) total += sizes[i];
+    return total;
+}
+
+// Points the struct's members into a flat buffer laid out as parameter_sizes says.
+inline void point_parameters(ParameterTensors* t, real* memory, const ModelConfig& c) {
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    parameter_sizes(sizes, c);
+    real** members[NUM_PARAMETER_TENSORS] = {&t->embed_tokens, &t->attn_norm, &t->qkv_proj,
+                                             &t->o_proj, &t->mlp_norm, &t->gate_up_proj,
+                                             &t->down_proj, &t->final_norm, &t->lm_head};
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        *members[i] = memory;
+        memory += sizes[i];
+    }
+}
+
+// One layer's slices of the parameter (or gradient) tensors.
+struct LayerWeights {
+    real* attn_norm;      // (C)
+    real* qkv_proj;       // (3C, C)
+    real* o_proj;         // (C, C)
+    real* mlp_norm;       // (C)
+    real* gate_up_proj;   // (2F, C)
+    real* down_proj;      // (C, F)
+};
+
+inline LayerWeights layer_weights(const ParameterTensors& t, const ModelConfig& c, int l) {
+    size_t C = c.channels, F = c.ffn_channels;
+    return {t.attn_norm + l * C,         t.qkv_proj + l * 3 * C * C, t.o_proj + l * C * C,
+            t.mlp_norm + l * C,          t.gate_up_proj + l * 2 * F * C, t.down_proj + l * C * F};
+}
+
+// A checkpoint tensor: its Hugging Face name, where it sits in the flat buffer, its shape.
+struct NamedTensor {
+    std::string name;
+    size_t offset;                // into the flat parameter (or gradient) buffer
+    std::vector<int64_t> shape;   // Hugging Face (out, in) layout for linear weights
+};
+
+// Every tensor of the checkpoint, in a fixed order. The two norms of a layer are named after
+// where they sit, as in the official Mix-LN code: a Post-LN layer's N1 follows the attention
+// residual (post_attention_layernorm) and its N2 the MLP residual (post_feedforward_layernorm).
+inline std::vector<NamedTensor> model_named_tensors(const ModelConfig& c) {
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    parameter_sizes(sizes, c);
+    size_t offsets[NUM_PARAMETER_TENSORS];
+    size_t offset = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        offsets[i] = offset;
+        offset += sizes[i];
+    }
+    int64_t V = c.vocab_size, C = c.channels, F = c.ffn_channels;
+    std::vector<NamedTensor> tensors;
+    tensors.push_back({"model.embed_tokens.weight", offsets[0], {V, C}});
+    for (int l = 0; l < c.num_layers; l++) {
+        bool post_ln = l < c.post_ln_layers;
+        std::string prefix = "model.layers." + std::to_string(l) + ".";
+        const char* attn_norm_name = post_ln ? "post_attention_layernorm" : "input_layernorm";
+        const char* mlp_norm_name = post_ln ? "post_feedforward_layernorm" : "post_attention_layernorm";
+        size_t qkv = offsets[2] + (size_t)l * 3 * C * C;
+        size_t gate_up = offsets[5] + (size_t)l * 2 * F * C;
+        tensors.push_back({prefix + attn_norm_name + ".weight", offsets[1] + (size_t)l * C, {C}});
+        tensors.push_back({prefix + "self_attn.q_proj.weight", qkv, {C, C}});
+        tensors.push_back({prefix + "self_attn.k_proj.weight", qkv + (size_t)C * C, {C, C}});
+        tensors.push_back({prefix + "self_attn.v_proj.weight", qkv + (size_t)2 * C * C, {C, C}});
+        tensors.push_back({prefix + "self_attn.o_proj.weight", offsets[3] + (size_t)l * C * C, {C, C}});
+        tensors.push_back({prefix + mlp_norm_name + ".weight", offsets[4] + (size_t)l * C, {C}});
+        tensors.push_back({prefix + "mlp.gate_proj.weight", gate_up, {F, C}});
+        tensors.push_back({prefix + "mlp.up_proj.weight", gate_up + (size_t)F * C, {F, C}});
+        tensors.push_back({prefix + "mlp.down_proj.weight", offsets[6] + (size_t)l * C * F, {C, F}});
+    }
+    tensors.push_back({"model.norm.weight", offsets[7], {C}});
+    tensors.push_back({"lm_head.weight", offsets[8], {V, C}});
+    return tensors;
+}
+
+// ----------------------------------------------------------------------------
+// activations
+
+// Everything the forward pass keeps for backward, and the backward pass's scratch. Per-layer
+// tensors have a leading L dimension; layer_activations() slices one layer out.
+struct ActivationTensors {
+    real* embedded;          // (B, T, C)        token embeddings, the stream entering layer 0
+    real* attn_norm;         // (L, B, T, C)     N1 output: Pre-LN N1(x) / Post-LN h = N1(x + attn)
+    real* attn_norm_rstd;    // (L, B, T)
+    real* qkv;               // (L, B, T, 3C)    q, k (after RoPE), v
+    real* att;               // (L, B, NH, T, T) softmax probabilities
+    real* atty;              // (L, B, T, C)     attention output before o_proj
+    real* attn_resid;        // (L, B, T, C)     x + o_proj(atty)
+    real* mlp_norm;          // (L, B, T, C)     N2 output: Pre-LN N2(h) / Post-LN y = N2(h + mlp)
+    real* mlp_norm_rstd;     // (L, B, T)
+    real* gate_up;           // (L, B, T, 2F)    [gate | up] projections
+    real* swiglu;            // (L, B, T, F)     silu(gate) * up
+    real* mlp_resid;         // (L, B, T, C)     h + down_proj(swiglu)
+    real* final_norm;        // (B, T, C)
+    real* final_norm_rstd;   // (B, T)
+    real* logits;            // (B, T, V)        overwritten by their gradient in backward
+    real* losses;            // (B, T)           per-position cross-entropy
+    real* rope_cos;          // (T, hs/2)
+    real* rope_sin;          // (T, hs/2)
+    // backward scratch, reused by every layer
+    real* dresidual;         // (B, T, C)        gradient of the residual stream
+    real* dnorm;             // (B, T, C)        gradient of a norm's output
+    real* datty;             // (B, T, C)
+    real* dqkv;              // (B, T, 3C)
+    real* datt_scratch;      // (B, NH, T)       one attention row per (b, h)
+    real* dgate_up;          // (B, T, 2F)
+    real* dswiglu;           // (B, T, F)
+};
+constexpr int NUM_ACTIVATION_TENSORS = 25;
+
+inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelConfig& c, int B, int T) {
+    size_t L = c.num_layers, C = c.channels, NH = c.num_heads, F = c.ffn_channels,
+           V = c.vocab_size, BT = (size_t)B * T, half = c.channels / c.num_heads / 2;
+    size_t s[NUM_ACTIVATION_TENSORS] = {
+        BT * C,                                   // embedded
+        L * BT * C, L * BT,                       // attn_norm, attn_norm_rstd
+        L * BT * 3 * C,                           // qkv
+        L * B * NH * T * T,                       // att
+        L * BT * C, L * BT * C,                   // atty, attn_resid
+        L * BT * C, L * BT,                       // mlp_norm, mlp_norm_rstd
+        L * BT * 2 * F, L * BT * F,               // gate_up, swiglu
+        L * BT * C,                               // mlp_resid
+        BT * C, BT,                               // final_norm, final_norm_rstd
+        BT * V, BT,                               // logits, losses
+        T * half, T * half,                       // rope_cos, rope_sin
+        BT * C, BT * C, BT * C, BT * 3 * C,       // dresidual, dnorm, datty, dqkv
+        B * NH * T,                               // datt_scratch
+        BT * 2 * F, BT * F,                       // dgate_up, dswiglu
+    };
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) sizes[i] = s[i];
+}
+
+inline void point_activations(ActivationTensors* a, real* memory, const size_t sizes[NUM_ACTIVATION_TENSORS]) {
+    real** members[NUM_ACTIVATION_TENSORS] = {
+        &a->embedded, &a->attn_norm, &a->attn_norm_rstd, &a->qkv, &a->att, &a->atty,
+        &a->attn_resid, &a->mlp_norm, &a->mlp_norm_rstd, &a->gate_up, &a->swiglu, &a->mlp_resid,
+        &a->final_norm, &a->final_norm_rstd, &a->logits, &a->losses, &a->rope_cos, &a->rope_sin,
+        &a->dresidual, &a->dnorm, &a->datty, &a->dqkv, &a->datt_scratch, &a->dgate_up, &a->dswiglu};
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) {
+        *members[i] = memory;
+        memory += sizes[i];
+    }
+}
+
+// One layer's slices of the per-layer activations.
+struct LayerActivations {
+    real* attn_norm;       // (B, T, C)
+    real* attn_norm_rstd;  // (B, T)
+    real* qkv;             // (B, T, 3C)
+    real* att;             // (B, NH, T, T)
+    real* atty;            // (B, T, C)
+    real* attn_resid;      // (B, T, C)
+    real* mlp_norm;        // (B, T, C)
+    real* mlp_norm_rstd;   // (B, T)
+    real* gate_up;         // (B, T, 2F)
+    real* swiglu;          // (B, T, F)
+    real* mlp_resid;       // (B, T, C)
+};
+
+inline LayerActivations layer_activations(const ActivationTensors& a, const ModelConfig& c, int B, int T, int l) {
+    size_t BT = (size_t)B * T, C = c.channels, F = c.ffn_channels, NH = c.num_heads;
+    return {a.attn_norm + l * BT * C,      a.attn_norm_rstd + l * BT, a.qkv + l * BT * 3 * C,
+            a.att + l * B * NH * T * T,    a.atty + l * BT * C,       a.attn_resid + l * BT * C,
+            a.mlp_norm + l * BT * C,       a.mlp_norm_rstd + l * BT,  a.gate_up + l * BT * 2 * F,
+            a.swiglu + l * BT * F,         a.mlp_resid + l * BT * C};
+}
+
+// What layer l hands to the next layer: Post-LN ends on the norm N2, Pre-LN on the residual add.
+inline const real* layer_output(const LayerActivations& la, const ModelConfig& c, int l) {
+    return l < c.post_ln_layers ? la.mlp_norm : la.mlp_resid;
+}
+
+// ----------------------------------------------------------------------------
+// the model
+
+struct Model {
+    ModelConfig config;
+    int B = 0, T = 0;                 // batch size and sequence length the activations are sized for
+    size_t num_parameters = 0;
+    ParameterTensors params;          // pointers into params_memory
+    ParameterTensors grads;           // pointers into grads_memory, same layout
+    real* params_memory = nullptr;    // (num_parameters)
+    real* grads_memory = nullptr;     // (num_parameters)
+    real* adam_m = nullptr;           // (num_parameters) AdamW first moment
+    real* adam_v = nullptr;           // (num_parameters) AdamW second moment
+    int adam_step = 0;                // updates done so far (t - 1 of the next update)
+    size_t num_activations = 0;
+    ActivationTensors acts;           // pointers into acts_memory
+    real* acts_memory = nullptr;      // (num_activations)
+    int* inputs = nullptr;            // (B, T) tokens of the last forward pass
+    int* targets = nullptr;           // (B, T) its targets, for backward
+    double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
+    bool backward_ready = false;      // a forward pass with targets ran and backward has not
+};
+
+// Allocates every buffer once, for batches of B sequences of T tokens. Parameters are zero until
+// model_init_weights or a checkpoint fills them.
+inline void model_build(Model* model, const ModelConfig& config, int B, int T) {
+    model_config_check(config);
+    if (B < 1 || T < 1) fail("batch size and sequence length must be positive (B %d, T %d)", B, T);
+    if (T > config.max_seq_len) fail("sequence length %d exceeds the model's %d", T, config.max_seq_len);
+    model->config = config;
+    model->B = B;
+    model->T = T;
+    size_t n = num_parameters(config);
+    model->num_parameters = n;
+    model->params_memory = (real*)malloc_or_fail(n * sizeof(real), "parameters");
+    model->grads_memory = (real*)malloc_or_fail(n * sizeof(real), "gradients");
+    model->adam_m = (real*)malloc_or_fail(n * sizeof(real), "AdamW first moment");
+    model->adam_v = (real*)malloc_or_fail(n * sizeof(real), "AdamW second moment");
+    memset(model->params_memory, 0, n * sizeof(real));
+    memset(model->grads_memory, 0, n * sizeof(real));
+    memset(model->adam_m, 0, n * sizeof(real));
+    memset(model->adam_v, 0, n * sizeof(real));
+    point_parameters(&model->params, model->params_memory, config);
+    point_parameters(&model->grads, model->grads_memory, config);
+
+    size_t sizes[NUM_ACTIVATION_TENSORS];
+    activation_sizes(sizes, config, B, T);
+    size_t total = 0;
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) total += sizes[i];
+    model->num_activations = total;
+    model->acts_memory = (real*)malloc_or_fail(total * sizeof(real), "activations");
+    memset(model->acts_memory, 0, total * sizeof(real));
+    point_activations(&model->acts, model->acts_memory, sizes);
+    rope_tables_cpu(model->acts.rope_cos, model->acts.rope_sin, T, config.channels / config.num_heads,
+                    config.rope_theta);
+    model->inputs = (int*)malloc_or_fail((size_t)B * T * sizeof(int), "inputs");
+    model->targets = (int*)malloc_or_fail((size_t)B * T * sizeof(int), "targets");
+}
+
+inline void model_free(Model* model) {
+    free(model->params_memory);
+    free(model->grads_memory);
+    free(model->adam_m);
+    free(model->adam_v);
+    free(model->acts_memory);
+    free(model->inputs);
+    free(model->targets);
+    *model = Model();
+}
+
+// A small deterministic generator (splitmix64) so that a seed means the same weights everywhere.
+inline uint64_t random_u64(uint64_t* state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// normal(0, std) by Box-Muller, from two uniforms in (0, 1]
+inline void fill_normal(real* out, size_t n, float std, uint64_t* state) {
+    for (size_t i = 0; i < n; i++) {
+        double u1 = ((random_u64(state) >> 11) + 1.0) / 9007199254740992.0;
+        double u2 = (random_u64(state) >> 11) / 9007199254740992.0;
+        out[i] = (real)(std * sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
+    }
+}
+
+// Initialisation of the official code: every linear weight normal(0, 0.02), the embedding
+// normal(0, embed_std) (0.02 by default; the paper's code once used sqrt(2/5)), norms 1.
+inline void model_init_weights(Model* model, uint64_t seed, float embed_std) {
+    const ModelConfig& c = model->config;
+    ParameterTensors& p = model->params;
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    parameter_sizes(sizes, c);
+    uint64_t state = seed;
+    fill_normal(p.embed_tokens, sizes[0], embed_std, &state);
+    for (size_t i = 0; i < sizes[1]; i++) p.attn_norm[i] = 1;
+    fill_normal(p.qkv_proj, sizes[2], 0.02f, &state);
+    fill_normal(p.o_proj, sizes[3], 0.02f, &state);
+    for (size_t i = 0; i < sizes[4]; i++) p.mlp_norm[i] = 1;
+    fill_normal(p.gate_up_proj, sizes[5], 0.02f, &state);
+    fill_normal(p.down_proj, sizes[6], 0.02f, &state);
+    for (size_t i = 0; i < sizes[7]; i++) p.final_norm[i] = 1;
+    fill_normal(p.lm_head, sizes[8], 0.02f, &state);
+}
+
+// ----------------------------------------------------------------------------
+// forward
+
+// Runs the model on inputs (B, T); with targets (B, T) it also computes the per-position losses
+// and model->mean_loss. Token ids must be in [0, V).
+inline void model_forward(Model* model, const int* inputs, const int* targets) {
+    const ModelConfig& c = model->config;
+    const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, F = c.ffn_channels,
+              V = c.vocab_size, hs = C / NH, BT = B * T;
+    const float eps = c.rms_norm_eps;
+    ParameterTensors& p = model->params;
+    ActivationTensors& a = model->acts;
+    for (int i = 0; i < BT; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V) fail("input token %d at position %d is outside the vocabulary [0, %d)", inputs[i], i, V);
+        if (targets && (targets[i] < 0 || targets[i] >= V)) fail("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
+    }
+    memcpy(model->inputs, inputs, (size_t)BT * sizeof(int));
+    if (targets) memcpy(model->targets, targets, (size_t)BT * sizeof(int));
+
+    embedding_forward_cpu(a.embedded, inputs, p.embed_tokens, BT, C);
+    const real* residual = a.embedded;   // (B, T, C) the stream entering layer l
+    for (int l = 0; l < c.num_layers; l++) {
+        const bool post_ln = l < c.post_ln_layers;
+        LayerWeights w = layer_weights(p, c, l);
+        LayerActivations la = layer_activations(a, c, B, T, l);
+
+        // attention sublayer: Pre-LN normalises its input, Post-LN takes the stream as it is
+        const real* attn_input = residual;
+        if (!post_ln) {
+            rmsnorm_forward_cpu(la.attn_norm, la.attn_norm_rstd, residual, w.attn_norm, BT, C, eps);
+            attn_input = la.attn_norm;
+        }
+        matmul_forward_cpu(la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
+        rope_forward_cpu(la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
+        attention_forward_cpu(la.atty, la.att, la.qkv, B, T, NH, hs);
+        matmul_forward_cpu(la.attn_resid, la.atty, w.o_proj, BT, C, C);
+        residual_forward_cpu(la.attn_resid, residual, la.attn_resid, (size_t)BT * C);
+
+        // MLP sublayer: Post-LN first normalises the sum (h = N1(x + attn)) and adds onto h;
+        // Pre-LN adds onto the sum and normalises only the MLP's input
+        const real* mlp_stream;   // what the MLP output is added to
+        const real* mlp_input;
+        if (post_ln) {
+            rmsnorm_forward_cpu(la.attn_norm, la.attn_norm_rstd, la.attn_resid, w.attn_norm, BT, C, eps);
+            mlp_stream = la.attn_norm;
+            mlp_input = la.attn_norm;
+        } else {
+            rmsnorm_forward_cpu(la.mlp_norm, la.mlp_norm_rstd, la.attn_resid, w.mlp_norm, BT, C, eps);
+            mlp_stream = la.attn_resid;
+            mlp_input = la.mlp_norm;
+        }
+        matmul_forward_cpu(la.gate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F);
+        swiglu_forward_cpu(la.swiglu, la.gate_up, BT, F);
+        matmul_forward_cpu(la.mlp_resid, la.swiglu, w.down_proj, BT, F, C);
+        residual_forward_cpu(la.mlp_resid, mlp_stream, la.mlp_resid, (size_t)BT * C);
+        if (post_ln) {
+            rmsnorm_forward_cpu(la.mlp_norm, la.mlp_norm_rstd, la.mlp_resid, w.mlp_norm, BT, C, eps);
+        }
+        residual = layer_output(la, c, l);
+    }
+
+    rmsnorm_forward_cpu(a.final_norm, a.final_norm_rstd, residual, p.final_norm, BT, C, eps);
+    matmul_forward_cpu(a.logits, a.final_norm, p.lm_head, BT, C, V);
+    if (targets) {
+        crossentropy_forward_cpu(a.losses, a.logits, targets, BT, V);
+        double sum = 0.0;
+        for (int i = 0; i < BT; i++) sum += a.losses[i];
+        model->mean_loss = sum / BT;
+        model->backward_ready = true;
+    } else {
+        model->mean_loss = -1.0;
+        model->backward_ready = false;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// backward
+
+inline void model_zero_grad(Model* model) {
+    memset(model->grads_memory, 0, model->num_parameters * sizeof(real));
+}
+
+// The attention sublayer's backward: dout (B, T, C) is the gradient of o_proj's output; the
+// gradient of attn_input (B, T, C) is accumulated into dinp. dinp may be dout itself: dout is
+// consumed by the first step, dinp written by the last.
+inline void attention_sublayer_backward(Model* model, real* dinp, const real* dout, const real* attn_input,
+                                        const LayerWeights& w, const LayerWeights& g,
+                                        const LayerActivations& la) {
+    const ModelConfig& c = model->config;
+    const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
+    ActivationTensors& a = model->acts;
+    memset(a.datty, 0, (size_t)BT * C * sizeof(real));
+    matmul_backward_cpu(a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C);
+    memset(a.dqkv, 0, (size_t)BT * 3 * C * sizeof(real));
+    attention_backward_cpu(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.att, B, T, NH, C / NH);
+    rope_backward_cpu(a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
+    matmul_backward_cpu(dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C);
+}
+
+// The MLP sublayer's backward: dout (B, T, C) is the gradient of down_proj's output; the gradient
+// of mlp_input (B, T, C) is accumulated into dinp (which may be dout, as above).
+inline void mlp_sublayer_backward(Model* model, real* dinp, const real* dout, const real* mlp_input,
+                                  const LayerWeights& w, const LayerWeights& g,
+                                  const LayerActivations& la) {
+    const ModelConfig& c = model->config;
+    const int BT = model->B * model->T, C = c.channels, F = c.ffn_channels;
+    ActivationTensors& a = model->acts;
+    memset(a.dswiglu, 0, (size_t)BT * F * sizeof(real));
+    matmul_backward_cpu(a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C);
+    memset(a.dgate_up, 0, (size_t)BT * 2 * F * sizeof(real));
+    swiglu_backward_cpu(a.dgate_up, a.dswiglu, la.gate_up, BT, F);
+    matmul_backward_cpu(dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F);
+}
+
+// Accumulates the gradient of the mean loss of the last forward pass (which must have had
+// targets) into model->grads. Call model_zero_grad first unless accumulating.
+inline void model_backward(Model* model) {
+    if (!model->backward_ready) fail("model_backward needs a forward pass with targets first");
+    const ModelConfig& c = model->config;
+    const int B = model->B, T = model->T, C = c.channels, V = c.vocab_size, BT = B * T;
+    ParameterTensors& p = model->params;
+    ParameterTensors& g = model->grads;
+    ActivationTensors& a = model->acts;
+    const size_t stream_bytes = (size_t)BT * C * sizeof(real);
+
+    // loss = mean over positions, so each position's loss has gradient 1/BT; the logits turn
+    // into their gradient in place
+    real* dlogits = a.logits;
+    crossentropy_backward_cpu(dlogits, a.logits, model->targets, (real)(1.0 / BT), BT, V);
+    const real* last_output =
+        c.num_layers > 0 ? layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1) : a.embedded;
+    memset(a.dnorm, 0, stream_bytes);
+    matmul_backward_cpu(a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V);
+    memset(a.dresidual, 0, stream_bytes);
+    rmsnorm_backward_cpu(a.dresidual, g.final_norm, a.dnorm, last_output, p.final_norm, a.final_norm_rstd, BT, C);
+
+    // a.dresidual holds the gradient of layer l's output; each layer turns it into the
+    // gradient of its input
+    for (int l = c.num_layers - 1; l >= 0; l--) {
+        const bool post_ln = l < c.post_ln_layers;
+        LayerWeights w = layer_weights(p, c, l);
+        LayerWeights gw = layer_weights(g, c, l);
+        LayerActivations la = layer_activations(a, c, B, T, l);
+        const real* layer_input = l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
+        if (post_ln) {
+            // y = N2(s2), s2 = h + mlp(h): dnorm = d(s2), then the MLP path adds onto it -> d(h)
+            memset(a.dnorm, 0, stream_bytes);
+            rmsnorm_backward_cpu(a.dnorm, gw.mlp_norm, a.dresidual, la.mlp_resid, w.mlp_norm, la.mlp_norm_rstd, BT, C);
+            mlp_sublayer_backward(model, a.dnorm, a.dnorm, la.attn_norm, w, gw, la);
+            // h = N1(s1), s1 = x + attn(x): dresidual = d(s1), then the attention path adds -> d(x)
+            memset(a.dresidual, 0, stream_bytes);
+            rmsnorm_backward_cpu(a.dresidual, gw.attn_norm, a.dnorm, la.attn_resid, w.attn_norm, la.attn_norm_rstd, BT, C);
+            attention_sublayer_backward(model, a.dresidual, a.dresidual, layer_input, w, gw, la);
+        } else {
+            // y = h + mlp(N2(h)): the skip passes dresidual through, the norm path adds -> d(h)
+            memset(a.dnorm, 0, stream_bytes);
+            mlp_sublayer_backward(model, a.dnorm, a.dresidual, la.mlp_norm, w, gw, la);
+            rmsnorm_backward_cpu(a.dresidual, gw.mlp_norm, a.dnorm, la.attn_resid, w.mlp_norm, la.mlp_norm_rstd, BT, C);
+            // h = x + attn(N1(x)): likewise -> d(x)
+            memset(a.dnorm, 0, stream_bytes);
+            attention_sublayer_backward(model, a.dnorm, a.dresidual, la.attn_norm, w, gw, la);
+            rmsnorm_backward_cpu(a.dresidual, gw.attn_norm, a.dnorm, layer_input, w.attn_norm, la.attn_norm_rstd, BT, C);
+        }
+    }
+    embedding_backward_cpu(g.embed_tokens, a.dresidual, model->inputs, BT, C);
+    model->backward_ready = false;   // the logits now hold their gradient: backward cannot run twice
+}
+
+// ----------------------------------------------------------------------------
+// update
+
+// L2 norm of all gradients together.
+inline double model_grad_norm(const Model* model) {
+    return global_norm_cpu(model->grads_memory, model->num_parameters);
+}
+
+// The factor clipping multiplies the gradients by: clip / (norm + 1e-6) when the norm exceeds
+// clip (torch.nn.utils.clip_grad_norm_'s rule), else 1. clip <= 0 turns clipping off.
+inline float grad_clip_scale(double grad_norm, float clip) {
+    if (clip <= 0.0f) return 1.0f;
+    double scale = clip / (grad_norm + 1e-6);
+    return scale < 1.0 ? (float)scale : 1.0f;
+}
+
+// One AdamW step over every parameter with the gradients multiplied by grad_scale.
+inline void model_update(Model* model, float lr, float beta1, float beta2, float eps,
+                         float weight_decay, float grad_scale) {
+    model->adam_step += 1;
+    adamw_update_cpu(model->params_memory, model->adam_m, model->adam_v, model->grads_memory,
+                     model->num_parameters, lr, beta1, beta2, eps, weight_decay, model->adam_step,
+                     grad_scale);
+}
+
+// The paper's schedule (GaLore's): linear warmup from 0, then cosine from lr_max down to
+// lr_max * min_lr_ratio at step total_steps. step counts from 0.
+inline float learning_rate(int step, float lr_max, int warmup, int total_steps, float min_lr_ratio) {
+    double f;
+    if (step < warmup) {
+        f = (double)step / (warmup > 1 ? warmup : 1);
+    } else {
+        int decay_steps = total_steps - warmup;
+        double progress = (double)(step - warmup) / (decay_steps > 1 ? decay_steps : 1);
+        f = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + cos(M_PI * progress));
+    }
+    return (float)(lr_max * f);
+}
