@@ -1,0 +1,59 @@
+# mixln: Mix-LN LLaMA training engine.
+#   make            build ./train (nvcc when it is installed, else g++, CPU backend either way)
+#   make test       build and run every test (generates the PyTorch fixtures first)
+#   make bench      time a training step of the CPU backend against PyTorch eager
+# CUDA_ARCHS sets the GPU targets (there is no GPU here to detect them from).
+
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+CXX ?= g++
+CUDA_ARCHS ?= 80 90
+# PYTHON: an interpreter with torch (the Debian python3-torch package installs it for /usr/bin/python3)
+PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import torch' 2>/dev/null && echo $$p && break; done)
+
+WARNINGS = -Wall -Wextra -Werror
+CXXFLAGS ?= -O3 -march=native
+CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS)
+NVCCFLAGS = -std=c++17 -O3 $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
+            -Werror all-warnings -Xcompiler -fopenmp,-march=native,-Wall,-Wextra,-Werror
+
+HEADERS = $(wildcard *.h layers/*.cuh)
+TEST_SOURCES = $(filter-out test/test_main.cpp test/test_finite_difference.cpp,$(wildcard test/*.cpp))
+
+.PHONY: all test bench clean
+all: train
+
+ifneq ($(NVCC),)
+train: train.cu $(HEADERS)
+	$(NVCC) $(NVCCFLAGS) train.cu -o $@ -lgomp
+else
+train: train.cu $(HEADERS)
+	@echo "nvcc not found: building the CPU-only train with $(CXX)"
+	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@
+endif
+
+build/test_main.o: test/test_main.cpp
+	@mkdir -p build
+	$(CXX) -std=c++17 -O1 -c $< -o $@
+
+build/test_cpu: $(TEST_SOURCES) build/test_main.o $(HEADERS) test/test_util.h
+	$(CXX) $(CXXFLAGS) -I. $(TEST_SOURCES) build/test_main.o -o $@
+
+# the CPU backend in double precision, for the finite-difference gradient check
+build/test_fd: test/test_finite_difference.cpp build/test_main.o $(HEADERS) test/test_util.h
+	$(CXX) $(CXXFLAGS) -DMIXLN_REAL_DOUBLE -I. test/test_finite_difference.cpp build/test_main.o -o $@
+
+build/fixtures/done: dev/reference.py dev/make_fixtures.py
+	@test -n "$(PYTHON)" || { echo "error: no python with torch found (see README: Testing)"; exit 1; }
+	$(PYTHON) dev/make_fixtures.py --out build/fixtures
+	@touch $@
+
+test: train build/test_cpu build/test_fd build/fixtures/done
+	$(PYTHON) dev/test_reference.py
+	MIXLN_FIXTURES=build/fixtures MIXLN_TRAIN=./train PYTHON=$(PYTHON) ./build/test_cpu
+	./build/test_fd
+
+bench: train
+	$(PYTHON) dev/bench_cpu.py
+
+clean:
+	rm -rf train build

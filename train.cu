@@ -1,0 +1,398 @@
+/*
+The training program: parse flags, build the model, then loop
+    next batch (dataloader.h) -> forward -> backward (model.h) -> clip -> AdamW step -> log
+with validation, checkpoints and evaluation around it. Each step's pieces live in model.h and
+layers/; this file only wires them together and talks to the user.
+
+The CPU backend runs everywhere. The CUDA backend is a later addition: until it lands,
+--device auto trains on the CPU even where a GPU is present, and --device cuda is refused.
+*/
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __CUDACC__
+#include <cuda_runtime.h>
+#endif
+
+#include "checkpoint.h"
+#include "common.h"
+#include "dataloader.h"
+#include "model.h"
+
+// ----------------------------------------------------------------------------
+// command line
+
+struct Preset {
+    const char* name;
+    int layers, dim, heads, ffn, vocab, seq_len;
+    const char* note;
+};
+
+// The paper's configurations (vocab 32000 for the T5 tokenizer, sequence length 256), and a
+// tiny one for tests and quick runs.
+static const Preset PRESETS[] = {
+    {"tiny", 4, 64, 4, 172, 512, 64, "tests and quick runs"},
+    {"llama-71m", 12, 512, 8, 1368, 32000, 256, "paper: 3 of 12 layers Post-LN"},
+    {"llama-130m", 12, 768, 12, 2048, 32000, 256, "paper: 3 of 12 layers Post-LN"},
+    {"llama-250m", 24, 768, 16, 2560, 32000, 256, "paper: 6 of 24 layers Post-LN"},
+    {"llama-1b", 24, 2048, 32, 5461, 32000, 256, "paper: 6 of 24 layers Post-LN"},
+    {"llama-7b", 32, 4096, 32, 11008, 32000, 256, "paper: 2 of 32 layers Post-LN (--alpha 0.0625)"},
+};
+
+struct Args {
+    std::string preset = "tiny";
+    int layers = 0, dim = 0, heads = 0, ffn = 0, vocab = 0, seq_len = 0;   // 0: from the preset
+    std::string norm = "mix";
+    float alpha = 0.25f;
+    bool alpha_given = false, norm_given = false, shape_given = false;
+    std::string train_data, val_data;
+    int val_batches = 0;       // 0: every whole window of the validation data
+    int val_every = 0;         // 0: validate only at the end
+    int batch = 8;
+    int steps = 100;
+    float lr = 1e-3f;
+    int warmup = 0;
+    float min_lr_ratio = 0.1f;
+    float weight_decay = 0.0f;
+    float grad_clip = 0.0f;
+    unsigned long long seed = 1337;
+    float embed_std = 0.02f;
+    std::string device = "auto";
+    std::string precision = "fp32";
+    std::string init_from, out;
+    bool eval_only = false;
+};
+
+static void print_help() {
+    Args d;
+    printf("usage: ./train [flags]\n\n");
+    printf("Trains a LLaMA-style decoder with Mix-LN: Post-LN in the first floor(alpha*L) layers, Pre-LN after.\n\n");
+    printf("model (a preset, then any of the sizes to override it):\n");
+    printf("  --model PRESET         %s (default %s); presets:\n", "model configuration", d.preset.c_str());
+    for (const Preset& p : PRESETS) {
+        printf("                           %-11s L=%d C=%d heads=%d F=%d V=%d T=%d  (%s)\n", p.name, p.layers, p.dim,
+               p.heads, p.ffn, p.vocab, p.seq_len, p.note);
+    }
+    printf("  --layers L             decoder layers (default: preset)\n");
+    printf("  --dim C                hidden size (default: preset)\n");
+    printf("  --heads H              attention heads, must divide C (default: preset)\n");
+    printf("  --ffn F                SwiGLU intermediate size (default: preset)\n");
+    printf("  --vocab V              vocabulary size; every token id must be below it (default: preset)\n");
+    printf("  --seq-len T            sequence length (default: preset)\n");
+    printf("  --norm pre|post|mix    norm placement (default %s)\n", d.norm.c_str());
+    printf("  --alpha A              with --norm mix: floor(A*L) leading Post-LN layers, A in [0, 1] (default %g)\n", d.alpha);
+    printf("  --embed-std S          std of the embedding init (default %g; the paper's code once used 0.632)\n", d.embed_std);
+    printf("data:\n");
+    printf("  --train-data PATTERN   llm.c token shards (glob), read in order\n");
+    printf("  --val-data PATTERN     validation shards (default: none)\n");
+    printf("  --val-batches K        validate on the first K batches (default 0: every whole window)\n");
+    printf("  --val-every N          also validate every N steps (default 0: only at the end)\n");
+    printf("optimisation (AdamW, betas 0.9/0.999, eps 1e-8; warmup then cosine to lr*min-lr-ratio):\n");
+    printf("  --batch B              sequences per step (default %d)\n", d.batch);
+    printf("  --steps N              optimizer steps (default %d)\n", d.steps);
+    printf("  --lr LR                peak learning rate (default %g)\n", d.lr);
+    printf("  --warmup W             linear warmup steps (default %d)\n", d.warmup);
+    printf("  --min-lr-ratio R       final lr as a fraction of the peak (default %g)\n", d.min_lr_ratio);
+    printf("  --weight-decay WD      decoupled weight decay (default %g)\n", d.weight_decay);
+    printf("  --grad-clip G          clip the global gradient norm to G, 0 = off (default %g)\n", d.grad_clip);
+    printf("  --seed S               initialisation seed (default %llu)\n", d.seed);
+    printf("run:\n");
+    printf("  --device auto|cpu|cuda where to run (default %s; this build has the CPU backend only)\n", d.device.c_str());
+    printf("  --precision fp32|bf16  number format (default %s; bf16 needs the CUDA backend)\n", d.precision.c_str());
+    printf("  --init-from DIR        start from a checkpoint's weights (its config.json sets the model)\n");
+    printf("  --out DIR              write DIR/log.jsonl while training and the checkpoint at the end\n");
+    printf("  --eval-only            evaluate on --val-data and print {\"val_loss\": ..., \"tokens\": ...}\n");
+    printf("  --help                 this text\n");
+}
+
+static int parse_int(const char* flag, const char* text) {
+    char* end = nullptr;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    if (errno != 0 || end == text || *end != '\0' || v < -2147483647L || v > 2147483647L) {
+        fail("%s expects an integer, got '%s'", flag, text);
+    }
+    return (int)v;
+}
+
+static float parse_float(const char* flag, const char* text) {
+    char* end = nullptr;
+    errno = 0;
+    float v = strtof(text, &end);
+    if (errno != 0 || end == text || *end != '\0' || !std::isfinite(v)) fail("%s expects a number, got '%s'", flag, text);
+    return v;
+}
+
+static Args parse_args(int argc, char** argv) {
+    Args a;
+    for (int i = 1; i < argc; i++) {
+        std::string flag = argv[i];
+        if (flag == "--help" || flag == "-h") {
+            print_help();
+            exit(0);
+        }
+        if (flag == "--eval-only") {
+            a.eval_only = true;
+            continue;
+        }
+        if (i + 1 >= argc) fail("%s needs a value (see --help)", flag.c_str());
+        const char* v = argv[++i];
+        const char* f = flag.c_str();
+        if (flag == "--model") { a.preset = v; a.shape_given = true; }
+        else if (flag == "--layers") { a.layers = parse_int(f, v); a.shape_given = true; }
+        else if (flag == "--dim") { a.dim = parse_int(f, v); a.shape_given = true; }
+        else if (flag == "--heads") { a.heads = parse_int(f, v); a.shape_given = true; }
+        else if (flag == "--ffn") { a.ffn = parse_int(f, v); a.shape_given = true; }
+        else if (flag == "--vocab") { a.vocab = parse_int(f, v); a.shape_given = true; }
+        else if (flag == "--seq-len") a.seq_len = parse_int(f, v);
+        else if (flag == "--norm") { a.norm = v; a.norm_given = true; }
+        else if (flag == "--alpha") { a.alpha = parse_float(f, v); a.alpha_given = true; }
+        else if (flag == "--embed-std") a.embed_std = parse_float(f, v);
+        else if (flag == "--train-data") a.train_data = v;
+        else if (flag == "--val-data") a.val_data = v;
+        else if (flag == "--val-batches") a.val_batches = parse_int(f, v);
+        else if (flag == "--val-every") a.val_every = parse_int(f, v);
+        else if (flag == "--batch") a.batch = parse_int(f, v);
+        else if (flag == "--steps") a.steps = parse_int(f, v);
+        else if (flag == "--lr") a.lr = parse_float(f, v);
+        else if (flag == "--warmup") a.warmup = parse_int(f, v);
+        else if (flag == "--min-lr-ratio") a.min_lr_ratio = parse_float(f, v);
+        else if (flag == "--weight-decay") a.weight_decay = parse_float(f, v);
+        else if (flag == "--grad-clip") a.grad_clip = parse_float(f, v);
+        else if (flag == "--seed") a.seed = (unsigned long long)parse_int(f, v);
+        else if (flag == "--device") a.device = v;
+        else if (flag == "--precision") a.precision = v;
+        else if (flag == "--init-from") a.init_from = v;
+        else if (flag == "--out") a.out = v;
+        else fail("unknown flag '%s' (see --help)", f);
+    }
+    // values that are wrong whatever the model
+    if (a.norm != "pre" && a.norm != "post" && a.norm != "mix") fail("--norm must be pre, post or mix, got '%s'", a.norm.c_str());
+    if (a.alpha_given && a.norm != "mix") fail("--alpha applies to --norm mix only (got --norm %s)", a.norm.c_str());
+    if (!(a.alpha >= 0.0f && a.alpha <= 1.0f)) fail("--alpha must be in [0, 1], got %g", a.alpha);
+    if (a.batch < 1) fail("--batch must be at least 1, got %d", a.batch);
+    if (a.steps < 0) fail("--steps must be at least 0, got %d", a.steps);
+    if (a.warmup < 0) fail("--warmup must be at least 0, got %d", a.warmup);
+    if (a.val_batches < 0 || a.val_every < 0) fail("--val-batches and --val-every must be at least 0");
+    if (!(a.lr >= 0.0f)) fail("--lr must be at least 0, got %g", a.lr);
+    if (!(a.min_lr_ratio >= 0.0f && a.min_lr_ratio <= 1.0f)) fail("--min-lr-ratio must be in [0, 1], got %g", a.min_lr_ratio);
+    if (!(a.weight_decay >= 0.0f)) fail("--weight-decay must be at least 0, got %g", a.weight_decay);
+    if (!(a.grad_clip >= 0.0f)) fail("--grad-clip must be at least 0, got %g", a.grad_clip);
+    if (!(a.embed_std > 0.0f)) fail("--embed-std must be positive, got %g", a.embed_std);
+    if (a.device != "auto" && a.device != "cpu" && a.device != "cuda") fail("--device must be auto, cpu or cuda, got '%s'", a.device.c_str());
+    if (a.precision != "fp32" && a.precision != "bf16") fail("--precision must be fp32 or bf16, got '%s'", a.precision.c_str());
+    return a;
+}
+
+// The model the flags describe: a preset with sizes overridden.
+static ModelConfig config_from_flags(const Args& a) {
+    const Preset* preset = nullptr;
+    for (const Preset& p : PRESETS) {
+        if (a.preset == p.name) preset = &p;
+    }
+    if (preset == nullptr) fail("unknown --model '%s' (see --help for the presets)", a.preset.c_str());
+    ModelConfig c;
+    c.num_layers = a.layers ? a.layers : preset->layers;
+    c.channels = a.dim ? a.dim : preset->dim;
+    c.num_heads = a.heads ? a.heads : preset->heads;
+    c.ffn_channels = a.ffn ? a.ffn : preset->ffn;
+    c.vocab_size = a.vocab ? a.vocab : preset->vocab;
+    c.max_seq_len = a.seq_len ? a.seq_len : preset->seq_len;
+    c.mixln_alpha = a.norm == "pre" ? 0.0f : a.norm == "post" ? 1.0f : a.alpha;
+    c.post_ln_layers = post_ln_layers_for(c.mixln_alpha, c.num_layers);
+    model_config_check(c);
+    return c;
+}
+
+// With --init-from the checkpoint's config.json sets the model; any size or placement also
+// given on the command line must agree with it.
+static void check_flags_match_checkpoint(const Args& a, const ModelConfig& c, const std::string& dir) {
+    auto check = [&](const char* flag, int given, int actual, const char* key) {
+        if (given != 0 && given != actual) {
+            fail("checkpoint '%s' does not match the flags: %s %d, but its %s is %d", dir.c_str(), flag, given, key, actual);
+        }
+    };
+    if (a.preset != "tiny" || a.shape_given) {
+        // a preset named explicitly: its sizes count as given unless overridden
+        for (const Preset& p : PRESETS) {
+            if (a.preset == p.name && (a.layers || a.dim || a.heads || a.ffn || a.vocab) == 0 && a.preset != "tiny") {
+                check("--model layers", p.layers, c.num_layers, "num_hidden_layers");
+                check("--model dim", p.dim, c.channels, "hidden_size");
+                check("--model heads", p.heads, c.num_heads, "num_attention_heads");
+                check("--model ffn", p.ffn, c.ffn_channels, "intermediate_size");
+                check("--model vocab", p.vocab, c.vocab_size, "vocab_size");
+            }
+        }
+    }
+    check("--layers", a.layers, c.num_layers, "num_hidden_layers");
+    check("--dim", a.dim, c.channels, "hidden_size");
+    check("--heads", a.heads, c.num_heads, "num_attention_heads");
+    check("--ffn", a.ffn, c.ffn_channels, "intermediate_size");
+    check("--vocab", a.vocab, c.vocab_size, "vocab_size");
+    if (a.norm_given || a.alpha_given) {
+        float alpha = a.norm == "pre" ? 0.0f : a.norm == "post" ? 1.0f : a.alpha;
+        int post = post_ln_layers_for(alpha, c.num_layers);
+        if (post != c.post_ln_layers) {
+            fail("checkpoint '%s' does not match the flags: --norm %s gives %d Post-LN layers, but its post_ln_layers is %d",
+                 dir.c_str(), a.norm.c_str(), post, c.post_ln_layers);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// device
+
+// Says where the run goes. Only the CPU backend exists so far.
+static void choose_device(const Args& a) {
+    int gpus = 0;
+#ifdef __CUDACC__
+    if (cudaGetDeviceCount(&gpus) != cudaSuccess) gpus = 0;
+    cudaGetLastError();   // clear the error a machine without a driver leaves behind
+#endif
+    if (a.device == "cuda") fail("--device cuda: the CUDA backend is not part of this build yet; use --device cpu");
+    if (a.precision == "bf16") fail("--precision bf16 needs the CUDA backend; the CPU backend computes in fp32");
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    if (a.device == "auto" && gpus > 0) {
+        printf("device: cpu, %d threads (%d GPU(s) present, but the CUDA backend is not built yet)\n", threads, gpus);
+    } else {
+        printf("device: cpu, %d threads\n", threads);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// evaluation
+
+struct EvalResult {
+    double loss;          // mean token cross-entropy
+    size_t tokens;        // target tokens evaluated
+};
+
+// Mean loss over the first max_batches whole windows of the loader's data (all of them if 0).
+static EvalResult evaluate(Model* model, DataLoader* loader, int max_batches) {
+    size_t batches = dataloader_num_batches(loader);
+    if (max_batches > 0 && (size_t)max_batches < batches) batches = (size_t)max_batches;
+    dataloader_reset(loader);
+    double sum = 0.0;
+    for (size_t i = 0; i < batches; i++) {
+        dataloader_next_batch(loader);
+        model_forward(model, loader->inputs, loader->targets);
+        sum += model->mean_loss;   // every batch has B*T tokens, so the mean of means is the token mean
+    }
+    model->backward_ready = false;
+    return {sum / (double)batches, batches * (size_t)model->B * model->T};
+}
+
+static double seconds_since(std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// ----------------------------------------------------------------------------
+// main
+
+int main(int argc, char** argv) {
+    Args args = parse_args(argc, argv);
+    choose_device(args);
+
+    // the model: from a checkpoint, or from the flags
+    ModelConfig config;
+    if (!args.init_from.empty()) {
+        config = checkpoint_read_config(args.init_from);
+        check_flags_match_checkpoint(args, config, args.init_from);
+    } else {
+        config = config_from_flags(args);
+    }
+    int T = args.seq_len ? args.seq_len : config.max_seq_len;
+    if (T < 1) fail("--seq-len must be at least 1, got %d", T);
+    if (T > config.max_seq_len) fail("--seq-len %d exceeds the checkpoint's max_position_embeddings %d", T, config.max_seq_len);
+    int B = args.batch;
+
+    // the data, checked before any big allocation so that bad input fails fast
+    bool training = !args.eval_only;
+    if (training && args.steps > 0 && args.train_data.empty()) fail("--train-data is required to train (or use --eval-only)");
+    if (args.eval_only && args.val_data.empty()) fail("--eval-only needs --val-data");
+    DataLoader train_loader, val_loader;
+    bool have_train = training && args.steps > 0;
+    bool have_val = !args.val_data.empty();
+    if (have_train) dataloader_init(&train_loader, args.train_data.c_str(), B, T, config.vocab_size);
+    if (have_val) dataloader_init(&val_loader, args.val_data.c_str(), B, T, config.vocab_size);
+
+    Model model;
+    model_build(&model, config, B, T);
+    if (!args.init_from.empty()) {
+        checkpoint_load_weights(&model, args.init_from);
+    } else {
+        model_init_weights(&model, args.seed, args.embed_std);
+    }
+    printf("model: L=%d C=%d heads=%d F=%d V=%d | %d of %d layers Post-LN (alpha %g) | %.2fM parameters\n",
+           config.num_layers, config.channels, config.num_heads, config.ffn_channels, config.vocab_size,
+           config.post_ln_layers, config.num_layers, config.mixln_alpha, model.num_parameters / 1e6);
+    printf("memory: parameters + gradients + AdamW %.1f MiB, activations %.1f MiB (B=%d, T=%d)\n",
+           4.0 * model.num_parameters * sizeof(real) / 1048576.0, model.num_activations * sizeof(real) / 1048576.0, B, T);
+
+    if (args.eval_only) {
+        EvalResult r = evaluate(&model, &val_loader, args.val_batches);
+        printf("{\"val_loss\": %.6f, \"perplexity\": %.4f, \"tokens\": %zu}\n", r.loss, exp(r.loss), r.tokens);
+        dataloader_free(&val_loader);
+        model_free(&model);
+        return 0;
+    }
+
+    FILE* log = nullptr;
+    if (!args.out.empty()) {
+        make_directory(args.out);
+        log = fopen_or_fail((args.out + "/log.jsonl").c_str(), "w");
+    }
+    auto validate = [&](int step) {
+        EvalResult r = evaluate(&model, &val_loader, args.val_batches);
+        printf("step %d | val loss %.4f | perplexity %.2f | %zu tokens\n", step, r.loss, exp(r.loss), r.tokens);
+        if (log) {
+            fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"tokens\": %zu}\n", step, r.loss, r.tokens);
+            fflush(log);
+        }
+    };
+
+    // the training loop; step s uses the schedule's lr(s), so with warmup step 0 has lr 0
+    for (int step = 0; step < args.steps; step++) {
+        auto start = std::chrono::steady_clock::now();
+        dataloader_next_batch(&train_loader);
+        model_forward(&model, train_loader.inputs, train_loader.targets);
+        if (!std::isfinite(model.mean_loss)) fail("the loss is not finite at step %d; stopping", step);
+        model_zero_grad(&model);
+        model_backward(&model);
+        double grad_norm = model_grad_norm(&model);
+        if (!std::isfinite(grad_norm)) fail("the gradient norm is not finite at step %d; stopping", step);
+        float lr = learning_rate(step, args.lr, args.warmup, args.steps, args.min_lr_ratio);
+        model_update(&model, lr, 0.9f, 0.999f, 1e-8f, args.weight_decay, grad_clip_scale(grad_norm, args.grad_clip));
+        double seconds = seconds_since(start);
+        double tokens_per_second = (double)B * T / seconds;
+        printf("step %d/%d | loss %.4f | lr %.3e | grad norm %.4f | %.1f ms | %.0f tok/s\n", step + 1, args.steps,
+               model.mean_loss, lr, grad_norm, seconds * 1000, tokens_per_second);
+        if (log) {
+            fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.3f, \"tokens_per_second\": %.1f}\n",
+                    step, model.mean_loss, lr, grad_norm, seconds * 1000, tokens_per_second);
+            fflush(log);
+        }
+        if (have_val && args.val_every > 0 && (step + 1) % args.val_every == 0 && step + 1 < args.steps) validate(step + 1);
+    }
+    if (have_val) validate(args.steps);
+
+    if (!args.out.empty()) {
+        checkpoint_save(config, model.params_memory, args.out);
+        printf("checkpoint written to %s\n", args.out.c_str());
+    }
+    if (log) fclose(log);
+    if (have_train) dataloader_free(&train_loader);
+    if (have_val) dataloader_free(&val_loader);
+    model_free(&model);
+    return 0;
+}
