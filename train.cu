@@ -51,7 +51,7 @@ struct Args {
     int layers = 0, dim = 0, heads = 0, ffn = 0, vocab = 0, seq_len = 0;   // 0: from the preset
     std::string norm = "mix";
     float alpha = 0.25f;
-    bool alpha_given = false, norm_given = false, shape_given = false;
+    bool alpha_given = false, norm_given = false, preset_given = false;
     std::string train_data, val_data;
     int val_batches = 0;       // 0: every whole window of the validation data
     int val_every = 0;         // 0: validate only at the end
@@ -145,12 +145,12 @@ static Args parse_args(int argc, char** argv) {
         if (i + 1 >= argc) fail("%s needs a value (see --help)", flag.c_str());
         const char* v = argv[++i];
         const char* f = flag.c_str();
-        if (flag == "--model") { a.preset = v; a.shape_given = true; }
-        else if (flag == "--layers") { a.layers = parse_int(f, v); a.shape_given = true; }
-        else if (flag == "--dim") { a.dim = parse_int(f, v); a.shape_given = true; }
-        else if (flag == "--heads") { a.heads = parse_int(f, v); a.shape_given = true; }
-        else if (flag == "--ffn") { a.ffn = parse_int(f, v); a.shape_given = true; }
-        else if (flag == "--vocab") { a.vocab = parse_int(f, v); a.shape_given = true; }
+        if (flag == "--model") { a.preset = v; a.preset_given = true; }
+        else if (flag == "--layers") a.layers = parse_int(f, v);
+        else if (flag == "--dim") a.dim = parse_int(f, v);
+        else if (flag == "--heads") a.heads = parse_int(f, v);
+        else if (flag == "--ffn") a.ffn = parse_int(f, v);
+        else if (flag == "--vocab") a.vocab = parse_int(f, v);
         else if (flag == "--seq-len") a.seq_len = parse_int(f, v);
         else if (flag == "--norm") { a.norm = v; a.norm_given = true; }
         else if (flag == "--alpha") { a.alpha = parse_float(f, v); a.alpha_given = true; }
@@ -212,30 +212,27 @@ static ModelConfig config_from_flags(const Args& a) {
 }
 
 // With --init-from the checkpoint's config.json sets the model; any size or placement also
-// given on the command line must agree with it.
+// given on the command line (a --model preset counts as giving its sizes) must agree with it.
 static void check_flags_match_checkpoint(const Args& a, const ModelConfig& c, const std::string& dir) {
+    Args sizes = a;
+    if (a.preset_given) {
+        ModelConfig preset = config_from_flags(a);   // the preset with any overrides applied
+        sizes.layers = preset.num_layers;
+        sizes.dim = preset.channels;
+        sizes.heads = preset.num_heads;
+        sizes.ffn = preset.ffn_channels;
+        sizes.vocab = preset.vocab_size;
+    }
     auto check = [&](const char* flag, int given, int actual, const char* key) {
         if (given != 0 && given != actual) {
             fail("checkpoint '%s' does not match the flags: %s %d, but its %s is %d", dir.c_str(), flag, given, key, actual);
         }
     };
-    if (a.preset != "tiny" || a.shape_given) {
-        // a preset named explicitly: its sizes count as given unless overridden
-        for (const Preset& p : PRESETS) {
-            if (a.preset == p.name && (a.layers || a.dim || a.heads || a.ffn || a.vocab) == 0 && a.preset != "tiny") {
-                check("--model layers", p.layers, c.num_layers, "num_hidden_layers");
-                check("--model dim", p.dim, c.channels, "hidden_size");
-                check("--model heads", p.heads, c.num_heads, "num_attention_heads");
-                check("--model ffn", p.ffn, c.ffn_channels, "intermediate_size");
-                check("--model vocab", p.vocab, c.vocab_size, "vocab_size");
-            }
-        }
-    }
-    check("--layers", a.layers, c.num_layers, "num_hidden_layers");
-    check("--dim", a.dim, c.channels, "hidden_size");
-    check("--heads", a.heads, c.num_heads, "num_attention_heads");
-    check("--ffn", a.ffn, c.ffn_channels, "intermediate_size");
-    check("--vocab", a.vocab, c.vocab_size, "vocab_size");
+    check("--layers", sizes.layers, c.num_layers, "num_hidden_layers");
+    check("--dim", sizes.dim, c.channels, "hidden_size");
+    check("--heads", sizes.heads, c.num_heads, "num_attention_heads");
+    check("--ffn", sizes.ffn, c.ffn_channels, "intermediate_size");
+    check("--vocab", sizes.vocab, c.vocab_size, "vocab_size");
     if (a.norm_given || a.alpha_given) {
         float alpha = a.norm == "pre" ? 0.0f : a.norm == "post" ? 1.0f : a.alpha;
         int post = post_ln_layers_for(alpha, c.num_layers);

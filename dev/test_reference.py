@@ -185,7 +185,7 @@ def main():
             failed += 1
             print(f"FAIL {name}")
             traceback.print_exc()
-    print(f"{len(tests) - failed}/{len(tests)} passed")
+    print(f"reference self-checks: {len(tests) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
 

@@ -1,0 +1,573 @@
+/*
+The `train` program end to end: the real binary ($MIXLN_TRAIN, default ./train) runs as a
+subprocess, and where a claim is about agreement with PyTorch, so does dev/reference.py under
+$PYTHON (default python3; make test passes an interpreter with torch). The tests run from the
+repository root, as make test does.
+
+What is covered: a 10-step run against the PyTorch fixture (weights and log), checkpoints crossing
+between the two programs in both directions, the files --out writes, --help, and every kind of bad
+input ending in exit status 1 with a message that names the problem.
+
+Runs are tiny (a few thousand parameters, a few steps) so the whole file takes seconds on 2 cores;
+most of that is the three Python start-ups (importing torch).
+*/
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../checkpoint.h"
+#include "../json.h"
+#include "../safetensors.h"
+#include "test_util.h"
+
+// ---- the programs under test
+
+static std::string env_or(const char* name, const char* fallback) {
+    const char* v = getenv(name);
+    return v != nullptr && *v != '\0' ? v : fallback;
+}
+
+static std::string fixture_dir(const std::string& name) {
+    return env_or("MIXLN_FIXTURES", "build/fixtures") + "/" + name;
+}
+
+// A word for sh, single-quoted so that paths and glob patterns reach the program unexpanded.
+static std::string quote(const std::string& s) {
+    std::string out = "'";
+    for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return out + "'";
+}
+
+// A float as a flag value, with digits enough to round-trip a float.
+static std::string num(double v) {
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%.9g", v);
+    return buf;
+}
+
+struct Run {
+    int exit_status;   // exit code, or 128 + signal number
+    std::string out, err;
+};
+
+// Runs a shell command with stdout and stderr captured separately (stderr through a temp file).
+static Run run_split(const std::string& command) {
+    char err_path[] = "/tmp/mixln_stderr_XXXXXX";
+    int fd = mkstemp(err_path);
+    REQUIRE(fd >= 0);
+    close(fd);
+    // the braces keep run_command's trailing 2>&1 from undoing the redirection of the command
+    ChildResult r = run_command("{ " + command + " 2>" + err_path + "; }");
+    std::ifstream f(err_path, std::ios::binary);
+    std::stringstream err;
+    err << f.rdbuf();
+    unlink(err_path);
+    return {r.exit_status, r.stderr_text, err.str()};
+}
+
+static Run run_train(const std::string& args) {
+    return run_split(quote(env_or("MIXLN_TRAIN", "./train")) + " " + args);
+}
+
+static Run run_reference(const std::string& args) {
+    return run_split(quote(env_or("PYTHON", "python3")) + " dev/reference.py " + args);
+}
+
+// Runs train and requires success.
+static Run train_ok(const std::string& args) {
+    Run r = run_train(args);
+    INFO("./train " << args << "\nstdout:\n" << r.out << "\nstderr:\n" << r.err);
+    REQUIRE(r.exit_status == 0);
+    return r;
+}
+
+static Run reference_ok(const std::string& args) {
+    Run r = run_reference(args);
+    INFO("reference.py " << args << "\nstdout:\n" << r.out << "\nstderr:\n" << r.err);
+    REQUIRE(r.exit_status == 0);
+    return r;
+}
+
+// Bad input must end train cleanly: exit status 1 (not success, not a crash) and a message on
+// stderr containing `expected`, so the problem is named rather than just reported.
+static void require_train_fails(const std::string& args, const std::string& expected) {
+    Run r = run_train(args);
+    INFO("./train " << args << "\nstdout:\n" << r.out << "\nstderr:\n" << r.err);
+    REQUIRE(r.exit_status == 1);
+    REQUIRE(r.err.find(expected) != std::string::npos);
+}
+
+// ---- files
+
+static bool file_exists(const std::string& path) {
+    struct stat st;
+    return stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static std::string read_file(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    INFO("reading " << path);
+    REQUIRE(f.good());
+    std::stringstream text;
+    text << f.rdbuf();
+    return text.str();
+}
+
+static void write_file(const std::string& path, const std::string& bytes) {
+    write_bytes(path, bytes.data(), bytes.size());
+}
+
+// An llm.c token shard of uint16 tokens: 256 int32 header [magic, version, count, 0...], then the
+// tokens. count < 0 writes the true count. (Little-endian host, as safetensors.h also assumes.)
+static void write_shard(const std::string& path, const std::vector<uint16_t>& tokens, int magic = 20240520,
+                        int version = 1, long count = -1) {
+    std::vector<int32_t> header(256, 0);
+    header[0] = magic;
+    header[1] = version;
+    header[2] = (int32_t)(count < 0 ? (long)tokens.size() : count);
+    std::string bytes((const char*)header.data(), header.size() * sizeof(int32_t));
+    bytes.append((const char*)tokens.data(), tokens.size() * sizeof(uint16_t));
+    write_file(path, bytes);
+}
+
+static std::vector<uint16_t> random_tokens(size_t n, int vocab, unsigned seed) {
+    std::mt19937 gen(seed);
+    std::uniform_int_distribution<int> dist(0, vocab - 1);
+    std::vector<uint16_t> tokens(n);
+    for (uint16_t& t : tokens) t = (uint16_t)dist(gen);
+    return tokens;
+}
+
+// ---- JSON
+
+static JsonValue parse_json(const std::string& text) {
+    JsonValue v;
+    std::string error;
+    INFO("JSON text: " << text);
+    REQUIRE(json_parse(text, &v, &error));
+    return v;
+}
+
+// The last non-empty line of a program's stdout, where eval results go.
+static JsonValue last_line_json(const std::string& out) {
+    std::vector<std::string> lines;
+    std::stringstream in(out);
+    std::string line;
+    while (std::getline(in, line)) {
+        if (!line.empty()) lines.push_back(line);
+    }
+    REQUIRE(!lines.empty());
+    return parse_json(lines.back());
+}
+
+static std::vector<JsonValue> read_jsonl(const std::string& path) {
+    std::vector<JsonValue> rows;
+    std::stringstream in(read_file(path));
+    std::string line;
+    while (std::getline(in, line)) {
+        if (!line.empty()) rows.push_back(parse_json(line));
+    }
+    return rows;
+}
+
+static double number(const JsonValue& object, const char* key) {
+    const JsonValue* v = object.get(key);
+    INFO("JSON key " << key);
+    REQUIRE(v != nullptr);
+    REQUIRE(v->type == JsonValue::Number);
+    return v->number;
+}
+
+static std::vector<float> read_tensor(const SafeTensorsFile& file, const std::string& name) {
+    const SafeTensor* t = safetensors_find(&file, name);
+    INFO("tensor " << name << " in " << file.path);
+    REQUIRE(t != nullptr);
+    std::vector<float> out(safetensor_numel(t));
+    safetensors_read_f32(&file, t, out.data());
+    return out;
+}
+
+// ---- shared settings
+
+// A model small enough that a run takes milliseconds: 2 layers, width 32 (4 heads of 8, even as
+// RoPE needs), SwiGLU 72, vocabulary 61, 16 positions.
+static const std::string SMALL_MODEL = "--layers 2 --dim 32 --heads 4 --ffn 72 --vocab 61 --seq-len 16";
+static const int SMALL_VOCAB = 61;
+// Batches of 2x16: one window is B*T+1 = 33 tokens.
+static const std::string SMALL_BATCH = "--batch 2 --seq-len 16";
+// 200 tokens: (200-1)/32 = 6 whole batches.
+static const size_t SHARD_TOKENS = 200;
+
+// A freshly initialised small checkpoint in `dir`, written by train itself.
+static void write_small_checkpoint(const std::string& dir, const std::string& extra = "") {
+    train_ok("--steps 0 --out " + quote(dir) + " " + SMALL_MODEL + " " + extra);
+}
+
+// Mean loss of a checkpoint on a shard, by train --eval-only and by the reference. Both evaluate
+// every whole 2x16 window; they must agree on the loss and on how many tokens that is.
+static void require_evals_agree(const std::string& ckpt, const std::string& shard) {
+    JsonValue ours = last_line_json(
+        train_ok("--eval-only --init-from " + quote(ckpt) + " --val-data " + quote(shard) + " " + SMALL_BATCH).out);
+    JsonValue theirs = last_line_json(
+        reference_ok("eval --ckpt " + quote(ckpt) + " --data " + quote(shard) + " " + SMALL_BATCH).out);
+    double loss = number(ours, "val_loss"), reference_loss = number(theirs, "val_loss");
+    CAPTURE(loss, reference_loss);
+    // A forward pass agrees with PyTorch to ~2e-7 (test_model.cpp's logits); train prints the loss
+    // with 6 decimals (1e-7 relative at loss ~4). 1e-5 sits well above both.
+    CHECK(std::fabs(loss - reference_loss) <= 1e-5 * std::fabs(reference_loss));
+    CHECK(number(ours, "tokens") == number(theirs, "tokens"));
+    CHECK(number(ours, "tokens") == 6 * 2 * 16);   // SHARD_TOKENS holds 6 whole windows of 2x16
+}
+
+// ---- agreement with PyTorch
+
+TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]") {
+    std::string dir = fixture_dir("mix");
+    INFO("fixture case mix in " << dir);
+    JsonValue hp = parse_json(read_file(dir + "/train.json"));
+    int steps = (int)number(hp, "steps");
+    std::string out = make_temp_dir() + "/run";
+    std::string args = "--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") +
+                       " --batch " + std::to_string((int)number(hp, "batch")) +
+                       " --seq-len " + std::to_string((int)number(hp, "seq_len")) +
+                       " --steps " + std::to_string(steps) + " --lr " + num(number(hp, "lr")) +
+                       " --warmup " + std::to_string((int)number(hp, "warmup")) +
+                       " --min-lr-ratio " + num(number(hp, "min_lr_ratio")) +
+                       " --weight-decay " + num(number(hp, "weight_decay")) +
+                       " --grad-clip " + num(number(hp, "grad_clip")) + " --out " + quote(out);
+    train_ok(args);
+
+    // the weights after the run, tensor by tensor
+    ModelConfig config = checkpoint_read_config(dir);
+    ModelConfig written = checkpoint_read_config(out);
+    CHECK(written.num_layers == config.num_layers);
+    CHECK(written.channels == config.channels);
+    CHECK(written.post_ln_layers == config.post_ln_layers);
+    size_t n = num_parameters(config);
+    std::vector<real> ours(n), reference(n);
+    safetensors_load_named(ours.data(), config, out + "/model.safetensors", "", false);
+    safetensors_load_named(reference.data(), config, dir + "/fixture.safetensors", "final.", true);
+    for (const NamedTensor& t : model_named_tensors(config)) {
+        size_t count = 1;
+        for (int64_t d : t.shape) count *= (size_t)d;
+        double diff = 0, norm = 0;
+        for (size_t i = t.offset; i < t.offset + count; i++) {
+            double d = (double)ours[i] - reference[i];
+            diff += d * d;
+            norm += (double)reference[i] * reference[i];
+        }
+        double error = std::sqrt(diff) / (std::sqrt(norm) + 1e-30);
+        INFO("parameter " << t.name << " after " << steps << " steps: relative error " << error);
+        // test_model.cpp's bound for the Mix-LN cases: measured 4e-7 to 7e-7 after 10 AdamW steps,
+        // where Adam's division by sqrt(v) amplifies rounding differences
+        CHECK(error < 5e-6);
+    }
+
+    // the log, step by step
+    SafeTensorsFile fixture;
+    safetensors_open(&fixture, (dir + "/fixture.safetensors").c_str());
+    std::vector<float> ref_loss = read_tensor(fixture, "train_loss");
+    std::vector<float> ref_lr = read_tensor(fixture, "lr");
+    std::vector<float> ref_norm = read_tensor(fixture, "grad_norm");
+    REQUIRE((int)ref_loss.size() == steps);
+    std::vector<JsonValue> rows = read_jsonl(out + "/log.jsonl");
+    REQUIRE((int)rows.size() == steps);   // no --val-data, so only the training rows
+    // 1e-5 relative: test_model.cpp's per-step loss bound. On top of it, the log's rounding:
+    // train_loss and grad_norm are printed with 6 decimals (half a unit: 5e-7), lr with %.6e
+    // (7 significant digits: at most 5e-7 relative).
+    const double relative = 1e-5;
+    for (int s = 0; s < steps; s++) {
+        const JsonValue& row = rows[s];
+        INFO("log row " << s);
+        CHECK(number(row, "step") == s);
+        double loss = number(row, "train_loss"), lr = number(row, "lr"), norm = number(row, "grad_norm");
+        CAPTURE(loss, ref_loss[s], lr, ref_lr[s], norm, ref_norm[s]);
+        CHECK(std::fabs(loss - ref_loss[s]) <= relative * std::fabs(ref_loss[s]) + 5e-7);
+        CHECK(std::fabs(lr - ref_lr[s]) <= (relative + 5e-7) * std::fabs(ref_lr[s]));
+        CHECK(std::fabs(norm - ref_norm[s]) <= relative * std::fabs(ref_norm[s]) + 5e-7);
+    }
+}
+
+TEST_CASE("a checkpoint written by train loads into the PyTorch reference with the same loss", "[cli]") {
+    std::string tmp = make_temp_dir();
+    std::string ckpt = tmp + "/ckpt";
+    // 3 layers with alpha 0.34: floor(0.34*3) = 1 Post-LN layer, then 2 Pre-LN ones
+    train_ok("--steps 0 --out " + quote(ckpt) +
+             " --layers 3 --dim 32 --heads 4 --ffn 72 --vocab 61 --seq-len 16 --norm mix --alpha 0.34 --seed 7");
+    std::string shard = tmp + "/val.bin";
+    write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 1));
+    require_evals_agree(ckpt, shard);
+
+    JsonValue config = parse_json(read_file(ckpt + "/config.json"));
+    CHECK(number(config, "post_ln_layers") == 1);
+    CHECK(number(config, "num_hidden_layers") == 3);
+    // a layer's norms are named after where they sit (model.h, model_named_tensors)
+    SafeTensorsFile file;
+    safetensors_open(&file, (ckpt + "/model.safetensors").c_str());
+    auto has = [&](const std::string& name) { return safetensors_find(&file, name) != nullptr; };
+    CHECK(has("model.layers.0.post_attention_layernorm.weight"));    // Post-LN: after attention
+    CHECK(has("model.layers.0.post_feedforward_layernorm.weight"));  // Post-LN: after the MLP
+    CHECK(!has("model.layers.0.input_layernorm.weight"));
+    CHECK(has("model.layers.1.input_layernorm.weight"));             // Pre-LN: before attention
+    CHECK(has("model.layers.1.post_attention_layernorm.weight"));    // Pre-LN: before the MLP
+    CHECK(!has("model.layers.1.post_feedforward_layernorm.weight"));
+}
+
+TEST_CASE("a checkpoint written by the PyTorch reference loads into train", "[cli]") {
+    std::string tmp = make_temp_dir();
+    std::string ckpt = tmp + "/ckpt";
+    // pure Post-LN: alpha 1 makes both layers Post-LN
+    reference_ok("init --out " + quote(ckpt) +
+                 " --vocab 61 --dim 32 --layers 2 --heads 4 --ffn 72 --seq-len 16 --alpha 1 --seed 11");
+    std::string shard = tmp + "/val.bin";
+    write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 2));
+    require_evals_agree(ckpt, shard);
+    // and train reads the placement from config.json, which --norm post agrees with
+    Run r = train_ok("--steps 0 --norm post --init-from " + quote(ckpt));
+    CHECK(r.out.find("2 of 2 layers Post-LN") != std::string::npos);
+}
+
+// ---- the files --out writes
+
+TEST_CASE("--steps 0 --out writes the freshly initialised model", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_small_checkpoint(tmp + "/a", "--seed 5");
+    CHECK(file_exists(tmp + "/a/config.json"));
+    CHECK(file_exists(tmp + "/a/model.safetensors"));
+
+    // it loads back and evaluates; an embedding of std 0.02 gives nearly uniform predictions, so
+    // the loss is close to ln(V) = ln(61) = 4.11 (measured 4.12; 0.1 leaves room for other seeds)
+    std::string shard = tmp + "/val.bin";
+    write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 3));
+    JsonValue eval = last_line_json(
+        train_ok("--eval-only --init-from " + quote(tmp + "/a") + " --val-data " + quote(shard) + " " + SMALL_BATCH).out);
+    CHECK(std::fabs(number(eval, "val_loss") - std::log(61.0)) < 0.1);
+
+    // loading and writing again changes nothing
+    train_ok("--steps 0 --init-from " + quote(tmp + "/a") + " --out " + quote(tmp + "/copy"));
+    CHECK(read_file(tmp + "/copy/model.safetensors") == read_file(tmp + "/a/model.safetensors"));
+
+    // the seed alone decides the weights
+    write_small_checkpoint(tmp + "/b", "--seed 5");
+    write_small_checkpoint(tmp + "/c", "--seed 6");
+    std::string a = read_file(tmp + "/a/model.safetensors");
+    CHECK(a == read_file(tmp + "/b/model.safetensors"));
+    std::string c = read_file(tmp + "/c/model.safetensors");
+    CHECK(a.size() == c.size());
+    CHECK(a != c);
+}
+
+TEST_CASE("log.jsonl has one object per step with step, train_loss, lr, grad_norm and a val_loss object when validation runs", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_shard(tmp + "/train.bin", random_tokens(SHARD_TOKENS, SMALL_VOCAB, 4));
+    write_shard(tmp + "/val.bin", random_tokens(SHARD_TOKENS, SMALL_VOCAB, 5));
+    train_ok("--steps 5 --val-every 2 --train-data " + quote(tmp + "/train.bin") + " --val-data " +
+             quote(tmp + "/val.bin") + " --out " + quote(tmp + "/run") + " " + SMALL_MODEL + " " + SMALL_BATCH);
+    std::vector<JsonValue> rows = read_jsonl(tmp + "/run/log.jsonl");
+    // 5 training steps (rows 0..4); validation after steps 2 and 4 (--val-every 2) and at the end, 5
+    const struct { bool val; int step; } expected[] = {
+        {false, 0}, {false, 1}, {true, 2}, {false, 2}, {false, 3}, {true, 4}, {false, 4}, {true, 5},
+    };
+    REQUIRE(rows.size() == sizeof(expected) / sizeof(expected[0]));
+    for (size_t i = 0; i < rows.size(); i++) {
+        INFO("log row " << i);
+        CHECK(number(rows[i], "step") == expected[i].step);
+        if (expected[i].val) {
+            CHECK(number(rows[i], "val_loss") > 0);
+            CHECK(number(rows[i], "tokens") == 6 * 2 * 16);   // every whole 2x16 window of the shard
+            CHECK(rows[i].get("train_loss") == nullptr);
+        } else {
+            CHECK(number(rows[i], "train_loss") > 0);
+            CHECK(number(rows[i], "lr") > 0);   // no warmup, so even step 0 has a learning rate
+            CHECK(number(rows[i], "grad_norm") > 0);
+            CHECK(rows[i].get("val_loss") == nullptr);
+        }
+    }
+}
+
+TEST_CASE("--help lists every flag with its default", "[cli]") {
+    Run r = train_ok("--help");
+    const char* flags[] = {
+        "--model", "--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len", "--norm", "--alpha",
+        "--train-data", "--val-data", "--val-batches", "--val-every", "--batch", "--steps", "--lr", "--warmup",
+        "--min-lr-ratio", "--weight-decay", "--grad-clip", "--seed", "--device", "--precision", "--init-from",
+        "--out", "--eval-only", "--embed-std",
+    };
+    for (const char* flag : flags) {
+        INFO("flag " << flag);
+        CHECK(r.out.find(std::string("  ") + flag + " ") != std::string::npos);
+    }
+    // a few defaults, as Args in train.cu sets them, on their flag's line
+    const char* defaults[][2] = {
+        {"--model", "(default tiny)"}, {"--norm", "(default mix)"}, {"--alpha", "(default 0.25)"},
+        {"--batch", "(default 8)"}, {"--steps", "(default 100)"}, {"--lr", "(default 0.001)"},
+        {"--seed", "(default 1337)"}, {"--device", "(default auto"}, {"--precision", "(default fp32"},
+    };
+    std::stringstream in(r.out);
+    std::string line;
+    std::vector<std::string> lines;
+    while (std::getline(in, line)) lines.push_back(line);
+    for (const auto& d : defaults) {
+        INFO("flag " << d[0] << " should say " << d[1]);
+        bool found = false;
+        for (const std::string& l : lines) {
+            if (l.rfind(std::string("  ") + d[0] + " ", 0) == 0) found = l.find(d[1]) != std::string::npos;
+        }
+        CHECK(found);
+    }
+}
+
+// ---- bad input: exit status 1 and a message naming the problem
+
+TEST_CASE("a missing train data file is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    require_train_fails("--steps 1 --train-data " + quote(tmp + "/missing_*.bin") + " " + SMALL_MODEL,
+                        "no files match");
+}
+
+TEST_CASE("a directory matched by the train data pattern is refused as unreadable", "[cli]") {
+    std::string tmp = make_temp_dir();
+    REQUIRE(mkdir((tmp + "/shard_0.bin").c_str(), 0755) == 0);
+    require_train_fails("--steps 1 --train-data " + quote(tmp + "/shard_*.bin") + " " + SMALL_MODEL,
+                        "Is a directory");
+}
+
+TEST_CASE("a broken symlink as train data is refused as unreadable", "[cli]") {
+    // tests run as root, where chmod 000 does not stop a read; a dangling link does
+    std::string tmp = make_temp_dir();
+    REQUIRE(symlink((tmp + "/nowhere.bin").c_str(), (tmp + "/shard.bin").c_str()) == 0);
+    require_train_fails("--steps 1 --train-data " + quote(tmp + "/shard.bin") + " " + SMALL_MODEL, "cannot open");
+}
+
+TEST_CASE("a shard with the wrong magic number is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_shard(tmp + "/train.bin", random_tokens(SHARD_TOKENS, SMALL_VOCAB, 6), 12345);
+    require_train_fails("--steps 1 --train-data " + quote(tmp + "/train.bin") + " " + SMALL_MODEL + " " + SMALL_BATCH,
+                        "bad magic number 12345");
+}
+
+TEST_CASE("a shard with the wrong version is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    // version 7 belongs to the uint32 magic, not the uint16 one
+    write_shard(tmp + "/train.bin", random_tokens(SHARD_TOKENS, SMALL_VOCAB, 6), 20240520, 7);
+    require_train_fails("--steps 1 --train-data " + quote(tmp + "/train.bin") + " " + SMALL_MODEL + " " + SMALL_BATCH,
+                        "expects version 1, but the header says version 7");
+}
+
+TEST_CASE("a shard shorter than its header says is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_shard(tmp + "/train.bin", random_tokens(SHARD_TOKENS, SMALL_VOCAB, 6), 20240520, 1, SHARD_TOKENS + 10);
+    require_train_fails("--steps 1 --train-data " + quote(tmp + "/train.bin") + " " + SMALL_MODEL + " " + SMALL_BATCH,
+                        "truncated: header says 210 tokens");
+}
+
+TEST_CASE("a shard with fewer than B*T+1 tokens is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_shard(tmp + "/train.bin", random_tokens(32, SMALL_VOCAB, 6));   // 2x16 needs 33
+    require_train_fails("--steps 1 --train-data " + quote(tmp + "/train.bin") + " " + SMALL_MODEL + " " + SMALL_BATCH,
+                        "fewer than the B*T+1 = 33");
+}
+
+TEST_CASE("a token id not below the vocabulary size is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    std::vector<uint16_t> tokens = random_tokens(SHARD_TOKENS, SMALL_VOCAB, 6);
+    tokens[10] = SMALL_VOCAB;   // in the first window, so step 0 reads it
+    write_shard(tmp + "/train.bin", tokens);
+    require_train_fails("--steps 1 --train-data " + quote(tmp + "/train.bin") + " " + SMALL_MODEL + " " + SMALL_BATCH,
+                        "token at position 10 is 61, not below vocab_size 61");
+}
+
+TEST_CASE("a heads count that does not divide the width is refused", "[cli]") {
+    require_train_fails("--steps 0 --dim 30 --heads 4", "does not divide the width");
+}
+
+TEST_CASE("alpha below 0 is refused", "[cli]") {
+    require_train_fails("--steps 0 --alpha -0.1", "--alpha must be in [0, 1]");
+}
+
+TEST_CASE("alpha above 1 is refused", "[cli]") {
+    require_train_fails("--steps 0 --alpha 1.5", "--alpha must be in [0, 1]");
+}
+
+TEST_CASE("a checkpoint whose shapes do not match the flags is refused", "[cli]") {
+    std::string ckpt = make_temp_dir() + "/ckpt";
+    write_small_checkpoint(ckpt);
+    require_train_fails("--steps 0 --dim 48 --init-from " + quote(ckpt), "--dim 48, but its hidden_size is 32");
+}
+
+TEST_CASE("a checkpoint whose norm placement does not match the flags is refused", "[cli]") {
+    std::string ckpt = make_temp_dir() + "/ckpt";
+    // 4 layers at the default alpha 0.25: 1 Post-LN layer
+    train_ok("--steps 0 --out " + quote(ckpt) + " --layers 4 --dim 32 --heads 4 --ffn 72 --vocab 61 --seq-len 16");
+    require_train_fails("--steps 0 --norm pre --init-from " + quote(ckpt),
+                        "--norm pre gives 0 Post-LN layers, but its post_ln_layers is 1");
+}
+
+TEST_CASE("a truncated model.safetensors is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_small_checkpoint(tmp + "/good");
+    std::string weights = read_file(tmp + "/good/model.safetensors");
+    REQUIRE(mkdir((tmp + "/cut").c_str(), 0755) == 0);
+    write_file(tmp + "/cut/config.json", read_file(tmp + "/good/config.json"));
+    write_file(tmp + "/cut/model.safetensors", weights.substr(0, weights.size() - 16));   // the last 4 floats
+    require_train_fails("--steps 0 --init-from " + quote(tmp + "/cut"), "is truncated");
+}
+
+TEST_CASE("a corrupt config.json is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_small_checkpoint(tmp + "/good");
+    REQUIRE(mkdir((tmp + "/bad").c_str(), 0755) == 0);
+    std::string config = read_file(tmp + "/good/config.json");
+    write_file(tmp + "/bad/config.json", config.substr(0, config.size() / 2));   // cut mid-object
+    write_file(tmp + "/bad/model.safetensors", read_file(tmp + "/good/model.safetensors"));
+    require_train_fails("--steps 0 --init-from " + quote(tmp + "/bad"), "is not valid JSON");
+}
+
+TEST_CASE("an unknown flag is refused", "[cli]") {
+    require_train_fails("--steps 0 --bogus 1", "unknown flag '--bogus'");
+}
+
+TEST_CASE("a flag missing its value is refused", "[cli]") {
+    require_train_fails("--steps 0 --batch", "--batch needs a value");
+}
+
+TEST_CASE("a non-numeric --batch is refused", "[cli]") {
+    require_train_fails("--steps 0 --batch eight", "--batch expects an integer, got 'eight'");
+}
+
+TEST_CASE("--device cuda is refused by a build without the CUDA backend", "[cli]") {
+    require_train_fails("--steps 0 --device cuda", "the CUDA backend is not part of this build");
+}
+
+TEST_CASE("--precision bf16 is refused on the CPU", "[cli]") {
+    require_train_fails("--steps 0 --precision bf16", "--precision bf16 needs the CUDA backend");
+}
+
+TEST_CASE("a failed run leaves an existing checkpoint intact", "[cli]") {
+    std::string tmp = make_temp_dir();
+    std::string ckpt = tmp + "/ckpt";
+    write_small_checkpoint(ckpt);
+    std::string weights = read_file(ckpt + "/model.safetensors");
+    std::string config = read_file(ckpt + "/config.json");
+    // a bad token in the second window only: step 0 trains, then step 1 fails, with the weights
+    // in memory already changed
+    std::vector<uint16_t> tokens = random_tokens(SHARD_TOKENS, SMALL_VOCAB, 7);
+    tokens[2 * 16 + 5] = SMALL_VOCAB;   // window 1 starts at B*T = 32; window 0 ends at token 32
+    write_shard(tmp + "/train.bin", tokens);
+    require_train_fails("--steps 3 --init-from " + quote(ckpt) + " --out " + quote(ckpt) + " --train-data " +
+                            quote(tmp + "/train.bin") + " " + SMALL_BATCH,
+                        "not below vocab_size 61");
+    CHECK(read_file(ckpt + "/model.safetensors") == weights);
+    CHECK(read_file(ckpt + "/config.json") == config);
+}
