@@ -80,6 +80,25 @@ static const double GRAD_TOLERANCE = 2e-6;
 // bound is per case: 5e-6, or 1e-4 for pure Post-LN.
 static const double STEP_LOSS_TOLERANCE = 1e-5;
 
+// Compares every model tensor in `ours` (a flat buffer of the model's layout) with the fixture's
+// tensors named prefix + HF name; returns the worst relative error.
+static double check_tensors(const real* ours, const ModelConfig& config, const std::string& dir,
+                            const std::string& prefix, const char* what, double tolerance) {
+    std::vector<real> reference(num_parameters(config));
+    safetensors_load_named(reference.data(), config, dir + "/fixture.safetensors", prefix, true);
+    std::vector<float> reference_f32(reference.begin(), reference.end());
+    double worst = 0;
+    for (const NamedTensor& t : model_named_tensors(config)) {
+        size_t n = 1;
+        for (int64_t d : t.shape) n *= (size_t)d;
+        double error = relative_error(ours + t.offset, reference_f32.data() + t.offset, n);
+        worst = std::max(worst, error);
+        INFO(what << " " << t.name << ": relative error " << error);
+        CHECK(error < tolerance);
+    }
+    return worst;
+}
+
 static void check_case(const std::string& name, double final_param_tolerance) {
     std::string dir = fixture_dir(name);
     INFO("fixture case " << name << " in " << dir);
@@ -112,18 +131,7 @@ static void check_case(const std::string& name, double final_param_tolerance) {
     // backward: every parameter gradient
     model_zero_grad(&model);
     model_backward(&model);
-    std::vector<real> reference_grads(model.num_parameters);
-    safetensors_load_named(reference_grads.data(), config, dir + "/fixture.safetensors", "grad.", true);
-    double worst_grad_error = 0;
-    for (const NamedTensor& t : model_named_tensors(config)) {
-        size_t n = 1;
-        for (int64_t d : t.shape) n *= (size_t)d;
-        std::vector<float> reference(reference_grads.begin() + t.offset, reference_grads.begin() + t.offset + n);
-        double error = relative_error(model.grads_memory + t.offset, reference.data(), n);
-        worst_grad_error = std::max(worst_grad_error, error);
-        INFO("gradient of " << t.name << ": relative error " << error);
-        CHECK(error < GRAD_TOLERANCE);
-    }
+    double worst_grad_error = check_tensors(model.grads_memory, config, dir, "grad.", "gradient", GRAD_TOLERANCE);
     WARN(name << ": logits error " << logits_error << ", worst gradient error " << worst_grad_error);
 
     // 10 AdamW steps with warmup, cosine decay and (in one case) clipping, from the same weights
@@ -147,18 +155,8 @@ static void check_case(const std::string& name, double final_param_tolerance) {
         CHECK(fabs(model.mean_loss - ref_loss[step]) / ref_loss[step] < STEP_LOSS_TOLERANCE);
         CHECK(fabs(norm - ref_norm[step]) / ref_norm[step] < GRAD_TOLERANCE);
     }
-    std::vector<real> reference_final(model.num_parameters);
-    safetensors_load_named(reference_final.data(), config, dir + "/fixture.safetensors", "final.", true);
-    double worst_param_error = 0;
-    for (const NamedTensor& t : model_named_tensors(config)) {
-        size_t n = 1;
-        for (int64_t d : t.shape) n *= (size_t)d;
-        std::vector<float> reference(reference_final.begin() + t.offset, reference_final.begin() + t.offset + n);
-        double error = relative_error(model.params_memory + t.offset, reference.data(), n);
-        worst_param_error = std::max(worst_param_error, error);
-        INFO("parameter " << t.name << " after " << s.steps << " steps: relative error " << error);
-        CHECK(error < final_param_tolerance);
-    }
+    double worst_param_error = check_tensors(model.params_memory, config, dir, "final.", "parameter after 10 steps",
+                                             final_param_tolerance);
     WARN(name << ": worst parameter error after " << s.steps << " steps " << worst_param_error);
     dataloader_free(&loader);
     model_free(&model);
