@@ -11,10 +11,10 @@ CUDA_ARCHS ?= 80 90
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import torch' 2>/dev/null && echo $$p && break; done)
 
 WARNINGS = -Wall -Wextra -Werror
-CXXFLAGS ?= -O3 -march=native
+CXXFLAGS ?= -O3 -march=native -mprefer-vector-width=512
 CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS)
 NVCCFLAGS = -std=c++17 -O3 $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
-            -Werror all-warnings -Xcompiler -fopenmp,-march=native,-Wall,-Wextra,-Werror
+            -Werror all-warnings -Xcompiler -fopenmp,-march=native,-mprefer-vector-width=512,-Wall,-Wextra,-Werror
 
 HEADERS = $(wildcard *.h layers/*.cuh)
 TEST_SOURCES = $(filter-out test/test_main.cpp test/test_finite_difference.cpp,$(wildcard test/*.cpp))

@@ -36,6 +36,7 @@ inline void attention_forward_cpu(real* out, real* att, const real* qkv, int B, 
                 for (int t2 = 0; t2 <= t; t2++) {
                     const real* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
                     real score = 0;
+                    #pragma omp simd reduction(+ : score)
                     for (int i = 0; i < head_size; i++) score += q[i] * k[i];
                     score *= scale;
                     att_row[t2] = score;
@@ -44,7 +45,7 @@ inline void attention_forward_cpu(real* out, real* att, const real* qkv, int B, 
                 // softmax over 0..t; the masked future gets probability 0
                 real sum = 0;
                 for (int t2 = 0; t2 <= t; t2++) {
-                    att_row[t2] = exp(att_row[t2] - max_score);
+                    att_row[t2] = std::exp(att_row[t2] - max_score);
                     sum += att_row[t2];
                 }
                 for (int t2 = 0; t2 <= t; t2++) att_row[t2] /= sum;
@@ -54,6 +55,7 @@ inline void attention_forward_cpu(real* out, real* att, const real* qkv, int B, 
                 for (int i = 0; i < head_size; i++) y[i] = 0;
                 for (int t2 = 0; t2 <= t; t2++) {
                     const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
+                    #pragma omp simd
                     for (int i = 0; i < head_size; i++) y[i] += att_row[t2] * v[i];
                 }
             }
@@ -82,6 +84,7 @@ inline void attention_backward_cpu(real* dqkv, real* scratch, const real* dout, 
                     const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
                     real* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
                     real d = 0;
+                    #pragma omp simd reduction(+ : d)
                     for (int i = 0; i < head_size; i++) {
                         d += v[i] * dy[i];
                         dv[i] += att_row[t2] * dy[i];
@@ -94,6 +97,7 @@ inline void attention_backward_cpu(real* dqkv, real* scratch, const real* dout, 
                     real dscore = att_row[t2] * (datt[t2] - weighted) * scale;
                     const real* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
                     real* dk = dqkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
+                    #pragma omp simd
                     for (int i = 0; i < head_size; i++) {
                         dq[i] += dscore * k[i];
                         dk[i] += dscore * q[i];

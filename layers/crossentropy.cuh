@@ -4,7 +4,8 @@ next token, loss = -log softmax(logits)[target], averaged over all B*T positions
 
 Backward overwrites the logits with their gradient, (softmax - onehot(target)) * dloss, so no
 separate (B, T, V) buffer is needed: the logits are not used again after the loss.
-Both directions use a max-shifted softmax with sums in double.
+Both directions use a max-shifted softmax: exponentials in the working precision (each is
+accurate to an ulp), their sum in double.
 */
 #pragma once
 
@@ -22,7 +23,8 @@ inline void crossentropy_forward_cpu(real* losses, const real* logits, const int
         real max_logit = row[0];
         for (int v = 1; v < V; v++) max_logit = row[v] > max_logit ? row[v] : max_logit;
         double sum = 0.0;
-        for (int v = 0; v < V; v++) sum += exp((double)(row[v] - max_logit));
+        #pragma omp simd reduction(+ : sum)
+        for (int v = 0; v < V; v++) sum += std::exp(row[v] - max_logit);
         // -log p[target] = log(sum) - (logit[target] - max)
         losses[i] = (real)(log(sum) - (double)(row[targets[i]] - max_logit));
     }
@@ -38,11 +40,16 @@ inline void crossentropy_backward_cpu(real* dlogits, const real* logits, const i
         real* drow = dlogits + (size_t)i * V;
         real max_logit = row[0];
         for (int v = 1; v < V; v++) max_logit = row[v] > max_logit ? row[v] : max_logit;
+        // the exponentials go into drow first (row and drow may be the same memory: each element
+        // is read before it is overwritten), then become probabilities minus the one-hot target
         double sum = 0.0;
-        for (int v = 0; v < V; v++) sum += exp((double)(row[v] - max_logit));
         for (int v = 0; v < V; v++) {
-            real p = (real)(exp((double)(row[v] - max_logit)) / sum);
-            drow[v] = (p - (v == targets[i] ? 1 : 0)) * dloss;
+            real e = std::exp(row[v] - max_logit);
+            drow[v] = e;
+            sum += e;
         }
+        real scale = (real)(1.0 / sum) * dloss;
+        for (int v = 0; v < V; v++) drow[v] *= scale;
+        drow[targets[i]] -= dloss;
     }
 }

@@ -23,10 +23,12 @@ structure of fast CPU GEMMs, kept as plain loops that the compiler vectorises.
 
 // ---- CPU reference
 
-// Register tile of C held by the inner kernel, and the depth of one packed block of K.
+// Register tile of C held by the inner kernel, the depth of one packed block of K, and the
+// width of the block of B kept in cache.
 constexpr int GEMM_MR = 6;
 constexpr int GEMM_NR = 32;
 constexpr int GEMM_KC = 256;
+constexpr int GEMM_NC = 512;   // columns of B per cache block: a (KC, NC) fp32 block is 512 KB
 
 // The inner kernel: C tile (MR, NR) += A panel (MR, kc) @ B panel (kc, NR).
 // A panel is stored k-major (MR values per k), B panel k-major (NR values per k).
@@ -56,9 +58,12 @@ inline void gemm_pack_cpu(real* packed, const real* X, size_t x_row, size_t x_co
         // columns of X are contiguous: walk k outer, rows inner
         #pragma omp parallel for
         for (int k = 0; k < kc; k++) {
-            for (int r = 0; r < strips * width; r++) {
-                real v = r < rows ? X[(size_t)r + (size_t)k * x_col] : real(0);
-                packed[((size_t)(r / width) * kc + k) * width + r % width] = v;
+            for (int s = 0; s < strips; s++) {
+                real* dst = packed + ((size_t)s * kc + k) * width;
+                for (int i = 0; i < width; i++) {
+                    int r = s * width + i;
+                    dst[i] = r < rows ? X[(size_t)r + (size_t)k * x_col] : real(0);
+                }
             }
         }
     } else {
@@ -89,15 +94,20 @@ inline void gemm_accumulate_cpu(real* C, const real* A, size_t a_row, size_t a_c
         // B's columns play the role of rows in its panels: B^T has strides (b_col, b_row)
         gemm_pack_cpu(a_packed.data(), A + (size_t)k0 * a_col, a_row, a_col, M, kc, GEMM_MR);
         gemm_pack_cpu(b_packed.data(), B + (size_t)k0 * b_row, b_col, b_row, N, kc, GEMM_NR);
-        // every (strip, panel) tile of C is independent
-        #pragma omp parallel for schedule(static)
-        for (int strip = 0; strip < m_strips; strip++) {
-            int rows = std::min(GEMM_MR, M - strip * GEMM_MR);
-            const real* a_strip = a_packed.data() + (size_t)strip * kc * GEMM_MR;
-            for (int p = 0; p < n_panels; p++) {
-                int cols = std::min(GEMM_NR, N - p * GEMM_NR);
-                gemm_tile_cpu(C + (size_t)strip * GEMM_MR * N + (size_t)p * GEMM_NR, N, a_strip,
-                              b_packed.data() + (size_t)p * kc * GEMM_NR, kc, rows, cols);
+        // every (strip, panel) tile of C is independent. Panels go in blocks of GEMM_NC columns
+        // so that one (kc, GEMM_NC) block of B stays in cache while every strip of A passes it.
+        int panel_blocks = (n_panels + GEMM_NC / GEMM_NR - 1) / (GEMM_NC / GEMM_NR);
+        #pragma omp parallel for collapse(2) schedule(static)
+        for (int block = 0; block < panel_blocks; block++) {
+            for (int strip = 0; strip < m_strips; strip++) {
+                int rows = std::min(GEMM_MR, M - strip * GEMM_MR);
+                const real* a_strip = a_packed.data() + (size_t)strip * kc * GEMM_MR;
+                int p_end = std::min(n_panels, (block + 1) * (GEMM_NC / GEMM_NR));
+                for (int p = block * (GEMM_NC / GEMM_NR); p < p_end; p++) {
+                    int cols = std::min(GEMM_NR, N - p * GEMM_NR);
+                    gemm_tile_cpu(C + (size_t)strip * GEMM_MR * N + (size_t)p * GEMM_NR, N, a_strip,
+                                  b_packed.data() + (size_t)p * kc * GEMM_NR, kc, rows, cols);
+                }
             }
         }
     }

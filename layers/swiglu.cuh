@@ -21,7 +21,7 @@ inline void swiglu_forward_cpu(real* out, const real* gate_up, int N, int F) {
         const real* gate = gate_up + (size_t)i * 2 * F;
         const real* up = gate + F;
         for (int f = 0; f < F; f++) {
-            real sigmoid = 1 / (1 + exp(-gate[f]));
+            real sigmoid = 1 / (1 + std::exp(-gate[f]));
             out[(size_t)i * F + f] = gate[f] * sigmoid * up[f];
         }
     }
@@ -37,7 +37,7 @@ inline void swiglu_backward_cpu(real* dgate_up, const real* dout, const real* ga
         real* dup = dgate + F;
         for (int f = 0; f < F; f++) {
             real g = gate[f];
-            real sigmoid = 1 / (1 + exp(-g));
+            real sigmoid = 1 / (1 + std::exp(-g));
             real dy = dout[(size_t)i * F + f];
             dgate[f] += dy * up[f] * sigmoid * (1 + g * (1 - sigmoid));
             dup[f] += dy * g * sigmoid;
