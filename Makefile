@@ -42,8 +42,10 @@ build/test_cpu: $(TEST_SOURCES) build/test_main.o $(HEADERS) test/test_util.h
 build/test_fd: test/test_finite_difference.cpp build/test_main.o $(HEADERS) test/test_util.h
 	$(CXX) $(CXXFLAGS) -DMIXLN_REAL_DOUBLE -I. test/test_finite_difference.cpp build/test_main.o -o $@
 
+NEED_TORCH = @test -n "$(PYTHON)" || { echo "error: no python with torch found (see README: Testing)"; exit 1; }
+
 build/fixtures/done: dev/reference.py dev/make_fixtures.py
-	@test -n "$(PYTHON)" || { echo "error: no python with torch found (see README: Testing)"; exit 1; }
+	$(NEED_TORCH)
 	$(PYTHON) dev/make_fixtures.py --out build/fixtures
 	@touch $@
 
@@ -53,6 +55,7 @@ test: train build/test_cpu build/test_fd build/fixtures/done
 	./build/test_fd
 
 bench: train
+	$(NEED_TORCH)
 	$(PYTHON) dev/bench_cpu.py
 
 clean:
