@@ -63,8 +63,8 @@ inline void attention_forward_cpu(real* out, real* att, const real* qkv, int B, 
     }
 }
 
-// dqkv (B, T, 3C) +=; scratch (B, NH, T) workspace; dout (B, T, C); qkv (B, T, 3C) and
-// att (B, NH, T, T) from forward
+// dqkv (B, T, 3C) +=; scratch (B, NH, T, T) workspace (the CPU uses one row of it per (b, h),
+// the CUDA version all of it); dout (B, T, C); qkv (B, T, 3C) and att (B, NH, T, T) from forward
 inline void attention_backward_cpu(real* dqkv, real* scratch, const real* dout, const real* qkv,
                             const real* att, int B, int T, int NH, int head_size) {
     int C = NH * head_size;
@@ -72,7 +72,7 @@ inline void attention_backward_cpu(real* dqkv, real* scratch, const real* dout, 
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
-            real* datt = scratch + ((size_t)b * NH + h) * T;   // (T) one row at a time
+            real* datt = scratch + ((size_t)b * NH + h) * T * T;   // (T) one row at a time
             for (int t = 0; t < T; t++) {
                 const real* att_row = att + (((size_t)b * NH + h) * T + t) * T;
                 const real* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
@@ -107,3 +107,121 @@ inline void attention_backward_cpu(real* dqkv, real* scratch, const real* dout, 
         }
     }
 }
+
+#if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include "../cuda_common.h"
+
+// ---- CUDA kernels
+// The simple, correct version: one warp per row (b, h, t) of the attention matrix, the
+// probabilities materialised in att (B, NH, T, T) as on the CPU. A fused (flash-style) version
+// that never stores att is the target for speed and will sit beside this one.
+
+static __global__ void attention_forward_kernel(float* out, float* att, const float* qkv, int B, int T, int NH, int head_size) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;   // (b, h, t) flattened
+    int lane = threadIdx.x % 32;
+    if (row >= B * NH * T) return;   // whole warps
+    int t = row % T, h = (row / T) % NH, b = row / (T * NH);
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    const float* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
+    float* att_row = att + (size_t)row * T;
+    // scaled scores against keys 0..t, lanes striding over the keys
+    float max_score = -INFINITY;
+    for (int t2 = lane; t2 <= t; t2 += 32) {
+        const float* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
+        float score = 0.0f;
+        for (int i = 0; i < head_size; i++) score += q[i] * k[i];
+        score *= scale;
+        att_row[t2] = score;
+        max_score = fmaxf(max_score, score);
+    }
+    max_score = warp_reduce_max(max_score);
+    float sum = 0.0f;
+    for (int t2 = lane; t2 <= t; t2 += 32) {
+        float e = expf(att_row[t2] - max_score);
+        att_row[t2] = e;
+        sum += e;
+    }
+    sum = warp_reduce_sum(sum);
+    for (int t2 = lane; t2 < T; t2 += 32) att_row[t2] = t2 <= t ? att_row[t2] / sum : 0.0f;
+    __syncwarp();   // every lane reads all of att_row below
+    // y = att v, lanes striding over the head's channels
+    for (int i = lane; i < head_size; i += 32) {
+        float y = 0.0f;
+        for (int t2 = 0; t2 <= t; t2++) y += att_row[t2] * qkv[((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size + i];
+        out[((size_t)b * T + t) * C + (size_t)h * head_size + i] = y;
+    }
+}
+
+// Backward, pass 1, one warp per row (b, h, t): the gradient of the pre-softmax scores of the
+// row goes to dpre (B, NH, T, T), and dq of position t is complete.
+static __global__ void attention_backward_query_kernel(float* dqkv, float* dpre, const float* dout, const float* qkv,
+                                                const float* att, int B, int T, int NH, int head_size) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= B * NH * T) return;
+    int t = row % T, h = (row / T) % NH, b = row / (T * NH);
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    const float* att_row = att + (size_t)row * T;
+    const float* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
+    float* dpre_row = dpre + (size_t)row * T;
+    // datt[t2] = v[t2] . dy, kept in dpre_row for now; weighted = sum_j att[j] * datt[j]
+    float weighted = 0.0f;
+    for (int t2 = lane; t2 <= t; t2 += 32) {
+        const float* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
+        float d = 0.0f;
+        for (int i = 0; i < head_size; i++) d += v[i] * dy[i];
+        dpre_row[t2] = d;
+        weighted += att_row[t2] * d;
+    }
+    weighted = warp_reduce_sum(weighted);
+    for (int t2 = lane; t2 < T; t2 += 32) dpre_row[t2] = t2 <= t ? att_row[t2] * (dpre_row[t2] - weighted) * scale : 0.0f;
+    __syncwarp();   // every lane reads all of dpre_row below
+    for (int i = lane; i < head_size; i += 32) {
+        float dq = 0.0f;
+        for (int t2 = 0; t2 <= t; t2++) dq += dpre_row[t2] * qkv[((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size + i];
+        dqkv[((size_t)b * T + t) * 3 * C + (size_t)h * head_size + i] += dq;
+    }
+}
+
+// Backward, pass 2, one warp per key position (b, h, t2): dk and dv sum over the queries t >= t2
+// in order, so no atomics are needed and the result is deterministic.
+static __global__ void attention_backward_key_value_kernel(float* dqkv, const float* dpre, const float* dout, const float* qkv,
+                                                    const float* att, int B, int T, int NH, int head_size) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= B * NH * T) return;
+    int t2 = row % T, h = (row / T) % NH, b = row / (T * NH);
+    int C = NH * head_size;
+    size_t head_rows = ((size_t)b * NH + h) * T;   // first row of this (b, h) in att and dpre
+    for (int i = lane; i < head_size; i += 32) {
+        float dk = 0.0f, dv = 0.0f;
+        for (int t = t2; t < T; t++) {
+            dk += dpre[(head_rows + t) * T + t2] * qkv[((size_t)b * T + t) * 3 * C + (size_t)h * head_size + i];
+            dv += att[(head_rows + t) * T + t2] * dout[((size_t)b * T + t) * C + (size_t)h * head_size + i];
+        }
+        dqkv[((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size + i] += dk;
+        dqkv[((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size + i] += dv;
+    }
+}
+
+// ---- launchers
+
+inline void attention_forward(float* out, float* att, const float* qkv, int B, int T, int NH, int head_size,
+                              cudaStream_t stream) {
+    const int block = 256;   // 8 rows per block
+    LAUNCH(attention_forward_kernel, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, out, att, qkv, B, T,
+           NH, head_size);
+}
+
+// scratch: (B, NH, T, T), the gradient of the pre-softmax scores
+inline void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* att,
+                               int B, int T, int NH, int head_size, cudaStream_t stream) {
+    const int block = 256;
+    dim3 grid(ceil_div(B * NH * T, block / 32));
+    LAUNCH(attention_backward_query_kernel, grid, dim3(block), 0, stream, dqkv, scratch, dout, qkv, att, B, T, NH, head_size);
+    LAUNCH(attention_backward_key_value_kernel, grid, dim3(block), 0, stream, dqkv, scratch, dout, qkv, att, B, T, NH,
+           head_size);
+}
+#endif

@@ -53,3 +53,53 @@ inline void crossentropy_backward_cpu(real* dlogits, const real* logits, const i
         drow[targets[i]] -= dloss;
     }
 }
+
+#if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include "../cuda_common.h"
+
+// ---- CUDA kernels
+
+// one block per row (the grid has N blocks): a max reduction, then a sum of exponentials
+static __global__ void crossentropy_forward_kernel(float* losses, const float* logits, const int* targets, int V) {
+    __shared__ float shared[32];
+    const float* row = logits + (size_t)blockIdx.x * V;
+    float max_logit = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) max_logit = fmaxf(max_logit, row[v]);
+    max_logit = block_reduce_max(max_logit, shared);
+    float sum = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(row[v] - max_logit);
+    sum = block_reduce_sum(sum, shared);
+    if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) - (row[targets[blockIdx.x]] - max_logit);
+}
+
+// One block per row, in place: every thread reads the row during the two reductions, whose
+// barriers complete before any thread overwrites its elements with their gradient.
+static __global__ void crossentropy_backward_kernel(float* dlogits, const float* logits, const int* targets, float dloss,
+                                             int V) {
+    __shared__ float shared[32];
+    const float* row = logits + (size_t)blockIdx.x * V;
+    float* drow = dlogits + (size_t)blockIdx.x * V;
+    float max_logit = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) max_logit = fmaxf(max_logit, row[v]);
+    max_logit = block_reduce_max(max_logit, shared);
+    float sum = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(row[v] - max_logit);
+    sum = block_reduce_sum(sum, shared);
+    float scale = dloss / sum;
+    int target = targets[blockIdx.x];
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        drow[v] = expf(row[v] - max_logit) * scale - (v == target ? dloss : 0.0f);
+    }
+}
+
+// ---- launchers
+
+inline void crossentropy_forward(float* losses, const float* logits, const int* targets, int N, int V, cudaStream_t stream) {
+    LAUNCH(crossentropy_forward_kernel, dim3(N), dim3(256), 0, stream, losses, logits, targets, V);
+}
+
+inline void crossentropy_backward(float* dlogits, const float* logits, const int* targets, float dloss, int N, int V,
+                                  cudaStream_t stream) {
+    LAUNCH(crossentropy_backward_kernel, dim3(N), dim3(256), 0, stream, dlogits, logits, targets, dloss, V);
+}
+#endif

@@ -18,3 +18,39 @@ inline double global_norm_cpu(const real* grads, size_t n) {
     for (size_t i = 0; i < n; i++) sum += (double)grads[i] * grads[i];
     return sqrt(sum);
 }
+
+#if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include "../cuda_common.h"
+
+// ---- CUDA kernels
+
+// Two passes with a fixed grid, so the summation order (and the result) never changes:
+// each block sums a strided share of the squares into partials[block], then one block sums those.
+constexpr int GLOBAL_NORM_BLOCKS = 512;
+
+static __global__ void global_norm_partials_kernel(float* partials, const float* grads, size_t n) {
+    __shared__ float shared[32];
+    float sum = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        sum += grads[i] * grads[i];
+    }
+    sum = block_reduce_sum(sum, shared);
+    if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+}
+
+static __global__ void global_norm_final_kernel(float* out, const float* partials, int count) {
+    __shared__ float shared[32];
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) sum += partials[i];
+    sum = block_reduce_sum(sum, shared);
+    if (threadIdx.x == 0) *out = sum;
+}
+
+// ---- launchers
+
+// out (1) on the device = sum of grads^2; partials (GLOBAL_NORM_BLOCKS) scratch
+inline void global_norm_squared(float* out, float* partials, const float* grads, size_t n, cudaStream_t stream) {
+    LAUNCH(global_norm_partials_kernel, dim3(GLOBAL_NORM_BLOCKS), dim3(256), 0, stream, partials, grads, n);
+    LAUNCH(global_norm_final_kernel, dim3(1), dim3(256), 0, stream, out, partials, GLOBAL_NORM_BLOCKS);
+}
+#endif

@@ -125,3 +125,96 @@ inline void matmul_backward_cpu(real* dinp, real* dweight, const real* dout, con
     gemm_accumulate_cpu(dinp, dout, OC, 1, weight, IC, 1, N, IC, OC);
     gemm_accumulate_cpu(dweight, dout, 1, OC, inp, IC, 1, OC, IC, N);
 }
+
+#if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include "../cuda_common.h"
+
+#ifdef MIXLN_CUDA_EMULATION
+// ---- launchers, emulated build: cuBLASLt cannot run on the CPU, so the launchers call the CPU
+// twin on the (host) memory the emulation hands out. The matmul is checked only on a GPU.
+
+inline void matmul_forward(float* out, const float* inp, const float* weight, int N, int IC, int OC, cudaStream_t) {
+    matmul_forward_cpu(out, inp, weight, N, IC, OC);
+}
+
+inline void matmul_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                            int N, int IC, int OC, cudaStream_t) {
+    matmul_backward_cpu(dinp, dweight, dout, inp, weight, N, IC, OC);
+}
+
+#else
+// ---- cuBLASLt
+// One handle and one workspace for the whole program, created on first use. cuBLASLt is
+// column-major: a row-major (R, C) matrix is a column-major (C, R) one, so every product below is
+// written for the transposed matrices. fp32 in, fp32 out, fp32 accumulation (no TF32).
+#include <cublasLt.h>
+
+inline void cublas_check(cublasStatus_t status, const char* file, int line) {
+    if (status != CUBLAS_STATUS_SUCCESS) fail("cuBLASLt error %d at %s:%d", (int)status, file, line);
+}
+#define CUBLAS_CHECK(call) cublas_check((call), __FILE__, __LINE__)
+
+struct CublasLt {
+    cublasLtHandle_t handle = nullptr;
+    void* workspace = nullptr;
+    size_t workspace_bytes = 32u << 20;   // 32 MiB, what cuBLASLt asks for on Hopper
+};
+
+inline CublasLt& cublaslt() {
+    static CublasLt instance;
+    if (instance.handle == nullptr) {
+        CUBLAS_CHECK(cublasLtCreate(&instance.handle));
+        CUDA_CHECK(cudaMalloc(&instance.workspace, instance.workspace_bytes));
+    }
+    return instance;
+}
+
+// Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n) + beta * D.
+inline void cublaslt_gemm(bool transpose_a, bool transpose_b, int m, int n, int k, const float* A, int lda,
+                          const float* B, int ldb, float* D, int ldd, float beta, cudaStream_t stream) {
+    CublasLt& lt = cublaslt();
+    cublasLtMatmulDesc_t desc;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t op_a = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    // layouts describe the matrices as stored, before the transposes
+    cublasLtMatrixLayout_t a_layout, b_layout, d_layout;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a_layout, CUDA_R_32F, transpose_a ? k : m, transpose_a ? m : k, lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b_layout, CUDA_R_32F, transpose_b ? n : k, transpose_b ? k : n, ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d_layout, CUDA_R_32F, m, n, ldd));
+    cublasLtMatmulPreference_t preference;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                      &lt.workspace_bytes, sizeof(lt.workspace_bytes)));
+    cublasLtMatmulHeuristicResult_t heuristic;
+    int found = 0;
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc, a_layout, b_layout, d_layout, d_layout, preference, 1,
+                                                &heuristic, &found));
+    if (found == 0) fail("cuBLASLt found no algorithm for a (%d, %d, %d) product", m, n, k);
+    const float alpha = 1.0f;
+    CUBLAS_CHECK(cublasLtMatmul(lt.handle, desc, &alpha, A, a_layout, B, b_layout, &beta, D, d_layout, D, d_layout,
+                                &heuristic.algo, lt.workspace, lt.workspace_bytes, stream));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(preference));
+    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(a_layout));
+    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(b_layout));
+    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(d_layout));
+    CUBLAS_CHECK(cublasLtMatmulDescDestroy(desc));
+}
+
+// ---- launchers
+
+// out (N, OC) = inp (N, IC) @ weight^T: column-major out^T (OC, N) = weight^T' (OC, IC) @ inp^T (IC, N)
+inline void matmul_forward(float* out, const float* inp, const float* weight, int N, int IC, int OC, cudaStream_t stream) {
+    cublaslt_gemm(true, false, OC, N, IC, weight, IC, inp, IC, out, OC, 0.0f, stream);
+}
+
+// dinp (N, IC) += dout @ weight: column-major dinp^T (IC, N) += weight^T (IC, OC) @ dout^T (OC, N)
+// dweight (OC, IC) += dout^T @ inp: column-major dweight^T (IC, OC) += inp^T (IC, N) @ dout (N, OC)
+inline void matmul_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                            int N, int IC, int OC, cudaStream_t stream) {
+    cublaslt_gemm(false, false, IC, N, OC, weight, IC, dout, OC, dinp, IC, 1.0f, stream);
+    cublaslt_gemm(false, true, IC, OC, N, inp, IC, dout, OC, dweight, IC, 1.0f, stream);
+}
+#endif
+#endif

@@ -59,3 +59,67 @@ inline void rmsnorm_backward_cpu(real* dinp, real* dweight, const real* dout, co
         dweight[c] += (real)sum;
     }
 }
+
+#if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include "../cuda_common.h"
+
+// ---- CUDA kernels
+
+// One warp per row: lanes stride over the C channels, a shuffle reduction sums the squares.
+// Rows past N belong to whole warps, which return together (no block barrier follows).
+static __global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* inp, const float* weight,
+                                       int N, int C, float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const float* x = inp + (size_t)row * C;
+    float sum_squares = 0.0f;
+    for (int c = lane; c < C; c += 32) sum_squares += x[c] * x[c];
+    sum_squares = warp_reduce_sum(sum_squares);
+    float r = 1.0f / sqrtf(sum_squares / C + eps);
+    if (lane == 0) rstd[row] = r;
+    for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = weight[c] * (x[c] * r);
+}
+
+// input gradient, one warp per row
+static __global__ void rmsnorm_backward_input_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
+                                              const float* rstd, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const float* x = inp + (size_t)row * C;
+    const float* dy = dout + (size_t)row * C;
+    float r = rstd[row];
+    float dot = 0.0f;
+    for (int c = lane; c < C; c += 32) dot += dy[c] * weight[c] * (x[c] * r);
+    float mean_dot = warp_reduce_sum(dot) / C;
+    for (int c = lane; c < C; c += 32) dinp[(size_t)row * C + c] += r * (dy[c] * weight[c] - x[c] * r * mean_dot);
+}
+
+// weight gradient: one thread per channel sums over the rows in order (deterministic; adjacent
+// threads read adjacent channels, so the loads coalesce)
+static __global__ void rmsnorm_backward_weight_kernel(float* dweight, const float* dout, const float* inp, const float* rstd,
+                                               int N, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float sum = 0.0f;
+    for (int i = 0; i < N; i++) sum += dout[(size_t)i * C + c] * (inp[(size_t)i * C + c] * rstd[i]);
+    dweight[c] += sum;
+}
+
+// ---- launchers
+
+inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int N, int C, float eps,
+                            cudaStream_t stream) {
+    const int block = 256;   // 8 rows per block
+    LAUNCH(rmsnorm_forward_kernel, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, out, rstd, inp, weight, N, C, eps);
+}
+
+inline void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                             const float* rstd, int N, int C, cudaStream_t stream) {
+    const int block = 256;
+    LAUNCH(rmsnorm_backward_input_kernel, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp, weight,
+           rstd, N, C);
+    LAUNCH(rmsnorm_backward_weight_kernel, dim3(ceil_div(C, block)), dim3(block), 0, stream, dweight, dout, inp, rstd, N, C);
+}
+#endif

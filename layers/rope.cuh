@@ -69,3 +69,42 @@ inline void rope_backward_cpu(real* dqkv, const real* rope_cos, const real* rope
                        int B, int T, int NH, int head_size) {
     rope_rotate_cpu(dqkv, rope_cos, rope_sin, B, T, NH, head_size, -1);
 }
+
+#if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include "../cuda_common.h"
+
+// ---- CUDA kernels
+
+// one thread per rotated pair: (b, t, one of the 2*NH q/k heads, i < hs/2)
+static __global__ void rope_rotate_kernel(float* qkv, const float* rope_cos, const float* rope_sin, int B, int T, int NH,
+                                   int head_size, float direction) {
+    int half = head_size / 2;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * T * 2 * NH * half) return;
+    int i = (int)(idx % half);
+    int head = (int)((idx / half) % (2 * NH));
+    size_t bt = idx / half / (2 * NH);
+    int t = (int)(bt % T);
+    float* x = qkv + bt * 3 * NH * head_size + (size_t)head * head_size;
+    float c = rope_cos[(size_t)t * half + i], s = direction * rope_sin[(size_t)t * half + i];
+    float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * c - x2 * s;
+    x[i + half] = x2 * c + x1 * s;
+}
+
+// ---- launchers
+
+inline void rope_forward(float* qkv, const float* rope_cos, const float* rope_sin, int B, int T, int NH, int head_size,
+                         cudaStream_t stream) {
+    size_t n = (size_t)B * T * 2 * NH * (head_size / 2);
+    LAUNCH(rope_rotate_kernel, dim3((unsigned)((n + 255) / 256)), dim3(256), 0, stream, qkv, rope_cos, rope_sin, B, T, NH,
+           head_size, 1.0f);
+}
+
+inline void rope_backward(float* dqkv, const float* rope_cos, const float* rope_sin, int B, int T, int NH, int head_size,
+                          cudaStream_t stream) {
+    size_t n = (size_t)B * T * 2 * NH * (head_size / 2);
+    LAUNCH(rope_rotate_kernel, dim3((unsigned)((n + 255) / 256)), dim3(256), 0, stream, dqkv, rope_cos, rope_sin, B, T, NH,
+           head_size, -1.0f);
+}
+#endif

@@ -44,3 +44,46 @@ inline void swiglu_backward_cpu(real* dgate_up, const real* dout, const real* ga
         }
     }
 }
+
+#if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include "../cuda_common.h"
+
+// ---- CUDA kernels
+
+// one thread per (row, f)
+static __global__ void swiglu_forward_kernel(float* out, const float* gate_up, int N, int F) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * F) return;
+    size_t row = idx / F, f = idx % F;
+    float gate = gate_up[row * 2 * F + f];
+    float up = gate_up[row * 2 * F + F + f];
+    out[idx] = gate / (1.0f + expf(-gate)) * up;
+}
+
+static __global__ void swiglu_backward_kernel(float* dgate_up, const float* dout, const float* gate_up, int N, int F) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * F) return;
+    size_t row = idx / F, f = idx % F;
+    float gate = gate_up[row * 2 * F + f];
+    float up = gate_up[row * 2 * F + F + f];
+    float sigmoid = 1.0f / (1.0f + expf(-gate));
+    float dy = dout[idx];
+    dgate_up[row * 2 * F + f] += dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid));
+    dgate_up[row * 2 * F + F + f] += dy * gate * sigmoid;
+}
+
+// ---- launchers
+
+inline void swiglu_forward(float* out, const float* gate_up, int N, int F, cudaStream_t stream) {
+    const int block = 256;
+    size_t n = (size_t)N * F;
+    LAUNCH(swiglu_forward_kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, gate_up, N, F);
+}
+
+inline void swiglu_backward(float* dgate_up, const float* dout, const float* gate_up, int N, int F, cudaStream_t stream) {
+    const int block = 256;
+    size_t n = (size_t)N * F;
+    LAUNCH(swiglu_backward_kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, dgate_up, dout,
+           gate_up, N, F);
+}
+#endif

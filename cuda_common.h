@@ -1,0 +1,90 @@
+/*
+CUDA plumbing shared by every kernel in layers/: error checks that name the file and line, one
+launch helper, and dynamic shared memory.
+
+The same kernel source is compiled two ways:
+  - by nvcc, for the GPU: LAUNCH is a plain <<<grid, block, shared_bytes, stream>>> launch;
+  - by g++ with -DMIXLN_CUDA_EMULATION, for tests on machines without a GPU: the kernels run on
+    the CPU inside a small execution of the CUDA programming model (test/emu/cuda_emu.h), which
+    interleaves each block's threads so that __syncthreads() and warp shuffles are real
+    rendezvous points. That is why kernels launch through LAUNCH and declare dynamic shared
+    memory with DYNAMIC_SHARED: those are the only two places where the builds differ.
+*/
+#pragma once
+
+#include "common.h"
+
+#ifdef MIXLN_CUDA_EMULATION
+#include "test/emu/cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#endif
+
+inline void cuda_check(cudaError_t error, const char* file, int line) {
+    if (error != cudaSuccess) fail("CUDA error at %s:%d: %s", file, line, cudaGetErrorString(error));
+}
+// Wraps every CUDA runtime call: CUDA_CHECK(cudaMalloc(&p, bytes));
+#define CUDA_CHECK(call) cuda_check((call), __FILE__, __LINE__)
+
+// LAUNCH(kernel, grid, block, shared_bytes, stream, args...) launches and checks the launch.
+#define LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+    launch_checked(__FILE__, __LINE__, kernel, grid, block, shared_bytes, stream, __VA_ARGS__)
+
+template <typename... KernelArgs, typename... Args>
+inline void launch_checked(const char* file, int line, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                           size_t shared_bytes, cudaStream_t stream, Args... args) {
+#ifdef MIXLN_CUDA_EMULATION
+    cuda_emu_launch(kernel, grid, block, shared_bytes, stream, args...);
+#else
+    kernel<<<grid, block, shared_bytes, stream>>>(args...);
+#endif
+    cuda_check(cudaGetLastError(), file, line);
+}
+
+// Inside a kernel: DYNAMIC_SHARED(float, buffer); gives `float* buffer` pointing at the block's
+// dynamic shared memory (the shared_bytes of the launch), aligned to 16 bytes.
+#ifdef MIXLN_CUDA_EMULATION
+#define DYNAMIC_SHARED(type, name) type* name = (type*)cuda_emu_dynamic_shared()
+#else
+#define DYNAMIC_SHARED(type, name)                                  \
+    extern __shared__ __align__(16) unsigned char name##_bytes_[];  \
+    type* name = (type*)name##_bytes_
+#endif
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// ---- reductions shared by the kernels
+
+// Sum or max over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float warp_reduce_sum(float value) {
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
+}
+__device__ __forceinline__ float warp_reduce_max(float value) {
+    for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    return value;
+}
+
+// Sum over a whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `shared` holds 32 floats. Ends with a barrier, so `shared` can be reused at once.
+__device__ __forceinline__ float block_reduce_sum(float value, float* shared) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    value = warp_reduce_sum(value);
+    if (lane == 0) shared[warp] = value;
+    __syncthreads();
+    value = lane < warps ? shared[lane] : 0.0f;
+    value = warp_reduce_sum(value);
+    __syncthreads();
+    return value;
+}
+__device__ __forceinline__ float block_reduce_max(float value, float* shared) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    value = warp_reduce_max(value);
+    if (lane == 0) shared[warp] = value;
+    __syncthreads();
+    value = lane < warps ? shared[lane] : -INFINITY;
+    value = warp_reduce_max(value);
+    __syncthreads();
+    return value;
+}

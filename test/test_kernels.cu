@@ -1,0 +1,278 @@
+/*
+Every CUDA kernel against its CPU twin, on fresh random inputs at several shapes (including ones
+that are not multiples of the block size), with outputs poisoned (NaN) beforehand so that an
+element the kernel never writes fails the comparison.
+
+This one source is built twice:
+  - build/test_emu: g++ -DMIXLN_CUDA_EMULATION, the kernels run in the CPU emulation of CUDA
+    (test/emu/cuda_emu.h); part of `make test`, so CI checks the kernels' logic on every change;
+  - build/test_gpu: nvcc, the kernels run on a real GPU (dev/device_check.sh). Without a GPU it
+    says so and runs nothing (see test_gpu_main.cu).
+The matmul (cuBLASLt) cannot run in emulation; the README's testing section lists what is
+checked only on a GPU.
+*/
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../model.h"
+
+// ---- helpers
+
+static std::vector<float> random_floats(size_t n, uint64_t seed, float std = 1.0f) {
+    std::vector<float> v(n);
+    uint64_t state = seed;
+    fill_normal(v.data(), n, std, &state);
+    return v;
+}
+
+static std::vector<int> random_tokens(size_t n, int V, uint64_t seed) {
+    std::vector<int> v(n);
+    uint64_t state = seed;
+    for (auto& t : v) t = (int)(random_u64(&state) % (uint64_t)V);
+    return v;
+}
+
+// A device copy of a host vector, freed at scope exit.
+template <typename T>
+struct DeviceArray {
+    T* ptr = nullptr;
+    size_t n = 0;
+    explicit DeviceArray(const std::vector<T>& host) : n(host.size()) {
+        CUDA_CHECK(cudaMalloc((void**)&ptr, (n ? n : 1) * sizeof(T)));
+        CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    // n elements of 0xFF bytes: NaN as floats, so unwritten outputs fail every comparison
+    explicit DeviceArray(size_t count) : n(count) {
+        CUDA_CHECK(cudaMalloc((void**)&ptr, (n ? n : 1) * sizeof(T)));
+        CUDA_CHECK(cudaMemset(ptr, 0xFF, n * sizeof(T)));
+    }
+    ~DeviceArray() { cudaFree(ptr); }
+    DeviceArray(const DeviceArray&) = delete;
+    DeviceArray& operator=(const DeviceArray&) = delete;
+    std::vector<T> to_host() const {
+        std::vector<T> host(n);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+        return host;
+    }
+};
+
+// max |gpu - cpu| / max(|cpu|): the kernels sum in float in a different order than the CPU
+// reference (which sums some reductions in double), so agreement is to a few fp32 ulps of the
+// largest value; 1e-5 leaves room for reductions over up to ~1000 terms. NaN fails.
+static void check_close(const std::vector<float>& gpu, const std::vector<float>& cpu, const char* what,
+                        double tolerance = 1e-5) {
+    REQUIRE(gpu.size() == cpu.size());
+    double worst = 0, scale = 1e-30;
+    for (size_t i = 0; i < cpu.size(); i++) scale = std::max(scale, (double)fabs(cpu[i]));
+    for (size_t i = 0; i < cpu.size(); i++) {
+        double diff = fabs((double)gpu[i] - cpu[i]);
+        if (!(diff <= tolerance * scale)) {   // also catches NaN
+            INFO(what << ": element " << i << " of " << cpu.size() << ": gpu " << gpu[i] << ", cpu " << cpu[i]);
+            REQUIRE(diff <= tolerance * scale);
+        }
+        worst = std::max(worst, diff / scale);
+    }
+}
+
+// ---- tests, one per layer
+
+TEST_CASE("residual_forward kernel matches the CPU", "[kernels]") {
+    for (size_t n : {1, 255, 257, 1000}) {   // around one 256-thread block
+        INFO("n " << n);
+        auto a = random_floats(n, 1), b = random_floats(n, 2);
+        std::vector<float> expected(n);
+        residual_forward_cpu(expected.data(), a.data(), b.data(), n);
+        DeviceArray<float> da(a), db(b), out(n);
+        residual_forward(out.ptr, da.ptr, db.ptr, n, 0);
+        check_close(out.to_host(), expected, "residual");
+    }
+}
+
+TEST_CASE("embedding kernels match the CPU, repeated tokens included", "[kernels]") {
+    int shapes[][3] = {{1, 1, 1}, {7, 33, 5}, {300, 130, 17}};   // (BT, C, V): few tokens repeat often
+    for (auto& s : shapes) {
+        int BT = s[0], C = s[1], V = s[2];
+        INFO("BT " << BT << " C " << C << " V " << V);
+        auto table = random_floats((size_t)V * C, 3), dout = random_floats((size_t)BT * C, 4),
+             dtable = random_floats((size_t)V * C, 5);
+        auto tokens = random_tokens(BT, V, 6);
+        std::vector<float> out_cpu((size_t)BT * C), dtable_cpu = dtable;
+        embedding_forward_cpu(out_cpu.data(), tokens.data(), table.data(), BT, C);
+        embedding_backward_cpu(dtable_cpu.data(), dout.data(), tokens.data(), BT, C);
+        DeviceArray<float> d_table(table), d_out((size_t)BT * C), d_dout(dout), d_dtable(dtable);
+        DeviceArray<int> d_tokens(tokens);
+        embedding_forward(d_out.ptr, d_tokens.ptr, d_table.ptr, BT, C, 0);
+        embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, BT, C, 0);
+        check_close(d_out.to_host(), out_cpu, "embedding forward");
+        check_close(d_dtable.to_host(), dtable_cpu, "embedding backward");
+    }
+}
+
+TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
+    int shapes[][2] = {{1, 1}, {9, 33}, {130, 300}};   // rows not a multiple of the 8 per block
+    for (auto& s : shapes) {
+        int N = s[0], C = s[1];
+        INFO("N " << N << " C " << C);
+        auto inp = random_floats((size_t)N * C, 7), weight = random_floats(C, 8), dout = random_floats((size_t)N * C, 9);
+        auto dinp = random_floats((size_t)N * C, 10), dweight = random_floats(C, 11);   // backward accumulates
+        std::vector<float> out_cpu((size_t)N * C), rstd_cpu(N), dinp_cpu = dinp, dweight_cpu = dweight;
+        rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, 1e-6f);
+        rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), rstd_cpu.data(), N, C);
+        DeviceArray<float> d_inp(inp), d_weight(weight), d_dout(dout), d_out((size_t)N * C), d_rstd(N), d_dinp(dinp),
+            d_dweight(dweight);
+        rmsnorm_forward(d_out.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, N, C, 1e-6f, 0);
+        rmsnorm_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_rstd.ptr, N, C, 0);
+        check_close(d_out.to_host(), out_cpu, "rmsnorm out");
+        check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
+        check_close(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
+        check_close(d_dweight.to_host(), dweight_cpu, "rmsnorm dweight");
+    }
+}
+
+TEST_CASE("rope kernels match the CPU", "[kernels]") {
+    int shapes[][4] = {{1, 1, 1, 2}, {2, 7, 3, 6}, {3, 17, 4, 32}};   // (B, T, NH, hs)
+    for (auto& s : shapes) {
+        int B = s[0], T = s[1], NH = s[2], hs = s[3];
+        INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs);
+        std::vector<float> cos_table((size_t)T * hs / 2), sin_table((size_t)T * hs / 2);
+        rope_tables_cpu(cos_table.data(), sin_table.data(), T, hs, 10000.0f);
+        auto qkv = random_floats((size_t)B * T * 3 * NH * hs, 12);
+        std::vector<float> forward_cpu = qkv, backward_cpu = qkv;
+        rope_forward_cpu(forward_cpu.data(), cos_table.data(), sin_table.data(), B, T, NH, hs);
+        rope_backward_cpu(backward_cpu.data(), cos_table.data(), sin_table.data(), B, T, NH, hs);
+        DeviceArray<float> d_cos(cos_table), d_sin(sin_table), d_forward(qkv), d_backward(qkv);
+        rope_forward(d_forward.ptr, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        rope_backward(d_backward.ptr, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        check_close(d_forward.to_host(), forward_cpu, "rope forward");
+        check_close(d_backward.to_host(), backward_cpu, "rope backward");
+    }
+}
+
+TEST_CASE("swiglu kernels match the CPU", "[kernels]") {
+    int shapes[][2] = {{1, 1}, {7, 33}, {65, 300}};   // (N, F)
+    for (auto& s : shapes) {
+        int N = s[0], F = s[1];
+        INFO("N " << N << " F " << F);
+        auto gate_up = random_floats((size_t)N * 2 * F, 13), dout = random_floats((size_t)N * F, 14),
+             dgate_up = random_floats((size_t)N * 2 * F, 15);
+        std::vector<float> out_cpu((size_t)N * F), dgate_up_cpu = dgate_up;
+        swiglu_forward_cpu(out_cpu.data(), gate_up.data(), N, F);
+        swiglu_backward_cpu(dgate_up_cpu.data(), dout.data(), gate_up.data(), N, F);
+        DeviceArray<float> d_gate_up(gate_up), d_dout(dout), d_out((size_t)N * F), d_dgate_up(dgate_up);
+        swiglu_forward(d_out.ptr, d_gate_up.ptr, N, F, 0);
+        swiglu_backward(d_dgate_up.ptr, d_dout.ptr, d_gate_up.ptr, N, F, 0);
+        check_close(d_out.to_host(), out_cpu, "swiglu forward");
+        check_close(d_dgate_up.to_host(), dgate_up_cpu, "swiglu backward");
+    }
+}
+
+TEST_CASE("crossentropy kernels match the CPU", "[kernels]") {
+    int shapes[][2] = {{1, 2}, {5, 97}, {33, 1000}};   // (N, V): V below, around and above the 256-thread block
+    for (auto& s : shapes) {
+        int N = s[0], V = s[1];
+        INFO("N " << N << " V " << V);
+        auto logits = random_floats((size_t)N * V, 16, 3.0f);
+        auto targets = random_tokens(N, V, 17);
+        std::vector<float> losses_cpu(N), dlogits_cpu((size_t)N * V);
+        crossentropy_forward_cpu(losses_cpu.data(), logits.data(), targets.data(), N, V);
+        crossentropy_backward_cpu(dlogits_cpu.data(), logits.data(), targets.data(), 1.0f / N, N, V);
+        DeviceArray<float> d_logits(logits), d_losses(N);
+        DeviceArray<int> d_targets(targets);
+        crossentropy_forward(d_losses.ptr, d_logits.ptr, d_targets.ptr, N, V, 0);
+        check_close(d_losses.to_host(), losses_cpu, "crossentropy losses");
+        // in place, as the model uses it: the logits become their gradient
+        crossentropy_backward(d_logits.ptr, d_logits.ptr, d_targets.ptr, 1.0f / N, N, V, 0);
+        check_close(d_logits.to_host(), dlogits_cpu, "crossentropy dlogits");
+    }
+}
+
+TEST_CASE("adamw kernel matches the CPU", "[kernels]") {
+    for (size_t n : {1, 257, 5000}) {
+        for (int t : {1, 7}) {   // the first step and a later one: bias corrections differ
+            INFO("n " << n << " t " << t);
+            auto params = random_floats(n, 18), m = random_floats(n, 19, 0.1f), grads = random_floats(n, 21);
+            auto v = random_floats(n, 20, 0.1f);
+            for (auto& x : v) x = x * x;   // a second moment is non-negative
+            std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
+            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), grads.data(), n, 1e-2f, 0.9f, 0.999f, 1e-8f,
+                             0.1f, t, 0.5f);
+            DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
+            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_grads.ptr, n, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.1f, t, 0.5f, 0);
+            check_close(d_params.to_host(), params_cpu, "adamw params");
+            check_close(d_m.to_host(), m_cpu, "adamw m");
+            check_close(d_v.to_host(), v_cpu, "adamw v");
+        }
+    }
+}
+
+TEST_CASE("global norm kernel matches the CPU", "[kernels]") {
+    for (size_t n : {1, 1000, 300000}) {   // fewer elements than threads, and many per thread
+        INFO("n " << n);
+        auto grads = random_floats(n, 22);
+        double expected = global_norm_cpu(grads.data(), n);
+        DeviceArray<float> d_grads(grads), d_out(1), d_partials(GLOBAL_NORM_BLOCKS);
+        global_norm_squared(d_out.ptr, d_partials.ptr, d_grads.ptr, n, 0);
+        float norm_squared = d_out.to_host()[0];
+        CHECK(fabs(sqrt(norm_squared) - expected) / expected < 1e-5);   // float partial sums of ~1000 terms each
+    }
+}
+
+TEST_CASE("attention kernels match the CPU", "[kernels]") {
+    int shapes[][4] = {{1, 1, 1, 2}, {2, 9, 3, 8}, {2, 40, 2, 36}};   // (B, T, NH, hs): T past one warp, hs past 32
+    for (auto& s : shapes) {
+        int B = s[0], T = s[1], NH = s[2], hs = s[3], C = NH * hs;
+        INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs);
+        auto qkv = random_floats((size_t)B * T * 3 * C, 23), dout = random_floats((size_t)B * T * C, 24),
+             dqkv = random_floats((size_t)B * T * 3 * C, 25);
+        size_t att_size = (size_t)B * NH * T * T;
+        std::vector<float> out_cpu((size_t)B * T * C), att_cpu(att_size), scratch_cpu(att_size), dqkv_cpu = dqkv;
+        attention_forward_cpu(out_cpu.data(), att_cpu.data(), qkv.data(), B, T, NH, hs);
+        attention_backward_cpu(dqkv_cpu.data(), scratch_cpu.data(), dout.data(), qkv.data(), att_cpu.data(), B, T, NH, hs);
+        DeviceArray<float> d_qkv(qkv), d_out((size_t)B * T * C), d_att(att_size), d_scratch(att_size), d_dout(dout),
+            d_dqkv(dqkv);
+        attention_forward(d_out.ptr, d_att.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+        attention_backward(d_dqkv.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_att.ptr, B, T, NH, hs, 0);
+        check_close(d_out.to_host(), out_cpu, "attention out");
+        check_close(d_att.to_host(), att_cpu, "attention probabilities (zeros above the diagonal included)");
+        check_close(d_dqkv.to_host(), dqkv_cpu, "attention dqkv");
+    }
+}
+
+#ifndef MIXLN_CUDA_EMULATION
+// cuBLASLt runs only on a GPU (in emulation the launchers are the CPU twin itself)
+TEST_CASE("matmul (cuBLASLt) matches the CPU", "[kernels][gpu-only]") {
+    int shapes[][3] = {{1, 1, 1}, {7, 5, 33}, {300, 257, 65}};   // (N, IC, OC)
+    for (auto& s : shapes) {
+        int N = s[0], IC = s[1], OC = s[2];
+        INFO("N " << N << " IC " << IC << " OC " << OC);
+        auto inp = random_floats((size_t)N * IC, 26), weight = random_floats((size_t)OC * IC, 27),
+             dout = random_floats((size_t)N * OC, 28), dinp = random_floats((size_t)N * IC, 29),
+             dweight = random_floats((size_t)OC * IC, 30);
+        std::vector<float> out_cpu((size_t)N * OC), dinp_cpu = dinp, dweight_cpu = dweight;
+        matmul_forward_cpu(out_cpu.data(), inp.data(), weight.data(), N, IC, OC);
+        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
+        DeviceArray<float> d_inp(inp), d_weight(weight), d_dout(dout), d_out((size_t)N * OC), d_dinp(dinp), d_dweight(dweight);
+        matmul_forward(d_out.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 0);
+        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 0);
+        check_close(d_out.to_host(), out_cpu, "matmul forward");
+        check_close(d_dinp.to_host(), dinp_cpu, "matmul dinp");
+        check_close(d_dweight.to_host(), dweight_cpu, "matmul dweight");
+    }
+}
+#endif
+
+// Says plainly, in the test output, which kernels this build checked and where.
+TEST_CASE("kernel coverage report", "[kernels]") {
+#ifdef MIXLN_CUDA_EMULATION
+    WARN("checked under CPU emulation of CUDA: residual, embedding, rmsnorm, rope, swiglu, crossentropy, adamw, "
+         "global_norm, attention. Checked only on a GPU (build/test_gpu): matmul (cuBLASLt).");
+#else
+    WARN("checked on the GPU: residual, embedding, rmsnorm, rope, swiglu, crossentropy, adamw, global_norm, attention, "
+         "matmul (cuBLASLt).");
+#endif
+    SUCCEED();
+}
