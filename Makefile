@@ -16,15 +16,16 @@ CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS)
 NVCCFLAGS = -std=c++17 -O3 $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
             -Werror all-warnings -Xcompiler -fopenmp,-march=native,-mprefer-vector-width=512,-Wall,-Wextra,-Werror
 
-HEADERS = $(wildcard *.h layers/*.cuh)
-TEST_SOURCES = $(filter-out test/test_main.cpp test/test_finite_difference.cpp,$(wildcard test/*.cpp))
+CUDA_HOME ?= /usr/local/cuda
+HEADERS = $(wildcard *.h layers/*.cuh test/emu/*.h)
+TEST_SOURCES = $(filter-out test/test_main.cpp test/test_finite_difference.cpp test/test_cuda_emu.cpp,$(wildcard test/*.cpp))
 
 .PHONY: all test bench clean
 all: train
 
 ifneq ($(NVCC),)
 train: train.cu $(HEADERS)
-	$(NVCC) $(NVCCFLAGS) train.cu -o $@ -lgomp
+	$(NVCC) $(NVCCFLAGS) train.cu -o $@ -lgomp -lcublasLt
 else
 train: train.cu $(HEADERS)
 	@echo "nvcc not found: building the CPU-only train with $(CXX)"
@@ -44,15 +45,31 @@ build/test_fd: test/test_finite_difference.cpp build/test_main.o $(HEADERS) test
 
 NEED_TORCH = @test -n "$(PYTHON)" || { echo "error: no python with torch found (see README: Testing)"; exit 1; }
 
+# the CUDA kernels run on the CPU through the emulation of CUDA in test/emu (see cuda_common.h)
+EMU_FLAGS = -DMIXLN_CUDA_EMULATION -I$(CUDA_HOME)/include
+EMU_SOURCES = test/test_kernels.cu test/test_cuda_emu.cpp test/test_model.cpp
+build/test_emu: $(EMU_SOURCES) build/test_main.o $(HEADERS) test/test_util.h
+	$(CXX) $(CXXFLAGS) $(EMU_FLAGS) -I. -x c++ $(EMU_SOURCES) -x none build/test_main.o -o $@
+
+# the same kernel tests on a real GPU; without one the binary says so and runs nothing
+ifneq ($(NVCC),)
+GPU_TESTS = build/test_gpu
+build/test_gpu: test/test_kernels.cu test/test_model.cpp test/test_gpu_main.cu $(HEADERS)
+	@mkdir -p build
+	$(NVCC) $(NVCCFLAGS) -I. test/test_kernels.cu test/test_gpu_main.cu -x cu test/test_model.cpp -o $@ -lgomp -lcublasLt
+endif
+
 build/fixtures/done: dev/reference.py dev/make_fixtures.py
 	$(NEED_TORCH)
 	$(PYTHON) dev/make_fixtures.py --out build/fixtures
 	@touch $@
 
-test: train build/test_cpu build/test_fd build/fixtures/done
+test: train build/test_cpu build/test_fd build/test_emu $(GPU_TESTS) build/fixtures/done
 	$(PYTHON) dev/test_reference.py
 	MIXLN_FIXTURES=build/fixtures MIXLN_TRAIN=./train PYTHON=$(PYTHON) ./build/test_cpu
 	./build/test_fd
+	MIXLN_FIXTURES=build/fixtures ./build/test_emu
+	$(if $(GPU_TESTS),MIXLN_FIXTURES=build/fixtures ./build/test_gpu)
 
 bench: train
 	$(NEED_TORCH)

@@ -217,7 +217,15 @@ inline void safetensors_load_named(real* weights, const ModelConfig& config, con
     }
 }
 
-// Loads dir/model.safetensors into the model's parameters.
+// Loads dir/model.safetensors into the model's parameters (through host memory when the model
+// is on the GPU).
 inline void checkpoint_load_weights(Model* model, const std::string& dir) {
-    safetensors_load_named(model->params_memory, model->config, dir + "/model.safetensors", "", false);
+    std::vector<real> host(model->num_parameters);
+    safetensors_load_named(host.data(), model->config, dir + "/model.safetensors", "", false);
+    model_copy_in(model, model->params_memory, host.data(), host.size() * sizeof(real));
+}
+
+// Writes the model's parameters as a checkpoint directory.
+inline void checkpoint_save_model(const Model* model, const std::string& dir) {
+    checkpoint_save(model->config, model_to_host(model, model->params_memory).data(), dir);
 }

@@ -20,6 +20,11 @@ backward pass needs, plus the backward pass's scratch, lives in one more buffer 
 Gradient convention: every backward function in layers/ accumulates (+=) into the gradients it
 writes, so a residual connection's gradient reaches both of its inputs by both branches
 accumulating into one buffer (see model_backward).
+
+Two backends, one orchestration: the model's buffers live either in host memory (the CPU
+reference kernels, name_cpu(...)) or on the GPU (the CUDA launchers, name(..., stream)), and every
+layer call below goes through LAYER(name, args...), which picks one. The CUDA backend exists in
+nvcc builds and in the emulated test build (cuda_common.h); a g++ build is CPU-only.
 */
 #pragma once
 
@@ -40,6 +45,10 @@ accumulating into one buffer (see model_backward).
 #include "layers/rmsnorm.cuh"
 #include "layers/rope.cuh"
 #include "layers/swiglu.cuh"
+
+#if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#define MIXLN_CUDA 1
+#endif
 
 // ----------------------------------------------------------------------------
 // configuration
@@ -229,7 +238,7 @@ struct ActivationTensors {
     real* dnorm;             // (B, T, C)        gradient of a norm's output
     real* datty;             // (B, T, C)
     real* dqkv;              // (B, T, 3C)
-    real* datt_scratch;      // (B, NH, T)       one attention row per (b, h)
+    real* datt_scratch;      // (B, NH, T, T)    attention backward workspace
     real* dgate_up;          // (B, T, 2F)
     real* dswiglu;           // (B, T, F)
 };
@@ -251,7 +260,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
         BT * V, BT,                               // logits, losses
         T * half, T * half,                       // rope_cos, rope_sin
         BT * C, BT * C, BT * C, BT * 3 * C,       // dresidual, dnorm, datty, dqkv
-        B * NH * T,                               // datt_scratch
+        B * NH * T * T,                           // datt_scratch
         BT * 2 * F, BT * F,                       // dgate_up, dswiglu
     };
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) sizes[i] = s[i];
@@ -302,6 +311,7 @@ inline const real* layer_output(const LayerActivations& la, const ModelConfig& c
 
 struct Model {
     ModelConfig config;
+    bool on_gpu = false;              // where every buffer below lives (inputs/targets: see there)
     int B = 0, T = 0;                 // batch size and sequence length the activations are sized for
     size_t num_parameters = 0;
     ParameterTensors params;          // pointers into params_memory
@@ -314,31 +324,117 @@ struct Model {
     size_t num_activations = 0;
     ActivationTensors acts;           // pointers into acts_memory
     real* acts_memory = nullptr;      // (num_activations)
-    int* inputs = nullptr;            // (B, T) tokens of the last forward pass
+    int* inputs = nullptr;            // (B, T) tokens of the last forward pass, in model memory
     int* targets = nullptr;           // (B, T) its targets, for backward
+    real* host_losses = nullptr;      // (B, T) per-position losses copied to the host
     double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
     bool backward_ready = false;      // a forward pass with targets ran and backward has not
+#ifdef MIXLN_CUDA
+    cudaStream_t stream = 0;
+    float* norm_partials = nullptr;   // (GLOBAL_NORM_BLOCKS) on the GPU
+    float* norm_squared = nullptr;    // (1) on the GPU
+#endif
 };
 
-// Allocates every buffer once, for batches of B sequences of T tokens. Parameters are zero until
-// model_init_weights or a checkpoint fills them.
-inline void model_build(Model* model, const ModelConfig& config, int B, int T) {
+// ---- where the model lives: memory and kernels of one backend or the other
+
+// LAYER(rmsnorm_forward, out, ...) is LAYER(rmsnorm_forward, out, ...) for a model in host memory,
+// and the CUDA launcher rmsnorm_forward(out, ..., stream) for a model on the GPU.
+#ifdef MIXLN_CUDA
+#define LAYER(name, ...) (model->on_gpu ? name(__VA_ARGS__, model->stream) : name##_cpu(__VA_ARGS__))
+#else
+#define LAYER(name, ...) name##_cpu(__VA_ARGS__)
+#endif
+
+inline void* model_alloc(bool on_gpu, size_t bytes, const char* what) {
+#ifdef MIXLN_CUDA
+    if (on_gpu) {
+        void* p = nullptr;
+        cudaError_t error = cudaMalloc(&p, bytes == 0 ? 1 : bytes);
+        if (error != cudaSuccess) fail("out of GPU memory allocating %zu bytes for %s: %s", bytes, what, cudaGetErrorString(error));
+        return p;
+    }
+#endif
+    (void)on_gpu;
+    return malloc_or_fail(bytes, what);
+}
+
+inline void model_release(bool on_gpu, void* p) {
+#ifdef MIXLN_CUDA
+    if (on_gpu) {
+        CUDA_CHECK(cudaFree(p));
+        return;
+    }
+#endif
+    (void)on_gpu;
+    free(p);
+}
+
+inline void model_zero(const Model* model, void* p, size_t bytes) {
+#ifdef MIXLN_CUDA
+    if (model->on_gpu) {
+        CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, model->stream));
+        return;
+    }
+#endif
+    (void)model;
+    memset(p, 0, bytes);
+}
+
+// host memory -> model memory
+inline void model_copy_in(const Model* model, void* dst, const void* src, size_t bytes) {
+#ifdef MIXLN_CUDA
+    if (model->on_gpu) {
+        CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+        return;
+    }
+#endif
+    (void)model;
+    memcpy(dst, src, bytes);
+}
+
+// model memory -> host memory
+inline void model_copy_out(const Model* model, void* dst, const void* src, size_t bytes) {
+#ifdef MIXLN_CUDA
+    if (model->on_gpu) {
+        CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+        return;
+    }
+#endif
+    (void)model;
+    memcpy(dst, src, bytes);
+}
+
+// A host copy of a flat parameter-layout buffer of the model (parameters, gradients, moments).
+inline std::vector<real> model_to_host(const Model* model, const real* buffer) {
+    std::vector<real> host(model->num_parameters);
+    model_copy_out(model, host.data(), buffer, host.size() * sizeof(real));
+    return host;
+}
+
+// Allocates every buffer once, for batches of B sequences of T tokens, in host memory or on the
+// GPU. Parameters are zero until model_init_weights or a checkpoint fills them.
+inline void model_build(Model* model, const ModelConfig& config, int B, int T, bool on_gpu = false) {
     model_config_check(config);
     if (B < 1 || T < 1) fail("batch size and sequence length must be positive (B %d, T %d)", B, T);
     if (T > config.max_seq_len) fail("sequence length %d exceeds the model's %d", T, config.max_seq_len);
+#ifndef MIXLN_CUDA
+    if (on_gpu) fail("this build has no CUDA backend");
+#endif
     model->config = config;
     model->B = B;
     model->T = T;
+    model->on_gpu = on_gpu;
     size_t n = num_parameters(config);
     model->num_parameters = n;
-    model->params_memory = (real*)malloc_or_fail(n * sizeof(real), "parameters");
-    model->grads_memory = (real*)malloc_or_fail(n * sizeof(real), "gradients");
-    model->adam_m = (real*)malloc_or_fail(n * sizeof(real), "AdamW first moment");
-    model->adam_v = (real*)malloc_or_fail(n * sizeof(real), "AdamW second moment");
-    memset(model->params_memory, 0, n * sizeof(real));
-    memset(model->grads_memory, 0, n * sizeof(real));
-    memset(model->adam_m, 0, n * sizeof(real));
-    memset(model->adam_v, 0, n * sizeof(real));
+    model->params_memory = (real*)model_alloc(on_gpu, n * sizeof(real), "parameters");
+    model->grads_memory = (real*)model_alloc(on_gpu, n * sizeof(real), "gradients");
+    model->adam_m = (real*)model_alloc(on_gpu, n * sizeof(real), "AdamW first moment");
+    model->adam_v = (real*)model_alloc(on_gpu, n * sizeof(real), "AdamW second moment");
+    model_zero(model, model->params_memory, n * sizeof(real));
+    model_zero(model, model->grads_memory, n * sizeof(real));
+    model_zero(model, model->adam_m, n * sizeof(real));
+    model_zero(model, model->adam_v, n * sizeof(real));
     point_parameters(&model->params, model->params_memory, config);
     point_parameters(&model->grads, model->grads_memory, config);
 
@@ -347,23 +443,41 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T) {
     size_t total = 0;
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) total += sizes[i];
     model->num_activations = total;
-    model->acts_memory = (real*)malloc_or_fail(total * sizeof(real), "activations");
-    memset(model->acts_memory, 0, total * sizeof(real));
+    model->acts_memory = (real*)model_alloc(on_gpu, total * sizeof(real), "activations");
+    model_zero(model, model->acts_memory, total * sizeof(real));
     point_activations(&model->acts, model->acts_memory, sizes);
-    rope_tables_cpu(model->acts.rope_cos, model->acts.rope_sin, T, config.channels / config.num_heads,
-                    config.rope_theta);
-    model->inputs = (int*)malloc_or_fail((size_t)B * T * sizeof(int), "inputs");
-    model->targets = (int*)malloc_or_fail((size_t)B * T * sizeof(int), "targets");
+    int head_size = config.channels / config.num_heads;
+    std::vector<real> rope_cos((size_t)T * head_size / 2), rope_sin((size_t)T * head_size / 2);
+    rope_tables_cpu(rope_cos.data(), rope_sin.data(), T, head_size, config.rope_theta);
+    model_copy_in(model, model->acts.rope_cos, rope_cos.data(), rope_cos.size() * sizeof(real));
+    model_copy_in(model, model->acts.rope_sin, rope_sin.data(), rope_sin.size() * sizeof(real));
+    model->inputs = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "inputs");
+    model->targets = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "targets");
+    model->host_losses = (real*)malloc_or_fail((size_t)B * T * sizeof(real), "losses");
+#ifdef MIXLN_CUDA
+    if (on_gpu) {
+        model->norm_partials = (float*)model_alloc(true, GLOBAL_NORM_BLOCKS * sizeof(float), "gradient norm partials");
+        model->norm_squared = (float*)model_alloc(true, sizeof(float), "gradient norm");
+    }
+#endif
 }
 
 inline void model_free(Model* model) {
-    free(model->params_memory);
-    free(model->grads_memory);
-    free(model->adam_m);
-    free(model->adam_v);
-    free(model->acts_memory);
-    free(model->inputs);
-    free(model->targets);
+    bool on_gpu = model->on_gpu;
+    model_release(on_gpu, model->params_memory);
+    model_release(on_gpu, model->grads_memory);
+    model_release(on_gpu, model->adam_m);
+    model_release(on_gpu, model->adam_v);
+    model_release(on_gpu, model->acts_memory);
+    model_release(on_gpu, model->inputs);
+    model_release(on_gpu, model->targets);
+    free(model->host_losses);
+#ifdef MIXLN_CUDA
+    if (on_gpu) {
+        model_release(true, model->norm_partials);
+        model_release(true, model->norm_squared);
+    }
+#endif
     *model = Model();
 }
 
@@ -388,7 +502,9 @@ inline void fill_normal(real* out, size_t n, float std, uint64_t* state) {
 // normal(0, embed_std) (0.02 by default; the paper's code once used sqrt(2/5)), norms 1.
 inline void model_init_weights(Model* model, uint64_t seed, float embed_std) {
     const ModelConfig& c = model->config;
-    ParameterTensors& p = model->params;
+    std::vector<real> host(model->num_parameters);
+    ParameterTensors p;
+    point_parameters(&p, host.data(), c);
     size_t sizes[NUM_PARAMETER_TENSORS];
     parameter_sizes(sizes, c);
     uint64_t state = seed;
@@ -401,6 +517,7 @@ inline void model_init_weights(Model* model, uint64_t seed, float embed_std) {
     fill_normal(p.down_proj, sizes[6], 0.02f, &state);
     for (size_t i = 0; i < sizes[7]; i++) p.final_norm[i] = 1;
     fill_normal(p.lm_head, sizes[8], 0.02f, &state);
+    model_copy_in(model, model->params_memory, host.data(), host.size() * sizeof(real));
 }
 
 // ----------------------------------------------------------------------------
@@ -419,10 +536,10 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         if (inputs[i] < 0 || inputs[i] >= V) fail("input token %d at position %d is outside the vocabulary [0, %d)", inputs[i], i, V);
         if (targets && (targets[i] < 0 || targets[i] >= V)) fail("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
     }
-    memcpy(model->inputs, inputs, (size_t)BT * sizeof(int));
-    if (targets) memcpy(model->targets, targets, (size_t)BT * sizeof(int));
+    model_copy_in(model, model->inputs, inputs, (size_t)BT * sizeof(int));
+    if (targets) model_copy_in(model, model->targets, targets, (size_t)BT * sizeof(int));
 
-    embedding_forward_cpu(a.embedded, inputs, p.embed_tokens, BT, C);
+    LAYER(embedding_forward, a.embedded, model->inputs, p.embed_tokens, BT, C);
     const real* residual = a.embedded;   // (B, T, C) the stream entering layer l
     for (int l = 0; l < c.num_layers; l++) {
         const bool post_ln = l < c.post_ln_layers;
@@ -432,44 +549,45 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         // attention sublayer: Pre-LN normalises its input, Post-LN takes the stream as it is
         const real* attn_input = residual;
         if (!post_ln) {
-            rmsnorm_forward_cpu(la.attn_norm, la.attn_norm_rstd, residual, w.attn_norm, BT, C, eps);
+            LAYER(rmsnorm_forward, la.attn_norm, la.attn_norm_rstd, residual, w.attn_norm, BT, C, eps);
             attn_input = la.attn_norm;
         }
-        matmul_forward_cpu(la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
-        rope_forward_cpu(la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
-        attention_forward_cpu(la.atty, la.att, la.qkv, B, T, NH, hs);
-        matmul_forward_cpu(la.attn_resid, la.atty, w.o_proj, BT, C, C);
-        residual_forward_cpu(la.attn_resid, residual, la.attn_resid, (size_t)BT * C);
+        LAYER(matmul_forward, la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
+        LAYER(rope_forward, la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
+        LAYER(attention_forward, la.atty, la.att, la.qkv, B, T, NH, hs);
+        LAYER(matmul_forward, la.attn_resid, la.atty, w.o_proj, BT, C, C);
+        LAYER(residual_forward, la.attn_resid, residual, la.attn_resid, (size_t)BT * C);
 
         // MLP sublayer: Post-LN first normalises the sum (h = N1(x + attn)) and adds onto h;
         // Pre-LN adds onto the sum and normalises only the MLP's input
         const real* mlp_stream;   // what the MLP output is added to
         const real* mlp_input;
         if (post_ln) {
-            rmsnorm_forward_cpu(la.attn_norm, la.attn_norm_rstd, la.attn_resid, w.attn_norm, BT, C, eps);
+            LAYER(rmsnorm_forward, la.attn_norm, la.attn_norm_rstd, la.attn_resid, w.attn_norm, BT, C, eps);
             mlp_stream = la.attn_norm;
             mlp_input = la.attn_norm;
         } else {
-            rmsnorm_forward_cpu(la.mlp_norm, la.mlp_norm_rstd, la.attn_resid, w.mlp_norm, BT, C, eps);
+            LAYER(rmsnorm_forward, la.mlp_norm, la.mlp_norm_rstd, la.attn_resid, w.mlp_norm, BT, C, eps);
             mlp_stream = la.attn_resid;
             mlp_input = la.mlp_norm;
         }
-        matmul_forward_cpu(la.gate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F);
-        swiglu_forward_cpu(la.swiglu, la.gate_up, BT, F);
-        matmul_forward_cpu(la.mlp_resid, la.swiglu, w.down_proj, BT, F, C);
-        residual_forward_cpu(la.mlp_resid, mlp_stream, la.mlp_resid, (size_t)BT * C);
+        LAYER(matmul_forward, la.gate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F);
+        LAYER(swiglu_forward, la.swiglu, la.gate_up, BT, F);
+        LAYER(matmul_forward, la.mlp_resid, la.swiglu, w.down_proj, BT, F, C);
+        LAYER(residual_forward, la.mlp_resid, mlp_stream, la.mlp_resid, (size_t)BT * C);
         if (post_ln) {
-            rmsnorm_forward_cpu(la.mlp_norm, la.mlp_norm_rstd, la.mlp_resid, w.mlp_norm, BT, C, eps);
+            LAYER(rmsnorm_forward, la.mlp_norm, la.mlp_norm_rstd, la.mlp_resid, w.mlp_norm, BT, C, eps);
         }
         residual = layer_output(la, c, l);
     }
 
-    rmsnorm_forward_cpu(a.final_norm, a.final_norm_rstd, residual, p.final_norm, BT, C, eps);
-    matmul_forward_cpu(a.logits, a.final_norm, p.lm_head, BT, C, V);
+    LAYER(rmsnorm_forward, a.final_norm, a.final_norm_rstd, residual, p.final_norm, BT, C, eps);
+    LAYER(matmul_forward, a.logits, a.final_norm, p.lm_head, BT, C, V);
     if (targets) {
-        crossentropy_forward_cpu(a.losses, a.logits, targets, BT, V);
+        LAYER(crossentropy_forward, a.losses, a.logits, model->targets, BT, V);
+        model_copy_out(model, model->host_losses, a.losses, (size_t)BT * sizeof(real));
         double sum = 0.0;
-        for (int i = 0; i < BT; i++) sum += a.losses[i];
+        for (int i = 0; i < BT; i++) sum += model->host_losses[i];
         model->mean_loss = sum / BT;
         model->backward_ready = true;
     } else {
@@ -482,7 +600,7 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
 // backward
 
 inline void model_zero_grad(Model* model) {
-    memset(model->grads_memory, 0, model->num_parameters * sizeof(real));
+    model_zero(model, model->grads_memory, model->num_parameters * sizeof(real));
 }
 
 // The attention sublayer's backward: dout (B, T, C) is the gradient of o_proj's output; the
@@ -494,12 +612,12 @@ inline void attention_sublayer_backward(Model* model, real* dinp, const real* do
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
     ActivationTensors& a = model->acts;
-    memset(a.datty, 0, (size_t)BT * C * sizeof(real));
-    matmul_backward_cpu(a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C);
-    memset(a.dqkv, 0, (size_t)BT * 3 * C * sizeof(real));
-    attention_backward_cpu(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.att, B, T, NH, C / NH);
-    rope_backward_cpu(a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
-    matmul_backward_cpu(dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C);
+    model_zero(model, a.datty, (size_t)BT * C * sizeof(real));
+    LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C);
+    model_zero(model, a.dqkv, (size_t)BT * 3 * C * sizeof(real));
+    LAYER(attention_backward, a.dqkv, a.datt_scratch, a.datty, la.qkv, la.att, B, T, NH, C / NH);
+    LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
+    LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C);
 }
 
 // The MLP sublayer's backward: dout (B, T, C) is the gradient of down_proj's output; the gradient
@@ -510,11 +628,11 @@ inline void mlp_sublayer_backward(Model* model, real* dinp, const real* dout, co
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels, F = c.ffn_channels;
     ActivationTensors& a = model->acts;
-    memset(a.dswiglu, 0, (size_t)BT * F * sizeof(real));
-    matmul_backward_cpu(a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C);
-    memset(a.dgate_up, 0, (size_t)BT * 2 * F * sizeof(real));
-    swiglu_backward_cpu(a.dgate_up, a.dswiglu, la.gate_up, BT, F);
-    matmul_backward_cpu(dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F);
+    model_zero(model, a.dswiglu, (size_t)BT * F * sizeof(real));
+    LAYER(matmul_backward, a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C);
+    model_zero(model, a.dgate_up, (size_t)BT * 2 * F * sizeof(real));
+    LAYER(swiglu_backward, a.dgate_up, a.dswiglu, la.gate_up, BT, F);
+    LAYER(matmul_backward, dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F);
 }
 
 // Accumulates the gradient of the mean loss of the last forward pass (which must have had
@@ -531,13 +649,13 @@ inline void model_backward(Model* model) {
     // loss = mean over positions, so each position's loss has gradient 1/BT; the logits turn
     // into their gradient in place
     real* dlogits = a.logits;
-    crossentropy_backward_cpu(dlogits, a.logits, model->targets, (real)(1.0 / BT), BT, V);
+    LAYER(crossentropy_backward, dlogits, a.logits, model->targets, (real)(1.0 / BT), BT, V);
     const real* last_output =
         c.num_layers > 0 ? layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1) : a.embedded;
-    memset(a.dnorm, 0, stream_bytes);
-    matmul_backward_cpu(a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V);
-    memset(a.dresidual, 0, stream_bytes);
-    rmsnorm_backward_cpu(a.dresidual, g.final_norm, a.dnorm, last_output, p.final_norm, a.final_norm_rstd, BT, C);
+    model_zero(model, a.dnorm, stream_bytes);
+    LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V);
+    model_zero(model, a.dresidual, stream_bytes);
+    LAYER(rmsnorm_backward, a.dresidual, g.final_norm, a.dnorm, last_output, p.final_norm, a.final_norm_rstd, BT, C);
 
     // a.dresidual holds the gradient of layer l's output; each layer turns it into the
     // gradient of its input
@@ -549,25 +667,25 @@ inline void model_backward(Model* model) {
         const real* layer_input = l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
         if (post_ln) {
             // y = N2(s2), s2 = h + mlp(h): dnorm = d(s2), then the MLP path adds onto it -> d(h)
-            memset(a.dnorm, 0, stream_bytes);
-            rmsnorm_backward_cpu(a.dnorm, gw.mlp_norm, a.dresidual, la.mlp_resid, w.mlp_norm, la.mlp_norm_rstd, BT, C);
+            model_zero(model, a.dnorm, stream_bytes);
+            LAYER(rmsnorm_backward, a.dnorm, gw.mlp_norm, a.dresidual, la.mlp_resid, w.mlp_norm, la.mlp_norm_rstd, BT, C);
             mlp_sublayer_backward(model, a.dnorm, a.dnorm, la.attn_norm, w, gw, la);
             // h = N1(s1), s1 = x + attn(x): dresidual = d(s1), then the attention path adds -> d(x)
-            memset(a.dresidual, 0, stream_bytes);
-            rmsnorm_backward_cpu(a.dresidual, gw.attn_norm, a.dnorm, la.attn_resid, w.attn_norm, la.attn_norm_rstd, BT, C);
+            model_zero(model, a.dresidual, stream_bytes);
+            LAYER(rmsnorm_backward, a.dresidual, gw.attn_norm, a.dnorm, la.attn_resid, w.attn_norm, la.attn_norm_rstd, BT, C);
             attention_sublayer_backward(model, a.dresidual, a.dresidual, layer_input, w, gw, la);
         } else {
             // y = h + mlp(N2(h)): the skip passes dresidual through, the norm path adds -> d(h)
-            memset(a.dnorm, 0, stream_bytes);
+            model_zero(model, a.dnorm, stream_bytes);
             mlp_sublayer_backward(model, a.dnorm, a.dresidual, la.mlp_norm, w, gw, la);
-            rmsnorm_backward_cpu(a.dresidual, gw.mlp_norm, a.dnorm, la.attn_resid, w.mlp_norm, la.mlp_norm_rstd, BT, C);
+            LAYER(rmsnorm_backward, a.dresidual, gw.mlp_norm, a.dnorm, la.attn_resid, w.mlp_norm, la.mlp_norm_rstd, BT, C);
             // h = x + attn(N1(x)): likewise -> d(x)
-            memset(a.dnorm, 0, stream_bytes);
+            model_zero(model, a.dnorm, stream_bytes);
             attention_sublayer_backward(model, a.dnorm, a.dresidual, la.attn_norm, w, gw, la);
-            rmsnorm_backward_cpu(a.dresidual, gw.attn_norm, a.dnorm, layer_input, w.attn_norm, la.attn_norm_rstd, BT, C);
+            LAYER(rmsnorm_backward, a.dresidual, gw.attn_norm, a.dnorm, layer_input, w.attn_norm, la.attn_norm_rstd, BT, C);
         }
     }
-    embedding_backward_cpu(g.embed_tokens, a.dresidual, model->inputs, BT, C);
+    LAYER(embedding_backward, g.embed_tokens, a.dresidual, model->inputs, BT, C);
     model->backward_ready = false;   // the logits now hold their gradient: backward cannot run twice
 }
 
@@ -576,6 +694,15 @@ inline void model_backward(Model* model) {
 
 // L2 norm of all gradients together.
 inline double model_grad_norm(const Model* model) {
+#ifdef MIXLN_CUDA
+    if (model->on_gpu) {
+        global_norm_squared(model->norm_squared, model->norm_partials, model->grads_memory, model->num_parameters,
+                            model->stream);
+        float norm_squared = 0.0f;
+        model_copy_out(model, &norm_squared, model->norm_squared, sizeof(float));
+        return sqrt((double)norm_squared);
+    }
+#endif
     return global_norm_cpu(model->grads_memory, model->num_parameters);
 }
 
@@ -591,9 +718,8 @@ inline float grad_clip_scale(double grad_norm, float clip) {
 inline void model_update(Model* model, float lr, float beta1, float beta2, float eps,
                          float weight_decay, float grad_scale) {
     model->adam_step += 1;
-    adamw_update_cpu(model->params_memory, model->adam_m, model->adam_v, model->grads_memory,
-                     model->num_parameters, lr, beta1, beta2, eps, weight_decay, model->adam_step,
-                     grad_scale);
+    LAYER(adamw_update, model->params_memory, model->adam_m, model->adam_v, model->grads_memory,
+          model->num_parameters, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale);
 }
 
 // The paper's schedule (GaLore's): linear warmup from 0, then cosine from lr_max down to

@@ -9,6 +9,10 @@ logits, loss, every parameter gradient, and the losses, learning rates, gradient
 parameters of 10 AdamW steps.
 
 Errors are relative norm errors per tensor, ||ours - reference|| / ||reference||.
+
+The same file checks the CUDA backend: built into build/test_emu (the kernels under the CPU
+emulation of CUDA, in CI) and build/test_gpu (on a GPU), where MIXLN_CUDA is defined and the
+model lives on the (emulated) GPU.
 */
 #include <catch2/catch.hpp>
 
@@ -20,6 +24,14 @@ Errors are relative norm errors per tensor, ||ours - reference|| / ||reference||
 #include "../dataloader.h"
 #include "../model.h"
 #include "test_util.h"
+
+#ifdef MIXLN_CUDA
+#define BACKEND "CUDA backend"
+static const bool ON_GPU = true;
+#else
+#define BACKEND "CPU backend"
+static const bool ON_GPU = false;
+#endif
 
 static std::string fixture_dir(const std::string& name) {
     const char* root = getenv("MIXLN_FIXTURES");
@@ -105,7 +117,7 @@ static void check_case(const std::string& name, double final_param_tolerance) {
     ModelConfig config = checkpoint_read_config(dir);
     TrainSettings s = read_train_settings(dir);
     Model model;
-    model_build(&model, config, s.batch, s.seq_len);
+    model_build(&model, config, s.batch, s.seq_len, ON_GPU);
     checkpoint_load_weights(&model, dir);
     SafeTensorsFile fixture;
     safetensors_open(&fixture, (dir + "/fixture.safetensors").c_str());
@@ -122,7 +134,9 @@ static void check_case(const std::string& name, double final_param_tolerance) {
     model_forward(&model, inputs.data(), targets.data());
     std::vector<float> logits = read_tensor(fixture, "logits");
     REQUIRE(logits.size() == BT * config.vocab_size);
-    double logits_error = relative_error(model.acts.logits, logits.data(), logits.size());
+    std::vector<real> our_logits(logits.size());
+    model_copy_out(&model, our_logits.data(), model.acts.logits, logits.size() * sizeof(real));
+    double logits_error = relative_error(our_logits.data(), logits.data(), logits.size());
     CAPTURE(logits_error);
     CHECK(logits_error < LOGITS_TOLERANCE);
     float reference_loss = read_tensor(fixture, "loss")[0];
@@ -131,8 +145,8 @@ static void check_case(const std::string& name, double final_param_tolerance) {
     // backward: every parameter gradient
     model_zero_grad(&model);
     model_backward(&model);
-    double worst_grad_error = check_tensors(model.grads_memory, config, dir, "grad.", "gradient", GRAD_TOLERANCE);
-    WARN(name << ": logits error " << logits_error << ", worst gradient error " << worst_grad_error);
+    double worst_grad_error = check_tensors(model_to_host(&model, model.grads_memory).data(), config, dir, "grad.", "gradient", GRAD_TOLERANCE);
+    WARN(BACKEND << ", " << name << ": logits error " << logits_error << ", worst gradient error " << worst_grad_error);
 
     // 10 AdamW steps with warmup, cosine decay and (in one case) clipping, from the same weights
     checkpoint_load_weights(&model, dir);
@@ -155,14 +169,14 @@ static void check_case(const std::string& name, double final_param_tolerance) {
         CHECK(fabs(model.mean_loss - ref_loss[step]) / ref_loss[step] < STEP_LOSS_TOLERANCE);
         CHECK(fabs(norm - ref_norm[step]) / ref_norm[step] < GRAD_TOLERANCE);
     }
-    double worst_param_error = check_tensors(model.params_memory, config, dir, "final.", "parameter after 10 steps",
+    double worst_param_error = check_tensors(model_to_host(&model, model.params_memory).data(), config, dir, "final.", "parameter after 10 steps",
                                              final_param_tolerance);
-    WARN(name << ": worst parameter error after " << s.steps << " steps " << worst_param_error);
+    WARN(BACKEND << ", " << name << ": worst parameter error after " << s.steps << " steps " << worst_param_error);
     dataloader_free(&loader);
     model_free(&model);
 }
 
-TEST_CASE("Pre-LN (alpha 0) matches PyTorch: logits, gradients, 10 steps", "[parity][cpu]") { check_case("pre", 5e-6); }
-TEST_CASE("Post-LN (alpha 1) matches PyTorch: logits, gradients, 10 steps", "[parity][cpu]") { check_case("post", 1e-4); }
-TEST_CASE("Mix-LN alpha 0.25 (1 of 4 layers Post-LN, clipped) matches PyTorch", "[parity][cpu]") { check_case("mix", 5e-6); }
-TEST_CASE("Mix-LN alpha 0.5 (3 of 6 layers Post-LN, weight decay) matches PyTorch", "[parity][cpu]") { check_case("mix_half", 5e-6); }
+TEST_CASE(BACKEND ": Pre-LN (alpha 0) matches PyTorch: logits, gradients, 10 steps", "[parity]") { check_case("pre", 5e-6); }
+TEST_CASE(BACKEND ": Post-LN (alpha 1) matches PyTorch: logits, gradients, 10 steps", "[parity]") { check_case("post", 1e-4); }
+TEST_CASE(BACKEND ": Mix-LN alpha 0.25 (1 of 4 layers Post-LN, clipped) matches PyTorch", "[parity]") { check_case("mix", 5e-6); }
+TEST_CASE(BACKEND ": Mix-LN alpha 0.5 (3 of 6 layers Post-LN, weight decay) matches PyTorch", "[parity]") { check_case("mix_half", 5e-6); }
