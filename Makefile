@@ -10,17 +10,20 @@ CUDA_ARCHS ?= 80 90
 # PYTHON: an interpreter with torch (the Debian python3-torch package installs it for /usr/bin/python3)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import torch' 2>/dev/null && echo $$p && break; done)
 
+# CATCH_INCLUDE: a folder holding catch2/catch.hpp, where the system has none (the device machine)
+CATCH_INCLUDE ?=
 WARNINGS = -Wall -Wextra -Werror
 CXXFLAGS ?= -O3 -march=native -mprefer-vector-width=512
-CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS)
+CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS) $(if $(CATCH_INCLUDE),-I$(CATCH_INCLUDE))
 NVCCFLAGS = -std=c++17 -O3 $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
-            -Werror all-warnings -Xcompiler -fopenmp,-march=native,-mprefer-vector-width=512,-Wall,-Wextra,-Werror
+            -Werror all-warnings -Xcompiler -fopenmp,-march=native,-mprefer-vector-width=512,-Wall,-Wextra,-Werror \
+            $(if $(CATCH_INCLUDE),-I$(CATCH_INCLUDE))
 
 CUDA_HOME ?= /usr/local/cuda
 HEADERS = $(wildcard *.h layers/*.cuh test/emu/*.h)
 TEST_SOURCES = $(filter-out test/test_main.cpp test/test_finite_difference.cpp test/test_cuda_emu.cpp,$(wildcard test/*.cpp))
 
-.PHONY: all test bench clean
+.PHONY: all test bench kernel-report clean
 all: train
 
 ifneq ($(NVCC),)
@@ -34,7 +37,7 @@ endif
 
 build/test_main.o: test/test_main.cpp
 	@mkdir -p build
-	$(CXX) -std=c++17 -O1 -c $< -o $@
+	$(CXX) -std=c++17 -O1 $(if $(CATCH_INCLUDE),-I$(CATCH_INCLUDE)) -c $< -o $@
 
 build/test_cpu: $(TEST_SOURCES) build/test_main.o $(HEADERS) test/test_util.h
 	$(CXX) $(CXXFLAGS) -I. $(TEST_SOURCES) build/test_main.o -o $@
@@ -70,6 +73,13 @@ test: train build/test_cpu build/test_fd build/test_emu $(GPU_TESTS) build/fixtu
 	./build/test_fd
 	MIXLN_FIXTURES=build/fixtures ./build/test_emu
 	$(if $(GPU_TESTS),MIXLN_FIXTURES=build/fixtures ./build/test_gpu)
+
+# the compiler's register and spill report for every kernel, per target architecture
+kernel-report:
+	@test -n "$(NVCC)" || { echo "error: kernel-report needs nvcc"; exit 1; }
+	@$(NVCC) $(NVCCFLAGS) -Xptxas -v -c train.cu -o /dev/null 2>&1 | c++filt | \
+	    sed -n -e "s/.*Compiling entry function '\(.*\)' for '\(sm_[0-9]*\)'.*/\2  \1/p" -e 's/.*ptxas info *: *\(Used .*\)/      \1/p' \
+	    -e 's/^ *\([0-9][0-9]* bytes stack frame.*\)/      \1/p'
 
 bench: train
 	$(NEED_TORCH)

@@ -11,11 +11,21 @@ as torch.nn.utils.clip_grad_norm_ does). Summed in double: it is one number over
 
 // ---- CPU reference
 
-// returns sqrt(sum of grads^2) over grads (n)
+// returns sqrt(sum of grads^2) over grads (n). The sum goes in a fixed number of chunks added in
+// order (an OpenMP reduction would combine threads in whatever order they finish), so the result
+// is the same bits on every run, whatever the thread count.
 inline double global_norm_cpu(const real* grads, size_t n) {
+    const int chunks = 64;
+    double partial[chunks];
+    #pragma omp parallel for
+    for (int c = 0; c < chunks; c++) {
+        size_t begin = n * c / chunks, end = n * (c + 1) / chunks;
+        double sum = 0.0;
+        for (size_t i = begin; i < end; i++) sum += (double)grads[i] * grads[i];
+        partial[c] = sum;
+    }
     double sum = 0.0;
-    #pragma omp parallel for reduction(+ : sum)
-    for (size_t i = 0; i < n; i++) sum += (double)grads[i] * grads[i];
+    for (int c = 0; c < chunks; c++) sum += partial[c];
     return sqrt(sum);
 }
 

@@ -180,3 +180,38 @@ TEST_CASE(BACKEND ": Pre-LN (alpha 0) matches PyTorch: logits, gradients, 10 ste
 TEST_CASE(BACKEND ": Post-LN (alpha 1) matches PyTorch: logits, gradients, 10 steps", "[parity]") { check_case("post", 1e-4); }
 TEST_CASE(BACKEND ": Mix-LN alpha 0.25 (1 of 4 layers Post-LN, clipped) matches PyTorch", "[parity]") { check_case("mix", 5e-6); }
 TEST_CASE(BACKEND ": Mix-LN alpha 0.5 (3 of 6 layers Post-LN, weight decay) matches PyTorch", "[parity]") { check_case("mix_half", 5e-6); }
+
+// Kernels sum in a fixed order (no float atomics; OpenMP splits work statically), so the same run
+// twice gives the same bits.
+static std::vector<double> train_losses(const std::string& dir, int steps) {
+    ModelConfig config = checkpoint_read_config(dir);
+    TrainSettings s = read_train_settings(dir);
+    Model model;
+    model_build(&model, config, s.batch, s.seq_len, ON_GPU);
+    checkpoint_load_weights(&model, dir);
+    DataLoader loader;
+    dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
+    std::vector<double> losses;
+    for (int step = 0; step < steps; step++) {
+        dataloader_next_batch(&loader);
+        model_forward(&model, loader.inputs, loader.targets);
+        losses.push_back(model.mean_loss);
+        model_zero_grad(&model);
+        model_backward(&model);
+        double norm = model_grad_norm(&model);
+        model_update(&model, learning_rate(step, s.lr, s.warmup, s.steps, s.min_lr_ratio), 0.9f, 0.999f, 1e-8f,
+                     s.weight_decay, grad_clip_scale(norm, s.grad_clip));
+    }
+    dataloader_free(&loader);
+    model_free(&model);
+    return losses;
+}
+
+TEST_CASE(BACKEND ": two runs of the same config give bitwise equal losses", "[parity][determinism]") {
+    std::string dir = fixture_dir("mix");
+    std::vector<double> first = train_losses(dir, 10), second = train_losses(dir, 10);
+    for (size_t i = 0; i < first.size(); i++) {
+        INFO("step " << i);
+        CHECK(memcmp(&first[i], &second[i], sizeof(double)) == 0);
+    }
+}
