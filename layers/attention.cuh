@@ -224,3 +224,4 @@ inline void attention_backward(float* dqkv, float* scratch, const float* dout, c
     LAUNCH(attention_backward_key_value_kernel, grid, dim3(block), 0, stream, dqkv, scratch, dout, qkv, att, B, T, NH,
            head_size);
 }
+#endif
