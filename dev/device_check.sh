@@ -4,7 +4,7 @@
 #   2. run every GPU test: each kernel against its CPU twin, the whole model against the PyTorch
 #      fixtures (fp32), determinism
 #   3. compute-sanitizer memcheck and racecheck over a tiny training run on the GPU
-#   4. time training steps of LLaMA-71M on the GPU (and on PyTorch when dev/bench_gpu exists)
+#   4. time training steps of LLaMA-71M on the GPU, and against PyTorch (dev/bench_gpu.py)
 #   5. print a table of what passed and how long it took
 # Usage (repository root): bash dev/device_check.sh        logs go to $OUT (or /tmp/device_check)
 # The device machine has no network: where the system has no Catch2 header, carry one along in
@@ -57,7 +57,7 @@ EOF
 run_step train_71m ./train --device cuda --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
 grep -E '^step (9|10)/10' "$logs/train_71m.log" || true
 if [ -f dev/bench_gpu.py ]; then
-    run_step bench_gpu "$PYTHON" dev/bench_gpu.py
+    run_step bench_gpu "$PYTHON" dev/bench_gpu.py --configs llama-71m
 fi
 
 echo

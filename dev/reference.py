@@ -272,6 +272,10 @@ def rotate_half(x):  # x (..., hs) -> (-x2, x1), the Hugging Face pairing (i wit
 
 
 class Attention(nn.Module):
+    # dev/bench_gpu.py sets this to use PyTorch's own fused causal attention (torch >= 2.0);
+    # the tests always use the explicit version below
+    fused = False
+
     def __init__(self, cfg):
         super().__init__()
         C = cfg.hidden_size
@@ -290,14 +294,17 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
         v = self.v_proj(x).view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
         cos, sin = rope_cos_sin(T, hs, self.theta)             # (T, hs), broadcast over B, NH
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)            # no-op in fp32; keeps .double() working
+        cos, sin = cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)  # no-op on the CPU in fp32
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)        # (B, NH, T, T)
-        future = torch.ones(T, T, dtype=torch.bool).triu(1)    # position t sees 0..t only
-        att = att.masked_fill(future, float("-inf"))
-        att = F.softmax(att, dim=-1)                           # fp32 (the model's dtype)
-        y = att @ v                                            # (B, NH, T, hs)
+        if Attention.fused:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, NH, T, hs)
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)        # (B, NH, T, T)
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # t sees 0..t only
+            att = att.masked_fill(future, float("-inf"))
+            att = F.softmax(att, dim=-1)                           # fp32 (the model's dtype)
+            y = att @ v                                            # (B, NH, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)       # heads side by side again
         return self.o_proj(y)
 
