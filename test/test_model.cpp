@@ -111,6 +111,24 @@ static double check_tensors(const real* ours, const ModelConfig& config, const s
     return worst;
 }
 
+struct StepResult {
+    double loss, grad_norm;
+    float lr;
+};
+
+// One training step as train.cu takes it: next batch, forward, backward, clip, AdamW.
+static StepResult train_step(Model* model, DataLoader* loader, const TrainSettings& s, int step) {
+    dataloader_next_batch(loader);
+    model_forward(model, loader->inputs, loader->targets);
+    double loss = model->mean_loss;
+    model_zero_grad(model);
+    model_backward(model);
+    double norm = model_grad_norm(model);
+    float lr = learning_rate(step, s.lr, s.warmup, s.steps, s.min_lr_ratio);
+    model_update(model, lr, 0.9f, 0.999f, 1e-8f, s.weight_decay, grad_clip_scale(norm, s.grad_clip));
+    return {loss, norm, lr};
+}
+
 static void check_case(const std::string& name, double final_param_tolerance) {
     std::string dir = fixture_dir(name);
     INFO("fixture case " << name << " in " << dir);
@@ -157,17 +175,11 @@ static void check_case(const std::string& name, double final_param_tolerance) {
     std::vector<float> ref_norm = read_tensor(fixture, "grad_norm");
     REQUIRE((int)ref_loss.size() == s.steps);
     for (int step = 0; step < s.steps; step++) {
-        dataloader_next_batch(&loader);
-        model_forward(&model, loader.inputs, loader.targets);
-        model_zero_grad(&model);
-        model_backward(&model);
-        double norm = model_grad_norm(&model);
-        float lr = learning_rate(step, s.lr, s.warmup, s.steps, s.min_lr_ratio);
-        model_update(&model, lr, 0.9f, 0.999f, 1e-8f, s.weight_decay, grad_clip_scale(norm, s.grad_clip));
+        StepResult r = train_step(&model, &loader, s, step);
         INFO("step " << step);
-        CHECK(fabs(lr - ref_lr[step]) <= 1e-7 * s.lr);   // one float rounding of the schedule
-        CHECK(fabs(model.mean_loss - ref_loss[step]) / ref_loss[step] < STEP_LOSS_TOLERANCE);
-        CHECK(fabs(norm - ref_norm[step]) / ref_norm[step] < GRAD_TOLERANCE);
+        CHECK(fabs(r.lr - ref_lr[step]) <= 1e-7 * s.lr);   // one float rounding of the schedule
+        CHECK(fabs(r.loss - ref_loss[step]) / ref_loss[step] < STEP_LOSS_TOLERANCE);
+        CHECK(fabs(r.grad_norm - ref_norm[step]) / ref_norm[step] < GRAD_TOLERANCE);
     }
     double worst_param_error = check_tensors(model_to_host(&model, model.params_memory).data(), config, dir, "final.", "parameter after 10 steps",
                                              final_param_tolerance);
@@ -192,16 +204,7 @@ static std::vector<double> train_losses(const std::string& dir, int steps) {
     DataLoader loader;
     dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
     std::vector<double> losses;
-    for (int step = 0; step < steps; step++) {
-        dataloader_next_batch(&loader);
-        model_forward(&model, loader.inputs, loader.targets);
-        losses.push_back(model.mean_loss);
-        model_zero_grad(&model);
-        model_backward(&model);
-        double norm = model_grad_norm(&model);
-        model_update(&model, learning_rate(step, s.lr, s.warmup, s.steps, s.min_lr_ratio), 0.9f, 0.999f, 1e-8f,
-                     s.weight_decay, grad_clip_scale(norm, s.grad_clip));
-    }
+    for (int step = 0; step < steps; step++) losses.push_back(train_step(&model, &loader, s, step).loss);
     dataloader_free(&loader);
     model_free(&model);
     return losses;
