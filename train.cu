@@ -264,9 +264,8 @@ static bool choose_device(const Args& a) {
 #endif
         if (gpus == 0) fail("--device cuda: no usable GPU was found");
     }
-    bool on_gpu = a.device == "cuda";
 #ifdef __CUDACC__
-    if (on_gpu) {
+    if (a.device == "cuda") {
         cudaDeviceProp prop;
         CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
         printf("device: cuda, %s (%.1f GiB)\n", prop.name, prop.totalGlobalMem / 1073741824.0);
