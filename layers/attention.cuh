@@ -224,4 +224,436 @@ inline void attention_backward(float* dqkv, float* scratch, const float* dout, c
     LAUNCH(attention_backward_key_value_kernel, grid, dim3(block), 0, stream, dqkv, scratch, dout, qkv, att, B, T, NH,
            head_size);
 }
+
+// ---- fused (flash-style) CUDA kernels
+/*
+The same attention without the (T, T) matrix, whose memory and traffic grow as T^2 (fp32 at
+T = 4096, 16 heads, B = 8: 8 GiB per layer) while q, k, v and out grow as T.
+
+Forward (the FlashAttention-2 algorithm): one thread block per (b, h, tile of 64 queries). The q
+tile stays in shared memory while the key tiles 0 .. the query tile's own stream through it. For
+each key tile the block computes the 64x64 scaled scores and, per query row, updates a running
+maximum m and a running sum l of exp(score - m), rescaling l and the output accumulator by
+exp(m_old - m_new) when the maximum grows (the online softmax); after the last tile out = acc / l
+is softmax(scores) v, and no score ever leaves the block. Causal: key tiles after the query tile
+are never loaded, and the diagonal tile masks key > query. Saved for backward: lse = m + log(l),
+(B, NH, T), so that backward recomputes each probability as exp(score - lse) with no max or sum.
+
+Backward: with P = exp(S - lse), dP = dO V^T, D = rowsum(dO * O) (equal to sum_j P[j] dP[j], the
+CPU version's `weighted`) and dS = P * (dP - D), the gradient of the scaled scores:
+    dV = P^T dO,    dK = scale * dS^T Q,    dQ = scale * dS K
+  pre-pass: D into scratch, one warp per row.
+  pass 1:   one block per (b, h, key tile): its k and v tiles stay in shared memory while the query
+            tiles from the diagonal on stream through; dK and dV accumulate in registers.
+  pass 2:   one block per (b, h, query tile): q and dout stay, the key tiles up to the diagonal
+            stream through, and S, P, dP are computed a second time (the price of having no
+            atomics); dQ accumulates in registers.
+Deterministic: each element of dq, dk and dv belongs to one thread of one block, which sums its
+terms in a fixed order (tiles in order, rows in order, 16-lane reductions by a fixed butterfly) and
+adds the total to dqkv once. No atomics, so the result does not depend on which blocks run first.
+
+Tiling, shared by the three main kernels: 64x64 tiles and 256 threads seen as 16 x 16
+(ty = thread / 16, tx = thread % 16). Of a 64x64 score tile, thread (ty, tx) owns rows
+ty*4 .. ty*4+3 and columns tx, tx+16, tx+32, tx+48. The rows are contiguous so that one float4 of a
+transposed P or dS tile gives a thread all four; the columns are strided so that the lanes of a
+quarter warp read float4s from 8 different rows of the other operand (different banks, see the
+stride). A row's 64 scores lie in the 16 lanes of one half warp, so row maxima and sums are 16-lane
+butterflies. Of a (64, hs) accumulator the thread owns the same 4 rows and channels
+4*(tx + 16*jj) .. +3 for jj = 0, 1, hence head_size <= 128.
+
+Shared memory per block (dynamic; s is the tile row stride, 68 floats for hs 64, 132 for hs 128):
+  forward: q, k, v tiles (64, s), P^T (64 keys, 68)                   64 * (3s + 68) floats
+           = 68 KB at hs 64, 116 KB at hs 128
+  pass 1:  k, v, q, dout tiles (64, s), P then dS (64 queries, 68),
+           lse and D of the query tile (64 each)                      64 * (4s + 70) floats
+           = 85.5 KB at hs 64, 149.5 KB at hs 128
+  pass 2:  q, dout, k, v tiles (64, s), dS^T (64 keys, 68)            64 * (4s + 68) floats
+           = 85 KB at hs 64, 149 KB at hs 128
+Above the default 48 KB, so the launchers raise the limit with cudaFuncSetAttribute (sm_80 allows
+163 KB, sm_90 227 KB). Pass 1 reuses one buffer for P and dS, at the cost of two more barriers per
+query tile, to stay under sm_80's limit at hs 128.
+Tile rows hold head_size channels rounded up to a float4, zeroed past head_size; rows past T are
+zeroed as well, so masked entries (probability 0) never multiply a NaN.
+
+Scratch of attention_backward_fused: (B, NH, T) floats, for D.
+*/
+
+#ifdef __CUDACC__
+#define ATTN_UNROLL _Pragma("unroll")
+#else
+#define ATTN_UNROLL   // g++ would warn about an unknown pragma; it unrolls these small loops itself
+#endif
+
+constexpr int ATTN_TILE = 64;                 // queries per block, keys per shared-memory tile
+constexpr int ATTN_THREADS = 256;             // 16 x 16, each owning a 4x4 piece of a score tile
+constexpr int ATTN_MAX_HEAD_SIZE = 128;       // 16 lanes x 2 float4s of channels
+constexpr int ATTN_P_STRIDE = ATTN_TILE + 4;  // row stride of the P / dS tiles: float4 aligned, rows 4 banks apart
+
+// channels per tile row: head_size rounded up to a float4
+__host__ __device__ inline int attention_fused_channels(int head_size) { return (head_size + 3) / 4 * 4; }
+// Row stride of the q, k, v and dout tiles: the channels rounded up to 4 more than a multiple of 32,
+// so that 8 lanes reading float4s from 8 consecutive rows (one shared-memory wavefront) hit 8
+// different groups of 4 banks.
+__host__ __device__ inline int attention_fused_stride(int head_size) {
+    return (attention_fused_channels(head_size) + 27) / 32 * 32 + 4;
+}
+
+// Rows t0 .. t0+63 of one head's slice of a (B, T, row_stride) tensor, src pointing at (b, 0, slice),
+// into a (64, stride) tile; channels past head_size and rows past T become 0.
+static __device__ void attention_load_tile(float* tile, const float* src, int row_stride, int t0, int T, int head_size) {
+    int channels = attention_fused_channels(head_size), stride = attention_fused_stride(head_size);
+    for (int idx = threadIdx.x; idx < ATTN_TILE * channels; idx += blockDim.x) {
+        int r = idx / channels, e = idx % channels;   // consecutive threads read consecutive channels: coalesced
+        tile[r * stride + e] = t0 + r < T && e < head_size ? src[(size_t)(t0 + r) * row_stride + e] : 0.0f;
+    }
+}
+
+// acc[i][j] += a[ty*4 + i] . b[tx + 16*j] over the channels, a and b (64, stride) tiles
+static __device__ __forceinline__ void attention_tile_dots(float acc[4][4], const float* a, const float* b, int channels,
+                                                           int stride, int ty, int tx) {
+    for (int e = 0; e < channels; e += 4) {
+        float4 a4[4], b4[4];
+        ATTN_UNROLL
+        for (int i = 0; i < 4; i++) a4[i] = *reinterpret_cast<const float4*>(a + (ty * 4 + i) * stride + e);   // broadcast
+        ATTN_UNROLL
+        for (int j = 0; j < 4; j++) b4[j] = *reinterpret_cast<const float4*>(b + (tx + 16 * j) * stride + e);
+        ATTN_UNROLL
+        for (int i = 0; i < 4; i++) {
+            ATTN_UNROLL
+            for (int j = 0; j < 4; j++)
+                acc[i][j] += a4[i].x * b4[j].x + a4[i].y * b4[j].y + a4[i].z * b4[j].z + a4[i].w * b4[j].w;
+        }
+    }
+}
+
+// acc[i][4*jj + k] += w_i * row[4*(tx + 16*jj) + k]: one row of a (64, stride) tile, weighted per
+// accumulator row by w (the thread's 4 rows' entries of a P or dS column)
+static __device__ __forceinline__ void attention_accumulate_row(float acc[4][8], float4 w, const float* row, int channels,
+                                                                int tx) {
+    float wi[4] = {w.x, w.y, w.z, w.w};
+    ATTN_UNROLL
+    for (int jj = 0; jj < 2; jj++) {
+        int e = 4 * (tx + 16 * jj);
+        if (e < channels) {
+            float4 x = *reinterpret_cast<const float4*>(row + e);
+            ATTN_UNROLL
+            for (int i = 0; i < 4; i++) {
+                acc[i][4 * jj + 0] += wi[i] * x.x;
+                acc[i][4 * jj + 1] += wi[i] * x.y;
+                acc[i][4 * jj + 2] += wi[i] * x.z;
+                acc[i][4 * jj + 3] += wi[i] * x.w;
+            }
+        }
+    }
+}
+
+// Store column j of the thread's 4x4 piece (rows ty*4 .. +3) as row tx + 16*j of a transposed
+// (64, ATTN_P_STRIDE) tile: one float4 per j.
+static __device__ __forceinline__ void attention_store_transposed(float* tile, const float piece[4][4], int ty, int tx) {
+    ATTN_UNROLL
+    for (int j = 0; j < 4; j++) {
+        float4 column = {piece[0][j], piece[1][j], piece[2][j], piece[3][j]};
+        *reinterpret_cast<float4*>(tile + (tx + 16 * j) * ATTN_P_STRIDE + ty * 4) = column;
+    }
+}
+
+// max and sum over the 16 lanes of a half warp (the lanes sharing ty); every lane gets the result
+static __device__ __forceinline__ float attention_reduce16_max(float value) {
+    for (int offset = 8; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    return value;
+}
+static __device__ __forceinline__ float attention_reduce16_sum(float value) {
+    for (int offset = 8; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
+}
+
+// Forward. grid (B * NH, query tiles); out (B, T, C), lse (B, NH, T), qkv (B, T, 3C)
+static __global__ void __launch_bounds__(ATTN_THREADS)
+    attention_forward_fused_kernel(float* out, float* lse, const float* qkv, int T, int NH, int head_size) {
+    DYNAMIC_SHARED(float, shared);
+    const int channels = attention_fused_channels(head_size), stride = attention_fused_stride(head_size);
+    float* q_tile = shared;                       // (64 queries, stride)
+    float* k_tile = q_tile + ATTN_TILE * stride;  // (64 keys, stride)
+    float* v_tile = k_tile + ATTN_TILE * stride;  // (64 keys, stride)
+    float* pt_tile = v_tile + ATTN_TILE * stride; // (64 keys, ATTN_P_STRIDE): P^T, one key's 64 queries per row
+    int b = blockIdx.x / NH, h = blockIdx.x % NH;
+    int query_tile = gridDim.y - 1 - blockIdx.y;  // longest rows first, so the short diagonal blocks fill the tail
+    int q0 = query_tile * ATTN_TILE;
+    int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    const float* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;   // (T, 3C) rows, this head's q
+
+    attention_load_tile(q_tile, q_head, 3 * C, q0, T, head_size);
+    float acc[4][8] = {};   // rows ty*4+i, channels 4*(tx+16jj)+k: sum of exp(score - row_max) * v
+    float row_max[4], row_sum[4];
+    for (int i = 0; i < 4; i++) row_max[i] = -INFINITY, row_sum[i] = 0.0f;
+    for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
+        int k0 = key_tile * ATTN_TILE;
+        __syncthreads();   // the previous tile's k, v and P^T are no longer read (and the q tile is complete)
+        attention_load_tile(k_tile, q_head + C, 3 * C, k0, T, head_size);
+        attention_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, head_size);
+        __syncthreads();
+        float score[4][4] = {};   // [query ty*4+i][key tx+16j]
+        attention_tile_dots(score, q_tile, k_tile, channels, stride, ty, tx);
+        ATTN_UNROLL
+        for (int i = 0; i < 4; i++) {
+            int t = q0 + ty * 4 + i;
+            float tile_max = -INFINITY;
+            ATTN_UNROLL
+            for (int j = 0; j < 4; j++) {
+                int t2 = k0 + tx + 16 * j;
+                score[i][j] = t2 <= t ? score[i][j] * scale : -INFINITY;
+                tile_max = fmaxf(tile_max, score[i][j]);
+            }
+            // finite: key k0 <= q0 <= t is never masked, so every row has a score in every tile
+            float new_max = fmaxf(row_max[i], attention_reduce16_max(tile_max));
+            float correction = expf(row_max[i] - new_max);   // 0 on the first tile, where row_max is -inf
+            float tile_sum = 0.0f;
+            ATTN_UNROLL
+            for (int j = 0; j < 4; j++) {
+                score[i][j] = expf(score[i][j] - new_max);   // now the unnormalised probability; 0 where masked
+                tile_sum += score[i][j];
+            }
+            row_sum[i] = row_sum[i] * correction + attention_reduce16_sum(tile_sum);
+            row_max[i] = new_max;
+            ATTN_UNROLL
+            for (int k = 0; k < 8; k++) acc[i][k] *= correction;
+        }
+        attention_store_transposed(pt_tile, score, ty, tx);
+        __syncthreads();
+        int keys = min(ATTN_TILE, T - k0);   // the zero rows of v past T add nothing
+        for (int c = 0; c < keys; c++)
+            attention_accumulate_row(acc, *reinterpret_cast<const float4*>(pt_tile + c * ATTN_P_STRIDE + ty * 4),
+                                     v_tile + c * stride, channels, tx);
+    }
+    ATTN_UNROLL
+    for (int i = 0; i < 4; i++) {
+        int t = q0 + ty * 4 + i;
+        if (t >= T) continue;
+        float inv_sum = 1.0f / row_sum[i];
+        float* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
+        ATTN_UNROLL
+        for (int k = 0; k < 8; k++) {
+            int e = 4 * (tx + 16 * (k / 4)) + k % 4;
+            if (e < head_size) y[e] = acc[i][k] * inv_sum;
+        }
+        if (tx == 0) lse[((size_t)b * NH + h) * T + t] = row_max[i] + logf(row_sum[i]);
+    }
+}
+
+// Backward pre-pass, one warp per row (b, h, t): dsum (B, NH, T) = rowsum(dout * out) of the head
+static __global__ void attention_dsum_kernel(float* dsum, const float* dout, const float* out, int B, int T, int NH,
+                                             int head_size) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;   // (b, h, t) flattened
+    int lane = threadIdx.x % 32;
+    if (row >= B * NH * T) return;   // whole warps
+    int t = row % T, h = (row / T) % NH, b = row / (T * NH);
+    size_t offset = ((size_t)b * T + t) * NH * head_size + (size_t)h * head_size;
+    float sum = 0.0f;
+    for (int i = lane; i < head_size; i += 32) sum += dout[offset + i] * out[offset + i];
+    sum = warp_reduce_sum(sum);
+    if (lane == 0) dsum[row] = sum;
+}
+
+// Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) +=, dout (B, T, C),
+// qkv (B, T, 3C), lse and dsum (B, NH, T)
+static __global__ void __launch_bounds__(ATTN_THREADS)
+    attention_backward_key_value_fused_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
+                                              const float* dsum, int T, int NH, int head_size) {
+    DYNAMIC_SHARED(float, shared);
+    const int channels = attention_fused_channels(head_size), stride = attention_fused_stride(head_size);
+    float* k_tile = shared;                          // (64 keys, stride)
+    float* v_tile = k_tile + ATTN_TILE * stride;     // (64 keys, stride)
+    float* q_tile = v_tile + ATTN_TILE * stride;     // (64 queries, stride)
+    float* dout_tile = q_tile + ATTN_TILE * stride;  // (64 queries, stride)
+    float* w_tile = dout_tile + ATTN_TILE * stride;  // (64 queries, ATTN_P_STRIDE): P, then dS
+    float* lse_tile = w_tile + ATTN_TILE * ATTN_P_STRIDE;   // (64 queries)
+    float* dsum_tile = lse_tile + ATTN_TILE;                // (64 queries)
+    int b = blockIdx.x / NH, h = blockIdx.x % NH;
+    int key_tile = blockIdx.y;   // the first key tiles are seen by the most queries: they go first
+    int k0 = key_tile * ATTN_TILE;
+    int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    const float* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;   // (T, 3C) rows
+    const float* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;   // (T, C) rows
+    const float* lse_head = lse + ((size_t)b * NH + h) * T;
+    const float* dsum_head = dsum + ((size_t)b * NH + h) * T;
+
+    attention_load_tile(k_tile, q_head + C, 3 * C, k0, T, head_size);
+    attention_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, head_size);
+    float dk[4][8] = {}, dv[4][8] = {};   // keys ty*4+i, channels 4*(tx+16jj)+k
+    for (int query_tile = key_tile; query_tile < (int)gridDim.y; query_tile++) {
+        int q0 = query_tile * ATTN_TILE;
+        __syncthreads();   // the previous tile's q, dout, dS, lse and dsum are no longer read
+        attention_load_tile(q_tile, q_head, 3 * C, q0, T, head_size);
+        attention_load_tile(dout_tile, dout_head, C, q0, T, head_size);
+        for (int r = threadIdx.x; r < ATTN_TILE; r += blockDim.x) {
+            lse_tile[r] = q0 + r < T ? lse_head[q0 + r] : 0.0f;
+            dsum_tile[r] = q0 + r < T ? dsum_head[q0 + r] : 0.0f;
+        }
+        __syncthreads();
+        float p[4][4] = {}, ds[4][4] = {};   // [key ty*4+i][query tx+16j]: scores and dP first
+        attention_tile_dots(p, k_tile, q_tile, channels, stride, ty, tx);
+        attention_tile_dots(ds, v_tile, dout_tile, channels, stride, ty, tx);
+        ATTN_UNROLL
+        for (int i = 0; i < 4; i++) {
+            int t2 = k0 + ty * 4 + i;
+            ATTN_UNROLL
+            for (int j = 0; j < 4; j++) {
+                int r = tx + 16 * j, t = q0 + r;
+                // rows past T have no lse: masked with the future
+                p[i][j] = t < T && t2 <= t ? expf(p[i][j] * scale - lse_tile[r]) : 0.0f;
+                ds[i][j] = p[i][j] * (ds[i][j] - dsum_tile[r]);
+            }
+        }
+        int queries = min(ATTN_TILE, T - q0);   // the masked rows past T add nothing
+        attention_store_transposed(w_tile, p, ty, tx);
+        __syncthreads();
+        for (int r = 0; r < queries; r++)
+            attention_accumulate_row(dv, *reinterpret_cast<const float4*>(w_tile + r * ATTN_P_STRIDE + ty * 4),
+                                     dout_tile + r * stride, channels, tx);
+        __syncthreads();   // P is read by all before dS replaces it
+        attention_store_transposed(w_tile, ds, ty, tx);
+        __syncthreads();
+        for (int r = 0; r < queries; r++)
+            attention_accumulate_row(dk, *reinterpret_cast<const float4*>(w_tile + r * ATTN_P_STRIDE + ty * 4),
+                                     q_tile + r * stride, channels, tx);
+    }
+    ATTN_UNROLL
+    for (int i = 0; i < 4; i++) {
+        int t2 = k0 + ty * 4 + i;
+        if (t2 >= T) continue;
+        float* dk_row = dqkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
+        float* dv_row = dk_row + C;
+        ATTN_UNROLL
+        for (int k = 0; k < 8; k++) {
+            int e = 4 * (tx + 16 * (k / 4)) + k % 4;
+            if (e < head_size) {
+                dk_row[e] += dk[i][k] * scale;
+                dv_row[e] += dv[i][k];
+            }
+        }
+    }
+}
+
+// Backward pass 2, dq. grid (B * NH, query tiles); arguments as pass 1
+static __global__ void __launch_bounds__(ATTN_THREADS)
+    attention_backward_query_fused_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
+                                          const float* dsum, int T, int NH, int head_size) {
+    DYNAMIC_SHARED(float, shared);
+    const int channels = attention_fused_channels(head_size), stride = attention_fused_stride(head_size);
+    float* q_tile = shared;                          // (64 queries, stride)
+    float* dout_tile = q_tile + ATTN_TILE * stride;  // (64 queries, stride)
+    float* k_tile = dout_tile + ATTN_TILE * stride;  // (64 keys, stride)
+    float* v_tile = k_tile + ATTN_TILE * stride;     // (64 keys, stride)
+    float* dst_tile = v_tile + ATTN_TILE * stride;   // (64 keys, ATTN_P_STRIDE): dS^T
+    int b = blockIdx.x / NH, h = blockIdx.x % NH;
+    int query_tile = gridDim.y - 1 - blockIdx.y;     // longest rows first
+    int q0 = query_tile * ATTN_TILE;
+    int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    const float* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;
+    const float* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;
+
+    attention_load_tile(q_tile, q_head, 3 * C, q0, T, head_size);
+    attention_load_tile(dout_tile, dout_head, C, q0, T, head_size);
+    float row_lse[4], row_dsum[4];   // of the thread's rows ty*4+i
+    for (int i = 0; i < 4; i++) {
+        int t = q0 + ty * 4 + i;
+        row_lse[i] = t < T ? lse[((size_t)b * NH + h) * T + t] : 0.0f;
+        row_dsum[i] = t < T ? dsum[((size_t)b * NH + h) * T + t] : 0.0f;
+    }
+    float dq[4][8] = {};   // queries ty*4+i, channels 4*(tx+16jj)+k
+    for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
+        int k0 = key_tile * ATTN_TILE;
+        __syncthreads();   // the previous tile's k and dS^T are no longer read (and q, dout are complete)
+        attention_load_tile(k_tile, q_head + C, 3 * C, k0, T, head_size);
+        attention_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, head_size);
+        __syncthreads();
+        float p[4][4] = {}, ds[4][4] = {};   // [query ty*4+i][key tx+16j]: scores and dP first
+        attention_tile_dots(p, q_tile, k_tile, channels, stride, ty, tx);
+        attention_tile_dots(ds, dout_tile, v_tile, channels, stride, ty, tx);
+        ATTN_UNROLL
+        for (int i = 0; i < 4; i++) {
+            int t = q0 + ty * 4 + i;
+            ATTN_UNROLL
+            for (int j = 0; j < 4; j++) {
+                int t2 = k0 + tx + 16 * j;
+                p[i][j] = t < T && t2 <= t ? expf(p[i][j] * scale - row_lse[i]) : 0.0f;
+                ds[i][j] = p[i][j] * (ds[i][j] - row_dsum[i]);
+            }
+        }
+        attention_store_transposed(dst_tile, ds, ty, tx);
+        __syncthreads();
+        int keys = min(ATTN_TILE, T - k0);
+        for (int c = 0; c < keys; c++)
+            attention_accumulate_row(dq, *reinterpret_cast<const float4*>(dst_tile + c * ATTN_P_STRIDE + ty * 4),
+                                     k_tile + c * stride, channels, tx);
+    }
+    ATTN_UNROLL
+    for (int i = 0; i < 4; i++) {
+        int t = q0 + ty * 4 + i;
+        if (t >= T) continue;
+        float* dq_row = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
+        ATTN_UNROLL
+        for (int k = 0; k < 8; k++) {
+            int e = 4 * (tx + 16 * (k / 4)) + k % 4;
+            if (e < head_size) dq_row[e] += dq[i][k] * scale;
+        }
+    }
+}
+
+// ---- fused launchers
+
+// dynamic shared memory of each kernel, in bytes (the table at the top of this section)
+inline size_t attention_forward_fused_shared_bytes(int head_size) {
+    return sizeof(float) * ATTN_TILE * (3 * (size_t)attention_fused_stride(head_size) + ATTN_P_STRIDE);
+}
+inline size_t attention_backward_key_value_fused_shared_bytes(int head_size) {
+    return sizeof(float) * ATTN_TILE * (4 * (size_t)attention_fused_stride(head_size) + ATTN_P_STRIDE + 2);
+}
+inline size_t attention_backward_query_fused_shared_bytes(int head_size) {
+    return sizeof(float) * ATTN_TILE * (4 * (size_t)attention_fused_stride(head_size) + ATTN_P_STRIDE);
+}
+
+inline void attention_fused_check_head_size(int head_size) {
+    if (head_size < 1 || head_size > ATTN_MAX_HEAD_SIZE)
+        fail("fused attention supports head sizes 1..%d, got %d", ATTN_MAX_HEAD_SIZE, head_size);
+}
+
+// out (B, T, C); lse (B, NH, T) saved for backward; qkv (B, T, 3C)
+inline void attention_forward_fused(float* out, float* lse, const float* qkv, int B, int T, int NH, int head_size,
+                                    cudaStream_t stream) {
+    attention_fused_check_head_size(head_size);
+    size_t shared_bytes = attention_forward_fused_shared_bytes(head_size);
+    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)shared_bytes));
+    LAUNCH(attention_forward_fused_kernel, dim3(B * NH, ceil_div(T, ATTN_TILE)), dim3(ATTN_THREADS), shared_bytes, stream,
+           out, lse, qkv, T, NH, head_size);
+}
+
+// dqkv (B, T, 3C) +=; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
+// lse (B, NH, T) from attention_forward_fused
+inline void attention_backward_fused(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* out,
+                                     const float* lse, int B, int T, int NH, int head_size, cudaStream_t stream) {
+    attention_fused_check_head_size(head_size);
+    float* dsum = scratch;   // (B, NH, T)
+    const int block = 256;   // 8 rows per block
+    LAUNCH(attention_dsum_kernel, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, dsum, dout, out, B, T,
+           NH, head_size);
+    dim3 grid(B * NH, ceil_div(T, ATTN_TILE));
+    size_t key_value_bytes = attention_backward_key_value_fused_shared_bytes(head_size);
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_key_value_fused_kernel,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)key_value_bytes));
+    LAUNCH(attention_backward_key_value_fused_kernel, grid, dim3(ATTN_THREADS), key_value_bytes, stream, dqkv, dout, qkv,
+           lse, (const float*)dsum, T, NH, head_size);
+    size_t query_bytes = attention_backward_query_fused_shared_bytes(head_size);
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_query_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)query_bytes));
+    LAUNCH(attention_backward_query_fused_kernel, grid, dim3(ATTN_THREADS), query_bytes, stream, dqkv, dout, qkv, lse,
+           (const float*)dsum, T, NH, head_size);
+}
 #endif

@@ -242,6 +242,70 @@ TEST_CASE("attention kernels match the CPU", "[kernels]") {
     }
 }
 
+// lse (B, NH, T) = log(sum_{t2 <= t} exp(q . k[t2] / sqrt(hs))), accumulated in double from the inputs
+static std::vector<float> attention_lse_reference(const std::vector<float>& qkv, int B, int T, int NH, int hs) {
+    int C = NH * hs;
+    std::vector<float> lse((size_t)B * NH * T);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                const float* q = &qkv[((size_t)b * T + t) * 3 * C + (size_t)h * hs];
+                std::vector<double> scores(t + 1);
+                double max_score = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* k = &qkv[((size_t)b * T + t2) * 3 * C + C + (size_t)h * hs];
+                    double dot = 0;
+                    for (int i = 0; i < hs; i++) dot += (double)q[i] * k[i];
+                    scores[t2] = dot / sqrt((double)hs);
+                    max_score = std::max(max_score, scores[t2]);
+                }
+                double sum = 0;
+                for (double s : scores) sum += exp(s - max_score);
+                lse[((size_t)b * NH + h) * T + t] = (float)(max_score + log(sum));
+            }
+    return lse;
+}
+
+TEST_CASE("fused attention matches the CPU", "[kernels]") {
+    // (B, T, NH, hs) around the 64-query tiles: one row; one partial tile; T 130 = three tiles, the last
+    // with 2 rows; hs 8, 36 (not a multiple of 32), 64 (the paper's) and 128 (the largest, the only one
+    // using the second float4 of channels per lane)
+    int shapes[][4] = {{1, 1, 1, 2}, {2, 9, 3, 8}, {2, 40, 2, 36}, {1, 130, 2, 64}, {1, 70, 1, 128}};
+    for (auto& s : shapes) {
+        int B = s[0], T = s[1], NH = s[2], hs = s[3], C = NH * hs;
+        INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs);
+        auto qkv = random_floats((size_t)B * T * 3 * C, 31), dout = random_floats((size_t)B * T * C, 32),
+             dqkv = random_floats((size_t)B * T * 3 * C, 33);   // random: backward accumulates
+        size_t att_size = (size_t)B * NH * T * T;
+        std::vector<float> out_cpu((size_t)B * T * C), att_cpu(att_size), scratch_cpu(att_size), dqkv_cpu = dqkv;
+        attention_forward_cpu(out_cpu.data(), att_cpu.data(), qkv.data(), B, T, NH, hs);
+        attention_backward_cpu(dqkv_cpu.data(), scratch_cpu.data(), dout.data(), qkv.data(), att_cpu.data(), B, T, NH, hs);
+        auto lse_cpu = attention_lse_reference(qkv, B, T, NH, hs);
+        DeviceArray<float> d_qkv(qkv), d_out((size_t)B * T * C), d_lse((size_t)B * NH * T),
+            d_scratch((size_t)B * NH * T), d_dout(dout), d_dqkv(dqkv);
+        attention_forward_fused(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+        attention_backward_fused(d_dqkv.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs, 0);
+        check_close(d_out.to_host(), out_cpu, "fused attention out");
+        check_close(d_lse.to_host(), lse_cpu, "fused attention lse");
+        check_close(d_dqkv.to_host(), dqkv_cpu, "fused attention dqkv");
+    }
+}
+
+TEST_CASE("fused attention backward is deterministic", "[kernels]") {
+    int B = 2, T = 130, NH = 2, hs = 36, C = NH * hs;   // three query and key tiles, partial channel groups
+    auto qkv = random_floats((size_t)B * T * 3 * C, 34), dout = random_floats((size_t)B * T * C, 35),
+         dqkv = random_floats((size_t)B * T * 3 * C, 36);
+    DeviceArray<float> d_qkv(qkv), d_out((size_t)B * T * C), d_lse((size_t)B * NH * T), d_scratch((size_t)B * NH * T),
+        d_dout(dout), d_dqkv_first(dqkv), d_dqkv_second(dqkv);
+    attention_forward_fused(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+    attention_backward_fused(d_dqkv_first.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs, 0);
+    attention_backward_fused(d_dqkv_second.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs,
+                             0);
+    auto first = d_dqkv_first.to_host(), second = d_dqkv_second.to_host();
+    REQUIRE(first.size() == second.size());
+    CHECK(memcmp(first.data(), second.data(), first.size() * sizeof(float)) == 0);   // bitwise, not within a tolerance
+}
+
 #ifndef MIXLN_CUDA_EMULATION
 // cuBLASLt runs only on a GPU (in emulation the launchers are the CPU twin itself)
 TEST_CASE("matmul (cuBLASLt) matches the CPU", "[kernels][gpu-only]") {
@@ -269,10 +333,10 @@ TEST_CASE("matmul (cuBLASLt) matches the CPU", "[kernels][gpu-only]") {
 TEST_CASE("kernel coverage report", "[kernels]") {
 #ifdef MIXLN_CUDA_EMULATION
     WARN("checked under CPU emulation of CUDA: residual, embedding, rmsnorm, rope, swiglu, crossentropy, adamw, "
-         "global_norm, attention. Checked only on a GPU (build/test_gpu): matmul (cuBLASLt).");
+         "global_norm, attention, attention (fused). Checked only on a GPU (build/test_gpu): matmul (cuBLASLt).");
 #else
     WARN("checked on the GPU: residual, embedding, rmsnorm, rope, swiglu, crossentropy, adamw, global_norm, attention, "
-         "matmul (cuBLASLt).");
+         "attention (fused), matmul (cuBLASLt).");
 #endif
     SUCCEED();
 }
