@@ -635,9 +635,11 @@ inline void mlp_sublayer_backward(Model* model, real* dinp, const real* dout, co
     LAYER(matmul_backward, dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F);
 }
 
-// Accumulates the gradient of the mean loss of the last forward pass (which must have had
-// targets) into model->grads. Call model_zero_grad first unless accumulating.
-inline void model_backward(Model* model) {
+// Accumulates loss_scale times the gradient of the mean loss of the last forward pass (which
+// must have had targets) into model->grads. Call model_zero_grad first unless accumulating:
+// with K micro-batches per step, each one's backward with loss_scale 1/K sums to the gradient
+// of the mean loss over all K*B*T positions.
+inline void model_backward(Model* model, float loss_scale = 1.0f) {
     if (!model->backward_ready) fail("model_backward needs a forward pass with targets first");
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, V = c.vocab_size, BT = B * T;
@@ -646,10 +648,10 @@ inline void model_backward(Model* model) {
     ActivationTensors& a = model->acts;
     const size_t stream_bytes = (size_t)BT * C * sizeof(real);
 
-    // loss = mean over positions, so each position's loss has gradient 1/BT; the logits turn
-    // into their gradient in place
+    // loss = mean over positions, so each position's loss has gradient loss_scale/BT; the
+    // logits turn into their gradient in place
     real* dlogits = a.logits;
-    LAYER(crossentropy_backward, dlogits, a.logits, model->targets, (real)(1.0 / BT), BT, V);
+    LAYER(crossentropy_backward, dlogits, a.logits, model->targets, (real)(loss_scale / (double)BT), BT, V);
     const real* last_output =
         c.num_layers > 0 ? layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1) : a.embedded;
     model_zero(model, a.dnorm, stream_bytes);

@@ -56,6 +56,7 @@ struct Args {
     int val_batches = 0;       // 0: every whole window of the validation data
     int val_every = 0;         // 0: validate only at the end
     int batch = 8;
+    int grad_accum = 1;        // micro-batches per optimizer step
     int steps = 100;
     float lr = 1e-3f;
     int warmup = 0;
@@ -95,7 +96,8 @@ static void print_help() {
     printf("  --val-batches K        validate on the first K batches (default 0: every whole window)\n");
     printf("  --val-every N          also validate every N steps (default 0: only at the end)\n");
     printf("optimisation (AdamW, betas 0.9/0.999, eps 1e-8; warmup then cosine to lr*min-lr-ratio):\n");
-    printf("  --batch B              sequences per step (default %d)\n", d.batch);
+    printf("  --batch B              sequences per micro-batch (default %d)\n", d.batch);
+    printf("  --grad-accum K         micro-batches per optimizer step: a global batch of K*B sequences (default %d)\n", d.grad_accum);
     printf("  --steps N              optimizer steps (default %d)\n", d.steps);
     printf("  --lr LR                peak learning rate (default %g)\n", d.lr);
     printf("  --warmup W             linear warmup steps (default %d)\n", d.warmup);
@@ -160,6 +162,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--val-batches") a.val_batches = parse_int(f, v);
         else if (flag == "--val-every") a.val_every = parse_int(f, v);
         else if (flag == "--batch") a.batch = parse_int(f, v);
+        else if (flag == "--grad-accum") a.grad_accum = parse_int(f, v);
         else if (flag == "--steps") a.steps = parse_int(f, v);
         else if (flag == "--lr") a.lr = parse_float(f, v);
         else if (flag == "--warmup") a.warmup = parse_int(f, v);
@@ -178,6 +181,7 @@ static Args parse_args(int argc, char** argv) {
     if (a.alpha_given && a.norm != "mix") fail("--alpha applies to --norm mix only (got --norm %s)", a.norm.c_str());
     if (!(a.alpha >= 0.0f && a.alpha <= 1.0f)) fail("--alpha must be in [0, 1], got %g", a.alpha);
     if (a.batch < 1) fail("--batch must be at least 1, got %d", a.batch);
+    if (a.grad_accum < 1) fail("--grad-accum must be at least 1, got %d", a.grad_accum);
     if (a.steps < 0) fail("--steps must be at least 0, got %d", a.steps);
     if (a.warmup < 0) fail("--warmup must be at least 0, got %d", a.warmup);
     if (a.val_batches < 0 || a.val_every < 0) fail("--val-batches and --val-every must be at least 0");
@@ -378,24 +382,30 @@ int main(int argc, char** argv) {
     };
 
     // the training loop; step s uses the schedule's lr(s), so with warmup step 0 has lr 0
+    const int K = args.grad_accum;
     for (int step = 0; step < args.steps; step++) {
         auto start = std::chrono::steady_clock::now();
-        dataloader_next_batch(&train_loader);
-        model_forward(&model, train_loader.inputs, train_loader.targets);
-        if (!std::isfinite(model.mean_loss)) fail("the loss is not finite at step %d; stopping", step);
+        // K micro-batches, each contributing 1/K of the gradient of the mean loss
         model_zero_grad(&model);
-        model_backward(&model);
+        double train_loss = 0.0;
+        for (int micro = 0; micro < K; micro++) {
+            dataloader_next_batch(&train_loader);
+            model_forward(&model, train_loader.inputs, train_loader.targets);
+            if (!std::isfinite(model.mean_loss)) fail("the loss is not finite at step %d; stopping", step);
+            model_backward(&model, 1.0f / K);
+            train_loss += model.mean_loss / K;
+        }
         double grad_norm = model_grad_norm(&model);
         if (!std::isfinite(grad_norm)) fail("the gradient norm is not finite at step %d; stopping", step);
         float lr = learning_rate(step, args.lr, args.warmup, args.steps, args.min_lr_ratio);
         model_update(&model, lr, 0.9f, 0.999f, 1e-8f, args.weight_decay, grad_clip_scale(grad_norm, args.grad_clip));
         double seconds = seconds_since(start);
-        double tokens_per_second = (double)B * T / seconds;
+        double tokens_per_second = (double)K * B * T / seconds;
         printf("step %d/%d | loss %.4f | lr %.3e | grad norm %.4f | %.1f ms | %.0f tok/s\n", step + 1, args.steps,
-               model.mean_loss, lr, grad_norm, seconds * 1000, tokens_per_second);
+               train_loss, lr, grad_norm, seconds * 1000, tokens_per_second);
         if (log) {
             fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.3f, \"tokens_per_second\": %.1f}\n",
-                    step, model.mean_loss, lr, grad_norm, seconds * 1000, tokens_per_second);
+                    step, train_loss, lr, grad_norm, seconds * 1000, tokens_per_second);
             fflush(log);
         }
         if (have_val && args.val_every > 0 && (step + 1) % args.val_every == 0 && step + 1 < args.steps) validate(step + 1);

@@ -577,3 +577,7 @@ TEST_CASE("a failed run leaves an existing checkpoint intact", "[cli]") {
     CHECK(read_file(ckpt + "/model.safetensors") == weights);
     CHECK(read_file(ckpt + "/config.json") == config);
 }
+
+TEST_CASE("--grad-accum below 1 is refused", "[cli]") {
+    require_train_fails("--steps 0 --grad-accum 0", "--grad-accum must be at least 1, got 0");
+}
