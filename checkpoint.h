@@ -103,9 +103,9 @@ inline float config_float(const JsonValue& root, const char* key, const std::str
     return (float)v->number;
 }
 
-// Reads a config.json (ours or a stock Hugging Face LLaMA one) and checks it.
-inline ModelConfig config_read_json(const std::string& path) {
-    std::string text = read_text_file(path);
+// Parses config.json text (ours or a stock Hugging Face LLaMA one) and checks it; `path` names
+// it in messages.
+inline ModelConfig config_from_json(const std::string& text, const std::string& path) {
     JsonValue root;
     std::string error;
     if (!json_parse(text, &root, &error)) fail("'%s' is not valid JSON: %s", path.c_str(), error.c_str());
@@ -141,6 +141,29 @@ inline ModelConfig config_read_json(const std::string& path) {
     return c;
 }
 
+inline ModelConfig config_read_json(const std::string& path) {
+    return config_from_json(read_text_file(path), path);
+}
+
+// ---- checksums
+
+// FNV-1a (64 bit) over bytes, continued from `hash`: enough to notice a corrupted checkpoint
+// (a flipped bit, a block of zeros), not meant against tampering.
+inline uint64_t fnv1a64(const void* data, size_t n, uint64_t hash = 1469598103934665603ull) {
+    const unsigned char* bytes = (const unsigned char*)data;
+    for (size_t i = 0; i < n; i++) {
+        hash ^= bytes[i];
+        hash *= 1099511628211ull;
+    }
+    return hash;
+}
+
+inline std::string hex64(uint64_t value) {
+    char buf[17];
+    snprintf(buf, sizeof(buf), "%016llx", (unsigned long long)value);
+    return buf;
+}
+
 // ---- the checkpoint directory
 
 inline void make_directory(const std::string& dir) {
@@ -172,8 +195,15 @@ inline void checkpoint_save(const ModelConfig& config, const real* weights, cons
         data = staging.data();
     }
     std::vector<SafeTensorsEntry> entries;
-    for (const NamedTensor& t : tensors) entries.push_back({t.name, "F32", t.shape, data + t.offset});
-    safetensors_write((dir + "/model.safetensors").c_str(), entries, {{"format", "pt"}});
+    uint64_t checksum = fnv1a64(nullptr, 0);
+    for (const NamedTensor& t : tensors) {
+        entries.push_back({t.name, "F32", t.shape, data + t.offset});
+        size_t numel = 1;
+        for (int64_t d : t.shape) numel *= (size_t)d;
+        checksum = fnv1a64(data + t.offset, numel * sizeof(float), checksum);
+    }
+    // "checksum": FNV-1a 64 over the tensors' bytes in file order, checked when loading
+    safetensors_write((dir + "/model.safetensors").c_str(), entries, {{"format", "pt"}, {"checksum", hex64(checksum)}});
     write_file_atomic(dir + "/config.json", config_to_json(config));
 }
 
@@ -190,6 +220,9 @@ inline void safetensors_load_named(real* weights, const ModelConfig& config, con
     safetensors_open(&file, path.c_str());
     std::vector<NamedTensor> expected = model_named_tensors(config);
     std::vector<float> staging;
+    // files written here carry a checksum of the tensors in file order (= the order below)
+    const char* stored_checksum = prefix.empty() ? safetensors_metadata(&file, "checksum") : nullptr;
+    uint64_t checksum = fnv1a64(nullptr, 0);
     for (const NamedTensor& t : expected) {
         const SafeTensor* st = safetensors_find(&file, prefix + t.name);
         if (st == nullptr) {
@@ -203,7 +236,12 @@ inline void safetensors_load_named(real* weights, const ModelConfig& config, con
         size_t n = safetensor_numel(st);
         staging.resize(n);
         safetensors_read_f32(&file, st, staging.data());
+        if (stored_checksum) checksum = fnv1a64(staging.data(), n * sizeof(float), checksum);
         for (size_t i = 0; i < n; i++) weights[t.offset + i] = (real)staging[i];
+    }
+    if (stored_checksum && hex64(checksum) != stored_checksum) {
+        fail("'%s' is corrupted: its checksum is %s but its data hashes to %s", path.c_str(), stored_checksum,
+             hex64(checksum).c_str());
     }
     if (!allow_extra) {
         for (const SafeTensor& st : file.tensors) {
@@ -228,4 +266,110 @@ inline void checkpoint_load_weights(Model* model, const std::string& dir) {
 // Writes the model's parameters as a checkpoint directory.
 inline void checkpoint_save_model(const Model* model, const std::string& dir) {
     checkpoint_save(model->config, model_to_host(model, model->params_memory).data(), dir);
+}
+
+// ---- training state, for --resume
+
+// Everything a run needs to continue bit for bit, besides what the model holds (parameters,
+// AdamW moments and step): where it is in the schedule and in the data, and the settings it runs
+// with (a JSON object, checked against the command line on resume).
+struct TrainingState {
+    int step = 0;               // the next optimizer step to run
+    int shard_index = 0;        // the data loader's position
+    size_t batch_index = 0;
+    std::string settings_json;
+};
+
+// DIR/training_state.safetensors, one file so that it is replaced atomically as a whole:
+//   tensors   params, adam_m, adam_v: (num_parameters,) F32 each, the flat buffers of model.h
+//   metadata  format "mixln-training-state-1"; config (config.json text); step, adam_step,
+//             shard_index, batch_index (decimal); settings (JSON); checksum (FNV-1a 64 over the
+//             three tensors' bytes in that order, hex)
+inline void training_state_save(const Model* model, const TrainingState& state, const std::string& dir) {
+    make_directory(dir);
+    int64_t n = (int64_t)model->num_parameters;
+    std::vector<real> buffers[3] = {model_to_host(model, model->params_memory), model_to_host(model, model->adam_m),
+                                    model_to_host(model, model->adam_v)};
+    const char* names[3] = {"params", "adam_m", "adam_v"};
+    std::vector<float> staging[3];
+    std::vector<SafeTensorsEntry> entries;
+    uint64_t checksum = fnv1a64(nullptr, 0);
+    for (int i = 0; i < 3; i++) {
+        staging[i].assign(buffers[i].begin(), buffers[i].end());
+        entries.push_back({names[i], "F32", {n}, staging[i].data()});
+        checksum = fnv1a64(staging[i].data(), staging[i].size() * sizeof(float), checksum);
+    }
+    safetensors_write((dir + "/training_state.safetensors").c_str(), entries,
+                      {{"format", "mixln-training-state-1"},
+                       {"config", config_to_json(model->config)},
+                       {"step", std::to_string(state.step)},
+                       {"adam_step", std::to_string(model->adam_step)},
+                       {"shard_index", std::to_string(state.shard_index)},
+                       {"batch_index", std::to_string(state.batch_index)},
+                       {"settings", state.settings_json},
+                       {"checksum", hex64(checksum)}});
+}
+
+inline std::string training_state_path(const std::string& dir) { return dir + "/training_state.safetensors"; }
+
+inline const char* training_state_field(const SafeTensorsFile& file, const char* key) {
+    const char* value = safetensors_metadata(&file, key);
+    if (value == nullptr) fail("'%s' is not a training state: it has no \"%s\"", file.path.c_str(), key);
+    return value;
+}
+
+inline long long training_state_number(const SafeTensorsFile& file, const char* key) {
+    const char* text = training_state_field(file, key);
+    char* end = nullptr;
+    long long value = strtoll(text, &end, 10);
+    if (end == text || *end != '\0' || value < 0) fail("'%s': \"%s\" is not a count: '%s'", file.path.c_str(), key, text);
+    return value;
+}
+
+// The model config and the settings of a saved run, before the model exists.
+inline ModelConfig training_state_config(const std::string& dir, std::string* settings_json) {
+    SafeTensorsFile file;
+    safetensors_open(&file, training_state_path(dir).c_str());
+    if (std::string(training_state_field(file, "format")) != "mixln-training-state-1") {
+        fail("'%s' has an unknown format '%s'", file.path.c_str(), training_state_field(file, "format"));
+    }
+    *settings_json = training_state_field(file, "settings");
+    return config_from_json(training_state_field(file, "config"), file.path + " (config)");
+}
+
+// Restores parameters, AdamW moments and step into a model built with the saved config, after
+// checking the checksum. Returns the schedule and data position.
+inline TrainingState training_state_load(Model* model, const std::string& dir) {
+    SafeTensorsFile file;
+    safetensors_open(&file, training_state_path(dir).c_str());
+    const char* names[3] = {"params", "adam_m", "adam_v"};
+    real* targets[3] = {model->params_memory, model->adam_m, model->adam_v};
+    std::vector<float> staging[3];
+    uint64_t checksum = fnv1a64(nullptr, 0);
+    for (int i = 0; i < 3; i++) {
+        const SafeTensor* t = safetensors_find(&file, names[i]);
+        if (t == nullptr) fail("'%s' has no tensor '%s'", file.path.c_str(), names[i]);
+        if (t->shape != std::vector<int64_t>{(int64_t)model->num_parameters}) {
+            fail("'%s': '%s' has shape %s but the model has %zu parameters", file.path.c_str(), names[i],
+                 safetensors_shape_string(t->shape).c_str(), model->num_parameters);
+        }
+        staging[i].resize(model->num_parameters);
+        safetensors_read_f32(&file, t, staging[i].data());
+        checksum = fnv1a64(staging[i].data(), staging[i].size() * sizeof(float), checksum);
+    }
+    if (hex64(checksum) != training_state_field(file, "checksum")) {
+        fail("'%s' is corrupted: its checksum is %s but its data hashes to %s", file.path.c_str(),
+             training_state_field(file, "checksum"), hex64(checksum).c_str());
+    }
+    for (int i = 0; i < 3; i++) {
+        std::vector<real> host(staging[i].begin(), staging[i].end());
+        model_copy_in(model, targets[i], host.data(), host.size() * sizeof(real));
+    }
+    model->adam_step = (int)training_state_number(file, "adam_step");
+    TrainingState state;
+    state.step = (int)training_state_number(file, "step");
+    state.shard_index = (int)training_state_number(file, "shard_index");
+    state.batch_index = (size_t)training_state_number(file, "batch_index");
+    state.settings_json = training_state_field(file, "settings");
+    return state;
 }

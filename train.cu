@@ -12,7 +12,9 @@ backend has been verified on a GPU, --device auto stays on the CPU.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -69,6 +71,10 @@ struct Args {
     std::string precision = "fp32";
     std::string init_from, out;
     bool eval_only = false;
+    int checkpoint_every = 0;  // 0: a checkpoint at the end only
+    int stop_at = 0;           // 0: run all steps
+    std::string resume;
+    std::vector<std::string> given;   // the flags that were on the command line
 };
 
 static void print_help() {
@@ -110,6 +116,9 @@ static void print_help() {
     printf("  --precision fp32|bf16  number format (default %s; bf16 is not implemented yet)\n", d.precision.c_str());
     printf("  --init-from DIR        start from a checkpoint's weights (its config.json sets the model)\n");
     printf("  --out DIR              write DIR/log.jsonl while training and the checkpoint at the end\n");
+    printf("  --checkpoint-every N   also write the checkpoint and training state every N steps (default 0: at the end)\n");
+    printf("  --stop-at S            end the run after step S with a checkpoint, as a time-limited job would (default 0: off)\n");
+    printf("  --resume DIR           continue the run saved in DIR bit for bit (its settings; --out defaults to DIR)\n");
     printf("  --eval-only            evaluate on --val-data and print {\"val_loss\": ..., \"tokens\": ...}\n");
     printf("  --help                 this text\n");
 }
@@ -147,6 +156,7 @@ static Args parse_args(int argc, char** argv) {
         if (i + 1 >= argc) fail("%s needs a value (see --help)", flag.c_str());
         const char* v = argv[++i];
         const char* f = flag.c_str();
+        a.given.push_back(flag);
         if (flag == "--model") { a.preset = v; a.preset_given = true; }
         else if (flag == "--layers") a.layers = parse_int(f, v);
         else if (flag == "--dim") a.dim = parse_int(f, v);
@@ -174,6 +184,9 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--precision") a.precision = v;
         else if (flag == "--init-from") a.init_from = v;
         else if (flag == "--out") a.out = v;
+        else if (flag == "--checkpoint-every") a.checkpoint_every = parse_int(f, v);
+        else if (flag == "--stop-at") a.stop_at = parse_int(f, v);
+        else if (flag == "--resume") a.resume = v;
         else fail("unknown flag '%s' (see --help)", f);
     }
     // values that are wrong whatever the model
@@ -185,6 +198,8 @@ static Args parse_args(int argc, char** argv) {
     if (a.steps < 0) fail("--steps must be at least 0, got %d", a.steps);
     if (a.warmup < 0) fail("--warmup must be at least 0, got %d", a.warmup);
     if (a.val_batches < 0 || a.val_every < 0) fail("--val-batches and --val-every must be at least 0");
+    if (a.checkpoint_every < 0 || a.stop_at < 0) fail("--checkpoint-every and --stop-at must be at least 0");
+    if (!a.resume.empty() && !a.init_from.empty()) fail("--resume and --init-from exclude each other");
     if (!(a.lr >= 0.0f)) fail("--lr must be at least 0, got %g", a.lr);
     if (!(a.min_lr_ratio >= 0.0f && a.min_lr_ratio <= 1.0f)) fail("--min-lr-ratio must be in [0, 1], got %g", a.min_lr_ratio);
     if (!(a.weight_decay >= 0.0f)) fail("--weight-decay must be at least 0, got %g", a.weight_decay);
@@ -245,6 +260,115 @@ static void check_flags_match_checkpoint(const Args& a, const ModelConfig& c, co
                  dir.c_str(), a.norm.c_str(), post, c.post_ln_layers);
         }
     }
+}
+
+// ----------------------------------------------------------------------------
+// the settings that define a run, saved with its training state
+
+struct RunSetting {
+    const char* flag;
+    std::string value;   // canonical text: what the flag parses to, printed back
+};
+
+static std::string number_text(double v) {
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%.9g", v);
+    return buf;
+}
+
+// for messages: a stored number as %g prints it (0.01, not 0.00999999978)
+static std::string number_text_short(const std::string& text) {
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%g", strtof(text.c_str(), nullptr));
+    return buf;
+}
+
+static std::vector<RunSetting> run_settings(const Args& a) {
+    return {{"--train-data", a.train_data},
+            {"--batch", std::to_string(a.batch)},
+            {"--grad-accum", std::to_string(a.grad_accum)},
+            {"--seq-len", std::to_string(a.seq_len)},
+            {"--steps", std::to_string(a.steps)},
+            {"--lr", number_text(a.lr)},
+            {"--warmup", std::to_string(a.warmup)},
+            {"--min-lr-ratio", number_text(a.min_lr_ratio)},
+            {"--weight-decay", number_text(a.weight_decay)},
+            {"--grad-clip", number_text(a.grad_clip)}};
+}
+
+static std::string settings_to_json(const Args& a) {
+    std::string json = "{";
+    for (const RunSetting& s : run_settings(a)) {
+        json += (json.size() > 1 ? ", " : "") + json_escape(s.flag) + ": " + json_escape(s.value);
+    }
+    return json + "}";
+}
+
+// --resume: the run continues with its saved settings; a flag given again must say the same.
+static void apply_saved_settings(Args* a, const std::string& settings_json, const std::string& dir) {
+    JsonValue saved;
+    std::string error;
+    if (!json_parse(settings_json, &saved, &error) || saved.type != JsonValue::Object) {
+        fail("the training state in '%s' has unreadable settings: %s", dir.c_str(), error.c_str());
+    }
+    std::vector<std::string> argv_like;
+    for (const RunSetting& s : run_settings(*a)) {
+        const JsonValue* v = saved.get(s.flag);
+        if (v == nullptr || v->type != JsonValue::String) fail("the training state in '%s' has no setting %s", dir.c_str(), s.flag);
+        bool given = std::find(a->given.begin(), a->given.end(), s.flag) != a->given.end();
+        // numbers compare as the floats they parse to (the text is %.9g, which round-trips)
+        bool numeric = std::string(s.flag) != "--train-data";
+        bool same = numeric ? strtof(v->string.c_str(), nullptr) == strtof(s.value.c_str(), nullptr) : v->string == s.value;
+        if (given && !same) {
+            fail("--resume '%s': %s %s differs from the saved run's %s (a resumed run keeps its settings)", dir.c_str(),
+                 s.flag, numeric ? number_text_short(s.value).c_str() : s.value.c_str(),
+                 numeric ? number_text_short(v->string).c_str() : v->string.c_str());
+        }
+        argv_like.push_back(s.flag);
+        argv_like.push_back(v->string);
+    }
+    // the saved values, through the same parser as the command line
+    for (size_t i = 0; i < argv_like.size(); i += 2) {
+        const std::string& flag = argv_like[i];
+        const char* v = argv_like[i + 1].c_str();
+        if (flag == "--train-data") a->train_data = v;
+        else if (flag == "--batch") a->batch = parse_int("--batch", v);
+        else if (flag == "--grad-accum") a->grad_accum = parse_int("--grad-accum", v);
+        else if (flag == "--seq-len") a->seq_len = parse_int("--seq-len", v);
+        else if (flag == "--steps") a->steps = parse_int("--steps", v);
+        else if (flag == "--lr") a->lr = parse_float("--lr", v);
+        else if (flag == "--warmup") a->warmup = parse_int("--warmup", v);
+        else if (flag == "--min-lr-ratio") a->min_lr_ratio = parse_float("--min-lr-ratio", v);
+        else if (flag == "--weight-decay") a->weight_decay = parse_float("--weight-decay", v);
+        else if (flag == "--grad-clip") a->grad_clip = parse_float("--grad-clip", v);
+    }
+}
+
+// A resumed run's log keeps the entries up to the saved step (an interrupted run may have logged
+// steps past its last checkpoint, which are about to run again) and continues after them.
+static FILE* open_log(const std::string& dir, bool resuming, int resume_step) {
+    std::string path = dir + "/log.jsonl";
+    std::string kept;
+    if (resuming) {
+        FILE* old = fopen(path.c_str(), "rb");
+        if (old != nullptr) {
+            fclose(old);
+            std::string text = read_text_file(path), line;
+            for (size_t i = 0; i < text.size(); i = text.find('\n', i) + 1) {
+                size_t end = text.find('\n', i);
+                if (end == std::string::npos) break;   // a torn last line is dropped
+                line = text.substr(i, end - i);
+                JsonValue entry;
+                std::string error;
+                if (!json_parse(line, &entry, &error) || entry.get("step") == nullptr) continue;
+                int step = (int)entry.get("step")->number;
+                bool is_train = entry.get("train_loss") != nullptr;
+                if (is_train ? step < resume_step : step <= resume_step) kept += line + "\n";
+            }
+        }
+    }
+    write_file_atomic(path, kept);
+    return fopen_or_fail(path.c_str(), "a");
 }
 
 // ----------------------------------------------------------------------------
@@ -323,9 +447,16 @@ int main(int argc, char** argv) {
     Args args = parse_args(argc, argv);
     bool on_gpu = choose_device(args);
 
-    // the model: from a checkpoint, or from the flags
+    // the model: from a saved run, from a checkpoint, or from the flags
     ModelConfig config;
-    if (!args.init_from.empty()) {
+    bool resuming = !args.resume.empty();
+    if (resuming) {
+        std::string settings;
+        config = training_state_config(args.resume, &settings);
+        check_flags_match_checkpoint(args, config, args.resume);
+        apply_saved_settings(&args, settings, args.resume);
+        if (args.out.empty()) args.out = args.resume;
+    } else if (!args.init_from.empty()) {
         config = checkpoint_read_config(args.init_from);
         check_flags_match_checkpoint(args, config, args.init_from);
     } else {
@@ -348,7 +479,17 @@ int main(int argc, char** argv) {
 
     Model model;
     model_build(&model, config, B, T, on_gpu);
-    if (!args.init_from.empty()) {
+    TrainingState state;
+    if (resuming) {
+        state = training_state_load(&model, args.resume);
+        if (state.step > args.steps) fail("the saved run in '%s' is at step %d, past its %d steps", args.resume.c_str(), state.step, args.steps);
+        if (have_train) {
+            if (state.shard_index >= (int)train_loader.shard_paths.size()) fail("the saved data position is past the shards of %s", args.train_data.c_str());
+            train_loader.shard_index = state.shard_index;
+            train_loader.batch_index = state.batch_index;
+        }
+        printf("resuming %s at step %d of %d\n", args.resume.c_str(), state.step, args.steps);
+    } else if (!args.init_from.empty()) {
         checkpoint_load_weights(&model, args.init_from);
     } else {
         model_init_weights(&model, args.seed, args.embed_std);
@@ -370,8 +511,20 @@ int main(int argc, char** argv) {
     FILE* log = nullptr;
     if (!args.out.empty()) {
         make_directory(args.out);
-        log = fopen_or_fail((args.out + "/log.jsonl").c_str(), "w");
+        log = open_log(args.out, resuming, state.step);
     }
+    // the checkpoint: weights and config for users and other tools, and the training state
+    auto save_checkpoint = [&](int next_step) {
+        if (args.out.empty()) return;
+        checkpoint_save_model(&model, args.out);
+        TrainingState now;
+        now.step = next_step;
+        now.shard_index = have_train ? train_loader.shard_index : 0;
+        now.batch_index = have_train ? train_loader.batch_index : 0;
+        now.settings_json = settings_to_json(args);
+        training_state_save(&model, now, args.out);
+        printf("checkpoint written to %s (step %d)\n", args.out.c_str(), next_step);
+    };
     auto validate = [&](int step) {
         EvalResult r = evaluate(&model, &val_loader, args.val_batches);
         printf("step %d | val loss %.4f | perplexity %.2f | %zu tokens\n", step, r.loss, exp(r.loss), r.tokens);
@@ -383,7 +536,8 @@ int main(int argc, char** argv) {
 
     // the training loop; step s uses the schedule's lr(s), so with warmup step 0 has lr 0
     const int K = args.grad_accum;
-    for (int step = 0; step < args.steps; step++) {
+    int last_step = args.stop_at > 0 && args.stop_at < args.steps ? args.stop_at : args.steps;
+    for (int step = state.step; step < last_step; step++) {
         auto start = std::chrono::steady_clock::now();
         // K micro-batches, each contributing 1/K of the gradient of the mean loss
         model_zero_grad(&model);
@@ -409,13 +563,10 @@ int main(int argc, char** argv) {
             fflush(log);
         }
         if (have_val && args.val_every > 0 && (step + 1) % args.val_every == 0 && step + 1 < args.steps) validate(step + 1);
+        if (args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 && step + 1 < last_step) save_checkpoint(step + 1);
     }
-    if (have_val) validate(args.steps);
-
-    if (!args.out.empty()) {
-        checkpoint_save_model(&model, args.out);
-        printf("checkpoint written to %s\n", args.out.c_str());
-    }
+    if (have_val && last_step == args.steps) validate(args.steps);
+    save_checkpoint(last_step);
     if (log) fclose(log);
     if (have_train) dataloader_free(&train_loader);
     if (have_val) dataloader_free(&val_loader);

@@ -581,3 +581,92 @@ TEST_CASE("a failed run leaves an existing checkpoint intact", "[cli]") {
 TEST_CASE("--grad-accum below 1 is refused", "[cli]") {
     require_train_fails("--steps 0 --grad-accum 0", "--grad-accum must be at least 1, got 0");
 }
+
+// ---- checkpoints with training state, and --resume
+
+// The fixture "mix" run (its checkpoint, data and settings) for 20 steps, with extra flags.
+static std::string mix_run_args(int steps) {
+    std::string dir = fixture_dir("mix");
+    return "--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") +
+           " --batch 3 --seq-len 24 --lr 0.01 --warmup 3 --grad-clip 0.5 --steps " + std::to_string(steps);
+}
+
+static std::vector<std::string> train_loss_lines(const std::string& log_path) {
+    std::vector<std::string> lines;
+    std::stringstream text(read_file(log_path));
+    std::string line;
+    while (std::getline(text, line)) {
+        // the timing fields differ between runs; the rest must not
+        if (line.find("\"train_loss\"") != std::string::npos) lines.push_back(line.substr(0, line.find(", \"ms\"")));
+    }
+    return lines;
+}
+
+TEST_CASE("10 steps, then --resume for 10 more, is bitwise identical to 20 steps straight", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(20) + " --out " + quote(tmp + "/straight"));
+    Run stopped = train_ok(mix_run_args(20) + " --out " + quote(tmp + "/resumed") + " --stop-at 10");
+    CHECK(stopped.out.find("checkpoint written to " + tmp + "/resumed (step 10)") != std::string::npos);
+    CHECK(train_loss_lines(tmp + "/resumed/log.jsonl").size() == 10);
+    Run resumed = train_ok("--resume " + quote(tmp + "/resumed"));
+    CHECK(resumed.out.find("at step 10 of 20") != std::string::npos);
+    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/resumed/model.safetensors"));
+    CHECK(read_file(tmp + "/straight/training_state.safetensors") == read_file(tmp + "/resumed/training_state.safetensors"));
+    CHECK(train_loss_lines(tmp + "/straight/log.jsonl") == train_loss_lines(tmp + "/resumed/log.jsonl"));
+}
+
+TEST_CASE("--checkpoint-every writes a training state that resumes", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(6) + " --out " + quote(tmp + "/run") + " --checkpoint-every 2 --stop-at 5");
+    // stopped after step 5: the last checkpoint is the one at the stop, the log has 5 steps
+    Run resumed = train_ok("--resume " + quote(tmp + "/run"));
+    CHECK(resumed.out.find("at step 5 of 6") != std::string::npos);
+    CHECK(train_loss_lines(tmp + "/run/log.jsonl").size() == 6);
+}
+
+TEST_CASE("--resume refuses a setting that differs from the saved run", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(4) + " --out " + quote(tmp + "/run") + " --stop-at 2");
+    require_train_fails("--resume " + quote(tmp + "/run") + " --lr 0.02", "--lr 0.02 differs from the saved run's 0.01");
+}
+
+TEST_CASE("a corrupted training state is refused and left as it was", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(4) + " --out " + quote(tmp + "/run") + " --stop-at 2");
+    std::string path = tmp + "/run/training_state.safetensors";
+    std::string bytes = read_file(path);
+    bytes[bytes.size() - 100] ^= 0x10;   // one flipped bit in the AdamW second moment
+    write_file(path, bytes);
+    require_train_fails("--resume " + quote(tmp + "/run"), "is corrupted: its checksum is");
+    CHECK(read_file(path) == bytes);
+}
+
+TEST_CASE("a truncated training state is refused", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(4) + " --out " + quote(tmp + "/run") + " --stop-at 2");
+    std::string path = tmp + "/run/training_state.safetensors";
+    std::string bytes = read_file(path);
+    write_file(path, bytes.substr(0, bytes.size() - 5000));
+    require_train_fails("--resume " + quote(tmp + "/run"), "truncated");
+}
+
+TEST_CASE("a corrupted model.safetensors is refused by --init-from", "[cli]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(1) + " --out " + quote(tmp + "/run"));
+    std::string path = tmp + "/run/model.safetensors";
+    std::string bytes = read_file(path);
+    bytes[bytes.size() / 2] ^= 0x01;
+    write_file(path, bytes);
+    require_train_fails("--init-from " + quote(tmp + "/run") + " --steps 0", "is corrupted: its checksum is");
+}
+
+TEST_CASE("a non-finite loss stops the run, naming the step, and the last checkpoint survives", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(2) + " --out " + quote(tmp + "/run"));
+    std::string weights = read_file(tmp + "/run/model.safetensors");
+    // an absurd learning rate sends the weights to infinity after the first update
+    require_train_fails(mix_run_args(5) + " --lr 1e30 --warmup 0 --out " + quote(tmp + "/run"),
+                        "the loss is not finite at step 1; stopping");
+    CHECK(read_file(tmp + "/run/model.safetensors") == weights);
+    train_ok("--init-from " + quote(tmp + "/run") + " --steps 0");
+}
