@@ -708,6 +708,35 @@ inline double model_grad_norm(const Model* model) {
     return global_norm_cpu(model->grads_memory, model->num_parameters);
 }
 
+// L2 norm of the gradient of each decoder layer's parameters taken together (its two norms and
+// six projections), the paper's per-layer gradient diagnostic. (L) values.
+inline std::vector<double> model_layer_grad_norms(const Model* model) {
+    const ModelConfig& c = model->config;
+    size_t C = c.channels, F = c.ffn_channels;
+    std::vector<double> norms;
+    for (int l = 0; l < c.num_layers; l++) {
+        LayerWeights g = layer_weights(model->grads, c, l);
+        const real* slices[6] = {g.attn_norm, g.qkv_proj, g.o_proj, g.mlp_norm, g.gate_up_proj, g.down_proj};
+        size_t sizes[6] = {C, 3 * C * C, C * C, C, 2 * F * C, C * F};
+        double sum_squares = 0.0;
+        for (int i = 0; i < 6; i++) {
+#ifdef MIXLN_CUDA
+            if (model->on_gpu) {
+                global_norm_squared(model->norm_squared, model->norm_partials, slices[i], sizes[i], model->stream);
+                float part = 0.0f;
+                model_copy_out(model, &part, model->norm_squared, sizeof(float));
+                sum_squares += part;
+                continue;
+            }
+#endif
+            double norm = global_norm_cpu(slices[i], sizes[i]);
+            sum_squares += norm * norm;
+        }
+        norms.push_back(sqrt(sum_squares));
+    }
+    return norms;
+}
+
 // The factor clipping multiplies the gradients by: clip / (norm + 1e-6) when the norm exceeds
 // clip (torch.nn.utils.clip_grad_norm_'s rule), else 1. clip <= 0 turns clipping off.
 inline float grad_clip_scale(double grad_norm, float clip) {

@@ -72,6 +72,7 @@ struct Args {
     std::string init_from, out;
     bool eval_only = false;
     int checkpoint_every = 0;  // 0: a checkpoint at the end only
+    int layer_grads_every = 0; // 0: no per-layer gradient norms in the log
     int stop_at = 0;           // 0: run all steps
     std::string resume;
     std::vector<std::string> given;   // the flags that were on the command line
@@ -116,6 +117,7 @@ static void print_help() {
     printf("  --precision fp32|bf16  number format (default %s; bf16 is not implemented yet)\n", d.precision.c_str());
     printf("  --init-from DIR        start from a checkpoint's weights (its config.json sets the model)\n");
     printf("  --out DIR              write DIR/log.jsonl while training and the checkpoint at the end\n");
+    printf("  --layer-grads-every N  log each layer's gradient norm every N steps (default 0: off)\n");
     printf("  --checkpoint-every N   also write the checkpoint and training state every N steps (default 0: at the end)\n");
     printf("  --stop-at S            end the run after step S with a checkpoint, as a time-limited job would (default 0: off)\n");
     printf("  --resume DIR           continue the run saved in DIR bit for bit (its settings; --out defaults to DIR)\n");
@@ -185,6 +187,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--init-from") a.init_from = v;
         else if (flag == "--out") a.out = v;
         else if (flag == "--checkpoint-every") a.checkpoint_every = parse_int(f, v);
+        else if (flag == "--layer-grads-every") a.layer_grads_every = parse_int(f, v);
         else if (flag == "--stop-at") a.stop_at = parse_int(f, v);
         else if (flag == "--resume") a.resume = v;
         else fail("unknown flag '%s' (see --help)", f);
@@ -199,6 +202,7 @@ static Args parse_args(int argc, char** argv) {
     if (a.warmup < 0) fail("--warmup must be at least 0, got %d", a.warmup);
     if (a.val_batches < 0 || a.val_every < 0) fail("--val-batches and --val-every must be at least 0");
     if (a.checkpoint_every < 0 || a.stop_at < 0) fail("--checkpoint-every and --stop-at must be at least 0");
+    if (a.layer_grads_every < 0) fail("--layer-grads-every must be at least 0");
     if (!a.resume.empty() && !a.init_from.empty()) fail("--resume and --init-from exclude each other");
     if (!(a.lr >= 0.0f)) fail("--lr must be at least 0, got %g", a.lr);
     if (!(a.min_lr_ratio >= 0.0f && a.min_lr_ratio <= 1.0f)) fail("--min-lr-ratio must be in [0, 1], got %g", a.min_lr_ratio);
@@ -550,6 +554,11 @@ int main(int argc, char** argv) {
             train_loss += model.mean_loss / K;
         }
         double grad_norm = model_grad_norm(&model);
+        std::string layer_grads;   // ", \"layer_grad_norms\": [...]" on the steps that log them
+        if (args.layer_grads_every > 0 && step % args.layer_grads_every == 0) {
+            for (double norm : model_layer_grad_norms(&model)) layer_grads += (layer_grads.empty() ? "" : ", ") + number_text(norm);
+            layer_grads = ", \"layer_grad_norms\": [" + layer_grads + "]";
+        }
         if (!std::isfinite(grad_norm)) fail("the gradient norm is not finite at step %d; stopping", step);
         float lr = learning_rate(step, args.lr, args.warmup, args.steps, args.min_lr_ratio);
         model_update(&model, lr, 0.9f, 0.999f, 1e-8f, args.weight_decay, grad_clip_scale(grad_norm, args.grad_clip));
@@ -558,8 +567,8 @@ int main(int argc, char** argv) {
         printf("step %d/%d | loss %.4f | lr %.3e | grad norm %.4f | %.1f ms | %.0f tok/s\n", step + 1, args.steps,
                train_loss, lr, grad_norm, seconds * 1000, tokens_per_second);
         if (log) {
-            fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.3f, \"tokens_per_second\": %.1f}\n",
-                    step, train_loss, lr, grad_norm, seconds * 1000, tokens_per_second);
+            fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.3f, \"tokens_per_second\": %.1f%s}\n",
+                    step, train_loss, lr, grad_norm, seconds * 1000, tokens_per_second, layer_grads.c_str());
             fflush(log);
         }
         if (have_val && args.val_every > 0 && (step + 1) % args.val_every == 0 && step + 1 < args.steps) validate(step + 1);

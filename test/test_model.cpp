@@ -256,3 +256,51 @@ TEST_CASE(BACKEND ": 2 accumulated micro-batches of 3 give the update of one bat
     CHECK(grad_error < 1e-6);
     CHECK(param_error < 1e-6);
 }
+
+TEST_CASE(BACKEND ": per-layer gradient norms add up to the global norm", "[parity][layer-grads]") {
+    std::string dir = fixture_dir("mix_half");
+    ModelConfig config = checkpoint_read_config(dir);
+    TrainSettings s = read_train_settings(dir);
+    Model model;
+    model_build(&model, config, s.batch, s.seq_len, ON_GPU);
+    checkpoint_load_weights(&model, dir);
+    DataLoader loader;
+    dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
+    dataloader_next_batch(&loader);
+    model_forward(&model, loader.inputs, loader.targets);
+    model_zero_grad(&model);
+    model_backward(&model);
+    std::vector<double> layers = model_layer_grad_norms(&model);
+    REQUIRE((int)layers.size() == config.num_layers);
+    // the rest of the model: embedding, final norm, LM head, from a host copy
+    std::vector<real> grads = model_to_host(&model, model.grads_memory);
+    ParameterTensors g;
+    point_parameters(&g, grads.data(), config);
+    size_t C = config.channels, V = config.vocab_size;
+    double rest = 0.0;
+    for (size_t i = 0; i < V * C; i++) rest += (double)g.embed_tokens[i] * g.embed_tokens[i] + (double)g.lm_head[i] * g.lm_head[i];
+    for (size_t i = 0; i < C; i++) rest += (double)g.final_norm[i] * g.final_norm[i];
+    double total = rest;
+    for (double norm : layers) total += norm * norm;
+    // the same squares summed in another grouping (and, on the GPU, in float): ~1e-7
+    CHECK(fabs(sqrt(total) - model_grad_norm(&model)) / model_grad_norm(&model) < 1e-6);
+    // every layer gets gradient, and the reference's gradients give the same per-layer norms
+    std::vector<real> reference(num_parameters(config));
+    safetensors_load_named(reference.data(), config, dir + "/fixture.safetensors", "grad.", true);
+    ParameterTensors r;
+    point_parameters(&r, reference.data(), config);
+    for (int l = 0; l < config.num_layers; l++) {
+        LayerWeights rw = layer_weights(r, config, l);
+        const real* slices[6] = {rw.attn_norm, rw.qkv_proj, rw.o_proj, rw.mlp_norm, rw.gate_up_proj, rw.down_proj};
+        size_t sizes[6] = {C, 3 * C * C, C * C, C, 2 * (size_t)config.ffn_channels * C, C * (size_t)config.ffn_channels};
+        double sum = 0.0;
+        for (int i = 0; i < 6; i++) {
+            for (size_t j = 0; j < sizes[i]; j++) sum += (double)slices[i][j] * slices[i][j];
+        }
+        INFO("layer " << l);
+        CHECK(layers[l] > 0.0);
+        CHECK(fabs(layers[l] - sqrt(sum)) / sqrt(sum) < GRAD_TOLERANCE);
+    }
+    dataloader_free(&loader);
+    model_free(&model);
+}

@@ -670,3 +670,27 @@ TEST_CASE("a non-finite loss stops the run, naming the step, and the last checkp
     CHECK(read_file(tmp + "/run/model.safetensors") == weights);
     train_ok("--init-from " + quote(tmp + "/run") + " --steps 0");
 }
+
+TEST_CASE("--layer-grads-every logs one gradient norm per layer on those steps", "[cli]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(3) + " --layer-grads-every 2 --out " + quote(tmp + "/run"));
+    std::stringstream text(read_file(tmp + "/run/log.jsonl"));
+    std::string line;
+    int step = 0;
+    while (std::getline(text, line)) {
+        JsonValue entry;
+        std::string error;
+        REQUIRE(json_parse(line, &entry, &error));
+        if (entry.get("train_loss") == nullptr) continue;
+        const JsonValue* norms = entry.get("layer_grad_norms");
+        INFO("step " << step << ": " << line);
+        if (step % 2 == 0) {
+            REQUIRE(norms != nullptr);
+            CHECK(norms->array.size() == 4);   // the mix fixture has 4 layers
+        } else {
+            CHECK(norms == nullptr);
+        }
+        step++;
+    }
+    CHECK(step == 3);
+}
