@@ -329,6 +329,7 @@ struct Model {
     real* host_losses = nullptr;      // (B, T) per-position losses copied to the host
     double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
     bool backward_ready = false;      // a forward pass with targets ran and backward has not
+    int skip_layer = -1;              // layer left out of the forward pass (layer-drop analysis), -1: none
 #ifdef MIXLN_CUDA
     cudaStream_t stream = 0;
     float* norm_partials = nullptr;   // (GLOBAL_NORM_BLOCKS) on the GPU
@@ -542,6 +543,7 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
     LAYER(embedding_forward, a.embedded, model->inputs, p.embed_tokens, BT, C);
     const real* residual = a.embedded;   // (B, T, C) the stream entering layer l
     for (int l = 0; l < c.num_layers; l++) {
+        if (l == model->skip_layer) continue;   // its input goes straight on to the next layer
         const bool post_ln = l < c.post_ln_layers;
         LayerWeights w = layer_weights(p, c, l);
         LayerActivations la = layer_activations(a, c, B, T, l);
@@ -589,7 +591,7 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         double sum = 0.0;
         for (int i = 0; i < BT; i++) sum += model->host_losses[i];
         model->mean_loss = sum / BT;
-        model->backward_ready = true;
+        model->backward_ready = model->skip_layer < 0;   // a skipped layer's activations are stale
     } else {
         model->mean_loss = -1.0;
         model->backward_ready = false;
@@ -640,7 +642,7 @@ inline void mlp_sublayer_backward(Model* model, real* dinp, const real* dout, co
 // with K micro-batches per step, each one's backward with loss_scale 1/K sums to the gradient
 // of the mean loss over all K*B*T positions.
 inline void model_backward(Model* model, float loss_scale = 1.0f) {
-    if (!model->backward_ready) fail("model_backward needs a forward pass with targets first");
+    if (!model->backward_ready) fail("model_backward needs a forward pass with targets (and no skipped layer) first");
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, V = c.vocab_size, BT = B * T;
     ParameterTensors& p = model->params;

@@ -23,6 +23,7 @@ backend has been verified on a GPU, --device auto stays on the CPU.
 #include <cuda_runtime.h>
 #endif
 
+#include "analysis.h"
 #include "checkpoint.h"
 #include "common.h"
 #include "dataloader.h"
@@ -71,6 +72,7 @@ struct Args {
     std::string precision = "fp32";
     std::string init_from, out;
     bool eval_only = false;
+    bool analyze = false;
     int checkpoint_every = 0;  // 0: a checkpoint at the end only
     int layer_grads_every = 0; // 0: no per-layer gradient norms in the log
     int stop_at = 0;           // 0: run all steps
@@ -122,6 +124,8 @@ static void print_help() {
     printf("  --stop-at S            end the run after step S with a checkpoint, as a time-limited job would (default 0: off)\n");
     printf("  --resume DIR           continue the run saved in DIR bit for bit (its settings; --out defaults to DIR)\n");
     printf("  --eval-only            evaluate on --val-data and print {\"val_loss\": ..., \"tokens\": ...}\n");
+    printf("  --analyze              on --val-data: angular distances between layers and the loss with each layer\n");
+    printf("                         dropped, written to analysis.json in --out (default: the --init-from directory)\n");
     printf("  --help                 this text\n");
 }
 
@@ -153,6 +157,10 @@ static Args parse_args(int argc, char** argv) {
         }
         if (flag == "--eval-only") {
             a.eval_only = true;
+            continue;
+        }
+        if (flag == "--analyze") {
+            a.analyze = true;
             continue;
         }
         if (i + 1 >= argc) fail("%s needs a value (see --help)", flag.c_str());
@@ -472,6 +480,8 @@ int main(int argc, char** argv) {
     int B = args.batch;
 
     // the data, checked before any big allocation so that bad input fails fast
+    if (args.analyze && args.val_data.empty()) fail("--analyze needs --val-data");
+    if (args.analyze) args.eval_only = true;   // no training either
     bool training = !args.eval_only;
     if (training && args.steps > 0 && args.train_data.empty()) fail("--train-data is required to train (or use --eval-only)");
     if (args.eval_only && args.val_data.empty()) fail("--eval-only needs --val-data");
@@ -504,6 +514,18 @@ int main(int argc, char** argv) {
     printf("memory: parameters + gradients + AdamW %.1f MiB, activations %.1f MiB (B=%d, T=%d)\n",
            4.0 * model.num_parameters * sizeof(real) / 1048576.0, model.num_activations * sizeof(real) / 1048576.0, B, T);
 
+    if (args.analyze) {
+        std::string dir = !args.out.empty() ? args.out : !args.init_from.empty() ? args.init_from : ".";
+        make_directory(dir);
+        Analysis analysis = model_analyze(&model, &val_loader, args.val_batches);
+        write_file_atomic(dir + "/analysis.json", analysis_to_json(analysis));
+        printf("val loss %.4f over %zu tokens; with one layer dropped:", analysis.val_loss, analysis.tokens);
+        for (double loss : analysis.layer_drop_loss) printf(" %.4f", loss);
+        printf("\nanalysis written to %s/analysis.json\n", dir.c_str());
+        dataloader_free(&val_loader);
+        model_free(&model);
+        return 0;
+    }
     if (args.eval_only) {
         EvalResult r = evaluate(&model, &val_loader, args.val_batches);
         printf("{\"val_loss\": %.6f, \"perplexity\": %.4f, \"tokens\": %zu}\n", r.loss, exp(r.loss), r.tokens);

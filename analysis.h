@@ -1,0 +1,112 @@
+/*
+The paper's layer diagnostics, run on a trained model and validation data (./train --analyze):
+
+  angular_distance[l][n-1], for l = 0..L-1 and n = 1..L-l: arccos(cos_sim(h_l, h_{l+n})) / pi between
+      the inputs of layer l and layer l+n (h_0 the token embeddings, h_L the last layer's output),
+      at the last token of each sequence, averaged over all sequences. Near 0 means the n layers
+      in between barely change the representation (the deep Pre-LN layers, in the paper).
+  layer_drop[l]: the validation loss with layer l skipped, its input passed straight to the next
+      layer; next to the full model's loss it says how much the model relies on that layer.
+
+Cosines are computed in double from the fp32 hidden states; arccos of a value clamped to [-1, 1].
+dev/reference.py's `analyze` implements the same definitions independently; the tests compare.
+*/
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "dataloader.h"
+#include "json.h"
+#include "model.h"
+
+struct Analysis {
+    double val_loss = 0;                                // the full model's mean token loss
+    size_t tokens = 0;                                  // target tokens evaluated
+    std::vector<std::vector<double>> angular_distance;  // [l][n-1], a triangle
+    std::vector<double> layer_drop_loss;                // [l] loss with layer l skipped
+};
+
+// Runs the diagnostics over the first max_batches whole windows of the loader (all if 0).
+inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches) {
+    const ModelConfig& c = model->config;
+    const int L = c.num_layers, C = c.channels, B = model->B, T = model->T;
+    size_t batches = dataloader_num_batches(loader);
+    if (max_batches > 0 && (size_t)max_batches < batches) batches = (size_t)max_batches;
+    Analysis result;
+    result.angular_distance.assign(L, {});
+    for (int l = 0; l < L; l++) result.angular_distance[l].assign(L - l, 0.0);
+    result.layer_drop_loss.assign(L, 0.0);
+    std::vector<float> states((size_t)(L + 1) * C);   // (L+1, C) h_0 .. h_L of one sequence's last token
+    dataloader_reset(loader);
+    for (size_t batch = 0; batch < batches; batch++) {
+        dataloader_next_batch(loader);
+        model->skip_layer = -1;
+        model_forward(model, loader->inputs, loader->targets);
+        result.val_loss += model->mean_loss;
+        for (int b = 0; b < B; b++) {
+            // gather the last token's hidden state at every layer boundary
+            size_t row = ((size_t)b * T + T - 1) * C;
+            for (int l = 0; l <= L; l++) {
+                const real* h = l == 0 ? model->acts.embedded
+                                       : layer_output(layer_activations(model->acts, c, B, T, l - 1), c, l - 1);
+                std::vector<real> host(C);
+                model_copy_out(model, host.data(), h + row, C * sizeof(real));
+                for (int i = 0; i < C; i++) states[(size_t)l * C + i] = (float)host[i];
+            }
+            for (int l = 0; l < L; l++) {
+                for (int n = 1; l + n <= L; n++) {
+                    const float* x = &states[(size_t)l * C];
+                    const float* y = &states[(size_t)(l + n) * C];
+                    double dot = 0, xx = 0, yy = 0;
+                    for (int i = 0; i < C; i++) {
+                        dot += (double)x[i] * y[i];
+                        xx += (double)x[i] * x[i];
+                        yy += (double)y[i] * y[i];
+                    }
+                    double cosine = dot / (sqrt(xx) * sqrt(yy) + 1e-30);
+                    cosine = cosine > 1 ? 1 : cosine < -1 ? -1 : cosine;
+                    result.angular_distance[l][n - 1] += acos(cosine) / M_PI;
+                }
+            }
+        }
+        // the same batch with each layer left out in turn
+        for (int l = 0; l < L; l++) {
+            model->skip_layer = l;
+            model_forward(model, loader->inputs, loader->targets);
+            result.layer_drop_loss[l] += model->mean_loss;
+        }
+        model->skip_layer = -1;
+    }
+    model->backward_ready = false;
+    // means: every batch has B*T tokens and B sequences
+    result.val_loss /= (double)batches;
+    for (double& loss : result.layer_drop_loss) loss /= (double)batches;
+    for (auto& row : result.angular_distance) {
+        for (double& d : row) d /= (double)batches * B;
+    }
+    result.tokens = batches * (size_t)B * T;
+    return result;
+}
+
+inline std::string analysis_to_json(const Analysis& a) {
+    auto number = [](double v) {
+        char buf[32];
+        snprintf(buf, sizeof(buf), "%.9g", v);
+        return std::string(buf);
+    };
+    std::string json = "{\n  \"val_loss\": " + number(a.val_loss) + ",\n  \"tokens\": " + std::to_string(a.tokens) +
+                       ",\n  \"angular_distance\": [";
+    for (size_t l = 0; l < a.angular_distance.size(); l++) {
+        json += l ? ",\n    [" : "\n    [";
+        for (size_t n = 0; n < a.angular_distance[l].size(); n++) json += (n ? ", " : "") + number(a.angular_distance[l][n]);
+        json += "]";
+    }
+    json += "\n  ],\n  \"layer_drop\": [";
+    for (size_t l = 0; l < a.layer_drop_loss.size(); l++) {
+        json += std::string(l ? ",\n    " : "\n    ") + "{\"layer\": " + std::to_string(l) + ", \"val_loss\": " +
+                number(a.layer_drop_loss[l]) + "}";
+    }
+    return json + "\n  ]\n}\n";
+}
