@@ -8,7 +8,8 @@ Everything is plain fp32 PyTorch, readable top to bottom:
   file formats   safetensors (tiny reader/writer), llm.c token shards, config.json
   model          LLaMA with Mix-LN: the first `post_ln_layers` layers are Post-LN, the rest Pre-LN
   training       AdamW + GaLore's warmup/cosine schedule + optional gradient clipping
-  CLI            init / eval / train / bench  (run with --help)
+  analysis       angular distance between layer inputs, loss with one layer dropped
+  CLI            init / eval / analyze / train / bench  (run with --help)
 
 Parameter names are exactly the Hugging Face LLaMA names, with Linear weights stored
 (out_features, in_features), so a checkpoint written here is read by the C++ engine and back.
@@ -532,6 +533,83 @@ def evaluate(model, tokens, B, T, batches=None):
 
 
 # -----------------------------------------------------------------------------
+# Layer analysis: how much each layer does (MIXLN.md, "How the paper shows layer effectiveness").
+# h_l is the input of decoder layer l: h_0 the token embeddings, h_L the last layer's output
+# (the input of the final norm). Both measures reuse the model's own modules, called in the same
+# order as LlamaModel.forward, so the full-model loss here is the loss evaluate() gives.
+
+
+def layer_states(model, inputs):
+    """inputs (B, T) int64 -> [h_0, ..., h_L], each (B, T, C)."""
+    T = inputs.shape[1]
+    if T > model.config.max_position_embeddings:
+        raise ValueError(f"sequence length {T} > max_position_embeddings {model.config.max_position_embeddings}")
+    hs = [model.model.embed_tokens(inputs)]
+    for layer in model.model.layers:
+        hs.append(layer(hs[-1]))
+    return hs
+
+
+def logits_from(model, h, first):
+    """Run decoder layers first..L-1 on h (B, T, C), then the final norm and the LM head -> logits
+    (B, T, V). logits_from(model, h_L, L) is the full model; logits_from(model, h_l, l + 1) is the
+    model with layer l skipped (its input passed on unchanged as its output)."""
+    for layer in model.model.layers[first:]:
+        h = layer(h)
+    return model.lm_head(model.model.norm(h))
+
+
+def angular_distance(a, b):
+    """a, b (N, C) -> (N,) float64: arccos(cos_sim(a_i, b_i)) / pi, in [0, 1].
+    The cosine is taken in float64 and clamped to [-1, 1], since rounding can put it just outside.
+    sqrt(|a|^2 |b|^2) rather than |a| |b|: for a == b it is exactly |a|^2, so the distance is
+    exactly 0."""
+    a, b = a.double(), b.double()
+    cos = (a * b).sum(-1) / torch.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+def _token_loss(logits, targets):  # mean token cross-entropy, as MixLNForCausalLM.forward computes it
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def analyze(model, tokens, B, T, max_batches=0):
+    """Angular distances between layer inputs and the loss with each layer dropped, over whole
+    windows 0..nb-1 of `tokens` (or the first max_batches; 0 means all) ->
+      {"val_loss": full-model mean token loss, "tokens": target tokens,
+       "angular_distance": rows l = 0..L-1, row l holding n = 1..L-l (a ragged triangle):
+           mean over every sequence of arccos(cos_sim(h_l, h_{l+n})) / pi at its last token,
+       "layer_drop": [{"layer": l, "val_loss": mean token loss with layer l skipped}, ...]}"""
+    if max_batches < 0:
+        raise ValueError(f"max_batches must be >= 0 (0 means all), got {max_batches}")
+    model.eval()
+    L = model.config.num_hidden_layers
+    nb = num_batches(len(tokens), B, T)
+    if max_batches:
+        nb = min(nb, max_batches)
+    if nb < 1:
+        raise ValueError(f"shard of {len(tokens)} tokens holds no whole batch of {B}x{T}")
+    # sums over windows in float64; windows are equal size, so the mean of window means is the token mean
+    full = 0.0
+    dropped = [0.0] * L
+    dist = [np.zeros(L - l) for l in range(L)]  # dist[l][n-1]: sum over sequences
+    for k in range(nb):
+        x, y = batch(tokens, k, B, T)
+        hs = layer_states(model, x)              # L+1 tensors (B, T, C)
+        last = [h[:, -1, :] for h in hs]         # (B, C): the last token of each sequence
+        for l in range(L):
+            for n in range(1, L - l + 1):
+                dist[l][n - 1] += float(angular_distance(last[l], last[l + n]).sum())
+        full += float(_token_loss(logits_from(model, hs[L], L), y))
+        for l in range(L):
+            dropped[l] += float(_token_loss(logits_from(model, hs[l], l + 1), y))
+    return {"val_loss": full / nb, "tokens": nb * B * T,
+            "angular_distance": [[float(s) / (nb * B) for s in row] for row in dist],
+            "layer_drop": [{"layer": l, "val_loss": dropped[l] / nb} for l in range(L)]}
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -548,6 +626,18 @@ def cmd_eval(a):
     model = load_checkpoint(a.ckpt)
     loss, n = evaluate(model, shard_load(a.data), a.batch, a.seq_len, a.batches)
     print(json.dumps({"val_loss": loss, "tokens": n}))
+
+
+def cmd_analyze(a):
+    model = load_checkpoint(a.ckpt)
+    result = analyze(model, shard_load(a.data), a.batch, a.seq_len, a.batches)
+    line = json.dumps(result)
+    if a.out:
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(line + "\n")
+        os.replace(tmp, a.out)
+    print(line)
 
 
 def cmd_train(a):
@@ -617,6 +707,16 @@ def main(argv=None):
     q.add_argument("--seq-len", type=int, required=True)
     q.add_argument("--batches", type=int, default=None)
     q.set_defaults(fn=cmd_eval)
+
+    q = sub.add_parser("analyze", help="angular distances between layer inputs and the loss with each layer "
+                                       "dropped, as JSON (the last stdout line, and --out FILE if given)")
+    q.add_argument("--ckpt", required=True)
+    q.add_argument("--data", required=True)
+    q.add_argument("--batch", type=int, required=True)
+    q.add_argument("--seq-len", type=int, required=True)
+    q.add_argument("--batches", type=int, default=0, help="only the first K windows (default 0: all)")
+    q.add_argument("--out", default=None, help="also write the JSON to this file")
+    q.set_defaults(fn=cmd_analyze)
 
     q = sub.add_parser("train", help="train from a checkpoint, write the result and log.jsonl to --out")
     q.add_argument("--ckpt", required=True)

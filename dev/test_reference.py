@@ -4,8 +4,9 @@ Quick self-checks of dev/reference.py (a few seconds):
     /usr/bin/python3 dev/test_reference.py
 
 The C++ engine is tested against reference.py, so reference.py itself is checked here: file
-round trips, the causal mask, the Post-LN layer count, the lr schedule, and autograd against
-finite differences in float64.
+round trips, the causal mask, the Post-LN layer count, the lr schedule, autograd against
+finite differences in float64, the layer analysis (`analyze`), and dev/plot.py (its figure test
+only where matplotlib is installed: python3-matplotlib).
 """
 
 import math
@@ -174,8 +175,229 @@ def test_train_matches_cli_semantics():
     assert abs(log[1][1] - 1e-2) < 1e-12
 
 
+
+# ---- layer analysis (reference.analyze)
+
+
+def analysis_model(L=3, alpha=1 / 3, seed=0):
+    """tiny_model with Linear weights 10x the 0.02 init, so that every layer visibly changes the
+    residual stream (at std 0.02 a layer moves it by ~1e-3 and dropping one barely shows)."""
+    model = tiny_model(alpha=alpha, L=L, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_proj" in name:
+                p.mul_(10.0)
+    return model
+
+
+def test_angular_distance_formula():
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(5, 8, generator=g)
+    assert torch.equal(ref.angular_distance(h, h), torch.zeros(5, dtype=torch.float64)), "h vs itself must be exactly 0"
+    assert torch.allclose(ref.angular_distance(h, -h), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.allclose(ref.angular_distance(h, 3.0 * h), torch.zeros(5, dtype=torch.float64), rtol=0, atol=1e-7)
+    e = torch.eye(8)
+    assert torch.allclose(ref.angular_distance(e[:2], e[2:4]), torch.full((2,), 0.5, dtype=torch.float64))  # orthogonal
+
+
+def test_analyze_shapes_ranges_and_loss():
+    L, B, T = 3, 2, 6
+    model = analysis_model(L=L)
+    assert [layer.post_ln for layer in model.model.layers] == [True, False, False]  # Mix-LN 1 of 3
+    toks = random_tokens(3 * B * T + 4, 11, 8).numpy()  # 3 whole windows, and a few spare tokens
+    res = ref.analyze(model, toks, B, T)
+    assert res["tokens"] == 3 * B * T
+    loss, n = ref.evaluate(model, toks, B, T)
+    assert n == res["tokens"] and abs(res["val_loss"] - loss) < 1e-12, (res["val_loss"], loss)  # same ops, same order
+    ad = res["angular_distance"]
+    assert [len(row) for row in ad] == [L - l for l in range(L)], "row l must hold n = 1..L-l"
+    assert all(0.0 <= v <= 1.0 for row in ad for v in row)
+    assert all(v > 1e-4 for row in ad for v in row), "every layer of this model moves the residual stream"
+    assert [e["layer"] for e in res["layer_drop"]] == list(range(L))
+    for e in res["layer_drop"]:
+        assert abs(e["val_loss"] - res["val_loss"]) > 1e-4, f"skipping layer {e['layer']} did not change the loss"
+    # --batches K: only the first K windows
+    one = ref.analyze(model, toks, B, T, max_batches=1)
+    assert one["tokens"] == B * T and abs(one["val_loss"] - ref.evaluate(model, toks, B, T, 1)[0]) < 1e-12
+    try:
+        ref.analyze(model, toks[:B * T], B, T)  # B*T tokens: no room for the last target
+        raise AssertionError("analyze accepted a shard without a whole window")
+    except ValueError:
+        pass
+
+
+def test_analyze_matches_hooks_and_removed_layers():
+    # Independent of layer_states/logits_from: layer inputs captured by forward pre-hooks during the
+    # model's own forward, distances in numpy; a dropped layer by replacing it with nn.Identity.
+    import copy
+    L, B, T = 3, 2, 6
+    model = analysis_model(L=L, seed=1)
+    toks = random_tokens(2 * B * T + 1, 11, 9).numpy()
+    res = ref.analyze(model, toks, B, T)
+    captured = []
+    handles = [layer.register_forward_pre_hook(lambda m, inp: captured.append(inp[0][:, -1, :].clone()))
+               for layer in model.model.layers]
+    handles.append(model.model.norm.register_forward_pre_hook(lambda m, inp: captured.append(inp[0][:, -1, :].clone())))
+    sums = np.zeros((L, L))
+    with torch.no_grad():
+        for k in range(2):
+            captured.clear()
+            model(ref.batch(toks, k, B, T)[0])
+            hs = [c.double().numpy() for c in captured]  # h_0 .. h_L, each (B, C)
+            for l in range(L):
+                for n in range(1, L - l + 1):
+                    a, b = hs[l], hs[l + n]
+                    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+                    sums[l, n - 1] += (np.arccos(np.clip(cos, -1, 1)) / np.pi).sum()
+    for h in handles:
+        h.remove()
+    for l in range(L):
+        for n in range(1, L - l + 1):
+            # 1e-9: float64 rounding of two ways of taking the same norms; the inputs are identical fp32
+            assert abs(res["angular_distance"][l][n - 1] - sums[l, n - 1] / (2 * B)) < 1e-9, (l, n)
+    for l in range(L):
+        cut = copy.deepcopy(model)
+        cut.model.layers[l] = torch.nn.Identity()
+        want, _ = ref.evaluate(cut, toks, B, T)
+        # 1e-6: the same fp32 ops after layer l in both; only the summation over windows may differ
+        assert abs(res["layer_drop"][l]["val_loss"] - want) < 1e-6, (l, res["layer_drop"][l]["val_loss"], want)
+
+
+def test_analyze_identity_pre_ln_layer():
+    # A Pre-LN layer with o_proj and down_proj zero adds exactly 0 to both residuals: it is the
+    # identity, so dropping it leaves the loss as it is and h_l == h_{l+1}.
+    L, B, T = 3, 2, 6
+    toks = random_tokens(2 * B * T + 1, 11, 10).numpy()
+    for l in (1, 2):  # the Pre-LN layers of Mix-LN 1 of 3
+        model = analysis_model(L=L, seed=2)
+        assert not model.model.layers[l].post_ln
+        with torch.no_grad():
+            model.model.layers[l].self_attn.o_proj.weight.zero_()
+            model.model.layers[l].mlp.down_proj.weight.zero_()
+        res = ref.analyze(model, toks, B, T)
+        assert abs(res["layer_drop"][l]["val_loss"] - res["val_loss"]) < 1e-6, (l, res)  # 1e-6: the brief's bound
+        assert res["angular_distance"][l][0] == 0.0, "an identity layer moves nothing"
+        others = [e for e in res["layer_drop"] if e["layer"] != l]
+        assert all(abs(e["val_loss"] - res["val_loss"]) > 1e-4 for e in others)
+
+
+def test_analyze_cli():
+    import contextlib
+    import io
+    import json
+    model = analysis_model(L=3)
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_checkpoint(model, d)
+        shard = os.path.join(d, "val.bin")
+        ref.shard_save(shard, random_tokens(3 * 2 * 6 + 1, 11, 11).numpy())
+        out = os.path.join(d, "analysis.json")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            ref.main(["analyze", "--ckpt", d, "--data", shard, "--batch", "2", "--seq-len", "6",
+                      "--batches", "2", "--out", out])
+        printed = json.loads(buf.getvalue().strip().splitlines()[-1])
+        with open(out) as f:
+            written = json.load(f)
+    assert printed == written
+    assert set(written) == {"val_loss", "tokens", "angular_distance", "layer_drop"}
+    assert written["tokens"] == 2 * 2 * 6
+    want = ref.analyze(model, random_tokens(3 * 2 * 6 + 1, 11, 11).numpy(), 2, 6, max_batches=2)
+    assert abs(written["val_loss"] - want["val_loss"]) < 1e-12  # the checkpoint is fp32, read back exactly
+
+
+# ---- dev/plot.py
+
+PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot.py")
+
+
+def run_plot(*args):
+    import subprocess
+    return subprocess.run([sys.executable, PLOT, *args], capture_output=True, text=True, timeout=120)
+
+
+def write_synthetic_runs(d, L=4):
+    """d/{pre,mix}/log.jsonl (train lines with layer_grad_norms at steps 0 and 5, val lines every
+    5 steps) and d/{pre,mix}/analysis.json in the shapes ./train and reference.py analyze write."""
+    import json
+    for i, name in enumerate(("pre", "mix")):
+        os.makedirs(os.path.join(d, name))
+        with open(os.path.join(d, name, "log.jsonl"), "w") as f:
+            for s in range(10):
+                line = {"step": s, "train_loss": 5.0 - 0.3 * s + 0.1 * i, "lr": 1e-3, "grad_norm": 1.0}
+                if s % 5 == 0:
+                    line["layer_grad_norms"] = [0.5 + 0.1 * l + i for l in range(L)]
+                f.write(json.dumps(line) + "\n")
+                if s % 5 == 4:
+                    f.write(json.dumps({"step": s, "val_loss": 4.9 - 0.3 * s, "tokens": 96}) + "\n")
+        with open(os.path.join(d, name, "analysis.json"), "w") as f:
+            json.dump({"val_loss": 3.0, "tokens": 96,
+                       "angular_distance": [[0.1 * n + 0.01 * l for n in range(1, L - l + 1)] for l in range(L)],
+                       "layer_drop": [{"layer": l, "val_loss": 3.0 + 0.1 / (l + 1) + 0.05 * i} for l in range(L)]}, f)
+
+
+def test_plot_bad_input():
+    # Inputs are checked before matplotlib is imported, so this runs with or without it.
+    import json
+    with tempfile.TemporaryDirectory() as d:
+        write_synthetic_runs(d)
+        png = os.path.join(d, "x.png")
+        empty = os.path.join(d, "empty.jsonl")
+        open(empty, "w").close()
+        garbage = os.path.join(d, "garbage.jsonl")
+        with open(garbage, "w") as f:
+            f.write("not json\n{}\n")
+        ragged = os.path.join(d, "ragged.json")
+        with open(ragged, "w") as f:
+            json.dump({"angular_distance": [[0.1, 0.2], [0.3, 0.4]]}, f)  # row 1 must hold 1 entry
+        log, analysis = os.path.join(d, "pre", "log.jsonl"), os.path.join(d, "pre", "analysis.json")
+        cases = [(("loss", "--out", png, os.path.join(d, "missing.jsonl")), "No such file"),
+                 (("loss", "--out", png, empty), "no training or validation lines"),
+                 (("loss", "--out", png, garbage), "not valid JSON"),
+                 (("loss", "--out", png, log, "--labels", "a,b"), "--labels has 2 labels for 1 files"),
+                 (("grads", "--out", png, log, "--step", "3"), "no layer_grad_norms at step 3"),
+                 (("angular", "--out", png, ragged), "row 1 has 2 entries, expected 1"),
+                 (("angular", "--out", png, log), "not valid JSON"),
+                 (("drop", "--out", png, ragged), "val_loss missing")]
+        for args, want in cases:
+            r = run_plot(*args)
+            assert r.returncode == 1 and "error: " in r.stderr and want in r.stderr, (args, r.returncode, r.stderr)
+            assert not os.path.exists(png)
+
+
+def _have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+HAVE_MATPLOTLIB = _have_matplotlib()
+
+if HAVE_MATPLOTLIB:  # defined (and counted) only when matplotlib is there: skipped is not passed
+    def test_plot_figures():
+        with tempfile.TemporaryDirectory() as d:
+            write_synthetic_runs(d)
+            logs = [os.path.join(d, n, "log.jsonl") for n in ("pre", "mix")]
+            analyses = [os.path.join(d, n, "analysis.json") for n in ("pre", "mix")]
+            runs = {"loss.png": ("loss", *logs, "--labels", "Pre-LN,Mix-LN"),
+                    "grads_one.png": ("grads", logs[0], "--step", "5"),
+                    "grads_two.png": ("grads", *logs),
+                    "angular.png": ("angular", analyses[1]),
+                    "drop.png": ("drop", *analyses)}
+            for name, args in runs.items():
+                out = os.path.join(d, name)
+                r = run_plot(args[0], "--out", out, *args[1:])
+                assert r.returncode == 0, (args, r.stderr)
+                with open(out, "rb") as f:
+                    assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+
+
 def main():
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)]
+    if not HAVE_MATPLOTLIB:
+        print("SKIP test_plot_figures (not counted): matplotlib is not installed "
+              "(apt-get install -y --no-install-recommends python3-matplotlib)")
     failed = 0
     for name, fn in tests:
         try:

@@ -694,3 +694,53 @@ TEST_CASE("--layer-grads-every logs one gradient norm per layer on those steps",
     }
     CHECK(step == 3);
 }
+
+// ---- --analyze
+
+static JsonValue read_json_file(const std::string& path) {
+    JsonValue value;
+    std::string error;
+    INFO("parsing " << path << ": " << error);
+    REQUIRE(json_parse(read_file(path), &value, &error));
+    return value;
+}
+
+TEST_CASE("--analyze gives the PyTorch reference's angular distances and layer-drop losses", "[cli][analyze]") {
+    std::string tmp = make_temp_dir();
+    std::string dir = fixture_dir("mix_half");   // 6 layers, 3 of them Post-LN
+    train_ok("--init-from " + quote(dir) + " --analyze --val-data " + quote(dir + "/train.bin") +
+             " --batch 3 --seq-len 24 --out " + quote(tmp));
+    reference_ok("analyze --ckpt " + quote(dir) + " --data " + quote(dir + "/train.bin") +
+                 " --batch 3 --seq-len 24 --out " + quote(tmp + "/reference.json"));
+    JsonValue ours = read_json_file(tmp + "/analysis.json"), theirs = read_json_file(tmp + "/reference.json");
+    CHECK(ours.get("tokens")->number == theirs.get("tokens")->number);
+    // losses: fp32 forward passes on both sides, as in the parity tests (measured 7e-8 apart)
+    CHECK(fabs(ours.get("val_loss")->number - theirs.get("val_loss")->number) < 1e-6);
+    const JsonValue& ours_angular = *ours.get("angular_distance");
+    const JsonValue& theirs_angular = *theirs.get("angular_distance");
+    REQUIRE(ours_angular.array.size() == 6);
+    REQUIRE(theirs_angular.array.size() == 6);
+    for (size_t l = 0; l < 6; l++) {
+        REQUIRE(ours_angular.array[l].array.size() == 6 - l);
+        REQUIRE(theirs_angular.array[l].array.size() == 6 - l);
+        for (size_t n = 0; n < 6 - l; n++) {
+            INFO("angular distance [" << l << "][" << n << "]");
+            // measured 1.2e-9 apart (distances of 1.5e-3 to 5e-2). arccos amplifies rounding near
+            // cos = 1 (d acos/dx ~ 1/sqrt(1 - x^2)), hence a bound well above that
+            CHECK(fabs(ours_angular.array[l].array[n].number - theirs_angular.array[l].array[n].number) < 1e-6);
+        }
+    }
+    const JsonValue& ours_drop = *ours.get("layer_drop");
+    const JsonValue& theirs_drop = *theirs.get("layer_drop");
+    REQUIRE(ours_drop.array.size() == 6);
+    REQUIRE(theirs_drop.array.size() == 6);
+    for (size_t l = 0; l < 6; l++) {
+        INFO("layer " << l << " dropped");
+        CHECK(ours_drop.array[l].get("layer")->number == l);
+        CHECK(fabs(ours_drop.array[l].get("val_loss")->number - theirs_drop.array[l].get("val_loss")->number) < 1e-6);
+    }
+}
+
+TEST_CASE("--analyze without --val-data is refused", "[cli][analyze]") {
+    require_train_fails("--steps 0 --analyze", "--analyze needs --val-data");
+}

@@ -1,0 +1,324 @@
+"""
+Figures from training logs and layer analyses, as PNG files (matplotlib, Agg backend):
+
+  loss     training loss per step and validation loss points of several runs on one plot
+  grads    per-layer gradient norms (layer_grad_norms in the log) at one step
+  angular  the angular-distance heatmap over (layer l, distance n), as in the Mix-LN paper
+  drop     the loss increase when each layer is removed, several models side by side
+
+    python3 dev/plot.py loss --out loss.png runs/pre/log.jsonl runs/post/log.jsonl runs/mix/log.jsonl
+    python3 dev/plot.py grads --out grads.png runs/pre/log.jsonl runs/mix/log.jsonl --step 0
+    python3 dev/reference.py analyze --ckpt runs/mix --data data/val.bin --batch 8 --seq-len 256 --out runs/mix/analysis.json
+    python3 dev/plot.py angular --out angular.png runs/mix/analysis.json
+    python3 dev/plot.py drop --out drop.png runs/pre/analysis.json runs/mix/analysis.json
+
+Inputs: log.jsonl as ./train writes it (training lines: step, train_loss, lr, grad_norm and
+optionally layer_grad_norms; validation lines: step, val_loss, tokens), and the JSON of
+`reference.py analyze` (or the engine's equivalent). Bad input stops with `error: ...` and exit
+status 1. Inputs are read and checked before matplotlib is imported, so those errors do not need it.
+
+matplotlib is the Debian package python3-matplotlib (for /usr/bin/python3):
+    apt-get install -y --no-install-recommends python3-matplotlib
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        fail("matplotlib is not installed; on Debian: apt-get install -y --no-install-recommends python3-matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# -----------------------------------------------------------------------------
+# Reading and checking the inputs
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        fail(f"{path}: {e.strerror}")
+    except UnicodeDecodeError:
+        fail(f"{path}: not a text file")
+
+
+def read_log(path):
+    """log.jsonl -> (train, val): train a list of the training-step dicts (with a numeric
+    train_loss), val a list of the validation dicts (with a numeric val_loss), each in file order.
+    A last line cut short (a run still writing) is skipped with a warning; any other line that is
+    not a JSON object is an error."""
+    text = read_text(path)
+    lines = text.split("\n")
+    train, val = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError:
+            if i == len(lines):  # no newline after it: the writer was interrupted mid-line
+                print(f"warning: {path}:{i}: skipping an incomplete last line", file=sys.stderr)
+                continue
+            fail(f"{path}:{i}: not valid JSON")
+        if not isinstance(d, dict):
+            fail(f"{path}:{i}: expected a JSON object, got {type(d).__name__}")
+        if "step" in d and not is_number(d["step"]):
+            fail(f"{path}:{i}: step is not a number")
+        if "train_loss" in d:
+            if not is_number(d["train_loss"]) or "step" not in d:
+                fail(f"{path}:{i}: a training line needs numeric step and train_loss")
+            train.append(d)
+        elif "val_loss" in d:
+            if not is_number(d["val_loss"]) or "step" not in d:
+                fail(f"{path}:{i}: a validation line needs numeric step and val_loss")
+            val.append(d)
+    if not train and not val:
+        fail(f"{path}: no training or validation lines (objects with step and train_loss or val_loss)")
+    return train, val
+
+
+def layer_grads_at(path, train, step):
+    """-> (step, [norm per layer]) from the first training line with layer_grad_norms, or the one
+    at `step` if given."""
+    logged = [d for d in train if "layer_grad_norms" in d]
+    if not logged:
+        fail(f"{path}: no line has layer_grad_norms (train with --layer-grads-every N)")
+    if step is None:
+        d = logged[0]
+    else:
+        at = [d for d in logged if d["step"] == step]
+        if not at:
+            steps = [d["step"] for d in logged]
+            shown = ", ".join(str(s) for s in steps[:10]) + (", ..." if len(steps) > 10 else "")
+            fail(f"{path}: no layer_grad_norms at step {step}; logged at steps {shown}")
+        d = at[0]
+    norms = d["layer_grad_norms"]
+    if not isinstance(norms, list) or not norms or not all(is_number(v) for v in norms):
+        fail(f"{path}: layer_grad_norms at step {d['step']} is not a non-empty list of numbers")
+    return d["step"], norms
+
+
+def read_analysis(path, need):
+    """analysis JSON -> dict, checked: `need` names the parts the caller uses
+    ("angular_distance" and/or "layer_drop"); val_loss must be a number when layer_drop is used."""
+    try:
+        d = json.loads(read_text(path))
+    except ValueError:
+        fail(f"{path}: not valid JSON (expected one JSON object, the output of reference.py analyze)")
+    if not isinstance(d, dict):
+        fail(f"{path}: expected a JSON object (the output of reference.py analyze)")
+    if "angular_distance" in need:
+        rows = d.get("angular_distance")
+        if not isinstance(rows, list) or not rows:
+            fail(f"{path}: angular_distance missing or not a non-empty list of rows")
+        L = len(rows)
+        for l, row in enumerate(rows):
+            if not isinstance(row, list) or not all(is_number(v) for v in row):
+                fail(f"{path}: angular_distance row {l} is not a list of numbers")
+            if len(row) != L - l:
+                fail(f"{path}: angular_distance row {l} has {len(row)} entries, expected {L - l} "
+                     f"(row l holds n = 1..L-l, L = {L})")
+    if "layer_drop" in need:
+        if not is_number(d.get("val_loss")):
+            fail(f"{path}: val_loss missing or not a number")
+        drops = d.get("layer_drop")
+        if not isinstance(drops, list) or not drops:
+            fail(f"{path}: layer_drop missing or not a non-empty list")
+        for i, e in enumerate(drops):
+            if not (isinstance(e, dict) and isinstance(e.get("layer"), int) and is_number(e.get("val_loss"))):
+                fail(f"{path}: layer_drop entry {i} is not {{\"layer\": int, \"val_loss\": number}}")
+        layers = sorted(e["layer"] for e in drops)
+        if layers != list(range(len(drops))):
+            fail(f"{path}: layer_drop layers are {layers}, expected 0..{len(drops) - 1} once each")
+    return d
+
+
+def labels_for(paths, given):
+    """--labels a,b,... if given (one per file); else the files' directory names (a run's files
+    live in its run directory), or the file names when those repeat, or the paths as given."""
+    if given is not None:
+        labels = given.split(",")
+        if len(labels) != len(paths):
+            fail(f"--labels has {len(labels)} labels for {len(paths)} files")
+        return labels
+    absolute = [os.path.abspath(p) for p in paths]
+    for labels in ([os.path.basename(os.path.dirname(p)) for p in absolute],
+                   [os.path.splitext(os.path.basename(p))[0] for p in absolute]):
+        if all(labels) and len(set(labels)) == len(labels):
+            return labels
+    return list(paths)
+
+
+def save(fig, out):
+    try:
+        fig.savefig(out, format="png", dpi=120)
+    except OSError as e:
+        fail(f"{out}: {e.strerror}")
+    print(f"wrote {out}")
+
+
+# -----------------------------------------------------------------------------
+# Figures
+
+
+def cmd_loss(a):
+    runs = [read_log(p) for p in a.logs]
+    labels = labels_for(a.logs, a.labels)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (train, val), label in zip(runs, labels):
+        color = None
+        if train:
+            (line,) = ax.plot([d["step"] for d in train], [d["train_loss"] for d in train],
+                              linewidth=1.2, label=f"{label} train")
+            color = line.get_color()
+        if val:  # same colour as the run's training curve, as points
+            ax.plot([d["step"] for d in val], [d["val_loss"] for d in val], "o", markersize=5,
+                    color=color, markeredgecolor="black", markeredgewidth=0.5, label=f"{label} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(a.title or "Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save(fig, a.out)
+
+
+def cmd_grads(a):
+    runs = [layer_grads_at(p, read_log(p)[0], a.step) for p in a.logs]
+    labels = labels_for(a.logs, a.labels)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if len(runs) == 1:
+        step, norms = runs[0]
+        ax.bar(range(len(norms)), norms, color="tab:blue")
+        title = f"Gradient norm per layer, {labels[0]}, step {step}"
+    else:
+        for (step, norms), label in zip(runs, labels):
+            ax.plot(range(len(norms)), norms, marker="o", markersize=4, label=f"{label} (step {step})")
+        ax.legend()
+        title = "Gradient norm per layer"
+    L = max(len(norms) for _, norms in runs)
+    ax.set_xticks(range(0, L, max(1, math.ceil(L / 16))))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("gradient L2 norm (all parameters of the layer)")
+    if a.logy:
+        ax.set_yscale("log")
+    ax.set_title(a.title or title)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    save(fig, a.out)
+
+
+def cmd_angular(a):
+    rows = read_analysis(a.analysis, ["angular_distance"])["angular_distance"]
+    L = len(rows)
+    plt = pyplot()
+    import numpy as np
+    # grid[n-1, l] = distance from the input of layer l to the input of layer l+n; NaN (masked,
+    # drawn blank) where l+n would run past the last layer
+    grid = np.full((L, L), np.nan)
+    for l, row in enumerate(rows):
+        grid[:len(row), l] = row
+    grid = np.ma.masked_invalid(grid)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")
+    im = ax.imshow(grid, origin="lower", cmap=cmap, aspect="auto", interpolation="nearest",
+                   extent=(-0.5, L - 0.5, 0.5, L + 0.5))  # cell centres at l = 0..L-1, n = 1..L
+    tick = max(1, math.ceil(L / 16))
+    ax.set_xticks(range(0, L, tick))
+    ax.set_yticks(range(1, L + 1, tick))
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("distance n (layers)")
+    ax.set_title(a.title or f"Angular distance between the inputs of layers l and l+n ({os.path.basename(a.analysis)})",
+                 fontsize=10)
+    fig.colorbar(im, ax=ax, label="arccos(cos_sim) / pi, last token")
+    fig.tight_layout()
+    save(fig, a.out)
+
+
+def cmd_drop(a):
+    models = [read_analysis(p, ["layer_drop"]) for p in a.analyses]
+    labels = labels_for(a.analyses, a.labels)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(8, 0.25 * max(len(d["layer_drop"]) for d in models) * len(models)), 5))
+    width = 0.8 / len(models)
+    L = 0
+    for i, (d, label) in enumerate(zip(models, labels)):
+        drops = sorted(d["layer_drop"], key=lambda e: e["layer"])
+        L = max(L, len(drops))
+        xs = [e["layer"] - 0.4 + width * (i + 0.5) for e in drops]
+        ax.bar(xs, [e["val_loss"] - d["val_loss"] for e in drops], width=width,
+               label=f"{label} (full {d['val_loss']:.3f})")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(0, L, max(1, math.ceil(L / 16))))
+    ax.set_xlabel("layer removed")
+    ax.set_ylabel("val loss without the layer - full model val loss")
+    ax.set_title(a.title or "Loss increase when one layer is removed")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    save(fig, a.out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="mixln figures: loss curves, per-layer gradient norms, "
+                                            "angular distances, layer-drop losses (PNG)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(q):
+        q.add_argument("--out", required=True, help="PNG file to write")
+        q.add_argument("--title", default=None)
+
+    q = sub.add_parser("loss", help="training loss per step and val loss points of one or more runs")
+    common(q)
+    q.add_argument("logs", nargs="+", metavar="LOG.jsonl")
+    q.add_argument("--labels", default=None, help="a,b,...: one per log (default: the run directory names)")
+    q.set_defaults(fn=cmd_loss)
+
+    q = sub.add_parser("grads", help="per-layer gradient norms at one step: bars for one run, lines for several")
+    common(q)
+    q.add_argument("logs", nargs="+", metavar="LOG.jsonl")
+    q.add_argument("--step", type=int, default=None, help="the step to show (default: the first with layer_grad_norms)")
+    q.add_argument("--labels", default=None, help="a,b,...: one per log (default: the run directory names)")
+    q.add_argument("--logy", action="store_true", help="logarithmic y axis")
+    q.set_defaults(fn=cmd_grads)
+
+    q = sub.add_parser("angular", help="angular-distance heatmap over (layer l, distance n)")
+    common(q)
+    q.add_argument("analysis", metavar="ANALYSIS.json")
+    q.set_defaults(fn=cmd_angular)
+
+    q = sub.add_parser("drop", help="val loss increase with each layer removed, several models side by side")
+    common(q)
+    q.add_argument("analyses", nargs="+", metavar="ANALYSIS.json")
+    q.add_argument("--labels", default=None, help="a,b,...: one per file (default: the directory names)")
+    q.set_defaults(fn=cmd_drop)
+
+    a = p.parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()
