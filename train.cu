@@ -280,6 +280,7 @@ static void check_flags_match_checkpoint(const Args& a, const ModelConfig& c, co
 struct RunSetting {
     const char* flag;
     std::string value;   // canonical text: what the flag parses to, printed back
+    bool may_change;     // on --resume: a new value may be given (else it must agree)
 };
 
 static std::string number_text(double v) {
@@ -296,16 +297,22 @@ static std::string number_text_short(const std::string& text) {
 }
 
 static std::vector<RunSetting> run_settings(const Args& a) {
-    return {{"--train-data", a.train_data},
-            {"--batch", std::to_string(a.batch)},
-            {"--grad-accum", std::to_string(a.grad_accum)},
-            {"--seq-len", std::to_string(a.seq_len)},
-            {"--steps", std::to_string(a.steps)},
-            {"--lr", number_text(a.lr)},
-            {"--warmup", std::to_string(a.warmup)},
-            {"--min-lr-ratio", number_text(a.min_lr_ratio)},
-            {"--weight-decay", number_text(a.weight_decay)},
-            {"--grad-clip", number_text(a.grad_clip)}};
+    // what decides the result must stay; what only watches the run may change
+    return {{"--train-data", a.train_data, false},
+            {"--batch", std::to_string(a.batch), false},
+            {"--grad-accum", std::to_string(a.grad_accum), false},
+            {"--seq-len", std::to_string(a.seq_len), false},
+            {"--steps", std::to_string(a.steps), false},
+            {"--lr", number_text(a.lr), false},
+            {"--warmup", std::to_string(a.warmup), false},
+            {"--min-lr-ratio", number_text(a.min_lr_ratio), false},
+            {"--weight-decay", number_text(a.weight_decay), false},
+            {"--grad-clip", number_text(a.grad_clip), false},
+            {"--val-data", a.val_data, true},
+            {"--val-every", std::to_string(a.val_every), true},
+            {"--val-batches", std::to_string(a.val_batches), true},
+            {"--checkpoint-every", std::to_string(a.checkpoint_every), true},
+            {"--layer-grads-every", std::to_string(a.layer_grads_every), true}};
 }
 
 static std::string settings_to_json(const Args& a) {
@@ -329,6 +336,7 @@ static void apply_saved_settings(Args* a, const std::string& settings_json, cons
         if (v == nullptr || v->type != JsonValue::String) fail("the training state in '%s' has no setting %s", dir.c_str(), s.flag);
         bool given = std::find(a->given.begin(), a->given.end(), s.flag) != a->given.end();
         // numbers compare as the floats they parse to (the text is %.9g, which round-trips)
+        if (given && s.may_change) continue;   // the new value holds
         bool numeric = std::string(s.flag) != "--train-data";
         bool same = numeric ? strtof(v->string.c_str(), nullptr) == strtof(s.value.c_str(), nullptr) : v->string == s.value;
         if (given && !same) {
@@ -353,6 +361,11 @@ static void apply_saved_settings(Args* a, const std::string& settings_json, cons
         else if (flag == "--min-lr-ratio") a->min_lr_ratio = parse_float("--min-lr-ratio", v);
         else if (flag == "--weight-decay") a->weight_decay = parse_float("--weight-decay", v);
         else if (flag == "--grad-clip") a->grad_clip = parse_float("--grad-clip", v);
+        else if (flag == "--val-data") a->val_data = v;
+        else if (flag == "--val-every") a->val_every = parse_int("--val-every", v);
+        else if (flag == "--val-batches") a->val_batches = parse_int("--val-batches", v);
+        else if (flag == "--checkpoint-every") a->checkpoint_every = parse_int("--checkpoint-every", v);
+        else if (flag == "--layer-grads-every") a->layer_grads_every = parse_int("--layer-grads-every", v);
     }
 }
 

@@ -617,10 +617,13 @@ TEST_CASE("10 steps, then --resume for 10 more, is bitwise identical to 20 steps
 
 TEST_CASE("--checkpoint-every writes a training state that resumes", "[cli][resume]") {
     std::string tmp = make_temp_dir();
-    train_ok(mix_run_args(6) + " --out " + quote(tmp + "/run") + " --checkpoint-every 2 --stop-at 5");
+    std::string val = quote(fixture_dir("mix") + "/train.bin");
+    train_ok(mix_run_args(6) + " --out " + quote(tmp + "/run") + " --checkpoint-every 2 --stop-at 5 --val-data " + val);
     // stopped after step 5: the last checkpoint is the one at the stop, the log has 5 steps
     Run resumed = train_ok("--resume " + quote(tmp + "/run"));
     CHECK(resumed.out.find("at step 5 of 6") != std::string::npos);
+    // the watching settings come back too: the resumed run validates at its end
+    CHECK(resumed.out.find("step 6 | val loss") != std::string::npos);
     CHECK(train_loss_lines(tmp + "/run/log.jsonl").size() == 6);
 }
 
