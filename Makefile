@@ -1,6 +1,7 @@
 # mixln: Mix-LN LLaMA training engine.
 #   make            build ./train (nvcc when it is installed, else g++, CPU backend either way)
 #   make test       build and run every test (generates the PyTorch fixtures first)
+#   make demo       the King James Bible -> a trained Mix-LN model -> generated text, in a few minutes
 #   make bench      time a training step of the CPU backend against PyTorch eager
 # CUDA_ARCHS sets the GPU targets (there is no GPU here to detect them from).
 
@@ -23,7 +24,7 @@ CUDA_HOME ?= /usr/local/cuda
 HEADERS = $(wildcard *.h layers/*.cuh test/emu/*.h)
 TEST_SOURCES = $(filter-out test/test_main.cpp test/test_finite_difference.cpp test/test_cuda_emu.cpp,$(wildcard test/*.cpp))
 
-.PHONY: all test bench kernel-report clean
+.PHONY: all test bench demo kernel-report clean
 all: train
 
 ifneq ($(NVCC),)
@@ -86,6 +87,10 @@ kernel-report:
 	@$(NVCC) $(NVCCFLAGS) -Xptxas -v -c train.cu -o /dev/null 2>&1 | c++filt | \
 	    sed -n -e "s/.*Compiling entry function '\(.*\)' for '\(sm_[0-9]*\)'.*/\2  \1/p" -e 's/.*ptxas info *: *\(Used .*\)/      \1/p' \
 	    -e 's/^ *\([0-9][0-9]* bytes stack frame.*\)/      \1/p'
+
+# text to a trained Mix-LN model and its samples, in one command (a few minutes on 2 cores)
+demo:
+	bash dev/demo.sh
 
 bench: train
 	$(NEED_TORCH)

@@ -73,6 +73,10 @@ struct Args {
     std::string init_from, out;
     bool eval_only = false;
     bool analyze = false;
+    int sample = 0;                // tokens to generate (0: no sampling)
+    std::string prompt_ids;        // comma-separated token ids to start from
+    float temperature = 1.0f;
+    int top_k = 0;                 // 0: the whole vocabulary
     int checkpoint_every = 0;  // 0: a checkpoint at the end only
     int layer_grads_every = 0; // 0: no per-layer gradient norms in the log
     int stop_at = 0;           // 0: run all steps
@@ -126,6 +130,11 @@ static void print_help() {
     printf("  --eval-only            evaluate on --val-data and print {\"val_loss\": ..., \"tokens\": ...}\n");
     printf("  --analyze              on --val-data: angular distances between layers and the loss with each layer\n");
     printf("                         dropped, written to analysis.json in --out (default: the --init-from directory)\n");
+    printf("  --sample N             generate N tokens from the model (--init-from) and print their ids as JSON;\n");
+    printf("                         dev/sample.py turns text into --prompt-ids and the ids back into text\n");
+    printf("  --prompt-ids LIST      comma-separated token ids to continue (default: token 0)\n");
+    printf("  --temperature X        sampling temperature (default %g)\n", d.temperature);
+    printf("  --top-k K              sample among the K most likely tokens, 0 = all (default %d)\n", d.top_k);
     printf("  --help                 this text\n");
 }
 
@@ -195,6 +204,10 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--init-from") a.init_from = v;
         else if (flag == "--out") a.out = v;
         else if (flag == "--checkpoint-every") a.checkpoint_every = parse_int(f, v);
+        else if (flag == "--sample") a.sample = parse_int(f, v);
+        else if (flag == "--prompt-ids") a.prompt_ids = v;
+        else if (flag == "--temperature") a.temperature = parse_float(f, v);
+        else if (flag == "--top-k") a.top_k = parse_int(f, v);
         else if (flag == "--layer-grads-every") a.layer_grads_every = parse_int(f, v);
         else if (flag == "--stop-at") a.stop_at = parse_int(f, v);
         else if (flag == "--resume") a.resume = v;
@@ -211,6 +224,8 @@ static Args parse_args(int argc, char** argv) {
     if (a.val_batches < 0 || a.val_every < 0) fail("--val-batches and --val-every must be at least 0");
     if (a.checkpoint_every < 0 || a.stop_at < 0) fail("--checkpoint-every and --stop-at must be at least 0");
     if (a.layer_grads_every < 0) fail("--layer-grads-every must be at least 0");
+    if (a.sample < 0 || a.top_k < 0) fail("--sample and --top-k must be at least 0");
+    if (!(a.temperature > 0.0f)) fail("--temperature must be positive, got %g", a.temperature);
     if (!a.resume.empty() && !a.init_from.empty()) fail("--resume and --init-from exclude each other");
     if (!(a.lr >= 0.0f)) fail("--lr must be at least 0, got %g", a.lr);
     if (!(a.min_lr_ratio >= 0.0f && a.min_lr_ratio <= 1.0f)) fail("--min-lr-ratio must be in [0, 1], got %g", a.min_lr_ratio);
@@ -461,6 +476,47 @@ static EvalResult evaluate(Model* model, DataLoader* loader, int max_batches) {
     return {sum / (double)batches, batches * (size_t)model->B * model->T};
 }
 
+// Generates n tokens after the prompt: each step runs the model on the last T tokens of the text
+// (a window; positions restart at its start) and samples the next token from the logits at the
+// last position, softened by temperature and cut to the top_k most likely. Positions after the
+// text are filled with token 0; causal attention keeps them from affecting earlier ones.
+static std::vector<int> generate(Model* model, std::vector<int> text, int n, float temperature, int top_k, uint64_t seed) {
+    const int T = model->T, V = model->config.vocab_size;
+    if (model->B != 1) fail("generation needs a model built for batch 1");
+    uint64_t state = seed;
+    std::vector<int> window(T), generated;
+    std::vector<real> logits(V);
+    std::vector<double> probs(V);
+    std::vector<int> order(V);
+    for (int i = 0; i < n; i++) {
+        int start = text.size() > (size_t)T ? (int)text.size() - T : 0, length = (int)text.size() - start;
+        for (int t = 0; t < T; t++) window[t] = t < length ? text[start + t] : 0;
+        model_forward(model, window.data(), nullptr);
+        model_copy_out(model, logits.data(), model->acts.logits + (size_t)(length - 1) * V, V * sizeof(real));
+        // softmax over the top_k largest logits at the temperature
+        for (int v = 0; v < V; v++) order[v] = v;
+        int k = top_k > 0 && top_k < V ? top_k : V;
+        std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+        double sum = 0.0;
+        for (int j = 0; j < k; j++) {
+            probs[j] = exp((double)(logits[order[j]] - logits[order[0]]) / temperature);
+            sum += probs[j];
+        }
+        double u = (random_u64(&state) >> 11) / 9007199254740992.0 * sum;
+        int next = order[k - 1];
+        for (int j = 0; j < k; j++) {
+            u -= probs[j];
+            if (u < 0) {
+                next = order[j];
+                break;
+            }
+        }
+        text.push_back(next);
+        generated.push_back(next);
+    }
+    return generated;
+}
+
 static double seconds_since(std::chrono::steady_clock::time_point start) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -494,10 +550,25 @@ int main(int argc, char** argv) {
 
     // the data, checked before any big allocation so that bad input fails fast
     if (args.analyze && args.val_data.empty()) fail("--analyze needs --val-data");
+    std::vector<int> prompt;
+    if (args.sample > 0) {
+        // generation: one sequence, no training data
+        std::string list = args.prompt_ids.empty() ? "0" : args.prompt_ids;
+        for (size_t i = 0; i <= list.size();) {
+            size_t end = list.find(',', i);
+            if (end == std::string::npos) end = list.size();
+            int id = parse_int("--prompt-ids", list.substr(i, end - i).c_str());
+            if (id < 0 || id >= config.vocab_size) fail("--prompt-ids: token %d is outside the vocabulary [0, %d)", id, config.vocab_size);
+            prompt.push_back(id);
+            i = end + 1;
+        }
+        args.eval_only = true;
+        B = 1;
+    }
     if (args.analyze) args.eval_only = true;   // no training either
     bool training = !args.eval_only;
     if (training && args.steps > 0 && args.train_data.empty()) fail("--train-data is required to train (or use --eval-only)");
-    if (args.eval_only && args.val_data.empty()) fail("--eval-only needs --val-data");
+    if (args.eval_only && args.val_data.empty() && args.sample == 0) fail("--eval-only needs --val-data");
     DataLoader train_loader, val_loader;
     bool have_train = training && args.steps > 0;
     bool have_val = !args.val_data.empty();
@@ -527,6 +598,16 @@ int main(int argc, char** argv) {
     printf("memory: parameters + gradients + AdamW %.1f MiB, activations %.1f MiB (B=%d, T=%d)\n",
            4.0 * model.num_parameters * sizeof(real) / 1048576.0, model.num_activations * sizeof(real) / 1048576.0, B, T);
 
+    if (args.sample > 0) {
+        std::vector<int> ids = generate(&model, prompt, args.sample, args.temperature, args.top_k, args.seed);
+        std::string json = "{\"prompt_ids\": [";
+        for (size_t i = 0; i < prompt.size(); i++) json += (i ? ", " : "") + std::to_string(prompt[i]);
+        json += "], \"ids\": [";
+        for (size_t i = 0; i < ids.size(); i++) json += (i ? ", " : "") + std::to_string(ids[i]);
+        printf("%s]}\n", json.c_str());
+        model_free(&model);
+        return 0;
+    }
     if (args.analyze) {
         std::string dir = !args.out.empty() ? args.out : !args.init_from.empty() ? args.init_from : ".";
         make_directory(dir);
