@@ -417,6 +417,40 @@ static FILE* open_log(const std::string& dir, bool resuming, int resume_step) {
 // Decides where the run goes and says so. --device auto stays on the CPU for now even where a GPU
 // is present: the CUDA backend passes its tests under CPU emulation, but has not yet been checked
 // on hardware (dev/PERF.md); --device cuda uses it.
+// The device's peak rate for this build's arithmetic (fp32 on CUDA cores; cuBLASLt is asked for
+// exact fp32, no TF32), in FLOP/s, where it is known from the data sheet; 0 elsewhere (CPUs vary
+// too much to guess). Used for the model FLOPs utilisation in the progress line.
+static double peak_flops(bool on_gpu) {
+#ifdef __CUDACC__
+    if (on_gpu) {
+        cudaDeviceProp prop;
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+        std::string name = prop.name;
+        if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) return 67e12;
+        if (name.find("A100") != std::string::npos) return 19.5e12;
+    }
+#endif
+    (void)on_gpu;
+    return 0.0;
+}
+
+// Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4), plus the
+// attention scores and their use on the values, 6 * L * T * C for causal attention.
+static double model_flops_per_token(const ModelConfig& c, int T) {
+    double L = c.num_layers, C = c.channels, F = c.ffn_channels, V = c.vocab_size;
+    double matmul_weights = L * (4 * C * C + 3 * C * F) + V * C;
+    return 6 * matmul_weights + 6 * L * T * C;
+}
+
+static std::string duration_text(double seconds) {
+    char buf[32];
+    int s = (int)(seconds + 0.5);
+    if (s >= 3600) snprintf(buf, sizeof(buf), "%dh%02dm", s / 3600, s / 60 % 60);
+    else if (s >= 60) snprintf(buf, sizeof(buf), "%dm%02ds", s / 60, s % 60);
+    else snprintf(buf, sizeof(buf), "%ds", s);
+    return buf;
+}
+
 static bool choose_device(const Args& a) {
     int gpus = 0;
 #ifdef __CUDACC__
@@ -657,6 +691,8 @@ int main(int argc, char** argv) {
     // the training loop; step s uses the schedule's lr(s), so with warmup step 0 has lr 0
     const int K = args.grad_accum;
     int last_step = args.stop_at > 0 && args.stop_at < args.steps ? args.stop_at : args.steps;
+    const double peak = peak_flops(on_gpu), flops_per_token = model_flops_per_token(config, T);
+    double run_seconds = 0.0;   // for the time left
     for (int step = state.step; step < last_step; step++) {
         auto start = std::chrono::steady_clock::now();
         // K micro-batches, each contributing 1/K of the gradient of the mean loss
@@ -680,8 +716,17 @@ int main(int argc, char** argv) {
         model_update(&model, lr, 0.9f, 0.999f, 1e-8f, args.weight_decay, grad_clip_scale(grad_norm, args.grad_clip));
         double seconds = seconds_since(start);
         double tokens_per_second = (double)K * B * T / seconds;
-        printf("step %d/%d | loss %.4f | lr %.3e | grad norm %.4f | %.1f ms | %.0f tok/s\n", step + 1, args.steps,
-               train_loss, lr, grad_norm, seconds * 1000, tokens_per_second);
+        run_seconds += seconds;
+        std::string mfu;
+        if (peak > 0) {
+            char buf[32];
+            snprintf(buf, sizeof(buf), " | MFU %.1f%%", 100.0 * tokens_per_second * flops_per_token / peak);
+            mfu = buf;
+        }
+        int done = step + 1 - state.step;
+        printf("step %d/%d | loss %.4f | lr %.3e | grad norm %.4f | %.1f ms | %.0f tok/s%s | %s left\n", step + 1,
+               args.steps, train_loss, lr, grad_norm, seconds * 1000, tokens_per_second, mfu.c_str(),
+               duration_text(run_seconds / done * (last_step - step - 1)).c_str());
         if (log) {
             fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.3f, \"tokens_per_second\": %.1f%s}\n",
                     step, train_loss, lr, grad_norm, seconds * 1000, tokens_per_second, layer_grads.c_str());
