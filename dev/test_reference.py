@@ -393,8 +393,62 @@ if HAVE_MATPLOTLIB:  # defined (and counted) only when matplotlib is there: skip
                     assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
 
 
+def _have_transformers():
+    try:
+        import transformers  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+HAVE_TRANSFORMERS = _have_transformers()
+
+if HAVE_TRANSFORMERS:  # defined (and counted) only where the library is installed
+    def test_pre_ln_checkpoint_is_a_stock_hf_llama():
+        """A pure Pre-LN checkpoint (same files as ./train writes) loads into Hugging Face's own
+        LlamaForCausalLM and gives the reference's logits."""
+        import transformers
+        cfg = ref.Config.make(61, 32, 2, 4, 72, 16, 0.0)
+        model = ref.MixLNForCausalLM(cfg)
+        ref.init_weights(model, seed=3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.mul_(1 + 0.1 * torch.randn_like(p))  # so that a misplaced norm weight shows
+        d = tempfile.mkdtemp()
+        ref.save_checkpoint(model, d)
+        hf = transformers.LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+        hf.eval()
+        x = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ours = model(x)[0]
+            theirs = hf(x).logits
+        # Hugging Face computes the RoPE angles in fp32 (the reference in float64), which at T = 16
+        # costs almost nothing: measured 7e-8
+        err = float((ours - theirs).norm() / theirs.norm())
+        print(f"    Hugging Face LlamaForCausalLM vs reference logits: relative error {err:.2e}")
+        assert err < 1e-5, err
+        # and a checkpoint written by the engine itself, where ./train is built
+        train = os.environ.get("MIXLN_TRAIN", "./train")
+        if os.path.exists(train):
+            import subprocess
+            d2 = tempfile.mkdtemp()
+            subprocess.run([train, "--steps", "0", "--norm", "pre", "--layers", "2", "--dim", "32", "--heads", "4",
+                            "--ffn", "72", "--vocab", "61", "--seq-len", "16", "--seed", "5", "--out", d2],
+                           check=True, capture_output=True)
+            engine = ref.load_checkpoint(d2)
+            hf2 = transformers.LlamaForCausalLM.from_pretrained(d2, torch_dtype=torch.float32)
+            hf2.eval()
+            with torch.no_grad():
+                err2 = float((engine(x)[0] - hf2(x).logits).norm() / hf2(x).logits.norm())
+            print(f"    the same for a checkpoint written by {train}: relative error {err2:.2e}")
+            assert err2 < 1e-5, err2
+
+
 def main():
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)]
+    if not HAVE_TRANSFORMERS:
+        print("SKIP test_pre_ln_checkpoint_is_a_stock_hf_llama (not counted): transformers is not installed")
     if not HAVE_MATPLOTLIB:
         print("SKIP test_plot_figures (not counted): matplotlib is not installed "
               "(apt-get install -y --no-install-recommends python3-matplotlib)")
