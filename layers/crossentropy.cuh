@@ -59,32 +59,34 @@ inline void crossentropy_backward_cpu(real* dlogits, const real* logits, const i
 
 // ---- CUDA kernels
 
-// one block per row (the grid has N blocks): a max reduction, then a sum of exponentials
-static __global__ void crossentropy_forward_kernel(float* losses, const float* logits, const int* targets, int V) {
+// The softmax statistics of one row, for a whole block: its maximum and sum of exp(x - max).
+__device__ __forceinline__ void row_softmax_stats(float* max_out, float* sum_out, const float* row, int V) {
     __shared__ float shared[32];
-    const float* row = logits + (size_t)blockIdx.x * V;
     float max_logit = -INFINITY;
     for (int v = threadIdx.x; v < V; v += blockDim.x) max_logit = fmaxf(max_logit, row[v]);
     max_logit = block_reduce_max(max_logit, shared);
     float sum = 0.0f;
     for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(row[v] - max_logit);
-    sum = block_reduce_sum(sum, shared);
+    *sum_out = block_reduce_sum(sum, shared);
+    *max_out = max_logit;
+}
+
+// one block per row (the grid has N blocks)
+static __global__ void crossentropy_forward_kernel(float* losses, const float* logits, const int* targets, int V) {
+    const float* row = logits + (size_t)blockIdx.x * V;
+    float max_logit, sum;
+    row_softmax_stats(&max_logit, &sum, row, V);
     if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) - (row[targets[blockIdx.x]] - max_logit);
 }
 
 // One block per row, in place: every thread reads the row during the two reductions, whose
 // barriers complete before any thread overwrites its elements with their gradient.
 static __global__ void crossentropy_backward_kernel(float* dlogits, const float* logits, const int* targets, float dloss,
-                                             int V) {
-    __shared__ float shared[32];
+                                                    int V) {
     const float* row = logits + (size_t)blockIdx.x * V;
     float* drow = dlogits + (size_t)blockIdx.x * V;
-    float max_logit = -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) max_logit = fmaxf(max_logit, row[v]);
-    max_logit = block_reduce_max(max_logit, shared);
-    float sum = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(row[v] - max_logit);
-    sum = block_reduce_sum(sum, shared);
+    float max_logit, sum;
+    row_softmax_stats(&max_logit, &sum, row, V);
     float scale = dloss / sum;
     int target = targets[blockIdx.x];
     for (int v = threadIdx.x; v < V; v += blockDim.x) {

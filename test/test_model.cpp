@@ -112,6 +112,25 @@ static double check_tensors(const real* ours, const ModelConfig& config, const s
     return worst;
 }
 
+// A fixture case ready to run: its config and settings, the model with the initial weights on
+// this build's backend, and a loader over its token shard.
+struct FixtureRun {
+    ModelConfig config;
+    TrainSettings settings;
+    Model model;
+    DataLoader loader;
+    explicit FixtureRun(const std::string& dir)
+        : config(checkpoint_read_config(dir)), settings(read_train_settings(dir)) {
+        model_build(&model, config, settings.batch, settings.seq_len, ON_GPU);
+        checkpoint_load_weights(&model, dir);
+        dataloader_init(&loader, (dir + "/train.bin").c_str(), settings.batch, settings.seq_len, config.vocab_size);
+    }
+    ~FixtureRun() {
+        dataloader_free(&loader);
+        model_free(&model);
+    }
+};
+
 struct StepResult {
     double loss, grad_norm;
     float lr;
@@ -197,17 +216,9 @@ TEST_CASE(BACKEND ": Mix-LN alpha 0.5 (3 of 6 layers Post-LN, weight decay) matc
 // Kernels sum in a fixed order (no float atomics; OpenMP splits work statically), so the same run
 // twice gives the same bits.
 static std::vector<double> train_losses(const std::string& dir, int steps) {
-    ModelConfig config = checkpoint_read_config(dir);
-    TrainSettings s = read_train_settings(dir);
-    Model model;
-    model_build(&model, config, s.batch, s.seq_len, ON_GPU);
-    checkpoint_load_weights(&model, dir);
-    DataLoader loader;
-    dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
+    FixtureRun run(dir);
     std::vector<double> losses;
-    for (int step = 0; step < steps; step++) losses.push_back(train_step(&model, &loader, s, step).loss);
-    dataloader_free(&loader);
-    model_free(&model);
+    for (int step = 0; step < steps; step++) losses.push_back(train_step(&run.model, &run.loader, run.settings, step).loss);
     return losses;
 }
 
@@ -259,15 +270,11 @@ TEST_CASE(BACKEND ": 2 accumulated micro-batches of 3 give the update of one bat
 
 TEST_CASE(BACKEND ": per-layer gradient norms add up to the global norm", "[parity][layer-grads]") {
     std::string dir = fixture_dir("mix_half");
-    ModelConfig config = checkpoint_read_config(dir);
-    TrainSettings s = read_train_settings(dir);
-    Model model;
-    model_build(&model, config, s.batch, s.seq_len, ON_GPU);
-    checkpoint_load_weights(&model, dir);
-    DataLoader loader;
-    dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
-    dataloader_next_batch(&loader);
-    model_forward(&model, loader.inputs, loader.targets);
+    FixtureRun run(dir);
+    const ModelConfig& config = run.config;
+    Model& model = run.model;
+    dataloader_next_batch(&run.loader);
+    model_forward(&model, run.loader.inputs, run.loader.targets);
     model_zero_grad(&model);
     model_backward(&model);
     std::vector<double> layers = model_layer_grad_norms(&model);
@@ -301,6 +308,4 @@ TEST_CASE(BACKEND ": per-layer gradient norms add up to the global norm", "[pari
         CHECK(layers[l] > 0.0);
         CHECK(fabs(layers[l] - sqrt(sum)) / sqrt(sum) < GRAD_TOLERANCE);
     }
-    dataloader_free(&loader);
-    model_free(&model);
 }
