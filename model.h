@@ -219,7 +219,8 @@ struct ActivationTensors {
     real* attn_norm;         // (L, B, T, C)     N1 output: Pre-LN N1(x) / Post-LN h = N1(x + attn)
     real* attn_norm_rstd;    // (L, B, T)
     real* qkv;               // (L, B, T, 3C)    q, k (after RoPE), v
-    real* att;               // (L, B, NH, T, T) softmax probabilities
+    real* att;               // (L, B, NH, T, T) softmax probabilities (the simple attention)
+    real* lse;               // (L, B, NH, T)    log-sum-exp of each score row (the fused attention)
     real* atty;              // (L, B, T, C)     attention output before o_proj
     real* attn_resid;        // (L, B, T, C)     x + o_proj(atty)
     real* mlp_norm;          // (L, B, T, C)     N2 output: Pre-LN N2(h) / Post-LN y = N2(h + mlp)
@@ -242,7 +243,7 @@ struct ActivationTensors {
     real* dgate_up;          // (B, T, 2F)
     real* dswiglu;           // (B, T, F)
 };
-constexpr int NUM_ACTIVATION_TENSORS = 25;
+constexpr int NUM_ACTIVATION_TENSORS = 26;
 
 inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelConfig& c, int B, int T) {
     size_t L = c.num_layers, C = c.channels, NH = c.num_heads, F = c.ffn_channels,
@@ -252,6 +253,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
         L * BT * C, L * BT,                       // attn_norm, attn_norm_rstd
         L * BT * 3 * C,                           // qkv
         L * B * NH * T * T,                       // att
+        L * B * NH * T,                           // lse
         L * BT * C, L * BT * C,                   // atty, attn_resid
         L * BT * C, L * BT,                       // mlp_norm, mlp_norm_rstd
         L * BT * 2 * F, L * BT * F,               // gate_up, swiglu
@@ -268,7 +270,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
 
 inline void point_activations(ActivationTensors* a, real* memory, const size_t sizes[NUM_ACTIVATION_TENSORS]) {
     real** members[NUM_ACTIVATION_TENSORS] = {
-        &a->embedded, &a->attn_norm, &a->attn_norm_rstd, &a->qkv, &a->att, &a->atty,
+        &a->embedded, &a->attn_norm, &a->attn_norm_rstd, &a->qkv, &a->att, &a->lse, &a->atty,
         &a->attn_resid, &a->mlp_norm, &a->mlp_norm_rstd, &a->gate_up, &a->swiglu, &a->mlp_resid,
         &a->final_norm, &a->final_norm_rstd, &a->logits, &a->losses, &a->rope_cos, &a->rope_sin,
         &a->dresidual, &a->dnorm, &a->datty, &a->dqkv, &a->datt_scratch, &a->dgate_up, &a->dswiglu};
@@ -284,6 +286,7 @@ struct LayerActivations {
     real* attn_norm_rstd;  // (B, T)
     real* qkv;             // (B, T, 3C)
     real* att;             // (B, NH, T, T)
+    real* lse;             // (B, NH, T)
     real* atty;            // (B, T, C)
     real* attn_resid;      // (B, T, C)
     real* mlp_norm;        // (B, T, C)
@@ -296,7 +299,8 @@ struct LayerActivations {
 inline LayerActivations layer_activations(const ActivationTensors& a, const ModelConfig& c, int B, int T, int l) {
     size_t BT = (size_t)B * T, C = c.channels, F = c.ffn_channels, NH = c.num_heads;
     return {a.attn_norm + l * BT * C,      a.attn_norm_rstd + l * BT, a.qkv + l * BT * 3 * C,
-            a.att + l * B * NH * T * T,    a.atty + l * BT * C,       a.attn_resid + l * BT * C,
+            a.att + l * B * NH * T * T,    a.lse + l * B * NH * T,    a.atty + l * BT * C,
+            a.attn_resid + l * BT * C,
             a.mlp_norm + l * BT * C,       a.mlp_norm_rstd + l * BT,  a.gate_up + l * BT * 2 * F,
             a.swiglu + l * BT * F,         a.mlp_resid + l * BT * C};
 }
@@ -330,6 +334,7 @@ struct Model {
     double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
     bool backward_ready = false;      // a forward pass with targets ran and backward has not
     int skip_layer = -1;              // layer left out of the forward pass (layer-drop analysis), -1: none
+    bool fused_attention = false;     // on the GPU: the fused (flash-style) attention kernels
 #ifdef MIXLN_CUDA
     cudaStream_t stream = 0;
     float* norm_partials = nullptr;   // (GLOBAL_NORM_BLOCKS) on the GPU
@@ -556,6 +561,11 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         }
         LAYER(matmul_forward, la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
         LAYER(rope_forward, la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
+#ifdef MIXLN_CUDA
+        if (model->on_gpu && model->fused_attention) {
+            attention_forward_fused(la.atty, la.lse, la.qkv, B, T, NH, hs, model->stream);
+        } else
+#endif
         LAYER(attention_forward, la.atty, la.att, la.qkv, B, T, NH, hs);
         LAYER(matmul_forward, la.attn_resid, la.atty, w.o_proj, BT, C, C);
         LAYER(residual_forward, la.attn_resid, residual, la.attn_resid, (size_t)BT * C);
@@ -617,6 +627,11 @@ inline void attention_sublayer_backward(Model* model, real* dinp, const real* do
     model_zero(model, a.datty, (size_t)BT * C * sizeof(real));
     LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C);
     model_zero(model, a.dqkv, (size_t)BT * 3 * C * sizeof(real));
+#ifdef MIXLN_CUDA
+    if (model->on_gpu && model->fused_attention) {
+        attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.atty, la.lse, B, T, NH, C / NH, model->stream);
+    } else
+#endif
     LAYER(attention_backward, a.dqkv, a.datt_scratch, a.datty, la.qkv, la.att, B, T, NH, C / NH);
     LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
     LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C);

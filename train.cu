@@ -69,6 +69,7 @@ struct Args {
     unsigned long long seed = 1337;
     float embed_std = 0.02f;
     std::string device = "auto";
+    std::string attention = "simple";   // on the GPU: simple | fused
     std::string precision = "fp32";
     std::string init_from, out;
     bool eval_only = false;
@@ -120,6 +121,8 @@ static void print_help() {
     printf("  --seed S               initialisation seed (default %llu)\n", d.seed);
     printf("run:\n");
     printf("  --device auto|cpu|cuda where to run (default %s; auto stays on the CPU until the CUDA backend is verified)\n", d.device.c_str());
+    printf("  --attention simple|fused  on the GPU: attention with its probabilities stored, or the fused\n");
+    printf("                         flash-style kernels (default %s)\n", d.attention.c_str());
     printf("  --precision fp32|bf16  number format (default %s; bf16 is not implemented yet)\n", d.precision.c_str());
     printf("  --init-from DIR        start from a checkpoint's weights (its config.json sets the model)\n");
     printf("  --out DIR              write DIR/log.jsonl while training and the checkpoint at the end\n");
@@ -201,6 +204,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--seed") a.seed = (unsigned long long)parse_int(f, v);
         else if (flag == "--device") a.device = v;
         else if (flag == "--precision") a.precision = v;
+        else if (flag == "--attention") a.attention = v;
         else if (flag == "--init-from") a.init_from = v;
         else if (flag == "--out") a.out = v;
         else if (flag == "--checkpoint-every") a.checkpoint_every = parse_int(f, v);
@@ -234,6 +238,7 @@ static Args parse_args(int argc, char** argv) {
     if (!(a.embed_std > 0.0f)) fail("--embed-std must be positive, got %g", a.embed_std);
     if (a.device != "auto" && a.device != "cpu" && a.device != "cuda") fail("--device must be auto, cpu or cuda, got '%s'", a.device.c_str());
     if (a.precision != "fp32" && a.precision != "bf16") fail("--precision must be fp32 or bf16, got '%s'", a.precision.c_str());
+    if (a.attention != "simple" && a.attention != "fused") fail("--attention must be simple or fused, got '%s'", a.attention.c_str());
     return a;
 }
 
@@ -611,6 +616,8 @@ int main(int argc, char** argv) {
 
     Model model;
     model_build(&model, config, B, T, on_gpu);
+    model.fused_attention = args.attention == "fused";
+    if (model.fused_attention && !on_gpu) fail("--attention fused needs --device cuda (the CPU has one attention)");
     TrainingState state;
     if (resuming) {
         state = training_state_load(&model, args.resume);

@@ -56,6 +56,8 @@ reference.shard_save("build/device_check_71m.bin", np.random.default_rng(1).inte
 EOF
 run_step train_71m ./train --device cuda --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
 grep -E '^step (9|10)/10' "$logs/train_71m.log" || true
+run_step train_71m_fused ./train --device cuda --attention fused --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
+grep -E '^step (9|10)/10' "$logs/train_71m_fused.log" || true
 if [ -f dev/bench_gpu.py ]; then
     run_step bench_gpu "$PYTHON" dev/bench_gpu.py --configs llama-71m
 fi

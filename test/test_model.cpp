@@ -149,13 +149,14 @@ static StepResult train_step(Model* model, DataLoader* loader, const TrainSettin
     return {loss, norm, lr};
 }
 
-static void check_case(const std::string& name, double final_param_tolerance) {
+static void check_case(const std::string& name, double final_param_tolerance, bool fused_attention = false) {
     std::string dir = fixture_dir(name);
     INFO("fixture case " << name << " in " << dir);
     ModelConfig config = checkpoint_read_config(dir);
     TrainSettings s = read_train_settings(dir);
     Model model;
     model_build(&model, config, s.batch, s.seq_len, ON_GPU);
+    model.fused_attention = fused_attention;
     checkpoint_load_weights(&model, dir);
     SafeTensorsFile fixture;
     safetensors_open(&fixture, (dir + "/fixture.safetensors").c_str());
@@ -212,6 +213,11 @@ TEST_CASE(BACKEND ": Pre-LN (alpha 0) matches PyTorch: logits, gradients, 10 ste
 TEST_CASE(BACKEND ": Post-LN (alpha 1) matches PyTorch: logits, gradients, 10 steps", "[parity]") { check_case("post", 1e-4); }
 TEST_CASE(BACKEND ": Mix-LN alpha 0.25 (1 of 4 layers Post-LN, clipped) matches PyTorch", "[parity]") { check_case("mix", 5e-6); }
 TEST_CASE(BACKEND ": Mix-LN alpha 0.5 (3 of 6 layers Post-LN, weight decay) matches PyTorch", "[parity]") { check_case("mix_half", 5e-6); }
+#ifdef MIXLN_CUDA
+TEST_CASE(BACKEND ": with the fused attention kernels, Mix-LN alpha 0.25 matches PyTorch", "[parity][fused]") {
+    check_case("mix", 5e-6, true);
+}
+#endif
 
 // Kernels sum in a fixed order (no float atomics; OpenMP splits work statically), so the same run
 // twice gives the same bits.

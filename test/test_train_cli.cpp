@@ -781,3 +781,8 @@ TEST_CASE("--sample refuses a prompt id outside the vocabulary and a temperature
     require_train_fails("--init-from " + dir + " --sample 5 --prompt-ids 3,97", "--prompt-ids: token 97 is outside the vocabulary [0, 97)");
     require_train_fails("--init-from " + dir + " --sample 5 --temperature 0", "--temperature must be positive, got 0");
 }
+
+TEST_CASE("--attention fused is refused on the CPU, and an unknown attention too", "[cli]") {
+    require_train_fails("--steps 0 --attention fused", "--attention fused needs --device cuda");
+    require_train_fails("--steps 0 --attention flash", "--attention must be simple or fused, got 'flash'");
+}
