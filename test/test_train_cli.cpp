@@ -786,3 +786,16 @@ TEST_CASE("--attention fused is refused on the CPU, and an unknown attention too
     require_train_fails("--steps 0 --attention fused", "--attention fused needs --device cuda");
     require_train_fails("--steps 0 --attention flash", "--attention must be simple or fused, got 'flash'");
 }
+
+TEST_CASE("--resume of a directory without a training state is refused, naming the file", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    require_train_fails("--resume " + quote(tmp), "cannot open '" + tmp + "/training_state.safetensors'");
+}
+
+TEST_CASE("negative counts for the new run flags are refused", "[cli]") {
+    require_train_fails("--steps 0 --checkpoint-every -1", "--checkpoint-every and --stop-at must be at least 0");
+    require_train_fails("--steps 0 --stop-at -3", "--checkpoint-every and --stop-at must be at least 0");
+    require_train_fails("--steps 0 --layer-grads-every -1", "--layer-grads-every must be at least 0");
+    require_train_fails("--steps 0 --sample -2", "--sample and --top-k must be at least 0");
+    require_train_fails("--steps 0 --top-k -1", "--sample and --top-k must be at least 0");
+}
