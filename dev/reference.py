@@ -680,6 +680,14 @@ def cmd_bench(a):
                       "ms_steps": [round(m, 3) for m in ms_steps]}))
 
 
+def checkpoint_data_args(q):
+    """The arguments every subcommand that runs a checkpoint on a shard takes."""
+    q.add_argument("--ckpt", required=True)
+    q.add_argument("--data", required=True)
+    q.add_argument("--batch", type=int, required=True)
+    q.add_argument("--seq-len", type=int, required=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="mixln PyTorch reference")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -701,28 +709,19 @@ def main(argv=None):
     q.set_defaults(fn=cmd_init)
 
     q = sub.add_parser("eval", help="mean loss over whole batches of a shard")
-    q.add_argument("--ckpt", required=True)
-    q.add_argument("--data", required=True)
-    q.add_argument("--batch", type=int, required=True)
-    q.add_argument("--seq-len", type=int, required=True)
+    checkpoint_data_args(q)
     q.add_argument("--batches", type=int, default=None)
     q.set_defaults(fn=cmd_eval)
 
     q = sub.add_parser("analyze", help="angular distances between layer inputs and the loss with each layer "
                                        "dropped, as JSON (the last stdout line, and --out FILE if given)")
-    q.add_argument("--ckpt", required=True)
-    q.add_argument("--data", required=True)
-    q.add_argument("--batch", type=int, required=True)
-    q.add_argument("--seq-len", type=int, required=True)
+    checkpoint_data_args(q)
     q.add_argument("--batches", type=int, default=0, help="only the first K windows (default 0: all)")
     q.add_argument("--out", default=None, help="also write the JSON to this file")
     q.set_defaults(fn=cmd_analyze)
 
     q = sub.add_parser("train", help="train from a checkpoint, write the result and log.jsonl to --out")
-    q.add_argument("--ckpt", required=True)
-    q.add_argument("--data", required=True)
-    q.add_argument("--batch", type=int, required=True)
-    q.add_argument("--seq-len", type=int, required=True)
+    checkpoint_data_args(q)
     q.add_argument("--steps", type=int, required=True)
     q.add_argument("--lr", type=float, required=True)
     q.add_argument("--warmup", type=int, default=0)
