@@ -1,10 +1,13 @@
 """
 Generate the fixtures the C++ parity tests compare against (at test time; never committed).
 
-    /usr/bin/python3 dev/make_fixtures.py --out DIR [--cases pre,post,mix,mix_half] [--fp64-drift]
+    /usr/bin/python3 dev/make_fixtures.py --out DIR [--cases pre,post,mix,...] [--fp64-drift]
+
+Cases (CASES below): Mix-LN by alpha (pre, post, mix, mix_half) and by an explicit per-layer list
+of norm kinds (peri, deepnorm, lns, and zoo: one layer of each kind, with LayerNorm).
 
 For each case, DIR/<case>/ holds:
-  config.json, model.safetensors   the initial checkpoint (norm weights perturbed, see below)
+  config.json, model.safetensors   the initial checkpoint (norm weights and biases perturbed, see below)
   train.bin                        uint16 shard of 10*B*T + 1 random tokens in [0, V)
   train.json                       training hyperparameters (numbers)
   fixture.safetensors              inputs, targets (I32 (B,T), batch 0), logits (B,T,V), loss [1],
@@ -31,7 +34,9 @@ V, C, NH, F, T, B = 97, 48, 4, 136, 24, 3
 EMBED_STD = 0.02
 STEPS, LR, WARMUP, MIN_LR_RATIO = 10, 1e-2, 3, 0.1
 
-# name -> layers, alpha, seed, weight_decay, grad_clip
+# name -> layers, the norm placement, seed, weight_decay, grad_clip. The placement is either
+# alpha (Mix-LN: floor(alpha*L) Post-LN layers, the rest Pre-LN) or norm_layers (one kind per
+# layer), with norm_type (default rmsnorm).
 CASES = {
     "pre":      dict(L=4, alpha=0.0,  seed=1001, weight_decay=0.0, grad_clip=0.0),
     "post":     dict(L=4, alpha=1.0,  seed=1002, weight_decay=0.0, grad_clip=0.0),
@@ -40,7 +45,38 @@ CASES = {
     # and that it moves the final weights (by ~5e-3 here, far above fp32 noise).
     "mix":      dict(L=4, alpha=0.25, seed=1003, weight_decay=0.0, grad_clip=0.5),
     "mix_half": dict(L=6, alpha=0.5,  seed=1004, weight_decay=0.1, grad_clip=0.0),
+    "peri":     dict(L=4, norm_layers=["peri"] * 4,     seed=1005, weight_decay=0.0, grad_clip=0.0),
+    "deepnorm": dict(L=4, norm_layers=["deepnorm"] * 4, seed=1006, weight_decay=0.0, grad_clip=0.0),
+    "lns":      dict(L=4, norm_layers=["lns"] * 4,      seed=1007, weight_decay=0.0, grad_clip=0.0),
+    "zoo":      dict(L=5, norm_layers=["post", "deepnorm", "peri", "lns", "pre"], norm_type="layernorm",
+                     seed=1008, weight_decay=0.1, grad_clip=0.0),
 }
+
+
+def case_config(spec):
+    """The Config of a case: Mix-LN from alpha, or the explicit norm_layers list."""
+    if ("alpha" in spec) == ("norm_layers" in spec):
+        raise ValueError(f"a case gives exactly one of alpha and norm_layers: {spec}")
+    return ref.Config.make(V, C, spec["L"], NH, F, T, spec.get("alpha"),
+                           norm_layers=spec.get("norm_layers"), norm_type=spec.get("norm_type", "rmsnorm"))
+
+
+def check_scales_matter(name, d, tokens, train_args, log):
+    """For each layer kind with a constant of its own (deepnorm's a = (2L)^(1/4) on the residual,
+    lns's 1/sqrt(l+1) on the norm outputs), the same 10 steps with that constant set to 1 must
+    end elsewhere by more than float noise, or the case would not test it."""
+    for kind, attr in (("deepnorm", "deepnorm_alpha"), ("lns", "lns_scale")):
+        model = ref.load_checkpoint(d)
+        layers = [layer for layer in model.model.layers if layer.kind == kind]
+        if not layers:
+            continue
+        if kind == "lns" and all(layer.layer_idx == 0 for layer in layers):
+            continue  # 1/sqrt(0 + 1) = 1: nothing to check
+        for layer in layers:
+            setattr(layer, attr, 1.0)
+        unscaled = ref.train(model, *train_args)
+        diff = max(abs(a[0] - b[0]) for a, b in zip(log, unscaled))
+        assert diff > 1e-4, f"{name}: {kind} with its scale set to 1 changed the train losses by only {diff:.2e}"
 
 
 def make_case(out, name, spec, fp64_drift):
@@ -48,15 +84,18 @@ def make_case(out, name, spec, fp64_drift):
     d = os.path.join(out, name)
     os.makedirs(d, exist_ok=True)
 
-    # Initial checkpoint. Norm weights are moved off 1 so that a C++ bug that ignores a norm
-    # weight (or uses the wrong one of a layer's two) changes the numbers.
-    cfg = ref.Config.make(V, C, spec["L"], NH, F, T, spec["alpha"])
+    # Initial checkpoint. Norm weights are moved off 1 (and LayerNorm biases off 0), drawn in
+    # named_parameters order, so that a C++ bug that ignores a norm weight or bias (or uses the
+    # wrong one of a layer's norms) changes the numbers.
+    cfg = case_config(spec)
     model = ref.MixLNForCausalLM(cfg)
     gen = ref.init_weights(model, spec["seed"], EMBED_STD)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if ref.is_norm_weight(pname):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif ref.is_norm_bias(pname):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     ref.save_checkpoint(model, d)
 
     tok_gen = torch.Generator().manual_seed(spec["seed"] + 500)
@@ -103,10 +142,18 @@ def make_case(out, name, spec, fp64_drift):
         diff = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), unclipped.parameters()))
         assert diff > 1e-4, f"{name}: clipping changed the final weights by only {diff:.2e}"
 
+    check_scales_matter(name, d, tokens, train_args, log)
+
     ref.safetensors_save(os.path.join(d, "fixture.safetensors"), fx, {k: str(v) for k, v in hp.items()})
 
     secs = time.perf_counter() - t0
-    print(f"{name:9s} post_ln_layers={cfg.post_ln_layers} loss={float(loss):.6f} "
+    if cfg.post_ln_layers is not None:  # Mix-LN form
+        placement = f"post_ln_layers={cfg.post_ln_layers}"
+    else:
+        placement = f"norm_layers={','.join(cfg.norm_layers)}"
+    if cfg.norm_type != "rmsnorm":
+        placement += f" norm_type={cfg.norm_type}"
+    print(f"{name:9s} {placement} loss={float(loss):.6f} "
           f"train_loss[0]={log[0][0]:.6f} train_loss[-1]={log[-1][0]:.6f} "
           f"grad_norm[0]={log[0][2]:.4f} {secs:.2f}s")
 
@@ -125,7 +172,11 @@ def main():
     p.add_argument("--fp64-drift", action="store_true")
     a = p.parse_args()
     t0 = time.perf_counter()
-    for name in a.cases.split(","):
+    names = a.cases.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {','.join(unknown)}; known: {','.join(CASES)}")
+    for name in names:
         make_case(a.out, name, CASES[name], a.fp64_drift)
     print(f"fixtures written to {a.out} in {time.perf_counter() - t0:.2f}s")
 

@@ -6,13 +6,19 @@ misunderstanding on one side shows up as a test failure instead of being copied.
 Everything is plain fp32 PyTorch, readable top to bottom:
 
   file formats   safetensors (tiny reader/writer), llm.c token shards, config.json
-  model          LLaMA with Mix-LN: the first `post_ln_layers` layers are Post-LN, the rest Pre-LN
+  model          LLaMA with a norm placement per layer (`norm_layers`): pre, post, peri (Sandwich),
+                 deepnorm, lns (LayerNorm Scaling); Mix-LN is [post]*floor(alpha*L) + [pre]*rest.
+                 Norms are RMSNorm or LayerNorm (`norm_type`); equations in DecoderLayer
   training       AdamW + GaLore's warmup/cosine schedule + optional gradient clipping
   analysis       angular distance between layer inputs, loss with one layer dropped
-  CLI            init / eval / analyze / train / bench  (run with --help)
+  CLI            init / eval / analyze / train / bench  (run with --help); init and bench take
+                 --alpha A or --norm-layers post,pre,..., --norm-type, --scaled-init
 
-Parameter names are exactly the Hugging Face LLaMA names, with Linear weights stored
+Parameter names are exactly the Hugging Face LLaMA names (Gemma-2's for the four norms of a peri
+layer; `<norm>.bias` beside each weight with LayerNorm), with Linear weights stored
 (out_features, in_features), so a checkpoint written here is read by the C++ engine and back.
+config.json always holds `norm_layers` and `norm_type`, and `post_ln_layers` / `mixln_alpha`
+where the list has the Mix-LN form.
 
 Runs on the Debian Python (torch 1.13): no torch 2.x APIs.
 """
@@ -147,12 +153,64 @@ def shard_load(path):
 
 # -----------------------------------------------------------------------------
 # Config
+#
+# Where each layer's norms sit is a list `norm_layers`, one kind per layer (MIXLN.md, "Norm
+# placement" and "Related placements"); the equations are in DecoderLayer. Mix-LN is the list
+# [post]*floor(alpha*L) + [pre]*(L - that), for which `post_ln_layers` / `mixln_alpha` remain the
+# shorthand. `norm_type` says what every norm (the layers' and the final one) is.
+
+NORM_KINDS = ("pre", "post", "peri", "deepnorm", "lns")
+NORM_TYPES = ("rmsnorm", "layernorm")
 
 
 def post_ln_layers_for(alpha, L):
     # floor(alpha * L), with 1e-6 added because alpha * L in floating point can land just
     # below an integer: 0.29 * 100 = 28.999999999999996 must still give 29 Post-LN layers.
     return int(math.floor(alpha * L + 1e-6))
+
+
+def norm_layers_for_alpha(alpha, L):
+    """The Mix-LN list for alpha: the first floor(alpha*L) layers post, the rest pre."""
+    k = post_ln_layers_for(alpha, L)
+    if not 0 <= k <= L:
+        raise ValueError(f"alpha {alpha} gives {k} Post-LN layers, not in 0..{L}")
+    return ["post"] * k + ["pre"] * (L - k)
+
+
+def check_norm_layers(norm_layers, L):
+    """Validate a per-layer list of norm kinds for L layers -> the list (a new list of str).
+    Raises ValueError naming the problem: not a list, wrong length, or an unknown kind."""
+    if isinstance(norm_layers, str) or not isinstance(norm_layers, (list, tuple)):
+        raise ValueError(f"norm_layers must be a list of kinds ({', '.join(NORM_KINDS)}), got {norm_layers!r}")
+    if len(norm_layers) != L:
+        raise ValueError(f"norm_layers has {len(norm_layers)} entries, but the model has {L} layers "
+                         f"(num_hidden_layers)")
+    for l, kind in enumerate(norm_layers):
+        if kind not in NORM_KINDS:
+            raise ValueError(f"norm_layers[{l}] is {kind!r}, not a known kind ({', '.join(NORM_KINDS)})")
+    return list(norm_layers)
+
+
+def check_norm_type(norm_type):
+    if norm_type not in NORM_TYPES:
+        raise ValueError(f"norm_type {norm_type!r} is not known ({', '.join(NORM_TYPES)})")
+    return norm_type
+
+
+def parse_norm_layers(text, L=None):
+    """"post,post,pre,pre" (as a CLI takes it) -> ["post", "post", "pre", "pre"]; spaces around a
+    kind are ignored. Unknown kinds are refused; so is a wrong length when L is given."""
+    kinds = [k.strip() for k in text.split(",")]
+    return check_norm_layers(kinds, len(kinds) if L is None else L)
+
+
+def mixln_post_count(norm_layers):
+    """k if the list has the Mix-LN form (k posts, then only pres; k = 0 and k = L included),
+    else None."""
+    k = 0
+    while k < len(norm_layers) and norm_layers[k] == "post":
+        k += 1
+    return k if all(kind == "pre" for kind in norm_layers[k:]) else None
 
 
 @dataclass
@@ -163,28 +221,67 @@ class Config:
     num_attention_heads: int      # NH
     intermediate_size: int        # F
     max_position_embeddings: int  # T (longest sequence the model is used with)
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6    # eps of every norm, RMSNorm and LayerNorm alike
     rope_theta: float = 10000.0
-    post_ln_layers: int = 0       # layers 0..post_ln_layers-1 are Post-LN, the rest Pre-LN
-    mixln_alpha: float = 0.0      # the alpha post_ln_layers came from (kept for the record)
+    # Norm placement. norm_layers (one of NORM_KINDS per layer) is what the model runs. Given only
+    # post_ln_layers (or neither), it is the Mix-LN list with that many Post-LN layers.
+    # After construction post_ln_layers / mixln_alpha describe the list: for a list of the Mix-LN
+    # form, k and the alpha it came from (the given one when floor(alpha*L) == k, else k/L);
+    # for any other list both are None. Treat a Config as read-only once made.
+    post_ln_layers: int = None    # layers 0..post_ln_layers-1 are Post-LN, the rest Pre-LN
+    mixln_alpha: float = None     # the alpha post_ln_layers came from (kept for the record)
+    norm_layers: list = None      # e.g. ["post", "pre", "pre", "pre"]
+    norm_type: str = "rmsnorm"    # "rmsnorm" (weight only) or "layernorm" (weight and bias)
+
+    def __post_init__(self):
+        L = self.num_hidden_layers
+        check_norm_type(self.norm_type)
+        if self.norm_layers is None:
+            k = 0 if self.post_ln_layers is None else self.post_ln_layers
+            if not 0 <= k <= L:
+                raise ValueError(f"post_ln_layers {k} not in 0..{L}")
+            self.norm_layers = ["post"] * k + ["pre"] * (L - k)
+        else:
+            self.norm_layers = check_norm_layers(self.norm_layers, L)
+            k = mixln_post_count(self.norm_layers)
+            if self.post_ln_layers is not None and k is not None and k != self.post_ln_layers:
+                raise ValueError(f"post_ln_layers {self.post_ln_layers} disagrees with norm_layers "
+                                 f"{self.norm_layers} ({k} Post-LN layers)")
+        k = mixln_post_count(self.norm_layers)
+        if k is None:  # not Mix-LN: no alpha describes it
+            self.post_ln_layers, self.mixln_alpha = None, None
+        else:
+            self.post_ln_layers = k
+            alpha = self.mixln_alpha
+            if alpha is None or post_ln_layers_for(float(alpha), L) != k:
+                alpha = k / L if L else 0.0
+            self.mixln_alpha = float(alpha)
 
     @staticmethod
-    def make(V, C, L, NH, F, T, alpha):
+    def make(V, C, L, NH, F, T, alpha=None, norm_layers=None, norm_type="rmsnorm"):
+        """From sizes and either alpha (Mix-LN) or norm_layers (which wins when both are given)."""
+        if norm_layers is None:
+            if alpha is None:
+                raise ValueError("Config.make: give alpha or norm_layers")
+            norm_layers = norm_layers_for_alpha(alpha, L)
         return Config(vocab_size=V, hidden_size=C, num_hidden_layers=L, num_attention_heads=NH,
                       intermediate_size=F, max_position_embeddings=T,
-                      post_ln_layers=post_ln_layers_for(alpha, L), mixln_alpha=float(alpha))
+                      mixln_alpha=None if alpha is None else float(alpha),
+                      norm_layers=list(norm_layers), norm_type=norm_type)
 
     def check(self):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}")
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("head_dim must be even for RoPE")
-        if not 0 <= self.post_ln_layers <= self.num_hidden_layers:
+        check_norm_layers(self.norm_layers, self.num_hidden_layers)
+        check_norm_type(self.norm_type)
+        if self.post_ln_layers is not None and not 0 <= self.post_ln_layers <= self.num_hidden_layers:
             raise ValueError(f"post_ln_layers {self.post_ln_layers} not in 0..{self.num_hidden_layers}")
 
 
 def config_to_json(cfg):
-    return {
+    d = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": cfg.hidden_size,
@@ -201,13 +298,25 @@ def config_to_json(cfg):
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": "float32",
-        "post_ln_layers": cfg.post_ln_layers,
-        "mixln_alpha": cfg.mixln_alpha,
     }
+    # the Mix-LN shorthand only where the list has that form
+    k = mixln_post_count(cfg.norm_layers)
+    if k is not None:
+        alpha = cfg.mixln_alpha
+        if alpha is None or post_ln_layers_for(alpha, cfg.num_hidden_layers) != k:
+            alpha = k / cfg.num_hidden_layers if cfg.num_hidden_layers else 0.0
+        d["post_ln_layers"] = k
+        d["mixln_alpha"] = alpha
+    d["norm_type"] = cfg.norm_type
+    d["norm_layers"] = list(cfg.norm_layers)
+    return d
 
 
 def config_from_json(d):
-    """Build a Config from a config.json dict; extra keys are ignored, unsupported values rejected."""
+    """Build a Config from a config.json dict; extra keys are ignored, unsupported values rejected.
+    Placement: norm_layers if present (its length must be L and every kind known; a post_ln_layers
+    beside it must agree when the list has the Mix-LN form); else post_ln_layers; else
+    floor(mixln_alpha * L) (0 without either key: a stock LLaMA is pure Pre-LN)."""
     for key, want in (("hidden_act", "silu"), ("tie_word_embeddings", False),
                       ("attention_bias", False), ("mlp_bias", False)):
         if key in d and d[key] != want:
@@ -217,13 +326,27 @@ def config_from_json(d):
         raise ValueError("config.json: num_key_value_heads != num_attention_heads (GQA not supported)")
     L = int(d["num_hidden_layers"])
     alpha = float(d.get("mixln_alpha", 0.0))
-    cfg = Config(vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]), num_hidden_layers=L,
-                 num_attention_heads=NH, intermediate_size=int(d["intermediate_size"]),
-                 max_position_embeddings=int(d["max_position_embeddings"]),
-                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(d.get("rope_theta", 10000.0)),
-                 post_ln_layers=int(d["post_ln_layers"]) if "post_ln_layers" in d else post_ln_layers_for(alpha, L),
-                 mixln_alpha=alpha)
-    cfg.check()
+    try:
+        norm_type = check_norm_type(d.get("norm_type", "rmsnorm"))
+        if "norm_layers" in d:
+            norm_layers = check_norm_layers(d["norm_layers"], L)
+            k = mixln_post_count(norm_layers)
+            if "post_ln_layers" in d and k is not None and int(d["post_ln_layers"]) != k:
+                raise ValueError(f"post_ln_layers {d['post_ln_layers']} disagrees with norm_layers "
+                                 f"{norm_layers} ({k} Post-LN layers)")
+            post_ln_layers = None
+        else:
+            norm_layers = None
+            post_ln_layers = int(d["post_ln_layers"]) if "post_ln_layers" in d else post_ln_layers_for(alpha, L)
+        cfg = Config(vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]), num_hidden_layers=L,
+                     num_attention_heads=NH, intermediate_size=int(d["intermediate_size"]),
+                     max_position_embeddings=int(d["max_position_embeddings"]),
+                     rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(d.get("rope_theta", 10000.0)),
+                     post_ln_layers=post_ln_layers, mixln_alpha=alpha,
+                     norm_layers=norm_layers, norm_type=norm_type)
+        cfg.check()
+    except ValueError as e:
+        raise ValueError(f"config.json: {e}") from None
     return cfg
 
 
@@ -245,6 +368,8 @@ def config_load(path):
 
 
 class RMSNorm(nn.Module):
+    """rms(x) = weight * x / sqrt(mean(x^2) + eps), over the last dimension; no bias."""
+
     def __init__(self, C, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(C))
@@ -254,6 +379,28 @@ class RMSNorm(nn.Module):
         # The model is fp32 throughout, so the mean of squares is fp32 here (float64 only when the
         # whole model is .double(), as in the gradcheck test).
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class LayerNorm(nn.Module):
+    """ln(x) = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, over the last dimension, with the
+    biased variance (mean of squared deviations). Weight starts at 1, bias at 0."""
+
+    def __init__(self, C, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(C))
+        self.bias = nn.Parameter(torch.zeros(C))
+        self.eps = eps
+
+    def forward(self, x):  # x (..., C)
+        xc = x - x.mean(-1, keepdim=True)                      # centred
+        var = xc.pow(2).mean(-1, keepdim=True)                 # biased variance
+        return xc * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def make_norm(cfg):
+    """One norm of the kind cfg.norm_type says, over hidden_size, with eps = rms_norm_eps."""
+    cls = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}[check_norm_type(cfg.norm_type)]
+    return cls(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 def rope_cos_sin(T, hs, theta):
@@ -322,41 +469,99 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
-    """One layer with two RMSNorms; where they sit (and what they are called) depends on post_ln.
-    Post-LN:  h = N1(x + Attn(x));   y = N2(h + MLP(h))
-    Pre-LN:   h = x + Attn(N1(x));   y = h + MLP(N2(h))"""
+def deepnorm_alpha(L):
+    """DeepNorm's residual weight for a decoder-only model of L layers: a = (2L)^(1/4)."""
+    return (2.0 * L) ** 0.25
 
-    def __init__(self, cfg, post_ln):
+
+def deepnorm_beta(L):
+    """DeepNorm's init gain for v, o and the MLP projections: b = (8L)^(-1/4)."""
+    return (8.0 * L) ** -0.25
+
+
+def lns_scale(l):
+    """LayerNorm Scaling's factor on each norm output of layer l (0-based): 1/sqrt(l + 1)."""
+    return 1.0 / math.sqrt(l + 1)
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer; `kind` (one of NORM_KINDS) says where its norms sit and what they are
+    called. N(...) is a norm of cfg.norm_type, l the layer index (0-based), L the layer count:
+
+      pre:       h = x + Attn(N1(x))            y = h + MLP(N2(h))
+                 N1 input_layernorm, N2 post_attention_layernorm
+      post:      h = N1(x + Attn(x))            y = N2(h + MLP(h))
+                 N1 post_attention_layernorm, N2 post_feedforward_layernorm
+      peri:      h = x + N1o(Attn(N1(x)))       y = h + N2o(MLP(N2(h)))        (Sandwich / Peri-LN)
+                 N1 input_layernorm, N1o post_attention_layernorm,
+                 N2 pre_feedforward_layernorm, N2o post_feedforward_layernorm  (Gemma-2 names)
+      deepnorm:  h = N1(a*x + Attn(x))          y = N2(a*h + MLP(h))           a = (2L)^(1/4)
+                 names as post
+      lns:       h = x + Attn(s*N1(x))          y = h + MLP(s*N2(h))           s = 1/sqrt(l+1)
+                 names as pre  (LayerNorm Scaling)
+
+    Norms are registered in the order N1, (N1o,) N2, (N2o,) after self_attn and mlp, so
+    named_parameters() (and the order init draws in) is fixed per kind."""
+
+    def __init__(self, cfg, kind, layer_idx):
         super().__init__()
-        self.post_ln = post_ln
+        if kind not in NORM_KINDS:
+            raise ValueError(f"unknown norm kind {kind!r} ({', '.join(NORM_KINDS)})")
+        self.kind = kind
+        self.layer_idx = layer_idx
+        self.post_ln = kind == "post"  # kept for callers that ask about Mix-LN's Post-LN layers
+        # plain attributes, not parameters: make_fixtures.py sets them to 1 on a copy to check
+        # that they change the numbers
+        self.deepnorm_alpha = deepnorm_alpha(cfg.num_hidden_layers) if kind == "deepnorm" else 1.0
+        self.lns_scale = lns_scale(layer_idx) if kind == "lns" else 1.0
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        C, eps = cfg.hidden_size, cfg.rms_norm_eps
-        if post_ln:
-            self.post_attention_layernorm = RMSNorm(C, eps)    # N1, after the attention residual add
-            self.post_feedforward_layernorm = RMSNorm(C, eps)  # N2, after the MLP residual add
-        else:
-            self.input_layernorm = RMSNorm(C, eps)             # N1, before attention
-            self.post_attention_layernorm = RMSNorm(C, eps)    # N2, before the MLP
+        if kind in ("pre", "lns"):
+            self.input_layernorm = make_norm(cfg)             # N1, before attention
+            self.post_attention_layernorm = make_norm(cfg)    # N2, before the MLP
+        elif kind in ("post", "deepnorm"):
+            self.post_attention_layernorm = make_norm(cfg)    # N1, after the attention residual add
+            self.post_feedforward_layernorm = make_norm(cfg)  # N2, after the MLP residual add
+        else:  # peri
+            self.input_layernorm = make_norm(cfg)             # N1, before attention
+            self.post_attention_layernorm = make_norm(cfg)    # N1o, on the attention output
+            self.pre_feedforward_layernorm = make_norm(cfg)   # N2, before the MLP
+            self.post_feedforward_layernorm = make_norm(cfg)  # N2o, on the MLP output
 
     def forward(self, x):  # x (B, T, C) -> (B, T, C)
-        if self.post_ln:
+        kind = self.kind
+        if kind == "pre":
+            # h = x + Attn(N1(x));  y = h + MLP(N2(h))
+            h = x + self.self_attn(self.input_layernorm(x))
+            return h + self.mlp(self.post_attention_layernorm(h))
+        if kind == "lns":
+            # h = x + Attn(s*N1(x));  y = h + MLP(s*N2(h)),  s = 1/sqrt(l+1)
+            s = self.lns_scale
+            h = x + self.self_attn(s * self.input_layernorm(x))
+            return h + self.mlp(s * self.post_attention_layernorm(h))
+        if kind == "peri":
+            # h = x + N1o(Attn(N1(x)));  y = h + N2o(MLP(N2(h)))
+            h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x)))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        if kind == "post":
+            # h = N1(x + Attn(x));  y = N2(h + MLP(h))
             h = self.post_attention_layernorm(x + self.self_attn(x))
             return self.post_feedforward_layernorm(h + self.mlp(h))
-        h = x + self.self_attn(self.input_layernorm(x))
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # deepnorm: h = N1(a*x + Attn(x));  y = N2(a*h + MLP(h)),  a = (2L)^(1/4)
+        a = self.deepnorm_alpha
+        h = self.post_attention_layernorm(a * x + self.self_attn(x))
+        return self.post_feedforward_layernorm(a * h + self.mlp(h))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # (V, C)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, post_ln=l < cfg.post_ln_layers)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.norm_layers[l], l)
                                     for l in range(cfg.num_hidden_layers))
-        # The final norm is applied in every mode, so a pure Post-LN model normalises twice in a
-        # row at the end: that is what the paper's code does.
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # The final norm is applied in every mode (never scaled), so a pure Post-LN model
+        # normalises twice in a row at the end: that is what the paper's code does.
+        self.norm = make_norm(cfg)
 
     def forward(self, inputs):  # inputs (B, T) int64 -> (B, T, C)
         x = self.embed_tokens(inputs)
@@ -387,22 +592,58 @@ class MixLNForCausalLM(nn.Module):
 
 
 def is_norm_weight(name):
+    """A norm's weight (starts at 1): every layer norm's and the final norm's."""
     return name.endswith("layernorm.weight") or name == "model.norm.weight"
 
 
-def init_weights(model, seed, embed_std=0.02):
-    """Linear weights normal(0, 0.02), embedding normal(0, embed_std), norm weights 1.
-    Parameters are drawn in named_parameters() order (module registration order, which is fixed).
-    Returns the generator so a caller can keep drawing from the same stream."""
+def is_norm_bias(name):
+    """A norm's bias (starts at 0; LayerNorm only)."""
+    return name.endswith("layernorm.bias") or name == "model.norm.bias"
+
+
+def is_norm_param(name):
+    """Any parameter of a norm, weight or bias."""
+    return is_norm_weight(name) or is_norm_bias(name)
+
+
+def linear_init_std(cfg, name, shape, scaled_init=False):
+    """The normal std a Linear weight `name` of `shape` (out, in) starts with:
+      0.02 by default (and always for lm_head);
+      deepnorm layers: DeepNet's xavier normal, gain * sqrt(2 / (fan_in + fan_out)), gain 1 for
+        q_proj and k_proj, b = (8L)^(-1/4) for v_proj, o_proj, gate_proj, up_proj, down_proj;
+      scaled_init: o_proj and down_proj of pre, lns and peri layers 0.02 / sqrt(2L)."""
+    parts = name.split(".")
+    if parts[:2] != ["model", "layers"]:
+        return 0.02
+    L = cfg.num_hidden_layers
+    kind = cfg.norm_layers[int(parts[2])]
+    proj = parts[-2]  # e.g. "q_proj" in model.layers.3.self_attn.q_proj.weight
+    if kind == "deepnorm":
+        fan_out, fan_in = shape
+        gain = 1.0 if proj in ("q_proj", "k_proj") else deepnorm_beta(L)
+        return gain * math.sqrt(2.0 / (fan_in + fan_out))
+    if scaled_init and kind in ("pre", "lns", "peri") and proj in ("o_proj", "down_proj"):
+        return 0.02 / math.sqrt(2.0 * L)
+    return 0.02
+
+
+def init_weights(model, seed, embed_std=0.02, scaled_init=False):
+    """Linear weights normal(0, linear_init_std(...)) (0.02 unless a deepnorm layer or
+    scaled_init says otherwise), embedding normal(0, embed_std), norm weights 1, norm biases 0.
+    Parameters are drawn in named_parameters() order (module registration order, which is fixed)
+    from one generator. Returns the generator so a caller can keep drawing from the same stream."""
+    cfg = model.config
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if is_norm_weight(name):
                 p.fill_(1.0)
+            elif is_norm_bias(name):
+                p.zero_()
             elif name == "model.embed_tokens.weight":
                 p.normal_(0.0, embed_std, generator=gen)
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                p.normal_(0.0, linear_init_std(cfg, name, p.shape, scaled_init), generator=gen)
     return gen
 
 
@@ -416,8 +657,8 @@ def save_checkpoint(model, dir):
 
 def load_checkpoint(dir):
     """Read dir/config.json + dir/model.safetensors -> model (fp32). Every tensor must be present
-    with the right shape, and no unexpected tensor may be there (e.g. a norm name of the other
-    placement would mean the checkpoint and post_ln_layers disagree)."""
+    with the right shape, and no unexpected tensor may be there (e.g. a norm name of another
+    placement, or a LayerNorm bias, would mean the checkpoint and config.json disagree)."""
     cfg = config_load(os.path.join(dir, "config.json"))
     model = MixLNForCausalLM(cfg)
     path = os.path.join(dir, "model.safetensors")
@@ -426,7 +667,8 @@ def load_checkpoint(dir):
     missing = [n for n in want if n not in tensors]
     unexpected = [n for n in tensors if n not in want]
     if missing or unexpected:
-        raise ValueError(f"{path}: does not match config.json (post_ln_layers={cfg.post_ln_layers}); "
+        raise ValueError(f"{path}: does not match config.json (norm_layers={','.join(cfg.norm_layers)}, "
+                         f"norm_type={cfg.norm_type}); "
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     for name, p in want.items():
@@ -474,7 +716,8 @@ def grad_norm_of(params):
 
 
 def make_optimizer(params, lr, weight_decay):
-    # AdamW as torch 1.13 implements it, applied to every parameter (norms and embedding included):
+    # AdamW as torch 1.13 implements it, applied to every parameter (norm weights and biases and
+    # the embedding included):
     #   p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
     #   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)      with t = 1, 2, ...
     # (t counts every step, including step 0 with lr 0.)
@@ -613,13 +856,27 @@ def analyze(model, tokens, B, T, max_batches=0):
 # CLI
 
 
+def config_from_args(a):
+    """The Config of a subcommand that builds a model from sizes (model_args in main): the norm
+    placement from --norm-layers if given, else from --alpha. Bad input ends with a message."""
+    try:
+        if a.norm_layers is None and a.alpha is None:
+            raise ValueError("give --alpha or --norm-layers")
+        norm_layers = None if a.norm_layers is None else parse_norm_layers(a.norm_layers, a.layers)
+        return Config.make(a.vocab, a.dim, a.layers, a.heads, a.ffn, a.seq_len, a.alpha,
+                           norm_layers=norm_layers, norm_type=a.norm_type)
+    except ValueError as e:
+        raise SystemExit(f"{a.cmd}: {e}")
+
+
 def cmd_init(a):
-    cfg = Config.make(a.vocab, a.dim, a.layers, a.heads, a.ffn, a.seq_len, a.alpha)
+    cfg = config_from_args(a)
     model = MixLNForCausalLM(cfg)
-    init_weights(model, a.seed, a.embed_std)
+    init_weights(model, a.seed, a.embed_std, scaled_init=a.scaled_init)
     save_checkpoint(model, a.out)
     nparams = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"out": a.out, "params": nparams, "post_ln_layers": cfg.post_ln_layers}))
+    print(json.dumps({"out": a.out, "params": nparams, "post_ln_layers": cfg.post_ln_layers,
+                      "norm_layers": cfg.norm_layers, "norm_type": cfg.norm_type}))
 
 
 def cmd_eval(a):
@@ -656,9 +913,9 @@ def cmd_bench(a):
     if a.steps < 1:
         raise SystemExit("bench: --steps must be at least 1")
     torch.set_num_threads(a.threads)
-    cfg = Config.make(a.vocab, a.dim, a.layers, a.heads, a.ffn, a.seq_len, a.alpha)
+    cfg = config_from_args(a)
     model = MixLNForCausalLM(cfg)
-    init_weights(model, 0)
+    init_weights(model, 0, scaled_init=a.scaled_init)
     model.train()
     params = [p for _, p in model.named_parameters()]
     opt = make_optimizer(params, 1e-4, 0.0)
@@ -699,7 +956,15 @@ def main(argv=None):
         q.add_argument("--heads", type=int, required=True)
         q.add_argument("--ffn", type=int, required=True)
         q.add_argument("--seq-len", type=int, required=True)
-        q.add_argument("--alpha", type=float, required=True, help="Post-LN fraction: floor(alpha*L) Post-LN layers")
+        q.add_argument("--alpha", type=float, default=None,
+                       help="Mix-LN: floor(alpha*L) Post-LN layers, the rest Pre-LN (this or --norm-layers)")
+        q.add_argument("--norm-layers", default=None, metavar="LIST",
+                       help="norm placement per layer, comma-separated, one of " + ",".join(NORM_KINDS) +
+                            " each (e.g. post,pre,pre,pre); overrides --alpha")
+        q.add_argument("--norm-type", choices=NORM_TYPES, default="rmsnorm",
+                       help="every norm, the final one included (default rmsnorm)")
+        q.add_argument("--scaled-init", action="store_true",
+                       help="o_proj and down_proj of pre, lns and peri layers start with std 0.02/sqrt(2L)")
 
     q = sub.add_parser("init", help="write a freshly initialised checkpoint")
     q.add_argument("--out", required=True)
