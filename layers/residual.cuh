@@ -1,9 +1,17 @@
 /*
-Residual add: out = a + b, the skip connection around each sublayer.
+Residual add: out = a + b, the skip connection around each sublayer; and two scalings for the
+norm placements beyond Pre-/Post-LN:
+  - scale_forward: out = scale * inp. LayerNorm Scaling multiplies a norm's output by
+    1 / sqrt(l + 1) for layer l (counted from 0), so deeper Pre-LN layers add less to the residual
+    stream; its backward is the same call on the gradient (a scale is its own transpose).
+  - residual_scaled_forward: out = x_scale * x + b, DeepNorm's up-weighted skip connection
+    a * x + F(x) (a > 1), which keeps Post-LN's updates small enough to train deep stacks.
 
 There is no backward function: the gradient of a sum is the incoming gradient for both terms,
 and every backward function in layers/ accumulates (+=) into its input gradient, so model.h
-routes a residual's gradient by letting both branches accumulate into the same buffer.
+routes a residual's gradient by letting both branches accumulate into the same buffer. For the
+scaled residual, the branch F gets dout and the skip gets x_scale * dout (scale_forward on the
+gradient first).
 */
 #pragma once
 
@@ -17,15 +25,38 @@ inline void residual_forward_cpu(real* out, const real* a, const real* b, size_t
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+// out (n) = scale * inp (n); out may alias inp
+inline void scale_forward_cpu(real* out, const real* inp, float scale, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) out[i] = scale * inp[i];
+}
+
+// out (n) = x_scale * x (n) + b (n); out may alias x or b
+inline void residual_scaled_forward_cpu(real* out, const real* x, float x_scale, const real* b, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) out[i] = x_scale * x[i] + b[i];
+}
+
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
 #include "../cuda_common.h"
 
 // ---- CUDA kernels
 
-// one thread per element
+// one thread per element (each reads its inputs before writing, so in-place calls are safe)
 static __global__ void residual_forward_kernel(float* out, const float* a, const float* b, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] + b[i];
+}
+
+static __global__ void scale_forward_kernel(float* out, const float* inp, float scale, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = scale * inp[i];
+}
+
+static __global__ void residual_scaled_forward_kernel(float* out, const float* x, float x_scale, const float* b,
+                                                      size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = x_scale * x[i] + b[i];
 }
 
 // ---- launchers
@@ -33,5 +64,17 @@ static __global__ void residual_forward_kernel(float* out, const float* a, const
 inline void residual_forward(float* out, const float* a, const float* b, size_t n, cudaStream_t stream) {
     const int block = 256;
     LAUNCH(residual_forward_kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, a, b, n);
+}
+
+inline void scale_forward(float* out, const float* inp, float scale, size_t n, cudaStream_t stream) {
+    const int block = 256;
+    LAUNCH(scale_forward_kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, inp, scale, n);
+}
+
+inline void residual_scaled_forward(float* out, const float* x, float x_scale, const float* b, size_t n,
+                                    cudaStream_t stream) {
+    const int block = 256;
+    LAUNCH(residual_scaled_forward_kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, x,
+           x_scale, b, n);
 }
 #endif

@@ -18,6 +18,7 @@ checked only on a GPU.
 #include <vector>
 
 #include "../model.h"
+#include "../layers/layernorm.cuh"
 
 // ---- helpers
 
@@ -92,6 +93,39 @@ TEST_CASE("residual_forward kernel matches the CPU", "[kernels]") {
     }
 }
 
+TEST_CASE("scale_forward kernel matches the CPU, in place included", "[kernels]") {
+    for (size_t n : {1, 255, 257, 1000}) {   // around one 256-thread block
+        INFO("n " << n);
+        auto inp = random_floats(n, 37);
+        const float scale = 0.57735027f;   // 1/sqrt(3): LayerNorm Scaling's factor for layer 2
+        std::vector<float> expected(n);
+        scale_forward_cpu(expected.data(), inp.data(), scale, n);
+        DeviceArray<float> d_inp(inp), out(n);
+        scale_forward(out.ptr, d_inp.ptr, scale, n, 0);
+        check_close(out.to_host(), expected, "scale");
+        scale_forward(d_inp.ptr, d_inp.ptr, scale, n, 0);   // out aliasing inp, as on a gradient
+        check_close(d_inp.to_host(), expected, "scale in place");
+    }
+}
+
+TEST_CASE("residual_scaled_forward kernel matches the CPU, in place included", "[kernels]") {
+    for (size_t n : {1, 255, 257, 1000}) {
+        INFO("n " << n);
+        auto x = random_floats(n, 38), b = random_floats(n, 39);
+        const float x_scale = 2.2134f;   // DeepNorm's a = (2N)^(1/4) for a 12-layer encoder
+        std::vector<float> expected(n);
+        residual_scaled_forward_cpu(expected.data(), x.data(), x_scale, b.data(), n);
+        DeviceArray<float> dx(x), db(b), out(n), dx_in_place(x), db_in_place(b);
+        residual_scaled_forward(out.ptr, dx.ptr, x_scale, db.ptr, n, 0);
+        check_close(out.to_host(), expected, "residual_scaled");
+        // out aliasing x, then out aliasing b
+        residual_scaled_forward(dx_in_place.ptr, dx_in_place.ptr, x_scale, db.ptr, n, 0);
+        check_close(dx_in_place.to_host(), expected, "residual_scaled into x");
+        residual_scaled_forward(db_in_place.ptr, dx.ptr, x_scale, db_in_place.ptr, n, 0);
+        check_close(db_in_place.to_host(), expected, "residual_scaled into b");
+    }
+}
+
 TEST_CASE("embedding kernels match the CPU, repeated tokens included", "[kernels]") {
     int shapes[][3] = {{1, 1, 1}, {7, 33, 5}, {300, 130, 17}};   // (BT, C, V): few tokens repeat often
     for (auto& s : shapes) {
@@ -130,6 +164,39 @@ TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
         check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
         check_close(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
         check_close(d_dweight.to_host(), dweight_cpu, "rmsnorm dweight");
+    }
+}
+
+TEST_CASE("layernorm kernels match the CPU", "[kernels]") {
+    // (N, C): one element (zero variance: out is the bias, the exact dinp is 0); rows not a multiple of
+    // the 8 per block and C not of the 32 lanes; C 384, the width of a small model
+    int shapes[][2] = {{1, 1}, {37, 67}, {130, 384}};
+    for (auto& s : shapes) {
+        int N = s[0], C = s[1];
+        INFO("N " << N << " C " << C);
+        auto inp = random_floats((size_t)N * C, 40), weight = random_floats(C, 41), bias = random_floats(C, 42),
+             dout = random_floats((size_t)N * C, 43);
+        for (auto& x : inp) x += 10.0f;   // mean 10, spread 1: the mean subtraction matters
+        // backward accumulates: start the gradients from known non-zero values
+        auto dinp = random_floats((size_t)N * C, 44), dweight = random_floats(C, 45), dbias = random_floats(C, 46);
+        std::vector<float> out_cpu((size_t)N * C), mean_cpu(N), rstd_cpu(N), dinp_cpu = dinp, dweight_cpu = dweight,
+                           dbias_cpu = dbias;
+        layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), bias.data(),
+                              N, C, 1e-5f);
+        layernorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dbias_cpu.data(), dout.data(), inp.data(),
+                               weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C);
+        DeviceArray<float> d_inp(inp), d_weight(weight), d_bias(bias), d_dout(dout), d_out((size_t)N * C), d_mean(N),
+            d_rstd(N), d_dinp(dinp), d_dweight(dweight), d_dbias(dbias);
+        layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, 1e-5f, 0);
+        layernorm_backward(d_dinp.ptr, d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_mean.ptr,
+                           d_rstd.ptr, N, C, 0);
+        check_close(d_out.to_host(), out_cpu, "layernorm out");
+        check_close(d_mean.to_host(), mean_cpu, "layernorm mean");
+        // rstd to 1e-6: the two-pass variance gets 1e-7 here, a one-pass mean(x^2) - mean^2 1e-5
+        check_close(d_rstd.to_host(), rstd_cpu, "layernorm rstd", 1e-6);
+        check_close(d_dinp.to_host(), dinp_cpu, "layernorm dinp");
+        check_close(d_dweight.to_host(), dweight_cpu, "layernorm dweight");
+        check_close(d_dbias.to_host(), dbias_cpu, "layernorm dbias");
     }
 }
 
@@ -332,11 +399,12 @@ TEST_CASE("matmul (cuBLASLt) matches the CPU", "[kernels][gpu-only]") {
 // Says plainly, in the test output, which kernels this build checked and where.
 TEST_CASE("kernel coverage report", "[kernels]") {
 #ifdef MIXLN_CUDA_EMULATION
-    WARN("checked under CPU emulation of CUDA: residual, embedding, rmsnorm, rope, swiglu, crossentropy, adamw, "
-         "global_norm, attention, attention (fused). Checked only on a GPU (build/test_gpu): matmul (cuBLASLt).");
+    WARN("checked under CPU emulation of CUDA: residual, scale, residual_scaled, embedding, rmsnorm, layernorm, rope, "
+         "swiglu, crossentropy, adamw, global_norm, attention, attention (fused). Checked only on a GPU "
+         "(build/test_gpu): matmul (cuBLASLt).");
 #else
-    WARN("checked on the GPU: residual, embedding, rmsnorm, rope, swiglu, crossentropy, adamw, global_norm, attention, "
-         "attention (fused), matmul (cuBLASLt).");
+    WARN("checked on the GPU: residual, scale, residual_scaled, embedding, rmsnorm, layernorm, rope, swiglu, "
+         "crossentropy, adamw, global_norm, attention, attention (fused), matmul (cuBLASLt).");
 #endif
     SUCCEED();
 }

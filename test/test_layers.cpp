@@ -1,7 +1,8 @@
 /*
 Layer-level checks of the CPU kernels that have edge cases the model-level parity tests might
 not reach: the blocked GEMM at shapes that are not multiples of its tiles (MR = 6 rows,
-NR = 32 columns, KC = 256 deep), against plain triple loops in double.
+NR = 32 columns, KC = 256 deep), against plain triple loops in double; and the layers no model
+placement uses yet (LayerNorm), against a plain double computation and finite differences.
 */
 #include <catch2/catch.hpp>
 
@@ -9,6 +10,7 @@ NR = 32 columns, KC = 256 deep), against plain triple loops in double.
 #include <vector>
 
 #include "../model.h"
+#include "../layers/layernorm.cuh"
 
 static std::vector<real> random_vector(size_t n, uint64_t seed) {
     std::vector<real> v(n);
@@ -72,4 +74,88 @@ TEST_CASE("RoPE backward is the inverse rotation of forward", "[layers][cpu]") {
     double worst = 0;
     for (size_t i = 0; i < qkv.size(); i++) worst = std::max(worst, (double)fabs(qkv[i] - original[i]));
     CHECK(worst < 1e-5);   // a rotation and its inverse, each a few fp32 roundings of unit values
+}
+
+// LayerNorm of one row in double, written from the definition: out = (x - mean) / sqrt(var + eps) * w + b
+static void layernorm_row_double(double* y, const double* x, const double* weight, const double* bias, int C,
+                                 double eps, double* mean_out = nullptr, double* rstd_out = nullptr) {
+    double mean = 0, var = 0;
+    for (int c = 0; c < C; c++) mean += x[c] / C;
+    for (int c = 0; c < C; c++) var += (x[c] - mean) * (x[c] - mean) / C;
+    double rstd = 1 / sqrt(var + eps);
+    for (int c = 0; c < C; c++) y[c] = (x[c] - mean) * rstd * weight[c] + bias[c];
+    if (mean_out) *mean_out = mean;
+    if (rstd_out) *rstd_out = rstd;
+}
+
+TEST_CASE("LayerNorm forward matches a double computation and backward matches finite differences",
+          "[layers][cpu]") {
+    const float eps = 1e-5f;
+    // (N, C): one short row, ragged small shapes. Not C = 1 or 2: there xhat is 0 or +-1 whatever
+    // the input, the input gradient is (nearly) zero and a relative error means nothing; C = 1 is
+    // in the kernel test.
+    int shapes[][2] = {{1, 3}, {3, 7}, {37, 67}};
+    for (auto& shape : shapes) {
+        int N = shape[0], C = shape[1];
+        INFO("N " << N << " C " << C);
+        std::vector<real> inp = random_vector((size_t)N * C, 5), weight = random_vector(C, 6), bias = random_vector(C, 7),
+                          dout = random_vector((size_t)N * C, 8);
+        for (auto& x : inp) x += 3.0f;   // a mean well away from zero, so its subtraction matters
+        std::vector<real> out((size_t)N * C, NAN), mean(N, NAN), rstd(N, NAN);   // poisoned: every element must be written
+        layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(), bias.data(), N, C, eps);
+
+        std::vector<double> x64(inp.begin(), inp.end()), w64(weight.begin(), weight.end()),
+                            b64(bias.begin(), bias.end()), out_ref((size_t)N * C), mean_ref(N), rstd_ref(N);
+        for (int i = 0; i < N; i++)
+            layernorm_row_double(&out_ref[(size_t)i * C], &x64[(size_t)i * C], w64.data(), b64.data(), C, eps,
+                                 &mean_ref[i], &rstd_ref[i]);
+        // a handful of fp32 roundings of values of order 1..10
+        CHECK(max_relative_error(out, out_ref) < 1e-6);
+        CHECK(max_relative_error(mean, mean_ref) < 1e-6);
+        CHECK(max_relative_error(rstd, rstd_ref) < 1e-6);
+
+        // backward accumulates: start from known values and subtract them afterwards
+        std::vector<real> dinp((size_t)N * C, 0.5f), dweight(C, -0.25f), dbias(C, 0.75f);
+        layernorm_backward_cpu(dinp.data(), dweight.data(), dbias.data(), dout.data(), inp.data(), weight.data(),
+                               mean.data(), rstd.data(), N, C);
+
+        // loss = sum(out * dout), so dout is its gradient with respect to out; central differences in
+        // double of the plain forward above, one parameter at a time
+        std::vector<double> y((size_t)N * C);
+        auto loss = [&]() {
+            double sum = 0;
+            for (int i = 0; i < N; i++) {
+                layernorm_row_double(&y[(size_t)i * C], &x64[(size_t)i * C], w64.data(), b64.data(), C, eps);
+                for (int c = 0; c < C; c++) sum += y[(size_t)i * C + c] * dout[(size_t)i * C + c];
+            }
+            return sum;
+        };
+        // h = 1e-4 on unit-scale inputs: truncation error ~h^2 = 1e-8 times the third derivative (order
+        // rstd^3, about 1 here), rounding error ~1e-16 * |loss| / h ~ 1e-11; both far below fp32's
+        const double h = 1e-4;
+        auto central_difference = [&](double& parameter) {
+            double saved = parameter;
+            parameter = saved + h;
+            double up = loss();
+            parameter = saved - h;
+            double down = loss();
+            parameter = saved;
+            return (up - down) / (2 * h);
+        };
+        std::vector<double> dinp_fd((size_t)N * C), dweight_fd(C), dbias_fd(C);
+        for (size_t k = 0; k < x64.size(); k++) dinp_fd[k] = central_difference(x64[k]);
+        for (int c = 0; c < C; c++) dweight_fd[c] = central_difference(w64[c]);
+        for (int c = 0; c < C; c++) dbias_fd[c] = central_difference(b64[c]);
+
+        std::vector<real> dinp_ours(dinp), dweight_ours(dweight), dbias_ours(dbias);
+        for (auto& v : dinp_ours) v -= 0.5f;
+        for (auto& v : dweight_ours) v += 0.25f;
+        for (auto& v : dbias_ours) v -= 0.75f;
+        // fp32 backward against differences exact to ~1e-8: a few fp32 roundings per element plus the
+        // cancellation in g - mean(g) - xhat * mean(g * xhat); measured 2e-7 of the largest gradient
+        // (2026-11-28), so 1e-5 leaves a factor 50 and still catches any missing term (errors of O(1))
+        CHECK(max_relative_error(dinp_ours, dinp_fd) < 1e-5);
+        CHECK(max_relative_error(dweight_ours, dweight_fd) < 1e-5);
+        CHECK(max_relative_error(dbias_ours, dbias_fd) < 1e-5);
+    }
 }
