@@ -6,6 +6,9 @@ Figures from training logs and layer analyses, as PNG files (matplotlib, Agg bac
   angular  the angular-distance heatmap over (layer l, distance n), as in the Mix-LN paper
   drop     the loss increase when each layer is removed, several models side by side
 
+and, as functions for dev/sweep, the figures of a sweep over placements and seeds
+(sweep_loss_curves, sweep_ppl_vs_alpha).
+
     python3 dev/plot.py loss --out loss.png runs/pre/log.jsonl runs/post/log.jsonl runs/mix/log.jsonl
     python3 dev/plot.py grads --out grads.png runs/pre/log.jsonl runs/mix/log.jsonl --step 0
     python3 dev/reference.py analyze --ckpt runs/mix --data data/val.bin --batch 8 --seq-len 256 --out runs/mix/analysis.json
@@ -280,6 +283,153 @@ def cmd_drop(a):
     ax.legend()
     fig.tight_layout()
     save(fig, a.out)
+
+
+# -----------------------------------------------------------------------------
+# Figures of a sweep (dev/sweep): several placements, several seeds each. The caller has read and
+# checked the logs; these take plain lists and draw.
+
+
+def _finite(v):
+    return is_number(v) and math.isfinite(v)
+
+
+def _smooth(values, window):
+    """Trailing moving average over `window` points (fewer at the start); NaN stays NaN."""
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def _over_seeds(curves):
+    """[[(step, value), ...] per run] -> (steps, mean, lo, hi) over the runs that have each step,
+    finite values only (a step where no run has a finite value is left out)."""
+    by_step = {}
+    for curve in curves:
+        for step, v in curve:
+            if _finite(v):
+                by_step.setdefault(step, []).append(v)
+    steps = sorted(by_step)
+    vals = [by_step[s] for s in steps]
+    return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def sweep_loss_curves(groups, out, title=None):
+    """Two panels: validation loss vs step (mean over seeds, band from min to max) and smoothed
+    training loss vs step (mean over seeds), one colour per placement.
+    groups: [{"label": str, "runs": [{"train": [(step, loss)], "val": [(step, loss)]}, ...]}, ...]
+    The y range covers the placements whose curve ends at or below the largest first training
+    loss (about ln V at initialisation); one that ends above it (diverged) leaves the chart and
+    says so in the legend, instead of flattening everyone else. When every curve ends above it,
+    the whole range is shown, on a logarithmic axis if it spans more than a factor of 100."""
+    plt = pyplot()
+    fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(13, 5))
+    firsts = []                           # first training losses: the cap of the y range
+    drawn = {ax_val: [], ax_train: []}    # per panel: (line, name, last value, values) per placement
+    for i, g in enumerate(groups):
+        color = f"C{i % 10}"
+        runs = g["runs"]
+        n = len(runs)
+        name = f"{g['label']} ({n} seed{'s' if n != 1 else ''})"
+        firsts += [r["train"][0][1] for r in runs if r["train"] and _finite(r["train"][0][1])]
+        steps, mean, lo, hi = _over_seeds([r["val"] for r in runs])
+        if steps:
+            (line,) = ax_val.plot(steps, mean, "-o", color=color, markersize=3, linewidth=1.4, label=name)
+            if n > 1:
+                ax_val.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+            drawn[ax_val].append((line, name, mean[-1], lo + hi))
+        smoothed = []
+        for r in runs:
+            pts = [(s, v if _finite(v) else float("nan")) for s, v in r["train"]]
+            window = max(1, len(pts) // 25)
+            smoothed.append(list(zip([s for s, _ in pts], _smooth([v for _, v in pts], window))))
+        steps, mean, lo, hi = _over_seeds(smoothed)
+        if steps:
+            (line,) = ax_train.plot(steps, mean, color=color, linewidth=1.2, label=name)
+            drawn[ax_train].append((line, name, mean[-1], mean))
+    cap = max(firsts) if firsts else None
+    for ax, curves in drawn.items():
+        if not curves:
+            continue
+        tame = [c for c in curves if cap is None or c[2] <= cap]
+        if tame and len(tame) < len(curves):
+            bottom = min(min(c[3]) for c in tame)
+            top = min(cap, max(max(c[3]) for c in tame))
+            if top > bottom:
+                pad = 0.05 * (top - bottom)
+                ax.set_ylim(bottom - pad, top + 2 * pad)
+            for line, name, _, _ in curves:
+                if not any(line is c[0] for c in tame):
+                    line.set_label(f"{name}: diverged, off the chart")
+        elif not tame:
+            vals = [v for c in curves for v in c[3]]
+            if min(vals) > 0 and max(vals) / min(vals) > 100:
+                ax.set_yscale("log")
+    ax_val.set_title("Validation loss (mean over seeds, band: min..max)", fontsize=10)
+    ax_train.set_title("Training loss (moving average, mean over seeds)", fontsize=10)
+    for ax in (ax_val, ax_train):
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    save(fig, out)
+    plt.close(fig)
+
+
+def sweep_ppl_vs_alpha(points, out, title=None):
+    """Validation perplexity against the Mix-LN alpha: the mean over the seeds that did not
+    diverge as a line, every such seed as a point, and diverged runs as red crosses on the top
+    edge. points: [{"alpha": a, "ppl": p, "diverged": bool}, ...] (alpha 0 = Pre-LN runs,
+    alpha 1 = Post-LN runs, when the caller includes them). A logarithmic axis when the
+    perplexities span more than a factor of 20."""
+    plt = pyplot()
+    import matplotlib.transforms as mtransforms
+    fig, ax = plt.subplots(figsize=(8, 5))
+    good = [p for p in points if not p["diverged"] and _finite(p["ppl"])]
+    bad = [p for p in points if p not in good]
+    alphas = sorted({p["alpha"] for p in points})
+    means = []
+    for a in alphas:
+        vals = [p["ppl"] for p in good if p["alpha"] == a]
+        if vals:
+            means.append((a, sum(vals) / len(vals)))
+    if good:
+        ax.plot([p["alpha"] for p in good], [p["ppl"] for p in good], "o", color="tab:blue", alpha=0.45,
+                markersize=5, label="one seed")
+    if means:
+        ax.plot([a for a, _ in means], [m for _, m in means], "-s", color="tab:blue", markersize=7,
+                linewidth=1.6, label="mean over seeds (not diverged)")
+    if bad:
+        edge = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+        ax.plot([p["alpha"] for p in bad], [0.97] * len(bad), "x", color="tab:red", markersize=9,
+                markeredgewidth=2, transform=edge, clip_on=False, label="diverged")
+    vals = [p["ppl"] for p in good]
+    if not vals:
+        ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center", va="center", color="tab:red")
+        ax.set_yticks([])
+    if vals and min(vals) > 0 and max(vals) / min(vals) > 20:
+        ax.set_yscale("log")
+    names = {0.0: "0\n(Pre-LN)", 1.0: "1\n(Post-LN)"}
+    ax.set_xticks(alphas)
+    ax.set_xticklabels([names.get(a, f"{a:g}") for a in alphas])
+    if len(alphas) == 1:
+        ax.set_xlim(alphas[0] - 0.1, alphas[0] + 0.1)
+    ax.set_xlabel("alpha (fraction of layers, from the first, that are Post-LN)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title or "Mix-LN: validation perplexity vs alpha")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, out)
+    plt.close(fig)
 
 
 def main(argv=None):
