@@ -1,5 +1,5 @@
 """
-Tests of dev/sweep, the experiment runner (about 15 s on 2 cores):
+Tests of dev/sweep, the experiment runner (16 to 30 s on 2 cores, measured 2026-11-28):
 
     /usr/bin/python3 dev/test_sweep.py
 
