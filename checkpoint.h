@@ -3,8 +3,10 @@ Checkpoints: a directory with `config.json` and `model.safetensors`, in Hugging 
 that a checkpoint written here loads into the PyTorch reference (dev/reference.py) and back.
 
 config.json carries the LlamaConfig keys (hidden_size, intermediate_size, num_hidden_layers,
-num_attention_heads, vocab_size, rms_norm_eps, rope_theta, max_position_embeddings, ...) plus
-`post_ln_layers` and `mixln_alpha`. A config without the Mix-LN keys is a stock LLaMA: pure Pre-LN.
+num_attention_heads, vocab_size, rms_norm_eps, rope_theta, max_position_embeddings, ...) plus the
+placement: `norm_layers` (one of pre, post, peri, deepnorm, lns per layer) and `norm_type`
+(rmsnorm or layernorm), and for a Mix-LN placement also the official code's `post_ln_layers` and
+`mixln_alpha`. A config without any of these is a stock LLaMA: pure Pre-LN with RMSNorm.
 model.safetensors holds fp32 tensors under the names model_named_tensors() gives, linear weights
 in (out, in) layout. Loading checks every tensor's presence and shape and refuses tensors it does
 not expect (a Post-LN layer's norms are named differently from a Pre-LN layer's, so a checkpoint
@@ -48,12 +50,20 @@ inline std::string config_to_json(const ModelConfig& c) {
              "  \"mlp_bias\": false,\n"
              "  \"tie_word_embeddings\": false,\n"
              "  \"torch_dtype\": \"float32\",\n"
-             "  \"post_ln_layers\": %d,\n"
-             "  \"mixln_alpha\": %.9g\n"
-             "}\n",
+             "  \"norm_type\": \"%s\",\n",
              c.channels, c.ffn_channels, c.num_layers, c.num_heads, c.num_heads, c.vocab_size,
-             c.max_seq_len, c.rms_norm_eps, c.rope_theta, c.post_ln_layers, c.mixln_alpha);
-    return buf;
+             c.max_seq_len, c.rms_norm_eps, c.rope_theta, norm_type_name(c.norm_type));
+    std::string text = buf;
+    // the Mix-LN keys of the official code, when the placement is a Mix-LN one
+    int post_ln_layers = mixln_post_ln_layers(c.norm_layers);
+    if (post_ln_layers >= 0) {
+        snprintf(buf, sizeof(buf), "  \"post_ln_layers\": %d,\n  \"mixln_alpha\": %.9g,\n", post_ln_layers, c.mixln_alpha);
+        text += buf;
+    }
+    text += "  \"norm_layers\": [";
+    for (int l = 0; l < c.num_layers; l++) text += std::string(l ? ", " : "") + "\"" + norm_kind_name(c.norm_layers[l]) + "\"";
+    text += "]\n}\n";
+    return text;
 }
 
 // Writes text to path through "<path>.tmp" and a rename.
@@ -131,12 +141,44 @@ inline ModelConfig config_from_json(const std::string& text, const std::string& 
     if (act != nullptr && (act->type != JsonValue::String || act->string != "silu")) {
         fail("'%s': hidden_act must be \"silu\"", path.c_str());
     }
-    // Mix-LN keys: post_ln_layers is what the model runs; alpha is recorded alongside it.
-    // Without them the config is a stock LLaMA, which is pure Pre-LN.
+    // The placement: norm_layers (one kind per layer) when present, else the Mix-LN keys
+    // post_ln_layers (or floor(mixln_alpha * L)); without any of them the config is a stock
+    // LLaMA, which is pure Pre-LN.
     const JsonValue* alpha = root.get("mixln_alpha");
     c.mixln_alpha = config_float(root, "mixln_alpha", path, 0.0f);
     int derived = post_ln_layers_for(c.mixln_alpha, c.num_layers);
-    c.post_ln_layers = config_int(root, "post_ln_layers", path, false, alpha ? derived : 0);
+    int post_ln_layers = config_int(root, "post_ln_layers", path, false, alpha ? derived : 0);
+    const JsonValue* kinds = root.get("norm_layers");
+    if (kinds != nullptr) {
+        if (kinds->type != JsonValue::Array) fail("'%s': \"norm_layers\" must be a list of placements", path.c_str());
+        std::string list;
+        for (size_t l = 0; l < kinds->array.size(); l++) {
+            const JsonValue& kind = kinds->array[l];
+            if (kind.type != JsonValue::String) fail("'%s': \"norm_layers\" entry %zu is not a string", path.c_str(), l);
+            list += (l ? "," : "") + kind.string;
+        }
+        if (kinds->array.empty()) fail("'%s': \"norm_layers\" is empty", path.c_str());
+        c.norm_layers = parse_norm_layers(list, ("'" + path + "' norm_layers").c_str());
+        if ((int)c.norm_layers.size() != c.num_layers) {
+            fail("'%s': \"norm_layers\" lists %zu layers but num_hidden_layers is %d", path.c_str(), c.norm_layers.size(), c.num_layers);
+        }
+        int mix = mixln_post_ln_layers(c.norm_layers);
+        if (root.get("post_ln_layers") != nullptr && mix >= 0 && mix != post_ln_layers) {
+            fail("'%s': \"post_ln_layers\" is %d but \"norm_layers\" has %d leading Post-LN layers", path.c_str(),
+                 post_ln_layers, mix);
+        }
+    } else {
+        if (post_ln_layers < 0 || post_ln_layers > c.num_layers) {
+            fail("'%s': post_ln_layers must be in [0, %d], got %d", path.c_str(), c.num_layers, post_ln_layers);
+        }
+        c.norm_layers = mixln_norm_layers(post_ln_layers, c.num_layers);
+    }
+    const JsonValue* norm_type = root.get("norm_type");
+    if (norm_type != nullptr) {
+        if (norm_type->type == JsonValue::String && norm_type->string == "rmsnorm") c.norm_type = NORM_RMSNORM;
+        else if (norm_type->type == JsonValue::String && norm_type->string == "layernorm") c.norm_type = NORM_LAYERNORM;
+        else fail("'%s': \"norm_type\" must be \"rmsnorm\" or \"layernorm\"", path.c_str());
+    }
     model_config_check(c);
     return c;
 }
@@ -226,8 +268,8 @@ inline void safetensors_load_named(real* weights, const ModelConfig& config, con
     for (const NamedTensor& t : expected) {
         const SafeTensor* st = safetensors_find(&file, prefix + t.name);
         if (st == nullptr) {
-            fail("'%s' has no tensor '%s%s' (the config has %d Post-LN layers of %d)", path.c_str(), prefix.c_str(),
-                 t.name.c_str(), config.post_ln_layers, config.num_layers);
+            fail("'%s' has no tensor '%s%s' (the config's norm placement is %s, %s)", path.c_str(), prefix.c_str(),
+                 t.name.c_str(), norm_layers_text(config.norm_layers).c_str(), norm_type_name(config.norm_type));
         }
         if (st->shape != t.shape) {
             fail("'%s': tensor '%s' has shape %s but the model needs %s", path.c_str(), st->name.c_str(),
@@ -239,10 +281,7 @@ inline void safetensors_load_named(real* weights, const ModelConfig& config, con
         if (stored_checksum) checksum = fnv1a64(staging.data(), n * sizeof(float), checksum);
         for (size_t i = 0; i < n; i++) weights[t.offset + i] = (real)staging[i];
     }
-    if (stored_checksum && hex64(checksum) != stored_checksum) {
-        fail("'%s' is corrupted: its checksum is %s but its data hashes to %s", path.c_str(), stored_checksum,
-             hex64(checksum).c_str());
-    }
+    // a tensor the config does not explain first: a placement mismatch, not corruption
     if (!allow_extra) {
         for (const SafeTensor& st : file.tensors) {
             bool known = false;
@@ -252,6 +291,10 @@ inline void safetensors_load_named(real* weights, const ModelConfig& config, con
                      path.c_str(), st.name.c_str());
             }
         }
+    }
+    if (stored_checksum && hex64(checksum) != stored_checksum) {
+        fail("'%s' is corrupted: its checksum is %s but its data hashes to %s", path.c_str(), stored_checksum,
+             hex64(checksum).c_str());
     }
 }
 

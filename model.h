@@ -4,13 +4,24 @@ orchestration (forward, backward, update). The layers themselves live in layers/
 
 Architecture (LLaMA, no biases, untied LM head):
     x = embed_tokens[tokens]
-    for each of L decoder layers: attention sublayer, then SwiGLU MLP sublayer, with the norm
-        Post-LN for layers l < post_ln_layers:   h = N1(x + Attn(x))        y = N2(h + MLP(h))
-        Pre-LN  for the rest:                     h = x + Attn(N1(x))        y = h + MLP(N2(h))
+    for each of L decoder layers: attention sublayer, then SwiGLU MLP sublayer, with the norm N
+    placed as that layer's kind says (norm_layers, one kind per layer):
+        pre       h = x + Attn(N1(x))              y = h + MLP(N2(h))
+        post      h = N1(x + Attn(x))              y = N2(h + MLP(h))
+        peri      h = x + N1o(Attn(N1(x)))         y = h + N2o(MLP(N2(h)))     (Sandwich / Peri-LN)
+        deepnorm  h = N1(a*x + Attn(x))            y = N2(a*h + MLP(h))        a = (2L)^(1/4)
+        lns       as pre, each norm's output times 1/sqrt(l+1)                 (LayerNorm Scaling)
     logits = lm_head(final_norm(x)); loss = mean cross-entropy
-post_ln_layers = floor(alpha * L): alpha = 0 is pure Pre-LN, 1 pure Post-LN, 0.25 the paper's best.
-The final norm is applied in every mode (a pure Post-LN model normalises twice at the end, as the
+Mix-LN is the list post x floor(alpha*L), then pre: alpha = 0 is pure Pre-LN, 1 pure Post-LN,
+0.25 the paper's best. N is RMSNorm (the paper's) or LayerNorm with a bias (norm_type). The
+final norm is applied in every mode (a pure Post-LN model normalises twice at the end, as the
 paper's code does).
+
+The five kinds come in two shapes, and the code below follows them:
+  - the norm after the residual add (post, deepnorm): the stream itself is normalised, and the
+    residual is scaled by a (1 for post) before the add;
+  - the norm on the branch (pre, lns, peri): the stream passes by untouched; the sublayer's input
+    is normalised (and scaled by 1/sqrt(l+1) for lns), and for peri its output is normalised too.
 
 Memory, as in llm.c: all parameters live in one flat buffer with a struct of pointers into it; the
 gradients and the two AdamW moments are flat buffers of the same layout; every activation the
@@ -40,6 +51,7 @@ nvcc builds and in the emulated test build (cuda_common.h); a g++ build is CPU-o
 #include "layers/crossentropy.cuh"
 #include "layers/embedding.cuh"
 #include "layers/global_norm.cuh"
+#include "layers/layernorm.cuh"
 #include "layers/matmul.cuh"
 #include "layers/residual.cuh"
 #include "layers/rmsnorm.cuh"
@@ -53,6 +65,17 @@ nvcc builds and in the emulated test build (cuda_common.h); a g++ build is CPU-o
 // ----------------------------------------------------------------------------
 // configuration
 
+// Where a layer's norms sit (see the top of this file).
+enum NormKind { NORM_PRE, NORM_POST, NORM_PERI, NORM_DEEPNORM, NORM_LNS };
+constexpr int NUM_NORM_KINDS = 5;
+inline const char* norm_kind_name(NormKind kind) {
+    static const char* names[NUM_NORM_KINDS] = {"pre", "post", "peri", "deepnorm", "lns"};
+    return names[kind];
+}
+
+enum NormType { NORM_RMSNORM, NORM_LAYERNORM };
+inline const char* norm_type_name(NormType type) { return type == NORM_LAYERNORM ? "layernorm" : "rmsnorm"; }
+
 struct ModelConfig {
     int vocab_size = 0;       // V
     int channels = 0;         // C, Hugging Face hidden_size
@@ -60,9 +83,10 @@ struct ModelConfig {
     int num_heads = 0;        // NH; head size hs = C / NH
     int ffn_channels = 0;     // F, Hugging Face intermediate_size
     int max_seq_len = 0;      // T at most (max_position_embeddings)
-    int post_ln_layers = 0;   // layers 0 .. post_ln_layers-1 are Post-LN, the rest Pre-LN
-    float mixln_alpha = 0;    // the alpha that post_ln_layers came from, recorded in config.json
-    float rms_norm_eps = 1e-6f;
+    std::vector<NormKind> norm_layers;     // (L) the norm placement of each layer
+    NormType norm_type = NORM_RMSNORM;
+    float mixln_alpha = 0;    // the alpha a Mix-LN list came from, recorded in config.json
+    float rms_norm_eps = 1e-6f;   // eps of every norm, RMSNorm or LayerNorm
     float rope_theta = 10000.0f;
 };
 
@@ -70,6 +94,78 @@ struct ModelConfig {
 inline int post_ln_layers_for(float alpha, int num_layers) {
     return (int)floor((double)alpha * num_layers + 1e-6);
 }
+
+// Mix-LN: post_ln_layers Post-LN layers, then Pre-LN.
+inline std::vector<NormKind> mixln_norm_layers(int post_ln_layers, int num_layers) {
+    std::vector<NormKind> kinds;
+    for (int l = 0; l < num_layers; l++) kinds.push_back(l < post_ln_layers ? NORM_POST : NORM_PRE);
+    return kinds;
+}
+
+// The number of leading Post-LN layers when the list has the Mix-LN form (posts, then only
+// pres), else -1.
+inline int mixln_post_ln_layers(const std::vector<NormKind>& kinds) {
+    int posts = 0;
+    while (posts < (int)kinds.size() && kinds[posts] == NORM_POST) posts++;
+    for (size_t l = posts; l < kinds.size(); l++) {
+        if (kinds[l] != NORM_PRE) return -1;
+    }
+    return posts;
+}
+
+// "post,post,pre,..." -> kinds; `what` names the source in messages. The length is checked
+// against the model by model_config_check.
+inline std::vector<NormKind> parse_norm_layers(const std::string& text, const char* what) {
+    std::vector<NormKind> kinds;
+    size_t start = 0;
+    while (true) {
+        size_t end = text.find(',', start);
+        std::string word = text.substr(start, end == std::string::npos ? std::string::npos : end - start);
+        int found = -1;
+        for (int k = 0; k < NUM_NORM_KINDS; k++) {
+            if (word == norm_kind_name((NormKind)k)) found = k;
+        }
+        if (found < 0) {
+            fail("%s: unknown norm placement '%s' in layer %zu (kinds: pre, post, peri, deepnorm, lns)", what,
+                 word.c_str(), kinds.size());
+        }
+        kinds.push_back((NormKind)found);
+        if (end == std::string::npos) break;
+        start = end + 1;
+    }
+    return kinds;
+}
+
+inline std::string norm_layers_text(const std::vector<NormKind>& kinds) {
+    std::string text;
+    for (size_t l = 0; l < kinds.size(); l++) text += (l ? "," : "") + std::string(norm_kind_name(kinds[l]));
+    return text;
+}
+
+// The two shapes a layer can have (see the top of this file).
+inline bool norm_after_residual(NormKind kind) { return kind == NORM_POST || kind == NORM_DEEPNORM; }
+
+// DeepNorm's residual scale a = (2L)^(1/4): the stream is multiplied by a before each add.
+inline float deepnorm_residual_scale(int num_layers) { return (float)pow(2.0 * num_layers, 0.25); }
+
+// What multiplies a branch norm's output: 1/sqrt(l+1) in an lns layer, else 1.
+inline float norm_output_scale(const ModelConfig& c, int l) {
+    return c.norm_layers[l] == NORM_LNS ? (float)(1.0 / sqrt(l + 1.0)) : 1.0f;
+}
+
+// What multiplies the stream before a residual add: a in a deepnorm layer, else 1.
+inline float residual_scale(const ModelConfig& c, int l) {
+    return c.norm_layers[l] == NORM_DEEPNORM ? deepnorm_residual_scale(c.num_layers) : 1.0f;
+}
+
+// Peri-LN layers own two more norms (on the sublayer outputs); those live in tensors with one
+// row per peri layer. This is layer l's row among them (the peri layers before it).
+inline int peri_index(const ModelConfig& c, int l) {
+    int index = 0;
+    for (int i = 0; i < l; i++) index += c.norm_layers[i] == NORM_PERI;
+    return index;
+}
+inline int num_peri_layers(const ModelConfig& c) { return peri_index(c, c.num_layers); }
 
 // Refuses configurations the kernels cannot run, with a message naming the problem.
 inline void model_config_check(const ModelConfig& c) {
@@ -88,9 +184,13 @@ inline void model_config_check(const ModelConfig& c) {
     if (!(c.mixln_alpha >= 0.0f && c.mixln_alpha <= 1.0f)) {
         fail("alpha must be in [0, 1], got %g", c.mixln_alpha);
     }
-    if (c.post_ln_layers < 0 || c.post_ln_layers > c.num_layers) {
-        fail("post_ln_layers must be in [0, %d], got %d", c.num_layers, c.post_ln_layers);
+    if ((int)c.norm_layers.size() != c.num_layers) {
+        fail("the norm placement lists %zu layers but the model has %d", c.norm_layers.size(), c.num_layers);
     }
+    for (NormKind kind : c.norm_layers) {
+        if ((int)kind < 0 || (int)kind >= NUM_NORM_KINDS) fail("unknown norm placement %d", (int)kind);
+    }
+    if (c.norm_type != NORM_RMSNORM && c.norm_type != NORM_LAYERNORM) fail("unknown norm type %d", (int)c.norm_type);
     if (!(c.rms_norm_eps > 0.0f) || !(c.rope_theta > 0.0f)) {
         fail("rms_norm_eps and rope_theta must be positive");
     }
@@ -102,21 +202,31 @@ inline void model_config_check(const ModelConfig& c) {
 // Pointers into the flat parameter buffer (and, with the same layout, into the gradient buffer).
 // q/k/v are stacked into one (3C, C) matrix per layer and gate/up into one (2F, C), so that each
 // pair of projections is one matmul; every Hugging Face tensor is still one contiguous slice.
+// The tensors a configuration does not use (peri norms without peri layers, biases under
+// RMSNorm) have size 0; they sit at the end so that the layout of a Mix-LN model is unchanged.
 struct ParameterTensors {
-    real* embed_tokens;   // (V, C)      model.embed_tokens.weight
-    real* attn_norm;      // (L, C)      N1: input_layernorm (Pre-LN) / post_attention_layernorm (Post-LN)
-    real* qkv_proj;       // (L, 3C, C)  self_attn.{q,k,v}_proj.weight, stacked in that order
-    real* o_proj;         // (L, C, C)   self_attn.o_proj.weight
-    real* mlp_norm;       // (L, C)      N2: post_attention_layernorm (Pre-LN) / post_feedforward_layernorm (Post-LN)
-    real* gate_up_proj;   // (L, 2F, C)  mlp.{gate,up}_proj.weight, stacked in that order
-    real* down_proj;      // (L, C, F)   mlp.down_proj.weight
-    real* final_norm;     // (C)         model.norm.weight
-    real* lm_head;        // (V, C)      lm_head.weight
+    real* embed_tokens;       // (V, C)      model.embed_tokens.weight
+    real* attn_norm;          // (L, C)      N1: the norm of the attention sublayer (names: model_named_tensors)
+    real* qkv_proj;           // (L, 3C, C)  self_attn.{q,k,v}_proj.weight, stacked in that order
+    real* o_proj;             // (L, C, C)   self_attn.o_proj.weight
+    real* mlp_norm;           // (L, C)      N2: the norm of the MLP sublayer
+    real* gate_up_proj;       // (L, 2F, C)  mlp.{gate,up}_proj.weight, stacked in that order
+    real* down_proj;          // (L, C, F)   mlp.down_proj.weight
+    real* final_norm;         // (C)         model.norm.weight
+    real* lm_head;            // (V, C)      lm_head.weight
+    real* attn_out_norm;      // (P, C)      N1o of each of the P peri layers: post_attention_layernorm
+    real* mlp_out_norm;       // (P, C)      N2o: post_feedforward_layernorm
+    real* attn_norm_bias;     // (L, C)      LayerNorm only: N1's bias (else size 0)
+    real* mlp_norm_bias;      // (L, C)      LayerNorm only
+    real* attn_out_norm_bias; // (P, C)      LayerNorm only
+    real* mlp_out_norm_bias;  // (P, C)      LayerNorm only
+    real* final_norm_bias;    // (C)         LayerNorm only: model.norm.bias
 };
-constexpr int NUM_PARAMETER_TENSORS = 9;
+constexpr int NUM_PARAMETER_TENSORS = 16;
 
 inline void parameter_sizes(size_t sizes[NUM_PARAMETER_TENSORS], const ModelConfig& c) {
-    size_t V = c.vocab_size, C = c.channels, L = c.num_layers, F = c.ffn_channels;
+    size_t V = c.vocab_size, C = c.channels, L = c.num_layers, F = c.ffn_channels, P = num_peri_layers(c);
+    size_t bias = c.norm_type == NORM_LAYERNORM ? 1 : 0;
     sizes[0] = V * C;
     sizes[1] = L * C;
     sizes[2] = L * 3 * C * C;
@@ -126,6 +236,13 @@ inline void parameter_sizes(size_t sizes[NUM_PARAMETER_TENSORS], const ModelConf
     sizes[6] = L * C * F;
     sizes[7] = C;
     sizes[8] = V * C;
+    sizes[9] = P * C;
+    sizes[10] = P * C;
+    sizes[11] = bias * L * C;
+    sizes[12] = bias * L * C;
+    sizes[13] = bias * P * C;
+    sizes[14] = bias * P * C;
+    sizes[15] = bias * C;
 }
 
 inline size_t num_parameters(const ModelConfig& c) {
@@ -136,33 +253,58 @@ inline size_t num_parameters(const ModelConfig& c) {
     return total;
 }
 
-// Points the struct's members into a flat buffer laid out as parameter_sizes says.
+// Points the struct's members into a flat buffer laid out as parameter_sizes says. A tensor of
+// size 0 gets nullptr, so that using it by mistake fails loudly.
 inline void point_parameters(ParameterTensors* t, real* memory, const ModelConfig& c) {
     size_t sizes[NUM_PARAMETER_TENSORS];
     parameter_sizes(sizes, c);
-    real** members[NUM_PARAMETER_TENSORS] = {&t->embed_tokens, &t->attn_norm, &t->qkv_proj,
-                                             &t->o_proj, &t->mlp_norm, &t->gate_up_proj,
-                                             &t->down_proj, &t->final_norm, &t->lm_head};
+    real** members[NUM_PARAMETER_TENSORS] = {
+        &t->embed_tokens,  &t->attn_norm,     &t->qkv_proj,       &t->o_proj,         &t->mlp_norm,
+        &t->gate_up_proj,  &t->down_proj,     &t->final_norm,     &t->lm_head,        &t->attn_out_norm,
+        &t->mlp_out_norm,  &t->attn_norm_bias, &t->mlp_norm_bias, &t->attn_out_norm_bias,
+        &t->mlp_out_norm_bias, &t->final_norm_bias};
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        *members[i] = memory;
+        *members[i] = sizes[i] ? memory : nullptr;
         memory += sizes[i];
     }
 }
 
-// One layer's slices of the parameter (or gradient) tensors.
+// One layer's slices of the parameter (or gradient) tensors; nullptr where the layer has none.
 struct LayerWeights {
-    real* attn_norm;      // (C)
-    real* qkv_proj;       // (3C, C)
-    real* o_proj;         // (C, C)
-    real* mlp_norm;       // (C)
-    real* gate_up_proj;   // (2F, C)
-    real* down_proj;      // (C, F)
+    real* attn_norm;          // (C)
+    real* attn_norm_bias;     // (C)  LayerNorm
+    real* attn_out_norm;      // (C)  peri
+    real* attn_out_norm_bias; // (C)  peri, LayerNorm
+    real* qkv_proj;           // (3C, C)
+    real* o_proj;             // (C, C)
+    real* mlp_norm;           // (C)
+    real* mlp_norm_bias;      // (C)  LayerNorm
+    real* mlp_out_norm;       // (C)  peri
+    real* mlp_out_norm_bias;  // (C)  peri, LayerNorm
+    real* gate_up_proj;       // (2F, C)
+    real* down_proj;          // (C, F)
 };
 
 inline LayerWeights layer_weights(const ParameterTensors& t, const ModelConfig& c, int l) {
     size_t C = c.channels, F = c.ffn_channels;
-    return {t.attn_norm + l * C,         t.qkv_proj + l * 3 * C * C, t.o_proj + l * C * C,
-            t.mlp_norm + l * C,          t.gate_up_proj + l * 2 * F * C, t.down_proj + l * C * F};
+    bool peri = c.norm_layers[l] == NORM_PERI;
+    size_t p = peri ? (size_t)peri_index(c, l) : 0;
+    // a slice of an optional tensor, nullptr when the tensor or the layer has none
+    auto row = [](real* tensor, bool present, size_t offset) { return tensor && present ? tensor + offset : nullptr; };
+    LayerWeights w;
+    w.attn_norm = t.attn_norm + l * C;
+    w.attn_norm_bias = row(t.attn_norm_bias, true, l * C);
+    w.attn_out_norm = row(t.attn_out_norm, peri, p * C);
+    w.attn_out_norm_bias = row(t.attn_out_norm_bias, peri, p * C);
+    w.qkv_proj = t.qkv_proj + l * 3 * C * C;
+    w.o_proj = t.o_proj + l * C * C;
+    w.mlp_norm = t.mlp_norm + l * C;
+    w.mlp_norm_bias = row(t.mlp_norm_bias, true, l * C);
+    w.mlp_out_norm = row(t.mlp_out_norm, peri, p * C);
+    w.mlp_out_norm_bias = row(t.mlp_out_norm_bias, peri, p * C);
+    w.gate_up_proj = t.gate_up_proj + l * 2 * F * C;
+    w.down_proj = t.down_proj + l * C * F;
+    return w;
 }
 
 // A checkpoint tensor: its Hugging Face name, where it sits in the flat buffer, its shape.
@@ -172,39 +314,54 @@ struct NamedTensor {
     std::vector<int64_t> shape;   // Hugging Face (out, in) layout for linear weights
 };
 
-// Every tensor of the checkpoint, in a fixed order. The two norms of a layer are named after
-// where they sit, as in the official Mix-LN code: a Post-LN layer's N1 follows the attention
-// residual (post_attention_layernorm) and its N2 the MLP residual (post_feedforward_layernorm).
+// Every tensor of the checkpoint, in a fixed order. A layer's norms are named after where they
+// sit, as in the official Mix-LN code and Gemma-2:
+//   pre, lns        N1 input_layernorm            N2 post_attention_layernorm
+//   post, deepnorm  N1 post_attention_layernorm   N2 post_feedforward_layernorm
+//   peri            N1 input_layernorm, N1o post_attention_layernorm,
+//                   N2 pre_feedforward_layernorm, N2o post_feedforward_layernorm
+// Under LayerNorm each norm has a ".bias" beside its ".weight".
 inline std::vector<NamedTensor> model_named_tensors(const ModelConfig& c) {
     size_t sizes[NUM_PARAMETER_TENSORS];
     parameter_sizes(sizes, c);
-    size_t offsets[NUM_PARAMETER_TENSORS];
+    size_t offsets[NUM_PARAMETER_TENSORS];   // of each tensor in the flat buffer, in the order above
     size_t offset = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         offsets[i] = offset;
         offset += sizes[i];
     }
+    const bool biases = c.norm_type == NORM_LAYERNORM;
     int64_t V = c.vocab_size, C = c.channels, F = c.ffn_channels;
     std::vector<NamedTensor> tensors;
+    // a norm's weight is row `row` of tensor `weight`, its bias (LayerNorm) row `row` of tensor `bias`
+    auto add_norm = [&](const std::string& name, int weight, int bias, size_t row) {
+        tensors.push_back({name + ".weight", offsets[weight] + row * C, {C}});
+        if (biases) tensors.push_back({name + ".bias", offsets[bias] + row * C, {C}});
+    };
     tensors.push_back({"model.embed_tokens.weight", offsets[0], {V, C}});
     for (int l = 0; l < c.num_layers; l++) {
-        bool post_ln = l < c.post_ln_layers;
+        NormKind kind = c.norm_layers[l];
+        size_t p = kind == NORM_PERI ? (size_t)peri_index(c, l) : 0;
         std::string prefix = "model.layers." + std::to_string(l) + ".";
-        const char* attn_norm_name = post_ln ? "post_attention_layernorm" : "input_layernorm";
-        const char* mlp_norm_name = post_ln ? "post_feedforward_layernorm" : "post_attention_layernorm";
+        const char* attn_norm_name = norm_after_residual(kind) ? "post_attention_layernorm" : "input_layernorm";
+        const char* mlp_norm_name = norm_after_residual(kind) ? "post_feedforward_layernorm"
+                                    : kind == NORM_PERI       ? "pre_feedforward_layernorm"
+                                                              : "post_attention_layernorm";
         size_t qkv = offsets[2] + (size_t)l * 3 * C * C;
         size_t gate_up = offsets[5] + (size_t)l * 2 * F * C;
-        tensors.push_back({prefix + attn_norm_name + ".weight", offsets[1] + (size_t)l * C, {C}});
+        add_norm(prefix + attn_norm_name, 1, 11, l);
         tensors.push_back({prefix + "self_attn.q_proj.weight", qkv, {C, C}});
         tensors.push_back({prefix + "self_attn.k_proj.weight", qkv + (size_t)C * C, {C, C}});
         tensors.push_back({prefix + "self_attn.v_proj.weight", qkv + (size_t)2 * C * C, {C, C}});
         tensors.push_back({prefix + "self_attn.o_proj.weight", offsets[3] + (size_t)l * C * C, {C, C}});
-        tensors.push_back({prefix + mlp_norm_name + ".weight", offsets[4] + (size_t)l * C, {C}});
+        if (kind == NORM_PERI) add_norm(prefix + "post_attention_layernorm", 9, 13, p);
+        add_norm(prefix + mlp_norm_name, 4, 12, l);
         tensors.push_back({prefix + "mlp.gate_proj.weight", gate_up, {F, C}});
         tensors.push_back({prefix + "mlp.up_proj.weight", gate_up + (size_t)F * C, {F, C}});
         tensors.push_back({prefix + "mlp.down_proj.weight", offsets[6] + (size_t)l * C * F, {C, F}});
+        if (kind == NORM_PERI) add_norm(prefix + "post_feedforward_layernorm", 10, 14, p);
     }
-    tensors.push_back({"model.norm.weight", offsets[7], {C}});
+    add_norm("model.norm", 7, 15, 0);
     tensors.push_back({"lm_head.weight", offsets[8], {V, C}});
     return tensors;
 }
@@ -213,55 +370,69 @@ inline std::vector<NamedTensor> model_named_tensors(const ModelConfig& c) {
 // activations
 
 // Everything the forward pass keeps for backward, and the backward pass's scratch. Per-layer
-// tensors have a leading L dimension; layer_activations() slices one layer out.
+// tensors have a leading L dimension (P: one row per peri layer); layer_activations() slices one
+// layer out. A norm's statistics ("stats") are its rstd per row, followed under LayerNorm by its
+// mean per row: S = 1 value per row for RMSNorm, 2 for LayerNorm.
 struct ActivationTensors {
-    real* embedded;          // (B, T, C)        token embeddings, the stream entering layer 0
-    real* attn_norm;         // (L, B, T, C)     N1 output: Pre-LN N1(x) / Post-LN h = N1(x + attn)
-    real* attn_norm_rstd;    // (L, B, T)
-    real* qkv;               // (L, B, T, 3C)    q, k (after RoPE), v
-    real* att;               // (L, B, NH, T, T) softmax probabilities (the simple attention)
-    real* lse;               // (L, B, NH, T)    log-sum-exp of each score row (the fused attention)
-    real* atty;              // (L, B, T, C)     attention output before o_proj
-    real* attn_resid;        // (L, B, T, C)     x + o_proj(atty)
-    real* mlp_norm;          // (L, B, T, C)     N2 output: Pre-LN N2(h) / Post-LN y = N2(h + mlp)
-    real* mlp_norm_rstd;     // (L, B, T)
-    real* gate_up;           // (L, B, T, 2F)    [gate | up] projections
-    real* swiglu;            // (L, B, T, F)     silu(gate) * up
-    real* mlp_resid;         // (L, B, T, C)     h + down_proj(swiglu)
-    real* final_norm;        // (B, T, C)
-    real* final_norm_rstd;   // (B, T)
-    real* logits;            // (B, T, V)        overwritten by their gradient in backward
-    real* losses;            // (B, T)           per-position cross-entropy
-    real* rope_cos;          // (T, hs/2)
-    real* rope_sin;          // (T, hs/2)
+    real* embedded;            // (B, T, C)        token embeddings, the stream entering layer 0
+    real* attn_norm;           // (L, B, T, C)     N1 output: the attention's input (branch norm) or h (post/deepnorm)
+    real* attn_norm_stats;     // (L, S, B, T)
+    real* qkv;                 // (L, B, T, 3C)    q, k (after RoPE), v
+    real* att;                 // (L, B, NH, T, T) softmax probabilities (the simple attention)
+    real* lse;                 // (L, B, NH, T)    log-sum-exp of each score row (the fused attention)
+    real* atty;                // (L, B, T, C)     attention output before o_proj
+    real* attn_resid;          // (L, B, T, C)     the stream after the attention's residual add (before N1: post/deepnorm)
+    real* mlp_norm;            // (L, B, T, C)     N2 output: the MLP's input (branch norm) or y (post/deepnorm)
+    real* mlp_norm_stats;      // (L, S, B, T)
+    real* gate_up;             // (L, B, T, 2F)    [gate | up] projections
+    real* swiglu;              // (L, B, T, F)     silu(gate) * up
+    real* mlp_resid;           // (L, B, T, C)     the stream after the MLP's residual add
+    real* attn_branch;         // (P, B, T, C)     peri: o_proj output, the input of N1o
+    real* attn_out_norm_stats; // (P, S, B, T)
+    real* mlp_branch;          // (P, B, T, C)     peri: down_proj output, the input of N2o
+    real* mlp_out_norm_stats;  // (P, S, B, T)
+    real* final_norm;          // (B, T, C)
+    real* final_norm_stats;    // (S, B, T)
+    real* logits;              // (B, T, V)        overwritten by their gradient in backward
+    real* losses;              // (B, T)           per-position cross-entropy
+    real* rope_cos;            // (T, hs/2)
+    real* rope_sin;            // (T, hs/2)
     // backward scratch, reused by every layer
-    real* dresidual;         // (B, T, C)        gradient of the residual stream
-    real* dnorm;             // (B, T, C)        gradient of a norm's output
-    real* datty;             // (B, T, C)
-    real* dqkv;              // (B, T, 3C)
-    real* datt_scratch;      // (B, NH, T, T)    attention backward workspace
-    real* dgate_up;          // (B, T, 2F)
-    real* dswiglu;           // (B, T, F)
+    real* dresidual;           // (B, T, C)        gradient of the residual stream
+    real* dnorm;               // (B, T, C)        gradient of a norm's output (or input)
+    real* dbranch;             // (B, T, C)        peri: gradient of a sublayer's output, before its out-norm
+    real* datty;               // (B, T, C)
+    real* dqkv;                // (B, T, 3C)
+    real* datt_scratch;        // (B, NH, T, T)    attention backward workspace
+    real* dgate_up;            // (B, T, 2F)
+    real* dswiglu;             // (B, T, F)
 };
-constexpr int NUM_ACTIVATION_TENSORS = 26;
+constexpr int NUM_ACTIVATION_TENSORS = 31;
+
+// values per row of a norm's statistics: rstd, and the mean under LayerNorm
+inline size_t norm_stats_per_row(const ModelConfig& c) { return c.norm_type == NORM_LAYERNORM ? 2 : 1; }
 
 inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelConfig& c, int B, int T) {
-    size_t L = c.num_layers, C = c.channels, NH = c.num_heads, F = c.ffn_channels,
-           V = c.vocab_size, BT = (size_t)B * T, half = c.channels / c.num_heads / 2;
+    size_t L = c.num_layers, C = c.channels, NH = c.num_heads, F = c.ffn_channels, V = c.vocab_size,
+           BT = (size_t)B * T, half = c.channels / c.num_heads / 2, P = num_peri_layers(c),
+           S = norm_stats_per_row(c);
     size_t s[NUM_ACTIVATION_TENSORS] = {
         BT * C,                                   // embedded
-        L * BT * C, L * BT,                       // attn_norm, attn_norm_rstd
+        L * BT * C, L * S * BT,                   // attn_norm, attn_norm_stats
         L * BT * 3 * C,                           // qkv
         L * B * NH * T * T,                       // att
         L * B * NH * T,                           // lse
         L * BT * C, L * BT * C,                   // atty, attn_resid
-        L * BT * C, L * BT,                       // mlp_norm, mlp_norm_rstd
+        L * BT * C, L * S * BT,                   // mlp_norm, mlp_norm_stats
         L * BT * 2 * F, L * BT * F,               // gate_up, swiglu
         L * BT * C,                               // mlp_resid
-        BT * C, BT,                               // final_norm, final_norm_rstd
+        P * BT * C, P * S * BT,                   // attn_branch, attn_out_norm_stats
+        P * BT * C, P * S * BT,                   // mlp_branch, mlp_out_norm_stats
+        BT * C, S * BT,                           // final_norm, final_norm_stats
         BT * V, BT,                               // logits, losses
         T * half, T * half,                       // rope_cos, rope_sin
-        BT * C, BT * C, BT * C, BT * 3 * C,       // dresidual, dnorm, datty, dqkv
+        BT * C, BT * C, P ? BT * C : 0,           // dresidual, dnorm, dbranch
+        BT * C, BT * 3 * C,                       // datty, dqkv
         B * NH * T * T,                           // datt_scratch
         BT * 2 * F, BT * F,                       // dgate_up, dswiglu
     };
@@ -270,44 +441,65 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
 
 inline void point_activations(ActivationTensors* a, real* memory, const size_t sizes[NUM_ACTIVATION_TENSORS]) {
     real** members[NUM_ACTIVATION_TENSORS] = {
-        &a->embedded, &a->attn_norm, &a->attn_norm_rstd, &a->qkv, &a->att, &a->lse, &a->atty,
-        &a->attn_resid, &a->mlp_norm, &a->mlp_norm_rstd, &a->gate_up, &a->swiglu, &a->mlp_resid,
-        &a->final_norm, &a->final_norm_rstd, &a->logits, &a->losses, &a->rope_cos, &a->rope_sin,
-        &a->dresidual, &a->dnorm, &a->datty, &a->dqkv, &a->datt_scratch, &a->dgate_up, &a->dswiglu};
+        &a->embedded, &a->attn_norm, &a->attn_norm_stats, &a->qkv, &a->att, &a->lse, &a->atty,
+        &a->attn_resid, &a->mlp_norm, &a->mlp_norm_stats, &a->gate_up, &a->swiglu, &a->mlp_resid,
+        &a->attn_branch, &a->attn_out_norm_stats, &a->mlp_branch, &a->mlp_out_norm_stats,
+        &a->final_norm, &a->final_norm_stats, &a->logits, &a->losses, &a->rope_cos, &a->rope_sin,
+        &a->dresidual, &a->dnorm, &a->dbranch, &a->datty, &a->dqkv, &a->datt_scratch, &a->dgate_up, &a->dswiglu};
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) {
-        *members[i] = memory;
+        *members[i] = sizes[i] ? memory : nullptr;
         memory += sizes[i];
     }
 }
 
-// One layer's slices of the per-layer activations.
+// One layer's slices of the per-layer activations; the peri ones are nullptr in other layers.
 struct LayerActivations {
-    real* attn_norm;       // (B, T, C)
-    real* attn_norm_rstd;  // (B, T)
-    real* qkv;             // (B, T, 3C)
-    real* att;             // (B, NH, T, T)
-    real* lse;             // (B, NH, T)
-    real* atty;            // (B, T, C)
-    real* attn_resid;      // (B, T, C)
-    real* mlp_norm;        // (B, T, C)
-    real* mlp_norm_rstd;   // (B, T)
-    real* gate_up;         // (B, T, 2F)
-    real* swiglu;          // (B, T, F)
-    real* mlp_resid;       // (B, T, C)
+    real* attn_norm;           // (B, T, C)
+    real* attn_norm_stats;     // (S, B, T)
+    real* qkv;                 // (B, T, 3C)
+    real* att;                 // (B, NH, T, T)
+    real* lse;                 // (B, NH, T)
+    real* atty;                // (B, T, C)
+    real* attn_resid;          // (B, T, C)
+    real* mlp_norm;            // (B, T, C)
+    real* mlp_norm_stats;      // (S, B, T)
+    real* gate_up;             // (B, T, 2F)
+    real* swiglu;              // (B, T, F)
+    real* mlp_resid;           // (B, T, C)
+    real* attn_branch;         // (B, T, C)  peri
+    real* attn_out_norm_stats; // (S, B, T)  peri
+    real* mlp_branch;          // (B, T, C)  peri
+    real* mlp_out_norm_stats;  // (S, B, T)  peri
 };
 
 inline LayerActivations layer_activations(const ActivationTensors& a, const ModelConfig& c, int B, int T, int l) {
-    size_t BT = (size_t)B * T, C = c.channels, F = c.ffn_channels, NH = c.num_heads;
-    return {a.attn_norm + l * BT * C,      a.attn_norm_rstd + l * BT, a.qkv + l * BT * 3 * C,
-            a.att + l * B * NH * T * T,    a.lse + l * B * NH * T,    a.atty + l * BT * C,
-            a.attn_resid + l * BT * C,
-            a.mlp_norm + l * BT * C,       a.mlp_norm_rstd + l * BT,  a.gate_up + l * BT * 2 * F,
-            a.swiglu + l * BT * F,         a.mlp_resid + l * BT * C};
+    size_t BT = (size_t)B * T, C = c.channels, F = c.ffn_channels, NH = c.num_heads, S = norm_stats_per_row(c);
+    bool peri = c.norm_layers[l] == NORM_PERI;
+    size_t p = peri ? (size_t)peri_index(c, l) : 0;
+    LayerActivations la;
+    la.attn_norm = a.attn_norm + l * BT * C;
+    la.attn_norm_stats = a.attn_norm_stats + l * S * BT;
+    la.qkv = a.qkv + l * BT * 3 * C;
+    la.att = a.att + l * B * NH * T * T;
+    la.lse = a.lse + l * B * NH * T;
+    la.atty = a.atty + l * BT * C;
+    la.attn_resid = a.attn_resid + l * BT * C;
+    la.mlp_norm = a.mlp_norm + l * BT * C;
+    la.mlp_norm_stats = a.mlp_norm_stats + l * S * BT;
+    la.gate_up = a.gate_up + l * BT * 2 * F;
+    la.swiglu = a.swiglu + l * BT * F;
+    la.mlp_resid = a.mlp_resid + l * BT * C;
+    la.attn_branch = peri ? a.attn_branch + p * BT * C : nullptr;
+    la.attn_out_norm_stats = peri ? a.attn_out_norm_stats + p * S * BT : nullptr;
+    la.mlp_branch = peri ? a.mlp_branch + p * BT * C : nullptr;
+    la.mlp_out_norm_stats = peri ? a.mlp_out_norm_stats + p * S * BT : nullptr;
+    return la;
 }
 
-// What layer l hands to the next layer: Post-LN ends on the norm N2, Pre-LN on the residual add.
+// What layer l hands to the next layer: post and deepnorm end on the norm N2, the branch-norm
+// kinds on the residual add.
 inline const real* layer_output(const LayerActivations& la, const ModelConfig& c, int l) {
-    return l < c.post_ln_layers ? la.mlp_norm : la.mlp_resid;
+    return norm_after_residual(c.norm_layers[l]) ? la.mlp_norm : la.mlp_resid;
 }
 
 // ----------------------------------------------------------------------------
@@ -504,30 +696,84 @@ inline void fill_normal(real* out, size_t n, float std, uint64_t* state) {
     }
 }
 
-// Initialisation of the official code: every linear weight normal(0, 0.02), the embedding
-// normal(0, embed_std) (0.02 by default; the paper's code once used sqrt(2/5)), norms 1.
-inline void model_init_weights(Model* model, uint64_t seed, float embed_std) {
+// The initialisation. The official code's: every linear weight normal(0, 0.02), the embedding
+// normal(0, embed_std) (0.02 by default; the paper's code once used sqrt(2/5)), norm weights 1
+// and biases 0. On top of it:
+//   - deepnorm layers get DeepNet's init, xavier-normal std = gain * sqrt(2 / (fan_in + fan_out)),
+//     gain 1 for q and k, gain b = (8L)^(-1/4) for v, o, gate, up and down;
+//   - scaled_init: o_proj and down_proj get std 0.02 / sqrt(2L) in the branch-norm layers
+//     (pre, lns, peri), the paper's "scaled init".
+// The generator is drawn tensor by tensor in layout order and layer by layer within a tensor, so a
+// seed gives the same weights whatever the per-layer stds.
+inline void model_init_weights(Model* model, uint64_t seed, float embed_std, bool scaled_init = false) {
     const ModelConfig& c = model->config;
     std::vector<real> host(model->num_parameters);
     ParameterTensors p;
     point_parameters(&p, host.data(), c);
     size_t sizes[NUM_PARAMETER_TENSORS];
     parameter_sizes(sizes, c);
+    const size_t C = c.channels, F = c.ffn_channels, L = c.num_layers;
+    const double deepnorm_gain = pow(8.0 * L, -0.25);
+    auto xavier_std = [](double gain, size_t fan_in, size_t fan_out) { return (float)(gain * sqrt(2.0 / (fan_in + fan_out))); };
+    const float output_std = scaled_init ? (float)(0.02 / sqrt(2.0 * L)) : 0.02f;
     uint64_t state = seed;
     fill_normal(p.embed_tokens, sizes[0], embed_std, &state);
     for (size_t i = 0; i < sizes[1]; i++) p.attn_norm[i] = 1;
-    fill_normal(p.qkv_proj, sizes[2], 0.02f, &state);
-    fill_normal(p.o_proj, sizes[3], 0.02f, &state);
+    for (size_t l = 0; l < L; l++) {   // q, k, v
+        bool deepnorm = c.norm_layers[l] == NORM_DEEPNORM;
+        real* qkv = p.qkv_proj + l * 3 * C * C;
+        fill_normal(qkv, 2 * C * C, deepnorm ? xavier_std(1.0, C, C) : 0.02f, &state);
+        fill_normal(qkv + 2 * C * C, C * C, deepnorm ? xavier_std(deepnorm_gain, C, C) : 0.02f, &state);
+    }
+    for (size_t l = 0; l < L; l++) {
+        NormKind kind = c.norm_layers[l];
+        float std = kind == NORM_DEEPNORM ? xavier_std(deepnorm_gain, C, C) : norm_after_residual(kind) ? 0.02f : output_std;
+        fill_normal(p.o_proj + l * C * C, C * C, std, &state);
+    }
     for (size_t i = 0; i < sizes[4]; i++) p.mlp_norm[i] = 1;
-    fill_normal(p.gate_up_proj, sizes[5], 0.02f, &state);
-    fill_normal(p.down_proj, sizes[6], 0.02f, &state);
+    for (size_t l = 0; l < L; l++) {
+        bool deepnorm = c.norm_layers[l] == NORM_DEEPNORM;
+        fill_normal(p.gate_up_proj + l * 2 * F * C, 2 * F * C, deepnorm ? xavier_std(deepnorm_gain, C, F) : 0.02f, &state);
+    }
+    for (size_t l = 0; l < L; l++) {
+        NormKind kind = c.norm_layers[l];
+        float std = kind == NORM_DEEPNORM ? xavier_std(deepnorm_gain, F, C) : norm_after_residual(kind) ? 0.02f : output_std;
+        fill_normal(p.down_proj + l * C * F, C * F, std, &state);
+    }
     for (size_t i = 0; i < sizes[7]; i++) p.final_norm[i] = 1;
     fill_normal(p.lm_head, sizes[8], 0.02f, &state);
+    for (size_t i = 0; i < sizes[9]; i++) p.attn_out_norm[i] = 1;
+    for (size_t i = 0; i < sizes[10]; i++) p.mlp_out_norm[i] = 1;
+    // sizes[11..15]: the LayerNorm biases, 0 as the buffer already is
     model_copy_in(model, model->params_memory, host.data(), host.size() * sizeof(real));
 }
 
 // ----------------------------------------------------------------------------
 // forward
+
+// The model's norm, RMSNorm or LayerNorm, over its (B*T, C) rows: out = N(inp), with the row
+// statistics saved into stats (S, B, T). bias is used under LayerNorm only.
+inline void norm_forward(Model* model, real* out, real* stats, const real* inp, const real* weight, const real* bias) {
+    const ModelConfig& c = model->config;
+    const int BT = model->B * model->T, C = c.channels;
+    if (c.norm_type == NORM_LAYERNORM) {
+        LAYER(layernorm_forward, out, stats + BT, stats, inp, weight, bias, BT, C, c.rms_norm_eps);
+    } else {
+        LAYER(rmsnorm_forward, out, stats, inp, weight, BT, C, c.rms_norm_eps);
+    }
+}
+
+// Accumulates the gradients of norm_forward's input (dinp) and parameters (dweight, dbias).
+inline void norm_backward(Model* model, real* dinp, real* dweight, real* dbias, const real* dout, const real* inp,
+                          const real* weight, const real* stats) {
+    const ModelConfig& c = model->config;
+    const int BT = model->B * model->T, C = c.channels;
+    if (c.norm_type == NORM_LAYERNORM) {
+        LAYER(layernorm_backward, dinp, dweight, dbias, dout, inp, weight, stats + BT, stats, BT, C);
+    } else {
+        LAYER(rmsnorm_backward, dinp, dweight, dout, inp, weight, stats, BT, C);
+    }
+}
 
 // Runs the model on inputs (B, T); with targets (B, T) it also computes the per-position losses
 // and model->mean_loss. Token ids must be in [0, V).
@@ -535,7 +781,7 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, F = c.ffn_channels,
               V = c.vocab_size, hs = C / NH, BT = B * T;
-    const float eps = c.rms_norm_eps;
+    const size_t stream_size = (size_t)BT * C;
     ParameterTensors& p = model->params;
     ActivationTensors& a = model->acts;
     for (int i = 0; i < BT; i++) {
@@ -549,14 +795,18 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
     const real* residual = a.embedded;   // (B, T, C) the stream entering layer l
     for (int l = 0; l < c.num_layers; l++) {
         if (l == model->skip_layer) continue;   // its input goes straight on to the next layer
-        const bool post_ln = l < c.post_ln_layers;
+        const NormKind kind = c.norm_layers[l];
+        const bool after_residual = norm_after_residual(kind);
+        const bool peri = kind == NORM_PERI;
+        const float output_scale = norm_output_scale(c, l), stream_scale = residual_scale(c, l);
         LayerWeights w = layer_weights(p, c, l);
         LayerActivations la = layer_activations(a, c, B, T, l);
 
-        // attention sublayer: Pre-LN normalises its input, Post-LN takes the stream as it is
+        // attention sublayer: a branch norm normalises its input; post/deepnorm take the stream as it is
         const real* attn_input = residual;
-        if (!post_ln) {
-            LAYER(rmsnorm_forward, la.attn_norm, la.attn_norm_rstd, residual, w.attn_norm, BT, C, eps);
+        if (!after_residual) {
+            norm_forward(model, la.attn_norm, la.attn_norm_stats, residual, w.attn_norm, w.attn_norm_bias);
+            if (output_scale != 1.0f) LAYER(scale_forward, la.attn_norm, la.attn_norm, output_scale, stream_size);
             attn_input = la.attn_norm;
         }
         LAYER(matmul_forward, la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
@@ -567,33 +817,52 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         } else
 #endif
         LAYER(attention_forward, la.atty, la.att, la.qkv, B, T, NH, hs);
-        LAYER(matmul_forward, la.attn_resid, la.atty, w.o_proj, BT, C, C);
-        LAYER(residual_forward, la.attn_resid, residual, la.attn_resid, (size_t)BT * C);
+        if (peri) {   // the attention's output is normalised before the add: N1o(o_proj(...))
+            LAYER(matmul_forward, la.attn_branch, la.atty, w.o_proj, BT, C, C);
+            norm_forward(model, la.attn_resid, la.attn_out_norm_stats, la.attn_branch, w.attn_out_norm, w.attn_out_norm_bias);
+        } else {
+            LAYER(matmul_forward, la.attn_resid, la.atty, w.o_proj, BT, C, C);
+        }
+        if (stream_scale != 1.0f) {
+            LAYER(residual_scaled_forward, la.attn_resid, residual, stream_scale, la.attn_resid, stream_size);
+        } else {
+            LAYER(residual_forward, la.attn_resid, residual, la.attn_resid, stream_size);
+        }
 
-        // MLP sublayer: Post-LN first normalises the sum (h = N1(x + attn)) and adds onto h;
-        // Pre-LN adds onto the sum and normalises only the MLP's input
-        const real* mlp_stream;   // what the MLP output is added to
+        // MLP sublayer: post/deepnorm first normalise the sum (h = N1(a*x + attn)) and add onto h;
+        // the branch norms add onto the sum and normalise only the MLP's input
+        const real* mlp_stream;   // h, what the MLP output is added to
         const real* mlp_input;
-        if (post_ln) {
-            LAYER(rmsnorm_forward, la.attn_norm, la.attn_norm_rstd, la.attn_resid, w.attn_norm, BT, C, eps);
+        if (after_residual) {
+            norm_forward(model, la.attn_norm, la.attn_norm_stats, la.attn_resid, w.attn_norm, w.attn_norm_bias);
             mlp_stream = la.attn_norm;
             mlp_input = la.attn_norm;
         } else {
-            LAYER(rmsnorm_forward, la.mlp_norm, la.mlp_norm_rstd, la.attn_resid, w.mlp_norm, BT, C, eps);
+            norm_forward(model, la.mlp_norm, la.mlp_norm_stats, la.attn_resid, w.mlp_norm, w.mlp_norm_bias);
+            if (output_scale != 1.0f) LAYER(scale_forward, la.mlp_norm, la.mlp_norm, output_scale, stream_size);
             mlp_stream = la.attn_resid;
             mlp_input = la.mlp_norm;
         }
         LAYER(matmul_forward, la.gate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F);
         LAYER(swiglu_forward, la.swiglu, la.gate_up, BT, F);
-        LAYER(matmul_forward, la.mlp_resid, la.swiglu, w.down_proj, BT, F, C);
-        LAYER(residual_forward, la.mlp_resid, mlp_stream, la.mlp_resid, (size_t)BT * C);
-        if (post_ln) {
-            LAYER(rmsnorm_forward, la.mlp_norm, la.mlp_norm_rstd, la.mlp_resid, w.mlp_norm, BT, C, eps);
+        if (peri) {   // N2o(down_proj(...))
+            LAYER(matmul_forward, la.mlp_branch, la.swiglu, w.down_proj, BT, F, C);
+            norm_forward(model, la.mlp_resid, la.mlp_out_norm_stats, la.mlp_branch, w.mlp_out_norm, w.mlp_out_norm_bias);
+        } else {
+            LAYER(matmul_forward, la.mlp_resid, la.swiglu, w.down_proj, BT, F, C);
+        }
+        if (stream_scale != 1.0f) {
+            LAYER(residual_scaled_forward, la.mlp_resid, mlp_stream, stream_scale, la.mlp_resid, stream_size);
+        } else {
+            LAYER(residual_forward, la.mlp_resid, mlp_stream, la.mlp_resid, stream_size);
+        }
+        if (after_residual) {
+            norm_forward(model, la.mlp_norm, la.mlp_norm_stats, la.mlp_resid, w.mlp_norm, w.mlp_norm_bias);
         }
         residual = layer_output(la, c, l);
     }
 
-    LAYER(rmsnorm_forward, a.final_norm, a.final_norm_rstd, residual, p.final_norm, BT, C, eps);
+    norm_forward(model, a.final_norm, a.final_norm_stats, residual, p.final_norm, p.final_norm_bias);
     LAYER(matmul_forward, a.logits, a.final_norm, p.lm_head, BT, C, V);
     if (targets) {
         LAYER(crossentropy_forward, a.losses, a.logits, model->targets, BT, V);
@@ -663,45 +932,65 @@ inline void model_backward(Model* model, float loss_scale = 1.0f) {
     ParameterTensors& p = model->params;
     ParameterTensors& g = model->grads;
     ActivationTensors& a = model->acts;
-    const size_t stream_bytes = (size_t)BT * C * sizeof(real);
+    const size_t stream_size = (size_t)BT * C, stream_bytes = stream_size * sizeof(real);
 
     // loss = mean over positions, so each position's loss has gradient loss_scale/BT; the
     // logits turn into their gradient in place
     real* dlogits = a.logits;
     LAYER(crossentropy_backward, dlogits, a.logits, model->targets, (real)(loss_scale / (double)BT), BT, V);
-    const real* last_output =
-        c.num_layers > 0 ? layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1) : a.embedded;
+    const real* last_output = layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1);
     model_zero(model, a.dnorm, stream_bytes);
     LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V);
     model_zero(model, a.dresidual, stream_bytes);
-    LAYER(rmsnorm_backward, a.dresidual, g.final_norm, a.dnorm, last_output, p.final_norm, a.final_norm_rstd, BT, C);
+    norm_backward(model, a.dresidual, g.final_norm, g.final_norm_bias, a.dnorm, last_output, p.final_norm, a.final_norm_stats);
 
     // a.dresidual holds the gradient of layer l's output; each layer turns it into the
     // gradient of its input
     for (int l = c.num_layers - 1; l >= 0; l--) {
-        const bool post_ln = l < c.post_ln_layers;
+        const NormKind kind = c.norm_layers[l];
+        const bool peri = kind == NORM_PERI;
+        const float output_scale = norm_output_scale(c, l), stream_scale = residual_scale(c, l);
         LayerWeights w = layer_weights(p, c, l);
         LayerWeights gw = layer_weights(g, c, l);
         LayerActivations la = layer_activations(a, c, B, T, l);
         const real* layer_input = l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
-        if (post_ln) {
-            // y = N2(s2), s2 = h + mlp(h): dnorm = d(s2), then the MLP path adds onto it -> d(h)
+        if (norm_after_residual(kind)) {
+            // y = N2(s2), s2 = a*h + mlp(h): dnorm = d(s2); d(h) = a*d(s2) + the MLP path
             model_zero(model, a.dnorm, stream_bytes);
-            LAYER(rmsnorm_backward, a.dnorm, gw.mlp_norm, a.dresidual, la.mlp_resid, w.mlp_norm, la.mlp_norm_rstd, BT, C);
-            mlp_sublayer_backward(model, a.dnorm, a.dnorm, la.attn_norm, w, gw, la);
-            // h = N1(s1), s1 = x + attn(x): dresidual = d(s1), then the attention path adds -> d(x)
-            model_zero(model, a.dresidual, stream_bytes);
-            LAYER(rmsnorm_backward, a.dresidual, gw.attn_norm, a.dnorm, la.attn_resid, w.attn_norm, la.attn_norm_rstd, BT, C);
-            attention_sublayer_backward(model, a.dresidual, a.dresidual, layer_input, w, gw, la);
+            norm_backward(model, a.dnorm, gw.mlp_norm, gw.mlp_norm_bias, a.dresidual, la.mlp_resid, w.mlp_norm, la.mlp_norm_stats);
+            LAYER(scale_forward, a.dresidual, a.dnorm, stream_scale, stream_size);
+            mlp_sublayer_backward(model, a.dresidual, a.dnorm, la.attn_norm, w, gw, la);
+            // h = N1(s1), s1 = a*x + attn(x): likewise -> d(x)
+            model_zero(model, a.dnorm, stream_bytes);
+            norm_backward(model, a.dnorm, gw.attn_norm, gw.attn_norm_bias, a.dresidual, la.attn_resid, w.attn_norm, la.attn_norm_stats);
+            LAYER(scale_forward, a.dresidual, a.dnorm, stream_scale, stream_size);
+            attention_sublayer_backward(model, a.dresidual, a.dnorm, layer_input, w, gw, la);
         } else {
-            // y = h + mlp(N2(h)): the skip passes dresidual through, the norm path adds -> d(h)
+            // y = h + N2o(m), m = mlp(s * N2(h)): the skip passes dresidual through; the branch
+            // (N2o's backward for peri, the MLP, the scale s for lns, N2) adds onto it -> d(h)
+            const real* dmlp_out = a.dresidual;   // gradient of down_proj's output
+            if (peri) {
+                model_zero(model, a.dbranch, stream_bytes);
+                norm_backward(model, a.dbranch, gw.mlp_out_norm, gw.mlp_out_norm_bias, a.dresidual, la.mlp_branch,
+                              w.mlp_out_norm, la.mlp_out_norm_stats);
+                dmlp_out = a.dbranch;
+            }
             model_zero(model, a.dnorm, stream_bytes);
-            mlp_sublayer_backward(model, a.dnorm, a.dresidual, la.mlp_norm, w, gw, la);
-            LAYER(rmsnorm_backward, a.dresidual, gw.mlp_norm, a.dnorm, la.attn_resid, w.mlp_norm, la.mlp_norm_rstd, BT, C);
-            // h = x + attn(N1(x)): likewise -> d(x)
+            mlp_sublayer_backward(model, a.dnorm, dmlp_out, la.mlp_norm, w, gw, la);
+            if (output_scale != 1.0f) LAYER(scale_forward, a.dnorm, a.dnorm, output_scale, stream_size);
+            norm_backward(model, a.dresidual, gw.mlp_norm, gw.mlp_norm_bias, a.dnorm, la.attn_resid, w.mlp_norm, la.mlp_norm_stats);
+            // h = x + N1o(o), o = attn(s * N1(x)): likewise -> d(x)
+            const real* dattn_out = a.dresidual;   // gradient of o_proj's output
+            if (peri) {
+                model_zero(model, a.dbranch, stream_bytes);
+                norm_backward(model, a.dbranch, gw.attn_out_norm, gw.attn_out_norm_bias, a.dresidual, la.attn_branch,
+                              w.attn_out_norm, la.attn_out_norm_stats);
+                dattn_out = a.dbranch;
+            }
             model_zero(model, a.dnorm, stream_bytes);
-            attention_sublayer_backward(model, a.dnorm, a.dresidual, la.attn_norm, w, gw, la);
-            LAYER(rmsnorm_backward, a.dresidual, gw.attn_norm, a.dnorm, layer_input, w.attn_norm, la.attn_norm_rstd, BT, C);
+            attention_sublayer_backward(model, a.dnorm, dattn_out, la.attn_norm, w, gw, la);
+            if (output_scale != 1.0f) LAYER(scale_forward, a.dnorm, a.dnorm, output_scale, stream_size);
+            norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, layer_input, w.attn_norm, la.attn_norm_stats);
         }
     }
     LAYER(embedding_backward, g.embed_tokens, a.dresidual, model->inputs, BT, C);
@@ -725,7 +1014,7 @@ inline double model_grad_norm(const Model* model) {
     return global_norm_cpu(model->grads_memory, model->num_parameters);
 }
 
-// L2 norm of the gradient of each decoder layer's parameters taken together (its two norms and
+// L2 norm of the gradient of each decoder layer's parameters taken together (its norms and
 // six projections), the paper's per-layer gradient diagnostic. (L) values.
 inline std::vector<double> model_layer_grad_norms(const Model* model) {
     const ModelConfig& c = model->config;
@@ -733,10 +1022,13 @@ inline std::vector<double> model_layer_grad_norms(const Model* model) {
     std::vector<double> norms;
     for (int l = 0; l < c.num_layers; l++) {
         LayerWeights g = layer_weights(model->grads, c, l);
-        const real* slices[6] = {g.attn_norm, g.qkv_proj, g.o_proj, g.mlp_norm, g.gate_up_proj, g.down_proj};
-        size_t sizes[6] = {C, 3 * C * C, C * C, C, 2 * F * C, C * F};
+        const real* slices[12] = {g.attn_norm,    g.attn_norm_bias, g.attn_out_norm,    g.attn_out_norm_bias,
+                                  g.qkv_proj,     g.o_proj,         g.mlp_norm,         g.mlp_norm_bias,
+                                  g.mlp_out_norm, g.mlp_out_norm_bias, g.gate_up_proj,  g.down_proj};
+        size_t sizes[12] = {C, C, C, C, 3 * C * C, C * C, C, C, C, C, 2 * F * C, C * F};
         double sum_squares = 0.0;
-        for (int i = 0; i < 6; i++) {
+        for (int i = 0; i < 12; i++) {
+            if (slices[i] == nullptr) continue;   // a norm or bias this layer does not have
 #ifdef MIXLN_CUDA
             if (model->on_gpu) {
                 global_norm_squared(model->norm_squared, model->norm_partials, slices[i], sizes[i], model->stream);

@@ -52,9 +52,14 @@ static const Preset PRESETS[] = {
 struct Args {
     std::string preset = "tiny";
     int layers = 0, dim = 0, heads = 0, ffn = 0, vocab = 0, seq_len = 0;   // 0: from the preset
-    std::string norm = "mix";
+    std::string norm = "mix";      // pre | post | mix | peri | deepnorm | lns: the same kind in every layer, or Mix-LN
     float alpha = 0.25f;
-    bool alpha_given = false, norm_given = false, preset_given = false;
+    std::string norm_layers;       // one kind per layer, comma-separated (instead of --norm)
+    bool lns = false;              // LayerNorm Scaling in every pre layer
+    std::string norm_type = "rmsnorm";
+    bool scaled_init = false;      // o_proj and down_proj std 0.02/sqrt(2L) in the branch-norm layers
+    bool alpha_given = false, norm_given = false, preset_given = false, norm_type_given = false,
+         embed_std_given = false, scaled_embed = false;
     std::string train_data, val_data;
     int val_batches = 0;       // 0: every whole window of the validation data
     int val_every = 0;         // 0: validate only at the end
@@ -101,9 +106,16 @@ static void print_help() {
     printf("  --ffn F                SwiGLU intermediate size (default: preset)\n");
     printf("  --vocab V              vocabulary size; every token id must be below it (default: preset)\n");
     printf("  --seq-len T            sequence length (default: preset)\n");
-    printf("  --norm pre|post|mix    norm placement (default %s)\n", d.norm.c_str());
-    printf("  --alpha A              with --norm mix: floor(A*L) leading Post-LN layers, A in [0, 1] (default %g)\n", d.alpha);
-    printf("  --embed-std S          std of the embedding init (default %g; the paper's code once used 0.632)\n", d.embed_std);
+    printf("norm placement (per layer: pre, post, peri = Sandwich/Peri-LN, deepnorm, lns = Pre-LN with LayerNorm Scaling):\n");
+    printf("  --norm KIND|mix        the same kind in every layer, or mix: Mix-LN (default %s)\n", d.norm.c_str());
+    printf("  --alpha A              with --norm mix: floor(A*L) leading Post-LN layers, the rest Pre-LN, A in [0, 1] (default %g)\n", d.alpha);
+    printf("  --norm-layers LIST     one kind per layer, e.g. post,post,pre,peri (instead of --norm)\n");
+    printf("  --lns                  LayerNorm Scaling in every pre layer: each norm's output times 1/sqrt(l+1)\n");
+    printf("  --norm-type T          rmsnorm (the paper's) or layernorm (with bias) (default %s)\n", d.norm_type.c_str());
+    printf("initialisation (linear weights normal(0, 0.02); deepnorm layers get DeepNet's init):\n");
+    printf("  --embed-std S          std of the embedding init (default %g)\n", d.embed_std);
+    printf("  --scaled-embed         embedding std sqrt(2/5) = 0.632, as the paper's code once used\n");
+    printf("  --scaled-init          o_proj and down_proj std 0.02/sqrt(2L) in pre, lns and peri layers\n");
     printf("data:\n");
     printf("  --train-data PATTERN   llm.c token shards (glob), read in order\n");
     printf("  --val-data PATTERN     validation shards (default: none)\n");
@@ -175,6 +187,13 @@ static Args parse_args(int argc, char** argv) {
             a.analyze = true;
             continue;
         }
+        if (flag == "--lns" || flag == "--scaled-init" || flag == "--scaled-embed") {
+            if (flag == "--lns") a.lns = true;
+            if (flag == "--scaled-init") a.scaled_init = true;
+            if (flag == "--scaled-embed") a.scaled_embed = true;
+            a.given.push_back(flag);
+            continue;
+        }
         if (i + 1 >= argc) fail("%s needs a value (see --help)", flag.c_str());
         const char* v = argv[++i];
         const char* f = flag.c_str();
@@ -188,7 +207,9 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--seq-len") a.seq_len = parse_int(f, v);
         else if (flag == "--norm") { a.norm = v; a.norm_given = true; }
         else if (flag == "--alpha") { a.alpha = parse_float(f, v); a.alpha_given = true; }
-        else if (flag == "--embed-std") a.embed_std = parse_float(f, v);
+        else if (flag == "--norm-layers") a.norm_layers = v;
+        else if (flag == "--norm-type") { a.norm_type = v; a.norm_type_given = true; }
+        else if (flag == "--embed-std") { a.embed_std = parse_float(f, v); a.embed_std_given = true; }
         else if (flag == "--train-data") a.train_data = v;
         else if (flag == "--val-data") a.val_data = v;
         else if (flag == "--val-batches") a.val_batches = parse_int(f, v);
@@ -218,7 +239,16 @@ static Args parse_args(int argc, char** argv) {
         else fail("unknown flag '%s' (see --help)", f);
     }
     // values that are wrong whatever the model
-    if (a.norm != "pre" && a.norm != "post" && a.norm != "mix") fail("--norm must be pre, post or mix, got '%s'", a.norm.c_str());
+    if (a.norm != "pre" && a.norm != "post" && a.norm != "mix" && a.norm != "peri" && a.norm != "deepnorm" && a.norm != "lns") {
+        fail("--norm must be pre, post, mix, peri, deepnorm or lns, got '%s'", a.norm.c_str());
+    }
+    if (!a.norm_layers.empty() && (a.norm_given || a.alpha_given)) fail("--norm-layers replaces --norm and --alpha: give one or the other");
+    if (a.norm_layers.empty() && a.lns && a.norm != "pre" && a.norm != "mix") {
+        fail("--lns scales the pre layers, but --norm %s has none", a.norm.c_str());
+    }
+    if (a.norm_type != "rmsnorm" && a.norm_type != "layernorm") fail("--norm-type must be rmsnorm or layernorm, got '%s'", a.norm_type.c_str());
+    if (a.scaled_embed && a.embed_std_given) fail("--scaled-embed sets the embedding std: give it or --embed-std, not both");
+    if (a.scaled_embed) a.embed_std = sqrtf(0.4f);
     if (a.alpha_given && a.norm != "mix") fail("--alpha applies to --norm mix only (got --norm %s)", a.norm.c_str());
     if (!(a.alpha >= 0.0f && a.alpha <= 1.0f)) fail("--alpha must be in [0, 1], got %g", a.alpha);
     if (a.batch < 1) fail("--batch must be at least 1, got %d", a.batch);
@@ -242,6 +272,46 @@ static Args parse_args(int argc, char** argv) {
     return a;
 }
 
+// The per-layer placement the flags describe, for a model of L layers; alpha gets the Mix-LN
+// alpha it stands for (0 for pure Pre-LN, 1 for pure Post-LN, 0 for other lists).
+static std::vector<NormKind> norm_layers_from_flags(const Args& a, int L, float* alpha) {
+    std::vector<NormKind> kinds;
+    *alpha = 0.0f;
+    if (!a.norm_layers.empty()) {
+        kinds = parse_norm_layers(a.norm_layers, "--norm-layers");
+        if ((int)kinds.size() != L) fail("--norm-layers lists %zu layers but the model has %d", kinds.size(), L);
+        int post = mixln_post_ln_layers(kinds);
+        if (post >= 0) *alpha = (float)post / L;
+    } else if (a.norm == "mix") {
+        *alpha = a.alpha;
+        kinds = mixln_norm_layers(post_ln_layers_for(a.alpha, L), L);
+    } else {
+        kinds = parse_norm_layers(a.norm, "--norm");
+        kinds.assign(L, kinds[0]);
+        if (a.norm == "post") *alpha = 1.0f;
+    }
+    if (a.lns) {
+        bool any = false;
+        for (NormKind& kind : kinds) {
+            if (kind == NORM_PRE) kind = NORM_LNS, any = true;
+        }
+        if (!any) fail("--lns scales the pre layers, but the placement has none");
+    }
+    return kinds;
+}
+
+// "post x2, pre x6" for messages
+static std::string placement_summary(const std::vector<NormKind>& kinds) {
+    std::string text;
+    for (size_t l = 0; l < kinds.size();) {
+        size_t run = l;
+        while (run < kinds.size() && kinds[run] == kinds[l]) run++;
+        text += (l ? ", " : "") + std::string(norm_kind_name(kinds[l])) + " x" + std::to_string(run - l);
+        l = run;
+    }
+    return text;
+}
+
 // The model the flags describe: a preset with sizes overridden.
 static ModelConfig config_from_flags(const Args& a) {
     const Preset* preset = nullptr;
@@ -256,8 +326,8 @@ static ModelConfig config_from_flags(const Args& a) {
     c.ffn_channels = a.ffn ? a.ffn : preset->ffn;
     c.vocab_size = a.vocab ? a.vocab : preset->vocab;
     c.max_seq_len = a.seq_len ? a.seq_len : preset->seq_len;
-    c.mixln_alpha = a.norm == "pre" ? 0.0f : a.norm == "post" ? 1.0f : a.alpha;
-    c.post_ln_layers = post_ln_layers_for(c.mixln_alpha, c.num_layers);
+    c.norm_layers = norm_layers_from_flags(a, c.num_layers, &c.mixln_alpha);
+    c.norm_type = a.norm_type == "layernorm" ? NORM_LAYERNORM : NORM_RMSNORM;
     model_config_check(c);
     return c;
 }
@@ -284,13 +354,17 @@ static void check_flags_match_checkpoint(const Args& a, const ModelConfig& c, co
     check("--heads", sizes.heads, c.num_heads, "num_attention_heads");
     check("--ffn", sizes.ffn, c.ffn_channels, "intermediate_size");
     check("--vocab", sizes.vocab, c.vocab_size, "vocab_size");
-    if (a.norm_given || a.alpha_given) {
-        float alpha = a.norm == "pre" ? 0.0f : a.norm == "post" ? 1.0f : a.alpha;
-        int post = post_ln_layers_for(alpha, c.num_layers);
-        if (post != c.post_ln_layers) {
-            fail("checkpoint '%s' does not match the flags: --norm %s gives %d Post-LN layers, but its post_ln_layers is %d",
-                 dir.c_str(), a.norm.c_str(), post, c.post_ln_layers);
+    if (a.norm_given || a.alpha_given || !a.norm_layers.empty() || a.lns) {
+        float alpha;
+        std::vector<NormKind> kinds = norm_layers_from_flags(a, c.num_layers, &alpha);
+        if (kinds != c.norm_layers) {
+            fail("checkpoint '%s' does not match the flags: they give the norm placement %s, but its norm_layers is %s",
+                 dir.c_str(), norm_layers_text(kinds).c_str(), norm_layers_text(c.norm_layers).c_str());
         }
+    }
+    if (a.norm_type_given && a.norm_type != norm_type_name(c.norm_type)) {
+        fail("checkpoint '%s' does not match the flags: --norm-type %s, but its norm_type is %s", dir.c_str(),
+             a.norm_type.c_str(), norm_type_name(c.norm_type));
     }
 }
 
@@ -631,11 +705,16 @@ int main(int argc, char** argv) {
     } else if (!args.init_from.empty()) {
         checkpoint_load_weights(&model, args.init_from);
     } else {
-        model_init_weights(&model, args.seed, args.embed_std);
+        model_init_weights(&model, args.seed, args.embed_std, args.scaled_init);
     }
-    printf("model: L=%d C=%d heads=%d F=%d V=%d | %d of %d layers Post-LN (alpha %g) | %.2fM parameters\n",
-           config.num_layers, config.channels, config.num_heads, config.ffn_channels, config.vocab_size,
-           config.post_ln_layers, config.num_layers, config.mixln_alpha, model.num_parameters / 1e6);
+    int post_ln_layers = mixln_post_ln_layers(config.norm_layers);
+    std::string placement = placement_summary(config.norm_layers);
+    if (post_ln_layers > 0 && post_ln_layers < config.num_layers) {
+        placement = "Mix-LN " + placement + " (alpha " + number_text_short(number_text(config.mixln_alpha)) + ")";
+    }
+    printf("model: L=%d C=%d heads=%d F=%d V=%d | %s, %s | %.2fM parameters\n", config.num_layers, config.channels,
+           config.num_heads, config.ffn_channels, config.vocab_size, placement.c_str(), norm_type_name(config.norm_type),
+           model.num_parameters / 1e6);
     printf("memory: parameters + gradients + AdamW %.1f MiB, activations %.1f MiB (B=%d, T=%d)\n",
            4.0 * model.num_parameters * sizeof(real) / 1048576.0, model.num_activations * sizeof(real) / 1048576.0, B, T);
 

@@ -10,6 +10,7 @@ independently of PyTorch.
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "../model.h"
@@ -18,7 +19,7 @@ static_assert(sizeof(real) == sizeof(double), "build this test with -DMIXLN_REAL
 
 // A tiny model with sizes that are not multiples of anything, and weights large enough that
 // every nonlinearity (softmax, SiLU, the norms) works away from its linear regime.
-static void check_gradients(int post_ln_layers) {
+static void check_gradients(const char* norm_layers, NormType norm_type = NORM_RMSNORM) {
     ModelConfig c;
     c.vocab_size = 11;
     c.channels = 12;
@@ -26,12 +27,12 @@ static void check_gradients(int post_ln_layers) {
     c.num_heads = 3;      // head size 4
     c.ffn_channels = 10;
     c.max_seq_len = 5;
-    c.post_ln_layers = post_ln_layers;
-    c.mixln_alpha = (float)post_ln_layers / c.num_layers;
+    c.norm_layers = parse_norm_layers(norm_layers, "test");
+    c.norm_type = norm_type;
     const int B = 2, T = 5;
     Model model;
     model_build(&model, c, B, T);
-    uint64_t state = 42 + post_ln_layers;
+    uint64_t state = 42 + std::string(norm_layers).size();
     fill_normal(model.params_memory, model.num_parameters, 0.5f, &state);
     // norm weights around 1, so that a norm weight used wrongly cannot hide behind w = 1
     for (const NamedTensor& t : model_named_tensors(c)) {
@@ -78,10 +79,17 @@ static void check_gradients(int post_ln_layers) {
             CHECK(error < 1e-7);   // 25x above the measured 4e-9 (see the top of the file)
         }
     }
-    WARN(post_ln_layers << " of 3 layers Post-LN: worst finite-difference error " << worst);
+    WARN(norm_layers << " (" << norm_type_name(norm_type) << "): worst finite-difference error " << worst);
     model_free(&model);
 }
 
-TEST_CASE("Pre-LN gradients match finite differences in fp64", "[fd]") { check_gradients(0); }
-TEST_CASE("Mix-LN (1 of 3 Post-LN) gradients match finite differences in fp64", "[fd]") { check_gradients(1); }
-TEST_CASE("Post-LN gradients match finite differences in fp64", "[fd]") { check_gradients(3); }
+TEST_CASE("Pre-LN gradients match finite differences in fp64", "[fd]") { check_gradients("pre,pre,pre"); }
+TEST_CASE("Mix-LN (1 of 3 Post-LN) gradients match finite differences in fp64", "[fd]") { check_gradients("post,pre,pre"); }
+TEST_CASE("Post-LN gradients match finite differences in fp64", "[fd]") { check_gradients("post,post,post"); }
+TEST_CASE("Peri-LN gradients match finite differences in fp64", "[fd]") { check_gradients("peri,peri,peri"); }
+TEST_CASE("DeepNorm gradients match finite differences in fp64", "[fd]") { check_gradients("deepnorm,deepnorm,deepnorm"); }
+TEST_CASE("LayerNorm Scaling gradients match finite differences in fp64", "[fd]") { check_gradients("lns,lns,lns"); }
+TEST_CASE("Mixed placements with LayerNorm match finite differences in fp64", "[fd]") {
+    check_gradients("peri,deepnorm,lns", NORM_LAYERNORM);
+    check_gradients("post,pre,peri", NORM_LAYERNORM);
+}

@@ -253,7 +253,8 @@ TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]
     ModelConfig written = checkpoint_read_config(out);
     CHECK(written.num_layers == config.num_layers);
     CHECK(written.channels == config.channels);
-    CHECK(written.post_ln_layers == config.post_ln_layers);
+    CHECK(written.norm_layers == config.norm_layers);
+    CHECK(written.norm_type == config.norm_type);
     size_t n = num_parameters(config);
     std::vector<real> ours(n), reference(n);
     safetensors_load_named(ours.data(), config, out + "/model.safetensors", "", false);
@@ -335,7 +336,7 @@ TEST_CASE("a checkpoint written by the PyTorch reference loads into train", "[cl
     require_evals_agree(ckpt, shard);
     // and train reads the placement from config.json, which --norm post agrees with
     Run r = train_ok("--steps 0 --norm post --init-from " + quote(ckpt));
-    CHECK(r.out.find("2 of 2 layers Post-LN") != std::string::npos);
+    CHECK(r.out.find("post x2, rmsnorm") != std::string::npos);
 }
 
 // ---- the files --out writes
@@ -511,7 +512,7 @@ TEST_CASE("a checkpoint whose norm placement does not match the flags is refused
     // 4 layers at the default alpha 0.25: 1 Post-LN layer
     train_ok("--steps 0 --out " + quote(ckpt) + " --layers 4 --dim 32 --heads 4 --ffn 72 --vocab 61 --seq-len 16");
     require_train_fails("--steps 0 --norm pre --init-from " + quote(ckpt),
-                        "--norm pre gives 0 Post-LN layers, but its post_ln_layers is 1");
+                        "they give the norm placement pre,pre,pre,pre, but its norm_layers is post,pre,pre,pre");
 }
 
 TEST_CASE("a truncated model.safetensors is refused", "[cli]") {
@@ -798,4 +799,124 @@ TEST_CASE("negative counts for the new run flags are refused", "[cli]") {
     require_train_fails("--steps 0 --layer-grads-every -1", "--layer-grads-every must be at least 0");
     require_train_fails("--steps 0 --sample -2", "--sample and --top-k must be at least 0");
     require_train_fails("--steps 0 --top-k -1", "--sample and --top-k must be at least 0");
+}
+
+// ---- norm placements beyond Mix-LN
+
+static const char* PLACEMENT_MODEL = "--dim 32 --heads 4 --ffn 72 --vocab 61 --seq-len 16";
+
+static std::vector<std::string> config_norm_layers(const std::string& ckpt) {
+    JsonValue config = parse_json(read_file(ckpt + "/config.json"));
+    const JsonValue* list = config.get("norm_layers");
+    REQUIRE(list != nullptr);
+    std::vector<std::string> kinds;
+    for (const JsonValue& v : list->array) kinds.push_back(v.string);
+    return kinds;
+}
+
+TEST_CASE("a layer of every kind under LayerNorm: Gemma-2 norm names, biases, and the reference's loss", "[cli][placement]") {
+    std::string tmp = make_temp_dir();
+    std::string ckpt = tmp + "/ckpt";
+    train_ok("--steps 0 --out " + quote(ckpt) + " --layers 5 " + PLACEMENT_MODEL +
+             " --norm-layers post,deepnorm,peri,lns,pre --norm-type layernorm --seed 3");
+    std::string shard = tmp + "/val.bin";
+    write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 4));
+    require_evals_agree(ckpt, shard);
+
+    JsonValue config = parse_json(read_file(ckpt + "/config.json"));
+    CHECK(config_norm_layers(ckpt) == std::vector<std::string>{"post", "deepnorm", "peri", "lns", "pre"});
+    REQUIRE(config.get("norm_type") != nullptr);
+    CHECK(config.get("norm_type")->string == "layernorm");
+    CHECK(config.get("post_ln_layers") == nullptr);   // not a Mix-LN list: the shorthand would mislead
+    SafeTensorsFile file;
+    safetensors_open(&file, (ckpt + "/model.safetensors").c_str());
+    auto has = [&](const std::string& name) { return safetensors_find(&file, name) != nullptr; };
+    // the peri layer: four norms, Gemma-2 names
+    for (const char* norm : {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                             "post_feedforward_layernorm"}) {
+        CHECK(has(std::string("model.layers.2.") + norm + ".weight"));
+        CHECK(has(std::string("model.layers.2.") + norm + ".bias"));
+    }
+    // deepnorm is named as post, lns as pre
+    CHECK(has("model.layers.1.post_attention_layernorm.weight"));
+    CHECK(has("model.layers.1.post_feedforward_layernorm.bias"));
+    CHECK(!has("model.layers.1.input_layernorm.weight"));
+    CHECK(has("model.layers.3.input_layernorm.weight"));
+    CHECK(has("model.layers.3.post_attention_layernorm.bias"));
+    CHECK(!has("model.layers.3.pre_feedforward_layernorm.weight"));
+    CHECK(has("model.norm.bias"));
+}
+
+TEST_CASE("a Peri-LN checkpoint written by the PyTorch reference loads into train", "[cli][placement]") {
+    std::string tmp = make_temp_dir();
+    std::string ckpt = tmp + "/ckpt";
+    reference_ok("init --out " + quote(ckpt) + " --vocab 61 --dim 32 --layers 3 --heads 4 --ffn 72 --seq-len 16" +
+                 " --alpha 0 --norm-layers peri,deepnorm,lns --seed 12");
+    std::string shard = tmp + "/val.bin";
+    write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 5));
+    require_evals_agree(ckpt, shard);
+    Run r = train_ok("--steps 0 --norm-layers peri,deepnorm,lns --init-from " + quote(ckpt));
+    CHECK(r.out.find("peri x1, deepnorm x1, lns x1, rmsnorm") != std::string::npos);
+}
+
+TEST_CASE("--norm KIND puts that kind in every layer, and --lns turns the pre layers into lns", "[cli][placement]") {
+    std::string tmp = make_temp_dir();
+    for (const char* kind : {"peri", "deepnorm", "lns", "pre", "post"}) {
+        train_ok("--steps 0 --out " + quote(tmp + "/" + kind) + " --layers 3 " + PLACEMENT_MODEL + " --norm " + kind);
+        CHECK(config_norm_layers(tmp + "/" + kind) == std::vector<std::string>(3, kind));
+    }
+    train_ok("--steps 0 --out " + quote(tmp + "/mixlns") + " --layers 4 " + PLACEMENT_MODEL + " --norm mix --alpha 0.25 --lns");
+    CHECK(config_norm_layers(tmp + "/mixlns") == std::vector<std::string>{"post", "lns", "lns", "lns"});
+    JsonValue mix = parse_json(read_file(tmp + "/post/config.json"));
+    CHECK(number(mix, "post_ln_layers") == 3);   // a Mix-LN list keeps the official code's keys
+}
+
+TEST_CASE("bad norm placements are refused, naming the problem", "[cli][placement]") {
+    std::string model = std::string(" --layers 3 ") + PLACEMENT_MODEL;
+    require_train_fails("--steps 0" + model + " --norm-layers pre,post", "--norm-layers lists 2 layers but the model has 3");
+    require_train_fails("--steps 0" + model + " --norm-layers pre,sandwich,post", "unknown norm placement 'sandwich' in layer 1");
+    require_train_fails("--steps 0" + model + " --norm-layers pre,,post", "unknown norm placement '' in layer 1");
+    require_train_fails("--steps 0" + model + " --norm pre --norm-layers pre,pre,pre", "--norm-layers replaces --norm and --alpha");
+    require_train_fails("--steps 0" + model + " --norm sandwich", "--norm must be pre, post, mix, peri, deepnorm or lns");
+    require_train_fails("--steps 0" + model + " --norm post --lns", "--lns scales the pre layers, but --norm post has none");
+    require_train_fails("--steps 0" + model + " --norm-layers post,peri,post --lns", "--lns scales the pre layers, but the placement has none");
+    require_train_fails("--steps 0" + model + " --norm-type batchnorm", "--norm-type must be rmsnorm or layernorm");
+    require_train_fails("--steps 0" + model + " --scaled-embed --embed-std 0.1", "give it or --embed-std, not both");
+}
+
+TEST_CASE("a config.json with a bad norm_layers or norm_type is refused", "[cli][placement]") {
+    std::string ckpt = make_temp_dir() + "/ckpt";
+    train_ok("--steps 0 --out " + quote(ckpt) + " --layers 2 " + PLACEMENT_MODEL + " --norm-layers peri,pre");
+    std::string good = read_file(ckpt + "/config.json");
+    auto with = [&](const std::string& from, const std::string& to) {
+        std::string text = good;
+        size_t at = text.find(from);
+        REQUIRE(at != std::string::npos);
+        std::ofstream(ckpt + "/config.json", std::ios::binary) << text.replace(at, from.size(), to);
+    };
+    with("\"norm_layers\": [\"peri\", \"pre\"]", "\"norm_layers\": [\"peri\", \"middle\"]");
+    require_train_fails("--steps 0 --init-from " + quote(ckpt), "unknown norm placement 'middle' in layer 1");
+    with("\"norm_layers\": [\"peri\", \"pre\"]", "\"norm_layers\": [\"peri\"]");
+    require_train_fails("--steps 0 --init-from " + quote(ckpt), "\"norm_layers\" lists 1 layers but num_hidden_layers is 2");
+    with("\"norm_type\": \"rmsnorm\"", "\"norm_type\": \"groupnorm\"");
+    require_train_fails("--steps 0 --init-from " + quote(ckpt), "\"norm_type\" must be \"rmsnorm\" or \"layernorm\"");
+    // a Peri-LN checkpoint read as Pre-LN would miss tensors: the placement must match the file
+    with("\"norm_layers\": [\"peri\", \"pre\"]", "\"norm_layers\": [\"pre\", \"pre\"]");
+    require_train_fails("--steps 0 --init-from " + quote(ckpt), "unexpected tensor");
+}
+
+TEST_CASE("--scaled-embed draws the embedding with std sqrt(2/5)", "[cli][placement]") {
+    std::string ckpt = make_temp_dir() + "/ckpt";
+    train_ok("--steps 0 --out " + quote(ckpt) + " --layers 2 --dim 64 --heads 4 --ffn 72 --vocab 500 --seq-len 16 --scaled-embed");
+    SafeTensorsFile file;
+    safetensors_open(&file, (ckpt + "/model.safetensors").c_str());
+    const SafeTensor* t = safetensors_find(&file, "model.embed_tokens.weight");
+    REQUIRE(t != nullptr);
+    std::vector<float> values(safetensor_numel(t));
+    safetensors_read_f32(&file, t, values.data());
+    double sum_squares = 0;
+    for (float v : values) sum_squares += (double)v * v;
+    double std = sqrt(sum_squares / values.size());
+    // 32000 samples: the sample std is within 1% of the true one with overwhelming odds
+    CHECK(fabs(std - sqrt(0.4)) < 0.02 * sqrt(0.4));
 }
