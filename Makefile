@@ -76,6 +76,7 @@ build/fixtures/done: dev/reference.py dev/make_fixtures.py
 test: train build/train_cpu build/test_cpu build/test_fd build/test_emu $(GPU_TESTS) build/fixtures/done
 	$(PYTHON) dev/test_reference.py
 	$(PYTHON) dev/data/test_prepare.py
+	$(PYTHON) dev/test_sweep.py
 	MIXLN_FIXTURES=build/fixtures MIXLN_TRAIN=./train PYTHON=$(PYTHON) ./build/test_cpu
 	./build/test_fd
 	MIXLN_FIXTURES=build/fixtures ./build/test_emu
