@@ -775,8 +775,78 @@ inline void norm_backward(Model* model, real* dinp, real* dweight, real* dbias, 
     }
 }
 
+// out = x_scale * x + branch: a skip connection (x_scale is DeepNorm's a, else 1). out may alias
+// x or branch.
+inline void residual_add(Model* model, real* out, const real* x, float x_scale, const real* branch) {
+    const size_t n = (size_t)model->B * model->T * model->config.channels;
+    if (x_scale != 1.0f) {
+        LAYER(residual_scaled_forward, out, x, x_scale, branch, n);
+    } else {
+        LAYER(residual_forward, out, x, branch, n);
+    }
+}
+
+// sum = x_scale * x + branch, then out = N(sum) with its statistics: one fused pass under RMSNorm
+// (residual_rmsnorm_forward), the add and then norm_forward under LayerNorm. sum may alias x or
+// branch, not out.
+inline void residual_norm_forward(Model* model, real* sum, real* out, real* stats, const real* x, float x_scale,
+                                  const real* branch, const real* weight, const real* bias) {
+    const ModelConfig& c = model->config;
+    if (c.norm_type == NORM_RMSNORM) {
+        LAYER(residual_rmsnorm_forward, sum, out, stats, x, x_scale, branch, weight, model->B * model->T, c.channels,
+              c.rms_norm_eps);
+    } else {
+        residual_add(model, sum, x, x_scale, branch);
+        norm_forward(model, out, stats, sum, weight, bias);
+    }
+}
+
+// Where a norm writes and what it multiplies by: norm_forward's arguments other than its input.
+struct NormTarget {
+    real* out;
+    real* stats;
+    const real* weight;
+    const real* bias;
+};
+
+// The norm that first reads the stream y = h + MLP(...) a branch-norm layer l outputs, if one
+// does: the N1 of the next layer that runs (the skipped layer, if any, is passed over) when that
+// layer normalises its input, or the final norm after the last layer. A post or deepnorm layer
+// takes y as it is: false.
+inline bool next_stream_norm(const Model* model, int l, NormTarget* norm) {
+    const ModelConfig& c = model->config;
+    int next = l + 1;
+    if (next == model->skip_layer) next++;
+    if (next == c.num_layers) {
+        *norm = {model->acts.final_norm, model->acts.final_norm_stats, model->params.final_norm, model->params.final_norm_bias};
+        return true;
+    }
+    if (norm_after_residual(c.norm_layers[next])) return false;
+    LayerActivations la = layer_activations(model->acts, c, model->B, model->T, next);
+    LayerWeights w = layer_weights(model->params, c, next);
+    *norm = {la.attn_norm, la.attn_norm_stats, w.attn_norm, w.attn_norm_bias};
+    return true;
+}
+
 // Runs the model on inputs (B, T); with targets (B, T) it also computes the per-position losses
 // and model->mean_loss. Token ids must be in [0, V).
+//
+// Every residual add that a norm of its sum follows runs fused with that norm
+// (residual_norm_forward: one pass per row under RMSNorm), in the two shapes of the top of this
+// file:
+//   - norm after the residual add (post, deepnorm): s1 = a*x + attn -> h = N1(s1), and
+//     s2 = a*h + mlp -> y = N2(s2), both within the layer. The norm's output is the new stream;
+//     the sum (attn_resid, mlp_resid) is kept only as the norm's input for backward.
+//   - norm on the branch (pre, lns, peri): h = x + attn -> N2(h) within the layer: the sum is the
+//     stream, the norm's output only the MLP's input (times 1/sqrt(l+1) for lns, afterwards as
+//     before). y = h + mlp is read next by the N1 of the next layer that runs if it is a
+//     branch-norm layer, or by the final norm after the last layer (next_stream_norm): that norm
+//     runs here, fused with the add, and the next layer (or the final norm) finds its output
+//     ready (stream_normed). When the next layer is post or deepnorm, which take y as it is, the
+//     add runs alone.
+// Backward needs no change: the sums are saved in the same buffers as before, the statistics in
+// the same places, and the residual add's own backward is nothing but each norm's backward
+// accumulating into the stream's gradient, as it already does (model_backward).
 inline void model_forward(Model* model, const int* inputs, const int* targets) {
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, F = c.ffn_channels,
@@ -793,6 +863,7 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
 
     LAYER(embedding_forward, a.embedded, model->inputs, p.embed_tokens, BT, C);
     const real* residual = a.embedded;   // (B, T, C) the stream entering layer l
+    bool stream_normed = false;          // its next norm (layer l's N1, or the final norm) already ran, fused with its add
     for (int l = 0; l < c.num_layers; l++) {
         if (l == model->skip_layer) continue;   // its input goes straight on to the next layer
         const NormKind kind = c.norm_layers[l];
@@ -805,7 +876,7 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         // attention sublayer: a branch norm normalises its input; post/deepnorm take the stream as it is
         const real* attn_input = residual;
         if (!after_residual) {
-            norm_forward(model, la.attn_norm, la.attn_norm_stats, residual, w.attn_norm, w.attn_norm_bias);
+            if (!stream_normed) norm_forward(model, la.attn_norm, la.attn_norm_stats, residual, w.attn_norm, w.attn_norm_bias);
             if (output_scale != 1.0f) LAYER(scale_forward, la.attn_norm, la.attn_norm, output_scale, stream_size);
             attn_input = la.attn_norm;
         }
@@ -823,22 +894,20 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         } else {
             LAYER(matmul_forward, la.attn_resid, la.atty, w.o_proj, BT, C, C);
         }
-        if (stream_scale != 1.0f) {
-            LAYER(residual_scaled_forward, la.attn_resid, residual, stream_scale, la.attn_resid, stream_size);
-        } else {
-            LAYER(residual_forward, la.attn_resid, residual, la.attn_resid, stream_size);
-        }
 
-        // MLP sublayer: post/deepnorm first normalise the sum (h = N1(a*x + attn)) and add onto h;
-        // the branch norms add onto the sum and normalise only the MLP's input
+        // the attention's residual add, fused with the norm of its sum. Post/deepnorm: h = N1(a*x + attn)
+        // is the new stream, and the MLP adds onto it; the branch norms: the sum is h, the stream,
+        // and N2(h) only the MLP's input
         const real* mlp_stream;   // h, what the MLP output is added to
         const real* mlp_input;
         if (after_residual) {
-            norm_forward(model, la.attn_norm, la.attn_norm_stats, la.attn_resid, w.attn_norm, w.attn_norm_bias);
+            residual_norm_forward(model, la.attn_resid, la.attn_norm, la.attn_norm_stats, residual, stream_scale,
+                                  la.attn_resid, w.attn_norm, w.attn_norm_bias);
             mlp_stream = la.attn_norm;
             mlp_input = la.attn_norm;
         } else {
-            norm_forward(model, la.mlp_norm, la.mlp_norm_stats, la.attn_resid, w.mlp_norm, w.mlp_norm_bias);
+            residual_norm_forward(model, la.attn_resid, la.mlp_norm, la.mlp_norm_stats, residual, stream_scale,
+                                  la.attn_resid, w.mlp_norm, w.mlp_norm_bias);
             if (output_scale != 1.0f) LAYER(scale_forward, la.mlp_norm, la.mlp_norm, output_scale, stream_size);
             mlp_stream = la.attn_resid;
             mlp_input = la.mlp_norm;
@@ -851,18 +920,24 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         } else {
             LAYER(matmul_forward, la.mlp_resid, la.swiglu, w.down_proj, BT, F, C);
         }
-        if (stream_scale != 1.0f) {
-            LAYER(residual_scaled_forward, la.mlp_resid, mlp_stream, stream_scale, la.mlp_resid, stream_size);
-        } else {
-            LAYER(residual_forward, la.mlp_resid, mlp_stream, la.mlp_resid, stream_size);
-        }
+        // the MLP's residual add: y = N2(a*h + mlp) for post/deepnorm; for the branch norms
+        // y = h + mlp, fused with the next norm that reads y where there is one
+        NormTarget next;
+        stream_normed = false;
         if (after_residual) {
-            norm_forward(model, la.mlp_norm, la.mlp_norm_stats, la.mlp_resid, w.mlp_norm, w.mlp_norm_bias);
+            residual_norm_forward(model, la.mlp_resid, la.mlp_norm, la.mlp_norm_stats, mlp_stream, stream_scale,
+                                  la.mlp_resid, w.mlp_norm, w.mlp_norm_bias);
+        } else if (next_stream_norm(model, l, &next)) {
+            residual_norm_forward(model, la.mlp_resid, next.out, next.stats, mlp_stream, stream_scale, la.mlp_resid,
+                                  next.weight, next.bias);
+            stream_normed = true;
+        } else {
+            residual_add(model, la.mlp_resid, mlp_stream, stream_scale, la.mlp_resid);
         }
         residual = layer_output(la, c, l);
     }
 
-    norm_forward(model, a.final_norm, a.final_norm_stats, residual, p.final_norm, p.final_norm_bias);
+    if (!stream_normed) norm_forward(model, a.final_norm, a.final_norm_stats, residual, p.final_norm, p.final_norm_bias);
     LAYER(matmul_forward, a.logits, a.final_norm, p.lm_head, BT, C, V);
     if (targets) {
         LAYER(crossentropy_forward, a.losses, a.logits, model->targets, BT, V);

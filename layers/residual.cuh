@@ -6,6 +6,9 @@ norm placements beyond Pre-/Post-LN:
     stream; its backward is the same call on the gradient (a scale is its own transpose).
   - residual_scaled_forward: out = x_scale * x + b, DeepNorm's up-weighted skip connection
     a * x + F(x) (a > 1), which keeps Post-LN's updates small enough to train deep stacks.
+Under RMSNorm, model.h adds with residual_rmsnorm_forward (rmsnorm.cuh) instead wherever a norm
+of the sum follows, which is nearly everywhere: the add and the norm in one pass, bitwise equal
+to these adds followed by rmsnorm_forward on the CPU.
 
 There is no backward function: the gradient of a sum is the incoming gradient for both terms,
 and every backward function in layers/ accumulates (+=) into its input gradient, so model.h

@@ -167,6 +167,42 @@ TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
     }
 }
 
+TEST_CASE("residual_rmsnorm_forward kernel matches the CPU, in place included", "[kernels]") {
+    // (N, C): one element; rows not a multiple of the 8 per block and C not of the 32 lanes; C 384,
+    // the width of a small model
+    int shapes[][2] = {{1, 1}, {37, 67}, {130, 384}};
+    for (auto& s : shapes) {
+        for (float x_scale : {1.0f, 1.7f}) {   // a plain residual add, and DeepNorm's a for L = 4 (8^(1/4) = 1.68)
+            int N = s[0], C = s[1];
+            INFO("N " << N << " C " << C << " x_scale " << x_scale);
+            auto x = random_floats((size_t)N * C, 47), branch = random_floats((size_t)N * C, 48), weight = random_floats(C, 49);
+            std::vector<float> sum_cpu((size_t)N * C), out_cpu((size_t)N * C), rstd_cpu(N);
+            residual_rmsnorm_forward_cpu(sum_cpu.data(), out_cpu.data(), rstd_cpu.data(), x.data(), x_scale, branch.data(),
+                                         weight.data(), N, C, 1e-6f);
+            // outputs poisoned (NaN) by DeviceArray(count); then sum aliasing x, and sum aliasing branch
+            DeviceArray<float> d_x(x), d_branch(branch), d_weight(weight), d_sum((size_t)N * C), d_out((size_t)N * C),
+                d_rstd(N);
+            residual_rmsnorm_forward(d_sum.ptr, d_out.ptr, d_rstd.ptr, d_x.ptr, x_scale, d_branch.ptr, d_weight.ptr, N, C,
+                                     1e-6f, 0);
+            check_close(d_sum.to_host(), sum_cpu, "residual_rmsnorm sum");
+            check_close(d_out.to_host(), out_cpu, "residual_rmsnorm out");
+            check_close(d_rstd.to_host(), rstd_cpu, "residual_rmsnorm rstd");
+            DeviceArray<float> d_x_in_place(x), d_out_x((size_t)N * C), d_rstd_x(N);
+            residual_rmsnorm_forward(d_x_in_place.ptr, d_out_x.ptr, d_rstd_x.ptr, d_x_in_place.ptr, x_scale, d_branch.ptr,
+                                     d_weight.ptr, N, C, 1e-6f, 0);
+            check_close(d_x_in_place.to_host(), sum_cpu, "residual_rmsnorm sum into x");
+            check_close(d_out_x.to_host(), out_cpu, "residual_rmsnorm out, sum into x");
+            check_close(d_rstd_x.to_host(), rstd_cpu, "residual_rmsnorm rstd, sum into x");
+            DeviceArray<float> d_branch_in_place(branch), d_out_b((size_t)N * C), d_rstd_b(N);
+            residual_rmsnorm_forward(d_branch_in_place.ptr, d_out_b.ptr, d_rstd_b.ptr, d_x.ptr, x_scale,
+                                     d_branch_in_place.ptr, d_weight.ptr, N, C, 1e-6f, 0);
+            check_close(d_branch_in_place.to_host(), sum_cpu, "residual_rmsnorm sum into branch");
+            check_close(d_out_b.to_host(), out_cpu, "residual_rmsnorm out, sum into branch");
+            check_close(d_rstd_b.to_host(), rstd_cpu, "residual_rmsnorm rstd, sum into branch");
+        }
+    }
+}
+
 TEST_CASE("layernorm kernels match the CPU", "[kernels]") {
     // (N, C): one element (zero variance: out is the bias, the exact dinp is 0); rows not a multiple of
     // the 8 per block and C not of the 32 lanes; C 384, the width of a small model
@@ -399,12 +435,12 @@ TEST_CASE("matmul (cuBLASLt) matches the CPU", "[kernels][gpu-only]") {
 // Says plainly, in the test output, which kernels this build checked and where.
 TEST_CASE("kernel coverage report", "[kernels]") {
 #ifdef MIXLN_CUDA_EMULATION
-    WARN("checked under CPU emulation of CUDA: residual, scale, residual_scaled, embedding, rmsnorm, layernorm, rope, "
-         "swiglu, crossentropy, adamw, global_norm, attention, attention (fused). Checked only on a GPU "
-         "(build/test_gpu): matmul (cuBLASLt).");
+    WARN("checked under CPU emulation of CUDA: residual, scale, residual_scaled, embedding, rmsnorm, residual_rmsnorm, "
+         "layernorm, rope, swiglu, crossentropy, adamw, global_norm, attention, attention (fused). Checked only on a "
+         "GPU (build/test_gpu): matmul (cuBLASLt).");
 #else
-    WARN("checked on the GPU: residual, scale, residual_scaled, embedding, rmsnorm, layernorm, rope, swiglu, "
-         "crossentropy, adamw, global_norm, attention, attention (fused), matmul (cuBLASLt).");
+    WARN("checked on the GPU: residual, scale, residual_scaled, embedding, rmsnorm, residual_rmsnorm, layernorm, rope, "
+         "swiglu, crossentropy, adamw, global_norm, attention, attention (fused), matmul (cuBLASLt).");
 #endif
     SUCCEED();
 }

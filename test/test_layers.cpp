@@ -1,12 +1,15 @@
 /*
 Layer-level checks of the CPU kernels that have edge cases the model-level parity tests might
 not reach: the blocked GEMM at shapes that are not multiples of its tiles (MR = 6 rows,
-NR = 32 columns, KC = 256 deep), against plain triple loops in double; and the layers no model
-placement uses yet (LayerNorm), against a plain double computation and finite differences.
+NR = 32 columns, KC = 256 deep), against plain triple loops in double; LayerNorm, against a plain
+double computation and finite differences; and the fused residual add + RMSNorm, bitwise against
+the unfused pair it replaces in the model.
 */
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../model.h"
@@ -157,5 +160,61 @@ TEST_CASE("LayerNorm forward matches a double computation and backward matches f
         CHECK(max_relative_error(dinp_ours, dinp_fd) < 1e-5);
         CHECK(max_relative_error(dweight_ours, dweight_fd) < 1e-5);
         CHECK(max_relative_error(dbias_ours, dbias_fd) < 1e-5);
+    }
+}
+
+// Bitwise equality of two arrays (NaN payloads included), with the first difference in the message.
+static void check_bitwise_equal(const std::vector<real>& ours, const std::vector<real>& expected, const char* what) {
+    REQUIRE(ours.size() == expected.size());
+    for (size_t i = 0; i < ours.size(); i++) {
+        if (memcmp(&ours[i], &expected[i], sizeof(real)) != 0) {
+            INFO(what << ": element " << i << " of " << ours.size() << ": fused " << ours[i] << ", unfused " << expected[i]);
+            REQUIRE(memcmp(&ours[i], &expected[i], sizeof(real)) == 0);
+        }
+    }
+}
+
+TEST_CASE("residual_rmsnorm_forward is bitwise the residual add followed by rmsnorm_forward, in place included",
+          "[layers][cpu]") {
+    // (N, C): one element; ragged rows and channels; C 384, the width of a small model
+    int shapes[][2] = {{1, 1}, {37, 67}, {130, 384}};
+    for (auto& shape : shapes) {
+        for (float x_scale : {1.0f, 1.7f}) {   // residual_forward, and residual_scaled_forward (DeepNorm's a)
+            int N = shape[0], C = shape[1];
+            const size_t n = (size_t)N * C;
+            INFO("N " << N << " C " << C << " x_scale " << x_scale);
+            std::vector<real> x = random_vector(n, 9), branch = random_vector(n, 10), weight = random_vector(C, 11);
+            // unfused, as model_forward ran it before: the add into its own buffer, then the norm of it
+            std::vector<real> sum_ref(n, NAN), out_ref(n, NAN), rstd_ref(N, NAN);
+            if (x_scale != 1.0f) {
+                residual_scaled_forward_cpu(sum_ref.data(), x.data(), x_scale, branch.data(), n);
+            } else {
+                residual_forward_cpu(sum_ref.data(), x.data(), branch.data(), n);
+            }
+            rmsnorm_forward_cpu(out_ref.data(), rstd_ref.data(), sum_ref.data(), weight.data(), N, C, 1e-6f);
+
+            // fused, into a separate sum, then in place over x and over branch; outputs poisoned
+            std::vector<real> sum(n, NAN), out(n, NAN), rstd(N, NAN);
+            residual_rmsnorm_forward_cpu(sum.data(), out.data(), rstd.data(), x.data(), x_scale, branch.data(),
+                                         weight.data(), N, C, 1e-6f);
+            check_bitwise_equal(sum, sum_ref, "sum");
+            check_bitwise_equal(out, out_ref, "out");
+            check_bitwise_equal(rstd, rstd_ref, "rstd");
+            std::vector<real> x_in_place = x, branch_in_place = branch;
+            std::fill(out.begin(), out.end(), NAN);
+            std::fill(rstd.begin(), rstd.end(), NAN);
+            residual_rmsnorm_forward_cpu(x_in_place.data(), out.data(), rstd.data(), x_in_place.data(), x_scale,
+                                         branch.data(), weight.data(), N, C, 1e-6f);
+            check_bitwise_equal(x_in_place, sum_ref, "sum into x");
+            check_bitwise_equal(out, out_ref, "out, sum into x");
+            check_bitwise_equal(rstd, rstd_ref, "rstd, sum into x");
+            std::fill(out.begin(), out.end(), NAN);
+            std::fill(rstd.begin(), rstd.end(), NAN);
+            residual_rmsnorm_forward_cpu(branch_in_place.data(), out.data(), rstd.data(), x.data(), x_scale,
+                                         branch_in_place.data(), weight.data(), N, C, 1e-6f);
+            check_bitwise_equal(branch_in_place, sum_ref, "sum into branch");
+            check_bitwise_equal(out, out_ref, "out, sum into branch");
+            check_bitwise_equal(rstd, rstd_ref, "rstd, sum into branch");
+        }
     }
 }

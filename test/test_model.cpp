@@ -18,6 +18,7 @@ model lives on the (emulated) GPU.
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -339,6 +340,90 @@ TEST_CASE(BACKEND ": per-layer gradient norms add up to the global norm", "[pari
         INFO("layer " << l);
         CHECK(layers[l] > 0.0);
         CHECK(fabs(layers[l] - sqrt(sum)) / sqrt(sum) < GRAD_TOLERANCE);
+    }
+}
+
+// ---- layer drop (the --analyze path)
+
+// The forward pass runs a branch-norm layer's N1 at the end of the layer before it, fused with
+// that layer's last residual add (model_forward), so it must pass over the layer that the
+// layer-drop analysis skips. Checked against the model built without that layer: the same
+// kernels on the same numbers, so the same loss to the bit where the matmul is ours (the CPU and
+// the emulation); on a GPU, cuBLASLt may pick another algorithm for buffers at other offsets.
+TEST_CASE(BACKEND ": a skipped layer gives the loss of the model built without it", "[parity][skip]") {
+    for (NormType type : {NORM_RMSNORM, NORM_LAYERNORM}) {
+        ModelConfig c;
+        c.vocab_size = 61;
+        c.channels = 32;
+        c.num_heads = 4;
+        c.ffn_channels = 72;
+        c.max_seq_len = 16;
+        c.num_layers = 6;
+        // Only kinds whose computation does not depend on l or L (lns and deepnorm do). Skipping
+        // layer 1 fuses layer 0's last add with layer 2's N1 across it (3: layer 2's with layer 4's);
+        // skipping 5, layer 4's with the final norm; skipping 2 leaves layer 1's add alone before
+        // the post layer 3, which takes the stream as it is.
+        c.norm_layers = parse_norm_layers("pre,peri,pre,post,pre,peri", "test");
+        c.norm_type = type;
+        const int B = 2, T = 16, L = c.num_layers;
+        INFO(norm_type_name(type));
+        Model full;
+        model_build(&full, c, B, T, ON_GPU);
+        model_init_weights(&full, 11, 0.02f);
+        std::vector<real> weights = model_to_host(&full, full.params_memory);
+        // norm weights away from 1 and biases away from 0, so that a norm using another's would show
+        uint64_t state = 12;
+        std::map<std::string, NamedTensor> full_tensors;
+        for (const NamedTensor& t : model_named_tensors(c)) {
+            full_tensors[t.name] = t;
+            if (t.name.find("norm") == std::string::npos) continue;
+            std::vector<real> noise(t.shape[0]);
+            fill_normal(noise.data(), noise.size(), 0.3f, &state);
+            for (size_t i = 0; i < noise.size(); i++) weights[t.offset + i] += noise[i];
+        }
+        model_copy_in(&full, full.params_memory, weights.data(), weights.size() * sizeof(real));
+        std::vector<int> inputs(B * T), targets(B * T);
+        for (int i = 0; i < B * T; i++) {
+            inputs[i] = (int)(random_u64(&state) % c.vocab_size);
+            targets[i] = (int)(random_u64(&state) % c.vocab_size);
+        }
+        for (int k = 0; k < L; k++) {
+            INFO("layer " << k << " skipped");
+            full.skip_layer = k;
+            model_forward(&full, inputs.data(), targets.data());
+            // the model without layer k: its layer j is the full model's layer j, or j + 1 from k on
+            ModelConfig without = c;
+            without.num_layers = L - 1;
+            without.norm_layers.erase(without.norm_layers.begin() + k);
+            std::vector<real> without_weights(num_parameters(without));
+            const std::string layers = "model.layers.";
+            for (const NamedTensor& t : model_named_tensors(without)) {
+                std::string name = t.name;
+                if (name.compare(0, layers.size(), layers) == 0) {
+                    size_t dot = name.find('.', layers.size());
+                    int j = std::stoi(name.substr(layers.size(), dot - layers.size()));
+                    name = layers + std::to_string(j < k ? j : j + 1) + name.substr(dot);
+                }
+                size_t n = 1;
+                for (int64_t d : t.shape) n *= (size_t)d;
+                const NamedTensor& source = full_tensors.at(name);
+                std::copy(weights.begin() + source.offset, weights.begin() + source.offset + n,
+                          without_weights.begin() + t.offset);
+            }
+            Model reduced;
+            model_build(&reduced, without, B, T, ON_GPU);
+            model_copy_in(&reduced, reduced.params_memory, without_weights.data(), without_weights.size() * sizeof(real));
+            model_forward(&reduced, inputs.data(), targets.data());
+            CAPTURE(full.mean_loss, reduced.mean_loss);
+#ifdef __CUDACC__
+            CHECK(fabs(full.mean_loss - reduced.mean_loss) < 1e-6 * reduced.mean_loss);   // fp32 rounding of another summation order
+#else
+            CHECK(full.mean_loss == reduced.mean_loss);
+#endif
+            model_free(&reduced);
+        }
+        full.skip_layer = -1;
+        model_free(&full);
     }
 }
 
