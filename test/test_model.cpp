@@ -343,6 +343,20 @@ TEST_CASE(BACKEND ": per-layer gradient norms add up to the global norm", "[pari
     }
 }
 
+// A model config from its sizes and its placement list (one kind per layer, comma-separated).
+static ModelConfig small_config(int V, int C, int NH, int F, int T, const char* norm_layers, NormType type) {
+    ModelConfig c;
+    c.vocab_size = V;
+    c.channels = C;
+    c.num_heads = NH;
+    c.ffn_channels = F;
+    c.max_seq_len = T;
+    c.norm_layers = parse_norm_layers(norm_layers, "test");
+    c.num_layers = (int)c.norm_layers.size();
+    c.norm_type = type;
+    return c;
+}
+
 // ---- layer drop (the --analyze path)
 
 // The forward pass runs a branch-norm layer's N1 at the end of the layer before it, fused with
@@ -352,19 +366,11 @@ TEST_CASE(BACKEND ": per-layer gradient norms add up to the global norm", "[pari
 // the emulation); on a GPU, cuBLASLt may pick another algorithm for buffers at other offsets.
 TEST_CASE(BACKEND ": a skipped layer gives the loss of the model built without it", "[parity][skip]") {
     for (NormType type : {NORM_RMSNORM, NORM_LAYERNORM}) {
-        ModelConfig c;
-        c.vocab_size = 61;
-        c.channels = 32;
-        c.num_heads = 4;
-        c.ffn_channels = 72;
-        c.max_seq_len = 16;
-        c.num_layers = 6;
         // Only kinds whose computation does not depend on l or L (lns and deepnorm do). Skipping
         // layer 1 fuses layer 0's last add with layer 2's N1 across it (3: layer 2's with layer 4's);
         // skipping 5, layer 4's with the final norm; skipping 2 leaves layer 1's add alone before
         // the post layer 3, which takes the stream as it is.
-        c.norm_layers = parse_norm_layers("pre,peri,pre,post,pre,peri", "test");
-        c.norm_type = type;
+        ModelConfig c = small_config(61, 32, 4, 72, 16, "pre,peri,pre,post,pre,peri", type);
         const int B = 2, T = 16, L = c.num_layers;
         INFO(norm_type_name(type));
         Model full;
@@ -437,15 +443,7 @@ static double rms_of(const real* values, size_t n) {
 }
 
 TEST_CASE(BACKEND ": DeepNet init in deepnorm layers, scaled init in the branch-norm layers, 0.02 elsewhere", "[init]") {
-    ModelConfig c;
-    c.vocab_size = 64;
-    c.channels = 256;
-    c.num_heads = 4;
-    c.ffn_channels = 512;
-    c.max_seq_len = 8;
-    c.num_layers = 4;
-    c.norm_layers = parse_norm_layers("deepnorm,pre,post,peri", "test");
-    c.norm_type = NORM_LAYERNORM;
+    ModelConfig c = small_config(64, 256, 4, 512, 8, "deepnorm,pre,post,peri", NORM_LAYERNORM);
     Model model;
     model_build(&model, c, 1, 8, ON_GPU);
     model_init_weights(&model, 7, 0.02f, true);
