@@ -3,7 +3,8 @@
 #   1. build ./train and the GPU tests for sm_90 (the H200), with warnings as errors
 #   2. run every GPU test: each kernel against its CPU twin, the whole model against the PyTorch
 #      fixtures (fp32), determinism
-#   3. compute-sanitizer memcheck and racecheck over a tiny training run on the GPU
+#   3. compute-sanitizer memcheck and racecheck over a tiny training run on the GPU (and memcheck
+#      over one with a layer of every placement kind under LayerNorm, with the fused attention)
 #   4. time training steps of LLaMA-71M on the GPU, and against PyTorch (dev/bench_gpu.py)
 #   5. print a table of what passed and how long it took
 # Usage (repository root): bash dev/device_check.sh        logs go to $OUT (or /tmp/device_check)
@@ -45,6 +46,9 @@ EOF
 TINY=(--device cuda --model tiny --batch 4 --seq-len 64 --steps 2 --train-data build/device_check_tokens.bin)
 run_step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}"
 run_step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 ./train "${TINY[@]}"
+# the other placements' kernels (LayerNorm, the scaled adds, the peri norms) under memcheck too
+run_step memcheck_zoo compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}" \
+    --norm-layers post,deepnorm,peri,lns --norm-type layernorm --attention fused
 
 # throughput of the paper's 71M model on the GPU (fp32 until bf16 lands)
 "$PYTHON" - <<'EOF'
