@@ -10,6 +10,8 @@ running the code in a child process (test/test_util.h).
 #pragma once
 
 #include <cerrno>
+#include <cmath>
+#include <cstdint>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +24,28 @@ running the code in a child process (test/test_util.h).
 typedef double real;
 #else
 typedef float real;
+#endif
+
+// ---- storage types
+// The kernels store activations (and the weights they read) in a type T: float, or bf16 in the
+// --precision bf16 modes. They always compute in float (the CPU reference in `real`), converting
+// on load with to_real and on store with from_real<T>, which rounds to nearest even: one rounding
+// per stored value, the same in a kernel and in its CPU twin. bf16 exists in the builds that have
+// the CUDA backend (nvcc, and the emulation, which reads the toolkit's host-side cuda_bf16.h).
+#if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#define MIXLN_HAS_BF16 1
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 bf16;
+#endif
+
+inline real to_real(float x) { return (real)x; }
+inline real to_real(double x) { return (real)x; }
+template <typename T>
+inline T from_real(real x) { return (T)x; }
+#ifdef MIXLN_HAS_BF16
+inline real to_real(bf16 x) { return (real)__bfloat162float(x); }
+template <>
+inline bf16 from_real<bf16>(real x) { return __float2bfloat16_rn((float)x); }
 #endif
 
 // Print "error: <message>" to stderr and exit with status 1.
@@ -48,4 +72,21 @@ inline void* malloc_or_fail(size_t bytes, const char* what) {
     void* p = malloc(bytes == 0 ? 1 : bytes);
     if (p == nullptr) fail("out of memory allocating %zu bytes for %s", bytes, what);
     return p;
+}
+
+// A small deterministic generator (splitmix64) so that a seed means the same weights everywhere.
+inline uint64_t random_u64(uint64_t* state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// normal(0, std) by Box-Muller, from two uniforms in (0, 1]
+inline void fill_normal(real* out, size_t n, float std, uint64_t* state) {
+    for (size_t i = 0; i < n; i++) {
+        double u1 = ((random_u64(state) >> 11) + 1.0) / 9007199254740992.0;
+        double u2 = (random_u64(state) >> 11) / 9007199254740992.0;
+        out[i] = (real)(std * sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
+    }
 }

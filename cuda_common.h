@@ -54,6 +54,17 @@ inline void launch_checked(const char* file, int line, void (*kernel)(KernelArgs
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// ---- storage types in kernels (see common.h): load with to_float, compute in float, store with
+// from_float<T> (round to nearest even for bf16)
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+
 // ---- reductions shared by the kernels
 
 // Sum or max over the 32 lanes of a warp; every lane gets the result.

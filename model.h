@@ -679,23 +679,6 @@ inline void model_free(Model* model) {
     *model = Model();
 }
 
-// A small deterministic generator (splitmix64) so that a seed means the same weights everywhere.
-inline uint64_t random_u64(uint64_t* state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-// normal(0, std) by Box-Muller, from two uniforms in (0, 1]
-inline void fill_normal(real* out, size_t n, float std, uint64_t* state) {
-    for (size_t i = 0; i < n; i++) {
-        double u1 = ((random_u64(state) >> 11) + 1.0) / 9007199254740992.0;
-        double u2 = (random_u64(state) >> 11) / 9007199254740992.0;
-        out[i] = (real)(std * sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
-    }
-}
-
 // The initialisation. The official code's: every linear weight normal(0, 0.02), the embedding
 // normal(0, embed_std) (0.02 by default; the paper's code once used sqrt(2/5)), norm weights 1
 // and biases 0. On top of it:

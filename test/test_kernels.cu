@@ -19,65 +19,7 @@ checked only on a GPU.
 
 #include "../model.h"
 #include "../layers/layernorm.cuh"
-
-// ---- helpers
-
-static std::vector<float> random_floats(size_t n, uint64_t seed, float std = 1.0f) {
-    std::vector<float> v(n);
-    uint64_t state = seed;
-    fill_normal(v.data(), n, std, &state);
-    return v;
-}
-
-static std::vector<int> random_tokens(size_t n, int V, uint64_t seed) {
-    std::vector<int> v(n);
-    uint64_t state = seed;
-    for (auto& t : v) t = (int)(random_u64(&state) % (uint64_t)V);
-    return v;
-}
-
-// A device copy of a host vector, freed at scope exit.
-template <typename T>
-struct DeviceArray {
-    T* ptr = nullptr;
-    size_t n = 0;
-    explicit DeviceArray(const std::vector<T>& host) : n(host.size()) {
-        CUDA_CHECK(cudaMalloc((void**)&ptr, (n ? n : 1) * sizeof(T)));
-        CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-    }
-    // n elements of 0xFF bytes: NaN as floats, so unwritten outputs fail every comparison
-    explicit DeviceArray(size_t count) : n(count) {
-        CUDA_CHECK(cudaMalloc((void**)&ptr, (n ? n : 1) * sizeof(T)));
-        CUDA_CHECK(cudaMemset(ptr, 0xFF, n * sizeof(T)));
-    }
-    ~DeviceArray() { cudaFree(ptr); }
-    DeviceArray(const DeviceArray&) = delete;
-    DeviceArray& operator=(const DeviceArray&) = delete;
-    std::vector<T> to_host() const {
-        std::vector<T> host(n);
-        CUDA_CHECK(cudaDeviceSynchronize());
-        CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-        return host;
-    }
-};
-
-// max |gpu - cpu| / max(|cpu|): the kernels sum in float in a different order than the CPU
-// reference (which sums some reductions in double), so agreement is to a few fp32 ulps of the
-// largest value; 1e-5 leaves room for reductions over up to ~1000 terms. NaN fails.
-static void check_close(const std::vector<float>& gpu, const std::vector<float>& cpu, const char* what,
-                        double tolerance = 1e-5) {
-    REQUIRE(gpu.size() == cpu.size());
-    double worst = 0, scale = 1e-30;
-    for (size_t i = 0; i < cpu.size(); i++) scale = std::max(scale, (double)fabs(cpu[i]));
-    for (size_t i = 0; i < cpu.size(); i++) {
-        double diff = fabs((double)gpu[i] - cpu[i]);
-        if (!(diff <= tolerance * scale)) {   // also catches NaN
-            INFO(what << ": element " << i << " of " << cpu.size() << ": gpu " << gpu[i] << ", cpu " << cpu[i]);
-            REQUIRE(diff <= tolerance * scale);
-        }
-        worst = std::max(worst, diff / scale);
-    }
-}
+#include "kernel_test_util.h"
 
 // ---- tests, one per layer
 

@@ -1,0 +1,106 @@
+/*
+Helpers of the kernel tests (test_kernels.cu, test_kernels_bf16.cu): random inputs, device arrays
+poisoned with NaN, and the comparison of a kernel's output with its CPU twin's, in fp32 and in
+bf16. Built by g++ in the emulation (build/test_emu) and by nvcc (build/test_gpu).
+*/
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+#include "../cuda_common.h"
+
+inline std::vector<float> random_floats(size_t n, uint64_t seed, float std = 1.0f) {
+    std::vector<float> v(n);
+    uint64_t state = seed;
+    fill_normal(v.data(), n, std, &state);
+    return v;
+}
+
+inline std::vector<int> random_tokens(size_t n, int V, uint64_t seed) {
+    std::vector<int> v(n);
+    uint64_t state = seed;
+    for (auto& t : v) t = (int)(random_u64(&state) % (uint64_t)V);
+    return v;
+}
+
+// A device copy of a host vector, freed at scope exit.
+template <typename T>
+struct DeviceArray {
+    T* ptr = nullptr;
+    size_t n = 0;
+    explicit DeviceArray(const std::vector<T>& host) : n(host.size()) {
+        CUDA_CHECK(cudaMalloc((void**)&ptr, (n ? n : 1) * sizeof(T)));
+        CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    // n elements of 0xFF bytes: NaN as floats, so unwritten outputs fail every comparison
+    explicit DeviceArray(size_t count) : n(count) {
+        CUDA_CHECK(cudaMalloc((void**)&ptr, (n ? n : 1) * sizeof(T)));
+        CUDA_CHECK(cudaMemset(ptr, 0xFF, n * sizeof(T)));
+    }
+    ~DeviceArray() { cudaFree(ptr); }
+    DeviceArray(const DeviceArray&) = delete;
+    DeviceArray& operator=(const DeviceArray&) = delete;
+    std::vector<T> to_host() const {
+        std::vector<T> host(n);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+        return host;
+    }
+};
+
+// max |gpu - cpu| / max(|cpu|): the kernels sum in float in a different order than the CPU
+// reference (which sums some reductions in double), so agreement is to a few fp32 ulps of the
+// largest value; 1e-5 leaves room for reductions over up to ~1000 terms. NaN fails.
+inline void check_close(const std::vector<float>& gpu, const std::vector<float>& cpu, const char* what,
+                        double tolerance = 1e-5) {
+    REQUIRE(gpu.size() == cpu.size());
+    double worst = 0, scale = 1e-30;
+    for (size_t i = 0; i < cpu.size(); i++) scale = std::max(scale, (double)fabs(cpu[i]));
+    for (size_t i = 0; i < cpu.size(); i++) {
+        double diff = fabs((double)gpu[i] - cpu[i]);
+        if (!(diff <= tolerance * scale)) {   // also catches NaN
+            INFO(what << ": element " << i << " of " << cpu.size() << ": gpu " << gpu[i] << ", cpu " << cpu[i]);
+            REQUIRE(diff <= tolerance * scale);
+        }
+        worst = std::max(worst, diff / scale);
+    }
+}
+
+// ---- bf16
+
+// The bf16 nearest to each value (round to nearest even).
+inline std::vector<bf16> to_bf16(const std::vector<float>& v) {
+    std::vector<bf16> out(v.size());
+    for (size_t i = 0; i < v.size(); i++) out[i] = __float2bfloat16_rn(v[i]);
+    return out;
+}
+
+inline std::vector<float> to_floats(const std::vector<bf16>& v) {
+    std::vector<float> out(v.size());
+    for (size_t i = 0; i < v.size(); i++) out[i] = __bfloat162float(v[i]);
+    return out;
+}
+
+// random_floats as bf16 values: the inputs of a bf16 kernel and its CPU twin, exactly the same.
+inline std::vector<bf16> random_bf16(size_t n, uint64_t seed, float std = 1.0f) {
+    return to_bf16(random_floats(n, seed, std));
+}
+
+// One bf16 rounding step relative to the largest value: 2^-8 (bf16 keeps 8 significant bits, so
+// rounding to nearest moves a value by at most 2^-9 of itself, and two roundings that land on
+// either side of a boundary differ by one step, 2^-8 of the value). A kernel and its CPU twin
+// compute in float from the same bf16 inputs and round once where they store; their float
+// values differ by a few float ulps (summation order), which can move a value across a bf16
+// rounding boundary, and then they differ by one bf16 step. Outputs computed from a stored bf16
+// intermediate (a norm of a rounded sum, say) can see that one step again, hence two.
+constexpr double BF16_STEP = 1.0 / 256;
+
+inline void check_close_bf16(const std::vector<bf16>& gpu, const std::vector<bf16>& cpu, const char* what,
+                             double tolerance = 2 * BF16_STEP) {
+    check_close(to_floats(gpu), to_floats(cpu), what, tolerance);
+}
