@@ -18,6 +18,14 @@ g - mean(g) is one explicit fused multiply-add in both twins, so that they round
 whether or not the compiler contracts: at C = 1 the exact answer is 0 (xhat is 0, mean(g) is g),
 and any difference in how dout * w is rounded comes out multiplied by rstd = 1/sqrt(eps).
 The CPU version is the reference the CUDA kernels are tested against.
+
+Storage: activations, their gradients, the weight and the bias are stored in T (float, double in
+the CPU's finite-difference build, or bf16), the weight and bias gradients in G (float, or bf16 in
+bf16-pure); mean and rstd stay real / float. Everything is computed in float (the CPU reference in
+real, its row sums in double) from the values as stored, and rounded once where stored: out once
+per element; dinp, dweight and dbias accumulate as read, add in float, round once (dinp[i] =
+round(dinp[i] + value)). The weight and bias gradients sum over rows in a fixed order, so they
+are deterministic.
 */
 #pragma once
 
@@ -28,62 +36,71 @@ The CPU version is the reference the CUDA kernels are tested against.
 // ---- CPU reference
 
 // out (N, C), mean (N) and rstd (N) saved for backward, inp (N, C), weight (C), bias (C)
-inline void layernorm_forward_cpu(real* out, real* mean, real* rstd, const real* inp, const real* weight,
-                                  const real* bias, int N, int C, float eps) {
+template <typename T>
+inline void layernorm_forward_cpu(T* out, real* mean, real* rstd, const T* inp, const T* weight, const T* bias, int N,
+                                  int C, float eps) {
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
-        const real* x = inp + (size_t)i * C;
-        real* y = out + (size_t)i * C;
+        const T* x = inp + (size_t)i * C;
+        T* y = out + (size_t)i * C;
         // both moments accumulated in double so the reference is the accurate side
         double sum = 0.0;
-        for (int c = 0; c < C; c++) sum += x[c];
+        for (int c = 0; c < C; c++) sum += to_real(x[c]);
         double m = sum / C;
         double sum_squares = 0.0;
-        for (int c = 0; c < C; c++) sum_squares += (x[c] - m) * (x[c] - m);
+        for (int c = 0; c < C; c++) {
+            real xc = to_real(x[c]);
+            sum_squares += (xc - m) * (xc - m);
+        }
         real mu = (real)m;
         real r = (real)(1.0 / sqrt(sum_squares / C + eps));
         mean[i] = mu;
         rstd[i] = r;
-        for (int c = 0; c < C; c++) y[c] = (x[c] - mu) * r * weight[c] + bias[c];
+        // the output, rounded once to T
+        for (int c = 0; c < C; c++)
+            y[c] = from_real<T>((to_real(x[c]) - mu) * r * to_real(weight[c]) + to_real(bias[c]));
     }
 }
 
 // dinp (N, C) +=, dweight (C) +=, dbias (C) +=; dout (N, C), inp (N, C), weight (C), mean (N) and
 // rstd (N) from forward
-inline void layernorm_backward_cpu(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp,
-                                   const real* weight, const real* mean, const real* rstd, int N, int C) {
+template <typename T, typename G>
+inline void layernorm_backward_cpu(T* dinp, G* dweight, G* dbias, const T* dout, const T* inp, const T* weight,
+                                   const real* mean, const real* rstd, int N, int C) {
     // input gradient: rows are independent
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
-        const real* x = inp + (size_t)i * C;
-        const real* dy = dout + (size_t)i * C;
-        real* dx = dinp + (size_t)i * C;
+        const T* x = inp + (size_t)i * C;
+        const T* dy = dout + (size_t)i * C;
+        T* dx = dinp + (size_t)i * C;
         real mu = mean[i], r = rstd[i];
         // mean(g) is the part of the gradient along the all-ones direction (the mean subtraction),
         // mean(g * xhat) the part along xhat (the division by the standard deviation)
         double sum_g = 0.0, sum_g_xhat = 0.0;
         for (int c = 0; c < C; c++) {
-            real g = dy[c] * weight[c];
+            real g = to_real(dy[c]) * to_real(weight[c]);
             sum_g += g;
-            sum_g_xhat += (double)g * ((x[c] - mu) * r);
+            sum_g_xhat += (double)g * ((to_real(x[c]) - mu) * r);
         }
         real mean_g = (real)(sum_g / C), mean_g_xhat = (real)(sum_g_xhat / C);
+        // accumulate: read, add in real, round once
         for (int c = 0; c < C; c++) {
-            real xhat = (x[c] - mu) * r;
-            dx[c] += r * (std::fma(dy[c], weight[c], -mean_g) - xhat * mean_g_xhat);
+            real xhat = (to_real(x[c]) - mu) * r;
+            real grad = r * (std::fma(to_real(dy[c]), to_real(weight[c]), -mean_g) - xhat * mean_g_xhat);
+            dx[c] = from_real<T>(to_real(dx[c]) + grad);
         }
     }
-    // weight and bias gradients: sums over rows, so parallelise over channels instead
+    // weight and bias gradients: sums over rows, so parallelise over channels instead (rows in order)
     #pragma omp parallel for
     for (int c = 0; c < C; c++) {
         double sum_dy_xhat = 0.0, sum_dy = 0.0;
         for (int i = 0; i < N; i++) {
-            real dy = dout[(size_t)i * C + c];
-            sum_dy_xhat += (double)dy * ((inp[(size_t)i * C + c] - mean[i]) * rstd[i]);
+            real dy = to_real(dout[(size_t)i * C + c]);
+            sum_dy_xhat += (double)dy * ((to_real(inp[(size_t)i * C + c]) - mean[i]) * rstd[i]);
             sum_dy += dy;
         }
-        dweight[c] += (real)sum_dy_xhat;
-        dbias[c] += (real)sum_dy;
+        dweight[c] = from_real<G>(to_real(dweight[c]) + (real)sum_dy_xhat);
+        dbias[c] = from_real<G>(to_real(dbias[c]) + (real)sum_dy);
     }
 }
 
@@ -95,82 +112,90 @@ inline void layernorm_backward_cpu(real* dinp, real* dweight, real* dbias, const
 // One warp per row: lanes stride over the C channels, one shuffle reduction for the mean, a
 // second for the squared deviations (the row is read three times; it is small and stays in cache).
 // Rows past N belong to whole warps, which return together (no block barrier follows).
-static __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp,
-                                                const float* weight, const float* bias, int N, int C, float eps) {
+template <typename T>
+static __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
+                                                const T* bias, int N, int C, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const float* x = inp + (size_t)row * C;
+    const T* x = inp + (size_t)row * C;
     float sum = 0.0f;
-    for (int c = lane; c < C; c += 32) sum += x[c];
+    for (int c = lane; c < C; c += 32) sum += to_float(x[c]);
     float mu = warp_reduce_sum(sum) / C;
     float sum_squares = 0.0f;
-    for (int c = lane; c < C; c += 32) sum_squares += (x[c] - mu) * (x[c] - mu);
+    for (int c = lane; c < C; c += 32) {
+        float xc = to_float(x[c]);
+        sum_squares += (xc - mu) * (xc - mu);
+    }
     float r = 1.0f / sqrtf(warp_reduce_sum(sum_squares) / C + eps);
     if (lane == 0) {
         mean[row] = mu;
         rstd[row] = r;
     }
-    for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = (x[c] - mu) * r * weight[c] + bias[c];
+    for (int c = lane; c < C; c += 32)
+        out[(size_t)row * C + c] = from_float<T>((to_float(x[c]) - mu) * r * to_float(weight[c]) + to_float(bias[c]));
 }
 
-// input gradient, one warp per row
-static __global__ void layernorm_backward_input_kernel(float* dinp, const float* dout, const float* inp,
-                                                       const float* weight, const float* mean, const float* rstd,
-                                                       int N, int C) {
+// input gradient, one warp per row; dinp accumulates: read, add in float, round once
+template <typename T>
+static __global__ void layernorm_backward_input_kernel(T* dinp, const T* dout, const T* inp, const T* weight,
+                                                       const float* mean, const float* rstd, int N, int C) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const float* x = inp + (size_t)row * C;
-    const float* dy = dout + (size_t)row * C;
+    const T* x = inp + (size_t)row * C;
+    const T* dy = dout + (size_t)row * C;
+    T* dx = dinp + (size_t)row * C;
     float mu = mean[row], r = rstd[row];
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float g = dy[c] * weight[c];
+        float g = to_float(dy[c]) * to_float(weight[c]);
         sum_g += g;
-        sum_g_xhat += g * ((x[c] - mu) * r);
+        sum_g_xhat += g * ((to_float(x[c]) - mu) * r);
     }
     float mean_g = warp_reduce_sum(sum_g) / C;
     float mean_g_xhat = warp_reduce_sum(sum_g_xhat) / C;
     for (int c = lane; c < C; c += 32) {
-        float xhat = (x[c] - mu) * r;
-        dinp[(size_t)row * C + c] += r * (fmaf(dy[c], weight[c], -mean_g) - xhat * mean_g_xhat);
+        float xhat = (to_float(x[c]) - mu) * r;
+        float grad = r * (fmaf(to_float(dy[c]), to_float(weight[c]), -mean_g) - xhat * mean_g_xhat);
+        dx[c] = from_float<T>(to_float(dx[c]) + grad);
     }
 }
 
 // weight and bias gradients: one thread per channel sums over the rows in order (deterministic;
-// adjacent threads read adjacent channels, so the loads coalesce)
-static __global__ void layernorm_backward_weight_kernel(float* dweight, float* dbias, const float* dout,
-                                                        const float* inp, const float* mean, const float* rstd,
-                                                        int N, int C) {
+// adjacent threads read adjacent channels, so the loads coalesce), then accumulates into them
+template <typename T, typename G>
+static __global__ void layernorm_backward_weight_kernel(G* dweight, G* dbias, const T* dout, const T* inp,
+                                                        const float* mean, const float* rstd, int N, int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float sum_dy_xhat = 0.0f, sum_dy = 0.0f;
     for (int i = 0; i < N; i++) {
-        float dy = dout[(size_t)i * C + c];
-        sum_dy_xhat += dy * ((inp[(size_t)i * C + c] - mean[i]) * rstd[i]);
+        float dy = to_float(dout[(size_t)i * C + c]);
+        sum_dy_xhat += dy * ((to_float(inp[(size_t)i * C + c]) - mean[i]) * rstd[i]);
         sum_dy += dy;
     }
-    dweight[c] += sum_dy_xhat;
-    dbias[c] += sum_dy;
+    dweight[c] = from_float<G>(to_float(dweight[c]) + sum_dy_xhat);
+    dbias[c] = from_float<G>(to_float(dbias[c]) + sum_dy);
 }
 
 // ---- launchers
 
-inline void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
-                              const float* bias, int N, int C, float eps, cudaStream_t stream) {
+template <typename T>
+inline void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias, int N,
+                              int C, float eps, cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
-    LAUNCH(layernorm_forward_kernel, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, out, mean, rstd, inp,
+    LAUNCH(layernorm_forward_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, out, mean, rstd, inp,
            weight, bias, N, C, eps);
 }
 
-inline void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                               const float* weight, const float* mean, const float* rstd, int N, int C,
-                               cudaStream_t stream) {
+template <typename T, typename G>
+inline void layernorm_backward(T* dinp, G* dweight, G* dbias, const T* dout, const T* inp, const T* weight,
+                               const float* mean, const float* rstd, int N, int C, cudaStream_t stream) {
     const int block = 256;
-    LAUNCH(layernorm_backward_input_kernel, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp,
+    LAUNCH(layernorm_backward_input_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp,
            weight, mean, rstd, N, C);
-    LAUNCH(layernorm_backward_weight_kernel, dim3(ceil_div(C, block)), dim3(block), 0, stream, dweight, dbias, dout,
-           inp, mean, rstd, N, C);
+    auto weight_kernel = layernorm_backward_weight_kernel<T, G>;
+    LAUNCH(weight_kernel, dim3(ceil_div(C, block)), dim3(block), 0, stream, dweight, dbias, dout, inp, mean, rstd, N, C);
 }
 #endif

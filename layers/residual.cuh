@@ -15,6 +15,10 @@ and every backward function in layers/ accumulates (+=) into its input gradient,
 routes a residual's gradient by letting both branches accumulate into the same buffer. For the
 scaled residual, the branch F gets dout and the skip gets x_scale * dout (scale_forward on the
 gradient first).
+
+Storage: every buffer is T (float, double in the CPU's finite-difference build, or bf16); the
+arithmetic is in float (real on the CPU) from the values as stored, and each output element is
+rounded once to T where stored.
 */
 #pragma once
 
@@ -23,21 +27,24 @@ gradient first).
 // ---- CPU reference
 
 // out (n) = a (n) + b (n); out may alias a or b
-inline void residual_forward_cpu(real* out, const real* a, const real* b, size_t n) {
+template <typename T>
+inline void residual_forward_cpu(T* out, const T* a, const T* b, size_t n) {
     #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+    for (size_t i = 0; i < n; i++) out[i] = from_real<T>(to_real(a[i]) + to_real(b[i]));
 }
 
 // out (n) = scale * inp (n); out may alias inp
-inline void scale_forward_cpu(real* out, const real* inp, float scale, size_t n) {
+template <typename T>
+inline void scale_forward_cpu(T* out, const T* inp, float scale, size_t n) {
     #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) out[i] = scale * inp[i];
+    for (size_t i = 0; i < n; i++) out[i] = from_real<T>(scale * to_real(inp[i]));
 }
 
 // out (n) = x_scale * x (n) + b (n); out may alias x or b
-inline void residual_scaled_forward_cpu(real* out, const real* x, float x_scale, const real* b, size_t n) {
+template <typename T>
+inline void residual_scaled_forward_cpu(T* out, const T* x, float x_scale, const T* b, size_t n) {
     #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) out[i] = x_scale * x[i] + b[i];
+    for (size_t i = 0; i < n; i++) out[i] = from_real<T>(x_scale * to_real(x[i]) + to_real(b[i]));
 }
 
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
@@ -46,38 +53,43 @@ inline void residual_scaled_forward_cpu(real* out, const real* x, float x_scale,
 // ---- CUDA kernels
 
 // one thread per element (each reads its inputs before writing, so in-place calls are safe)
-static __global__ void residual_forward_kernel(float* out, const float* a, const float* b, size_t n) {
+template <typename T>
+static __global__ void residual_forward_kernel(T* out, const T* a, const T* b, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] + b[i];
+    if (i < n) out[i] = from_float<T>(to_float(a[i]) + to_float(b[i]));
 }
 
-static __global__ void scale_forward_kernel(float* out, const float* inp, float scale, size_t n) {
+template <typename T>
+static __global__ void scale_forward_kernel(T* out, const T* inp, float scale, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = scale * inp[i];
+    if (i < n) out[i] = from_float<T>(scale * to_float(inp[i]));
 }
 
-static __global__ void residual_scaled_forward_kernel(float* out, const float* x, float x_scale, const float* b,
-                                                      size_t n) {
+template <typename T>
+static __global__ void residual_scaled_forward_kernel(T* out, const T* x, float x_scale, const T* b, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = x_scale * x[i] + b[i];
+    if (i < n) out[i] = from_float<T>(x_scale * to_float(x[i]) + to_float(b[i]));
 }
 
 // ---- launchers
 
-inline void residual_forward(float* out, const float* a, const float* b, size_t n, cudaStream_t stream) {
+template <typename T>
+inline void residual_forward(T* out, const T* a, const T* b, size_t n, cudaStream_t stream) {
     const int block = 256;
-    LAUNCH(residual_forward_kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, a, b, n);
+    LAUNCH(residual_forward_kernel<T>, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, a, b, n);
 }
 
-inline void scale_forward(float* out, const float* inp, float scale, size_t n, cudaStream_t stream) {
+template <typename T>
+inline void scale_forward(T* out, const T* inp, float scale, size_t n, cudaStream_t stream) {
     const int block = 256;
-    LAUNCH(scale_forward_kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, inp, scale, n);
+    LAUNCH(scale_forward_kernel<T>, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, inp, scale,
+           n);
 }
 
-inline void residual_scaled_forward(float* out, const float* x, float x_scale, const float* b, size_t n,
-                                    cudaStream_t stream) {
+template <typename T>
+inline void residual_scaled_forward(T* out, const T* x, float x_scale, const T* b, size_t n, cudaStream_t stream) {
     const int block = 256;
-    LAUNCH(residual_scaled_forward_kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, x,
+    LAUNCH(residual_scaled_forward_kernel<T>, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, x,
            x_scale, b, n);
 }
 #endif

@@ -24,6 +24,19 @@ Backward, with xhat = x * rstd and g = dout * w:
     dw    += sum over rows of dout * xhat
     dinp  += rstd * (g - xhat * mean(g * xhat))
 The CPU version is the reference the CUDA kernels are tested against.
+
+Storage: activations, their gradients and the weight are stored in T (float, double in the CPU's
+finite-difference build, or bf16), the weight gradient in G (float, or bf16 in bf16-pure); rstd
+stays real / float. Everything is computed in float (the CPU reference in real, its row sums in
+double) from the values as stored, and rounded once where stored:
+  - forward: out once per element; rstd is not rounded to T;
+  - residual_rmsnorm_forward: the sum once per element, and then the statistics and the output are
+    computed from the ROUNDED sum, read back as stored, so that they are exactly the norm of what
+    the backward will read as its input (and the fused CPU version is still bitwise the residual
+    add followed by rmsnorm_forward, for bf16 as for float);
+  - backward: dinp and dweight accumulate as read, add in float, round once (dinp[i] =
+    round(dinp[i] + value)); dweight's sum over rows is formed in float (double on the CPU) in a
+    fixed order, so the result is deterministic.
 */
 #pragma once
 
@@ -34,18 +47,22 @@ The CPU version is the reference the CUDA kernels are tested against.
 // ---- CPU reference
 
 // out (N, C), rstd (N) saved for backward, inp (N, C), weight (C)
-inline void rmsnorm_forward_cpu(real* out, real* rstd, const real* inp, const real* weight,
-                         int N, int C, float eps) {
+template <typename T>
+inline void rmsnorm_forward_cpu(T* out, real* rstd, const T* inp, const T* weight, int N, int C, float eps) {
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
-        const real* x = inp + (size_t)i * C;
-        real* y = out + (size_t)i * C;
+        const T* x = inp + (size_t)i * C;
+        T* y = out + (size_t)i * C;
         // mean of squares, accumulated in double so the reference is the accurate side
         double sum_squares = 0.0;
-        for (int c = 0; c < C; c++) sum_squares += (double)x[c] * x[c];
+        for (int c = 0; c < C; c++) {
+            real xc = to_real(x[c]);
+            sum_squares += (double)xc * xc;
+        }
         real r = (real)(1.0 / sqrt(sum_squares / C + eps));
         rstd[i] = r;
-        for (int c = 0; c < C; c++) y[c] = weight[c] * (x[c] * r);
+        // the output, rounded once to T
+        for (int c = 0; c < C; c++) y[c] = from_real<T>(to_real(weight[c]) * (to_real(x[c]) * r));
     }
 }
 
@@ -53,47 +70,59 @@ inline void rmsnorm_forward_cpu(real* out, real* rstd, const real* inp, const re
 // x (N, C), branch (N, C), weight (C). sum may alias x or branch (the model adds in place), not out.
 // The same float operations in the same order as residual_forward_cpu (residual_scaled_forward_cpu
 // when x_scale != 1; 1 * x + b is x + b exactly, contracted to an fma or not) followed by
-// rmsnorm_forward_cpu, so the result is bitwise theirs (test_layers.cpp checks it).
-inline void residual_rmsnorm_forward_cpu(real* sum, real* out, real* rstd, const real* x, float x_scale,
-                                         const real* branch, const real* weight, int N, int C, float eps) {
+// rmsnorm_forward_cpu, so the result is bitwise theirs (test_layers.cpp checks it for float,
+// test_kernels_bf16_norms.cu for bf16): the sum is rounded to T as stored, and the norm reads it back.
+template <typename T>
+inline void residual_rmsnorm_forward_cpu(T* sum, T* out, real* rstd, const T* x, float x_scale, const T* branch,
+                                         const T* weight, int N, int C, float eps) {
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
         const size_t row = (size_t)i * C;
-        real* s = sum + row;
-        real* y = out + row;
+        T* s = sum + row;
+        T* y = out + row;
         double sum_squares = 0.0;
         for (int c = 0; c < C; c++) {
-            s[c] = x_scale * x[row + c] + branch[row + c];   // read before written: in place is safe
-            sum_squares += (double)s[c] * s[c];
+            // the sum, rounded to T where stored (x and branch read before s is written: in place is safe)
+            s[c] = from_real<T>(x_scale * to_real(x[row + c]) + to_real(branch[row + c]));
+            // its square as stored
+            real sc = to_real(s[c]);
+            sum_squares += (double)sc * sc;
         }
         real r = (real)(1.0 / sqrt(sum_squares / C + eps));
         rstd[i] = r;
-        for (int c = 0; c < C; c++) y[c] = weight[c] * (s[c] * r);
+        // the norm of the stored sum, rounded once to T
+        for (int c = 0; c < C; c++) y[c] = from_real<T>(to_real(weight[c]) * (to_real(s[c]) * r));
     }
 }
 
 // dinp (N, C) +=, dweight (C) +=; dout (N, C), inp (N, C), weight (C), rstd (N) from forward
-inline void rmsnorm_backward_cpu(real* dinp, real* dweight, const real* dout, const real* inp,
-                          const real* weight, const real* rstd, int N, int C) {
+template <typename T, typename G>
+inline void rmsnorm_backward_cpu(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight, const real* rstd,
+                                 int N, int C) {
     // input gradient: rows are independent
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
-        const real* x = inp + (size_t)i * C;
-        const real* dy = dout + (size_t)i * C;
-        real* dx = dinp + (size_t)i * C;
+        const T* x = inp + (size_t)i * C;
+        const T* dy = dout + (size_t)i * C;
+        T* dx = dinp + (size_t)i * C;
         real r = rstd[i];
         // mean over the row of g * xhat, the part of the gradient along x itself
         double dot = 0.0;
-        for (int c = 0; c < C; c++) dot += (double)(dy[c] * weight[c]) * (x[c] * r);
+        for (int c = 0; c < C; c++) dot += (double)(to_real(dy[c]) * to_real(weight[c])) * (to_real(x[c]) * r);
         real mean_dot = (real)(dot / C);
-        for (int c = 0; c < C; c++) dx[c] += r * (dy[c] * weight[c] - x[c] * r * mean_dot);
+        // accumulate: read, add in real, round once
+        for (int c = 0; c < C; c++) {
+            real g = to_real(dy[c]) * to_real(weight[c]);
+            dx[c] = from_real<T>(to_real(dx[c]) + r * (g - to_real(x[c]) * r * mean_dot));
+        }
     }
-    // weight gradient: a sum over rows, so parallelise over channels instead
+    // weight gradient: a sum over rows, so parallelise over channels instead (rows in order)
     #pragma omp parallel for
     for (int c = 0; c < C; c++) {
         double sum = 0.0;
-        for (int i = 0; i < N; i++) sum += (double)dout[(size_t)i * C + c] * (inp[(size_t)i * C + c] * rstd[i]);
-        dweight[c] += (real)sum;
+        for (int i = 0; i < N; i++)
+            sum += (double)to_real(dout[(size_t)i * C + c]) * (to_real(inp[(size_t)i * C + c]) * rstd[i]);
+        dweight[c] = from_real<G>(to_real(dweight[c]) + (real)sum);
     }
 }
 
@@ -104,90 +133,108 @@ inline void rmsnorm_backward_cpu(real* dinp, real* dweight, const real* dout, co
 
 // One warp per row: lanes stride over the C channels, a shuffle reduction sums the squares.
 // Rows past N belong to whole warps, which return together (no block barrier follows).
-static __global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* inp, const float* weight,
-                                       int N, int C, float eps) {
+template <typename T>
+static __global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp, const T* weight, int N, int C,
+                                              float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const float* x = inp + (size_t)row * C;
+    const T* x = inp + (size_t)row * C;
     float sum_squares = 0.0f;
-    for (int c = lane; c < C; c += 32) sum_squares += x[c] * x[c];
+    for (int c = lane; c < C; c += 32) {
+        float xc = to_float(x[c]);
+        sum_squares += xc * xc;
+    }
     sum_squares = warp_reduce_sum(sum_squares);
     float r = 1.0f / sqrtf(sum_squares / C + eps);
     if (lane == 0) rstd[row] = r;
-    for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = weight[c] * (x[c] * r);
+    for (int c = lane; c < C; c += 32)
+        out[(size_t)row * C + c] = from_float<T>(to_float(weight[c]) * (to_float(x[c]) * r));
 }
 
-// One warp per row, as above: each lane forms the sums of its strided channels, writes them and
-// sums their squares; after the reduction it reads back the very elements it wrote (no other lane
-// touches them, so no barrier is needed; likely still in cache). In place is safe for the same
-// reason: each element of x or branch is read by the one thread that then overwrites it.
-static __global__ void residual_rmsnorm_forward_kernel(float* sum, float* out, float* rstd, const float* x,
-                                                       float x_scale, const float* branch, const float* weight,
-                                                       int N, int C, float eps) {
+// One warp per row, as above: each lane forms the sums of its strided channels, rounds and writes
+// them and sums the squares of the rounded values; after the reduction it reads back the very
+// elements it wrote (no other lane touches them, so no barrier is needed; likely still in cache).
+// In place is safe for the same reason: each element of x or branch is read by the one thread
+// that then overwrites it.
+template <typename T>
+static __global__ void residual_rmsnorm_forward_kernel(T* sum, T* out, float* rstd, const T* x, float x_scale,
+                                                       const T* branch, const T* weight, int N, int C, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
     const size_t offset = (size_t)row * C;
     float sum_squares = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float s = x_scale * x[offset + c] + branch[offset + c];
-        sum[offset + c] = s;
+        T stored = from_float<T>(x_scale * to_float(x[offset + c]) + to_float(branch[offset + c]));
+        sum[offset + c] = stored;
+        float s = to_float(stored);
         sum_squares += s * s;
     }
     sum_squares = warp_reduce_sum(sum_squares);
     float r = 1.0f / sqrtf(sum_squares / C + eps);
     if (lane == 0) rstd[row] = r;
-    for (int c = lane; c < C; c += 32) out[offset + c] = weight[c] * (sum[offset + c] * r);
+    for (int c = lane; c < C; c += 32)
+        out[offset + c] = from_float<T>(to_float(weight[c]) * (to_float(sum[offset + c]) * r));
 }
 
-// input gradient, one warp per row
-static __global__ void rmsnorm_backward_input_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
-                                              const float* rstd, int N, int C) {
+// input gradient, one warp per row; dinp accumulates: read, add in float, round once
+template <typename T>
+static __global__ void rmsnorm_backward_input_kernel(T* dinp, const T* dout, const T* inp, const T* weight,
+                                                     const float* rstd, int N, int C) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const float* x = inp + (size_t)row * C;
-    const float* dy = dout + (size_t)row * C;
+    const T* x = inp + (size_t)row * C;
+    const T* dy = dout + (size_t)row * C;
+    T* dx = dinp + (size_t)row * C;
     float r = rstd[row];
     float dot = 0.0f;
-    for (int c = lane; c < C; c += 32) dot += dy[c] * weight[c] * (x[c] * r);
+    for (int c = lane; c < C; c += 32) dot += to_float(dy[c]) * to_float(weight[c]) * (to_float(x[c]) * r);
     float mean_dot = warp_reduce_sum(dot) / C;
-    for (int c = lane; c < C; c += 32) dinp[(size_t)row * C + c] += r * (dy[c] * weight[c] - x[c] * r * mean_dot);
+    for (int c = lane; c < C; c += 32) {
+        float g = to_float(dy[c]) * to_float(weight[c]);
+        dx[c] = from_float<T>(to_float(dx[c]) + r * (g - to_float(x[c]) * r * mean_dot));
+    }
 }
 
 // weight gradient: one thread per channel sums over the rows in order (deterministic; adjacent
-// threads read adjacent channels, so the loads coalesce)
-static __global__ void rmsnorm_backward_weight_kernel(float* dweight, const float* dout, const float* inp, const float* rstd,
-                                               int N, int C) {
+// threads read adjacent channels, so the loads coalesce), then accumulates into dweight
+template <typename T, typename G>
+static __global__ void rmsnorm_backward_weight_kernel(G* dweight, const T* dout, const T* inp, const float* rstd, int N,
+                                                      int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float sum = 0.0f;
-    for (int i = 0; i < N; i++) sum += dout[(size_t)i * C + c] * (inp[(size_t)i * C + c] * rstd[i]);
-    dweight[c] += sum;
+    for (int i = 0; i < N; i++) sum += to_float(dout[(size_t)i * C + c]) * (to_float(inp[(size_t)i * C + c]) * rstd[i]);
+    dweight[c] = from_float<G>(to_float(dweight[c]) + sum);
 }
 
 // ---- launchers
 
-inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int N, int C, float eps,
+template <typename T>
+inline void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, int C, float eps,
                             cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
-    LAUNCH(rmsnorm_forward_kernel, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, out, rstd, inp, weight, N, C, eps);
+    LAUNCH(rmsnorm_forward_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, out, rstd, inp, weight, N, C,
+           eps);
 }
 
-inline void residual_rmsnorm_forward(float* sum, float* out, float* rstd, const float* x, float x_scale,
-                                     const float* branch, const float* weight, int N, int C, float eps,
-                                     cudaStream_t stream) {
+template <typename T>
+inline void residual_rmsnorm_forward(T* sum, T* out, float* rstd, const T* x, float x_scale, const T* branch,
+                                     const T* weight, int N, int C, float eps, cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
-    LAUNCH(residual_rmsnorm_forward_kernel, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, sum, out, rstd, x,
+    LAUNCH(residual_rmsnorm_forward_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, sum, out, rstd, x,
            x_scale, branch, weight, N, C, eps);
 }
 
-inline void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
-                             const float* rstd, int N, int C, cudaStream_t stream) {
+template <typename T, typename G>
+inline void rmsnorm_backward(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight, const float* rstd, int N,
+                             int C, cudaStream_t stream) {
     const int block = 256;
-    LAUNCH(rmsnorm_backward_input_kernel, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp, weight,
-           rstd, N, C);
-    LAUNCH(rmsnorm_backward_weight_kernel, dim3(ceil_div(C, block)), dim3(block), 0, stream, dweight, dout, inp, rstd, N, C);
+    LAUNCH(rmsnorm_backward_input_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp,
+           weight, rstd, N, C);
+    auto weight_kernel = rmsnorm_backward_weight_kernel<T, G>;
+    LAUNCH(weight_kernel, dim3(ceil_div(C, block)), dim3(block), 0, stream, dweight, dout, inp, rstd, N, C);
 }
 #endif

@@ -1,0 +1,283 @@
+/*
+The norm and residual kernels with bf16 storage (T = bf16) against their CPU twins with T = bf16:
+RMSNorm forward and backward, the fused residual add + RMSNorm (in place, x_scale != 1),
+LayerNorm forward and backward, residual, scale and residual_scaled. The weight gradients are
+checked both as float (G = float, --precision bf16) and as bf16 (G = bf16, --precision bf16-pure).
+
+Fresh random bf16 inputs, the same on both sides; outputs poisoned (NaN) beforehand; shapes that
+are not multiples of the 8 rows per block, the 32 lanes or the 256 threads. bf16 outputs are
+compared with check_close_bf16 at its default tolerance (see kernel_test_util.h); float outputs
+(rstd, mean, G = float gradients) are computed in float from the same bf16 inputs in both twins,
+so they keep the fp32 tolerances of test_kernels.cu. Built like test_kernels.cu: g++ with the CUDA
+emulation, or nvcc for a GPU.
+*/
+#include <cstring>
+#include <vector>
+
+#include "kernel_test_util.h"
+#include "../layers/layernorm.cuh"
+#include "../layers/residual.cuh"
+#include "../layers/rmsnorm.cuh"
+
+// exact equality of two bf16 vectors, bit for bit
+static void check_bitwise_equal_bf16(const std::vector<bf16>& ours, const std::vector<bf16>& expected,
+                                     const char* what) {
+    REQUIRE(ours.size() == expected.size());
+    for (size_t i = 0; i < ours.size(); i++) {
+        if (memcmp(&ours[i], &expected[i], sizeof(bf16)) != 0) {
+            INFO(what << ": element " << i << " of " << ours.size() << ": fused " << __bfloat162float(ours[i])
+                      << ", unfused " << __bfloat162float(expected[i]));
+            REQUIRE(memcmp(&ours[i], &expected[i], sizeof(bf16)) == 0);
+        }
+    }
+}
+
+// ---- residual adds
+
+TEST_CASE("residual, scale and residual_scaled kernels match the CPU in bf16, in place included",
+          "[kernels][bf16]") {
+    // The twins do the same one or two float operations on the same bf16 values and round once,
+    // so they agree unless the float results differ (an fma contracted on one side only), and
+    // then by one bf16 step: the default tolerance.
+    for (size_t n : {1, 255, 257, 1000}) {   // around one 256-thread block
+        const float scale = 0.577f, x_scale = 1.7f;
+        INFO("n " << n);
+        auto a = random_bf16(n, 101), b = random_bf16(n, 102);
+        std::vector<bf16> sum_cpu(n), scaled_cpu(n), residual_scaled_cpu(n);
+        residual_forward_cpu(sum_cpu.data(), a.data(), b.data(), n);
+        scale_forward_cpu(scaled_cpu.data(), a.data(), scale, n);
+        residual_scaled_forward_cpu(residual_scaled_cpu.data(), a.data(), x_scale, b.data(), n);
+
+        DeviceArray<bf16> da(a), db(b), d_sum(n), d_scaled(n), d_residual_scaled(n);
+        residual_forward(d_sum.ptr, da.ptr, db.ptr, n, 0);
+        check_close_bf16(d_sum.to_host(), sum_cpu, "residual");
+        scale_forward(d_scaled.ptr, da.ptr, scale, n, 0);
+        check_close_bf16(d_scaled.to_host(), scaled_cpu, "scale");
+        residual_scaled_forward(d_residual_scaled.ptr, da.ptr, x_scale, db.ptr, n, 0);
+        check_close_bf16(d_residual_scaled.to_host(), residual_scaled_cpu, "residual_scaled");
+
+        // in place: out aliasing each input in turn
+        DeviceArray<bf16> da_sum(a), db_sum(b), da_scaled(a), da_residual_scaled(a), db_residual_scaled(b);
+        residual_forward(da_sum.ptr, da_sum.ptr, db.ptr, n, 0);
+        check_close_bf16(da_sum.to_host(), sum_cpu, "residual into a");
+        residual_forward(db_sum.ptr, da.ptr, db_sum.ptr, n, 0);
+        check_close_bf16(db_sum.to_host(), sum_cpu, "residual into b");
+        scale_forward(da_scaled.ptr, da_scaled.ptr, scale, n, 0);
+        check_close_bf16(da_scaled.to_host(), scaled_cpu, "scale in place");
+        residual_scaled_forward(da_residual_scaled.ptr, da_residual_scaled.ptr, x_scale, db.ptr, n, 0);
+        check_close_bf16(da_residual_scaled.to_host(), residual_scaled_cpu, "residual_scaled into x");
+        residual_scaled_forward(db_residual_scaled.ptr, da.ptr, x_scale, db_residual_scaled.ptr, n, 0);
+        check_close_bf16(db_residual_scaled.to_host(), residual_scaled_cpu, "residual_scaled into b");
+
+        // the CPU twins in place give the same bits as out of place
+        std::vector<bf16> a_in_place = a, b_in_place = b;
+        residual_scaled_forward_cpu(a_in_place.data(), a_in_place.data(), x_scale, b.data(), n);
+        check_bitwise_equal_bf16(a_in_place, residual_scaled_cpu, "residual_scaled_cpu into x");
+        residual_forward_cpu(b_in_place.data(), a.data(), b_in_place.data(), n);
+        check_bitwise_equal_bf16(b_in_place, sum_cpu, "residual_cpu into b");
+    }
+}
+
+// ---- RMSNorm
+
+// One RMSNorm forward and backward at (N, C) with the weight gradient stored in G.
+template <typename G>
+static void check_rmsnorm_bf16(int N, int C, double dweight_tolerance) {
+    const size_t n = (size_t)N * C;
+    auto inp = random_bf16(n, 7), weight = random_bf16(C, 8), dout = random_bf16(n, 9);
+    auto dinp = random_bf16(n, 10);   // backward accumulates: start from known non-zero values
+    std::vector<G> dweight(C);
+    {
+        auto start = random_floats(C, 11);
+        for (int c = 0; c < C; c++) dweight[c] = from_real<G>(start[c]);
+    }
+    std::vector<bf16> out_cpu(n), dinp_cpu = dinp;
+    std::vector<float> rstd_cpu(N);
+    std::vector<G> dweight_cpu = dweight;
+    rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, 1e-6f);
+    rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), rstd_cpu.data(),
+                         N, C);
+
+    DeviceArray<bf16> d_inp(inp), d_weight(weight), d_dout(dout), d_out(n), d_dinp(dinp);
+    DeviceArray<float> d_rstd(N);
+    DeviceArray<G> d_dweight(dweight);
+    rmsnorm_forward(d_out.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, N, C, 1e-6f, 0);
+    rmsnorm_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_rstd.ptr, N, C, 0);
+    check_close_bf16(d_out.to_host(), out_cpu, "rmsnorm out");
+    check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
+    check_close_bf16(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
+    std::vector<float> dweight_gpu(C), dweight_ref(C);
+    auto dweight_host = d_dweight.to_host();
+    for (int c = 0; c < C; c++) {
+        dweight_gpu[c] = (float)to_real(dweight_host[c]);
+        dweight_ref[c] = (float)to_real(dweight_cpu[c]);
+    }
+    check_close(dweight_gpu, dweight_ref, "rmsnorm dweight", dweight_tolerance);
+}
+
+TEST_CASE("rmsnorm kernels match the CPU in bf16, weight gradient in float and in bf16", "[kernels][bf16]") {
+    // (N, C): one element; rows not a multiple of the 8 per block and C not of the 32 lanes nor of
+    // the 256 channels per block of the weight kernel; C 384, the width of a small model
+    int shapes[][2] = {{1, 1}, {9, 33}, {130, 300}, {37, 384}};
+    for (auto& s : shapes) {
+        int N = s[0], C = s[1];
+        INFO("N " << N << " C " << C);
+        check_rmsnorm_bf16<float>(N, C, 1e-5);          // G = float: a float sum, the fp32 tolerance
+        check_rmsnorm_bf16<bf16>(N, C, 2 * BF16_STEP);   // G = bf16: that sum rounded once, bf16's
+    }
+}
+
+TEST_CASE("residual_rmsnorm_forward kernel matches the CPU in bf16, in place included", "[kernels][bf16]") {
+    int shapes[][2] = {{1, 1}, {37, 67}, {130, 384}};
+    for (auto& s : shapes) {
+        for (float x_scale : {1.0f, 1.7f}) {   // a plain residual add, and DeepNorm's a for L = 4
+            int N = s[0], C = s[1];
+            const size_t n = (size_t)N * C;
+            INFO("N " << N << " C " << C << " x_scale " << x_scale);
+            auto x = random_bf16(n, 47), branch = random_bf16(n, 48), weight = random_bf16(C, 49);
+            std::vector<bf16> sum_cpu(n), out_cpu(n);
+            std::vector<float> rstd_cpu(N);
+            residual_rmsnorm_forward_cpu(sum_cpu.data(), out_cpu.data(), rstd_cpu.data(), x.data(), x_scale,
+                                         branch.data(), weight.data(), N, C, 1e-6f);
+
+            // into a separate sum, then sum aliasing x, then sum aliasing branch; outputs poisoned
+            DeviceArray<bf16> d_x(x), d_branch(branch), d_weight(weight), d_sum(n), d_out(n), d_x_in_place(x),
+                d_out_x(n), d_branch_in_place(branch), d_out_b(n);
+            DeviceArray<float> d_rstd(N), d_rstd_x(N), d_rstd_b(N);
+            residual_rmsnorm_forward(d_sum.ptr, d_out.ptr, d_rstd.ptr, d_x.ptr, x_scale, d_branch.ptr, d_weight.ptr, N,
+                                     C, 1e-6f, 0);
+            residual_rmsnorm_forward(d_x_in_place.ptr, d_out_x.ptr, d_rstd_x.ptr, d_x_in_place.ptr, x_scale,
+                                     d_branch.ptr, d_weight.ptr, N, C, 1e-6f, 0);
+            residual_rmsnorm_forward(d_branch_in_place.ptr, d_out_b.ptr, d_rstd_b.ptr, d_x.ptr, x_scale,
+                                     d_branch_in_place.ptr, d_weight.ptr, N, C, 1e-6f, 0);
+            struct Run {
+                const char* name;
+                DeviceArray<bf16>& sum;
+                DeviceArray<bf16>& out;
+                DeviceArray<float>& rstd;
+            } runs[] = {{"separate sum", d_sum, d_out, d_rstd},
+                        {"sum into x", d_x_in_place, d_out_x, d_rstd_x},
+                        {"sum into branch", d_branch_in_place, d_out_b, d_rstd_b}};
+            for (auto& run : runs) {
+                INFO(run.name);
+                auto sum_gpu = run.sum.to_host();
+                check_close_bf16(sum_gpu, sum_cpu, "residual_rmsnorm sum");
+                check_close_bf16(run.out.to_host(), out_cpu, "residual_rmsnorm out");
+                // The statistics and the output are those of the sum as the kernel stored it (what
+                // the backward reads): the norm of the kernel's own rounded sum, at the fp32
+                // tolerance for rstd. This also holds where the two sums differ by a rounding step,
+                // and it fails a kernel that normalises its unrounded float sum: that sum differs
+                // from the stored one by up to 2^-9 relative per element, which moves rstd by
+                // ~1e-4 at C = 384 and up to 2^-9 at C = 1, far above 1e-5.
+                std::vector<bf16> out_of_sum(n);
+                std::vector<float> rstd_of_sum(N);
+                rmsnorm_forward_cpu(out_of_sum.data(), rstd_of_sum.data(), sum_gpu.data(), weight.data(), N, C, 1e-6f);
+                check_close(run.rstd.to_host(), rstd_of_sum, "residual_rmsnorm rstd, of the stored sum");
+                check_close_bf16(run.out.to_host(), out_of_sum, "residual_rmsnorm out, of the stored sum");
+            }
+        }
+    }
+}
+
+TEST_CASE("residual_rmsnorm_forward_cpu in bf16 is bitwise the residual add followed by rmsnorm_forward_cpu",
+          "[kernels][bf16]") {
+    int shapes[][2] = {{1, 1}, {37, 67}, {130, 384}};
+    for (auto& s : shapes) {
+        for (float x_scale : {1.0f, 1.7f}) {   // residual_forward, and residual_scaled_forward (DeepNorm's a)
+            int N = s[0], C = s[1];
+            const size_t n = (size_t)N * C;
+            INFO("N " << N << " C " << C << " x_scale " << x_scale);
+            auto x = random_bf16(n, 57), branch = random_bf16(n, 58), weight = random_bf16(C, 59);
+            // unfused: the add (rounded to bf16 as stored), then the norm of the stored sum
+            std::vector<bf16> sum_ref(n), out_ref(n);
+            std::vector<float> rstd_ref(N);
+            if (x_scale != 1.0f) {
+                residual_scaled_forward_cpu(sum_ref.data(), x.data(), x_scale, branch.data(), n);
+            } else {
+                residual_forward_cpu(sum_ref.data(), x.data(), branch.data(), n);
+            }
+            rmsnorm_forward_cpu(out_ref.data(), rstd_ref.data(), sum_ref.data(), weight.data(), N, C, 1e-6f);
+            // fused: into a separate sum, then in place over x and over branch
+            std::vector<bf16> sum(n), out(n), x_in_place = x, branch_in_place = branch;
+            std::vector<float> rstd(N);
+            residual_rmsnorm_forward_cpu(sum.data(), out.data(), rstd.data(), x.data(), x_scale, branch.data(),
+                                         weight.data(), N, C, 1e-6f);
+            check_bitwise_equal_bf16(sum, sum_ref, "sum");
+            check_bitwise_equal_bf16(out, out_ref, "out");
+            REQUIRE(memcmp(rstd.data(), rstd_ref.data(), N * sizeof(float)) == 0);
+            residual_rmsnorm_forward_cpu(x_in_place.data(), out.data(), rstd.data(), x_in_place.data(), x_scale,
+                                         branch.data(), weight.data(), N, C, 1e-6f);
+            check_bitwise_equal_bf16(x_in_place, sum_ref, "sum into x");
+            check_bitwise_equal_bf16(out, out_ref, "out, sum into x");
+            REQUIRE(memcmp(rstd.data(), rstd_ref.data(), N * sizeof(float)) == 0);
+            residual_rmsnorm_forward_cpu(branch_in_place.data(), out.data(), rstd.data(), x.data(), x_scale,
+                                         branch_in_place.data(), weight.data(), N, C, 1e-6f);
+            check_bitwise_equal_bf16(branch_in_place, sum_ref, "sum into branch");
+            check_bitwise_equal_bf16(out, out_ref, "out, sum into branch");
+            REQUIRE(memcmp(rstd.data(), rstd_ref.data(), N * sizeof(float)) == 0);
+        }
+    }
+}
+
+// ---- LayerNorm
+
+// One LayerNorm forward and backward at (N, C) with the weight and bias gradients stored in G.
+template <typename G>
+static void check_layernorm_bf16(int N, int C, double gradient_tolerance) {
+    const size_t n = (size_t)N * C;
+    // mean 10, spread 1: the mean subtraction matters (the +10 is rounded to bf16 with the rest)
+    auto inp_float = random_floats(n, 40);
+    for (auto& x : inp_float) x += 10.0f;
+    auto inp = to_bf16(inp_float), weight = random_bf16(C, 41), bias = random_bf16(C, 42), dout = random_bf16(n, 43);
+    auto dinp = random_bf16(n, 44);   // backward accumulates: start from known non-zero values
+    std::vector<G> dweight(C), dbias(C);
+    {
+        auto start_w = random_floats(C, 45), start_b = random_floats(C, 46);
+        for (int c = 0; c < C; c++) {
+            dweight[c] = from_real<G>(start_w[c]);
+            dbias[c] = from_real<G>(start_b[c]);
+        }
+    }
+    std::vector<bf16> out_cpu(n), dinp_cpu = dinp;
+    std::vector<float> mean_cpu(N), rstd_cpu(N);
+    std::vector<G> dweight_cpu = dweight, dbias_cpu = dbias;
+    layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), bias.data(), N,
+                          C, 1e-5f);
+    layernorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dbias_cpu.data(), dout.data(), inp.data(),
+                           weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C);
+
+    DeviceArray<bf16> d_inp(inp), d_weight(weight), d_bias(bias), d_dout(dout), d_out(n), d_dinp(dinp);
+    DeviceArray<float> d_mean(N), d_rstd(N);
+    DeviceArray<G> d_dweight(dweight), d_dbias(dbias);
+    layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, 1e-5f, 0);
+    layernorm_backward(d_dinp.ptr, d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_mean.ptr,
+                       d_rstd.ptr, N, C, 0);
+    check_close_bf16(d_out.to_host(), out_cpu, "layernorm out");
+    check_close(d_mean.to_host(), mean_cpu, "layernorm mean");
+    // rstd to 1e-6 as in the fp32 test: the two-pass variance, in float from the same inputs
+    check_close(d_rstd.to_host(), rstd_cpu, "layernorm rstd", 1e-6);
+    check_close_bf16(d_dinp.to_host(), dinp_cpu, "layernorm dinp");
+    auto dweight_host = d_dweight.to_host(), dbias_host = d_dbias.to_host();
+    std::vector<float> dweight_gpu(C), dweight_ref(C), dbias_gpu(C), dbias_ref(C);
+    for (int c = 0; c < C; c++) {
+        dweight_gpu[c] = (float)to_real(dweight_host[c]);
+        dweight_ref[c] = (float)to_real(dweight_cpu[c]);
+        dbias_gpu[c] = (float)to_real(dbias_host[c]);
+        dbias_ref[c] = (float)to_real(dbias_cpu[c]);
+    }
+    check_close(dweight_gpu, dweight_ref, "layernorm dweight", gradient_tolerance);
+    check_close(dbias_gpu, dbias_ref, "layernorm dbias", gradient_tolerance);
+}
+
+TEST_CASE("layernorm kernels match the CPU in bf16, weight gradients in float and in bf16", "[kernels][bf16]") {
+    // (N, C): one element (zero variance: out is the bias, the exact dinp is 0); rows not a multiple
+    // of the 8 per block and C not of the 32 lanes nor the 256 channels per block of the weight
+    // kernel; C 384, the width of a small model
+    int shapes[][2] = {{1, 1}, {37, 67}, {130, 300}, {29, 384}};
+    for (auto& s : shapes) {
+        int N = s[0], C = s[1];
+        INFO("N " << N << " C " << C);
+        check_layernorm_bf16<float>(N, C, 1e-5);          // G = float: float sums, the fp32 tolerance
+        check_layernorm_bf16<bf16>(N, C, 2 * BF16_STEP);   // G = bf16: those sums rounded once, bf16's
+    }
+}
