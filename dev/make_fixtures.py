@@ -4,7 +4,9 @@ Generate the fixtures the C++ parity tests compare against (at test time; never 
     /usr/bin/python3 dev/make_fixtures.py --out DIR [--cases pre,post,mix,...] [--fp64-drift]
 
 Cases (CASES below): Mix-LN by alpha (pre, post, mix, mix_half) and by an explicit per-layer list
-of norm kinds (peri, deepnorm, lns, and zoo: one layer of each kind, with LayerNorm).
+of norm kinds (peri, deepnorm, lns, and zoo: one layer of each kind, with LayerNorm), all in fp32;
+and the bf16 cases (mix_bf16, mix_bf16_pure, zoo_bf16): the mix and zoo cases (same checkpoint,
+data and hyperparameters) computed by the reference's emulation of --precision bf16 / bf16-pure.
 
 For each case, DIR/<case>/ holds:
   config.json, model.safetensors   the initial checkpoint (norm weights and biases perturbed, see below)
@@ -14,6 +16,11 @@ For each case, DIR/<case>/ holds:
                                    grad.<name> at the initial weights, train_loss/lr/grad_norm (10,)
                                    of a 10-step run, final.<name> after it; __metadata__ holds the
                                    hyperparameters as strings.
+bf16 cases: train.json and __metadata__ also hold "precision" ("bf16" or "bf16-pure"); the keys
+above come from the bf16 emulation, and the fp32 reference's results from the same checkpoint and
+data sit beside them under the prefix fp32.: fp32.logits, fp32.loss, fp32.grad.<name>,
+fp32.train_loss, fp32.grad_norm, fp32.final.<name> (so a test can see how far bf16 itself moves
+the numbers). The checkpoint stays the fp32 file; in bf16-pure the engine rounds it on load.
 --fp64-drift also trains a float64 copy and prints how far fp32 lands from it: a floor for the
 tolerances a C++ fp32 implementation can be held to.
 """
@@ -51,6 +58,14 @@ CASES = {
     "zoo":      dict(L=5, norm_layers=["post", "deepnorm", "peri", "lns", "pre"], norm_type="layernorm",
                      seed=1008, weight_decay=0.1, grad_clip=0.0),
 }
+# bf16 emulation (reference.py, "Precision"): an fp32 case with a "precision" key. Same seed, so
+# the same checkpoint and tokens as the case they copy.
+CASES["mix_bf16"] = dict(CASES["mix"], precision="bf16")
+CASES["mix_bf16_pure"] = dict(CASES["mix"], precision="bf16-pure")
+CASES["zoo_bf16"] = dict(CASES["zoo"], precision="bf16")
+
+# the results of a reference run that a bf16 case also records from the fp32 reference
+FP32_KEYS = ("logits", "loss", "grad.", "train_loss", "grad_norm", "final.")
 
 
 def case_config(spec):
@@ -79,6 +94,52 @@ def check_scales_matter(name, d, tokens, train_args, log):
         assert diff > 1e-4, f"{name}: {kind} with its scale set to 1 changed the train losses by only {diff:.2e}"
 
 
+def run_reference(d, tokens, train_args):
+    """Forward + backward of batch 0 at the initial weights, then 10 training steps from them, both
+    from the checkpoint in d and in the current precision -> (results dict in fixture order, the
+    training log, the loss)."""
+    model = ref.load_checkpoint(d)
+    x, y = ref.batch(tokens, 0, B, T)
+    logits, loss = model(x, y)
+    loss.backward()
+    fx = {
+        "inputs": x.to(torch.int32),
+        "targets": y.to(torch.int32),
+        "logits": logits.detach(),
+        "loss": loss.detach().reshape(1),
+    }
+    for pname, p in model.named_parameters():
+        fx["grad." + pname] = p.grad.detach().clone()
+
+    # 10 training steps from the same initial weights.
+    model = ref.load_checkpoint(d)
+    log = ref.train(model, *train_args)
+    fx["train_loss"] = torch.tensor([l for l, _, _ in log], dtype=torch.float32)
+    fx["lr"] = torch.tensor([lr for _, lr, _ in log], dtype=torch.float32)
+    fx["grad_norm"] = torch.tensor([g for _, _, g in log], dtype=torch.float32)
+    for pname, p in model.named_parameters():
+        fx["final." + pname] = p.detach().clone()
+    return fx, log, loss, model
+
+
+def rel_err(a, b):
+    """max|a - b| / max|b| over one tensor."""
+    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30)
+
+
+def print_bf16_vs_fp32(fx, fp32):
+    """The bf16 emulation against the fp32 reference: logits, the worst gradient and the worst
+    final parameter tensor (relative error per tensor, rel_err)."""
+    def worst(prefix):
+        return max((rel_err(fx[k], fp32[k]), k[len(prefix):]) for k in fp32 if k.startswith(prefix))
+    g, gname = worst("grad.")
+    w, wname = worst("final.")
+    print(f"{'':9s} bf16 vs fp32 (max|a-b|/max|b|): logits {rel_err(fx['logits'], fp32['logits']):.2e}, "
+          f"loss {abs(float(fx['loss']) - float(fp32['loss'])):.2e} (abs), "
+          f"train_loss {rel_err(fx['train_loss'], fp32['train_loss']):.2e}, "
+          f"worst grad {g:.2e} ({gname}), worst final {w:.2e} ({wname})")
+
+
 def make_case(out, name, spec, fp64_drift):
     t0 = time.perf_counter()
     d = os.path.join(out, name)
@@ -105,44 +166,42 @@ def make_case(out, name, spec, fp64_drift):
 
     hp = dict(batch=B, seq_len=T, steps=STEPS, lr=LR, warmup=WARMUP, min_lr_ratio=MIN_LR_RATIO,
               weight_decay=spec["weight_decay"], grad_clip=spec["grad_clip"])
+    precision = spec.get("precision", "fp32")
+    if precision != "fp32":  # recorded only where it is not the default, so fp32 cases stay as they were
+        hp["precision"] = precision
     with open(os.path.join(d, "train.json"), "w") as f:
         json.dump(hp, f, indent=2)
         f.write("\n")
 
-    # Forward + backward of batch 0 at the initial weights, from the checkpoint as written.
-    model = ref.load_checkpoint(d)
-    x, y = ref.batch(tokens, 0, B, T)
-    logits, loss = model(x, y)
-    loss.backward()
-    fx = {
-        "inputs": x.to(torch.int32),
-        "targets": y.to(torch.int32),
-        "logits": logits.detach(),
-        "loss": loss.detach().reshape(1),
-    }
-    for pname, p in model.named_parameters():
-        fx["grad." + pname] = p.grad.detach().clone()
-
-    # 10 training steps from the same initial weights.
-    model = ref.load_checkpoint(d)
+    # Forward + backward of batch 0 at the initial weights, from the checkpoint as written, and
+    # 10 training steps from the same initial weights, in the case's precision.
     train_args = (tokens, B, T, STEPS, LR, WARMUP, MIN_LR_RATIO, spec["weight_decay"], spec["grad_clip"])
-    log = ref.train(model, *train_args)
-    fx["train_loss"] = torch.tensor([l for l, _, _ in log], dtype=torch.float32)
-    fx["lr"] = torch.tensor([lr for _, lr, _ in log], dtype=torch.float32)
-    fx["grad_norm"] = torch.tensor([g for _, _, g in log], dtype=torch.float32)
-    for pname, p in model.named_parameters():
-        fx["final." + pname] = p.detach().clone()
+    with ref.using_precision(precision):
+        fx, log, loss, model = run_reference(d, tokens, train_args)
 
-    if spec["grad_clip"] > 0:
-        # Clipping must engage, and must change the result by more than float noise, or the
-        # case would not test it.
-        assert any(g > spec["grad_clip"] for _, _, g in log), f"{name}: grad_clip never engaged"
-        unclipped = ref.load_checkpoint(d)
-        ref.train(unclipped, *train_args[:-1], 0.0)
-        diff = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), unclipped.parameters()))
-        assert diff > 1e-4, f"{name}: clipping changed the final weights by only {diff:.2e}"
+        if spec["grad_clip"] > 0:
+            # Clipping must engage, and must change the result by more than float noise, or the
+            # case would not test it.
+            assert any(g > spec["grad_clip"] for _, _, g in log), f"{name}: grad_clip never engaged"
+            unclipped = ref.load_checkpoint(d)
+            ref.train(unclipped, *train_args[:-1], 0.0)
+            diff = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), unclipped.parameters()))
+            assert diff > 1e-4, f"{name}: clipping changed the final weights by only {diff:.2e}"
 
-    check_scales_matter(name, d, tokens, train_args, log)
+        check_scales_matter(name, d, tokens, train_args, log)
+
+    if precision != "fp32":
+        # The fp32 reference from the same checkpoint and data, under fp32.<key>.
+        fp32, _, _, _ = run_reference(d, tokens, train_args)
+        fp32 = {k: v for k, v in fp32.items() if k.startswith(FP32_KEYS)}
+        # the emulation must be on: bf16 results differ from fp32 ones, and the logits are stored
+        # (bf16-pure: the parameters too) as bf16 values
+        assert not torch.equal(fx["logits"], fp32["logits"]), f"{name}: bf16 logits equal the fp32 ones"
+        assert ref.is_bf16_representable(fx["logits"]), f"{name}: logits are not bf16 values"
+        if precision == "bf16-pure":
+            assert all(ref.is_bf16_representable(v) for k, v in fx.items() if k.startswith(("final.", "grad."))), \
+                f"{name}: bf16-pure parameters or gradients are not bf16 values"
+        fx.update({"fp32." + k: v for k, v in fp32.items()})
 
     ref.safetensors_save(os.path.join(d, "fixture.safetensors"), fx, {k: str(v) for k, v in hp.items()})
 
@@ -153,11 +212,15 @@ def make_case(out, name, spec, fp64_drift):
         placement = f"norm_layers={','.join(cfg.norm_layers)}"
     if cfg.norm_type != "rmsnorm":
         placement += f" norm_type={cfg.norm_type}"
+    if precision != "fp32":
+        placement += f" precision={precision}"
     print(f"{name:9s} {placement} loss={float(loss):.6f} "
           f"train_loss[0]={log[0][0]:.6f} train_loss[-1]={log[-1][0]:.6f} "
           f"grad_norm[0]={log[0][2]:.4f} {secs:.2f}s")
+    if precision != "fp32":
+        print_bf16_vs_fp32(fx, {k[len("fp32."):]: v for k, v in fx.items() if k.startswith("fp32.")})
 
-    if fp64_drift:
+    if fp64_drift and precision == "fp32":  # (a bf16 case compares with fp32 above instead)
         m64 = ref.load_checkpoint(d).double()
         log64 = ref.train(m64, *train_args)
         dl = max(abs(a[0] - b[0]) for a, b in zip(log, log64))

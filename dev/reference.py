@@ -9,10 +9,14 @@ Everything is plain fp32 PyTorch, readable top to bottom:
   model          LLaMA with a norm placement per layer (`norm_layers`): pre, post, peri (Sandwich),
                  deepnorm, lns (LayerNorm Scaling); Mix-LN is [post]*floor(alpha*L) + [pre]*rest.
                  Norms are RMSNorm or LayerNorm (`norm_type`); equations in DecoderLayer
+  precision      fp32 (default) or an emulation of the engine's --precision bf16 / bf16-pure:
+                 fp32 tensors rounded to bf16 values wherever the engine stores bf16 (store,
+                 read_weight; see "Precision" below)
   training       AdamW + GaLore's warmup/cosine schedule + optional gradient clipping
   analysis       angular distance between layer inputs, loss with one layer dropped
   CLI            init / eval / analyze / train / bench  (run with --help); init and bench take
-                 --alpha A or --norm-layers post,pre,..., --norm-type, --scaled-init
+                 --alpha A or --norm-layers post,pre,..., --norm-type, --scaled-init; train and
+                 eval take --precision fp32|bf16|bf16-pure
 
 Parameter names are exactly the Hugging Face LLaMA names (Gemma-2's for the four norms of a peri
 layer; `<norm>.bias` beside each weight with LayerNorm), with Linear weights stored
@@ -24,6 +28,7 @@ Runs on the Debian Python (torch 1.13): no torch 2.x APIs.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -364,11 +369,123 @@ def config_load(path):
 
 
 # -----------------------------------------------------------------------------
+# Precision: the engine's bf16 storage, emulated in fp32
+#
+# The engine's --precision bf16 keeps fp32 master weights and fp32 AdamW moments, but before each
+# forward its kernels read a bf16 copy of EVERY parameter (norm weights and biases included), and
+# every activation and every activation gradient is stored in bf16. A kernel computes in fp32 from
+# its bf16 inputs and rounds once per value it stores. Weight gradients are fp32.
+# --precision bf16-pure: the parameters themselves, their gradients and both AdamW moments are
+# bf16 as well.
+#
+# The emulation never computes in bf16 (PyTorch's CPU bf16 matmul is inaccurate, ~7% relative
+# error at K = 4096): every tensor stays float32 and is ROUNDED to a bf16 value (to nearest, ties
+# to even, as the engine) at the points where the engine stores bf16. Two functions mark them:
+#
+#   store(x)        an activation the engine stores: forward rounds x; backward rounds the
+#                   gradient flowing back into x (the engine stores that gradient in bf16 too;
+#                   autograd has summed every use of x before it reaches this point).
+#   read_weight(p)  the value of parameter p a kernel reads: p rounded. Its gradient passes through
+#                   unrounded in bf16 (fp32 weight gradients) and is rounded in bf16-pure.
+#
+# Linear, the norms (RMSNorm, LayerNorm) and Embedding read their parameters through read_weight
+# and store their output; every other storage point (RoPE outputs, the attention output before
+# o_proj, SwiGLU, each residual sum, LayerNorm Scaling's product) is a store(...) call in
+# Attention.forward, MLP.forward and DecoderLayer.forward. Softmax, cross-entropy and the norm
+# statistics are computed in fp32 from the stored inputs and not rounded.
+# In fp32 both functions return their argument itself, so the fp32 model is bit for bit what it
+# is without them. The optimizer side (fp32 masters in bf16, an explicit bf16 AdamW step in
+# bf16-pure) is in make_optimizer and train.
+
+PRECISIONS = ("fp32", "bf16", "bf16-pure")
+_precision = "fp32"  # what store / read_weight / make_optimizer / train do now; see using_precision
+
+
+def check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not known ({', '.join(PRECISIONS)})")
+    return precision
+
+
+def get_precision():
+    return _precision
+
+
+def set_precision(precision):
+    """Make `precision` (one of PRECISIONS) the mode of everything run from now on."""
+    global _precision
+    _precision = check_precision(precision)
+
+
+@contextlib.contextmanager
+def using_precision(precision):
+    """with using_precision("bf16"): ... runs the block in that mode, then restores the previous one.
+    The mode is read when a forward runs; its backward rounds as that forward decided."""
+    previous = _precision
+    set_precision(precision)
+    try:
+        yield
+    finally:
+        set_precision(previous)
+
+
+def round_bf16(x):
+    """x rounded to the nearest bf16 value (ties to even), in x's own dtype."""
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def is_bf16_representable(x):
+    """Whether every value of x is a bf16 value (rounding leaves it as it is)."""
+    return torch.equal(round_bf16(x), x)
+
+
+class _RoundValueAndGrad(torch.autograd.Function):
+    """Forward: round to bf16. Backward: round the incoming gradient to bf16."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return round_bf16(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return round_bf16(grad)
+
+
+class _RoundValue(torch.autograd.Function):
+    """Forward: round to bf16. Backward: the gradient unchanged (straight through)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return round_bf16(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def store(x):
+    """x as the engine stores it: rounded to bf16, with its gradient rounded on the way back
+    (bf16 and bf16-pure); x itself in fp32."""
+    return x if _precision == "fp32" else _RoundValueAndGrad.apply(x)
+
+
+def read_weight(p):
+    """Parameter p as a kernel reads it: p itself in fp32; its bf16 copy in bf16 (the gradient
+    reaches p in fp32); in bf16-pure p already holds bf16 values and its gradient is stored in bf16."""
+    if _precision == "fp32":
+        return p
+    if _precision == "bf16":
+        return _RoundValue.apply(p)
+    return _RoundValueAndGrad.apply(p)
+
+
+# -----------------------------------------------------------------------------
 # Model
 
 
 class RMSNorm(nn.Module):
-    """rms(x) = weight * x / sqrt(mean(x^2) + eps), over the last dimension; no bias."""
+    """rms(x) = weight * x / sqrt(mean(x^2) + eps), over the last dimension; no bias.
+    Output stored (store); the weight read through read_weight."""
 
     def __init__(self, C, eps):
         super().__init__()
@@ -378,12 +495,13 @@ class RMSNorm(nn.Module):
     def forward(self, x):  # x (..., C)
         # The model is fp32 throughout, so the mean of squares is fp32 here (float64 only when the
         # whole model is .double(), as in the gradcheck test).
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return store(read_weight(self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)))
 
 
 class LayerNorm(nn.Module):
     """ln(x) = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, over the last dimension, with the
-    biased variance (mean of squared deviations). Weight starts at 1, bias at 0."""
+    biased variance (mean of squared deviations). Weight starts at 1, bias at 0.
+    Output stored (store); weight and bias read through read_weight."""
 
     def __init__(self, C, eps):
         super().__init__()
@@ -394,13 +512,32 @@ class LayerNorm(nn.Module):
     def forward(self, x):  # x (..., C)
         xc = x - x.mean(-1, keepdim=True)                      # centred
         var = xc.pow(2).mean(-1, keepdim=True)                 # biased variance
-        return xc * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return store(xc * torch.rsqrt(var + self.eps) * read_weight(self.weight) + read_weight(self.bias))
 
 
 def make_norm(cfg):
     """One norm of the kind cfg.norm_type says, over hidden_size, with eps = rms_norm_eps."""
     cls = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}[check_norm_type(cfg.norm_type)]
     return cls(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias (weight (out, in)): y = x @ W^T, the weight read through read_weight
+    and the output stored (store)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return store(F.linear(x, read_weight(self.weight)))
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (weight (V, C)): rows of the table as read_weight gives it, stored (store):
+    the rows are bf16 values already, but the gradient flowing back into them is rounded."""
+
+    def forward(self, inputs):
+        return store(F.embedding(inputs, read_weight(self.weight)))
 
 
 def rope_cos_sin(T, hs, theta):
@@ -430,10 +567,10 @@ class Attention(nn.Module):
         self.NH = cfg.num_attention_heads
         self.hs = C // self.NH
         self.theta = cfg.rope_theta
-        self.q_proj = nn.Linear(C, C, bias=False)
-        self.k_proj = nn.Linear(C, C, bias=False)
-        self.v_proj = nn.Linear(C, C, bias=False)
-        self.o_proj = nn.Linear(C, C, bias=False)
+        self.q_proj = Linear(C, C)
+        self.k_proj = Linear(C, C)
+        self.v_proj = Linear(C, C)
+        self.o_proj = Linear(C, C)
 
     def forward(self, x):  # x (B, T, C)
         B, T, C = x.shape
@@ -443,8 +580,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
         cos, sin = rope_cos_sin(T, hs, self.theta)             # (T, hs), broadcast over B, NH
         cos, sin = cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)  # no-op on the CPU in fp32
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = store(q * cos + rotate_half(q) * sin)              # RoPE, stored
+        k = store(k * cos + rotate_half(k) * sin)
         if Attention.fused:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, NH, T, hs)
         else:
@@ -453,6 +590,7 @@ class Attention(nn.Module):
             att = att.masked_fill(future, float("-inf"))
             att = F.softmax(att, dim=-1)                           # fp32 (the model's dtype)
             y = att @ v                                            # (B, NH, T, hs)
+        y = store(y)                                           # the attention output, stored
         y = y.transpose(1, 2).contiguous().view(B, T, C)       # heads side by side again
         return self.o_proj(y)
 
@@ -461,12 +599,12 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         C, Fh = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(C, Fh, bias=False)  # weight (F, C)
-        self.up_proj = nn.Linear(C, Fh, bias=False)    # weight (F, C)
-        self.down_proj = nn.Linear(Fh, C, bias=False)  # weight (C, F)
+        self.gate_proj = Linear(C, Fh)  # weight (F, C)
+        self.up_proj = Linear(C, Fh)    # weight (F, C)
+        self.down_proj = Linear(Fh, C)  # weight (C, F)
 
     def forward(self, x):  # x (B, T, C)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(store(F.silu(self.gate_proj(x)) * self.up_proj(x)))  # SwiGLU stored
 
 
 def deepnorm_alpha(L):
@@ -501,7 +639,11 @@ class DecoderLayer(nn.Module):
                  names as pre  (LayerNorm Scaling)
 
     Norms are registered in the order N1, (N1o,) N2, (N2o,) after self_attn and mlp, so
-    named_parameters() (and the order init draws in) is fixed per kind."""
+    named_parameters() (and the order init draws in) is fixed per kind.
+
+    Storage points (bf16 emulation, see "Precision"): every norm, Attn and MLP output is stored
+    by its module; forward adds a store(...) on each residual sum (x + ..., a*x + ...) and on
+    lns's s*N(...)."""
 
     def __init__(self, cfg, kind, layer_idx):
         super().__init__()
@@ -532,31 +674,31 @@ class DecoderLayer(nn.Module):
         kind = self.kind
         if kind == "pre":
             # h = x + Attn(N1(x));  y = h + MLP(N2(h))
-            h = x + self.self_attn(self.input_layernorm(x))
-            return h + self.mlp(self.post_attention_layernorm(h))
+            h = store(x + self.self_attn(self.input_layernorm(x)))
+            return store(h + self.mlp(self.post_attention_layernorm(h)))
         if kind == "lns":
             # h = x + Attn(s*N1(x));  y = h + MLP(s*N2(h)),  s = 1/sqrt(l+1)
             s = self.lns_scale
-            h = x + self.self_attn(s * self.input_layernorm(x))
-            return h + self.mlp(s * self.post_attention_layernorm(h))
+            h = store(x + self.self_attn(store(s * self.input_layernorm(x))))
+            return store(h + self.mlp(store(s * self.post_attention_layernorm(h))))
         if kind == "peri":
             # h = x + N1o(Attn(N1(x)));  y = h + N2o(MLP(N2(h)))
-            h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x)))
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+            h = store(x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x))))
+            return store(h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))))
         if kind == "post":
             # h = N1(x + Attn(x));  y = N2(h + MLP(h))
-            h = self.post_attention_layernorm(x + self.self_attn(x))
-            return self.post_feedforward_layernorm(h + self.mlp(h))
+            h = self.post_attention_layernorm(store(x + self.self_attn(x)))
+            return self.post_feedforward_layernorm(store(h + self.mlp(h)))
         # deepnorm: h = N1(a*x + Attn(x));  y = N2(a*h + MLP(h)),  a = (2L)^(1/4)
         a = self.deepnorm_alpha
-        h = self.post_attention_layernorm(a * x + self.self_attn(x))
-        return self.post_feedforward_layernorm(a * h + self.mlp(h))
+        h = self.post_attention_layernorm(store(a * x + self.self_attn(x)))
+        return self.post_feedforward_layernorm(store(a * h + self.mlp(h)))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # (V, C)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)  # (V, C)
         self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.norm_layers[l], l)
                                     for l in range(cfg.num_hidden_layers))
         # The final norm is applied in every mode (never scaled), so a pure Post-LN model
@@ -576,11 +718,11 @@ class MixLNForCausalLM(nn.Module):
         cfg.check()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # (V, C), untied
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)  # (V, C), untied
 
     def forward(self, inputs, targets=None):
         """inputs (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean token
-        cross-entropy (else None)."""
+        cross-entropy (else None; computed in fp32 from the logits as stored)."""
         T = inputs.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} > max_position_embeddings {self.config.max_position_embeddings}")
@@ -715,18 +857,73 @@ def grad_norm_of(params):
     return math.sqrt(total)
 
 
+def adamw_math(p, m, v, g, lr, beta1, beta2, eps, weight_decay, t):
+    """One AdamW step in fp32, in the arithmetic (and order) of torch 1.13's torch.optim.AdamW
+    (make_optimizer) -> new tensors p'', m', v'; the inputs are not changed:
+        p' = p * (1 - lr*wd);  m' = b1*m + (1-b1)*g;  v' = b2*v + (1-b2)*g^2
+        p'' = p' - lr/(1-b1^t) * m' / (sqrt(v')/sqrt(1-b2^t) + eps)"""
+    p = p.mul(1 - lr * weight_decay)
+    m = m.mul(beta1).add(g, alpha=1 - beta1)
+    v = v.mul(beta2).addcmul(g, g, value=1 - beta2)
+    step_size = lr / (1 - beta1 ** t)
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** t)
+    denom = (v.sqrt() / bias_correction2_sqrt).add(eps)
+    return p.addcdiv(m, denom, value=-step_size), m, v
+
+
+class BF16PureAdamW:
+    """The engine's AdamW in bf16-pure: parameters, gradients and both moments hold bf16 values.
+    Each step reads p, m, v, g (g: the bf16 gradient, times the clipping factor when clipping
+    scaled it), computes adamw_math in fp32, and stores round(m'), round(v'), round(p'') (p''
+    computed from the unrounded m', v'). Just enough of torch.optim's interface for train_step:
+    param_groups[0]["lr"], zero_grad, step."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params = list(params)
+        self.param_groups = [{"lr": lr}]
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in self.params]  # bf16 values (0 is one)
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1  # counts every step, as torch's AdamW and the engine do
+        lr = self.param_groups[0]["lr"]
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            p2, m2, v2 = adamw_math(p, m, v, p.grad, lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.t)
+            m.copy_(round_bf16(m2))
+            v.copy_(round_bf16(v2))
+            p.copy_(round_bf16(p2))
+
+
 def make_optimizer(params, lr, weight_decay):
     # AdamW as torch 1.13 implements it, applied to every parameter (norm weights and biases and
     # the embedding included):
     #   p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
     #   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)      with t = 1, 2, ...
     # (t counts every step, including step 0 with lr 0.)
+    # fp32 and bf16 (fp32 master weights and moments): torch's own AdamW. bf16-pure: the same
+    # arithmetic with everything rounded to bf16 as stored (BF16PureAdamW).
+    if _precision == "bf16-pure":
+        return BF16PureAdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
 
 
 def train_step(model, opt, params, x, y, lr, grad_clip):
     """One step: forward, backward, norm, clip, AdamW update with learning rate lr.
-    -> (loss before the update, grad norm before clipping)."""
+    -> (loss before the update, grad norm before clipping). The gradients are as stored in the
+    current precision (bf16-pure: bf16 values), the norm over them in float64."""
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
@@ -740,10 +937,20 @@ def train_step(model, opt, params, x, y, lr, grad_clip):
     return float(loss), gnorm
 
 
+def round_parameters_(model):
+    """Round every parameter to bf16 in place (what loading a checkpoint into bf16 parameters does)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(round_bf16(p))
+
+
 def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, grad_clip):
-    """Train in place for `steps` steps walking batches 0, 1, ... of `tokens` (wrapping to 0).
-    -> list of (train_loss, lr, grad_norm) per step."""
+    """Train in place for `steps` steps walking batches 0, 1, ... of `tokens` (wrapping to 0), in
+    the current precision (using_precision). -> list of (train_loss, lr, grad_norm) per step.
+    bf16-pure first rounds the parameters to bf16, as the engine's load does."""
     model.train()
+    if _precision == "bf16-pure":
+        round_parameters_(model)
     params = [p for _, p in model.named_parameters()]
     opt = make_optimizer(params, lr, weight_decay)
     nb = num_batches(len(tokens), B, T)
@@ -881,7 +1088,8 @@ def cmd_init(a):
 
 def cmd_eval(a):
     model = load_checkpoint(a.ckpt)
-    loss, n = evaluate(model, shard_load(a.data), a.batch, a.seq_len, a.batches)
+    with using_precision(a.precision):
+        loss, n = evaluate(model, shard_load(a.data), a.batch, a.seq_len, a.batches)
     print(json.dumps({"val_loss": loss, "tokens": n}))
 
 
@@ -899,8 +1107,9 @@ def cmd_analyze(a):
 
 def cmd_train(a):
     model = load_checkpoint(a.ckpt)
-    log = train(model, shard_load(a.data), a.batch, a.seq_len, a.steps, a.lr, a.warmup,
-                a.min_lr_ratio, a.weight_decay, a.grad_clip)
+    with using_precision(a.precision):
+        log = train(model, shard_load(a.data), a.batch, a.seq_len, a.steps, a.lr, a.warmup,
+                    a.min_lr_ratio, a.weight_decay, a.grad_clip)
     save_checkpoint(model, a.out)
     lines = [json.dumps({"step": s, "train_loss": l, "lr": lr, "grad_norm": g}) for s, (l, lr, g) in enumerate(log)]
     with open(os.path.join(a.out, "log.jsonl"), "w") as f:
@@ -945,6 +1154,14 @@ def checkpoint_data_args(q):
     q.add_argument("--seq-len", type=int, required=True)
 
 
+def precision_arg(q):
+    q.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default), or emulate the engine's bf16 storage: bf16 (bf16 copies of the "
+                        "weights, bf16 activations and activation gradients; fp32 master weights, weight "
+                        "gradients and AdamW moments) or bf16-pure (those in bf16 too). The checkpoint "
+                        "written stays fp32 (bf16-pure: holding bf16 values)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="mixln PyTorch reference")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -976,6 +1193,7 @@ def main(argv=None):
     q = sub.add_parser("eval", help="mean loss over whole batches of a shard")
     checkpoint_data_args(q)
     q.add_argument("--batches", type=int, default=None)
+    precision_arg(q)
     q.set_defaults(fn=cmd_eval)
 
     q = sub.add_parser("analyze", help="angular distances between layer inputs and the loss with each layer "
@@ -994,6 +1212,7 @@ def main(argv=None):
     q.add_argument("--weight-decay", type=float, default=0.0)
     q.add_argument("--grad-clip", type=float, default=0.0)
     q.add_argument("--out", required=True)
+    precision_arg(q)
     q.set_defaults(fn=cmd_train)
 
     q = sub.add_parser("bench", help="time full training steps on random tokens")

@@ -9,7 +9,11 @@ finite differences in float64, the layer analysis (`analyze`), and dev/plot.py (
 only where matplotlib is installed: python3-matplotlib). The norm placements (pre, post, peri,
 deepnorm, lns; RMSNorm or LayerNorm): each layer kind's equations and tensor names, LayerNorm
 against torch's, gradients through every kind, config.json's norm_layers / norm_type (round trip
-and bad input), DeepNet and scaled init statistics, and the CLI flags.
+and bad input), DeepNet and scaled init statistics, and the CLI flags. The bf16 emulation
+(--precision bf16 / bf16-pure): rounding to nearest even, the fp32 model unchanged, the forward
+bit for bit against the storage points written out again here, stored values and activation
+gradients bf16, weight gradients fp32 or bf16, closeness to fp32 (bounds argued in the test),
+the optimizer state per mode, the bf16-pure AdamW step, and the CLI flag.
 """
 
 import math
@@ -714,6 +718,423 @@ def test_analyze_cli():
     assert written["tokens"] == 2 * 2 * 6
     want = ref.analyze(model, random_tokens(3 * 2 * 6 + 1, 11, 11).numpy(), 2, 6, max_batches=2)
     assert abs(written["val_loss"] - want["val_loss"]) < 1e-12  # the checkpoint is fp32, read back exactly
+
+
+# ---- bf16 emulation (reference.py, "Precision")
+#
+# The engine's --precision bf16 / bf16-pure store activations, activation gradients and the weights
+# the kernels read in bf16 (bf16-pure: parameters, weight gradients and AdamW moments too). The
+# reference rounds fp32 tensors to bf16 values at those points. These checks write the rounding
+# points down again from the engine's contract, independently of reference.py's modules.
+
+U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): |round(x) - x| <= U_BF16 * |x|
+
+
+def bf16_rne_numpy(x):
+    """Round float32 values to bf16 (nearest, ties to even) by integer arithmetic on the bits:
+    add 0x7FFF plus the lowest kept bit, then drop the low 16 bits (finite inputs only)."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32)
+
+
+def representable(t):
+    return torch.equal(t.to(torch.bfloat16).float(), t)
+
+
+def test_bf16_rounding_is_nearest_even():
+    # ties: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7 (even mantissa 0: down); 1 + 3*2^-8
+    # halfway between 1 + 2^-7 and 1 + 2^-6 (even: up); just past a tie rounds away
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -8 + 2 ** -20, 3.0e38, 1e-40])
+    want = torch.tensor([1.0, 1 + 2 ** -6, -1.0, 1 + 2 ** -7, 2.9908e38, 1e-40])
+    got = ref.round_bf16(ties)
+    assert torch.equal(got[:4], want[:4]), got
+    assert torch.equal(got, torch.from_numpy(bf16_rne_numpy(ties.numpy())))
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(100000, generator=g) * torch.exp(8 * torch.randn(100000, generator=g))
+    assert torch.equal(ref.round_bf16(x), torch.from_numpy(bf16_rne_numpy(x.numpy())))
+    assert float(((ref.round_bf16(x) - x).abs() / x.abs()).max()) <= U_BF16
+    assert ref.round_bf16(x.double()).dtype == torch.float64
+
+
+def test_precision_setting():
+    assert ref.get_precision() == "fp32"  # the default
+    t = torch.randn(3)
+    assert ref.store(t) is t and ref.read_weight(t) is t  # fp32: the tensor itself, no copy, no op
+    with ref.using_precision("bf16-pure"):
+        assert ref.get_precision() == "bf16-pure"
+        with ref.using_precision("bf16"):
+            assert ref.get_precision() == "bf16" and representable(ref.store(t)) and ref.store(t) is not t
+        assert ref.get_precision() == "bf16-pure"
+    try:
+        with ref.using_precision("bf16"):
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert ref.get_precision() == "fp32", "using_precision must restore the mode after an exception"
+    expect_raises(lambda: ref.set_precision("fp16"), "'fp16'", "bf16-pure")
+    assert ref.get_precision() == "fp32"
+
+
+def spec_forward(model, tokens, r):
+    """Logits of `model` for tokens (B, T) with r applied at every point where the engine stores
+    bf16 (r = round to bf16) or nowhere (r = identity: the plain fp32 model), from the contract's
+    equations and the raw parameters (each read through r)."""
+    cfg = model.config
+    P = {n: r(p.detach()) for n, p in model.named_parameters()}
+    L, NH, eps = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.rms_norm_eps
+
+    def norm(x, name):  # the norm's output is stored; statistics in fp32
+        w = P[name + ".weight"]
+        if cfg.norm_type == "rmsnorm":
+            return r(w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)))
+        xc = x - x.mean(-1, keepdim=True)
+        var = xc.pow(2).mean(-1, keepdim=True)
+        return r(xc * torch.rsqrt(var + eps) * w + P[name + ".bias"])
+
+    def linear(x, name):  # the matmul's output is stored
+        return r(x @ P[name + ".weight"].t())
+
+    def attn(a, pre):
+        B, T, C = a.shape
+        hs = C // NH
+        q, k, v = (linear(a, pre + p).view(B, T, NH, hs).transpose(1, 2) for p in ("q_proj", "k_proj", "v_proj"))
+        cos, sin = ref.rope_cos_sin(T, hs, cfg.rope_theta)
+        half = lambda t: torch.cat([-t[..., hs // 2:], t[..., :hs // 2]], dim=-1)  # noqa: E731
+        q, k = r(q * cos + half(q) * sin), r(k * cos + half(k) * sin)           # RoPE, stored
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+        att = F.softmax(att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), dim=-1)
+        y = r(att @ v).transpose(1, 2).contiguous().view(B, T, C)                  # stored
+        return linear(y, pre + "o_proj")
+
+    def mlp(m, pre):
+        return linear(r(F.silu(linear(m, pre + "gate_proj")) * linear(m, pre + "up_proj")), pre + "down_proj")
+
+    x = r(P["model.embed_tokens.weight"][tokens])
+    for l, kind in enumerate(cfg.norm_layers):
+        pre = f"model.layers.{l}."
+        n1, *rest = [pre + name for name in KIND_NORMS[kind]]
+        A = lambda a: attn(a, pre + "self_attn.")  # noqa: E731
+        M = lambda m: mlp(m, pre + "mlp.")         # noqa: E731
+        if kind == "pre":
+            h = r(x + A(norm(x, n1)))
+            x = r(h + M(norm(h, rest[0])))
+        elif kind == "lns":
+            s = 1 / math.sqrt(l + 1)
+            h = r(x + A(r(norm(x, n1) * s)))
+            x = r(h + M(r(norm(h, rest[0]) * s)))
+        elif kind == "peri":
+            n1o, n2, n2o = rest
+            h = r(x + norm(A(norm(x, n1)), n1o))
+            x = r(h + norm(M(norm(h, n2)), n2o))
+        else:  # post (a = 1), deepnorm
+            a = (2 * L) ** 0.25 if kind == "deepnorm" else 1.0
+            h = norm(r(a * x + A(x)), n1) if kind == "deepnorm" else norm(r(x + A(x)), n1)
+            x = norm(r(a * h + M(h)), rest[0]) if kind == "deepnorm" else norm(r(h + M(h)), rest[0])
+    return linear(norm(x, "model.norm"), "lm_head")
+
+
+def emulation_setups():
+    return [([kind] * 2, norm_type) for kind in KINDS for norm_type in ("rmsnorm", "layernorm")] + [(ZOO, "layernorm")]
+
+
+def test_fp32_forward_is_the_plain_model():
+    # fp32 (the default): the logits are bit for bit the contract's equations on the raw parameters
+    # with no rounding anywhere, for every kind and both norm types
+    tokens = random_tokens(12, 11, 41).view(2, 6)
+    for norm_layers, norm_type in emulation_setups():
+        model = tiny_model(L=len(norm_layers), seed=42, norm_layers=norm_layers, norm_type=norm_type)
+        with torch.no_grad():
+            want = spec_forward(model, tokens, lambda t: t)
+            assert torch.equal(model(tokens)[0], want), (norm_layers, norm_type)
+            with ref.using_precision("fp32"):
+                assert torch.equal(model(tokens)[0], want)
+
+
+def test_bf16_forward_rounds_where_the_engine_stores():
+    # bf16 and bf16-pure: bit for bit the same equations with every storage point rounded (the
+    # forward of both modes is the same; bf16-pure differs in gradients and the optimizer)
+    tokens = random_tokens(12, 11, 43).view(2, 6)
+    for norm_layers, norm_type in emulation_setups():
+        model = tiny_model(L=len(norm_layers), seed=44, norm_layers=norm_layers, norm_type=norm_type)
+        with torch.no_grad():
+            want = spec_forward(model, tokens, ref.round_bf16)
+            plain = spec_forward(model, tokens, lambda t: t)
+            for precision in ("bf16", "bf16-pure"):
+                with ref.using_precision(precision):
+                    got = model(tokens)[0]
+                assert torch.equal(got, want), (norm_layers, norm_type, precision, float((got - want).abs().max()))
+            assert not torch.equal(want, plain)
+
+
+def test_bf16_stored_values_are_bf16():
+    # every module output (each a stored activation), the logits, and the lns products seen by
+    # attention and the MLP are bf16 values; in fp32 they are not (the check has teeth)
+    tokens = random_tokens(12, 11, 45).view(2, 6)
+    model = tiny_model(L=5, seed=46, norm_layers=ZOO, norm_type="layernorm")
+    for precision in ("fp32", "bf16", "bf16-pure"):
+        outs = []
+        hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o))
+                 for m in model.modules() if m is not model]
+        hooks += [m.register_forward_pre_hook(lambda m, i: outs.append(i[0]))
+                  for m in model.modules() if isinstance(m, (ref.Attention, ref.MLP))]
+        with ref.using_precision(precision), torch.no_grad():
+            logits = model(tokens)[0]
+        for h in hooks:
+            h.remove()
+        outs = [o for o in outs if isinstance(o, torch.Tensor)]
+        assert len(outs) > 60, len(outs)
+        flags = [representable(o) for o in outs] + [representable(logits)]
+        if precision == "fp32":
+            assert not any(flags), "fp32 activations are not bf16 values"
+        else:
+            assert all(flags), (precision, flags)
+
+
+def test_bf16_gradients_rounded_where_stored():
+    # The gradient of a stored activation is stored in bf16: the embedding rows' gradient is the
+    # gradient of x0 (tokens all distinct, so each row receives one position's gradient), so it is
+    # made of bf16 values in bf16 and bf16-pure, not in fp32. Weight gradients: fp32 in bf16
+    # (lm_head's is r(dlogits)^T final, an fp32 sum of products of bf16 values), bf16 in bf16-pure.
+    V = 11
+    model = tiny_model(L=2, seed=47, norm_layers=["peri", "post"], V=V)
+    x = torch.randperm(V, generator=torch.Generator().manual_seed(48))[:6].view(1, 6)  # distinct tokens
+    y = random_tokens(6, V, 49).view(1, 6)
+    for precision in ("fp32", "bf16", "bf16-pure"):
+        model.zero_grad(set_to_none=True)
+        seen = {}
+        hook = model.model.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("final", o))
+        with ref.using_precision(precision):
+            logits, loss = model(x, y)
+            logits.register_hook(lambda g: seen.__setitem__("dlogits", g))  # the gradient into the store
+            loss.backward()
+        hook.remove()
+        emb = model.model.embed_tokens.weight.grad
+        rows = emb[x.view(-1)]
+        unused = torch.ones(V, dtype=torch.bool)
+        unused[x.view(-1)] = False
+        assert not emb[unused].any()  # only the used rows have a gradient
+        grads = dict((n, p.grad) for n, p in model.named_parameters())
+        final, dlogits = seen["final"].detach().view(-1, 8), seen["dlogits"].view(-1, V)
+        unrounded = dlogits.t() @ final
+        rounded = ref.round_bf16(dlogits).t() @ final
+        if precision == "fp32":
+            assert not representable(rows)
+            assert torch.allclose(grads["lm_head.weight"], unrounded, rtol=0, atol=1e-7)
+            continue
+        assert representable(rows), precision
+        assert not torch.allclose(rounded, unrounded, rtol=0, atol=1e-7)  # the rounding is visible here
+        # 1e-7: fp32 summation order of 6 products (the gradient is ~1e-2 here, fp32 steps ~1e-9);
+        # bf16-pure rounds the sum, one bf16 step (2U) off where the order tips a rounding
+        if precision == "bf16":
+            assert torch.allclose(grads["lm_head.weight"], rounded, rtol=0, atol=1e-7)
+        else:
+            assert torch.allclose(grads["lm_head.weight"], ref.round_bf16(rounded), rtol=2 * U_BF16, atol=1e-7)
+        flags = [representable(g) for g in grads.values()]
+        if precision == "bf16":
+            assert not all(flags), "bf16 weight gradients are fp32"
+        else:
+            assert all(flags), "bf16-pure weight gradients are bf16"
+
+
+def mid_model(norm_layers, norm_type="rmsnorm", seed=50):
+    """The fixtures' sizes (V 97, C 48, 4 heads, F 136, T 24), norm weights off 1."""
+    cfg = ref.Config.make(97, 48, len(norm_layers), 4, 136, 24, norm_layers=norm_layers, norm_type=norm_type)
+    model = ref.MixLNForCausalLM(cfg)
+    gen = ref.init_weights(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ref.is_norm_weight(name):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif ref.is_norm_bias(name):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_bf16_close_to_fp32_but_not_equal():
+    # At the fixtures' sizes, bf16 against fp32 from the same weights and batch. Every rounding
+    # moves a value by at most U = 2^-8 of itself, independently of the others, so errors add up
+    # like a random walk: sqrt(n) U for n roundings on a path. The logits see ~10 roundings per
+    # layer (L = 4 or 5 here) plus the final norm's and their own: sqrt(50) U ~ 7 U; the norms
+    # rescale the stream, so no layer amplifies what it receives. Bound 8 U (measured 1.6 .. 5.2 U
+    # over every kind and 3 seeds). Weight gradients pass the forward's roundings and about as many
+    # in the backward: sqrt(100) U = 10 U; bound 12 U on each tensor's max|a-b|/max|b| (measured
+    # <= 8.1 U). Below: U/16, far above fp32 noise (~1e-6): the emulation is on.
+    # The loss: cross-entropy is logsumexp(z) - z_y and logsumexp moves by at most max|dz|, so
+    # |loss_bf16 - loss_fp32| <= 2 max|logits_bf16 - logits_fp32| (+ fp32 noise).
+    # Training (5 steps, lr 1e-2): AdamW moves an element by lr |m^| / (sqrt(v^) + eps) per step,
+    # and |m^| <= 1.02 sqrt(v^) for t <= 5 (Cauchy-Schwarz over the moment weights: m^ averages g
+    # with weights ~0.9^(t-i), v^ averages g^2 with ~equal weights); so each run moves an element by
+    # at most 1.02 * sum(lr) (times 1 - lr wd <= 1), and the two runs end at most twice that apart,
+    # plus bf16-pure's rounding of each parameter (U |p| per step).
+    toks = random_tokens(6 * 3 * 24 + 1, 97, 51).numpy()
+    x, y = ref.batch(toks, 0, 3, 24)
+    for norm_layers, norm_type in ((["post", "pre", "pre", "pre"], "rmsnorm"), (ZOO, "layernorm")):
+        runs = {}
+        for precision in ("fp32", "bf16", "bf16-pure"):
+            model = mid_model(norm_layers, norm_type)
+            with ref.using_precision(precision):
+                logits, loss = model(x, y)
+                loss.backward()
+                grads = {n: p.grad for n, p in model.named_parameters()}
+                trained = mid_model(norm_layers, norm_type)
+                log = ref.train(trained, toks, 3, 24, 5, 1e-2, 1, 0.1, 0.1, 0.0)
+            runs[precision] = (logits.detach(), float(loss), grads, log, dict(trained.named_parameters()))
+        f_logits, f_loss, f_grads, f_log, f_params = runs["fp32"]
+        sum_lr = sum(lr for _, lr, _ in f_log)
+        for precision in ("bf16", "bf16-pure"):
+            logits, loss, grads, log, params = runs[precision]
+            what = (norm_layers, precision)
+            assert U_BF16 / 16 < rel(logits, f_logits) < 8 * U_BF16, (what, rel(logits, f_logits) / U_BF16)
+            assert abs(loss - f_loss) <= 2 * float((logits - f_logits).abs().max()) + 1e-6, what
+            worst = max(rel(grads[n], f_grads[n]) for n in f_grads)
+            assert U_BF16 / 16 < worst < 12 * U_BF16, (what, worst / U_BF16)
+            assert [lr for _, lr, _ in log] == [lr for _, lr, _ in f_log]
+            assert all(a[0] != b[0] for a, b in zip(log, f_log)), what  # each step's loss moved
+            for n, p in params.items():
+                dw = float((p - f_params[n]).abs().max())
+                slack = 5 * U_BF16 * float(f_params[n].abs().max()) if precision == "bf16-pure" else 0.0
+                assert 0 < dw <= 2 * 1.02 * sum_lr + slack, (what, n, dw, 2 * 1.02 * sum_lr)
+
+
+def test_bf16_training_state():
+    # bf16: the master weights and moments stay fp32 (not all bf16 values after a few steps);
+    # bf16-pure: parameters (rounded once at the start, as the engine's load does) and both
+    # moments hold bf16 values after every step
+    toks = random_tokens(3 * 2 * 6 + 1, 11, 52).numpy()
+    for precision in ("bf16", "bf16-pure"):
+        model = tiny_model(L=3, seed=53, norm_layers=["post", "lns", "peri"], norm_type="layernorm")
+        assert not all(representable(p) for p in model.parameters())
+        with ref.using_precision(precision):
+            params = list(model.parameters())
+            opt = ref.make_optimizer(params, 1e-2, 0.1)
+            if precision == "bf16-pure":
+                ref.round_parameters_(model)
+            for s in range(3):
+                ref.train_step(model, opt, params, *ref.batch(toks, s, 2, 6), 1e-2, 1.0)
+        if precision == "bf16":
+            assert isinstance(opt, torch.optim.AdamW)
+            moments = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+        else:
+            assert isinstance(opt, ref.BF16PureAdamW) and opt.t == 3
+            moments = opt.m + opt.v
+        flags = [representable(t) for t in params + moments]
+        assert all(flags) if precision == "bf16-pure" else not any(flags), precision
+        # train() does the same, including the initial rounding
+        fresh = tiny_model(L=3, seed=53, norm_layers=["post", "lns", "peri"], norm_type="layernorm")
+        with ref.using_precision(precision):
+            ref.train(fresh, toks, 2, 6, 3, 1e-2, 0, 0.1, 0.1, 1.0)
+        assert all(representable(p) for p in fresh.parameters()) == (precision == "bf16-pure")
+
+
+def test_adamw_math_is_torchs_adamw():
+    # adamw_math (what BF16PureAdamW rounds) against torch.optim.AdamW: 5 steps, weight decay on,
+    # a changing lr and a step with lr 0: equal bit for bit
+    g = torch.Generator().manual_seed(54)
+    p0 = torch.randn(1000, generator=g)
+    p = p0.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    q, m, v = p0.clone(), torch.zeros(1000), torch.zeros(1000)
+    for t, lr in enumerate((0.0, 1e-2, 3e-3, 1e-2, 5e-4), start=1):
+        grad = torch.randn(1000, generator=g) * 10 ** float(torch.randint(-4, 1, (1,), generator=g))
+        p.grad = grad.clone()
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        q, m, v = ref.adamw_math(q, m, v, grad, lr, 0.9, 0.999, 1e-8, 0.1, t)
+        assert torch.equal(p.detach(), q) and torch.equal(opt.state[p]["exp_avg"], m), t
+        assert torch.equal(opt.state[p]["exp_avg_sq"], v), t
+
+
+def test_bf16_pure_adamw_step():
+    # The engine's bf16-pure update: read p, m, v, g as bf16 values and, in float32,
+    #   p' = p (1 - lr wd);  m' = b1 m + (1 - b1) g;  v' = b2 v + (1 - b2) g^2
+    #   p'' = p' - lr/(1 - b1^t) m' / (sqrt(v')/sqrt(1 - b2^t) + eps)
+    # then store r(m'), r(v'), r(p'') (p'' from the unrounded m', v').
+    g = torch.Generator().manual_seed(55)
+    n, lr, wd, b1, b2, eps = 4000, 1e-2, 0.1, 0.9, 0.999, 1e-8
+    f32 = np.float32
+    p = torch.nn.Parameter(ref.round_bf16(torch.randn(n, generator=g)))
+    opt = ref.BF16PureAdamW([p], lr=lr, weight_decay=wd)
+    for t in (1, 2, 3):
+        before = [x.detach().clone() for x in (p, opt.m[0], opt.v[0])]
+        p.grad = ref.round_bf16(torch.randn(n, generator=g) * 1e-2)
+        opt.step()
+        after = [p.detach(), opt.m[0], opt.v[0]]
+        assert all(representable(x) for x in after), t
+        # exactly: adamw_math (torch's AdamW arithmetic, checked above) on the state read, rounded
+        want = ref.adamw_math(*before, p.grad, lr, b1, b2, eps, wd, t)
+        for got, w in zip(after, want):
+            assert torch.equal(got, ref.round_bf16(w)), t
+        # and against the formula above in float32 numpy, rounded by bf16_rne_numpy. Two float32
+        # evaluations of one expression (with or without fused multiply-adds) differ by a couple of
+        # fp32 roundings of its terms, 2^-24 of their size each: 2^-22 of the terms' size allows
+        # for that, which matters where they cancel (m' near 0); and a difference that carries a
+        # bf16 rounding across a boundary moves the stored value by one bf16 step, 2U of it.
+        P, M, V = (x.numpy().astype(np.float32) for x in before)
+        G = p.grad.numpy().astype(np.float32)
+        Pd = P * f32(1 - lr * wd)
+        Mn = f32(b1) * M + f32(1 - b1) * G
+        Vn = f32(b2) * V + f32(1 - b2) * G * G
+        step = f32(lr / (1 - b1 ** t)) * (Mn / (np.sqrt(Vn) / f32(math.sqrt(1 - b2 ** t)) + f32(eps)))
+        Pn = Pd - step
+        terms = (np.abs(Pd) + np.abs(step), np.abs(f32(b1) * M) + np.abs(f32(1 - b1) * G),
+                 np.abs(f32(b2) * V) + np.abs(f32(1 - b2) * G * G))
+        for got, w, size in zip(after, (Pn, Mn, Vn), terms):
+            w = torch.from_numpy(bf16_rne_numpy(w))
+            tol = torch.from_numpy(2 * U_BF16 * np.abs(w.numpy()) + 2.0 ** -22 * size)
+            assert bool(((got - w).abs() <= tol).all()), t
+            assert int((got != w).sum()) <= n // 100, (t, int((got != w).sum()))  # boundaries are rare
+    # the update reads the unrounded m', v': from the rounded ones p'' would differ somewhere
+    Pr = Pd - f32(lr / (1 - b1 ** 3)) * (bf16_rne_numpy(Mn) / (np.sqrt(bf16_rne_numpy(Vn)) / f32(math.sqrt(1 - b2 ** 3)) + f32(eps)))
+    assert not np.array_equal(bf16_rne_numpy(Pr), bf16_rne_numpy(Pn))
+
+
+def test_cli_precision():
+    import contextlib
+    import io
+    import json
+    model = tiny_model(L=2, seed=56, norm_layers=["post", "pre"])
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = os.path.join(d, "init")
+        ref.save_checkpoint(model, ckpt)
+        shard = os.path.join(d, "train.bin")
+        toks = random_tokens(3 * 2 * 6 + 1, 11, 57).numpy()
+        ref.shard_save(shard, toks)
+        common = ["--data", shard, "--batch", "2", "--seq-len", "6"]
+        finals = {}
+        for precision in ("fp32", "bf16", "bf16-pure"):
+            out = os.path.join(d, precision)
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                ref.main(["train", "--ckpt", ckpt, *common, "--steps", "3", "--lr", "1e-2", "--out", out,
+                          "--precision", precision])
+                ref.main(["eval", "--ckpt", ckpt, *common, "--precision", precision])
+            assert ref.get_precision() == "fp32", "the CLI must not leave its precision behind"
+            lines = [json.loads(line) for line in buf.getvalue().strip().splitlines()]
+            finals[precision] = ref.load_checkpoint(out)
+            # same as the library calls in that precision
+            want_model = ref.load_checkpoint(ckpt)
+            with ref.using_precision(precision):
+                want = ref.train(want_model, toks, 2, 6, 3, 1e-2, 0, 0.1, 0.0, 0.0)
+                want_eval = ref.evaluate(ref.load_checkpoint(ckpt), toks, 2, 6)[0]
+            assert [l["train_loss"] for l in lines[:3]] == [l for l, _, _ in want], precision
+            assert lines[3]["val_loss"] == want_eval, precision
+            for (n, p), q in zip(finals[precision].named_parameters(), want_model.parameters()):
+                assert torch.equal(p, q), (precision, n)
+        assert all(representable(p) for p in finals["bf16-pure"].parameters())
+        assert not all(representable(p) for p in finals["bf16"].parameters())
+        # fp32 by default: the run without the flag is the fp32 one
+        with contextlib.redirect_stdout(io.StringIO()):
+            ref.main(["train", "--ckpt", ckpt, *common, "--steps", "3", "--lr", "1e-2", "--out", os.path.join(d, "dflt")])
+        for p, q in zip(ref.load_checkpoint(os.path.join(d, "dflt")).parameters(), finals["fp32"].parameters()):
+            assert torch.equal(p, q)
+        with contextlib.redirect_stderr(io.StringIO()):
+            expect_raises(lambda: ref.main(["train", "--ckpt", ckpt, *common, "--steps", "1", "--lr", "1e-2",
+                                            "--out", os.path.join(d, "x"), "--precision", "fp16"]), exc=SystemExit)
 
 
 # ---- dev/plot.py
