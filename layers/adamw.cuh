@@ -7,6 +7,22 @@ against the PyTorch reference agree to fp32 rounding:
     p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 t counts from 1. grad_scale multiplies every gradient on the way in (global norm clipping).
 Weight decay applies to every parameter; the paper trains with 0.
+
+Storage types. The parameters and both moments are P, the gradients G:
+    P = float, G = float   fp32, and --precision bf16 (fp32 master weights, gradients, Adam state)
+    P = bf16,  G = bf16    --precision bf16-pure (everything bf16)
+    P = float, G = bf16    also instantiable (fp32 master weights and state, bf16 gradients)
+Everything is computed in float (CPU: real) from the loaded values; the new m and v are computed
+once, rounded once each where they are stored, and the parameter update uses the UNROUNDED new m
+and v (the ones the float arithmetic produced), so with P = bf16 the three stores are
+    m <- round(m'),  v <- round(v'),  p <- round(p * decay - step * (m' / (sqrt(v') / bc2 + eps)))
+With P = float the rounding is the identity and the arithmetic is the same, operation for
+operation, as the fp32-only version this replaced (the PyTorch comparison depends on it).
+
+cast_copy: out = in converted element by element (round to nearest even when narrowing). In
+--precision bf16 the kernels read a bf16 copy of the fp32 master weights; after every update
+cast_copy(bf16 weights, fp32 params) refreshes it, each weight rounded to nearest even
+(__float2bfloat16_rn), the same bits on the CPU (cast_copy_cpu) and on the GPU.
 */
 #pragma once
 
@@ -17,7 +33,8 @@ Weight decay applies to every parameter; the paper trains with 0.
 // ---- CPU reference
 
 // params (n), m (n), v (n) updated in place; grads (n)
-inline void adamw_update_cpu(real* params, real* m, real* v, const real* grads, size_t n, float lr,
+template <typename P, typename G>
+inline void adamw_update_cpu(P* params, P* m, P* v, const G* grads, size_t n, float lr,
                       float beta1, float beta2, float eps, float weight_decay, int t,
                       float grad_scale) {
     double bias_correction1 = 1.0 - pow((double)beta1, t);
@@ -26,13 +43,25 @@ inline void adamw_update_cpu(real* params, real* m, real* v, const real* grads, 
     real decay = (real)(1.0 - (double)lr * weight_decay);
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
-        real g = grads[i] * grad_scale;
-        params[i] *= decay;
-        m[i] = beta1 * m[i] + (1 - beta1) * g;
-        v[i] = beta2 * v[i] + (1 - beta2) * g * g;
-        real denom = sqrt(v[i]) / (real)bias_correction2_sqrt + eps;
-        params[i] -= step_size * (m[i] / denom);
+        real g = to_real(grads[i]) * grad_scale;
+        // decoupled weight decay
+        real p = to_real(params[i]) * decay;
+        // new moments, unrounded: the update below uses these
+        real m_i = beta1 * to_real(m[i]) + (1 - beta1) * g;
+        real v_i = beta2 * to_real(v[i]) + (1 - beta2) * g * g;
+        real denom = sqrt(v_i) / (real)bias_correction2_sqrt + eps;
+        // three stores, each rounded once
+        m[i] = from_real<P>(m_i);
+        v[i] = from_real<P>(v_i);
+        params[i] = from_real<P>(p - step_size * (m_i / denom));
     }
+}
+
+// out (n) = inp (n) converted to Out, rounding to nearest even where Out is narrower
+template <typename Out, typename In>
+inline void cast_copy_cpu(Out* out, const In* inp, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) out[i] = from_real<Out>(to_real(inp[i]));
 }
 
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
@@ -41,29 +70,49 @@ inline void adamw_update_cpu(real* params, real* m, real* v, const real* grads, 
 // ---- CUDA kernels
 
 // one thread per parameter; the bias corrections are computed once on the host
-static __global__ void adamw_update_kernel(float* params, float* m, float* v, const float* grads, size_t n, float decay,
-                                    float beta1, float beta2, float eps, float step_size,
-                                    float bias_correction2_sqrt, float grad_scale) {
+template <typename P, typename G>
+__global__ void adamw_update_kernel(P* params, P* m, P* v, const G* grads, size_t n, float decay, float beta1,
+                                    float beta2, float eps, float step_size, float bias_correction2_sqrt,
+                                    float grad_scale) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float g = grads[i] * grad_scale;
-    float p = params[i] * decay;
-    float m_i = beta1 * m[i] + (1.0f - beta1) * g;
-    float v_i = beta2 * v[i] + (1.0f - beta2) * g * g;
-    m[i] = m_i;
-    v[i] = v_i;
-    params[i] = p - step_size * (m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps));
+    float g = to_float(grads[i]) * grad_scale;
+    float p = to_float(params[i]) * decay;
+    float m_i = beta1 * to_float(m[i]) + (1.0f - beta1) * g;
+    float v_i = beta2 * to_float(v[i]) + (1.0f - beta2) * g * g;
+    m[i] = from_float<P>(m_i);
+    v[i] = from_float<P>(v_i);
+    params[i] = from_float<P>(p - step_size * (m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps)));
+}
+
+// one thread per element
+template <typename Out, typename In>
+__global__ void cast_copy_kernel(Out* out, const In* inp, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = from_float<Out>(to_float(inp[i]));
 }
 
 // ---- launchers
 
-inline void adamw_update(float* params, float* m, float* v, const float* grads, size_t n, float lr, float beta1,
-                         float beta2, float eps, float weight_decay, int t, float grad_scale, cudaStream_t stream) {
+template <typename P, typename G>
+inline void adamw_update(P* params, P* m, P* v, const G* grads, size_t n, float lr, float beta1, float beta2,
+                         float eps, float weight_decay, int t, float grad_scale, cudaStream_t stream) {
+    if (n == 0) return;
     double bias_correction1 = 1.0 - pow((double)beta1, t);
     double bias_correction2_sqrt = sqrt(1.0 - pow((double)beta2, t));
     const int block = 256;
-    LAUNCH(adamw_update_kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, params, m, v, grads, n,
+    auto kernel = adamw_update_kernel<P, G>;
+    LAUNCH(kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, params, m, v, grads, n,
            (float)(1.0 - (double)lr * weight_decay), beta1, beta2, eps, (float)(lr / bias_correction1),
            (float)bias_correction2_sqrt, grad_scale);
+}
+
+// out (n) = inp (n) converted to Out (round to nearest even): the bf16 weights from the fp32 master copy
+template <typename Out, typename In>
+inline void cast_copy(Out* out, const In* inp, size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    const int block = 256;
+    auto kernel = cast_copy_kernel<Out, In>;
+    LAUNCH(kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, inp, n);
 }
 #endif

@@ -2,6 +2,12 @@
 Global gradient norm: the L2 norm of all parameter gradients taken together, logged every step
 and used for clipping (scale every gradient by clip / (norm + 1e-6) when the norm exceeds clip,
 as torch.nn.utils.clip_grad_norm_ does). Summed in double: it is one number over millions.
+
+The gradients are stored as G (float, double in the CPU-only fd build, or bf16 in
+--precision bf16-pure); each is converted to float (CPU: real) on load and squared there. A bf16
+value is exact in float and its square (16 significant bits) is exact too, so the only rounding is
+in the sums, as for fp32 gradients. The result is never stored as G: double on the CPU, float on
+the GPU.
 */
 #pragma once
 
@@ -14,14 +20,18 @@ as torch.nn.utils.clip_grad_norm_ does). Summed in double: it is one number over
 // returns sqrt(sum of grads^2) over grads (n). The sum goes in a fixed number of chunks added in
 // order (an OpenMP reduction would combine threads in whatever order they finish), so the result
 // is the same bits on every run, whatever the thread count.
-inline double global_norm_cpu(const real* grads, size_t n) {
+template <typename G>
+inline double global_norm_cpu(const G* grads, size_t n) {
     const int chunks = 64;
     double partial[chunks];
     #pragma omp parallel for
     for (int c = 0; c < chunks; c++) {
         size_t begin = n * c / chunks, end = n * (c + 1) / chunks;
         double sum = 0.0;
-        for (size_t i = begin; i < end; i++) sum += (double)grads[i] * grads[i];
+        for (size_t i = begin; i < end; i++) {
+            double g = (double)to_real(grads[i]);
+            sum += g * g;
+        }
         partial[c] = sum;
     }
     double sum = 0.0;
@@ -38,11 +48,13 @@ inline double global_norm_cpu(const real* grads, size_t n) {
 // each block sums a strided share of the squares into partials[block], then one block sums those.
 constexpr int GLOBAL_NORM_BLOCKS = 512;
 
-static __global__ void global_norm_partials_kernel(float* partials, const float* grads, size_t n) {
+template <typename G>
+__global__ void global_norm_partials_kernel(float* partials, const G* grads, size_t n) {
     __shared__ float shared[32];
     float sum = 0.0f;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        sum += grads[i] * grads[i];
+        float g = to_float(grads[i]);
+        sum += g * g;
     }
     sum = block_reduce_sum(sum, shared);
     if (threadIdx.x == 0) partials[blockIdx.x] = sum;
@@ -59,8 +71,9 @@ static __global__ void global_norm_final_kernel(float* out, const float* partial
 // ---- launchers
 
 // out (1) on the device = sum of grads^2; partials (GLOBAL_NORM_BLOCKS) scratch
-inline void global_norm_squared(float* out, float* partials, const float* grads, size_t n, cudaStream_t stream) {
-    LAUNCH(global_norm_partials_kernel, dim3(GLOBAL_NORM_BLOCKS), dim3(256), 0, stream, partials, grads, n);
+template <typename G>
+inline void global_norm_squared(float* out, float* partials, const G* grads, size_t n, cudaStream_t stream) {
+    LAUNCH(global_norm_partials_kernel<G>, dim3(GLOBAL_NORM_BLOCKS), dim3(256), 0, stream, partials, grads, n);
     LAUNCH(global_norm_final_kernel, dim3(1), dim3(256), 0, stream, out, partials, GLOBAL_NORM_BLOCKS);
 }
 #endif

@@ -12,11 +12,26 @@ a linear layer needs are the same GEMM with different strides:
 The GEMM copies blocks of A and B into small contiguous panels ("packing") so that the inner
 kernel reads memory in order and keeps a MR x NR tile of C in registers; this is the classic
 structure of fast CPU GEMMs, kept as plain loops that the compiler vectorises.
+
+Storage types. inp, weight, dout, out and dinp are T (float, double in the CPU-only fd build, or
+bf16); dweight is G (float, or bf16 in --precision bf16-pure). The arithmetic is always in real
+(the GPU: fp32 accumulation), and each output is rounded ONCE, where it is stored:
+    out     = round(inp @ weight^T)
+    dinp    = round(dinp_old + dout @ weight)         (the sum of products first, then + old)
+    dweight = round(dweight_old + dout^T @ inp)
+which is what cuBLASLt computes with fp32 compute type, alpha = 1 and beta = 0 or 1:
+D = round_D(alpha * sum + beta * C), in fp32 up to the final conversion to D's type. The CPU twin
+converts bf16 operands to real while it packs them (the packing copies them anyway, so this costs
+no extra pass), sums in real into a zeroed real buffer and rounds into the bf16 output. When the
+output type is real itself the GEMM accumulates straight into the output, as it always did (the
+old value is then where the sum starts rather than added at the end: a difference of fp32
+rounding only, and no copy on the fp32 path).
 */
 #pragma once
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -51,7 +66,9 @@ inline void gemm_tile_cpu(real* C, int ldc, const real* a_panel, const real* b_p
 // Copy a (rows, kc) block of a strided matrix into strips of `width` rows, each strip k-major
 // (width values per k), zero-padded past `rows`. The loops run along whichever stride is 1, so
 // that both plain and transposed operands are read in memory order.
-inline void gemm_pack_cpu(real* packed, const real* X, size_t x_row, size_t x_col,
+// X may be stored in any type that to_real reads (float, double, bf16): it is converted here.
+template <typename S>
+inline void gemm_pack_cpu(real* packed, const S* X, size_t x_row, size_t x_col,
                           int rows, int kc, int width) {
     int strips = (rows + width - 1) / width;
     if (x_row == 1) {
@@ -62,7 +79,7 @@ inline void gemm_pack_cpu(real* packed, const real* X, size_t x_row, size_t x_co
                 real* dst = packed + ((size_t)s * kc + k) * width;
                 for (int i = 0; i < width; i++) {
                     int r = s * width + i;
-                    dst[i] = r < rows ? X[(size_t)r + (size_t)k * x_col] : real(0);
+                    dst[i] = r < rows ? to_real(X[(size_t)r + (size_t)k * x_col]) : real(0);
                 }
             }
         }
@@ -74,7 +91,7 @@ inline void gemm_pack_cpu(real* packed, const real* X, size_t x_row, size_t x_co
                 int r = s * width + i;
                 real* dst = packed + (size_t)s * kc * width + i;
                 for (int k = 0; k < kc; k++) {
-                    dst[(size_t)k * width] = r < rows ? X[(size_t)r * x_row + (size_t)k * x_col] : real(0);
+                    dst[(size_t)k * width] = r < rows ? to_real(X[(size_t)r * x_row + (size_t)k * x_col]) : real(0);
                 }
             }
         }
@@ -82,9 +99,11 @@ inline void gemm_pack_cpu(real* packed, const real* X, size_t x_row, size_t x_co
 }
 
 // C (M, N) += A (M, K) @ B (K, N). C is row-major with row stride N. Element (m, k) of A is
-// A[m * a_row + k * a_col]; element (k, n) of B is B[k * b_row + n * b_col].
-inline void gemm_accumulate_cpu(real* C, const real* A, size_t a_row, size_t a_col,
-                                const real* B, size_t b_row, size_t b_col, int M, int N, int K) {
+// A[m * a_row + k * a_col]; element (k, n) of B is B[k * b_row + n * b_col]. A and B are stored as
+// S (converted to real when packed); C is real.
+template <typename S>
+inline void gemm_accumulate_cpu(real* C, const S* A, size_t a_row, size_t a_col,
+                                const S* B, size_t b_row, size_t b_col, int M, int N, int K) {
     int m_strips = (M + GEMM_MR - 1) / GEMM_MR;
     int n_panels = (N + GEMM_NR - 1) / GEMM_NR;
     std::vector<real> a_packed((size_t)m_strips * GEMM_MR * GEMM_KC);   // (m_strips, KC, MR)
@@ -113,17 +132,39 @@ inline void gemm_accumulate_cpu(real* C, const real* A, size_t a_row, size_t a_c
     }
 }
 
+// C (M, N) = A @ B (accumulate false) or C += A @ B (accumulate true), for C stored as Out.
+// Out = real: straight into C. Otherwise the product goes into a zeroed real buffer and each
+// element is rounded once: C = round(product) or C = round(C_old + product).
+template <typename Out, typename S>
+inline void gemm_store_cpu(Out* C, bool accumulate, const S* A, size_t a_row, size_t a_col,
+                           const S* B, size_t b_row, size_t b_col, int M, int N, int K) {
+    size_t count = (size_t)M * N;
+    if constexpr (std::is_same_v<Out, real>) {
+        if (!accumulate) memset(C, 0, count * sizeof(real));
+        gemm_accumulate_cpu(C, A, a_row, a_col, B, b_row, b_col, M, N, K);
+    } else {
+        std::vector<real> product(count, real(0));   // (M, N)
+        gemm_accumulate_cpu(product.data(), A, a_row, a_col, B, b_row, b_col, M, N, K);
+        // round once into the output, after adding the old value in real
+        #pragma omp parallel for
+        for (size_t i = 0; i < count; i++) {
+            C[i] = from_real<Out>(accumulate ? to_real(C[i]) + product[i] : product[i]);
+        }
+    }
+}
+
 // out (N, OC) = inp (N, IC) @ weight^T, weight (OC, IC)
-inline void matmul_forward_cpu(real* out, const real* inp, const real* weight, int N, int IC, int OC) {
-    memset(out, 0, (size_t)N * OC * sizeof(real));
-    gemm_accumulate_cpu(out, inp, IC, 1, weight, 1, IC, N, OC, IC);
+template <typename T>
+inline void matmul_forward_cpu(T* out, const T* inp, const T* weight, int N, int IC, int OC) {
+    gemm_store_cpu(out, false, inp, IC, 1, weight, 1, IC, N, OC, IC);
 }
 
 // dinp (N, IC) += dout (N, OC) @ weight (OC, IC); dweight (OC, IC) += dout^T @ inp (N, IC)
-inline void matmul_backward_cpu(real* dinp, real* dweight, const real* dout, const real* inp,
-                         const real* weight, int N, int IC, int OC) {
-    gemm_accumulate_cpu(dinp, dout, OC, 1, weight, IC, 1, N, IC, OC);
-    gemm_accumulate_cpu(dweight, dout, 1, OC, inp, IC, 1, OC, IC, N);
+template <typename T, typename G>
+inline void matmul_backward_cpu(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight,
+                                int N, int IC, int OC) {
+    gemm_store_cpu(dinp, true, dout, OC, 1, weight, IC, 1, N, IC, OC);
+    gemm_store_cpu(dweight, true, dout, 1, OC, inp, IC, 1, OC, IC, N);
 }
 
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
@@ -131,14 +172,20 @@ inline void matmul_backward_cpu(real* dinp, real* dweight, const real* dout, con
 
 #ifdef MIXLN_CUDA_EMULATION
 // ---- launchers, emulated build: cuBLASLt cannot run on the CPU, so the launchers call the CPU
-// twin on the (host) memory the emulation hands out. The matmul is checked only on a GPU.
+// twin on the (host) memory the emulation hands out. The matmul is checked against the CPU twin
+// only on a GPU; in emulation the bf16 twin is checked against a naive product in double.
 
-inline void matmul_forward(float* out, const float* inp, const float* weight, int N, int IC, int OC, cudaStream_t) {
+template <typename T>
+inline void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC, int OC, cudaStream_t) {
     matmul_forward_cpu(out, inp, weight, N, IC, OC);
 }
 
-inline void matmul_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+template <typename T, typename G>
+inline void matmul_backward(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight,
                             int N, int IC, int OC, cudaStream_t) {
+    // the cuBLASLt build's restriction (see below), so that the emulated build rejects it too
+    static_assert(!(std::is_same_v<T, float> && std::is_same_v<G, bf16>),
+                  "cuBLASLt has no fp32 x fp32 -> bf16 product: with fp32 activations, G must be float");
     matmul_backward_cpu(dinp, dweight, dout, inp, weight, N, IC, OC);
 }
 
@@ -146,18 +193,57 @@ inline void matmul_backward(float* dinp, float* dweight, const float* dout, cons
 // ---- cuBLASLt
 // One handle and one workspace for the whole program, created on first use. cuBLASLt is
 // column-major: a row-major (R, C) matrix is a column-major (C, R) one, so every product below is
-// written for the transposed matrices. fp32 in, fp32 out, fp32 accumulation (no TF32).
+// written for the transposed matrices. Compute type CUBLAS_COMPUTE_32F with scale type
+// CUDA_R_32F: fp32 accumulation, and for fp32 operands true fp32 (no TF32, which needs
+// CUBLAS_COMPUTE_32F_FAST_TF32).
+//
+// Type combinations used, all in the cublasLtMatmul table of supported types for
+// CUBLAS_COMPUTE_32F / CUDA_R_32F (https://docs.nvidia.com/cuda/cublas/#cublasltmatmul), where C
+// and D always have the same type:
+//     A, B           C, D
+//     CUDA_R_32F     CUDA_R_32F      fp32 (forward, backward)
+//     CUDA_R_16BF    CUDA_R_16BF     bf16 activations (forward, dinp), bf16-pure dweight
+//     CUDA_R_16BF    CUDA_R_32F      bf16 activations with an fp32 dweight (--precision bf16)
+// fp32 A/B with a bf16 C/D is NOT in the table; matmul_backward rejects T = float, G = bf16 at
+// compile time.
+//
+// Alignment: the heuristic assumes by default that every pointer is 256-byte aligned
+// (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES, default 256) and may pick an algorithm that
+// needs it. The pointers here can point into the middle of one big allocation (one weight among
+// all parameters), so the actual alignment of each pointer (a power of two up to 256) is passed
+// to the heuristic, which then excludes the algorithms that need more. Pointers must still be
+// aligned to their element size; 16-byte aligned pointers and leading dimensions that are
+// multiples of 16 bytes (8 bf16 or 4 fp32 elements) let the vectorised tensor-core algorithms
+// run; anything less gets slower algorithms (the GPU test multiplies a 2-byte aligned bf16 weight
+// and odd leading dimensions).
+//
+// Rounding with a bf16 D: split-K algorithms may reduce their partial sums "in place" in D or in
+// a buffer of D's type (CUBLASLT_REDUCTION_SCHEME_INPLACE / _OUTPUT_TYPE), which would round each
+// partial sum to bf16. For a bf16 D only the schemes NONE and COMPUTE_TYPE (partials in fp32 in
+// the workspace) are allowed, so every output is rounded once, as in the CPU twin. fp32 outputs
+// keep every scheme (their partials are fp32 either way).
+//
+// The heuristic's choice is cached per (transposes, shape, leading dimensions, types, pointer
+// alignments): everything the heuristic query sees, so a cached algorithm is exactly the one a new
+// query would return. Not thread-safe: the model calls the matmuls from one host thread.
 #include <cublasLt.h>
+
+#include <array>
+#include <cstdint>
+#include <map>
 
 inline void cublas_check(cublasStatus_t status, const char* file, int line) {
     if (status != CUBLAS_STATUS_SUCCESS) fail("cuBLASLt error %d at %s:%d", (int)status, file, line);
 }
 #define CUBLAS_CHECK(call) cublas_check((call), __FILE__, __LINE__)
 
+typedef std::array<int64_t, 13> CublasLtAlgoKey;
+
 struct CublasLt {
     cublasLtHandle_t handle = nullptr;
     void* workspace = nullptr;
     size_t workspace_bytes = 32u << 20;   // 32 MiB, what cuBLASLt asks for on Hopper
+    std::map<CublasLtAlgoKey, cublasLtMatmulAlgo_t> algos;   // heuristic results already queried
 };
 
 inline CublasLt& cublaslt() {
@@ -169,9 +255,26 @@ inline CublasLt& cublaslt() {
     return instance;
 }
 
-// Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n) + beta * D.
-inline void cublaslt_gemm(bool transpose_a, bool transpose_b, int m, int n, int k, const float* A, int lda,
-                          const float* B, int ldb, float* D, int ldd, float beta, cudaStream_t stream) {
+// The cuBLAS data type of a storage type.
+template <typename T>
+constexpr cudaDataType_t cuda_data_type() {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>, "cuBLASLt matmul: float or bf16 only");
+    return std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
+}
+
+// The largest power of two, up to 256, that divides the address.
+inline uint32_t pointer_alignment(const void* p) {
+    uintptr_t address = (uintptr_t)p;
+    uint32_t alignment = 1;
+    while (alignment < 256 && address % (alignment * 2) == 0) alignment *= 2;
+    return alignment;
+}
+
+// Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n) + beta * D, A and B of type ab_type, D of
+// type cd_type (see above for the supported pairs).
+inline void cublaslt_gemm(bool transpose_a, bool transpose_b, int m, int n, int k, const void* A, int lda,
+                          const void* B, int ldb, void* D, int ldd, float beta, cudaDataType_t ab_type,
+                          cudaDataType_t cd_type, cudaStream_t stream) {
     CublasLt& lt = cublaslt();
     cublasLtMatmulDesc_t desc;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -180,22 +283,44 @@ inline void cublaslt_gemm(bool transpose_a, bool transpose_b, int m, int n, int 
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
     // layouts describe the matrices as stored, before the transposes
     cublasLtMatrixLayout_t a_layout, b_layout, d_layout;
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a_layout, CUDA_R_32F, transpose_a ? k : m, transpose_a ? m : k, lda));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b_layout, CUDA_R_32F, transpose_b ? n : k, transpose_b ? k : n, ldb));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d_layout, CUDA_R_32F, m, n, ldd));
-    cublasLtMatmulPreference_t preference;
-    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                      &lt.workspace_bytes, sizeof(lt.workspace_bytes)));
-    cublasLtMatmulHeuristicResult_t heuristic;
-    int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc, a_layout, b_layout, d_layout, d_layout, preference, 1,
-                                                &heuristic, &found));
-    if (found == 0) fail("cuBLASLt found no algorithm for a (%d, %d, %d) product", m, n, k);
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a_layout, ab_type, transpose_a ? k : m, transpose_a ? m : k, lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b_layout, ab_type, transpose_b ? n : k, transpose_b ? k : n, ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d_layout, cd_type, m, n, ldd));
+    uint32_t align_a = pointer_alignment(A), align_b = pointer_alignment(B), align_d = pointer_alignment(D);
+    CublasLtAlgoKey key = {transpose_a, transpose_b, m, n, k, lda, ldb, ldd, (int64_t)ab_type, (int64_t)cd_type,
+                           align_a, align_b, align_d};
+    auto cached = lt.algos.find(key);
+    if (cached == lt.algos.end()) {
+        cublasLtMatmulPreference_t preference;
+        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                          &lt.workspace_bytes, sizeof(lt.workspace_bytes)));
+        // C is D (in place), so C's alignment is D's
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                          &align_a, sizeof(align_a)));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                          &align_b, sizeof(align_b)));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                          &align_d, sizeof(align_d)));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                          &align_d, sizeof(align_d)));
+        if (cd_type != CUDA_R_32F) {
+            // partial sums of a split K stay in fp32: one rounding per output (see above)
+            uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+            CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                                              &schemes, sizeof(schemes)));
+        }
+        cublasLtMatmulHeuristicResult_t heuristic;
+        int found = 0;
+        CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc, a_layout, b_layout, d_layout, d_layout, preference,
+                                                    1, &heuristic, &found));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(preference));
+        if (found == 0) fail("cuBLASLt found no algorithm for a (%d, %d, %d) product", m, n, k);
+        cached = lt.algos.emplace(key, heuristic.algo).first;
+    }
     const float alpha = 1.0f;
     CUBLAS_CHECK(cublasLtMatmul(lt.handle, desc, &alpha, A, a_layout, B, b_layout, &beta, D, d_layout, D, d_layout,
-                                &heuristic.algo, lt.workspace, lt.workspace_bytes, stream));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(preference));
+                                &cached->second, lt.workspace, lt.workspace_bytes, stream));
     CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(a_layout));
     CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(b_layout));
     CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(d_layout));
@@ -205,16 +330,23 @@ inline void cublaslt_gemm(bool transpose_a, bool transpose_b, int m, int n, int 
 // ---- launchers
 
 // out (N, OC) = inp (N, IC) @ weight^T: column-major out^T (OC, N) = weight^T' (OC, IC) @ inp^T (IC, N)
-inline void matmul_forward(float* out, const float* inp, const float* weight, int N, int IC, int OC, cudaStream_t stream) {
-    cublaslt_gemm(true, false, OC, N, IC, weight, IC, inp, IC, out, OC, 0.0f, stream);
+template <typename T>
+inline void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC, int OC, cudaStream_t stream) {
+    cublaslt_gemm(true, false, OC, N, IC, weight, IC, inp, IC, out, OC, 0.0f, cuda_data_type<T>(),
+                  cuda_data_type<T>(), stream);
 }
 
 // dinp (N, IC) += dout @ weight: column-major dinp^T (IC, N) += weight^T (IC, OC) @ dout^T (OC, N)
 // dweight (OC, IC) += dout^T @ inp: column-major dweight^T (IC, OC) += inp^T (IC, N) @ dout (N, OC)
-inline void matmul_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+template <typename T, typename G>
+inline void matmul_backward(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight,
                             int N, int IC, int OC, cudaStream_t stream) {
-    cublaslt_gemm(false, false, IC, N, OC, weight, IC, dout, OC, dinp, IC, 1.0f, stream);
-    cublaslt_gemm(false, true, IC, OC, N, inp, IC, dout, OC, dweight, IC, 1.0f, stream);
+    static_assert(!(std::is_same_v<T, float> && std::is_same_v<G, bf16>),
+                  "cuBLASLt has no fp32 x fp32 -> bf16 product: with fp32 activations, G must be float");
+    cublaslt_gemm(false, false, IC, N, OC, weight, IC, dout, OC, dinp, IC, 1.0f, cuda_data_type<T>(),
+                  cuda_data_type<T>(), stream);
+    cublaslt_gemm(false, true, IC, OC, N, inp, IC, dout, OC, dweight, IC, 1.0f, cuda_data_type<T>(),
+                  cuda_data_type<G>(), stream);
 }
 #endif
 #endif

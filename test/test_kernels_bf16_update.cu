@@ -1,0 +1,431 @@
+/*
+bf16 storage in the matmul, the AdamW update, the bf16 weight copy (cast_copy) and the global
+gradient norm: each kernel with bf16 buffers against its CPU twin with the same bf16 buffers, on
+fresh random inputs, several shapes (some not multiples of the block size), outputs poisoned (NaN)
+beforehand.
+
+Built like test_kernels.cu: by g++ -DMIXLN_CUDA_EMULATION (the kernels run in the CPU emulation of
+CUDA) and by nvcc (a real GPU). cuBLASLt runs only on a GPU: there the bf16 matmul is checked
+against the CPU twin; in emulation the bf16 CPU twin itself is checked against a naive product in
+double over the same bf16 inputs.
+*/
+#include <catch2/catch.hpp>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "kernel_test_util.h"
+#include "../layers/adamw.cuh"
+#include "../layers/global_norm.cuh"
+#include "../layers/matmul.cuh"
+
+static uint16_t bf16_bits(bf16 x) {
+    uint16_t bits;
+    memcpy(&bits, &x, sizeof(bits));
+    return bits;
+}
+
+static uint32_t float_bits(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof(bits));
+    return bits;
+}
+
+static float float_from_bits(uint32_t bits) {
+    float x;
+    memcpy(&x, &bits, sizeof(x));
+    return x;
+}
+
+// ---- matmul
+
+// One bf16 step at the magnitude of x: bf16 keeps 8 significant bits, so the bf16 values in
+// [2^e, 2^(e+1)) are 2^(e-7) apart.
+static double bf16_ulp(double x) {
+    if (x == 0) return 0;
+    int e;
+    frexp(x, &e);   // |x| in [2^(e-1), 2^e)
+    return ldexp(1.0, e - 1 - 7);
+}
+
+// The exact product of a matmul (the products of bf16 values are exact in double, and sums of a
+// few hundred of them in double are exact to ~2^-44 relative, far below anything checked here),
+// and per element the sum of the absolute values of the terms, which bounds any fp32 summation
+// error: a sum of n terms in fp32, in any order, is within (n - 1) * 2^-24 * sum |terms| (to
+// first order) of the exact sum.
+struct ExactProduct {
+    std::vector<double> value, abs_sum;
+};
+
+// C (M, Ncol) = old + A (M, K) @ B (K, Ncol), with a(m, k) and b(k, n) reading the operands
+template <typename ReadA, typename ReadB>
+static ExactProduct exact_product(int M, int Ncol, int K, ReadA a, ReadB b, const std::vector<float>* old) {
+    ExactProduct p{std::vector<double>((size_t)M * Ncol), std::vector<double>((size_t)M * Ncol)};
+    for (int m = 0; m < M; m++) {
+        for (int n = 0; n < Ncol; n++) {
+            size_t i = (size_t)m * Ncol + n;
+            double sum = old ? (double)(*old)[i] : 0.0, abs_sum = old ? fabs((double)(*old)[i]) : 0.0;
+            for (int k = 0; k < K; k++) {
+                double term = (double)a(m, k) * (double)b(k, n);
+                sum += term;
+                abs_sum += fabs(term);
+            }
+            p.value[i] = sum;
+            p.abs_sum[i] = abs_sum;
+        }
+    }
+    return p;
+}
+
+// Element by element, |result - reference| <= summation_ulps * 2^-24 * abs_sum (fp32 summation
+// error) + one bf16 step at the larger magnitude when the values were rounded to bf16: if
+// |f - g| <= d then |round(f) - round(g)| <= d + ulp/2 + ulp/2 (each rounding moves a value by at
+// most half a step, and a step at |round(x)| is at least the step at |x|).
+static void check_matmul(const std::vector<float>& result, const std::vector<double>& reference,
+                         const std::vector<double>& abs_sum, double summation_ulps, bool bf16_rounded,
+                         const char* what) {
+    REQUIRE(result.size() == reference.size());
+    for (size_t i = 0; i < result.size(); i++) {
+        double bound = summation_ulps * ldexp(abs_sum[i], -24);
+        if (bf16_rounded) bound += bf16_ulp(std::max(fabs((double)result[i]), fabs(reference[i])));
+        double diff = fabs((double)result[i] - reference[i]);
+        if (!(diff <= bound)) {   // also catches NaN
+            INFO(what << ": element " << i << " of " << result.size() << ": " << result[i] << ", reference "
+                      << reference[i] << ", bound " << bound);
+            REQUIRE(diff <= bound);
+        }
+    }
+}
+
+static std::vector<double> to_doubles(const std::vector<float>& v) {
+    return std::vector<double>(v.begin(), v.end());
+}
+
+#ifdef MIXLN_CUDA_EMULATION
+// cuBLASLt cannot run here (the emulated launchers ARE the CPU twin): check the bf16 twin against
+// the exact product instead. The twin sums in fp32 (K products, then + old: K + 1 terms, within
+// K * 2^-24 * sum |terms| of the exact value; K + 2 leaves room for the second-order terms),
+// then rounds once; the reference rounds the exact value once: one bf16 step apart at most on top.
+TEST_CASE("matmul bf16 CPU twin equals the exact product rounded once", "[kernels][bf16]") {
+    int shapes[][3] = {{1, 1, 1}, {7, 5, 33}, {300, 257, 65}};   // (N, IC, OC); 257 and 300 > one K block (256)
+    for (auto& s : shapes) {
+        int N = s[0], IC = s[1], OC = s[2];
+        INFO("N " << N << " IC " << IC << " OC " << OC);
+        auto inp = random_bf16((size_t)N * IC, 41), weight = random_bf16((size_t)OC * IC, 42),
+             dout = random_bf16((size_t)N * OC, 43), dinp = random_bf16((size_t)N * IC, 44),
+             dweight = random_bf16((size_t)OC * IC, 45);
+        auto dweight_f = random_floats((size_t)OC * IC, 46);
+        auto inp_f = to_floats(inp), weight_f = to_floats(weight), dout_f = to_floats(dout), dinp_f = to_floats(dinp),
+             dweight_old = to_floats(dweight);
+
+        // forward: the twin, the same twin through the (emulated) launcher, and the exact product
+        std::vector<bf16> out((size_t)N * OC);
+        matmul_forward_cpu(out.data(), inp.data(), weight.data(), N, IC, OC);
+        DeviceArray<bf16> d_inp(inp), d_weight(weight), d_out((size_t)N * OC);
+        matmul_forward(d_out.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 0);
+        auto launched = d_out.to_host();
+        CHECK(memcmp(launched.data(), out.data(), out.size() * sizeof(bf16)) == 0);
+        auto exact = exact_product(
+            N, OC, IC, [&](int n, int k) { return inp_f[(size_t)n * IC + k]; },
+            [&](int k, int oc) { return weight_f[(size_t)oc * IC + k]; }, nullptr);
+        auto rounded = to_doubles(to_floats(to_bf16(std::vector<float>(exact.value.begin(), exact.value.end()))));
+        check_matmul(to_floats(out), rounded, exact.abs_sum, IC + 2, true, "matmul forward");
+        // the bf16 twin is the fp32 twin on the same values, rounded once: bit for bit
+        std::vector<float> out_f((size_t)N * OC);
+        matmul_forward_cpu(out_f.data(), inp_f.data(), weight_f.data(), N, IC, OC);
+        auto out_f_rounded = to_bf16(out_f);
+        CHECK(memcmp(out_f_rounded.data(), out.data(), out.size() * sizeof(bf16)) == 0);
+
+        // backward, accumulating into bf16 dinp and into bf16 (bf16-pure) or fp32 (bf16) dweight
+        std::vector<bf16> dinp_cpu = dinp, dweight_cpu = dweight, dinp_cpu2 = dinp;
+        std::vector<float> dweight_cpu_f = dweight_f;
+        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
+        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
+        CHECK(memcmp(dinp_cpu2.data(), dinp_cpu.data(), dinp.size() * sizeof(bf16)) == 0);   // G does not touch dinp
+        auto exact_dinp = exact_product(
+            N, IC, OC, [&](int n, int k) { return dout_f[(size_t)n * OC + k]; },
+            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, &dinp_f);
+        auto exact_dweight = exact_product(
+            OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
+            [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, &dweight_old);
+        auto exact_dweight_f = exact_product(
+            OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
+            [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, &dweight_f);
+        auto round_bf16 = [](const std::vector<double>& v) {
+            return to_doubles(to_floats(to_bf16(std::vector<float>(v.begin(), v.end()))));
+        };
+        check_matmul(to_floats(dinp_cpu), round_bf16(exact_dinp.value), exact_dinp.abs_sum, OC + 2, true,
+                     "matmul dinp");
+        check_matmul(to_floats(dweight_cpu), round_bf16(exact_dweight.value), exact_dweight.abs_sum, N + 2, true,
+                     "matmul dweight (bf16)");
+        // fp32 dweight: rounded only by the fp32 sums
+        check_matmul(dweight_cpu_f, exact_dweight_f.value, exact_dweight_f.abs_sum, N + 2, false,
+                     "matmul dweight (fp32)");
+    }
+}
+#else
+// cuBLASLt against the CPU twin, both from the same bf16 operands. Both sum the exact bf16
+// products in fp32, in different orders, then round once. The twin's fp32 value is within
+// (K + 1) * 2^-24 * sum |terms| of the exact one (round to nearest); tensor cores may truncate
+// instead of rounding inside their sums (an error of up to 2^-23 per addition), so cuBLASLt's is
+// within 2 * (K + 1) * 2^-24 * sum |terms|: together 3 * (K + 1) * 2^-24 * sum |terms|, and 4 * (K + 1)
+// for second-order terms. Then one bf16 step at the element's magnitude for the two roundings.
+// The same bound without the bf16 step holds for the fp32 dweight.
+TEST_CASE("matmul (cuBLASLt) with bf16 matches the CPU", "[kernels][bf16][gpu-only]") {
+    // (N, IC, OC, offset): offset moves the weight pointer by one element (2 bytes) off its
+    // allocation's alignment, so the heuristic has to pick an algorithm for 2-byte aligned data
+    int shapes[][4] = {{1, 1, 1, 0}, {7, 5, 33, 0}, {300, 257, 65, 0}, {64, 128, 96, 0}, {64, 128, 96, 1}};
+    for (auto& s : shapes) {
+        int N = s[0], IC = s[1], OC = s[2], offset = s[3];
+        INFO("N " << N << " IC " << IC << " OC " << OC << " weight offset " << offset);
+        auto inp = random_bf16((size_t)N * IC, 41), weight = random_bf16((size_t)OC * IC, 42),
+             dout = random_bf16((size_t)N * OC, 43), dinp = random_bf16((size_t)N * IC, 44),
+             dweight = random_bf16((size_t)OC * IC, 45);
+        auto dweight_f = random_floats((size_t)OC * IC, 46);
+        auto inp_f = to_floats(inp), weight_f = to_floats(weight), dout_f = to_floats(dout), dinp_f = to_floats(dinp),
+             dweight_old = to_floats(dweight);
+        std::vector<bf16> out_cpu((size_t)N * OC), dinp_cpu = dinp, dweight_cpu = dweight, dinp_cpu2 = dinp;
+        std::vector<float> dweight_cpu_f = dweight_f;
+        matmul_forward_cpu(out_cpu.data(), inp.data(), weight.data(), N, IC, OC);
+        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
+        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
+
+        std::vector<bf16> weight_padded(weight.size() + 1, __float2bfloat16_rn(0.0f));
+        std::copy(weight.begin(), weight.end(), weight_padded.begin() + offset);
+        DeviceArray<bf16> d_inp(inp), d_weight(weight_padded), d_dout(dout), d_out((size_t)N * OC), d_dinp(dinp),
+            d_dweight(dweight), d_dinp2(dinp);
+        DeviceArray<float> d_dweight_f(dweight_f);
+        const bf16* w = d_weight.ptr + offset;
+        matmul_forward(d_out.ptr, d_inp.ptr, w, N, IC, OC, 0);
+        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, 0);
+        matmul_backward(d_dinp2.ptr, d_dweight_f.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, 0);
+
+        auto exact = exact_product(
+            N, OC, IC, [&](int n, int k) { return inp_f[(size_t)n * IC + k]; },
+            [&](int k, int oc) { return weight_f[(size_t)oc * IC + k]; }, nullptr);
+        auto exact_dinp = exact_product(
+            N, IC, OC, [&](int n, int k) { return dout_f[(size_t)n * OC + k]; },
+            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, &dinp_f);
+        auto exact_dweight = exact_product(
+            OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
+            [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, &dweight_old);
+        auto exact_dweight_f = exact_product(
+            OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
+            [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, &dweight_f);
+        check_matmul(to_floats(d_out.to_host()), to_doubles(to_floats(out_cpu)), exact.abs_sum, 4.0 * (IC + 1), true,
+                     "matmul forward");
+        check_matmul(to_floats(d_dinp.to_host()), to_doubles(to_floats(dinp_cpu)), exact_dinp.abs_sum,
+                     4.0 * (OC + 1), true, "matmul dinp");
+        check_matmul(to_floats(d_dinp2.to_host()), to_doubles(to_floats(dinp_cpu)), exact_dinp.abs_sum,
+                     4.0 * (OC + 1), true, "matmul dinp (fp32 dweight)");
+        check_matmul(to_floats(d_dweight.to_host()), to_doubles(to_floats(dweight_cpu)), exact_dweight.abs_sum,
+                     4.0 * (N + 1), true, "matmul dweight (bf16)");
+        check_matmul(d_dweight_f.to_host(), to_doubles(dweight_cpu_f), exact_dweight_f.abs_sum, 4.0 * (N + 1), false,
+                     "matmul dweight (fp32)");
+    }
+}
+#endif
+
+// ---- AdamW
+
+static const float ADAM_LR = 1e-2f, ADAM_BETA1 = 0.9f, ADAM_BETA2 = 0.999f, ADAM_EPS = 1e-8f, ADAM_DECAY = 0.1f,
+                   ADAM_GRAD_SCALE = 0.5f;
+
+// moments as a model has them after a few steps: m ~ 0.1, v = (something ~ 0.1)^2 >= 0
+static std::vector<float> random_second_moment(size_t n, uint64_t seed) {
+    auto v = random_floats(n, seed, 0.1f);
+    for (auto& x : v) x = x * x;
+    return v;
+}
+
+TEST_CASE("adamw fp32 (P = G = float): the template keeps the fp32 arithmetic, and the kernel matches",
+          "[kernels][bf16]") {
+    for (size_t n : {1, 257, 5000}) {
+        for (int t : {1, 7}) {   // the first step and a later one: bias corrections differ
+            INFO("n " << n << " t " << t);
+            auto params = random_floats(n, 51), m = random_floats(n, 52, 0.1f), v = random_second_moment(n, 53),
+                 grads = random_floats(n, 54);
+            std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
+            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), grads.data(), n, ADAM_LR, ADAM_BETA1,
+                             ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            // the fp32-only loop this template replaced, verbatim: the same bits
+            std::vector<float> params_old = params, m_old = m, v_old = v;
+            {
+                double bias_correction1 = 1.0 - pow((double)ADAM_BETA1, t);
+                double bias_correction2_sqrt = sqrt(1.0 - pow((double)ADAM_BETA2, t));
+                real step_size = (real)(ADAM_LR / bias_correction1);
+                real decay = (real)(1.0 - (double)ADAM_LR * ADAM_DECAY);
+                for (size_t i = 0; i < n; i++) {
+                    real g = grads[i] * ADAM_GRAD_SCALE;
+                    params_old[i] *= decay;
+                    m_old[i] = ADAM_BETA1 * m_old[i] + (1 - ADAM_BETA1) * g;
+                    v_old[i] = ADAM_BETA2 * v_old[i] + (1 - ADAM_BETA2) * g * g;
+                    real denom = sqrt(v_old[i]) / (real)bias_correction2_sqrt + ADAM_EPS;
+                    params_old[i] -= step_size * (m_old[i] / denom);
+                }
+            }
+            CHECK(memcmp(params_old.data(), params_cpu.data(), n * sizeof(float)) == 0);
+            CHECK(memcmp(m_old.data(), m_cpu.data(), n * sizeof(float)) == 0);
+            CHECK(memcmp(v_old.data(), v_cpu.data(), n * sizeof(float)) == 0);
+            DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
+            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_grads.ptr, n, ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_EPS,
+                         ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
+            check_close(d_params.to_host(), params_cpu, "adamw params");
+            check_close(d_m.to_host(), m_cpu, "adamw m");
+            check_close(d_v.to_host(), v_cpu, "adamw v");
+        }
+    }
+}
+
+// Default bf16 tolerance: the kernel and the twin compute the same float expressions from the same
+// bf16 values (nvcc may contract some into FMAs: a few fp32 ulps) and round once per store, so
+// each stored value differs by at most one bf16 step at its own magnitude.
+TEST_CASE("adamw bf16-pure (P = G = bf16) kernel matches the CPU, rounding m, v and p once", "[kernels][bf16]") {
+    for (size_t n : {1, 257, 5000}) {
+        for (int t : {1, 7}) {
+            INFO("n " << n << " t " << t);
+            auto params = random_bf16(n, 61), m = random_bf16(n, 62, 0.1f), v = to_bf16(random_second_moment(n, 63)),
+                 grads = random_bf16(n, 64);
+            std::vector<bf16> params_cpu = params, m_cpu = m, v_cpu = v;
+            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), grads.data(), n, ADAM_LR, ADAM_BETA1,
+                             ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            // the rounding points: the fp32 update (P = float) of the same values, then each of p, m,
+            // v rounded once, is the bf16 update bit for bit. In particular p comes from the
+            // unrounded new m and v: an update from the rounded ones would differ in many elements.
+            auto params_f = to_floats(params), m_f = to_floats(m), v_f = to_floats(v);
+            adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), grads.data(), n, ADAM_LR, ADAM_BETA1, ADAM_BETA2,
+                             ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            auto params_r = to_bf16(params_f), m_r = to_bf16(m_f), v_r = to_bf16(v_f);
+            CHECK(memcmp(params_r.data(), params_cpu.data(), n * sizeof(bf16)) == 0);
+            CHECK(memcmp(m_r.data(), m_cpu.data(), n * sizeof(bf16)) == 0);
+            CHECK(memcmp(v_r.data(), v_cpu.data(), n * sizeof(bf16)) == 0);
+
+            DeviceArray<bf16> d_params(params), d_m(m), d_v(v), d_grads(grads);
+            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_grads.ptr, n, ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_EPS,
+                         ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
+            check_close_bf16(d_params.to_host(), params_cpu, "adamw bf16 params");
+            check_close_bf16(d_m.to_host(), m_cpu, "adamw bf16 m");
+            check_close_bf16(d_v.to_host(), v_cpu, "adamw bf16 v");
+        }
+    }
+}
+
+// fp32 parameters and moments with bf16 gradients: a bf16 gradient is exact in float, so this is
+// the fp32 update of those values (fp32 tolerance).
+TEST_CASE("adamw (P = float, G = bf16) kernel matches the CPU", "[kernels][bf16]") {
+    for (size_t n : {1, 257, 5000}) {
+        for (int t : {1, 7}) {
+            INFO("n " << n << " t " << t);
+            auto params = random_floats(n, 71), m = random_floats(n, 72, 0.1f), v = random_second_moment(n, 73);
+            auto grads = random_bf16(n, 74);
+            std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
+            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), grads.data(), n, ADAM_LR, ADAM_BETA1,
+                             ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            // the same as fp32 gradients holding the same values, bit for bit
+            std::vector<float> params_f = params, m_f = m, v_f = v, grads_f = to_floats(grads);
+            adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), grads_f.data(), n, ADAM_LR, ADAM_BETA1,
+                             ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            CHECK(memcmp(params_f.data(), params_cpu.data(), n * sizeof(float)) == 0);
+            DeviceArray<float> d_params(params), d_m(m), d_v(v);
+            DeviceArray<bf16> d_grads(grads);
+            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_grads.ptr, n, ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_EPS,
+                         ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
+            check_close(d_params.to_host(), params_cpu, "adamw params");
+            check_close(d_m.to_host(), m_cpu, "adamw m");
+            check_close(d_v.to_host(), v_cpu, "adamw v");
+        }
+    }
+}
+
+// ---- cast_copy
+
+// Rounding is exact arithmetic on bits, the same everywhere: kernel, CPU twin and
+// __float2bfloat16_rn must agree bit for bit (NaN: any NaN, its payload is not specified).
+TEST_CASE("cast_copy float -> bf16 rounds to nearest even, bit for bit", "[kernels][bf16]") {
+    // values whose rounding is known: ties go to the even neighbour; past the largest bf16 is inf
+    struct Known {
+        uint32_t input;
+        uint16_t expected;
+    };
+    const Known known[] = {
+        {0x3F800000u, 0x3F80},   // 1
+        {0x3F808000u, 0x3F80},   // 1 + 2^-8: tie between 1 and 1 + 2^-7, even is 1
+        {0x3F818000u, 0x3F82},   // 1 + 3 * 2^-8: tie between 1 + 2^-7 and 1 + 2^-6, even is 1 + 2^-6
+        {0x3F808001u, 0x3F81},   // just above the tie: up
+        {0x3F807FFFu, 0x3F80},   // just below the tie: down
+        {0xBF818000u, 0xBF82},   // -(1 + 3 * 2^-8): ties to even on the negative side too
+        {0x00000000u, 0x0000},   // +0
+        {0x80000000u, 0x8000},   // -0
+        {0x7F7FFFFFu, 0x7F80},   // FLT_MAX: rounds past the largest bf16, to +inf
+        {0x7F7F0000u, 0x7F7F},   // the largest bf16, exact
+        {0x7F800000u, 0x7F80},   // +inf
+        {0xFF800000u, 0xFF80},   // -inf
+        {0x00008000u, 0x0000},   // subnormal 2^-134, tie between 0 and 2^-133: even is 0
+        {0x00018000u, 0x0002},   // subnormal 3 * 2^-134: tie between 2^-133 and 2^-132, even is 2^-132
+    };
+    for (size_t n : {1, 255, 257, 100003}) {
+        INFO("n " << n);
+        auto inp = random_floats(n, 81);
+        for (size_t i = 0; i < n; i++) inp[i] = ldexp(inp[i], (int)(i % 61) - 30);   // many binades
+        for (size_t i = 0; i < n && i < sizeof(known) / sizeof(known[0]); i++) inp[i] = float_from_bits(known[i].input);
+        if (n > 20) inp[n - 1] = NAN;
+        std::vector<bf16> out_cpu(n);
+        cast_copy_cpu(out_cpu.data(), inp.data(), n);
+        DeviceArray<float> d_inp(inp);
+        DeviceArray<bf16> d_out(n);
+        cast_copy(d_out.ptr, d_inp.ptr, n, 0);
+        auto out_gpu = d_out.to_host();
+        for (size_t i = 0; i < n; i++) {
+            if (std::isnan(inp[i])) {
+                CHECK(std::isnan(__bfloat162float(out_cpu[i])));
+                CHECK(std::isnan(__bfloat162float(out_gpu[i])));
+                continue;
+            }
+            uint16_t expected = bf16_bits(__float2bfloat16_rn(inp[i]));
+            if (i < sizeof(known) / sizeof(known[0])) REQUIRE(expected == known[i].expected);
+            if (bf16_bits(out_cpu[i]) != expected || bf16_bits(out_gpu[i]) != expected) {
+                INFO("element " << i << ": input bits " << float_bits(inp[i]) << ", expected " << expected << ", cpu "
+                                << bf16_bits(out_cpu[i]) << ", gpu " << bf16_bits(out_gpu[i]));
+                REQUIRE(bf16_bits(out_cpu[i]) == expected);
+                REQUIRE(bf16_bits(out_gpu[i]) == expected);
+            }
+        }
+    }
+}
+
+TEST_CASE("cast_copy bf16 -> float is exact", "[kernels][bf16]") {
+    for (size_t n : {1, 257, 5000}) {
+        INFO("n " << n);
+        auto inp = random_bf16(n, 82);
+        std::vector<float> out_cpu(n);
+        cast_copy_cpu(out_cpu.data(), inp.data(), n);
+        DeviceArray<bf16> d_inp(inp);
+        DeviceArray<float> d_out(n);
+        cast_copy(d_out.ptr, d_inp.ptr, n, 0);
+        auto expected = to_floats(inp);
+        CHECK(memcmp(out_cpu.data(), expected.data(), n * sizeof(float)) == 0);
+        auto out_gpu = d_out.to_host();
+        CHECK(memcmp(out_gpu.data(), expected.data(), n * sizeof(float)) == 0);
+    }
+}
+
+// ---- global norm
+
+TEST_CASE("global norm of bf16 gradients: kernel matches the CPU", "[kernels][bf16]") {
+    for (size_t n : {1, 1000, 300000}) {   // fewer elements than threads, and many per thread
+        INFO("n " << n);
+        auto grads = random_bf16(n, 91);
+        double expected = global_norm_cpu(grads.data(), n);
+        // bf16 values and their squares are exact in float and double: the same sum as fp32 gradients holding them
+        auto grads_f = to_floats(grads);
+        CHECK(expected == global_norm_cpu(grads_f.data(), n));
+        DeviceArray<bf16> d_grads(grads);
+        DeviceArray<float> d_out(1), d_partials(GLOBAL_NORM_BLOCKS);
+        global_norm_squared(d_out.ptr, d_partials.ptr, d_grads.ptr, n, 0);
+        float norm_squared = d_out.to_host()[0];
+        CHECK(fabs(sqrt(norm_squared) - expected) / expected < 1e-5);   // float partial sums of ~1000 terms each
+    }
+}
