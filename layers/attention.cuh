@@ -11,10 +11,32 @@ Backward, per row t of head h (dpre is the gradient of the pre-softmax scores):
     dq       += sum_t2 dpre[t2] * k[t2] / sqrt(hs),   dk[t2] += dpre[t2] * q / sqrt(hs)
 The CPU reference works head by head: all rows of one (b, h) pair write only that head's
 slices of dk and dv, so (b, h) pairs run in parallel without races.
+
+Storage type. qkv, out, att, dout and dqkv are stored in a type floatX: float (double in the CPU
+reference of the finite-difference build) or bf16. (The other layers call it T; here T is the
+sequence length.) Scores, softmax sums, gradients and the backward's scratch are always float
+(`real` on the CPU): values are converted on load and rounded once where they are stored.
+Rounding points of the simple attention (the kernels and the CPU reference alike):
+  - att: each probability exp(score - max) / sum is computed in float from unrounded scores and
+    rounded once where it is stored. The scores themselves never pass through floatX (a bf16
+    score of 10 can be off by 0.03, and its probability by 3%): the CPU keeps a row of them in
+    a real buffer; the float kernel stages them in att_row (exact in float), and the bf16 kernel,
+    which has no float buffer, computes each score twice (once for the row's max and sum, once
+    for the probability).
+  - out: y = att v uses the probabilities AS STORED (rounded), then y is rounded once. Backward
+    reads the stored att, so dv = att^T dy and datt are the exact gradients of the y computed, and
+    forward and backward agree on one att.
+  - dqkv: the gradients of a head are summed in float over all rows and added to the stored dqkv
+    once: dqkv = round(dqkv + total).
+The fused attention (below) cannot store probabilities, so its y is computed from the float ones
+and rounded once; fused and simple results differ by the rounding of att (see its comment).
 */
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include "../common.h"
 
@@ -22,41 +44,48 @@ slices of dk and dv, so (b, h) pairs run in parallel without races.
 
 // out (B, T, C) attention output before o_proj; att (B, NH, T, T) softmax probabilities;
 // qkv (B, T, 3C)
-inline void attention_forward_cpu(real* out, real* att, const real* qkv, int B, int T, int NH, int head_size) {
+template <typename floatX>
+inline void attention_forward_cpu(floatX* out, floatX* att, const floatX* qkv, int B, int T, int NH, int head_size) {
     int C = NH * head_size;
     real scale = 1 / sqrt((real)head_size);
-    #pragma omp parallel for collapse(3)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                const real* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
-                real* att_row = att + (((size_t)b * NH + h) * T + t) * T;
-                // scaled scores against keys 0..t, and their maximum for a stable softmax
-                real max_score = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const real* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
-                    real score = 0;
-                    #pragma omp simd reduction(+ : score)
-                    for (int i = 0; i < head_size; i++) score += q[i] * k[i];
-                    score *= scale;
-                    att_row[t2] = score;
-                    if (score > max_score) max_score = score;
-                }
-                // softmax over 0..t; the masked future gets probability 0
-                real sum = 0;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    att_row[t2] = std::exp(att_row[t2] - max_score);
-                    sum += att_row[t2];
-                }
-                for (int t2 = 0; t2 <= t; t2++) att_row[t2] /= sum;
-                for (int t2 = t + 1; t2 < T; t2++) att_row[t2] = 0;
-                // weighted sum of the values
-                real* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
-                for (int i = 0; i < head_size; i++) y[i] = 0;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
-                    #pragma omp simd
-                    for (int i = 0; i < head_size; i++) y[i] += att_row[t2] * v[i];
+    #pragma omp parallel
+    {
+        std::vector<real> scores(T), y(head_size);   // per thread: one row's scores, one position's output
+        #pragma omp for collapse(3)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < NH; h++) {
+                for (int t = 0; t < T; t++) {
+                    const floatX* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
+                    floatX* att_row = att + (((size_t)b * NH + h) * T + t) * T;
+                    // scaled scores against keys 0..t, and their maximum for a stable softmax
+                    real max_score = -INFINITY;
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        const floatX* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
+                        real score = 0;
+                        #pragma omp simd reduction(+ : score)
+                        for (int i = 0; i < head_size; i++) score += to_real(q[i]) * to_real(k[i]);
+                        score *= scale;
+                        scores[t2] = score;
+                        if (score > max_score) max_score = score;
+                    }
+                    // softmax over 0..t, rounded once into att; the masked future gets probability 0
+                    real sum = 0;
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        scores[t2] = std::exp(scores[t2] - max_score);
+                        sum += scores[t2];
+                    }
+                    for (int t2 = 0; t2 <= t; t2++) att_row[t2] = from_real<floatX>(scores[t2] / sum);
+                    for (int t2 = t + 1; t2 < T; t2++) att_row[t2] = from_real<floatX>(0);
+                    // weighted sum of the values, with the probabilities as stored
+                    for (int i = 0; i < head_size; i++) y[i] = 0;
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        const floatX* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
+                        real p = to_real(att_row[t2]);
+                        #pragma omp simd
+                        for (int i = 0; i < head_size; i++) y[i] += p * to_real(v[i]);
+                    }
+                    floatX* out_row = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
+                    for (int i = 0; i < head_size; i++) out_row[i] = from_real<floatX>(y[i]);
                 }
             }
         }
@@ -65,42 +94,59 @@ inline void attention_forward_cpu(real* out, real* att, const real* qkv, int B, 
 
 // dqkv (B, T, 3C) +=; scratch (B, NH, T, T) workspace (the CPU uses one row of it per (b, h),
 // the CUDA version all of it); dout (B, T, C); qkv (B, T, 3C) and att (B, NH, T, T) from forward
-inline void attention_backward_cpu(real* dqkv, real* scratch, const real* dout, const real* qkv,
-                            const real* att, int B, int T, int NH, int head_size) {
+template <typename floatX>
+inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* dout, const floatX* qkv,
+                                   const floatX* att, int B, int T, int NH, int head_size) {
     int C = NH * head_size;
     real scale = 1 / sqrt((real)head_size);
-    #pragma omp parallel for collapse(2)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            real* datt = scratch + ((size_t)b * NH + h) * T * T;   // (T) one row at a time
-            for (int t = 0; t < T; t++) {
-                const real* att_row = att + (((size_t)b * NH + h) * T + t) * T;
-                const real* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
-                const real* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
-                real* dq = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
-                // through y = att v: gradients of the probabilities and of the values
-                real weighted = 0;   // sum_j att[j] * datt[j]
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
-                    real* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
-                    real d = 0;
-                    #pragma omp simd reduction(+ : d)
-                    for (int i = 0; i < head_size; i++) {
-                        d += v[i] * dy[i];
-                        dv[i] += att_row[t2] * dy[i];
+    #pragma omp parallel
+    {
+        // per thread: the head's gradients (T, 3, hs), [dq | dk | dv] per position, summed here and
+        // added to dqkv once at the end of the head
+        std::vector<real> grad((size_t)T * 3 * head_size);
+        #pragma omp for collapse(2)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < NH; h++) {
+                real* datt = scratch + ((size_t)b * NH + h) * T * T;   // (T) one row at a time
+                std::fill(grad.begin(), grad.end(), (real)0);
+                for (int t = 0; t < T; t++) {
+                    const floatX* att_row = att + (((size_t)b * NH + h) * T + t) * T;
+                    const floatX* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
+                    const floatX* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
+                    real* dq = grad.data() + (size_t)t * 3 * head_size;
+                    // through y = att v: gradients of the probabilities and of the values
+                    real weighted = 0;   // sum_j att[j] * datt[j]
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        const floatX* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
+                        real* dv = grad.data() + ((size_t)t2 * 3 + 2) * head_size;
+                        real p = to_real(att_row[t2]);
+                        real d = 0;
+                        #pragma omp simd reduction(+ : d)
+                        for (int i = 0; i < head_size; i++) {
+                            d += to_real(v[i]) * to_real(dy[i]);
+                            dv[i] += p * to_real(dy[i]);
+                        }
+                        datt[t2] = d;
+                        weighted += p * d;
                     }
-                    datt[t2] = d;
-                    weighted += att_row[t2] * d;
+                    // through the softmax, then the scaled dot products q . k
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        real dscore = to_real(att_row[t2]) * (datt[t2] - weighted) * scale;
+                        const floatX* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
+                        real* dk = grad.data() + ((size_t)t2 * 3 + 1) * head_size;
+                        #pragma omp simd
+                        for (int i = 0; i < head_size; i++) {
+                            dq[i] += dscore * to_real(k[i]);
+                            dk[i] += dscore * to_real(q[i]);
+                        }
+                    }
                 }
-                // through the softmax, then the scaled dot products q . k
-                for (int t2 = 0; t2 <= t; t2++) {
-                    real dscore = att_row[t2] * (datt[t2] - weighted) * scale;
-                    const real* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
-                    real* dk = dqkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
-                    #pragma omp simd
-                    for (int i = 0; i < head_size; i++) {
-                        dq[i] += dscore * k[i];
-                        dk[i] += dscore * q[i];
+                // the head's totals into dqkv, one rounding each
+                for (int t = 0; t < T; t++) {
+                    for (int part = 0; part < 3; part++) {
+                        floatX* d = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)part * C + (size_t)h * head_size;
+                        const real* g = grad.data() + ((size_t)t * 3 + part) * head_size;
+                        for (int i = 0; i < head_size; i++) d[i] = from_real<floatX>(to_real(d[i]) + g[i]);
                     }
                 }
             }
@@ -114,81 +160,121 @@ inline void attention_backward_cpu(real* dqkv, real* scratch, const real* dout, 
 // ---- CUDA kernels
 // The simple, correct version: one warp per row (b, h, t) of the attention matrix, the
 // probabilities materialised in att (B, NH, T, T) as on the CPU. A fused (flash-style) version
-// that never stores att is the target for speed and will sit beside this one.
+// that never stores att is the target for speed and sits beside this one.
 
-static __global__ void attention_forward_kernel(float* out, float* att, const float* qkv, int B, int T, int NH, int head_size) {
+// q . k / sqrt(hs) in float; q and k point at head_size channels
+template <typename floatX>
+static __device__ __forceinline__ float attention_score(const floatX* q, const floatX* k, int head_size, float scale) {
+    float score = 0.0f;
+    for (int i = 0; i < head_size; i++) score += to_float(q[i]) * to_float(k[i]);
+    return score * scale;
+}
+
+template <typename floatX>
+static __global__ void attention_forward_kernel(floatX* out, floatX* att, const floatX* qkv, int B, int T, int NH,
+                                         int head_size) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;   // (b, h, t) flattened
     int lane = threadIdx.x % 32;
     if (row >= B * NH * T) return;   // whole warps
     int t = row % T, h = (row / T) % NH, b = row / (T * NH);
     int C = NH * head_size;
     float scale = 1.0f / sqrtf((float)head_size);
-    const float* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
-    float* att_row = att + (size_t)row * T;
-    // scaled scores against keys 0..t, lanes striding over the keys
-    float max_score = -INFINITY;
-    for (int t2 = lane; t2 <= t; t2 += 32) {
-        const float* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
-        float score = 0.0f;
-        for (int i = 0; i < head_size; i++) score += q[i] * k[i];
-        score *= scale;
-        att_row[t2] = score;
-        max_score = fmaxf(max_score, score);
+    const floatX* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
+    const floatX* keys = qkv + (size_t)b * T * 3 * C + C + (size_t)h * head_size;   // key t2 at keys + t2 * 3C
+    floatX* att_row = att + (size_t)row * T;
+    if constexpr (std::is_same<floatX, float>::value) {
+        // float holds the scores exactly: stage them, then their exponentials, in att_row
+        float max_score = -INFINITY;   // lanes striding over the keys 0..t
+        for (int t2 = lane; t2 <= t; t2 += 32) {
+            float score = attention_score(q, keys + (size_t)t2 * 3 * C, head_size, scale);
+            att_row[t2] = score;
+            max_score = fmaxf(max_score, score);
+        }
+        max_score = warp_reduce_max(max_score);
+        float sum = 0.0f;
+        for (int t2 = lane; t2 <= t; t2 += 32) {
+            float e = expf(att_row[t2] - max_score);
+            att_row[t2] = e;
+            sum += e;
+        }
+        sum = warp_reduce_sum(sum);
+        for (int t2 = lane; t2 < T; t2 += 32) att_row[t2] = t2 <= t ? att_row[t2] / sum : 0.0f;
+    } else {
+        // a narrower floatX would round the scores: each lane keeps a running max m and sum of
+        // exp(score - m) over its keys (rescaled when m grows), the warp combines them, and the
+        // scores are computed again for the probabilities
+        float lane_max = -INFINITY, lane_sum = 0.0f;
+        for (int t2 = lane; t2 <= t; t2 += 32) {
+            float score = attention_score(q, keys + (size_t)t2 * 3 * C, head_size, scale);
+            if (score > lane_max) {
+                lane_sum = lane_sum * expf(lane_max - score) + 1.0f;   // 0 * 0 + 1 on the lane's first key
+                lane_max = score;
+            } else {
+                lane_sum += expf(score - lane_max);
+            }
+        }
+        float max_score = warp_reduce_max(lane_max);   // finite: lane 0 has key 0
+        float sum = warp_reduce_sum(lane_sum * expf(lane_max - max_score));   // lanes without keys add 0 * 0
+        for (int t2 = lane; t2 < T; t2 += 32) {
+            float p = t2 <= t ? expf(attention_score(q, keys + (size_t)t2 * 3 * C, head_size, scale) - max_score) / sum
+                              : 0.0f;
+            att_row[t2] = from_float<floatX>(p);
+        }
     }
-    max_score = warp_reduce_max(max_score);
-    float sum = 0.0f;
-    for (int t2 = lane; t2 <= t; t2 += 32) {
-        float e = expf(att_row[t2] - max_score);
-        att_row[t2] = e;
-        sum += e;
-    }
-    sum = warp_reduce_sum(sum);
-    for (int t2 = lane; t2 < T; t2 += 32) att_row[t2] = t2 <= t ? att_row[t2] / sum : 0.0f;
     __syncwarp();   // every lane reads all of att_row below
-    // y = att v, lanes striding over the head's channels
+    // y = att v with the probabilities as stored, lanes striding over the head's channels
     for (int i = lane; i < head_size; i += 32) {
         float y = 0.0f;
-        for (int t2 = 0; t2 <= t; t2++) y += att_row[t2] * qkv[((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size + i];
-        out[((size_t)b * T + t) * C + (size_t)h * head_size + i] = y;
+        for (int t2 = 0; t2 <= t; t2++) {
+            float v = to_float(qkv[((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size + i]);
+            y += to_float(att_row[t2]) * v;
+        }
+        out[((size_t)b * T + t) * C + (size_t)h * head_size + i] = from_float<floatX>(y);
     }
 }
 
 // Backward, pass 1, one warp per row (b, h, t): the gradient of the pre-softmax scores of the
-// row goes to dpre (B, NH, T, T), and dq of position t is complete.
-static __global__ void attention_backward_query_kernel(float* dqkv, float* dpre, const float* dout, const float* qkv,
-                                                const float* att, int B, int T, int NH, int head_size) {
+// row goes to dpre (B, NH, T, T), float, and dq of position t is complete.
+template <typename floatX>
+static __global__ void attention_backward_query_kernel(floatX* dqkv, float* dpre, const floatX* dout, const floatX* qkv,
+                                                const floatX* att, int B, int T, int NH, int head_size) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= B * NH * T) return;
     int t = row % T, h = (row / T) % NH, b = row / (T * NH);
     int C = NH * head_size;
     float scale = 1.0f / sqrtf((float)head_size);
-    const float* att_row = att + (size_t)row * T;
-    const float* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
+    const floatX* att_row = att + (size_t)row * T;
+    const floatX* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
     float* dpre_row = dpre + (size_t)row * T;
     // datt[t2] = v[t2] . dy, kept in dpre_row for now; weighted = sum_j att[j] * datt[j]
     float weighted = 0.0f;
     for (int t2 = lane; t2 <= t; t2 += 32) {
-        const float* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
+        const floatX* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
         float d = 0.0f;
-        for (int i = 0; i < head_size; i++) d += v[i] * dy[i];
+        for (int i = 0; i < head_size; i++) d += to_float(v[i]) * to_float(dy[i]);
         dpre_row[t2] = d;
-        weighted += att_row[t2] * d;
+        weighted += to_float(att_row[t2]) * d;
     }
     weighted = warp_reduce_sum(weighted);
-    for (int t2 = lane; t2 < T; t2 += 32) dpre_row[t2] = t2 <= t ? att_row[t2] * (dpre_row[t2] - weighted) * scale : 0.0f;
+    for (int t2 = lane; t2 < T; t2 += 32)
+        dpre_row[t2] = t2 <= t ? to_float(att_row[t2]) * (dpre_row[t2] - weighted) * scale : 0.0f;
     __syncwarp();   // every lane reads all of dpre_row below
     for (int i = lane; i < head_size; i += 32) {
         float dq = 0.0f;
-        for (int t2 = 0; t2 <= t; t2++) dq += dpre_row[t2] * qkv[((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size + i];
-        dqkv[((size_t)b * T + t) * 3 * C + (size_t)h * head_size + i] += dq;
+        for (int t2 = 0; t2 <= t; t2++)
+            dq += dpre_row[t2] * to_float(qkv[((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size + i]);
+        floatX* dq_out = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size + i;
+        *dq_out = from_float<floatX>(to_float(*dq_out) + dq);
     }
 }
 
 // Backward, pass 2, one warp per key position (b, h, t2): dk and dv sum over the queries t >= t2
 // in order, so no atomics are needed and the result is deterministic.
-static __global__ void attention_backward_key_value_kernel(float* dqkv, const float* dpre, const float* dout, const float* qkv,
-                                                    const float* att, int B, int T, int NH, int head_size) {
+template <typename floatX>
+static __global__ void attention_backward_key_value_kernel(floatX* dqkv, const float* dpre, const floatX* dout,
+                                                    const floatX* qkv, const floatX* att, int B, int T, int NH,
+                                                    int head_size) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= B * NH * T) return;
@@ -198,31 +284,38 @@ static __global__ void attention_backward_key_value_kernel(float* dqkv, const fl
     for (int i = lane; i < head_size; i += 32) {
         float dk = 0.0f, dv = 0.0f;
         for (int t = t2; t < T; t++) {
-            dk += dpre[(head_rows + t) * T + t2] * qkv[((size_t)b * T + t) * 3 * C + (size_t)h * head_size + i];
-            dv += att[(head_rows + t) * T + t2] * dout[((size_t)b * T + t) * C + (size_t)h * head_size + i];
+            float q = to_float(qkv[((size_t)b * T + t) * 3 * C + (size_t)h * head_size + i]);
+            float dy = to_float(dout[((size_t)b * T + t) * C + (size_t)h * head_size + i]);
+            dk += dpre[(head_rows + t) * T + t2] * q;
+            dv += to_float(att[(head_rows + t) * T + t2]) * dy;
         }
-        dqkv[((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size + i] += dk;
-        dqkv[((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size + i] += dv;
+        floatX* dk_out = dqkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size + i;
+        floatX* dv_out = dk_out + C;
+        *dk_out = from_float<floatX>(to_float(*dk_out) + dk);
+        *dv_out = from_float<floatX>(to_float(*dv_out) + dv);
     }
 }
 
 // ---- launchers
 
-inline void attention_forward(float* out, float* att, const float* qkv, int B, int T, int NH, int head_size,
+template <typename floatX>
+inline void attention_forward(floatX* out, floatX* att, const floatX* qkv, int B, int T, int NH, int head_size,
                               cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
-    LAUNCH(attention_forward_kernel, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, out, att, qkv, B, T,
-           NH, head_size);
+    LAUNCH(attention_forward_kernel<floatX>, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, out, att,
+           qkv, B, T, NH, head_size);
 }
 
-// scratch: (B, NH, T, T), the gradient of the pre-softmax scores
-inline void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* att,
+// scratch: (B, NH, T, T) floats, the gradient of the pre-softmax scores
+template <typename floatX>
+inline void attention_backward(floatX* dqkv, float* scratch, const floatX* dout, const floatX* qkv, const floatX* att,
                                int B, int T, int NH, int head_size, cudaStream_t stream) {
     const int block = 256;
     dim3 grid(ceil_div(B * NH * T, block / 32));
-    LAUNCH(attention_backward_query_kernel, grid, dim3(block), 0, stream, dqkv, scratch, dout, qkv, att, B, T, NH, head_size);
-    LAUNCH(attention_backward_key_value_kernel, grid, dim3(block), 0, stream, dqkv, scratch, dout, qkv, att, B, T, NH,
-           head_size);
+    LAUNCH(attention_backward_query_kernel<floatX>, grid, dim3(block), 0, stream, dqkv, scratch, dout, qkv, att, B, T,
+           NH, head_size);
+    LAUNCH(attention_backward_key_value_kernel<floatX>, grid, dim3(block), 0, stream, dqkv, (const float*)scratch, dout,
+           qkv, att, B, T, NH, head_size);
 }
 
 // ---- fused (flash-style) CUDA kernels
@@ -276,6 +369,15 @@ Tile rows hold head_size channels rounded up to a float4, zeroed past head_size;
 zeroed as well, so masked entries (probability 0) never multiply a NaN.
 
 Scratch of attention_backward_fused: (B, NH, T) floats, for D.
+
+Storage type: qkv, out, dout and dqkv are floatX (float or bf16), lse and the scratch float. The
+tiles in shared memory are float whatever floatX is: attention_load_tile converts each element
+when it copies a tile from global memory, so the inner loops and the shared-memory layout above
+are the same for every floatX. Rounding points: out is rounded once from acc / l; D is computed
+from out AS STORED (rounded), as FlashAttention does in bf16; dq, dk and dv are summed in float
+and added to the stored dqkv once, dqkv = round(dqkv + total). Against the simple attention in
+bf16, which rounds the probabilities before y = att v and uses them in backward, the results
+differ by the rounding of att (at most 2^-8 of each probability), not by float noise.
 */
 
 #ifdef __CUDACC__
@@ -299,12 +401,14 @@ __host__ __device__ inline int attention_fused_stride(int head_size) {
 }
 
 // Rows t0 .. t0+63 of one head's slice of a (B, T, row_stride) tensor, src pointing at (b, 0, slice),
-// into a (64, stride) tile; channels past head_size and rows past T become 0.
-static __device__ void attention_load_tile(float* tile, const float* src, int row_stride, int t0, int T, int head_size) {
+// into a (64, stride) float tile; channels past head_size and rows past T become 0.
+template <typename floatX>
+static __device__ void attention_load_tile(float* tile, const floatX* src, int row_stride, int t0, int T,
+                                           int head_size) {
     int channels = attention_fused_channels(head_size), stride = attention_fused_stride(head_size);
     for (int idx = threadIdx.x; idx < ATTN_TILE * channels; idx += blockDim.x) {
         int r = idx / channels, e = idx % channels;   // consecutive threads read consecutive channels: coalesced
-        tile[r * stride + e] = t0 + r < T && e < head_size ? src[(size_t)(t0 + r) * row_stride + e] : 0.0f;
+        tile[r * stride + e] = t0 + r < T && e < head_size ? to_float(src[(size_t)(t0 + r) * row_stride + e]) : 0.0f;
     }
 }
 
@@ -368,8 +472,9 @@ static __device__ __forceinline__ float attention_reduce16_sum(float value) {
 }
 
 // Forward. grid (B * NH, query tiles); out (B, T, C), lse (B, NH, T), qkv (B, T, 3C)
+template <typename floatX>
 static __global__ void __launch_bounds__(ATTN_THREADS)
-    attention_forward_fused_kernel(float* out, float* lse, const float* qkv, int T, int NH, int head_size) {
+    attention_forward_fused_kernel(floatX* out, float* lse, const floatX* qkv, int T, int NH, int head_size) {
     DYNAMIC_SHARED(float, shared);
     const int channels = attention_fused_channels(head_size), stride = attention_fused_stride(head_size);
     float* q_tile = shared;                       // (64 queries, stride)
@@ -382,7 +487,7 @@ static __global__ void __launch_bounds__(ATTN_THREADS)
     int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     int C = NH * head_size;
     float scale = 1.0f / sqrtf((float)head_size);
-    const float* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;   // (T, 3C) rows, this head's q
+    const floatX* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;   // (T, 3C) rows, this head's q
 
     attention_load_tile(q_tile, q_head, 3 * C, q0, T, head_size);
     float acc[4][8] = {};   // rows ty*4+i, channels 4*(tx+16jj)+k: sum of exp(score - row_max) * v
@@ -432,34 +537,37 @@ static __global__ void __launch_bounds__(ATTN_THREADS)
         int t = q0 + ty * 4 + i;
         if (t >= T) continue;
         float inv_sum = 1.0f / row_sum[i];
-        float* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
+        floatX* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
         ATTN_UNROLL
         for (int k = 0; k < 8; k++) {
             int e = 4 * (tx + 16 * (k / 4)) + k % 4;
-            if (e < head_size) y[e] = acc[i][k] * inv_sum;
+            if (e < head_size) y[e] = from_float<floatX>(acc[i][k] * inv_sum);
         }
         if (tx == 0) lse[((size_t)b * NH + h) * T + t] = row_max[i] + logf(row_sum[i]);
     }
 }
 
-// Backward pre-pass, one warp per row (b, h, t): dsum (B, NH, T) = rowsum(dout * out) of the head
-static __global__ void attention_dsum_kernel(float* dsum, const float* dout, const float* out, int B, int T, int NH,
-                                             int head_size) {
+// Backward pre-pass, one warp per row (b, h, t): dsum (B, NH, T) = rowsum(dout * out) of the head,
+// out as stored
+template <typename floatX>
+static __global__ void attention_dsum_kernel(float* dsum, const floatX* dout, const floatX* out, int B, int T, int NH,
+                                      int head_size) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;   // (b, h, t) flattened
     int lane = threadIdx.x % 32;
     if (row >= B * NH * T) return;   // whole warps
     int t = row % T, h = (row / T) % NH, b = row / (T * NH);
     size_t offset = ((size_t)b * T + t) * NH * head_size + (size_t)h * head_size;
     float sum = 0.0f;
-    for (int i = lane; i < head_size; i += 32) sum += dout[offset + i] * out[offset + i];
+    for (int i = lane; i < head_size; i += 32) sum += to_float(dout[offset + i]) * to_float(out[offset + i]);
     sum = warp_reduce_sum(sum);
     if (lane == 0) dsum[row] = sum;
 }
 
 // Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) +=, dout (B, T, C),
 // qkv (B, T, 3C), lse and dsum (B, NH, T)
+template <typename floatX>
 static __global__ void __launch_bounds__(ATTN_THREADS)
-    attention_backward_key_value_fused_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
+    attention_backward_key_value_fused_kernel(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse,
                                               const float* dsum, int T, int NH, int head_size) {
     DYNAMIC_SHARED(float, shared);
     const int channels = attention_fused_channels(head_size), stride = attention_fused_stride(head_size);
@@ -476,8 +584,8 @@ static __global__ void __launch_bounds__(ATTN_THREADS)
     int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     int C = NH * head_size;
     float scale = 1.0f / sqrtf((float)head_size);
-    const float* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;   // (T, 3C) rows
-    const float* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;   // (T, C) rows
+    const floatX* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;   // (T, 3C) rows
+    const floatX* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;   // (T, C) rows
     const float* lse_head = lse + ((size_t)b * NH + h) * T;
     const float* dsum_head = dsum + ((size_t)b * NH + h) * T;
 
@@ -525,22 +633,23 @@ static __global__ void __launch_bounds__(ATTN_THREADS)
     for (int i = 0; i < 4; i++) {
         int t2 = k0 + ty * 4 + i;
         if (t2 >= T) continue;
-        float* dk_row = dqkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
-        float* dv_row = dk_row + C;
+        floatX* dk_row = dqkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
+        floatX* dv_row = dk_row + C;
         ATTN_UNROLL
         for (int k = 0; k < 8; k++) {
             int e = 4 * (tx + 16 * (k / 4)) + k % 4;
             if (e < head_size) {
-                dk_row[e] += dk[i][k] * scale;
-                dv_row[e] += dv[i][k];
+                dk_row[e] = from_float<floatX>(to_float(dk_row[e]) + dk[i][k] * scale);
+                dv_row[e] = from_float<floatX>(to_float(dv_row[e]) + dv[i][k]);
             }
         }
     }
 }
 
 // Backward pass 2, dq. grid (B * NH, query tiles); arguments as pass 1
+template <typename floatX>
 static __global__ void __launch_bounds__(ATTN_THREADS)
-    attention_backward_query_fused_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
+    attention_backward_query_fused_kernel(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse,
                                           const float* dsum, int T, int NH, int head_size) {
     DYNAMIC_SHARED(float, shared);
     const int channels = attention_fused_channels(head_size), stride = attention_fused_stride(head_size);
@@ -555,8 +664,8 @@ static __global__ void __launch_bounds__(ATTN_THREADS)
     int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     int C = NH * head_size;
     float scale = 1.0f / sqrtf((float)head_size);
-    const float* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;
-    const float* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;
+    const floatX* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;
+    const floatX* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;
 
     attention_load_tile(q_tile, q_head, 3 * C, q0, T, head_size);
     attention_load_tile(dout_tile, dout_head, C, q0, T, head_size);
@@ -597,11 +706,11 @@ static __global__ void __launch_bounds__(ATTN_THREADS)
     for (int i = 0; i < 4; i++) {
         int t = q0 + ty * 4 + i;
         if (t >= T) continue;
-        float* dq_row = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
+        floatX* dq_row = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
         ATTN_UNROLL
         for (int k = 0; k < 8; k++) {
             int e = 4 * (tx + 16 * (k / 4)) + k % 4;
-            if (e < head_size) dq_row[e] += dq[i][k] * scale;
+            if (e < head_size) dq_row[e] = from_float<floatX>(to_float(dq_row[e]) + dq[i][k] * scale);
         }
     }
 }
@@ -625,35 +734,39 @@ inline void attention_fused_check_head_size(int head_size) {
 }
 
 // out (B, T, C); lse (B, NH, T) saved for backward; qkv (B, T, 3C)
-inline void attention_forward_fused(float* out, float* lse, const float* qkv, int B, int T, int NH, int head_size,
+template <typename floatX>
+inline void attention_forward_fused(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH, int head_size,
                                     cudaStream_t stream) {
     attention_fused_check_head_size(head_size);
     size_t shared_bytes = attention_forward_fused_shared_bytes(head_size);
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)shared_bytes));
-    LAUNCH(attention_forward_fused_kernel, dim3(B * NH, ceil_div(T, ATTN_TILE)), dim3(ATTN_THREADS), shared_bytes, stream,
-           out, lse, qkv, T, NH, head_size);
+    auto kernel = attention_forward_fused_kernel<floatX>;   // the attribute belongs to the instantiation launched
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes));
+    LAUNCH(kernel, dim3(B * NH, ceil_div(T, ATTN_TILE)), dim3(ATTN_THREADS), shared_bytes, stream, out, lse, qkv, T, NH,
+           head_size);
 }
 
 // dqkv (B, T, 3C) +=; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
 // lse (B, NH, T) from attention_forward_fused
-inline void attention_backward_fused(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* out,
-                                     const float* lse, int B, int T, int NH, int head_size, cudaStream_t stream) {
+template <typename floatX>
+inline void attention_backward_fused(floatX* dqkv, float* scratch, const floatX* dout, const floatX* qkv,
+                                     const floatX* out, const float* lse, int B, int T, int NH, int head_size,
+                                     cudaStream_t stream) {
     attention_fused_check_head_size(head_size);
     float* dsum = scratch;   // (B, NH, T)
     const int block = 256;   // 8 rows per block
-    LAUNCH(attention_dsum_kernel, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, dsum, dout, out, B, T,
-           NH, head_size);
+    LAUNCH(attention_dsum_kernel<floatX>, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, dsum, dout,
+           out, B, T, NH, head_size);
     dim3 grid(B * NH, ceil_div(T, ATTN_TILE));
     size_t key_value_bytes = attention_backward_key_value_fused_shared_bytes(head_size);
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_key_value_fused_kernel,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)key_value_bytes));
-    LAUNCH(attention_backward_key_value_fused_kernel, grid, dim3(ATTN_THREADS), key_value_bytes, stream, dqkv, dout, qkv,
-           lse, (const float*)dsum, T, NH, head_size);
-    size_t query_bytes = attention_backward_query_fused_shared_bytes(head_size);
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_query_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)query_bytes));
-    LAUNCH(attention_backward_query_fused_kernel, grid, dim3(ATTN_THREADS), query_bytes, stream, dqkv, dout, qkv, lse,
+    auto key_value_kernel = attention_backward_key_value_fused_kernel<floatX>;
+    CUDA_CHECK(
+        cudaFuncSetAttribute(key_value_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)key_value_bytes));
+    LAUNCH(key_value_kernel, grid, dim3(ATTN_THREADS), key_value_bytes, stream, dqkv, dout, qkv, lse,
            (const float*)dsum, T, NH, head_size);
+    size_t query_bytes = attention_backward_query_fused_shared_bytes(head_size);
+    auto query_kernel = attention_backward_query_fused_kernel<floatX>;
+    CUDA_CHECK(cudaFuncSetAttribute(query_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)query_bytes));
+    LAUNCH(query_kernel, grid, dim3(ATTN_THREADS), query_bytes, stream, dqkv, dout, qkv, lse, (const float*)dsum, T, NH,
+           head_size);
 }
 #endif
