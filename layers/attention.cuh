@@ -12,40 +12,39 @@ Backward, per row t of head h (dpre is the gradient of the pre-softmax scores):
 The CPU reference works head by head: all rows of one (b, h) pair write only that head's
 slices of dk and dv, so (b, h) pairs run in parallel without races.
 
-Storage type. qkv, out, att, dout and dqkv are stored in a type floatX: float (double in the CPU
+Storage type. qkv, out, dout and dqkv are stored in a type floatX: float (double in the CPU
 reference of the finite-difference build) or bf16. (The other layers call it T; here T is the
-sequence length.) Scores, softmax sums, gradients and the backward's scratch are always float
-(`real` on the CPU): values are converted on load and rounded once where they are stored.
+sequence length.) The probabilities att are fp32 whatever floatX is (`real` on the CPU, float on
+the GPU), like the scores, softmax sums, gradients and the backward's scratch: the PyTorch
+reference's bf16 emulation (dev/reference.py) keeps the softmax in fp32 and rounds only y.
+Values are converted on load and rounded once where they are stored in floatX.
 Rounding points of the simple attention (the kernels and the CPU reference alike):
-  - att: each probability exp(score - max) / sum is computed in float from unrounded scores and
-    rounded once where it is stored. The scores themselves never pass through floatX (a bf16
-    score of 10 can be off by 0.03, and its probability by 3%): the CPU keeps a row of them in
-    a real buffer; the float kernel stages them in att_row (exact in float), and the bf16 kernel,
-    which has no float buffer, computes each score twice (once for the row's max and sum, once
-    for the probability).
-  - out: y = att v uses the probabilities AS STORED (rounded), then y is rounded once. Backward
-    reads the stored att, so dv = att^T dy and datt are the exact gradients of the y computed, and
-    forward and backward agree on one att.
-  - dqkv: the gradients of a head are summed in float over all rows and added to the stored dqkv
-    once: dqkv = round(dqkv + total).
-The fused attention (below) cannot store probabilities, so its y is computed from the float ones
-and rounded once; fused and simple results differ by the rounding of att (see its comment).
+  - att: not rounded. Each probability exp(score - max) / sum is computed in float and stored in
+    float (the CPU stages a row of scores in a real buffer, the kernels in the float att row).
+  - out: y = att v from the float probabilities, rounded once where it is stored.
+  - dqkv: backward reads the float att (so dv = att^T dy and datt are the gradients of the y
+    computed before its rounding); the gradients of a head are summed in float over all rows and
+    added to the stored dqkv once: dqkv = round(dqkv + total).
+The fused attention (below) rounds at the same points (y once from the float probabilities, dqkv
+once per element), so in bf16 the two agree to within one bf16 step of y and of dv, up to float
+summation order. dq and dk differ by that step plus the one other difference: the fused
+backward's D = rowsum(dy * y) is taken from y as stored (rounded), where the simple one sums
+att * datt in float (see the fused section's comment for the size of that).
 */
 #pragma once
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "../common.h"
 
 // ---- CPU reference
 
-// out (B, T, C) attention output before o_proj; att (B, NH, T, T) softmax probabilities;
-// qkv (B, T, 3C)
+// out (B, T, C) attention output before o_proj; att (B, NH, T, T) softmax probabilities (real
+// whatever floatX is); qkv (B, T, 3C)
 template <typename floatX>
-inline void attention_forward_cpu(floatX* out, floatX* att, const floatX* qkv, int B, int T, int NH, int head_size) {
+inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int B, int T, int NH, int head_size) {
     int C = NH * head_size;
     real scale = 1 / sqrt((real)head_size);
     #pragma omp parallel
@@ -56,7 +55,7 @@ inline void attention_forward_cpu(floatX* out, floatX* att, const floatX* qkv, i
             for (int h = 0; h < NH; h++) {
                 for (int t = 0; t < T; t++) {
                     const floatX* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
-                    floatX* att_row = att + (((size_t)b * NH + h) * T + t) * T;
+                    real* att_row = att + (((size_t)b * NH + h) * T + t) * T;
                     // scaled scores against keys 0..t, and their maximum for a stable softmax
                     real max_score = -INFINITY;
                     for (int t2 = 0; t2 <= t; t2++) {
@@ -68,19 +67,19 @@ inline void attention_forward_cpu(floatX* out, floatX* att, const floatX* qkv, i
                         scores[t2] = score;
                         if (score > max_score) max_score = score;
                     }
-                    // softmax over 0..t, rounded once into att; the masked future gets probability 0
+                    // softmax over 0..t into att; the masked future gets probability 0
                     real sum = 0;
                     for (int t2 = 0; t2 <= t; t2++) {
                         scores[t2] = std::exp(scores[t2] - max_score);
                         sum += scores[t2];
                     }
-                    for (int t2 = 0; t2 <= t; t2++) att_row[t2] = from_real<floatX>(scores[t2] / sum);
-                    for (int t2 = t + 1; t2 < T; t2++) att_row[t2] = from_real<floatX>(0);
-                    // weighted sum of the values, with the probabilities as stored
+                    for (int t2 = 0; t2 <= t; t2++) att_row[t2] = scores[t2] / sum;
+                    for (int t2 = t + 1; t2 < T; t2++) att_row[t2] = 0;
+                    // weighted sum of the values, rounded once into out
                     for (int i = 0; i < head_size; i++) y[i] = 0;
                     for (int t2 = 0; t2 <= t; t2++) {
                         const floatX* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
-                        real p = to_real(att_row[t2]);
+                        real p = att_row[t2];
                         #pragma omp simd
                         for (int i = 0; i < head_size; i++) y[i] += p * to_real(v[i]);
                     }
@@ -93,10 +92,10 @@ inline void attention_forward_cpu(floatX* out, floatX* att, const floatX* qkv, i
 }
 
 // dqkv (B, T, 3C) +=; scratch (B, NH, T, T) workspace (the CPU uses one row of it per (b, h),
-// the CUDA version all of it); dout (B, T, C); qkv (B, T, 3C) and att (B, NH, T, T) from forward
+// the CUDA version all of it); dout (B, T, C); qkv (B, T, 3C) and att (B, NH, T, T, real) from forward
 template <typename floatX>
 inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* dout, const floatX* qkv,
-                                   const floatX* att, int B, int T, int NH, int head_size) {
+                                   const real* att, int B, int T, int NH, int head_size) {
     int C = NH * head_size;
     real scale = 1 / sqrt((real)head_size);
     #pragma omp parallel
@@ -110,7 +109,7 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
                 real* datt = scratch + ((size_t)b * NH + h) * T * T;   // (T) one row at a time
                 std::fill(grad.begin(), grad.end(), (real)0);
                 for (int t = 0; t < T; t++) {
-                    const floatX* att_row = att + (((size_t)b * NH + h) * T + t) * T;
+                    const real* att_row = att + (((size_t)b * NH + h) * T + t) * T;
                     const floatX* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
                     const floatX* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
                     real* dq = grad.data() + (size_t)t * 3 * head_size;
@@ -119,7 +118,7 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
                     for (int t2 = 0; t2 <= t; t2++) {
                         const floatX* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
                         real* dv = grad.data() + ((size_t)t2 * 3 + 2) * head_size;
-                        real p = to_real(att_row[t2]);
+                        real p = att_row[t2];
                         real d = 0;
                         #pragma omp simd reduction(+ : d)
                         for (int i = 0; i < head_size; i++) {
@@ -131,7 +130,7 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
                     }
                     // through the softmax, then the scaled dot products q . k
                     for (int t2 = 0; t2 <= t; t2++) {
-                        real dscore = to_real(att_row[t2]) * (datt[t2] - weighted) * scale;
+                        real dscore = att_row[t2] * (datt[t2] - weighted) * scale;
                         const floatX* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
                         real* dk = grad.data() + ((size_t)t2 * 3 + 1) * head_size;
                         #pragma omp simd
@@ -171,7 +170,7 @@ static __device__ __forceinline__ float attention_score(const floatX* q, const f
 }
 
 template <typename floatX>
-static __global__ void attention_forward_kernel(floatX* out, floatX* att, const floatX* qkv, int B, int T, int NH,
+static __global__ void attention_forward_kernel(floatX* out, float* att, const floatX* qkv, int B, int T, int NH,
                                          int head_size) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;   // (b, h, t) flattened
     int lane = threadIdx.x % 32;
@@ -181,53 +180,30 @@ static __global__ void attention_forward_kernel(floatX* out, floatX* att, const 
     float scale = 1.0f / sqrtf((float)head_size);
     const floatX* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
     const floatX* keys = qkv + (size_t)b * T * 3 * C + C + (size_t)h * head_size;   // key t2 at keys + t2 * 3C
-    floatX* att_row = att + (size_t)row * T;
-    if constexpr (std::is_same<floatX, float>::value) {
-        // float holds the scores exactly: stage them, then their exponentials, in att_row
-        float max_score = -INFINITY;   // lanes striding over the keys 0..t
-        for (int t2 = lane; t2 <= t; t2 += 32) {
-            float score = attention_score(q, keys + (size_t)t2 * 3 * C, head_size, scale);
-            att_row[t2] = score;
-            max_score = fmaxf(max_score, score);
-        }
-        max_score = warp_reduce_max(max_score);
-        float sum = 0.0f;
-        for (int t2 = lane; t2 <= t; t2 += 32) {
-            float e = expf(att_row[t2] - max_score);
-            att_row[t2] = e;
-            sum += e;
-        }
-        sum = warp_reduce_sum(sum);
-        for (int t2 = lane; t2 < T; t2 += 32) att_row[t2] = t2 <= t ? att_row[t2] / sum : 0.0f;
-    } else {
-        // a narrower floatX would round the scores: each lane keeps a running max m and sum of
-        // exp(score - m) over its keys (rescaled when m grows), the warp combines them, and the
-        // scores are computed again for the probabilities
-        float lane_max = -INFINITY, lane_sum = 0.0f;
-        for (int t2 = lane; t2 <= t; t2 += 32) {
-            float score = attention_score(q, keys + (size_t)t2 * 3 * C, head_size, scale);
-            if (score > lane_max) {
-                lane_sum = lane_sum * expf(lane_max - score) + 1.0f;   // 0 * 0 + 1 on the lane's first key
-                lane_max = score;
-            } else {
-                lane_sum += expf(score - lane_max);
-            }
-        }
-        float max_score = warp_reduce_max(lane_max);   // finite: lane 0 has key 0
-        float sum = warp_reduce_sum(lane_sum * expf(lane_max - max_score));   // lanes without keys add 0 * 0
-        for (int t2 = lane; t2 < T; t2 += 32) {
-            float p = t2 <= t ? expf(attention_score(q, keys + (size_t)t2 * 3 * C, head_size, scale) - max_score) / sum
-                              : 0.0f;
-            att_row[t2] = from_float<floatX>(p);
-        }
+    float* att_row = att + (size_t)row * T;
+    // the scores, then their exponentials, then the probabilities, staged in att_row (float)
+    float max_score = -INFINITY;   // lanes striding over the keys 0..t
+    for (int t2 = lane; t2 <= t; t2 += 32) {
+        float score = attention_score(q, keys + (size_t)t2 * 3 * C, head_size, scale);
+        att_row[t2] = score;
+        max_score = fmaxf(max_score, score);
     }
+    max_score = warp_reduce_max(max_score);
+    float sum = 0.0f;
+    for (int t2 = lane; t2 <= t; t2 += 32) {
+        float e = expf(att_row[t2] - max_score);
+        att_row[t2] = e;
+        sum += e;
+    }
+    sum = warp_reduce_sum(sum);
+    for (int t2 = lane; t2 < T; t2 += 32) att_row[t2] = t2 <= t ? att_row[t2] / sum : 0.0f;
     __syncwarp();   // every lane reads all of att_row below
-    // y = att v with the probabilities as stored, lanes striding over the head's channels
+    // y = att v, lanes striding over the head's channels, rounded once into out
     for (int i = lane; i < head_size; i += 32) {
         float y = 0.0f;
         for (int t2 = 0; t2 <= t; t2++) {
             float v = to_float(qkv[((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size + i]);
-            y += to_float(att_row[t2]) * v;
+            y += att_row[t2] * v;
         }
         out[((size_t)b * T + t) * C + (size_t)h * head_size + i] = from_float<floatX>(y);
     }
@@ -237,14 +213,14 @@ static __global__ void attention_forward_kernel(floatX* out, floatX* att, const 
 // row goes to dpre (B, NH, T, T), float, and dq of position t is complete.
 template <typename floatX>
 static __global__ void attention_backward_query_kernel(floatX* dqkv, float* dpre, const floatX* dout, const floatX* qkv,
-                                                const floatX* att, int B, int T, int NH, int head_size) {
+                                                const float* att, int B, int T, int NH, int head_size) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= B * NH * T) return;
     int t = row % T, h = (row / T) % NH, b = row / (T * NH);
     int C = NH * head_size;
     float scale = 1.0f / sqrtf((float)head_size);
-    const floatX* att_row = att + (size_t)row * T;
+    const float* att_row = att + (size_t)row * T;
     const floatX* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
     float* dpre_row = dpre + (size_t)row * T;
     // datt[t2] = v[t2] . dy, kept in dpre_row for now; weighted = sum_j att[j] * datt[j]
@@ -254,11 +230,11 @@ static __global__ void attention_backward_query_kernel(floatX* dqkv, float* dpre
         float d = 0.0f;
         for (int i = 0; i < head_size; i++) d += to_float(v[i]) * to_float(dy[i]);
         dpre_row[t2] = d;
-        weighted += to_float(att_row[t2]) * d;
+        weighted += att_row[t2] * d;
     }
     weighted = warp_reduce_sum(weighted);
     for (int t2 = lane; t2 < T; t2 += 32)
-        dpre_row[t2] = t2 <= t ? to_float(att_row[t2]) * (dpre_row[t2] - weighted) * scale : 0.0f;
+        dpre_row[t2] = t2 <= t ? att_row[t2] * (dpre_row[t2] - weighted) * scale : 0.0f;
     __syncwarp();   // every lane reads all of dpre_row below
     for (int i = lane; i < head_size; i += 32) {
         float dq = 0.0f;
@@ -273,7 +249,7 @@ static __global__ void attention_backward_query_kernel(floatX* dqkv, float* dpre
 // in order, so no atomics are needed and the result is deterministic.
 template <typename floatX>
 static __global__ void attention_backward_key_value_kernel(floatX* dqkv, const float* dpre, const floatX* dout,
-                                                    const floatX* qkv, const floatX* att, int B, int T, int NH,
+                                                    const floatX* qkv, const float* att, int B, int T, int NH,
                                                     int head_size) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
@@ -287,7 +263,7 @@ static __global__ void attention_backward_key_value_kernel(floatX* dqkv, const f
             float q = to_float(qkv[((size_t)b * T + t) * 3 * C + (size_t)h * head_size + i]);
             float dy = to_float(dout[((size_t)b * T + t) * C + (size_t)h * head_size + i]);
             dk += dpre[(head_rows + t) * T + t2] * q;
-            dv += to_float(att[(head_rows + t) * T + t2]) * dy;
+            dv += att[(head_rows + t) * T + t2] * dy;
         }
         floatX* dk_out = dqkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size + i;
         floatX* dv_out = dk_out + C;
@@ -299,7 +275,7 @@ static __global__ void attention_backward_key_value_kernel(floatX* dqkv, const f
 // ---- launchers
 
 template <typename floatX>
-inline void attention_forward(floatX* out, floatX* att, const floatX* qkv, int B, int T, int NH, int head_size,
+inline void attention_forward(floatX* out, float* att, const floatX* qkv, int B, int T, int NH, int head_size,
                               cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
     LAUNCH(attention_forward_kernel<floatX>, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, out, att,
@@ -308,7 +284,7 @@ inline void attention_forward(floatX* out, floatX* att, const floatX* qkv, int B
 
 // scratch: (B, NH, T, T) floats, the gradient of the pre-softmax scores
 template <typename floatX>
-inline void attention_backward(floatX* dqkv, float* scratch, const floatX* dout, const floatX* qkv, const floatX* att,
+inline void attention_backward(floatX* dqkv, float* scratch, const floatX* dout, const floatX* qkv, const float* att,
                                int B, int T, int NH, int head_size, cudaStream_t stream) {
     const int block = 256;
     dim3 grid(ceil_div(B * NH * T, block / 32));
@@ -375,9 +351,14 @@ tiles in shared memory are float whatever floatX is: attention_load_tile convert
 when it copies a tile from global memory, so the inner loops and the shared-memory layout above
 are the same for every floatX. Rounding points: out is rounded once from acc / l; D is computed
 from out AS STORED (rounded), as FlashAttention does in bf16; dq, dk and dv are summed in float
-and added to the stored dqkv once, dqkv = round(dqkv + total). Against the simple attention in
-bf16, which rounds the probabilities before y = att v and uses them in backward, the results
-differ by the rounding of att (at most 2^-8 of each probability), not by float noise.
+and added to the stored dqkv once, dqkv = round(dqkv + total). The simple attention rounds at
+the same points (its att is float), so in bf16 out agrees with it to within one step of y (float
+summation order can put the two on either side of a rounding boundary), and so does dv. In
+backward the one other difference is D: the simple attention sums att * datt in float, which is
+dy . y before y's rounding (as the fp32 PyTorch reference does), so the two D differ by
+eD = dy . (round(y) - y), at most 2^-8 sum_i |dy_i y_i|; dS_j = P_j (dP_j - D) moves by -P_j eD,
+dq by -scale eD sum_j P_j k_j and dk_j by -scale sum_t P_tj eD_t q_t. In the bf16 kernel tests
+that move is up to about 0.7 of a bf16 step of the largest dq or dk, on top of the final roundings.
 */
 
 #ifdef __CUDACC__

@@ -1,17 +1,17 @@
 /*
 The attention kernels with bf16 storage (layers/attention.cuh, floatX = bf16), in the emulation
 (g++ -DMIXLN_CUDA_EMULATION) and on a GPU (nvcc), like test_kernels.cu:
-  - the simple attention against its CPU twin, both in bf16: they round at the same points
-    (probabilities, then y from the stored probabilities, dqkv once per element), so they agree
-    to the default check_close_bf16 tolerance;
+  - the simple attention against its CPU twin, both in bf16: they round at the same points (y
+    once from the float probabilities, dqkv once per element; att is float), so out and dqkv agree
+    to the default check_close_bf16 tolerance and att, float from the same bf16 inputs, to
+    check_close's fp32 one;
   - the fused attention in bf16 against the fused attention in fp32 on the same values: the tiles
     are float either way, so bf16 adds only the roundings where out and dqkv are stored;
   - the fused attention in bf16 against the simple attention in bf16 (the CPU twin, and the
-    simple kernels): the two round differently (the simple one rounds each probability before
-    y = att v and uses the rounded ones in backward; the fused one never stores them), so the
-    comparison allows, per element, a bound on what rounding the probabilities can change,
-    computed from the data (attention_rounding_bounds);
-  - the fused backward in bf16 is deterministic.
+    simple kernels): they round at the same points, so out and dv agree to the default tolerance;
+    dq and dk also differ through D (the fused backward takes it from y as stored), which the
+    comparison allows per element with a bound computed from the data (attention_dsum_bounds);
+  - both attentions' backward in bf16 are deterministic.
 Shapes: T not a multiple of 32 (the simple kernels' warps) or 64 (the fused tiles), head sizes 8,
 24, 64 and 128.
 */
@@ -72,76 +72,66 @@ static std::vector<float> attention_lse_double(const std::vector<float>& qkv, in
 }
 
 /*
-How far the fused attention (F) may be from the simple one (S) in bf16, per element, before
-either rounds its outputs. Both compute from the same bf16 inputs in float; they differ in the
-probabilities: S uses P~ = round(P) (|P~ - P| <= d P, d = 2^-8 = BF16_STEP, the unit roundoff of
-bf16's 8 significant bits), F the float P. And in D = sum_j P_j dP_j (dP_j = v_j . dy): S sums
-P~_j dP_j, F takes dy . round(y) (attention_dsum_kernel reads out as stored). To first order in
-d, per row t of a head:
-    y:   |y_F - y_S|     <= d sum_j P_j |v_j|
-    D:   |D_F - D_S|     <= d sum_i |dy_i y_i| + d sum_j P_j |dP_j|   =: eD
-    dS:  dS = P (dP - D) (before the scale), so
-         |dS_F - dS_S|   <= d P_j |dP_j - D| + P_j eD                  =: eS_j
-    dq:  dq_t  = scale sum_j dS_tj k_j   ->  <= scale sum_j eS_tj |k_j|
-    dk:  dk_j  = scale sum_t dS_tj q_t   ->  <= scale sum_t eS_tj |q_t|
-    dv:  dv_j  = sum_t P_tj dy_t         ->  <= d sum_t P_tj |dy_t|
-computed here in double from the stored probabilities of a simple run (att) and the inputs.
-The second-order terms (d^2 = 1.5e-5 relative, P against P~) are covered by the factor 1.01 that
-check_within_bounds applies. out_bound (B, T, C), dqkv_bound (B, T, 3C).
+How far the fused attention (F) may be from the simple one (S) in bf16 in dq and dk, beyond the
+final roundings. Both compute from the same bf16 inputs in float and use float probabilities P;
+they differ in D = sum_j P_j dP_j (dP_j = v_j . dy): S sums it in float, which is dy . y with y
+before its rounding, while F takes dy . round(y) (attention_dsum_kernel reads out as stored). Per
+row t of a head, with y_F the fused out as stored and y computed here in double from P and v:
+    D:   D_F - D_S = dy . (y_F - y)                                     =: eD_t
+    dS:  dS_tj = P_tj (dP_tj - D_t) (before the scale) is linear in D: it moves by -P_tj eD_t
+    dq:  dq_t = scale sum_j dS_tj k_j   moves by  -scale eD_t sum_j P_tj k_j
+    dk:  dk_j = scale sum_t dS_tj q_t   moves by  -scale sum_t P_tj eD_t q_t
+    dv:  no D in it
+exactly (D enters linearly), up to float arithmetic on either side, which check_within_bounds's
+1e-5 term and 1% cover. The bound of an element is the absolute value of its move. The move is
+not negligible against a bf16 step: on the shapes here it reaches 1e-3 to 5.6e-3 of the largest
+dq or dk (the default tolerance is 7.8e-3), so the default tolerance alone would have no room
+left for the final roundings. dqkv_bound (B, T, 3C), att the simple run's probabilities,
+fused_out (B, T, C).
 */
-static void attention_rounding_bounds(std::vector<double>& out_bound, std::vector<double>& dqkv_bound,
-                                      const std::vector<float>& qkv, const std::vector<float>& dout,
-                                      const std::vector<float>& att, int B, int T, int NH, int hs) {
-    const double d = BF16_STEP;
+static void attention_dsum_bounds(std::vector<double>& dqkv_bound, const std::vector<float>& qkv,
+                                  const std::vector<float>& dout, const std::vector<float>& att,
+                                  const std::vector<float>& fused_out, int B, int T, int NH, int hs) {
     int C = NH * hs;
     double scale = 1 / sqrt((double)hs);
-    out_bound.assign((size_t)B * T * C, 0.0);
-    dqkv_bound.assign((size_t)B * T * 3 * C, 0.0);
-    std::vector<double> y(hs), dP(T), eS(T);
+    std::vector<double> move((size_t)B * T * 3 * C, 0.0);   // signed, summed before the absolute value
+    std::vector<double> y(hs);
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++)
             for (int t = 0; t < T; t++) {
                 const float* p = &att[(((size_t)b * NH + h) * T + t) * T];
                 const float* dy = &dout[((size_t)b * T + t) * C + (size_t)h * hs];
+                const float* y_fused = &fused_out[((size_t)b * T + t) * C + (size_t)h * hs];
                 const float* q = &qkv[((size_t)b * T + t) * 3 * C + (size_t)h * hs];
                 auto at = [&](int t2, int part) { return &qkv[((size_t)b * T + t2) * 3 * C + (size_t)part * C + (size_t)h * hs]; };
-                auto bound_at = [&](int t2, int part) {
-                    return &dqkv_bound[((size_t)b * T + t2) * 3 * C + (size_t)part * C + (size_t)h * hs];
+                auto move_at = [&](int t2, int part) {
+                    return &move[((size_t)b * T + t2) * 3 * C + (size_t)part * C + (size_t)h * hs];
                 };
-                // y, dP and D of the row; the bounds of y and of dv
-                double D = 0, sum_p_dP = 0;
+                // y of the row before rounding, then eD = dy . (y_F - y)
                 std::fill(y.begin(), y.end(), 0.0);
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = at(t2, 2);
-                    dP[t2] = 0;
-                    for (int i = 0; i < hs; i++) {
-                        y[i] += p[t2] * (double)v[i];
-                        dP[t2] += (double)v[i] * dy[i];
-                        out_bound[((size_t)b * T + t) * C + (size_t)h * hs + i] += d * p[t2] * fabs(v[i]);
-                        bound_at(t2, 2)[i] += d * p[t2] * fabs(dy[i]);
-                    }
-                    D += p[t2] * dP[t2];
-                    sum_p_dP += p[t2] * fabs(dP[t2]);
-                }
-                double eD = d * sum_p_dP;
-                for (int i = 0; i < hs; i++) eD += d * fabs(dy[i] * y[i]);
-                // the bounds of dS, then of dq and dk
-                for (int t2 = 0; t2 <= t; t2++) eS[t2] = d * p[t2] * fabs(dP[t2] - D) + p[t2] * eD;
-                double* dq_bound = bound_at(t, 0);
+                for (int t2 = 0; t2 <= t; t2++)
+                    for (int i = 0; i < hs; i++) y[i] += p[t2] * (double)at(t2, 2)[i];
+                double eD = 0;
+                for (int i = 0; i < hs; i++) eD += dy[i] * (y_fused[i] - y[i]);
+                // the moves of dq and dk
+                double* dq_move = move_at(t, 0);
                 for (int t2 = 0; t2 <= t; t2++) {
                     const float* k = at(t2, 1);
-                    double* dk_bound = bound_at(t2, 1);
+                    double* dk_move = move_at(t2, 1);
                     for (int i = 0; i < hs; i++) {
-                        dq_bound[i] += scale * eS[t2] * fabs(k[i]);
-                        dk_bound[i] += scale * eS[t2] * fabs(q[i]);
+                        dq_move[i] -= scale * p[t2] * eD * k[i];
+                        dk_move[i] -= scale * p[t2] * eD * q[i];
                     }
                 }
             }
+    dqkv_bound.resize(move.size());
+    for (size_t i = 0; i < move.size(); i++) dqkv_bound[i] = fabs(move[i]);
 }
 
-// |a - b| <= 1.01 * bound + (2 d * 1.01 + 1e-5) * max|b| per element: the bound (first order,
-// 1% for the second-order terms), each side's final rounding to bf16 (at most d of a value no
-// larger than max|b|, to first order), and float arithmetic (check_close's default).
+// |a - b| <= 1.01 * bound + (2 d * 1.01 + 1e-5) * max|b| per element: the bound (1% for float
+// arithmetic in it), each side's final rounding to bf16 (at most d of a value no larger than
+// max|b|, to first order: the default check_close_bf16 tolerance 2 d, plus 1%), and float
+// arithmetic (check_close's default).
 static void check_within_bounds(const std::vector<float>& a, const std::vector<float>& b,
                                 const std::vector<double>& bound, const char* what) {
     REQUIRE(a.size() == b.size());
@@ -168,16 +158,17 @@ TEST_CASE("simple attention kernels in bf16 match the CPU twin in bf16", "[kerne
         auto qkv = random_bf16((size_t)B * T * 3 * C, 41, qkv_std), dout = random_bf16((size_t)B * T * C, 42),
              dqkv = random_bf16((size_t)B * T * 3 * C, 43);   // random: backward accumulates
         size_t att_size = (size_t)B * NH * T * T;
-        std::vector<bf16> out_cpu((size_t)B * T * C), att_cpu(att_size), dqkv_cpu = dqkv;
-        std::vector<real> scratch_cpu(att_size);
+        std::vector<bf16> out_cpu((size_t)B * T * C), dqkv_cpu = dqkv;
+        std::vector<real> att_cpu(att_size), scratch_cpu(att_size);
         attention_forward_cpu(out_cpu.data(), att_cpu.data(), qkv.data(), B, T, NH, hs);
         attention_backward_cpu(dqkv_cpu.data(), scratch_cpu.data(), dout.data(), qkv.data(), att_cpu.data(), B, T, NH, hs);
-        DeviceArray<bf16> d_qkv(qkv), d_out((size_t)B * T * C), d_att(att_size), d_dout(dout), d_dqkv(dqkv);
-        DeviceArray<float> d_scratch(att_size);
+        DeviceArray<bf16> d_qkv(qkv), d_out((size_t)B * T * C), d_dout(dout), d_dqkv(dqkv);
+        DeviceArray<float> d_att(att_size), d_scratch(att_size);
         attention_forward(d_out.ptr, d_att.ptr, d_qkv.ptr, B, T, NH, hs, 0);
         attention_backward(d_dqkv.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_att.ptr, B, T, NH, hs, 0);
         check_close_bf16(d_out.to_host(), out_cpu, "attention out");
-        check_close_bf16(d_att.to_host(), att_cpu, "attention probabilities (zeros above the diagonal included)");
+        // float from the same bf16 inputs on both sides: the fp32 tolerance
+        check_close(d_att.to_host(), att_cpu, "attention probabilities (zeros above the diagonal included)");
         auto dqkv_gpu = d_dqkv.to_host();
         for (int part = 0; part < 3; part++)   // each against its own largest value
             check_close_bf16(qkv_part(dqkv_gpu, B, T, C, part), qkv_part(dqkv_cpu, B, T, C, part), part_names[part]);
@@ -214,8 +205,7 @@ TEST_CASE("fused attention in bf16 matches the fused attention in fp32 on the sa
     }
 }
 
-TEST_CASE("fused attention in bf16 matches the simple attention in bf16 within the rounding of att",
-          "[kernels][bf16]") {
+TEST_CASE("fused attention in bf16 matches the simple attention in bf16", "[kernels][bf16]") {
     for (float qkv_std : attention_bf16_qkv_stds)
     for (auto& s : attention_bf16_shapes) {
         int B = s[0], T = s[1], NH = s[2], hs = s[3], C = NH * hs;
@@ -224,13 +214,13 @@ TEST_CASE("fused attention in bf16 matches the simple attention in bf16 within t
              dqkv = random_bf16((size_t)B * T * 3 * C, 49);
         size_t att_size = (size_t)B * NH * T * T;
         // the CPU twin (simple)
-        std::vector<bf16> out_cpu((size_t)B * T * C), att_cpu(att_size), dqkv_cpu = dqkv;
-        std::vector<real> scratch_cpu(att_size);
+        std::vector<bf16> out_cpu((size_t)B * T * C), dqkv_cpu = dqkv;
+        std::vector<real> att_cpu(att_size), scratch_cpu(att_size);
         attention_forward_cpu(out_cpu.data(), att_cpu.data(), qkv.data(), B, T, NH, hs);
         attention_backward_cpu(dqkv_cpu.data(), scratch_cpu.data(), dout.data(), qkv.data(), att_cpu.data(), B, T, NH, hs);
         // the simple kernels
-        DeviceArray<bf16> d_qkv(qkv), d_out((size_t)B * T * C), d_att(att_size), d_dout(dout), d_dqkv(dqkv);
-        DeviceArray<float> d_scratch(att_size);
+        DeviceArray<bf16> d_qkv(qkv), d_out((size_t)B * T * C), d_dout(dout), d_dqkv(dqkv);
+        DeviceArray<float> d_att(att_size), d_scratch(att_size);
         attention_forward(d_out.ptr, d_att.ptr, d_qkv.ptr, B, T, NH, hs, 0);
         attention_backward(d_dqkv.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_att.ptr, B, T, NH, hs, 0);
         // the fused kernels
@@ -238,26 +228,54 @@ TEST_CASE("fused attention in bf16 matches the simple attention in bf16 within t
         DeviceArray<float> f_lse((size_t)B * NH * T), f_scratch((size_t)B * NH * T);
         attention_forward_fused(f_out.ptr, f_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
         attention_backward_fused(f_dqkv.ptr, f_scratch.ptr, d_dout.ptr, d_qkv.ptr, f_out.ptr, f_lse.ptr, B, T, NH, hs, 0);
-        auto fused_out = to_floats(f_out.to_host()), fused_dqkv = to_floats(f_dqkv.to_host());
+        auto fused_out = f_out.to_host();
+        auto fused_dqkv = f_dqkv.to_host();
+        auto fused_dqkv_f = to_floats(fused_dqkv);
         auto qkv_f = to_floats(qkv), dout_f = to_floats(dout);
         check_close(f_lse.to_host(), attention_lse_double(qkv_f, B, T, NH, hs), "fused attention lse");
-        // against each simple version, with the bounds from that version's probabilities
+        // against each simple version
         struct Simple {
             const char* name;
-            std::vector<float> out, att, dqkv;
-        } simples[] = {{"CPU twin", to_floats(out_cpu), to_floats(att_cpu), to_floats(dqkv_cpu)},
-                       {"simple kernels", to_floats(d_out.to_host()), to_floats(d_att.to_host()),
-                        to_floats(d_dqkv.to_host())}};
+            std::vector<bf16> out, dqkv;
+            std::vector<float> att;
+        } simples[] = {{"CPU twin", out_cpu, dqkv_cpu, std::vector<float>(att_cpu.begin(), att_cpu.end())},
+                       {"simple kernels", d_out.to_host(), d_dqkv.to_host(), d_att.to_host()}};
         for (auto& simple : simples) {
             INFO("fused against the " << simple.name);
-            std::vector<double> out_bound, dqkv_bound;
-            attention_rounding_bounds(out_bound, dqkv_bound, qkv_f, dout_f, simple.att, B, T, NH, hs);
-            check_within_bounds(fused_out, simple.out, out_bound, "out");
-            for (int part = 0; part < 3; part++)
-                check_within_bounds(qkv_part(fused_dqkv, B, T, C, part), qkv_part(simple.dqkv, B, T, C, part),
+            // y from the same float probabilities (to float rounding), rounded once on each side
+            check_close_bf16(fused_out, simple.out, "out");
+            // dv = att^T dy has no D in it: the default tolerance as well
+            check_close_bf16(qkv_part(fused_dqkv, B, T, C, 2), qkv_part(simple.dqkv, B, T, C, 2), "dv");
+            // dq and dk: the default tolerance plus what D's rounding moves them by
+            std::vector<double> dqkv_bound;
+            attention_dsum_bounds(dqkv_bound, qkv_f, dout_f, simple.att, to_floats(fused_out), B, T, NH, hs);
+            auto simple_dqkv = to_floats(simple.dqkv);
+            for (int part = 0; part < 2; part++)
+                check_within_bounds(qkv_part(fused_dqkv_f, B, T, C, part), qkv_part(simple_dqkv, B, T, C, part),
                                     qkv_part(dqkv_bound, B, T, C, part), part_names[part]);
         }
     }
+}
+
+TEST_CASE("simple attention in bf16 is deterministic", "[kernels][bf16]") {
+    int B = 2, T = 70, NH = 2, hs = 24, C = NH * hs;   // T past two warps of keys
+    auto qkv = random_bf16((size_t)B * T * 3 * C, 53), dout = random_bf16((size_t)B * T * C, 54),
+         dqkv = random_bf16((size_t)B * T * 3 * C, 55);
+    size_t att_size = (size_t)B * NH * T * T;
+    DeviceArray<bf16> d_qkv(qkv), d_out_first((size_t)B * T * C), d_out_second((size_t)B * T * C), d_dout(dout),
+        d_dqkv_first(dqkv), d_dqkv_second(dqkv);
+    DeviceArray<float> d_att_first(att_size), d_att_second(att_size), d_scratch(att_size);
+    attention_forward(d_out_first.ptr, d_att_first.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+    attention_forward(d_out_second.ptr, d_att_second.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+    attention_backward(d_dqkv_first.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_att_first.ptr, B, T, NH, hs, 0);
+    attention_backward(d_dqkv_second.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_att_first.ptr, B, T, NH, hs, 0);
+    auto out_first = d_out_first.to_host(), out_second = d_out_second.to_host();
+    auto att_first = d_att_first.to_host(), att_second = d_att_second.to_host();
+    auto first = d_dqkv_first.to_host(), second = d_dqkv_second.to_host();
+    REQUIRE(first.size() == second.size());
+    CHECK(memcmp(out_first.data(), out_second.data(), out_first.size() * sizeof(bf16)) == 0);   // bitwise
+    CHECK(memcmp(att_first.data(), att_second.data(), att_first.size() * sizeof(float)) == 0);
+    CHECK(memcmp(first.data(), second.data(), first.size() * sizeof(bf16)) == 0);
 }
 
 TEST_CASE("fused attention backward in bf16 is deterministic", "[kernels][bf16]") {
