@@ -21,7 +21,7 @@ NVCCFLAGS = -std=c++17 -O3 $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),
             $(if $(CATCH_INCLUDE),-I$(CATCH_INCLUDE))
 
 CUDA_HOME ?= /usr/local/cuda
-HEADERS = $(wildcard *.h layers/*.cuh test/emu/*.h)
+HEADERS = $(wildcard *.h layers/*.cuh test/emu/*.h test/*.h)
 TEST_SOURCES = $(filter-out test/test_main.cpp test/test_finite_difference.cpp test/test_cuda_emu.cpp,$(wildcard test/*.cpp))
 
 .PHONY: all test bench demo kernel-report clean
@@ -56,16 +56,17 @@ NEED_TORCH = @test -n "$(PYTHON)" || { echo "error: no python with torch found (
 
 # the CUDA kernels run on the CPU through the emulation of CUDA in test/emu (see cuda_common.h)
 EMU_FLAGS = -DMIXLN_CUDA_EMULATION -I$(CUDA_HOME)/include
-EMU_SOURCES = test/test_kernels.cu test/test_cuda_emu.cpp test/test_model.cpp
+BF16_KERNEL_TESTS = $(wildcard test/test_kernels_bf16_*.cu)
+EMU_SOURCES = test/test_kernels.cu $(BF16_KERNEL_TESTS) test/test_cuda_emu.cpp test/test_model.cpp
 build/test_emu: $(EMU_SOURCES) build/test_main.o $(HEADERS) test/test_util.h
 	$(CXX) $(CXXFLAGS) $(EMU_FLAGS) -I. -x c++ $(EMU_SOURCES) -x none build/test_main.o -o $@
 
 # the same kernel tests on a real GPU; without one the binary says so and runs nothing
 ifneq ($(NVCC),)
 GPU_TESTS = build/test_gpu
-build/test_gpu: test/test_kernels.cu test/test_model.cpp test/test_gpu_main.cu $(HEADERS)
+build/test_gpu: test/test_kernels.cu $(BF16_KERNEL_TESTS) test/test_model.cpp test/test_gpu_main.cu $(HEADERS)
 	@mkdir -p build
-	$(NVCC) $(NVCCFLAGS) -I. test/test_kernels.cu test/test_gpu_main.cu -x cu test/test_model.cpp -o $@ -lgomp -lcublasLt
+	$(NVCC) $(NVCCFLAGS) -I. test/test_kernels.cu $(BF16_KERNEL_TESTS) test/test_gpu_main.cu -x cu test/test_model.cpp -o $@ -lgomp -lcublasLt
 endif
 
 build/fixtures/done: dev/reference.py dev/make_fixtures.py

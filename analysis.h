@@ -49,10 +49,10 @@ inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches)
             // gather the last token's hidden state at every layer boundary
             size_t row = ((size_t)b * T + T - 1) * C;
             for (int l = 0; l <= L; l++) {
-                const real* h = l == 0 ? model->acts.embedded
-                                       : layer_output(layer_activations(model->acts, c, B, T, l - 1), c, l - 1);
-                std::vector<real> host(C);
-                model_copy_out(model, host.data(), h + row, C * sizeof(real));
+                auto stream = [&](const auto& a) {   // h_l in either storage type
+                    return l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
+                };
+                std::vector<real> host = model_activations_to_host(model, stream, row, C);
                 for (int i = 0; i < C; i++) states[(size_t)l * C + i] = (float)host[i];
             }
             for (int l = 0; l < L; l++) {

@@ -303,12 +303,12 @@ inline void safetensors_load_named(real* weights, const ModelConfig& config, con
 inline void checkpoint_load_weights(Model* model, const std::string& dir) {
     std::vector<real> host(model->num_parameters);
     safetensors_load_named(host.data(), model->config, dir + "/model.safetensors", "", false);
-    model_copy_in(model, model->params_memory, host.data(), host.size() * sizeof(real));
+    model_from_host(model, MODEL_PARAMS, host.data());
 }
 
 // Writes the model's parameters as a checkpoint directory.
 inline void checkpoint_save_model(const Model* model, const std::string& dir) {
-    checkpoint_save(model->config, model_to_host(model, model->params_memory).data(), dir);
+    checkpoint_save(model->config, model_to_host(model, MODEL_PARAMS).data(), dir);
 }
 
 // ---- training state, for --resume
@@ -325,14 +325,15 @@ struct TrainingState {
 
 // DIR/training_state.safetensors, one file so that it is replaced atomically as a whole:
 //   tensors   params, adam_m, adam_v: (num_parameters,) F32 each, the flat buffers of model.h
+//             (bf16-pure's bf16 values are stored exactly as F32)
 //   metadata  format "mixln-training-state-1"; config (config.json text); step, adam_step,
 //             shard_index, batch_index (decimal); settings (JSON); checksum (FNV-1a 64 over the
 //             three tensors' bytes in that order, hex)
 inline void training_state_save(const Model* model, const TrainingState& state, const std::string& dir) {
     make_directory(dir);
     int64_t n = (int64_t)model->num_parameters;
-    std::vector<real> buffers[3] = {model_to_host(model, model->params_memory), model_to_host(model, model->adam_m),
-                                    model_to_host(model, model->adam_v)};
+    std::vector<real> buffers[3] = {model_to_host(model, MODEL_PARAMS), model_to_host(model, MODEL_ADAM_M),
+                                    model_to_host(model, MODEL_ADAM_V)};
     const char* names[3] = {"params", "adam_m", "adam_v"};
     std::vector<float> staging[3];
     std::vector<SafeTensorsEntry> entries;
@@ -386,7 +387,7 @@ inline TrainingState training_state_load(Model* model, const std::string& dir) {
     SafeTensorsFile file;
     safetensors_open(&file, training_state_path(dir).c_str());
     const char* names[3] = {"params", "adam_m", "adam_v"};
-    real* targets[3] = {model->params_memory, model->adam_m, model->adam_v};
+    ModelBuffer targets[3] = {MODEL_PARAMS, MODEL_ADAM_M, MODEL_ADAM_V};
     std::vector<float> staging[3];
     uint64_t checksum = fnv1a64(nullptr, 0);
     for (int i = 0; i < 3; i++) {
@@ -406,7 +407,7 @@ inline TrainingState training_state_load(Model* model, const std::string& dir) {
     }
     for (int i = 0; i < 3; i++) {
         std::vector<real> host(staging[i].begin(), staging[i].end());
-        model_copy_in(model, targets[i], host.data(), host.size() * sizeof(real));
+        model_from_host(model, targets[i], host.data());
     }
     model->adam_step = (int)training_state_number(file, "adam_step");
     TrainingState state;

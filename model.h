@@ -28,6 +28,12 @@ gradients and the two AdamW moments are flat buffers of the same layout; every a
 backward pass needs, plus the backward pass's scratch, lives in one more buffer sized once from
 (B, T, config). Nothing is allocated during a step.
 
+Precision (Precision, below): the buffers hold fp32, or under --precision bf16 the activations
+and a bf16 copy of the weights are bf16 (fp32 master weights, gradients and AdamW moments), or
+under bf16-pure everything is bf16. The forward and backward passes are templates on the storage
+types (floatX: activations and the weights the kernels read; gradX: the weight gradients);
+model_forward and model_backward pick the instantiation. Every kernel computes in fp32.
+
 Gradient convention: every backward function in layers/ accumulates (+=) into the gradients it
 writes, so a residual connection's gradient reaches both of its inputs by both branches
 accumulating into one buffer (see model_backward).
@@ -75,6 +81,19 @@ inline const char* norm_kind_name(NormKind kind) {
 
 enum NormType { NORM_RMSNORM, NORM_LAYERNORM };
 inline const char* norm_type_name(NormType type) { return type == NORM_LAYERNORM ? "layernorm" : "rmsnorm"; }
+
+// How the model's numbers are stored (the --precision flag). The kernels always compute in fp32.
+//   fp32       everything fp32
+//   bf16       activations, activation gradients and a copy of the weights that the kernels
+//              read are bf16; the master weights, their gradients and the AdamW moments fp32
+//              (the copy is refreshed from the master weights after every update)
+//   bf16-pure  as bf16, and the weights themselves, their gradients and the AdamW moments are
+//              bf16 too (no fp32 copy anywhere): how the paper trained (model.to(bfloat16))
+// Every bf16 value is rounded to nearest even from the fp32 it was computed as.
+enum Precision { PRECISION_FP32, PRECISION_BF16, PRECISION_BF16_PURE };
+inline const char* precision_name(Precision precision) {
+    return precision == PRECISION_BF16 ? "bf16" : precision == PRECISION_BF16_PURE ? "bf16-pure" : "fp32";
+}
 
 struct ModelConfig {
     int vocab_size = 0;       // V
@@ -199,29 +218,33 @@ inline void model_config_check(const ModelConfig& c) {
 // ----------------------------------------------------------------------------
 // parameters
 
-// Pointers into the flat parameter buffer (and, with the same layout, into the gradient buffer).
+// Pointers into the flat parameter buffer (and, with the same layout, into the gradient buffer
+// and into the bf16 copy of the weights); W is the type the buffer stores.
 // q/k/v are stacked into one (3C, C) matrix per layer and gate/up into one (2F, C), so that each
 // pair of projections is one matmul; every Hugging Face tensor is still one contiguous slice.
 // The tensors a configuration does not use (peri norms without peri layers, biases under
 // RMSNorm) have size 0; they sit at the end so that the layout of a Mix-LN model is unchanged.
-struct ParameterTensors {
-    real* embed_tokens;       // (V, C)      model.embed_tokens.weight
-    real* attn_norm;          // (L, C)      N1: the norm of the attention sublayer (names: model_named_tensors)
-    real* qkv_proj;           // (L, 3C, C)  self_attn.{q,k,v}_proj.weight, stacked in that order
-    real* o_proj;             // (L, C, C)   self_attn.o_proj.weight
-    real* mlp_norm;           // (L, C)      N2: the norm of the MLP sublayer
-    real* gate_up_proj;       // (L, 2F, C)  mlp.{gate,up}_proj.weight, stacked in that order
-    real* down_proj;          // (L, C, F)   mlp.down_proj.weight
-    real* final_norm;         // (C)         model.norm.weight
-    real* lm_head;            // (V, C)      lm_head.weight
-    real* attn_out_norm;      // (P, C)      N1o of each of the P peri layers: post_attention_layernorm
-    real* mlp_out_norm;       // (P, C)      N2o: post_feedforward_layernorm
-    real* attn_norm_bias;     // (L, C)      LayerNorm only: N1's bias (else size 0)
-    real* mlp_norm_bias;      // (L, C)      LayerNorm only
-    real* attn_out_norm_bias; // (P, C)      LayerNorm only
-    real* mlp_out_norm_bias;  // (P, C)      LayerNorm only
-    real* final_norm_bias;    // (C)         LayerNorm only: model.norm.bias
+template <typename W>
+struct ParameterTensorsOf {
+    W* embed_tokens;       // (V, C)      model.embed_tokens.weight
+    W* attn_norm;          // (L, C)      N1: the norm of the attention sublayer (names: model_named_tensors)
+    W* qkv_proj;           // (L, 3C, C)  self_attn.{q,k,v}_proj.weight, stacked in that order
+    W* o_proj;             // (L, C, C)   self_attn.o_proj.weight
+    W* mlp_norm;           // (L, C)      N2: the norm of the MLP sublayer
+    W* gate_up_proj;       // (L, 2F, C)  mlp.{gate,up}_proj.weight, stacked in that order
+    W* down_proj;          // (L, C, F)   mlp.down_proj.weight
+    W* final_norm;         // (C)         model.norm.weight
+    W* lm_head;            // (V, C)      lm_head.weight
+    W* attn_out_norm;      // (P, C)      N1o of each of the P peri layers: post_attention_layernorm
+    W* mlp_out_norm;       // (P, C)      N2o: post_feedforward_layernorm
+    W* attn_norm_bias;     // (L, C)      LayerNorm only: N1's bias (else size 0)
+    W* mlp_norm_bias;      // (L, C)      LayerNorm only
+    W* attn_out_norm_bias; // (P, C)      LayerNorm only
+    W* mlp_out_norm_bias;  // (P, C)      LayerNorm only
+    W* final_norm_bias;    // (C)         LayerNorm only: model.norm.bias
 };
+// The fp32 (CPU: real) view of the parameters: init, checkpoints, analyses.
+typedef ParameterTensorsOf<real> ParameterTensors;
 constexpr int NUM_PARAMETER_TENSORS = 16;
 
 inline void parameter_sizes(size_t sizes[NUM_PARAMETER_TENSORS], const ModelConfig& c) {
@@ -255,10 +278,11 @@ inline size_t num_parameters(const ModelConfig& c) {
 
 // Points the struct's members into a flat buffer laid out as parameter_sizes says. A tensor of
 // size 0 gets nullptr, so that using it by mistake fails loudly.
-inline void point_parameters(ParameterTensors* t, real* memory, const ModelConfig& c) {
+template <typename W>
+inline void point_parameters(ParameterTensorsOf<W>* t, W* memory, const ModelConfig& c) {
     size_t sizes[NUM_PARAMETER_TENSORS];
     parameter_sizes(sizes, c);
-    real** members[NUM_PARAMETER_TENSORS] = {
+    W** members[NUM_PARAMETER_TENSORS] = {
         &t->embed_tokens,  &t->attn_norm,     &t->qkv_proj,       &t->o_proj,         &t->mlp_norm,
         &t->gate_up_proj,  &t->down_proj,     &t->final_norm,     &t->lm_head,        &t->attn_out_norm,
         &t->mlp_out_norm,  &t->attn_norm_bias, &t->mlp_norm_bias, &t->attn_out_norm_bias,
@@ -270,28 +294,32 @@ inline void point_parameters(ParameterTensors* t, real* memory, const ModelConfi
 }
 
 // One layer's slices of the parameter (or gradient) tensors; nullptr where the layer has none.
-struct LayerWeights {
-    real* attn_norm;          // (C)
-    real* attn_norm_bias;     // (C)  LayerNorm
-    real* attn_out_norm;      // (C)  peri
-    real* attn_out_norm_bias; // (C)  peri, LayerNorm
-    real* qkv_proj;           // (3C, C)
-    real* o_proj;             // (C, C)
-    real* mlp_norm;           // (C)
-    real* mlp_norm_bias;      // (C)  LayerNorm
-    real* mlp_out_norm;       // (C)  peri
-    real* mlp_out_norm_bias;  // (C)  peri, LayerNorm
-    real* gate_up_proj;       // (2F, C)
-    real* down_proj;          // (C, F)
+template <typename W>
+struct LayerWeightsOf {
+    W* attn_norm;          // (C)
+    W* attn_norm_bias;     // (C)  LayerNorm
+    W* attn_out_norm;      // (C)  peri
+    W* attn_out_norm_bias; // (C)  peri, LayerNorm
+    W* qkv_proj;           // (3C, C)
+    W* o_proj;             // (C, C)
+    W* mlp_norm;           // (C)
+    W* mlp_norm_bias;      // (C)  LayerNorm
+    W* mlp_out_norm;       // (C)  peri
+    W* mlp_out_norm_bias;  // (C)  peri, LayerNorm
+    W* gate_up_proj;       // (2F, C)
+    W* down_proj;          // (C, F)
 };
 
-inline LayerWeights layer_weights(const ParameterTensors& t, const ModelConfig& c, int l) {
+typedef LayerWeightsOf<real> LayerWeights;
+
+template <typename W>
+inline LayerWeightsOf<W> layer_weights(const ParameterTensorsOf<W>& t, const ModelConfig& c, int l) {
     size_t C = c.channels, F = c.ffn_channels;
     bool peri = c.norm_layers[l] == NORM_PERI;
     size_t p = peri ? (size_t)peri_index(c, l) : 0;
     // a slice of an optional tensor, nullptr when the tensor or the layer has none
-    auto row = [](real* tensor, bool present, size_t offset) { return tensor && present ? tensor + offset : nullptr; };
-    LayerWeights w;
+    auto row = [](W* tensor, bool present, size_t offset) { return tensor && present ? tensor + offset : nullptr; };
+    LayerWeightsOf<W> w;
     w.attn_norm = t.attn_norm + l * C;
     w.attn_norm_bias = row(t.attn_norm_bias, true, l * C);
     w.attn_out_norm = row(t.attn_out_norm, peri, p * C);
@@ -373,39 +401,43 @@ inline std::vector<NamedTensor> model_named_tensors(const ModelConfig& c) {
 // tensors have a leading L dimension (P: one row per peri layer); layer_activations() slices one
 // layer out. A norm's statistics ("stats") are its rstd per row, followed under LayerNorm by its
 // mean per row: S = 1 value per row for RMSNorm, 2 for LayerNorm.
-struct ActivationTensors {
-    real* embedded;            // (B, T, C)        token embeddings, the stream entering layer 0
-    real* attn_norm;           // (L, B, T, C)     N1 output: the attention's input (branch norm) or h (post/deepnorm)
-    real* attn_norm_stats;     // (L, S, B, T)
-    real* qkv;                 // (L, B, T, 3C)    q, k (after RoPE), v
-    real* att;                 // (L, B, NH, T, T) softmax probabilities (the simple attention)
-    real* lse;                 // (L, B, NH, T)    log-sum-exp of each score row (the fused attention)
-    real* atty;                // (L, B, T, C)     attention output before o_proj
-    real* attn_resid;          // (L, B, T, C)     the stream after the attention's residual add (before N1: post/deepnorm)
-    real* mlp_norm;            // (L, B, T, C)     N2 output: the MLP's input (branch norm) or y (post/deepnorm)
-    real* mlp_norm_stats;      // (L, S, B, T)
-    real* gate_up;             // (L, B, T, 2F)    [gate | up] projections
-    real* swiglu;              // (L, B, T, F)     silu(gate) * up
-    real* mlp_resid;           // (L, B, T, C)     the stream after the MLP's residual add
-    real* attn_branch;         // (P, B, T, C)     peri: o_proj output, the input of N1o
-    real* attn_out_norm_stats; // (P, S, B, T)
-    real* mlp_branch;          // (P, B, T, C)     peri: down_proj output, the input of N2o
-    real* mlp_out_norm_stats;  // (P, S, B, T)
-    real* final_norm;          // (B, T, C)
-    real* final_norm_stats;    // (S, B, T)
-    real* logits;              // (B, T, V)        overwritten by their gradient in backward
-    real* losses;              // (B, T)           per-position cross-entropy
-    real* rope_cos;            // (T, hs/2)
-    real* rope_sin;            // (T, hs/2)
+// floatX is the storage type of the activations (float, or bf16 under --precision bf16); the
+// statistics, the attention's log-sum-exp, the losses, the RoPE tables and the attention
+// backward's scratch are always fp32 (real).
+template <typename floatX>
+struct ActivationTensorsOf {
+    floatX* embedded;            // (B, T, C)        token embeddings, the stream entering layer 0
+    floatX* attn_norm;           // (L, B, T, C)     N1 output: the attention's input (branch norm) or h (post/deepnorm)
+    real*   attn_norm_stats;     // (L, S, B, T)
+    floatX* qkv;                 // (L, B, T, 3C)    q, k (after RoPE), v
+    real*   att;                 // (L, B, NH, T, T) softmax probabilities (the simple attention)
+    real*   lse;                 // (L, B, NH, T)    log-sum-exp of each score row (the fused attention)
+    floatX* atty;                // (L, B, T, C)     attention output before o_proj
+    floatX* attn_resid;          // (L, B, T, C)     the stream after the attention's residual add (before N1: post/deepnorm)
+    floatX* mlp_norm;            // (L, B, T, C)     N2 output: the MLP's input (branch norm) or y (post/deepnorm)
+    real*   mlp_norm_stats;      // (L, S, B, T)
+    floatX* gate_up;             // (L, B, T, 2F)    [gate | up] projections
+    floatX* swiglu;              // (L, B, T, F)     silu(gate) * up
+    floatX* mlp_resid;           // (L, B, T, C)     the stream after the MLP's residual add
+    floatX* attn_branch;         // (P, B, T, C)     peri: o_proj output, the input of N1o
+    real*   attn_out_norm_stats; // (P, S, B, T)
+    floatX* mlp_branch;          // (P, B, T, C)     peri: down_proj output, the input of N2o
+    real*   mlp_out_norm_stats;  // (P, S, B, T)
+    floatX* final_norm;          // (B, T, C)
+    real*   final_norm_stats;    // (S, B, T)
+    floatX* logits;              // (B, T, V)        overwritten by their gradient in backward
+    real*   losses;              // (B, T)           per-position cross-entropy
+    real*   rope_cos;            // (T, hs/2)
+    real*   rope_sin;            // (T, hs/2)
     // backward scratch, reused by every layer
-    real* dresidual;           // (B, T, C)        gradient of the residual stream
-    real* dnorm;               // (B, T, C)        gradient of a norm's output (or input)
-    real* dbranch;             // (B, T, C)        peri: gradient of a sublayer's output, before its out-norm
-    real* datty;               // (B, T, C)
-    real* dqkv;                // (B, T, 3C)
-    real* datt_scratch;        // (B, NH, T, T)    attention backward workspace
-    real* dgate_up;            // (B, T, 2F)
-    real* dswiglu;             // (B, T, F)
+    floatX* dresidual;           // (B, T, C)        gradient of the residual stream
+    floatX* dnorm;               // (B, T, C)        gradient of a norm's output (or input)
+    floatX* dbranch;             // (B, T, C)        peri: gradient of a sublayer's output, before its out-norm
+    floatX* datty;               // (B, T, C)
+    floatX* dqkv;                // (B, T, 3C)
+    real*   datt_scratch;        // (B, NH, T, T)    attention backward workspace
+    floatX* dgate_up;            // (B, T, 2F)
+    floatX* dswiglu;             // (B, T, F)
 };
 constexpr int NUM_ACTIVATION_TENSORS = 31;
 
@@ -439,44 +471,57 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) sizes[i] = s[i];
 }
 
-inline void point_activations(ActivationTensors* a, real* memory, const size_t sizes[NUM_ACTIVATION_TENSORS]) {
-    real** members[NUM_ACTIVATION_TENSORS] = {
-        &a->embedded, &a->attn_norm, &a->attn_norm_stats, &a->qkv, &a->att, &a->lse, &a->atty,
-        &a->attn_resid, &a->mlp_norm, &a->mlp_norm_stats, &a->gate_up, &a->swiglu, &a->mlp_resid,
-        &a->attn_branch, &a->attn_out_norm_stats, &a->mlp_branch, &a->mlp_out_norm_stats,
-        &a->final_norm, &a->final_norm_stats, &a->logits, &a->losses, &a->rope_cos, &a->rope_sin,
-        &a->dresidual, &a->dnorm, &a->dbranch, &a->datty, &a->dqkv, &a->datt_scratch, &a->dgate_up, &a->dswiglu};
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) {
-        *members[i] = sizes[i] ? memory : nullptr;
-        memory += sizes[i];
-    }
+// Points the struct's members into one buffer holding the tensors in order, each of the size
+// `sizes` gives in elements of its own type (T or real), starting on a 256-byte boundary (what
+// cuBLASLt and vector loads like). Returns the buffer's size in bytes; memory == nullptr only
+// measures it.
+template <typename floatX>
+inline size_t point_activations(ActivationTensorsOf<floatX>* a, void* memory, const size_t sizes[NUM_ACTIVATION_TENSORS]) {
+    size_t offset = 0;
+    int i = 0;
+    auto place = [&](auto*& member) {
+        typedef std::remove_reference_t<decltype(*member)> Element;
+        member = memory && sizes[i] ? (Element*)((char*)memory + offset) : nullptr;
+        offset += (sizes[i] * sizeof(Element) + 255) / 256 * 256;
+        i++;
+    };
+    place(a->embedded), place(a->attn_norm), place(a->attn_norm_stats), place(a->qkv), place(a->att);
+    place(a->lse), place(a->atty), place(a->attn_resid), place(a->mlp_norm), place(a->mlp_norm_stats);
+    place(a->gate_up), place(a->swiglu), place(a->mlp_resid), place(a->attn_branch);
+    place(a->attn_out_norm_stats), place(a->mlp_branch), place(a->mlp_out_norm_stats), place(a->final_norm);
+    place(a->final_norm_stats), place(a->logits), place(a->losses), place(a->rope_cos), place(a->rope_sin);
+    place(a->dresidual), place(a->dnorm), place(a->dbranch), place(a->datty), place(a->dqkv);
+    place(a->datt_scratch), place(a->dgate_up), place(a->dswiglu);
+    return offset;
 }
 
 // One layer's slices of the per-layer activations; the peri ones are nullptr in other layers.
+template <typename floatX>
 struct LayerActivations {
-    real* attn_norm;           // (B, T, C)
-    real* attn_norm_stats;     // (S, B, T)
-    real* qkv;                 // (B, T, 3C)
-    real* att;                 // (B, NH, T, T)
-    real* lse;                 // (B, NH, T)
-    real* atty;                // (B, T, C)
-    real* attn_resid;          // (B, T, C)
-    real* mlp_norm;            // (B, T, C)
-    real* mlp_norm_stats;      // (S, B, T)
-    real* gate_up;             // (B, T, 2F)
-    real* swiglu;              // (B, T, F)
-    real* mlp_resid;           // (B, T, C)
-    real* attn_branch;         // (B, T, C)  peri
-    real* attn_out_norm_stats; // (S, B, T)  peri
-    real* mlp_branch;          // (B, T, C)  peri
-    real* mlp_out_norm_stats;  // (S, B, T)  peri
+    floatX* attn_norm;           // (B, T, C)
+    real*   attn_norm_stats;     // (S, B, T)
+    floatX* qkv;                 // (B, T, 3C)
+    real*   att;                 // (B, NH, T, T)
+    real*   lse;                 // (B, NH, T)
+    floatX* atty;                // (B, T, C)
+    floatX* attn_resid;          // (B, T, C)
+    floatX* mlp_norm;            // (B, T, C)
+    real*   mlp_norm_stats;      // (S, B, T)
+    floatX* gate_up;             // (B, T, 2F)
+    floatX* swiglu;              // (B, T, F)
+    floatX* mlp_resid;           // (B, T, C)
+    floatX* attn_branch;         // (B, T, C)  peri
+    real*   attn_out_norm_stats; // (S, B, T)  peri
+    floatX* mlp_branch;          // (B, T, C)  peri
+    real*   mlp_out_norm_stats;  // (S, B, T)  peri
 };
 
-inline LayerActivations layer_activations(const ActivationTensors& a, const ModelConfig& c, int B, int T, int l) {
+template <typename floatX>
+inline LayerActivations<floatX> layer_activations(const ActivationTensorsOf<floatX>& a, const ModelConfig& c, int B, int T, int l) {
     size_t BT = (size_t)B * T, C = c.channels, F = c.ffn_channels, NH = c.num_heads, S = norm_stats_per_row(c);
     bool peri = c.norm_layers[l] == NORM_PERI;
     size_t p = peri ? (size_t)peri_index(c, l) : 0;
-    LayerActivations la;
+    LayerActivations<floatX> la;
     la.attn_norm = a.attn_norm + l * BT * C;
     la.attn_norm_stats = a.attn_norm_stats + l * S * BT;
     la.qkv = a.qkv + l * BT * 3 * C;
@@ -498,7 +543,8 @@ inline LayerActivations layer_activations(const ActivationTensors& a, const Mode
 
 // What layer l hands to the next layer: post and deepnorm end on the norm N2, the branch-norm
 // kinds on the residual add.
-inline const real* layer_output(const LayerActivations& la, const ModelConfig& c, int l) {
+template <typename floatX>
+inline const floatX* layer_output(const LayerActivations<floatX>& la, const ModelConfig& c, int l) {
     return norm_after_residual(c.norm_layers[l]) ? la.mlp_norm : la.mlp_resid;
 }
 
@@ -509,17 +555,18 @@ struct Model {
     ModelConfig config;
     bool on_gpu = false;              // where every buffer below lives (inputs/targets: see there)
     int B = 0, T = 0;                 // batch size and sequence length the activations are sized for
+    Precision precision = PRECISION_FP32;
     size_t num_parameters = 0;
-    ParameterTensors params;          // pointers into params_memory
-    ParameterTensors grads;           // pointers into grads_memory, same layout
-    real* params_memory = nullptr;    // (num_parameters)
-    real* grads_memory = nullptr;     // (num_parameters)
-    real* adam_m = nullptr;           // (num_parameters) AdamW first moment
-    real* adam_v = nullptr;           // (num_parameters) AdamW second moment
+    // Four flat buffers of the parameter layout (point_parameters), each of num_parameters values
+    // of the type the precision gives (model_weights, model_grads and model_to_host read them):
+    void* params_memory = nullptr;    // the weights: fp32 (CPU: real), bf16 in bf16-pure
+    void* grads_memory = nullptr;     // their gradients: fp32, bf16 in bf16-pure
+    void* adam_m = nullptr;           // AdamW first moment: fp32, bf16 in bf16-pure
+    void* adam_v = nullptr;           // AdamW second moment: fp32, bf16 in bf16-pure
+    void* weights_copy = nullptr;     // bf16 only: the bf16 copy of params_memory the kernels read, else nullptr
     int adam_step = 0;                // updates done so far (t - 1 of the next update)
-    size_t num_activations = 0;
-    ActivationTensors acts;           // pointers into acts_memory
-    real* acts_memory = nullptr;      // (num_activations)
+    size_t activation_bytes = 0;
+    void* acts_memory = nullptr;      // (activation_bytes) the activations (point_activations, model_activations)
     int* inputs = nullptr;            // (B, T) tokens of the last forward pass, in model memory
     int* targets = nullptr;           // (B, T) its targets, for backward
     real* host_losses = nullptr;      // (B, T) per-position losses copied to the host
@@ -603,52 +650,159 @@ inline void model_copy_out(const Model* model, void* dst, const void* src, size_
     memcpy(dst, src, bytes);
 }
 
-// A host copy of a flat parameter-layout buffer of the model (parameters, gradients, moments).
-inline std::vector<real> model_to_host(const Model* model, const real* buffer) {
-    std::vector<real> host(model->num_parameters);
-    model_copy_out(model, host.data(), buffer, host.size() * sizeof(real));
+// ---- the buffers, typed by the precision
+
+// Bytes per value of the weights the kernels read and of the activations (floatX), and of the
+// weights, gradients and moments (paramX): 2 where they are bf16.
+inline size_t storage_bytes(Precision precision) { return precision == PRECISION_FP32 ? sizeof(real) : 2; }
+inline size_t param_bytes(Precision precision) { return precision == PRECISION_BF16_PURE ? 2 : sizeof(real); }
+
+// The weights as the kernels read them, as floatX (bf16: the copy; otherwise the weights).
+template <typename floatX>
+inline ParameterTensorsOf<floatX> model_weights(const Model* model) {
+    ParameterTensorsOf<floatX> p;
+    point_parameters(&p, (floatX*)(model->weights_copy ? model->weights_copy : model->params_memory), model->config);
+    return p;
+}
+
+template <typename gradX>
+inline ParameterTensorsOf<gradX> model_grads(const Model* model) {
+    ParameterTensorsOf<gradX> g;
+    point_parameters(&g, (gradX*)model->grads_memory, model->config);
+    return g;
+}
+
+template <typename floatX>
+inline ActivationTensorsOf<floatX> model_activations(const Model* model) {
+    size_t sizes[NUM_ACTIVATION_TENSORS];
+    activation_sizes(sizes, model->config, model->B, model->T);
+    ActivationTensorsOf<floatX> a;
+    point_activations(&a, model->acts_memory, sizes);
+    return a;
+}
+
+// count values of type Value at src in model memory, as real on the host
+template <typename Value>
+inline std::vector<real> model_values_to_host(const Model* model, const Value* src, size_t count) {
+    std::vector<Value> raw(count);
+    model_copy_out(model, raw.data(), src, count * sizeof(Value));
+    std::vector<real> host(count);
+    for (size_t i = 0; i < count; i++) host[i] = to_real(raw[i]);
     return host;
 }
 
+// host -> count values of type Value at dst in model memory (rounded to nearest even for bf16)
+template <typename Value>
+inline void model_values_from_host(const Model* model, Value* dst, const real* src, size_t count) {
+    std::vector<Value> raw(count);
+    for (size_t i = 0; i < count; i++) raw[i] = from_real<Value>(src[i]);
+    model_copy_in(model, dst, raw.data(), count * sizeof(Value));
+}
+
+// The flat parameter-layout buffers, for checkpoints, tests and analyses.
+enum ModelBuffer { MODEL_PARAMS, MODEL_GRADS, MODEL_ADAM_M, MODEL_ADAM_V };
+
+inline void* model_buffer(const Model* model, ModelBuffer which) {
+    void* buffers[4] = {model->params_memory, model->grads_memory, model->adam_m, model->adam_v};
+    return buffers[which];
+}
+
+// A host copy of one of the buffers, as real whatever its precision.
+inline std::vector<real> model_to_host(const Model* model, ModelBuffer which) {
+    const void* buffer = model_buffer(model, which);
+#ifdef MIXLN_HAS_BF16
+    if (model->precision == PRECISION_BF16_PURE) return model_values_to_host(model, (const bf16*)buffer, model->num_parameters);
+#endif
+    return model_values_to_host(model, (const real*)buffer, model->num_parameters);
+}
+
+inline void model_refresh_weights_copy(Model* model);
+
+// Fills one of the buffers from num_parameters host values (rounded to bf16 in bf16-pure).
+// Filling the weights also refreshes the bf16 copy the kernels read (bf16).
+inline void model_from_host(Model* model, ModelBuffer which, const real* host) {
+    void* buffer = model_buffer(model, which);
+#ifdef MIXLN_HAS_BF16
+    if (model->precision == PRECISION_BF16_PURE) {
+        model_values_from_host(model, (bf16*)buffer, host, model->num_parameters);
+        return;
+    }
+#endif
+    model_values_from_host(model, (real*)buffer, host, model->num_parameters);
+    if (which == MODEL_PARAMS) model_refresh_weights_copy(model);
+}
+
+// count activations from src, an activation tensor's element (of the model's storage type), as
+// real on the host: e.g. the logits of one position for sampling. `select` picks the tensor
+// from either view of the activations (a generic lambda, [](auto& a) { return a.logits; }).
+template <typename Select>
+inline std::vector<real> model_activations_to_host(const Model* model, Select select, size_t offset, size_t count) {
+#ifdef MIXLN_HAS_BF16
+    if (model->precision != PRECISION_FP32) return model_values_to_host(model, select(model_activations<bf16>(model)) + offset, count);
+#endif
+    return model_values_to_host(model, select(model_activations<real>(model)) + offset, count);
+}
+
 // Allocates every buffer once, for batches of B sequences of T tokens, in host memory or on the
-// GPU. Parameters are zero until model_init_weights or a checkpoint fills them.
-inline void model_build(Model* model, const ModelConfig& config, int B, int T, bool on_gpu = false) {
+// GPU, in the given precision (bf16 and bf16-pure on the GPU only: the CPU reference is fp32).
+// Parameters are zero until model_init_weights or a checkpoint fills them.
+inline void model_build(Model* model, const ModelConfig& config, int B, int T, bool on_gpu = false,
+                        Precision precision = PRECISION_FP32) {
     model_config_check(config);
     if (B < 1 || T < 1) fail("batch size and sequence length must be positive (B %d, T %d)", B, T);
     if (T > config.max_seq_len) fail("sequence length %d exceeds the model's %d", T, config.max_seq_len);
 #ifndef MIXLN_CUDA
     if (on_gpu) fail("this build has no CUDA backend");
 #endif
+    if (precision != PRECISION_FP32 && !on_gpu) {
+        fail("--precision %s runs on the GPU only; the CPU backend computes in fp32", precision_name(precision));
+    }
     model->config = config;
     model->B = B;
     model->T = T;
     model->on_gpu = on_gpu;
+    model->precision = precision;
     size_t n = num_parameters(config);
     model->num_parameters = n;
-    model->params_memory = (real*)model_alloc(on_gpu, n * sizeof(real), "parameters");
-    model->grads_memory = (real*)model_alloc(on_gpu, n * sizeof(real), "gradients");
-    model->adam_m = (real*)model_alloc(on_gpu, n * sizeof(real), "AdamW first moment");
-    model->adam_v = (real*)model_alloc(on_gpu, n * sizeof(real), "AdamW second moment");
-    model_zero(model, model->params_memory, n * sizeof(real));
-    model_zero(model, model->grads_memory, n * sizeof(real));
-    model_zero(model, model->adam_m, n * sizeof(real));
-    model_zero(model, model->adam_v, n * sizeof(real));
-    point_parameters(&model->params, model->params_memory, config);
-    point_parameters(&model->grads, model->grads_memory, config);
+    const size_t param_buffer_bytes = n * param_bytes(precision);
+    model->params_memory = model_alloc(on_gpu, param_buffer_bytes, "parameters");
+    model->grads_memory = model_alloc(on_gpu, param_buffer_bytes, "gradients");
+    model->adam_m = model_alloc(on_gpu, param_buffer_bytes, "AdamW first moment");
+    model->adam_v = model_alloc(on_gpu, param_buffer_bytes, "AdamW second moment");
+    model_zero(model, model->params_memory, param_buffer_bytes);
+    model_zero(model, model->grads_memory, param_buffer_bytes);
+    model_zero(model, model->adam_m, param_buffer_bytes);
+    model_zero(model, model->adam_v, param_buffer_bytes);
+    if (precision == PRECISION_BF16) {
+        model->weights_copy = model_alloc(on_gpu, n * storage_bytes(precision), "bf16 copy of the weights");
+        model_zero(model, model->weights_copy, n * storage_bytes(precision));
+    }
 
     size_t sizes[NUM_ACTIVATION_TENSORS];
     activation_sizes(sizes, config, B, T);
-    size_t total = 0;
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) total += sizes[i];
-    model->num_activations = total;
-    model->acts_memory = (real*)model_alloc(on_gpu, total * sizeof(real), "activations");
-    model_zero(model, model->acts_memory, total * sizeof(real));
-    point_activations(&model->acts, model->acts_memory, sizes);
+    ActivationTensorsOf<real> fp32_view;
+    model->activation_bytes = point_activations(&fp32_view, nullptr, sizes);
+    real* rope_cos_table = nullptr;   // where the RoPE tables go, (T, hs/2) each
+    real* rope_sin_table = nullptr;
+#ifdef MIXLN_HAS_BF16
+    ActivationTensorsOf<bf16> bf16_view;
+    if (precision != PRECISION_FP32) model->activation_bytes = point_activations(&bf16_view, nullptr, sizes);
+#endif
+    model->acts_memory = model_alloc(on_gpu, model->activation_bytes, "activations");
+    model_zero(model, model->acts_memory, model->activation_bytes);
+    rope_cos_table = model_activations<real>(model).rope_cos;
+    rope_sin_table = model_activations<real>(model).rope_sin;
+#ifdef MIXLN_HAS_BF16
+    if (precision != PRECISION_FP32) {
+        rope_cos_table = model_activations<bf16>(model).rope_cos;
+        rope_sin_table = model_activations<bf16>(model).rope_sin;
+    }
+#endif
     int head_size = config.channels / config.num_heads;
     std::vector<real> rope_cos((size_t)T * head_size / 2), rope_sin((size_t)T * head_size / 2);
     rope_tables_cpu(rope_cos.data(), rope_sin.data(), T, head_size, config.rope_theta);
-    model_copy_in(model, model->acts.rope_cos, rope_cos.data(), rope_cos.size() * sizeof(real));
-    model_copy_in(model, model->acts.rope_sin, rope_sin.data(), rope_sin.size() * sizeof(real));
+    model_copy_in(model, rope_cos_table, rope_cos.data(), rope_cos.size() * sizeof(real));
+    model_copy_in(model, rope_sin_table, rope_sin.data(), rope_sin.size() * sizeof(real));
     model->inputs = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "inputs");
     model->targets = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "targets");
     model->host_losses = (real*)malloc_or_fail((size_t)B * T * sizeof(real), "losses");
@@ -666,6 +820,7 @@ inline void model_free(Model* model) {
     model_release(on_gpu, model->grads_memory);
     model_release(on_gpu, model->adam_m);
     model_release(on_gpu, model->adam_v);
+    if (model->weights_copy) model_release(on_gpu, model->weights_copy);
     model_release(on_gpu, model->acts_memory);
     model_release(on_gpu, model->inputs);
     model_release(on_gpu, model->targets);
@@ -728,7 +883,7 @@ inline void model_init_weights(Model* model, uint64_t seed, float embed_std, boo
     for (size_t i = 0; i < sizes[9]; i++) p.attn_out_norm[i] = 1;
     for (size_t i = 0; i < sizes[10]; i++) p.mlp_out_norm[i] = 1;
     // sizes[11..15]: the LayerNorm biases, 0 as the buffer already is
-    model_copy_in(model, model->params_memory, host.data(), host.size() * sizeof(real));
+    model_from_host(model, MODEL_PARAMS, host.data());
 }
 
 // ----------------------------------------------------------------------------
@@ -736,7 +891,8 @@ inline void model_init_weights(Model* model, uint64_t seed, float embed_std, boo
 
 // The model's norm, RMSNorm or LayerNorm, over its (B*T, C) rows: out = N(inp), with the row
 // statistics saved into stats (S, B, T). bias is used under LayerNorm only.
-inline void norm_forward(Model* model, real* out, real* stats, const real* inp, const real* weight, const real* bias) {
+template <typename floatX>
+inline void norm_forward(Model* model, floatX* out, real* stats, const floatX* inp, const floatX* weight, const floatX* bias) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels;
     if (c.norm_type == NORM_LAYERNORM) {
@@ -747,8 +903,9 @@ inline void norm_forward(Model* model, real* out, real* stats, const real* inp, 
 }
 
 // Accumulates the gradients of norm_forward's input (dinp) and parameters (dweight, dbias).
-inline void norm_backward(Model* model, real* dinp, real* dweight, real* dbias, const real* dout, const real* inp,
-                          const real* weight, const real* stats) {
+template <typename floatX, typename gradX>
+inline void norm_backward(Model* model, floatX* dinp, gradX* dweight, gradX* dbias, const floatX* dout, const floatX* inp,
+                          const floatX* weight, const real* stats) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels;
     if (c.norm_type == NORM_LAYERNORM) {
@@ -760,7 +917,8 @@ inline void norm_backward(Model* model, real* dinp, real* dweight, real* dbias, 
 
 // out = x_scale * x + branch: a skip connection (x_scale is DeepNorm's a, else 1). out may alias
 // x or branch.
-inline void residual_add(Model* model, real* out, const real* x, float x_scale, const real* branch) {
+template <typename floatX>
+inline void residual_add(Model* model, floatX* out, const floatX* x, float x_scale, const floatX* branch) {
     const size_t n = (size_t)model->B * model->T * model->config.channels;
     if (x_scale != 1.0f) {
         LAYER(residual_scaled_forward, out, x, x_scale, branch, n);
@@ -772,8 +930,9 @@ inline void residual_add(Model* model, real* out, const real* x, float x_scale, 
 // sum = x_scale * x + branch, then out = N(sum) with its statistics: one fused pass under RMSNorm
 // (residual_rmsnorm_forward), the add and then norm_forward under LayerNorm. sum may alias x or
 // branch, not out.
-inline void residual_norm_forward(Model* model, real* sum, real* out, real* stats, const real* x, float x_scale,
-                                  const real* branch, const real* weight, const real* bias) {
+template <typename floatX>
+inline void residual_norm_forward(Model* model, floatX* sum, floatX* out, real* stats, const floatX* x, float x_scale,
+                                  const floatX* branch, const floatX* weight, const floatX* bias) {
     const ModelConfig& c = model->config;
     if (c.norm_type == NORM_RMSNORM) {
         LAYER(residual_rmsnorm_forward, sum, out, stats, x, x_scale, branch, weight, model->B * model->T, c.channels,
@@ -785,34 +944,36 @@ inline void residual_norm_forward(Model* model, real* sum, real* out, real* stat
 }
 
 // Where a norm writes and what it multiplies by: norm_forward's arguments other than its input.
+template <typename floatX>
 struct NormTarget {
-    real* out;
+    floatX* out;
     real* stats;
-    const real* weight;
-    const real* bias;
+    const floatX* weight;
+    const floatX* bias;
 };
 
 // The norm that first reads the stream y = h + MLP(...) a branch-norm layer l outputs, if one
 // does: the N1 of the next layer that runs (the skipped layer, if any, is passed over) when that
 // layer normalises its input, or the final norm after the last layer. A post or deepnorm layer
 // takes y as it is: false.
-inline bool next_stream_norm(const Model* model, int l, NormTarget* norm) {
+template <typename floatX>
+inline bool next_stream_norm(const Model* model, const ActivationTensorsOf<floatX>& a, const ParameterTensorsOf<floatX>& p,
+                             int l, NormTarget<floatX>* norm) {
     const ModelConfig& c = model->config;
     int next = l + 1;
     if (next == model->skip_layer) next++;
     if (next == c.num_layers) {
-        *norm = {model->acts.final_norm, model->acts.final_norm_stats, model->params.final_norm, model->params.final_norm_bias};
+        *norm = {a.final_norm, a.final_norm_stats, p.final_norm, p.final_norm_bias};
         return true;
     }
     if (norm_after_residual(c.norm_layers[next])) return false;
-    LayerActivations la = layer_activations(model->acts, c, model->B, model->T, next);
-    LayerWeights w = layer_weights(model->params, c, next);
+    LayerActivations<floatX> la = layer_activations(a, c, model->B, model->T, next);
+    LayerWeightsOf<floatX> w = layer_weights(p, c, next);
     *norm = {la.attn_norm, la.attn_norm_stats, w.attn_norm, w.attn_norm_bias};
     return true;
 }
 
-// Runs the model on inputs (B, T); with targets (B, T) it also computes the per-position losses
-// and model->mean_loss. Token ids must be in [0, V).
+// The forward pass in one storage type (model_forward below picks it).
 //
 // Every residual add that a norm of its sum follows runs fused with that norm
 // (residual_norm_forward: one pass per row under RMSNorm), in the two shapes of the top of this
@@ -830,22 +991,18 @@ inline bool next_stream_norm(const Model* model, int l, NormTarget* norm) {
 // Backward needs no change: the sums are saved in the same buffers as before, the statistics in
 // the same places, and the residual add's own backward is nothing but each norm's backward
 // accumulating into the stream's gradient, as it already does (model_backward).
-inline void model_forward(Model* model, const int* inputs, const int* targets) {
+// floatX: the storage type of the weights the kernels read and of the activations (model_forward).
+template <typename floatX>
+inline void model_forward_typed(Model* model, bool with_targets) {
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, F = c.ffn_channels,
               V = c.vocab_size, hs = C / NH, BT = B * T;
     const size_t stream_size = (size_t)BT * C;
-    ParameterTensors& p = model->params;
-    ActivationTensors& a = model->acts;
-    for (int i = 0; i < BT; i++) {
-        if (inputs[i] < 0 || inputs[i] >= V) fail("input token %d at position %d is outside the vocabulary [0, %d)", inputs[i], i, V);
-        if (targets && (targets[i] < 0 || targets[i] >= V)) fail("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
-    }
-    model_copy_in(model, model->inputs, inputs, (size_t)BT * sizeof(int));
-    if (targets) model_copy_in(model, model->targets, targets, (size_t)BT * sizeof(int));
+    const ParameterTensorsOf<floatX> p = model_weights<floatX>(model);
+    const ActivationTensorsOf<floatX> a = model_activations<floatX>(model);
 
     LAYER(embedding_forward, a.embedded, model->inputs, p.embed_tokens, BT, C);
-    const real* residual = a.embedded;   // (B, T, C) the stream entering layer l
+    const floatX* residual = a.embedded;   // (B, T, C) the stream entering layer l
     bool stream_normed = false;          // its next norm (layer l's N1, or the final norm) already ran, fused with its add
     for (int l = 0; l < c.num_layers; l++) {
         if (l == model->skip_layer) continue;   // its input goes straight on to the next layer
@@ -853,11 +1010,11 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         const bool after_residual = norm_after_residual(kind);
         const bool peri = kind == NORM_PERI;
         const float output_scale = norm_output_scale(c, l), stream_scale = residual_scale(c, l);
-        LayerWeights w = layer_weights(p, c, l);
-        LayerActivations la = layer_activations(a, c, B, T, l);
+        LayerWeightsOf<floatX> w = layer_weights(p, c, l);
+        LayerActivations<floatX> la = layer_activations(a, c, B, T, l);
 
         // attention sublayer: a branch norm normalises its input; post/deepnorm take the stream as it is
-        const real* attn_input = residual;
+        const floatX* attn_input = residual;
         if (!after_residual) {
             if (!stream_normed) norm_forward(model, la.attn_norm, la.attn_norm_stats, residual, w.attn_norm, w.attn_norm_bias);
             if (output_scale != 1.0f) LAYER(scale_forward, la.attn_norm, la.attn_norm, output_scale, stream_size);
@@ -881,8 +1038,8 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         // the attention's residual add, fused with the norm of its sum. Post/deepnorm: h = N1(a*x + attn)
         // is the new stream, and the MLP adds onto it; the branch norms: the sum is h, the stream,
         // and N2(h) only the MLP's input
-        const real* mlp_stream;   // h, what the MLP output is added to
-        const real* mlp_input;
+        const floatX* mlp_stream;   // h, what the MLP output is added to
+        const floatX* mlp_input;
         if (after_residual) {
             residual_norm_forward(model, la.attn_resid, la.attn_norm, la.attn_norm_stats, residual, stream_scale,
                                   la.attn_resid, w.attn_norm, w.attn_norm_bias);
@@ -905,12 +1062,12 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         }
         // the MLP's residual add: y = N2(a*h + mlp) for post/deepnorm; for the branch norms
         // y = h + mlp, fused with the next norm that reads y where there is one
-        NormTarget next;
+        NormTarget<floatX> next;
         stream_normed = false;
         if (after_residual) {
             residual_norm_forward(model, la.mlp_resid, la.mlp_norm, la.mlp_norm_stats, mlp_stream, stream_scale,
                                   la.mlp_resid, w.mlp_norm, w.mlp_norm_bias);
-        } else if (next_stream_norm(model, l, &next)) {
+        } else if (next_stream_norm(model, a, p, l, &next)) {
             residual_norm_forward(model, la.mlp_resid, next.out, next.stats, mlp_stream, stream_scale, la.mlp_resid,
                                   next.weight, next.bias);
             stream_normed = true;
@@ -922,7 +1079,7 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
 
     if (!stream_normed) norm_forward(model, a.final_norm, a.final_norm_stats, residual, p.final_norm, p.final_norm_bias);
     LAYER(matmul_forward, a.logits, a.final_norm, p.lm_head, BT, C, V);
-    if (targets) {
+    if (with_targets) {
         LAYER(crossentropy_forward, a.losses, a.logits, model->targets, BT, V);
         model_copy_out(model, model->host_losses, a.losses, (size_t)BT * sizeof(real));
         double sum = 0.0;
@@ -935,25 +1092,42 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
     }
 }
 
+// Runs the model on inputs (B, T); with targets (B, T) it also computes the per-position losses
+// and model->mean_loss. Token ids must be in [0, V).
+inline void model_forward(Model* model, const int* inputs, const int* targets) {
+    const int BT = model->B * model->T, V = model->config.vocab_size;
+    for (int i = 0; i < BT; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V) fail("input token %d at position %d is outside the vocabulary [0, %d)", inputs[i], i, V);
+        if (targets && (targets[i] < 0 || targets[i] >= V)) fail("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
+    }
+    model_copy_in(model, model->inputs, inputs, (size_t)BT * sizeof(int));
+    if (targets) model_copy_in(model, model->targets, targets, (size_t)BT * sizeof(int));
+#ifdef MIXLN_HAS_BF16
+    if (model->precision != PRECISION_FP32) return model_forward_typed<bf16>(model, targets != nullptr);
+#endif
+    model_forward_typed<real>(model, targets != nullptr);
+}
+
 // ----------------------------------------------------------------------------
 // backward
 
 inline void model_zero_grad(Model* model) {
-    model_zero(model, model->grads_memory, model->num_parameters * sizeof(real));
+    model_zero(model, model->grads_memory, model->num_parameters * param_bytes(model->precision));
 }
 
 // The attention sublayer's backward: dout (B, T, C) is the gradient of o_proj's output; the
-// gradient of attn_input (B, T, C) is accumulated into dinp. dinp may be dout itself: dout is
-// consumed by the first step, dinp written by the last.
-inline void attention_sublayer_backward(Model* model, real* dinp, const real* dout, const real* attn_input,
-                                        const LayerWeights& w, const LayerWeights& g,
-                                        const LayerActivations& la) {
+// gradient of attn_input (B, T, C) goes into dinp = dinp_scale * dinp + that gradient (rounded
+// once, by the last matmul). dinp may be dout itself: dout is consumed by the first step, dinp
+// written by the last.
+template <typename floatX, typename gradX>
+inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<floatX>& a, floatX* dinp, float dinp_scale,
+                                        const floatX* dout, const floatX* attn_input, const LayerWeightsOf<floatX>& w,
+                                        const LayerWeightsOf<gradX>& g, const LayerActivations<floatX>& la) {
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
-    ActivationTensors& a = model->acts;
-    model_zero(model, a.datty, (size_t)BT * C * sizeof(real));
-    LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C);
-    model_zero(model, a.dqkv, (size_t)BT * 3 * C * sizeof(real));
+    model_zero(model, a.datty, (size_t)BT * C * sizeof(floatX));
+    LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 1.0f);
+    model_zero(model, a.dqkv, (size_t)BT * 3 * C * sizeof(floatX));
 #ifdef MIXLN_CUDA
     if (model->on_gpu && model->fused_attention) {
         attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.atty, la.lse, B, T, NH, C / NH, model->stream);
@@ -961,44 +1135,44 @@ inline void attention_sublayer_backward(Model* model, real* dinp, const real* do
 #endif
     LAYER(attention_backward, a.dqkv, a.datt_scratch, a.datty, la.qkv, la.att, B, T, NH, C / NH);
     LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
-    LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C);
+    LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C, dinp_scale);
 }
 
 // The MLP sublayer's backward: dout (B, T, C) is the gradient of down_proj's output; the gradient
-// of mlp_input (B, T, C) is accumulated into dinp (which may be dout, as above).
-inline void mlp_sublayer_backward(Model* model, real* dinp, const real* dout, const real* mlp_input,
-                                  const LayerWeights& w, const LayerWeights& g,
-                                  const LayerActivations& la) {
+// of mlp_input (B, T, C) goes into dinp = dinp_scale * dinp + that gradient (dinp may be dout, as
+// above).
+template <typename floatX, typename gradX>
+inline void mlp_sublayer_backward(Model* model, const ActivationTensorsOf<floatX>& a, floatX* dinp, float dinp_scale,
+                                  const floatX* dout, const floatX* mlp_input, const LayerWeightsOf<floatX>& w,
+                                  const LayerWeightsOf<gradX>& g, const LayerActivations<floatX>& la) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels, F = c.ffn_channels;
-    ActivationTensors& a = model->acts;
-    model_zero(model, a.dswiglu, (size_t)BT * F * sizeof(real));
-    LAYER(matmul_backward, a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C);
-    model_zero(model, a.dgate_up, (size_t)BT * 2 * F * sizeof(real));
+    model_zero(model, a.dswiglu, (size_t)BT * F * sizeof(floatX));
+    LAYER(matmul_backward, a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C, 1.0f);
+    model_zero(model, a.dgate_up, (size_t)BT * 2 * F * sizeof(floatX));
     LAYER(swiglu_backward, a.dgate_up, a.dswiglu, la.gate_up, BT, F);
-    LAYER(matmul_backward, dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F);
+    LAYER(matmul_backward, dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F, dinp_scale);
 }
 
-// Accumulates loss_scale times the gradient of the mean loss of the last forward pass (which
-// must have had targets) into model->grads. Call model_zero_grad first unless accumulating:
-// with K micro-batches per step, each one's backward with loss_scale 1/K sums to the gradient
-// of the mean loss over all K*B*T positions.
-inline void model_backward(Model* model, float loss_scale = 1.0f) {
-    if (!model->backward_ready) fail("model_backward needs a forward pass with targets (and no skipped layer) first");
+// The backward pass in one set of storage types (model_backward below picks them).
+// floatX: the storage type of the activations and of the weights the kernels read; gradX: of the
+// weight gradients (model_backward below picks them).
+template <typename floatX, typename gradX>
+inline void model_backward_typed(Model* model, float loss_scale) {
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, V = c.vocab_size, BT = B * T;
-    ParameterTensors& p = model->params;
-    ParameterTensors& g = model->grads;
-    ActivationTensors& a = model->acts;
-    const size_t stream_size = (size_t)BT * C, stream_bytes = stream_size * sizeof(real);
+    const ParameterTensorsOf<floatX> p = model_weights<floatX>(model);
+    const ParameterTensorsOf<gradX> g = model_grads<gradX>(model);
+    const ActivationTensorsOf<floatX> a = model_activations<floatX>(model);
+    const size_t stream_size = (size_t)BT * C, stream_bytes = stream_size * sizeof(floatX);
 
     // loss = mean over positions, so each position's loss has gradient loss_scale/BT; the
     // logits turn into their gradient in place
-    real* dlogits = a.logits;
+    floatX* dlogits = a.logits;
     LAYER(crossentropy_backward, dlogits, a.logits, model->targets, (real)(loss_scale / (double)BT), BT, V);
-    const real* last_output = layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1);
+    const floatX* last_output = layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1);
     model_zero(model, a.dnorm, stream_bytes);
-    LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V);
+    LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V, 1.0f);
     model_zero(model, a.dresidual, stream_bytes);
     norm_backward(model, a.dresidual, g.final_norm, g.final_norm_bias, a.dnorm, last_output, p.final_norm, a.final_norm_stats);
 
@@ -1008,25 +1182,24 @@ inline void model_backward(Model* model, float loss_scale = 1.0f) {
         const NormKind kind = c.norm_layers[l];
         const bool peri = kind == NORM_PERI;
         const float output_scale = norm_output_scale(c, l), stream_scale = residual_scale(c, l);
-        LayerWeights w = layer_weights(p, c, l);
-        LayerWeights gw = layer_weights(g, c, l);
-        LayerActivations la = layer_activations(a, c, B, T, l);
-        const real* layer_input = l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
+        LayerWeightsOf<floatX> w = layer_weights(p, c, l);
+        LayerWeightsOf<gradX> gw = layer_weights(g, c, l);
+        LayerActivations<floatX> la = layer_activations(a, c, B, T, l);
+        const floatX* layer_input = l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
         if (norm_after_residual(kind)) {
-            // y = N2(s2), s2 = a*h + mlp(h): dnorm = d(s2); d(h) = a*d(s2) + the MLP path
+            // y = N2(s2), s2 = a*h + mlp(h): dnorm = d(s2), then d(h) = a*d(s2) + the MLP path, in
+            // place: the MLP's last product adds its input gradient to a * dnorm (one rounding)
             model_zero(model, a.dnorm, stream_bytes);
             norm_backward(model, a.dnorm, gw.mlp_norm, gw.mlp_norm_bias, a.dresidual, la.mlp_resid, w.mlp_norm, la.mlp_norm_stats);
-            LAYER(scale_forward, a.dresidual, a.dnorm, stream_scale, stream_size);
-            mlp_sublayer_backward(model, a.dresidual, a.dnorm, la.attn_norm, w, gw, la);
-            // h = N1(s1), s1 = a*x + attn(x): likewise -> d(x)
-            model_zero(model, a.dnorm, stream_bytes);
-            norm_backward(model, a.dnorm, gw.attn_norm, gw.attn_norm_bias, a.dresidual, la.attn_resid, w.attn_norm, la.attn_norm_stats);
-            LAYER(scale_forward, a.dresidual, a.dnorm, stream_scale, stream_size);
-            attention_sublayer_backward(model, a.dresidual, a.dnorm, layer_input, w, gw, la);
+            mlp_sublayer_backward(model, a, a.dnorm, stream_scale, a.dnorm, la.attn_norm, w, gw, la);
+            // h = N1(s1), s1 = a*x + attn(x): likewise, dresidual = d(s1) -> d(x)
+            model_zero(model, a.dresidual, stream_bytes);
+            norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, la.attn_resid, w.attn_norm, la.attn_norm_stats);
+            attention_sublayer_backward(model, a, a.dresidual, stream_scale, a.dresidual, layer_input, w, gw, la);
         } else {
             // y = h + N2o(m), m = mlp(s * N2(h)): the skip passes dresidual through; the branch
             // (N2o's backward for peri, the MLP, the scale s for lns, N2) adds onto it -> d(h)
-            const real* dmlp_out = a.dresidual;   // gradient of down_proj's output
+            const floatX* dmlp_out = a.dresidual;   // gradient of down_proj's output
             if (peri) {
                 model_zero(model, a.dbranch, stream_bytes);
                 norm_backward(model, a.dbranch, gw.mlp_out_norm, gw.mlp_out_norm_bias, a.dresidual, la.mlp_branch,
@@ -1034,11 +1207,11 @@ inline void model_backward(Model* model, float loss_scale = 1.0f) {
                 dmlp_out = a.dbranch;
             }
             model_zero(model, a.dnorm, stream_bytes);
-            mlp_sublayer_backward(model, a.dnorm, dmlp_out, la.mlp_norm, w, gw, la);
+            mlp_sublayer_backward(model, a, a.dnorm, 1.0f, dmlp_out, la.mlp_norm, w, gw, la);
             if (output_scale != 1.0f) LAYER(scale_forward, a.dnorm, a.dnorm, output_scale, stream_size);
             norm_backward(model, a.dresidual, gw.mlp_norm, gw.mlp_norm_bias, a.dnorm, la.attn_resid, w.mlp_norm, la.mlp_norm_stats);
             // h = x + N1o(o), o = attn(s * N1(x)): likewise -> d(x)
-            const real* dattn_out = a.dresidual;   // gradient of o_proj's output
+            const floatX* dattn_out = a.dresidual;   // gradient of o_proj's output
             if (peri) {
                 model_zero(model, a.dbranch, stream_bytes);
                 norm_backward(model, a.dbranch, gw.attn_out_norm, gw.attn_out_norm_bias, a.dresidual, la.attn_branch,
@@ -1046,62 +1219,88 @@ inline void model_backward(Model* model, float loss_scale = 1.0f) {
                 dattn_out = a.dbranch;
             }
             model_zero(model, a.dnorm, stream_bytes);
-            attention_sublayer_backward(model, a.dnorm, dattn_out, la.attn_norm, w, gw, la);
+            attention_sublayer_backward(model, a, a.dnorm, 1.0f, dattn_out, la.attn_norm, w, gw, la);
             if (output_scale != 1.0f) LAYER(scale_forward, a.dnorm, a.dnorm, output_scale, stream_size);
             norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, layer_input, w.attn_norm, la.attn_norm_stats);
         }
     }
     LAYER(embedding_backward, g.embed_tokens, a.dresidual, model->inputs, BT, C);
+}
+
+// Accumulates loss_scale times the gradient of the mean loss of the last forward pass (which
+// must have had targets) into the model's gradients. Call model_zero_grad first unless
+// accumulating: with K micro-batches per step, each one's backward with loss_scale 1/K sums to
+// the gradient of the mean loss over all K*B*T positions.
+inline void model_backward(Model* model, float loss_scale = 1.0f) {
+    if (!model->backward_ready) fail("model_backward needs a forward pass with targets (and no skipped layer) first");
+#ifdef MIXLN_HAS_BF16
+    if (model->precision == PRECISION_BF16) model_backward_typed<bf16, float>(model, loss_scale);
+    if (model->precision == PRECISION_BF16_PURE) model_backward_typed<bf16, bf16>(model, loss_scale);
+#endif
+    if (model->precision == PRECISION_FP32) model_backward_typed<real, real>(model, loss_scale);
     model->backward_ready = false;   // the logits now hold their gradient: backward cannot run twice
 }
 
 // ----------------------------------------------------------------------------
 // update
 
-// L2 norm of all gradients together.
-inline double model_grad_norm(const Model* model) {
+// The squared L2 norm of n gradient values at grads (model memory): summed in float on the GPU
+// (global_norm.cuh), in double on the CPU.
+template <typename gradX>
+inline double grads_norm_squared(const Model* model, const gradX* grads, size_t n) {
 #ifdef MIXLN_CUDA
     if (model->on_gpu) {
-        global_norm_squared(model->norm_squared, model->norm_partials, model->grads_memory, model->num_parameters,
-                            model->stream);
+        global_norm_squared(model->norm_squared, model->norm_partials, grads, n, model->stream);
         float norm_squared = 0.0f;
         model_copy_out(model, &norm_squared, model->norm_squared, sizeof(float));
-        return sqrt((double)norm_squared);
+        return (double)norm_squared;
     }
 #endif
-    return global_norm_cpu(model->grads_memory, model->num_parameters);
+    (void)model;
+    double norm = global_norm_cpu(grads, n);
+    return norm * norm;
+}
+
+// L2 norm of all gradients together.
+inline double model_grad_norm(const Model* model) {
+#ifdef MIXLN_HAS_BF16
+    if (model->precision == PRECISION_BF16_PURE) {
+        return sqrt(grads_norm_squared(model, (const bf16*)model->grads_memory, model->num_parameters));
+    }
+#endif
+    if (!model->on_gpu) return global_norm_cpu((const real*)model->grads_memory, model->num_parameters);
+    return sqrt(grads_norm_squared(model, (const real*)model->grads_memory, model->num_parameters));
 }
 
 // L2 norm of the gradient of each decoder layer's parameters taken together (its norms and
 // six projections), the paper's per-layer gradient diagnostic. (L) values.
-inline std::vector<double> model_layer_grad_norms(const Model* model) {
+template <typename gradX>
+inline std::vector<double> model_layer_grad_norms_typed(const Model* model) {
     const ModelConfig& c = model->config;
     size_t C = c.channels, F = c.ffn_channels;
+    const ParameterTensorsOf<gradX> grads = model_grads<gradX>(model);
     std::vector<double> norms;
     for (int l = 0; l < c.num_layers; l++) {
-        LayerWeights g = layer_weights(model->grads, c, l);
-        const real* slices[12] = {g.attn_norm,    g.attn_norm_bias, g.attn_out_norm,    g.attn_out_norm_bias,
-                                  g.qkv_proj,     g.o_proj,         g.mlp_norm,         g.mlp_norm_bias,
-                                  g.mlp_out_norm, g.mlp_out_norm_bias, g.gate_up_proj,  g.down_proj};
+        LayerWeightsOf<gradX> g = layer_weights(grads, c, l);
+        const gradX* slices[12] = {g.attn_norm,    g.attn_norm_bias, g.attn_out_norm,    g.attn_out_norm_bias,
+                                   g.qkv_proj,     g.o_proj,         g.mlp_norm,         g.mlp_norm_bias,
+                                   g.mlp_out_norm, g.mlp_out_norm_bias, g.gate_up_proj,  g.down_proj};
         size_t sizes[12] = {C, C, C, C, 3 * C * C, C * C, C, C, C, C, 2 * F * C, C * F};
         double sum_squares = 0.0;
         for (int i = 0; i < 12; i++) {
             if (slices[i] == nullptr) continue;   // a norm or bias this layer does not have
-#ifdef MIXLN_CUDA
-            if (model->on_gpu) {
-                global_norm_squared(model->norm_squared, model->norm_partials, slices[i], sizes[i], model->stream);
-                float part = 0.0f;
-                model_copy_out(model, &part, model->norm_squared, sizeof(float));
-                sum_squares += part;
-                continue;
-            }
-#endif
-            double norm = global_norm_cpu(slices[i], sizes[i]);
-            sum_squares += norm * norm;
+            sum_squares += grads_norm_squared(model, slices[i], sizes[i]);
         }
         norms.push_back(sqrt(sum_squares));
     }
     return norms;
+}
+
+inline std::vector<double> model_layer_grad_norms(const Model* model) {
+#ifdef MIXLN_HAS_BF16
+    if (model->precision == PRECISION_BF16_PURE) return model_layer_grad_norms_typed<bf16>(model);
+#endif
+    return model_layer_grad_norms_typed<real>(model);
 }
 
 // The factor clipping multiplies the gradients by: clip / (norm + 1e-6) when the norm exceeds
@@ -1112,12 +1311,35 @@ inline float grad_clip_scale(double grad_norm, float clip) {
     return scale < 1.0 ? (float)scale : 1.0f;
 }
 
-// One AdamW step over every parameter with the gradients multiplied by grad_scale.
+// bf16: the kernels read a bf16 copy of the fp32 weights; this makes it anew (after every
+// update, and whenever the weights are filled from the host). A no-op in the other precisions.
+inline void model_refresh_weights_copy(Model* model) {
+#ifdef MIXLN_HAS_BF16
+    if (model->precision == PRECISION_BF16) {
+        LAYER(cast_copy, (bf16*)model->weights_copy, (const float*)model->params_memory, model->num_parameters);
+    }
+#else
+    (void)model;
+#endif
+}
+
+// One AdamW step over every parameter with the gradients multiplied by grad_scale: on the fp32
+// weights and moments (then the bf16 copy is refreshed, under bf16), or on bf16 weights and
+// moments under bf16-pure, computed in fp32 and rounded once per stored value.
 inline void model_update(Model* model, float lr, float beta1, float beta2, float eps,
                          float weight_decay, float grad_scale) {
     model->adam_step += 1;
-    LAYER(adamw_update, model->params_memory, model->adam_m, model->adam_v, model->grads_memory,
-          model->num_parameters, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale);
+    const size_t n = model->num_parameters;
+#ifdef MIXLN_HAS_BF16
+    if (model->precision == PRECISION_BF16_PURE) {
+        LAYER(adamw_update, (bf16*)model->params_memory, (bf16*)model->adam_m, (bf16*)model->adam_v,
+              (const bf16*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale);
+        return;
+    }
+#endif
+    LAYER(adamw_update, (real*)model->params_memory, (real*)model->adam_m, (real*)model->adam_v,
+          (const real*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale);
+    model_refresh_weights_copy(model);
 }
 
 // The paper's schedule (GaLore's): linear warmup from 0, then cosine from lr_max down to

@@ -135,7 +135,9 @@ static void print_help() {
     printf("  --device auto|cpu|cuda where to run (default %s; auto stays on the CPU until the CUDA backend is verified)\n", d.device.c_str());
     printf("  --attention simple|fused  on the GPU: attention with its probabilities stored, or the fused\n");
     printf("                         flash-style kernels (default %s)\n", d.attention.c_str());
-    printf("  --precision fp32|bf16  number format (default %s; bf16 is not implemented yet)\n", d.precision.c_str());
+    printf("  --precision fp32|bf16|bf16-pure  number format (default %s). bf16: bf16 activations and weight copy,\n"
+           "                         fp32 master weights, gradients and AdamW state; bf16-pure: all bf16, as the paper\n"
+           "                         trained. GPU only; every kernel computes in fp32 (model.h: Precision)\n", d.precision.c_str());
     printf("  --init-from DIR        start from a checkpoint's weights (its config.json sets the model)\n");
     printf("  --out DIR              write DIR/log.jsonl while training and the checkpoint at the end\n");
     printf("  --layer-grads-every N  log each layer's gradient norm every N steps (default 0: off)\n");
@@ -267,7 +269,9 @@ static Args parse_args(int argc, char** argv) {
     if (!(a.grad_clip >= 0.0f)) fail("--grad-clip must be at least 0, got %g", a.grad_clip);
     if (!(a.embed_std > 0.0f)) fail("--embed-std must be positive, got %g", a.embed_std);
     if (a.device != "auto" && a.device != "cpu" && a.device != "cuda") fail("--device must be auto, cpu or cuda, got '%s'", a.device.c_str());
-    if (a.precision != "fp32" && a.precision != "bf16") fail("--precision must be fp32 or bf16, got '%s'", a.precision.c_str());
+    if (a.precision != "fp32" && a.precision != "bf16" && a.precision != "bf16-pure") {
+        fail("--precision must be fp32, bf16 or bf16-pure, got '%s'", a.precision.c_str());
+    }
     if (a.attention != "simple" && a.attention != "fused") fail("--attention must be simple or fused, got '%s'", a.attention.c_str());
     return a;
 }
@@ -402,6 +406,7 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--min-lr-ratio", number_text(a.min_lr_ratio), false},
             {"--weight-decay", number_text(a.weight_decay), false},
             {"--grad-clip", number_text(a.grad_clip), false},
+            {"--precision", a.precision, false},
             {"--val-data", a.val_data, true},
             {"--val-every", std::to_string(a.val_every), true},
             {"--val-batches", std::to_string(a.val_batches), true},
@@ -427,11 +432,15 @@ static void apply_saved_settings(Args* a, const std::string& settings_json, cons
     std::vector<std::string> argv_like;
     for (const RunSetting& s : run_settings(*a)) {
         const JsonValue* v = saved.get(s.flag);
+        JsonValue fp32;   // states saved before --precision existed trained in fp32
+        fp32.type = JsonValue::String;
+        fp32.string = "fp32";
+        if (v == nullptr && std::string(s.flag) == "--precision") v = &fp32;
         if (v == nullptr || v->type != JsonValue::String) fail("the training state in '%s' has no setting %s", dir.c_str(), s.flag);
         bool given = std::find(a->given.begin(), a->given.end(), s.flag) != a->given.end();
         // numbers compare as the floats they parse to (the text is %.9g, which round-trips)
         if (given && s.may_change) continue;   // the new value holds
-        bool numeric = std::string(s.flag) != "--train-data";
+        bool numeric = std::string(s.flag) != "--train-data" && std::string(s.flag) != "--precision";
         bool same = numeric ? strtof(v->string.c_str(), nullptr) == strtof(s.value.c_str(), nullptr) : v->string == s.value;
         if (given && !same) {
             fail("--resume '%s': %s %s differs from the saved run's %s (a resumed run keeps its settings)", dir.c_str(),
@@ -455,6 +464,7 @@ static void apply_saved_settings(Args* a, const std::string& settings_json, cons
         else if (flag == "--min-lr-ratio") a->min_lr_ratio = parse_float("--min-lr-ratio", v);
         else if (flag == "--weight-decay") a->weight_decay = parse_float("--weight-decay", v);
         else if (flag == "--grad-clip") a->grad_clip = parse_float("--grad-clip", v);
+        else if (flag == "--precision") a->precision = v;
         else if (flag == "--val-data") a->val_data = v;
         else if (flag == "--val-every") a->val_every = parse_int("--val-every", v);
         else if (flag == "--val-batches") a->val_batches = parse_int("--val-batches", v);
@@ -496,20 +506,22 @@ static FILE* open_log(const std::string& dir, bool resuming, int resume_step) {
 // Decides where the run goes and says so. --device auto stays on the CPU for now even where a GPU
 // is present: the CUDA backend passes its tests under CPU emulation, but has not yet been checked
 // on hardware (dev/PERF.md); --device cuda uses it.
-// The device's peak rate for this build's arithmetic (fp32 on CUDA cores; cuBLASLt is asked for
-// exact fp32, no TF32), in FLOP/s, where it is known from the data sheet; 0 elsewhere (CPUs vary
-// too much to guess). Used for the model FLOPs utilisation in the progress line.
-static double peak_flops(bool on_gpu) {
+// The device's peak rate for the run's matmul arithmetic, in FLOP/s, where it is known from the
+// data sheet: fp32 on CUDA cores (cuBLASLt is asked for exact fp32, no TF32), or dense bf16 on
+// tensor cores; 0 elsewhere (CPUs vary too much to guess). Used for the model FLOPs utilisation
+// in the progress line.
+static double peak_flops(bool on_gpu, bool bf16_matmuls) {
 #ifdef __CUDACC__
     if (on_gpu) {
         cudaDeviceProp prop;
         CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
         std::string name = prop.name;
-        if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) return 67e12;
-        if (name.find("A100") != std::string::npos) return 19.5e12;
+        if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) return bf16_matmuls ? 989e12 : 67e12;
+        if (name.find("A100") != std::string::npos) return bf16_matmuls ? 312e12 : 19.5e12;
     }
 #endif
     (void)on_gpu;
+    (void)bf16_matmuls;
     return 0.0;
 }
 
@@ -538,7 +550,6 @@ static bool choose_device(const Args& a) {
         cudaGetLastError();   // clear the error a machine without a driver leaves behind
     }
 #endif
-    if (a.precision == "bf16") fail("--precision bf16 is not implemented yet; this version trains in fp32");
     if (a.device == "cuda") {
 #ifndef __CUDACC__
         fail("--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");
@@ -605,7 +616,7 @@ static std::vector<int> generate(Model* model, std::vector<int> text, int n, flo
         int start = text.size() > (size_t)T ? (int)text.size() - T : 0, length = (int)text.size() - start;
         for (int t = 0; t < T; t++) window[t] = t < length ? text[start + t] : 0;
         model_forward(model, window.data(), nullptr);
-        model_copy_out(model, logits.data(), model->acts.logits + (size_t)(length - 1) * V, V * sizeof(real));
+        logits = model_activations_to_host(model, [](const auto& a) { return a.logits; }, (size_t)(length - 1) * V, V);
         // softmax over the top_k largest logits at the temperature
         for (int v = 0; v < V; v++) order[v] = v;
         int k = top_k > 0 && top_k < V ? top_k : V;
@@ -689,7 +700,11 @@ int main(int argc, char** argv) {
     if (have_val) dataloader_init(&val_loader, args.val_data.c_str(), B, T, config.vocab_size);
 
     Model model;
-    model_build(&model, config, B, T, on_gpu);
+    Precision precision = args.precision == "bf16" ? PRECISION_BF16 : args.precision == "bf16-pure" ? PRECISION_BF16_PURE : PRECISION_FP32;
+    if (precision != PRECISION_FP32 && !on_gpu) {
+        fail("--precision %s runs on the GPU only (--device cuda); the CPU backend computes in fp32", args.precision.c_str());
+    }
+    model_build(&model, config, B, T, on_gpu, precision);
     model.fused_attention = args.attention == "fused";
     if (model.fused_attention && !on_gpu) fail("--attention fused needs --device cuda (the CPU has one attention)");
     TrainingState state;
@@ -712,11 +727,14 @@ int main(int argc, char** argv) {
     if (post_ln_layers > 0 && post_ln_layers < config.num_layers) {
         placement = "Mix-LN " + placement + " (alpha " + number_text_short(number_text(config.mixln_alpha)) + ")";
     }
-    printf("model: L=%d C=%d heads=%d F=%d V=%d | %s, %s | %.2fM parameters\n", config.num_layers, config.channels,
+    printf("model: L=%d C=%d heads=%d F=%d V=%d | %s, %s, %s | %.2fM parameters\n", config.num_layers, config.channels,
            config.num_heads, config.ffn_channels, config.vocab_size, placement.c_str(), norm_type_name(config.norm_type),
-           model.num_parameters / 1e6);
-    printf("memory: parameters + gradients + AdamW %.1f MiB, activations %.1f MiB (B=%d, T=%d)\n",
-           4.0 * model.num_parameters * sizeof(real) / 1048576.0, model.num_activations * sizeof(real) / 1048576.0, B, T);
+           precision_name(precision), model.num_parameters / 1e6);
+    double parameter_state_bytes = 4.0 * model.num_parameters * param_bytes(precision) +
+                                   (model.weights_copy ? model.num_parameters * storage_bytes(precision) : 0.0);
+    printf("memory: parameters + gradients + AdamW%s %.1f MiB, activations %.1f MiB (B=%d, T=%d)\n",
+           model.weights_copy ? " + bf16 weight copy" : "", parameter_state_bytes / 1048576.0,
+           model.activation_bytes / 1048576.0, B, T);
 
     if (args.sample > 0) {
         std::vector<int> ids = generate(&model, prompt, args.sample, args.temperature, args.top_k, args.seed);
@@ -777,7 +795,7 @@ int main(int argc, char** argv) {
     // the training loop; step s uses the schedule's lr(s), so with warmup step 0 has lr 0
     const int K = args.grad_accum;
     int last_step = args.stop_at > 0 && args.stop_at < args.steps ? args.stop_at : args.steps;
-    const double peak = peak_flops(on_gpu), flops_per_token = model_flops_per_token(config, T);
+    const double peak = peak_flops(on_gpu, args.precision != "fp32"), flops_per_token = model_flops_per_token(config, T);
     double run_seconds = 0.0;   // for the time left
     for (int step = state.step; step < last_step; step++) {
         auto start = std::chrono::steady_clock::now();

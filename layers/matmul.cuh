@@ -7,7 +7,7 @@ The CPU reference is one small blocked GEMM, C (M, N) += A (M, K) @ B (K, N), wh
 read through strides, so a transposed operand costs nothing extra to express. The three products
 a linear layer needs are the same GEMM with different strides:
     forward       out   (N, OC)  = inp  (N, IC)  @ weight^T (IC, OC)
-    backward      dinp  (N, IC) += dout (N, OC)  @ weight   (OC, IC)
+    backward      dinp  (N, IC)  = dinp_scale * dinp + dout (N, OC) @ weight (OC, IC)
                   dweight (OC, IC) += dout^T (OC, N) @ inp  (N, IC)
 The GEMM copies blocks of A and B into small contiguous panels ("packing") so that the inner
 kernel reads memory in order and keeps a MR x NR tile of C in registers; this is the classic
@@ -17,15 +17,19 @@ Storage types. inp, weight, dout, out and dinp are T (float, double in the CPU-o
 bf16); dweight is G (float, or bf16 in --precision bf16-pure). The arithmetic is always in real
 (the GPU: fp32 accumulation), and each output is rounded ONCE, where it is stored:
     out     = round(inp @ weight^T)
-    dinp    = round(dinp_old + dout @ weight)         (the sum of products first, then + old)
+    dinp    = round(dinp_scale * dinp_old + dout @ weight)   (the sum of products first, then + old)
     dweight = round(dweight_old + dout^T @ inp)
-which is what cuBLASLt computes with fp32 compute type, alpha = 1 and beta = 0 or 1:
+which is what cuBLASLt computes with fp32 compute type, alpha = 1 and beta = 0, 1 or dinp_scale:
 D = round_D(alpha * sum + beta * C), in fp32 up to the final conversion to D's type. The CPU twin
 converts bf16 operands to real while it packs them (the packing copies them anyway, so this costs
 no extra pass), sums in real into a zeroed real buffer and rounds into the bf16 output. When the
 output type is real itself the GEMM accumulates straight into the output, as it always did (the
 old value is then where the sum starts rather than added at the end: a difference of fp32
 rounding only, and no copy on the fp32 path).
+
+dinp_scale is 1 except where a residual stream scaled by DeepNorm's a meets its branch: there
+d(h) = a * d(s) + (the branch's input gradient), and passing a here sums the two in fp32 and
+rounds once (model_backward), where scaling d(s) into the buffer first would round twice.
 */
 #pragma once
 
@@ -132,15 +136,20 @@ inline void gemm_accumulate_cpu(real* C, const S* A, size_t a_row, size_t a_col,
     }
 }
 
-// C (M, N) = A @ B (accumulate false) or C += A @ B (accumulate true), for C stored as Out.
-// Out = real: straight into C. Otherwise the product goes into a zeroed real buffer and each
-// element is rounded once: C = round(product) or C = round(C_old + product).
+// C (M, N) = beta * C + A @ B for C stored as Out (beta 0: C = A @ B, the old C never read).
+// Out = real: straight into C (scaled first when beta is not 0 or 1). Otherwise the product goes
+// into a zeroed real buffer and each element is rounded once: C = round(beta * C_old + product).
 template <typename Out, typename S>
-inline void gemm_store_cpu(Out* C, bool accumulate, const S* A, size_t a_row, size_t a_col,
+inline void gemm_store_cpu(Out* C, real beta, const S* A, size_t a_row, size_t a_col,
                            const S* B, size_t b_row, size_t b_col, int M, int N, int K) {
     size_t count = (size_t)M * N;
     if constexpr (std::is_same_v<Out, real>) {
-        if (!accumulate) memset(C, 0, count * sizeof(real));
+        if (beta == 0) {
+            memset(C, 0, count * sizeof(real));
+        } else if (beta != 1) {
+            #pragma omp parallel for
+            for (size_t i = 0; i < count; i++) C[i] *= beta;
+        }
         gemm_accumulate_cpu(C, A, a_row, a_col, B, b_row, b_col, M, N, K);
     } else {
         std::vector<real> product(count, real(0));   // (M, N)
@@ -148,7 +157,7 @@ inline void gemm_store_cpu(Out* C, bool accumulate, const S* A, size_t a_row, si
         // round once into the output, after adding the old value in real
         #pragma omp parallel for
         for (size_t i = 0; i < count; i++) {
-            C[i] = from_real<Out>(accumulate ? to_real(C[i]) + product[i] : product[i]);
+            C[i] = from_real<Out>(beta != 0 ? beta * to_real(C[i]) + product[i] : product[i]);
         }
     }
 }
@@ -156,15 +165,16 @@ inline void gemm_store_cpu(Out* C, bool accumulate, const S* A, size_t a_row, si
 // out (N, OC) = inp (N, IC) @ weight^T, weight (OC, IC)
 template <typename T>
 inline void matmul_forward_cpu(T* out, const T* inp, const T* weight, int N, int IC, int OC) {
-    gemm_store_cpu(out, false, inp, IC, 1, weight, 1, IC, N, OC, IC);
+    gemm_store_cpu(out, real(0), inp, IC, 1, weight, 1, IC, N, OC, IC);
 }
 
-// dinp (N, IC) += dout (N, OC) @ weight (OC, IC); dweight (OC, IC) += dout^T @ inp (N, IC)
+// dinp (N, IC) = dinp_scale * dinp + dout (N, OC) @ weight (OC, IC);
+// dweight (OC, IC) += dout^T @ inp (N, IC)
 template <typename T, typename G>
 inline void matmul_backward_cpu(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight,
-                                int N, int IC, int OC) {
-    gemm_store_cpu(dinp, true, dout, OC, 1, weight, IC, 1, N, IC, OC);
-    gemm_store_cpu(dweight, true, dout, 1, OC, inp, IC, 1, OC, IC, N);
+                                int N, int IC, int OC, float dinp_scale) {
+    gemm_store_cpu(dinp, (real)dinp_scale, dout, OC, 1, weight, IC, 1, N, IC, OC);
+    gemm_store_cpu(dweight, real(1), dout, 1, OC, inp, IC, 1, OC, IC, N);
 }
 
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
@@ -182,11 +192,11 @@ inline void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC,
 
 template <typename T, typename G>
 inline void matmul_backward(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight,
-                            int N, int IC, int OC, cudaStream_t) {
+                            int N, int IC, int OC, float dinp_scale, cudaStream_t) {
     // the cuBLASLt build's restriction (see below), so that the emulated build rejects it too
     static_assert(!(std::is_same_v<T, float> && std::is_same_v<G, bf16>),
                   "cuBLASLt has no fp32 x fp32 -> bf16 product: with fp32 activations, G must be float");
-    matmul_backward_cpu(dinp, dweight, dout, inp, weight, N, IC, OC);
+    matmul_backward_cpu(dinp, dweight, dout, inp, weight, N, IC, OC, dinp_scale);
 }
 
 #else
@@ -336,14 +346,15 @@ inline void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC,
                   cuda_data_type<T>(), stream);
 }
 
-// dinp (N, IC) += dout @ weight: column-major dinp^T (IC, N) += weight^T (IC, OC) @ dout^T (OC, N)
+// dinp (N, IC) = dinp_scale * dinp + dout @ weight: column-major dinp^T (IC, N) = weight^T (IC, OC)
+// @ dout^T (OC, N) + beta dinp^T with beta = dinp_scale
 // dweight (OC, IC) += dout^T @ inp: column-major dweight^T (IC, OC) += inp^T (IC, N) @ dout (N, OC)
 template <typename T, typename G>
 inline void matmul_backward(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight,
-                            int N, int IC, int OC, cudaStream_t stream) {
+                            int N, int IC, int OC, float dinp_scale, cudaStream_t stream) {
     static_assert(!(std::is_same_v<T, float> && std::is_same_v<G, bf16>),
                   "cuBLASLt has no fp32 x fp32 -> bf16 product: with fp32 activations, G must be float");
-    cublaslt_gemm(false, false, IC, N, OC, weight, IC, dout, OC, dinp, IC, 1.0f, cuda_data_type<T>(),
+    cublaslt_gemm(false, false, IC, N, OC, weight, IC, dout, OC, dinp, IC, dinp_scale, cuda_data_type<T>(),
                   cuda_data_type<T>(), stream);
     cublaslt_gemm(false, true, IC, OC, N, inp, IC, dout, OC, dweight, IC, 1.0f, cuda_data_type<T>(),
                   cuda_data_type<G>(), stream);

@@ -91,13 +91,13 @@ inline std::vector<bf16> random_bf16(size_t n, uint64_t seed, float std = 1.0f) 
     return to_bf16(random_floats(n, seed, std));
 }
 
-// One bf16 rounding step relative to the largest value: 2^-8 (bf16 keeps 8 significant bits, so
-// rounding to nearest moves a value by at most 2^-9 of itself, and two roundings that land on
-// either side of a boundary differ by one step, 2^-8 of the value). A kernel and its CPU twin
-// compute in float from the same bf16 inputs and round once where they store; their float
-// values differ by a few float ulps (summation order), which can move a value across a bf16
-// rounding boundary, and then they differ by one bf16 step. Outputs computed from a stored bf16
-// intermediate (a norm of a rounded sum, say) can see that one step again, hence two.
+// bf16 keeps 8 significant bits, so the spacing of bf16 values near x (one "step") is between
+// 2^-8 and 2^-7 of |x|, and rounding to nearest moves x by at most half a step, 2^-8 of |x|
+// (BF16_STEP, the unit roundoff). A kernel and its CPU twin compute in float from the same bf16
+// inputs and round once where they store; their float values differ by a few float ulps
+// (summation order), which can put them on either side of a rounding boundary, and then the
+// stored values differ by one step: at most 2^-7 of the largest value, the default tolerance
+// below (2 * BF16_STEP relative to the largest value). Anything looser needs its own reason.
 constexpr double BF16_STEP = 1.0 / 256;
 
 inline void check_close_bf16(const std::vector<bf16>& gpu, const std::vector<bf16>& cpu, const char* what,

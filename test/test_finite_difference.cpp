@@ -32,12 +32,13 @@ static void check_gradients(const char* norm_layers, NormType norm_type = NORM_R
     const int B = 2, T = 5;
     Model model;
     model_build(&model, c, B, T);
+    real* params = (real*)model.params_memory;   // (num_parameters) the CPU model's weights, in double here
     uint64_t state = 42 + std::string(norm_layers).size();
-    fill_normal(model.params_memory, model.num_parameters, 0.5f, &state);
+    fill_normal(params, model.num_parameters, 0.5f, &state);
     // norm weights around 1, so that a norm weight used wrongly cannot hide behind w = 1
     for (const NamedTensor& t : model_named_tensors(c)) {
         if (t.shape.size() == 1) {
-            for (int64_t i = 0; i < t.shape[0]; i++) model.params_memory[t.offset + i] = 1.0 + 0.5 * model.params_memory[t.offset + i];
+            for (int64_t i = 0; i < t.shape[0]; i++) params[t.offset + i] = 1.0 + 0.5 * params[t.offset + i];
         }
     }
     std::vector<int> inputs(B * T), targets(B * T);
@@ -53,14 +54,14 @@ static void check_gradients(const char* norm_layers, NormType norm_type = NORM_R
     const double h = 3e-4;
     // central difference of the loss along element i with step size step
     auto central_difference = [&](size_t i, double step) {
-        double saved = model.params_memory[i];
-        model.params_memory[i] = saved + step;
+        double saved = params[i];
+        params[i] = saved + step;
         model_forward(&model, inputs.data(), targets.data());
         double loss_plus = model.mean_loss;
-        model.params_memory[i] = saved - step;
+        params[i] = saved - step;
         model_forward(&model, inputs.data(), targets.data());
         double loss_minus = model.mean_loss;
-        model.params_memory[i] = saved;
+        params[i] = saved;
         return (loss_plus - loss_minus) / (2 * step);
     };
     double worst = 0;
@@ -71,7 +72,7 @@ static void check_gradients(const char* norm_layers, NormType norm_type = NORM_R
         for (int sample = 0; sample < 4; sample++) {
             size_t i = t.offset + random_u64(&state) % n;
             double numeric = (4 * central_difference(i, h / 2) - central_difference(i, h)) / 3;
-            double analytic = model.grads_memory[i];
+            double analytic = ((real*)model.grads_memory)[i];
             // relative to the gradient's size, with a floor for elements whose gradient is ~0
             double error = fabs(numeric - analytic) / std::max(fabs(analytic), 1e-3);
             worst = std::max(worst, error);

@@ -363,10 +363,10 @@ TEST_CASE("matmul (cuBLASLt) matches the CPU", "[kernels][gpu-only]") {
              dweight = random_floats((size_t)OC * IC, 30);
         std::vector<float> out_cpu((size_t)N * OC), dinp_cpu = dinp, dweight_cpu = dweight;
         matmul_forward_cpu(out_cpu.data(), inp.data(), weight.data(), N, IC, OC);
-        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
+        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, 1.3f);
         DeviceArray<float> d_inp(inp), d_weight(weight), d_dout(dout), d_out((size_t)N * OC), d_dinp(dinp), d_dweight(dweight);
         matmul_forward(d_out.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 0);
-        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 0);
+        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 1.3f, 0);
         check_close(d_out.to_host(), out_cpu, "matmul forward");
         check_close(d_dinp.to_host(), dinp_cpu, "matmul dinp");
         check_close(d_dweight.to_host(), dweight_cpu, "matmul dweight");
@@ -377,12 +377,14 @@ TEST_CASE("matmul (cuBLASLt) matches the CPU", "[kernels][gpu-only]") {
 // Says plainly, in the test output, which kernels this build checked and where.
 TEST_CASE("kernel coverage report", "[kernels]") {
 #ifdef MIXLN_CUDA_EMULATION
-    WARN("checked under CPU emulation of CUDA: residual, scale, residual_scaled, embedding, rmsnorm, residual_rmsnorm, "
-         "layernorm, rope, swiglu, crossentropy, adamw, global_norm, attention, attention (fused). Checked only on a "
-         "GPU (build/test_gpu): matmul (cuBLASLt).");
+    WARN("checked under CPU emulation of CUDA, in fp32 and bf16 (test_kernels_bf16_*.cu): residual, scale, "
+         "residual_scaled, embedding, rmsnorm, residual_rmsnorm, layernorm, rope, swiglu, crossentropy, adamw, "
+         "cast_copy, global_norm, attention, attention (fused). Checked only on a GPU (build/test_gpu): matmul "
+         "(cuBLASLt, fp32 and bf16); in emulation its launchers are the CPU twin, checked against an exact product.");
 #else
-    WARN("checked on the GPU: residual, scale, residual_scaled, embedding, rmsnorm, residual_rmsnorm, layernorm, rope, "
-         "swiglu, crossentropy, adamw, global_norm, attention, attention (fused), matmul (cuBLASLt).");
+    WARN("checked on the GPU, in fp32 and bf16: residual, scale, residual_scaled, embedding, rmsnorm, residual_rmsnorm, "
+         "layernorm, rope, swiglu, crossentropy, adamw, cast_copy, global_norm, attention, attention (fused), matmul "
+         "(cuBLASLt).");
 #endif
     SUCCEED();
 }

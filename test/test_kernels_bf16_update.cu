@@ -100,6 +100,17 @@ static void check_matmul(const std::vector<float>& result, const std::vector<dou
     }
 }
 
+// dinp = DINP_SCALE * dinp_old + dout @ weight: DeepNorm's residual scale a (here (2 * 8)^(1/4) = 2
+// would be exact; 1.68 = 8^(1/4) rounded is not, so the scaled old value carries fp32 rounding)
+static const float DINP_SCALE = 1.68f;
+
+// the old dinp, scaled in fp32 as the product's start value
+static std::vector<float> scaled(const std::vector<float>& v, float scale) {
+    std::vector<float> out(v.size());
+    for (size_t i = 0; i < v.size(); i++) out[i] = scale * v[i];
+    return out;
+}
+
 static std::vector<double> to_doubles(const std::vector<float>& v) {
     return std::vector<double>(v.begin(), v.end());
 }
@@ -118,7 +129,7 @@ TEST_CASE("matmul bf16 CPU twin equals the exact product rounded once", "[kernel
              dout = random_bf16((size_t)N * OC, 43), dinp = random_bf16((size_t)N * IC, 44),
              dweight = random_bf16((size_t)OC * IC, 45);
         auto dweight_f = random_floats((size_t)OC * IC, 46);
-        auto inp_f = to_floats(inp), weight_f = to_floats(weight), dout_f = to_floats(dout), dinp_f = to_floats(dinp),
+        auto inp_f = to_floats(inp), weight_f = to_floats(weight), dout_f = to_floats(dout), dinp_f = to_floats(dinp), dinp_old_scaled = scaled(dinp_f, DINP_SCALE),
              dweight_old = to_floats(dweight);
 
         // forward: the twin, the same twin through the (emulated) launcher, and the exact product
@@ -142,12 +153,12 @@ TEST_CASE("matmul bf16 CPU twin equals the exact product rounded once", "[kernel
         // backward, accumulating into bf16 dinp and into bf16 (bf16-pure) or fp32 (bf16) dweight
         std::vector<bf16> dinp_cpu = dinp, dweight_cpu = dweight, dinp_cpu2 = dinp;
         std::vector<float> dweight_cpu_f = dweight_f;
-        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
-        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
+        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE);
+        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE);
         CHECK(memcmp(dinp_cpu2.data(), dinp_cpu.data(), dinp.size() * sizeof(bf16)) == 0);   // G does not touch dinp
         auto exact_dinp = exact_product(
             N, IC, OC, [&](int n, int k) { return dout_f[(size_t)n * OC + k]; },
-            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, &dinp_f);
+            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, &dinp_old_scaled);
         auto exact_dweight = exact_product(
             OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
             [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, &dweight_old);
@@ -185,13 +196,13 @@ TEST_CASE("matmul (cuBLASLt) with bf16 matches the CPU", "[kernels][bf16][gpu-on
              dout = random_bf16((size_t)N * OC, 43), dinp = random_bf16((size_t)N * IC, 44),
              dweight = random_bf16((size_t)OC * IC, 45);
         auto dweight_f = random_floats((size_t)OC * IC, 46);
-        auto inp_f = to_floats(inp), weight_f = to_floats(weight), dout_f = to_floats(dout), dinp_f = to_floats(dinp),
+        auto inp_f = to_floats(inp), weight_f = to_floats(weight), dout_f = to_floats(dout), dinp_f = to_floats(dinp), dinp_old_scaled = scaled(dinp_f, DINP_SCALE),
              dweight_old = to_floats(dweight);
         std::vector<bf16> out_cpu((size_t)N * OC), dinp_cpu = dinp, dweight_cpu = dweight, dinp_cpu2 = dinp;
         std::vector<float> dweight_cpu_f = dweight_f;
         matmul_forward_cpu(out_cpu.data(), inp.data(), weight.data(), N, IC, OC);
-        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
-        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
+        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE);
+        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE);
 
         std::vector<bf16> weight_padded(weight.size() + 1, __float2bfloat16_rn(0.0f));
         std::copy(weight.begin(), weight.end(), weight_padded.begin() + offset);
@@ -200,15 +211,15 @@ TEST_CASE("matmul (cuBLASLt) with bf16 matches the CPU", "[kernels][bf16][gpu-on
         DeviceArray<float> d_dweight_f(dweight_f);
         const bf16* w = d_weight.ptr + offset;
         matmul_forward(d_out.ptr, d_inp.ptr, w, N, IC, OC, 0);
-        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, 0);
-        matmul_backward(d_dinp2.ptr, d_dweight_f.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, 0);
+        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, DINP_SCALE, 0);
+        matmul_backward(d_dinp2.ptr, d_dweight_f.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, DINP_SCALE, 0);
 
         auto exact = exact_product(
             N, OC, IC, [&](int n, int k) { return inp_f[(size_t)n * IC + k]; },
             [&](int k, int oc) { return weight_f[(size_t)oc * IC + k]; }, nullptr);
         auto exact_dinp = exact_product(
             N, IC, OC, [&](int n, int k) { return dout_f[(size_t)n * OC + k]; },
-            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, &dinp_f);
+            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, &dinp_old_scaled);
         auto exact_dweight = exact_product(
             OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
             [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, &dweight_old);

@@ -42,11 +42,12 @@ TEST_CASE("matmul forward and backward match plain loops at ragged shapes", "[la
         // outputs poisoned, so an element the kernel never writes cannot pass
         std::vector<real> out((size_t)N * OC, NAN);
         matmul_forward_cpu(out.data(), inp.data(), weight.data(), N, IC, OC);
-        // backward accumulates: start from known values and check they are kept
+        // backward accumulates: start from known values and check they are kept (dinp scaled by
+        // dinp_scale first, as DeepNorm's residual needs)
         std::vector<real> dinp((size_t)N * IC, 0.5f), dweight((size_t)OC * IC, -0.25f);
-        matmul_backward_cpu(dinp.data(), dweight.data(), dout.data(), inp.data(), weight.data(), N, IC, OC);
+        matmul_backward_cpu(dinp.data(), dweight.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, 1.75f);
 
-        std::vector<double> out_ref((size_t)N * OC, 0.0), dinp_ref((size_t)N * IC, 0.5), dweight_ref((size_t)OC * IC, -0.25);
+        std::vector<double> out_ref((size_t)N * OC, 0.0), dinp_ref((size_t)N * IC, 0.5 * 1.75), dweight_ref((size_t)OC * IC, -0.25);
         for (int n = 0; n < N; n++) {
             for (int o = 0; o < OC; o++) {
                 for (int i = 0; i < IC; i++) {

@@ -13,7 +13,8 @@ Errors are relative norm errors per tensor, ||ours - reference|| / ||reference||
 
 The same file checks the CUDA backend: built into build/test_emu (the kernels under the CPU
 emulation of CUDA, in CI) and build/test_gpu (on a GPU), where MIXLN_CUDA is defined and the
-model lives on the (emulated) GPU.
+model lives on the (emulated) GPU. There it also checks --precision bf16 and bf16-pure against
+the reference's emulation of bf16 (the end of this file).
 */
 #include <catch2/catch.hpp>
 
@@ -181,8 +182,7 @@ static void check_case(const std::string& name, double final_param_tolerance, bo
     model_forward(&model, inputs.data(), targets.data());
     std::vector<float> logits = read_tensor(fixture, "logits");
     REQUIRE(logits.size() == BT * config.vocab_size);
-    std::vector<real> our_logits(logits.size());
-    model_copy_out(&model, our_logits.data(), model.acts.logits, logits.size() * sizeof(real));
+    std::vector<real> our_logits = model_activations_to_host(&model, [](const auto& a) { return a.logits; }, 0, logits.size());
     double logits_error = relative_error(our_logits.data(), logits.data(), logits.size());
     CAPTURE(logits_error);
     CHECK(logits_error < LOGITS_TOLERANCE);
@@ -192,7 +192,7 @@ static void check_case(const std::string& name, double final_param_tolerance, bo
     // backward: every parameter gradient
     model_zero_grad(&model);
     model_backward(&model);
-    double worst_grad_error = check_tensors(model_to_host(&model, model.grads_memory).data(), config, dir, "grad.", "gradient", GRAD_TOLERANCE);
+    double worst_grad_error = check_tensors(model_to_host(&model, MODEL_GRADS).data(), config, dir, "grad.", "gradient", GRAD_TOLERANCE);
     WARN(BACKEND << ", " << name << ": logits error " << logits_error << ", worst gradient error " << worst_grad_error);
 
     // 10 AdamW steps with warmup, cosine decay and (in one case) clipping, from the same weights
@@ -210,7 +210,7 @@ static void check_case(const std::string& name, double final_param_tolerance, bo
         CHECK(fabs(r.loss - ref_loss[step]) / ref_loss[step] < STEP_LOSS_TOLERANCE);
         CHECK(fabs(r.grad_norm - ref_norm[step]) / ref_norm[step] < step_grad_norm_tolerance);
     }
-    double worst_param_error = check_tensors(model_to_host(&model, model.params_memory).data(), config, dir, "final.", "parameter after 10 steps",
+    double worst_param_error = check_tensors(model_to_host(&model, MODEL_PARAMS).data(), config, dir, "final.", "parameter after 10 steps",
                                              final_param_tolerance);
     WARN(BACKEND << ", " << name << ": worst parameter error after " << s.steps << " steps " << worst_param_error);
     dataloader_free(&loader);
@@ -226,10 +226,13 @@ TEST_CASE(BACKEND ": Mix-LN alpha 0.5 (3 of 6 layers Post-LN, weight decay) matc
 // norms (Pre-LN 6.7e-7) over these 10 steps (measured 2026-11-28 with make_fixtures.py
 // --fp64-drift and the same comparison of grad norms). Ours, against the fp32 reference: first-step
 // gradients 1.3e-6 like the other cases, parameters 2e-6 to 5.6e-6, step gradient norms up to
-// 8.8e-6 (emulated CUDA) and 3.6e-6 (CPU). Bounds: parameters 2e-5, step gradient norms 2.5e-5,
-// half the reference's own fp32 drift.
+// 8.8e-6 (emulated CUDA) and 3.6e-6 (CPU). On another VM (2026-11-29; the summation orders of
+// -march=native and of PyTorch's kernels change with the CPU) the emulated CUDA backend's step-9
+// gradient norm was 3.3e-5 off. Bounds: parameters 2e-5; step gradient norms 5e-5, the size of
+// the reference's own fp32 drift: we can be held to agree with the fp32 reference as closely as
+// it agrees with exact arithmetic, not more closely.
 TEST_CASE(BACKEND ": Peri-LN (a norm before and after each sublayer) matches PyTorch", "[parity]") {
-    check_case("peri", 2e-5, false, "peri,peri,peri,peri", NORM_RMSNORM, 2.5e-5);
+    check_case("peri", 2e-5, false, "peri,peri,peri,peri", NORM_RMSNORM, 5e-5);
 }
 TEST_CASE(BACKEND ": DeepNorm (scaled residual, DeepNet init) matches PyTorch", "[parity]") {
     check_case("deepnorm", 5e-6, false, "deepnorm,deepnorm,deepnorm,deepnorm");
@@ -286,8 +289,8 @@ TEST_CASE(BACKEND ": 2 accumulated micro-batches of 3 give the update of one bat
             model_backward(&model, 1.0f / micro_batches);
         }
         model_update(&model, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, 1.0f);
-        grads[micro_batches - 1] = model_to_host(&model, model.grads_memory);
-        params[micro_batches - 1] = model_to_host(&model, model.params_memory);
+        grads[micro_batches - 1] = model_to_host(&model, MODEL_GRADS);
+        params[micro_batches - 1] = model_to_host(&model, MODEL_PARAMS);
         dataloader_free(&loader);
         model_free(&model);
     }
@@ -313,7 +316,7 @@ TEST_CASE(BACKEND ": per-layer gradient norms add up to the global norm", "[pari
     std::vector<double> layers = model_layer_grad_norms(&model);
     REQUIRE((int)layers.size() == config.num_layers);
     // the rest of the model: embedding, final norm, LM head, from a host copy
-    std::vector<real> grads = model_to_host(&model, model.grads_memory);
+    std::vector<real> grads = model_to_host(&model, MODEL_GRADS);
     ParameterTensors g;
     point_parameters(&g, grads.data(), config);
     size_t C = config.channels, V = config.vocab_size;
@@ -376,7 +379,7 @@ TEST_CASE(BACKEND ": a skipped layer gives the loss of the model built without i
         Model full;
         model_build(&full, c, B, T, ON_GPU);
         model_init_weights(&full, 11, 0.02f);
-        std::vector<real> weights = model_to_host(&full, full.params_memory);
+        std::vector<real> weights = model_to_host(&full, MODEL_PARAMS);
         // norm weights away from 1 and biases away from 0, so that a norm using another's would show
         uint64_t state = 12;
         std::map<std::string, NamedTensor> full_tensors;
@@ -387,7 +390,7 @@ TEST_CASE(BACKEND ": a skipped layer gives the loss of the model built without i
             fill_normal(noise.data(), noise.size(), 0.3f, &state);
             for (size_t i = 0; i < noise.size(); i++) weights[t.offset + i] += noise[i];
         }
-        model_copy_in(&full, full.params_memory, weights.data(), weights.size() * sizeof(real));
+        model_from_host(&full, MODEL_PARAMS, weights.data());
         std::vector<int> inputs(B * T), targets(B * T);
         for (int i = 0; i < B * T; i++) {
             inputs[i] = (int)(random_u64(&state) % c.vocab_size);
@@ -418,7 +421,7 @@ TEST_CASE(BACKEND ": a skipped layer gives the loss of the model built without i
             }
             Model reduced;
             model_build(&reduced, without, B, T, ON_GPU);
-            model_copy_in(&reduced, reduced.params_memory, without_weights.data(), without_weights.size() * sizeof(real));
+            model_from_host(&reduced, MODEL_PARAMS, without_weights.data());
             model_forward(&reduced, inputs.data(), targets.data());
             CAPTURE(full.mean_loss, reduced.mean_loss);
 #ifdef __CUDACC__
@@ -447,7 +450,7 @@ TEST_CASE(BACKEND ": DeepNet init in deepnorm layers, scaled init in the branch-
     Model model;
     model_build(&model, c, 1, 8, ON_GPU);
     model_init_weights(&model, 7, 0.02f, true);
-    std::vector<real> host = model_to_host(&model, model.params_memory);
+    std::vector<real> host = model_to_host(&model, MODEL_PARAMS);
     ParameterTensors p;
     point_parameters(&p, host.data(), c);
     const size_t C = c.channels, F = c.ffn_channels, L = c.num_layers;
@@ -484,3 +487,221 @@ TEST_CASE(BACKEND ": DeepNet init in deepnorm layers, scaled init in the branch-
     CHECK(deepnorm.mlp_out_norm_bias == nullptr);
     model_free(&model);
 }
+
+// ---- bf16 and bf16-pure (the CUDA backend only: the CPU reference computes in fp32)
+//
+// The bf16 fixtures (mix_bf16, mix_bf16_pure, zoo_bf16) come from the reference's emulation of
+// the engine's bf16 (dev/reference.py, Precision): fp32 arithmetic with every stored value rounded
+// to bf16 where the engine stores it. PyTorch's own bf16 arithmetic on the CPU is not a usable
+// reference (its bf16 matmul loses ~7% at K = 4096). The same fixture holds, under "fp32.", the
+// fp32 reference's results from the same weights and data: how far bf16 itself moves each result.
+//
+// The bounds compare two distances: ours from the bf16 emulation, and the emulation from fp32
+// (what bf16 itself does to the result).
+//   - Logits and first-step gradients, per tensor: ours-vs-emulation <= BF16_AGREEMENT (1/2) of
+//     emulation-vs-fp32. The engine and the emulation round at the same points, so they differ
+//     only where their fp32 values, summed in different orders, fall on either side of a bf16
+//     rounding boundary (and what such a one-step difference changes downstream), while
+//     emulation-vs-fp32 is the effect of ALL the roundings. An engine that skipped a rounding,
+//     rounded twice, or computed in fp32 sits about as far from the emulation as bf16 is from
+//     fp32 (ratio ~1) and fails.
+//   - The first loss: a single number, which bf16 can leave almost unchanged by chance (errors
+//     of opposite sign cancel in a mean), so it is held to the largest effect bf16 has on the loss
+//     over the run: |ours - emulation| <= max over steps |emulation - fp32|.
+//   - Over 10 steps (each step's loss and gradient norm, the parameters after them): no longer
+//     against the emulation. AdamW moves every weight by about lr whatever its gradient's size, so
+//     a gradient element near zero whose sign one rounding flips moves its weight by ~2 lr, and a
+//     Post-LN stack amplifies what follows (its fp32 run drifts 20x more from fp64 than Pre-LN's,
+//     see above): after a few steps our run and the emulation are two bf16 runs that have drifted
+//     apart, each about as far from fp32 as bf16 takes a run, E. What must hold is that ours is a
+//     bf16 run like the emulation's: within the band such runs occupy around fp32. Two runs each E
+//     from fp32 can be up to 2E apart (drifted in opposite directions), so a run no farther from
+//     the emulation than that is within E + 2E of fp32: |ours - fp32| <= BF16_RUN_SPREAD (3) x
+//     |emulation - fp32|, per parameter tensor and per step (against the largest step's).
+//     Measured (2026-11-29): 0.93 to 1.13 on the Mix-LN cases, 1.2 to 1.9 on the zoo (Post-LN and
+//     DeepNorm layers, lr 1e-2). A wrong update, a stale bf16 weight copy or bf16-pure moments that
+//     lose the update go far outside.
+#ifdef MIXLN_CUDA
+static const double BF16_AGREEMENT = 0.5;
+static const double BF16_RUN_SPREAD = 3.0;
+
+// Relative error of `ours` (flat model layout) against the fixture tensors prefix + name, per tensor.
+static std::map<std::string, double> tensor_errors(const real* ours, const ModelConfig& config, const std::string& dir,
+                                                   const std::string& prefix) {
+    std::vector<real> reference(num_parameters(config));
+    safetensors_load_named(reference.data(), config, dir + "/fixture.safetensors", prefix, true);
+    std::vector<float> reference_f32(reference.begin(), reference.end());
+    std::map<std::string, double> errors;
+    for (const NamedTensor& t : model_named_tensors(config)) {
+        size_t n = 1;
+        for (int64_t d : t.shape) n *= (size_t)d;
+        errors[t.name] = relative_error(ours + t.offset, reference_f32.data() + t.offset, n);
+    }
+    return errors;
+}
+
+// Checks every tensor of `ours` against a reference, the bf16 emulation (versus_emulation) or the
+// fp32 reference, within `factor` times that tensor's bf16 effect (the emulation's distance from
+// fp32). Returns the worst ratio.
+static double check_bf16_tensors(const std::vector<real>& ours, const ModelConfig& config, const std::string& dir,
+                                 const std::string& prefix, const char* what, bool versus_emulation, double factor) {
+    std::vector<real> bf16_reference(num_parameters(config));
+    safetensors_load_named(bf16_reference.data(), config, dir + "/fixture.safetensors", prefix, true);
+    std::map<std::string, double> errors = tensor_errors(ours.data(), config, dir, versus_emulation ? prefix : "fp32." + prefix);
+    std::map<std::string, double> bf16_vs_fp32 = tensor_errors(bf16_reference.data(), config, dir, "fp32." + prefix);
+    double worst_ratio = 0;
+    for (const auto& [name, error] : errors) {
+        double bf16_effect = bf16_vs_fp32[name];
+        INFO(what << " " << name << ": ours vs " << (versus_emulation ? "bf16 emulation " : "fp32 reference ") << error
+                  << ", bf16 emulation vs fp32 reference " << bf16_effect);
+        CHECK(error <= factor * bf16_effect);
+        worst_ratio = std::max(worst_ratio, error / (bf16_effect + 1e-30));
+    }
+    return worst_ratio;
+}
+
+static void check_bf16_case(const std::string& name, Precision precision, bool fused_attention = false) {
+    std::string dir = fixture_dir(name);
+    INFO("fixture case " << name << " in " << dir << ", " << precision_name(precision));
+    JsonValue train_json;
+    std::string error;
+    REQUIRE(json_parse(read_text_file(dir + "/train.json"), &train_json, &error));
+    REQUIRE(train_json.get("precision") != nullptr);
+    REQUIRE(train_json.get("precision")->string == precision_name(precision));   // the fixture emulates this precision
+    ModelConfig config = checkpoint_read_config(dir);
+    TrainSettings s = read_train_settings(dir);
+    Model model;
+    model_build(&model, config, s.batch, s.seq_len, ON_GPU, precision);
+    model.fused_attention = fused_attention;
+    checkpoint_load_weights(&model, dir);
+    SafeTensorsFile fixture;
+    safetensors_open(&fixture, (dir + "/fixture.safetensors").c_str());
+    const size_t BT = (size_t)s.batch * s.seq_len;
+    std::vector<int> inputs(BT), targets(BT);
+    safetensors_read_i32(&fixture, safetensors_find(&fixture, "inputs"), inputs.data());
+    safetensors_read_i32(&fixture, safetensors_find(&fixture, "targets"), targets.data());
+
+    // forward: logits (every one a bf16 value) and loss
+    model_forward(&model, inputs.data(), targets.data());
+    std::vector<float> logits = read_tensor(fixture, "logits"), fp32_logits = read_tensor(fixture, "fp32.logits");
+    REQUIRE(logits.size() == BT * config.vocab_size);
+    std::vector<real> ours = model_activations_to_host(&model, [](const auto& a) { return a.logits; }, 0, logits.size());
+    for (size_t i = 0; i < ours.size(); i++) REQUIRE(to_real(from_real<bf16>(ours[i])) == ours[i]);
+    std::vector<real> bf16_logits(logits.begin(), logits.end());
+    double logits_error = relative_error(ours.data(), logits.data(), logits.size());
+    double bf16_effect = relative_error(bf16_logits.data(), fp32_logits.data(), logits.size());
+    CAPTURE(logits_error, bf16_effect);
+    CHECK(logits_error <= BF16_AGREEMENT * bf16_effect);
+    std::vector<float> ref_loss = read_tensor(fixture, "train_loss"), fp32_ref_loss = read_tensor(fixture, "fp32.train_loss");
+    std::vector<float> ref_norm = read_tensor(fixture, "grad_norm"), fp32_ref_norm = read_tensor(fixture, "fp32.grad_norm");
+    REQUIRE((int)ref_loss.size() == s.steps);
+    double loss_effect = 0, norm_effect = 0;   // the largest change bf16 makes to a step's loss, its gradient norm
+    for (int step = 0; step < s.steps; step++) {
+        loss_effect = std::max(loss_effect, (double)fabs(ref_loss[step] - fp32_ref_loss[step]));
+        norm_effect = std::max(norm_effect, (double)fabs(ref_norm[step] - fp32_ref_norm[step]));
+    }
+    float loss = read_tensor(fixture, "loss")[0];
+    CHECK(fabs(model.mean_loss - loss) <= loss_effect);
+
+    // backward: every parameter gradient (bf16 values in bf16-pure)
+    model_zero_grad(&model);
+    model_backward(&model);
+    std::vector<real> grads = model_to_host(&model, MODEL_GRADS);
+    if (precision == PRECISION_BF16_PURE) {
+        for (size_t i = 0; i < grads.size(); i++) REQUIRE(to_real(from_real<bf16>(grads[i])) == grads[i]);
+    }
+    double grad_ratio = check_bf16_tensors(grads, config, dir, "grad.", "gradient", true, BF16_AGREEMENT);
+
+    // 10 AdamW steps from the same weights
+    checkpoint_load_weights(&model, dir);
+    DataLoader loader;
+    dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
+    double worst_loss_ratio = 0;
+    for (int step = 0; step < s.steps; step++) {
+        StepResult r = train_step(&model, &loader, s, step);
+        INFO("step " << step << ": loss " << r.loss << " (bf16 reference " << ref_loss[step] << ", fp32 "
+             << fp32_ref_loss[step] << "), grad norm " << r.grad_norm << " (" << ref_norm[step] << ", "
+             << fp32_ref_norm[step] << ")");
+        CHECK(fabs(r.loss - fp32_ref_loss[step]) <= BF16_RUN_SPREAD * loss_effect);
+        CHECK(fabs(r.grad_norm - fp32_ref_norm[step]) <= BF16_RUN_SPREAD * norm_effect);
+        worst_loss_ratio = std::max(worst_loss_ratio, fabs(r.loss - fp32_ref_loss[step]) / loss_effect);
+    }
+    std::vector<real> params = model_to_host(&model, MODEL_PARAMS);
+    if (precision == PRECISION_BF16_PURE) {
+        for (size_t i = 0; i < params.size(); i++) REQUIRE(to_real(from_real<bf16>(params[i])) == params[i]);
+    }
+    double param_ratio = check_bf16_tensors(params, config, dir, "final.", "parameter after 10 steps", false, BF16_RUN_SPREAD);
+    WARN(BACKEND << ", " << name << " (" << precision_name(precision) << (fused_attention ? ", fused attention" : "")
+                 << "): logits vs bf16 reference " << logits_error << " (bf16 vs fp32 " << bf16_effect
+                 << "); worst ratio ours-vs-bf16 / bf16-vs-fp32: gradients " << grad_ratio << "; over 10 steps, ours-vs-fp32 / "
+                 << "bf16-vs-fp32: step losses (to the largest step's) " << worst_loss_ratio << ", parameters "
+                 << param_ratio);
+    dataloader_free(&loader);
+    model_free(&model);
+}
+
+TEST_CASE(BACKEND ": bf16, Mix-LN alpha 0.25 matches the reference's bf16 emulation", "[parity][bf16]") {
+    check_bf16_case("mix_bf16", PRECISION_BF16);
+}
+TEST_CASE(BACKEND ": bf16 with the fused attention, Mix-LN alpha 0.25 matches the bf16 emulation", "[parity][bf16][fused]") {
+    check_bf16_case("mix_bf16", PRECISION_BF16, true);
+}
+TEST_CASE(BACKEND ": bf16-pure (bf16 weights, gradients and AdamW state) matches the reference's emulation", "[parity][bf16]") {
+    check_bf16_case("mix_bf16_pure", PRECISION_BF16_PURE);
+}
+TEST_CASE(BACKEND ": bf16, every placement with LayerNorm and weight decay matches the bf16 emulation", "[parity][bf16]") {
+    check_bf16_case("zoo_bf16", PRECISION_BF16);
+}
+
+TEST_CASE(BACKEND ": bf16 with the fused attention, every placement with LayerNorm matches the bf16 emulation", "[parity][bf16][fused]") {
+    check_bf16_case("zoo_bf16", PRECISION_BF16, true);
+}
+
+TEST_CASE(BACKEND ": bf16 and bf16-pure runs are deterministic", "[parity][bf16][determinism]") {
+    std::string dir = fixture_dir("mix_bf16");
+    for (Precision precision : {PRECISION_BF16, PRECISION_BF16_PURE}) {
+        INFO(precision_name(precision));
+        std::vector<double> runs[2];
+        for (auto& losses : runs) {
+            ModelConfig config = checkpoint_read_config(dir);
+            TrainSettings s = read_train_settings(dir);
+            Model model;
+            model_build(&model, config, s.batch, s.seq_len, ON_GPU, precision);
+            checkpoint_load_weights(&model, dir);
+            DataLoader loader;
+            dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
+            for (int step = 0; step < s.steps; step++) losses.push_back(train_step(&model, &loader, s, step).loss);
+            dataloader_free(&loader);
+            model_free(&model);
+        }
+        for (size_t i = 0; i < runs[0].size(); i++) {
+            INFO("step " << i);
+            CHECK(memcmp(&runs[0][i], &runs[1][i], sizeof(double)) == 0);
+        }
+    }
+}
+
+// bf16: the kernels read a bf16 copy of the fp32 weights, refreshed after each update; the fp32
+// weights keep the update's small steps that bf16 would round away.
+TEST_CASE(BACKEND ": bf16 keeps fp32 master weights and a bf16 copy that follows them", "[parity][bf16]") {
+    std::string dir = fixture_dir("mix_bf16");
+    ModelConfig config = checkpoint_read_config(dir);
+    TrainSettings s = read_train_settings(dir);
+    Model model;
+    model_build(&model, config, s.batch, s.seq_len, ON_GPU, PRECISION_BF16);
+    checkpoint_load_weights(&model, dir);
+    DataLoader loader;
+    dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
+    for (int step = 0; step < 3; step++) train_step(&model, &loader, s, step);
+    std::vector<real> master = model_to_host(&model, MODEL_PARAMS);
+    std::vector<real> copy = model_values_to_host(&model, (const bf16*)model.weights_copy, model.num_parameters);
+    size_t not_bf16 = 0;
+    for (size_t i = 0; i < master.size(); i++) {
+        REQUIRE(copy[i] == to_real(from_real<bf16>(master[i])));   // the copy is the master rounded to nearest even
+        not_bf16 += to_real(from_real<bf16>(master[i])) != master[i];
+    }
+    CHECK(not_bf16 > master.size() / 2);   // the master weights are fp32 values, not bf16 ones
+    dataloader_free(&loader);
+    model_free(&model);
+}
+#endif

@@ -557,8 +557,10 @@ TEST_CASE("--device cuda is refused without a usable GPU", "[cli]") {
              r.err.find("--device cuda: this build has no CUDA backend") != std::string::npos));
 }
 
-TEST_CASE("--precision bf16 is refused until it is implemented", "[cli]") {
-    require_train_fails("--steps 0 --precision bf16", "--precision bf16 is not implemented yet");
+TEST_CASE("--precision bf16 and bf16-pure are refused on the CPU, a bad precision anywhere", "[cli]") {
+    require_train_fails("--steps 0 --device cpu --precision bf16", "--precision bf16 runs on the GPU only");
+    require_train_fails("--steps 0 --device cpu --precision bf16-pure", "--precision bf16-pure runs on the GPU only");
+    require_train_fails("--steps 0 --precision fp16", "--precision must be fp32, bf16 or bf16-pure, got 'fp16'");
 }
 
 TEST_CASE("a failed run leaves an existing checkpoint intact", "[cli]") {
