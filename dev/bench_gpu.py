@@ -2,7 +2,7 @@
 
 For each config (the paper's LLaMA-71M and LLaMA-130M at T=256, B=64 by default) it times full
 training steps (forward, backward, AdamW) of
-  - ./train --device cuda (fp32 today; bf16 once --precision bf16 exists: pass --engine-precision),
+  - ./train --device cuda --precision bf16 (--engine-precision: fp32, bf16 or bf16-pure),
   - the PyTorch reference (dev/reference.py) on the GPU, in bf16 autocast with torch.compile and
     PyTorch's fused causal attention (the target to beat), and in plain fp32 (like for like with
     the engine's fp32),
@@ -105,7 +105,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per run (default 10)")
-    ap.add_argument("--engine-precision", default="fp32")
+    ap.add_argument("--engine-precision", default="bf16", choices=["fp32", "bf16", "bf16-pure"])
     ap.add_argument("--train", default="./train")
     a = ap.parse_args()
     try:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device check: everything that needs a real GPU, in one run of a few minutes.
 #   1. build ./train and the GPU tests for sm_90 (the H200), with warnings as errors
-#   2. run every GPU test: each kernel against its CPU twin, the whole model against the PyTorch
-#      fixtures (fp32), determinism
+#   2. run every GPU test: each kernel against its CPU twin (fp32 and bf16), the whole model
+#      against the PyTorch fixtures (fp32, and bf16 against the reference's bf16 emulation),
+#      determinism
 #   3. compute-sanitizer memcheck and racecheck over a tiny training run on the GPU (and memcheck
 #      over one with a layer of every placement kind under LayerNorm, with the fused attention)
 #   4. time training steps of LLaMA-71M on the GPU, and against PyTorch (dev/bench_gpu.py)
@@ -49,8 +50,13 @@ run_step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 ./train
 # the other placements' kernels (LayerNorm, the scaled adds, the peri norms) under memcheck too
 run_step memcheck_zoo compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}" \
     --norm-layers post,deepnorm,peri,lns --norm-type layernorm --attention fused
+# the bf16 instantiations of every kernel, and cuBLASLt's bf16 products
+run_step memcheck_bf16 compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}" \
+    --norm-layers post,deepnorm,peri,lns --norm-type layernorm --precision bf16
+run_step memcheck_bf16_pure compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}" \
+    --attention fused --precision bf16-pure
 
-# throughput of the paper's 71M model on the GPU (fp32 until bf16 lands)
+# throughput of the paper's 71M model on the GPU, fp32 and bf16, simple and fused attention
 "$PYTHON" - <<'EOF'
 import sys
 sys.path.insert(0, "dev")
@@ -62,6 +68,10 @@ run_step train_71m ./train --device cuda --model llama-71m --batch 64 --steps 10
 grep -E '^step (9|10)/10' "$logs/train_71m.log" || true
 run_step train_71m_fused ./train --device cuda --attention fused --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
 grep -E '^step (9|10)/10' "$logs/train_71m_fused.log" || true
+run_step train_71m_bf16 ./train --device cuda --precision bf16 --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
+grep -E '^step (9|10)/10' "$logs/train_71m_bf16.log" || true
+run_step train_71m_bf16_fused ./train --device cuda --precision bf16 --attention fused --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
+grep -E '^step (9|10)/10' "$logs/train_71m_bf16_fused.log" || true
 if [ -f dev/bench_gpu.py ]; then
     run_step bench_gpu "$PYTHON" dev/bench_gpu.py --configs llama-71m
 fi
