@@ -634,6 +634,9 @@ TEST_CASE("--resume refuses a setting that differs from the saved run", "[cli][r
     std::string tmp = make_temp_dir();
     train_ok(mix_run_args(4) + " --out " + quote(tmp + "/run") + " --stop-at 2");
     require_train_fails("--resume " + quote(tmp + "/run") + " --lr 0.02", "--lr 0.02 differs from the saved run's 0.01");
+    // the precision is part of the run: an fp32 run does not resume in bf16
+    require_train_fails("--resume " + quote(tmp + "/run") + " --precision bf16",
+                        "--precision bf16 differs from the saved run's fp32");
 }
 
 TEST_CASE("a corrupted training state is refused and left as it was", "[cli][resume]") {
