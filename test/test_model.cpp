@@ -122,9 +122,9 @@ struct FixtureRun {
     TrainSettings settings;
     Model model;
     DataLoader loader;
-    explicit FixtureRun(const std::string& dir)
+    explicit FixtureRun(const std::string& dir, Precision precision = PRECISION_FP32)
         : config(checkpoint_read_config(dir)), settings(read_train_settings(dir)) {
-        model_build(&model, config, settings.batch, settings.seq_len, ON_GPU);
+        model_build(&model, config, settings.batch, settings.seq_len, ON_GPU, precision);
         checkpoint_load_weights(&model, dir);
         dataloader_init(&loader, (dir + "/train.bin").c_str(), settings.batch, settings.seq_len, config.vocab_size);
     }
@@ -663,16 +663,10 @@ TEST_CASE(BACKEND ": bf16 and bf16-pure runs are deterministic", "[parity][bf16]
         INFO(precision_name(precision));
         std::vector<double> runs[2];
         for (auto& losses : runs) {
-            ModelConfig config = checkpoint_read_config(dir);
-            TrainSettings s = read_train_settings(dir);
-            Model model;
-            model_build(&model, config, s.batch, s.seq_len, ON_GPU, precision);
-            checkpoint_load_weights(&model, dir);
-            DataLoader loader;
-            dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
-            for (int step = 0; step < s.steps; step++) losses.push_back(train_step(&model, &loader, s, step).loss);
-            dataloader_free(&loader);
-            model_free(&model);
+            FixtureRun run(dir, precision);
+            for (int step = 0; step < run.settings.steps; step++) {
+                losses.push_back(train_step(&run.model, &run.loader, run.settings, step).loss);
+            }
         }
         for (size_t i = 0; i < runs[0].size(); i++) {
             INFO("step " << i);
@@ -684,24 +678,15 @@ TEST_CASE(BACKEND ": bf16 and bf16-pure runs are deterministic", "[parity][bf16]
 // bf16: the kernels read a bf16 copy of the fp32 weights, refreshed after each update; the fp32
 // weights keep the update's small steps that bf16 would round away.
 TEST_CASE(BACKEND ": bf16 keeps fp32 master weights and a bf16 copy that follows them", "[parity][bf16]") {
-    std::string dir = fixture_dir("mix_bf16");
-    ModelConfig config = checkpoint_read_config(dir);
-    TrainSettings s = read_train_settings(dir);
-    Model model;
-    model_build(&model, config, s.batch, s.seq_len, ON_GPU, PRECISION_BF16);
-    checkpoint_load_weights(&model, dir);
-    DataLoader loader;
-    dataloader_init(&loader, (dir + "/train.bin").c_str(), s.batch, s.seq_len, config.vocab_size);
-    for (int step = 0; step < 3; step++) train_step(&model, &loader, s, step);
-    std::vector<real> master = model_to_host(&model, MODEL_PARAMS);
-    std::vector<real> copy = model_values_to_host(&model, (const bf16*)model.weights_copy, model.num_parameters);
+    FixtureRun run(fixture_dir("mix_bf16"), PRECISION_BF16);
+    for (int step = 0; step < 3; step++) train_step(&run.model, &run.loader, run.settings, step);
+    std::vector<real> master = model_to_host(&run.model, MODEL_PARAMS);
+    std::vector<real> copy = model_values_to_host(&run.model, (const bf16*)run.model.weights_copy, run.model.num_parameters);
     size_t not_bf16 = 0;
     for (size_t i = 0; i < master.size(); i++) {
         REQUIRE(copy[i] == to_real(from_real<bf16>(master[i])));   // the copy is the master rounded to nearest even
         not_bf16 += to_real(from_real<bf16>(master[i])) != master[i];
     }
     CHECK(not_bf16 > master.size() / 2);   // the master weights are fp32 values, not bf16 ones
-    dataloader_free(&loader);
-    model_free(&model);
 }
 #endif
