@@ -58,15 +58,23 @@ NEED_TORCH = @test -n "$(PYTHON)" || { echo "error: no python with torch found (
 EMU_FLAGS = -DMIXLN_CUDA_EMULATION -I$(CUDA_HOME)/include
 BF16_KERNEL_TESTS = $(wildcard test/test_kernels_bf16_*.cu)
 EMU_SOURCES = test/test_kernels.cu $(BF16_KERNEL_TESTS) test/test_cuda_emu.cpp test/test_model.cpp
-build/test_emu: $(EMU_SOURCES) build/test_main.o $(HEADERS) test/test_util.h
-	$(CXX) $(CXXFLAGS) $(EMU_FLAGS) -I. -x c++ $(EMU_SOURCES) -x none build/test_main.o -o $@
+# one object per source, so that `make -j` compiles them side by side
+EMU_OBJECTS = $(patsubst test/%,build/emu/%.o,$(EMU_SOURCES))
+build/emu/%.o: test/% $(HEADERS)
+	@mkdir -p build/emu
+	$(CXX) $(CXXFLAGS) $(EMU_FLAGS) -I. -x c++ -c $< -o $@
+build/test_emu: $(EMU_OBJECTS) build/test_main.o
+	$(CXX) $(CXXFLAGS) $(EMU_OBJECTS) build/test_main.o -o $@
 
 # the same kernel tests on a real GPU; without one the binary says so and runs nothing
 ifneq ($(NVCC),)
 GPU_TESTS = build/test_gpu
-build/test_gpu: test/test_kernels.cu $(BF16_KERNEL_TESTS) test/test_model.cpp test/test_gpu_main.cu $(HEADERS)
-	@mkdir -p build
-	$(NVCC) $(NVCCFLAGS) -I. test/test_kernels.cu $(BF16_KERNEL_TESTS) test/test_gpu_main.cu -x cu test/test_model.cpp -o $@ -lgomp -lcublasLt
+GPU_OBJECTS = $(patsubst test/%,build/gpu/%.o,test/test_kernels.cu $(BF16_KERNEL_TESTS) test/test_gpu_main.cu test/test_model.cpp)
+build/gpu/%.o: test/% $(HEADERS)
+	@mkdir -p build/gpu
+	$(NVCC) $(NVCCFLAGS) -I. -x cu -c $< -o $@
+build/test_gpu: $(GPU_OBJECTS)
+	$(NVCC) $(NVCCFLAGS) $(GPU_OBJECTS) -o $@ -lgomp -lcublasLt
 endif
 
 build/fixtures/done: dev/reference.py dev/make_fixtures.py
