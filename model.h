@@ -49,6 +49,7 @@ nvcc builds and in the emulated test build (cuda_common.h); a g++ build is CPU-o
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -472,7 +473,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
 }
 
 // Points the struct's members into one buffer holding the tensors in order, each of the size
-// `sizes` gives in elements of its own type (T or real), starting on a 256-byte boundary (what
+// `sizes` gives in elements of its own type (floatX or real), starting on a 256-byte boundary (what
 // cuBLASLt and vector loads like). Returns the buffer's size in bytes; memory == nullptr only
 // measures it.
 template <typename floatX>
