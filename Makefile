@@ -52,6 +52,12 @@ build/test_cpu: $(TEST_SOURCES) build/test_main.o $(HEADERS) test/test_util.h
 build/test_fd: test/test_finite_difference.cpp build/test_main.o $(HEADERS) test/test_util.h
 	$(CXX) $(CXXFLAGS) -DMIXLN_REAL_DOUBLE -I. test/test_finite_difference.cpp build/test_main.o -o $@
 
+# ./train with the CUDA backend under the CPU emulation of CUDA: the CLI tests run --device cuda
+# and the bf16 precisions through it (test/test_train_cli.cpp)
+build/train_emu: train.cu $(HEADERS)
+	@mkdir -p build
+	$(CXX) $(CXXFLAGS) -DMIXLN_CUDA_EMULATION -I$(CUDA_HOME)/include -x c++ train.cu -o $@
+
 NEED_TORCH = @test -n "$(PYTHON)" || { echo "error: no python with torch found (see README: Testing)"; exit 1; }
 
 # the CUDA kernels run on the CPU through the emulation of CUDA in test/emu (see cuda_common.h)
@@ -82,11 +88,11 @@ build/fixtures/done: dev/reference.py dev/make_fixtures.py
 	$(PYTHON) dev/make_fixtures.py --out build/fixtures
 	@touch $@
 
-test: train build/train_cpu build/test_cpu build/test_fd build/test_emu $(GPU_TESTS) build/fixtures/done
+test: train build/train_cpu build/train_emu build/test_cpu build/test_fd build/test_emu $(GPU_TESTS) build/fixtures/done
 	$(PYTHON) dev/test_reference.py
 	$(PYTHON) dev/data/test_prepare.py
 	$(PYTHON) dev/test_sweep.py
-	MIXLN_FIXTURES=build/fixtures MIXLN_TRAIN=./train PYTHON=$(PYTHON) ./build/test_cpu
+	MIXLN_FIXTURES=build/fixtures MIXLN_TRAIN=./train MIXLN_TRAIN_EMU=build/train_emu PYTHON=$(PYTHON) ./build/test_cpu
 	./build/test_fd
 	MIXLN_FIXTURES=build/fixtures ./build/test_emu
 	$(if $(GPU_TESTS),MIXLN_FIXTURES=build/fixtures ./build/test_gpu)

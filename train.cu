@@ -4,8 +4,9 @@ The training program: parse flags, build the model, then loop
 with validation, checkpoints and evaluation around it. Each step's pieces live in model.h and
 layers/; this file only wires them together and talks to the user.
 
-The CPU backend runs everywhere; the CUDA backend (--device cuda) in nvcc builds. Until the CUDA
-backend has been verified on a GPU, --device auto stays on the CPU.
+The CPU backend runs everywhere; the CUDA backend (--device cuda) in nvcc builds, and in the
+build under the CPU emulation of CUDA (build/train_emu, which the CLI tests run for the bf16
+precisions). Until the CUDA backend has been verified on a GPU, --device auto stays on the CPU.
 */
 #include <chrono>
 #include <cmath>
@@ -511,7 +512,7 @@ static FILE* open_log(const std::string& dir, bool resuming, int resume_step) {
 // tensor cores; 0 elsewhere (CPUs vary too much to guess). Used for the model FLOPs utilisation
 // in the progress line.
 static double peak_flops(bool on_gpu, bool bf16_matmuls) {
-#ifdef __CUDACC__
+#ifdef MIXLN_CUDA
     if (on_gpu) {
         cudaDeviceProp prop;
         CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -544,19 +545,19 @@ static std::string duration_text(double seconds) {
 
 static bool choose_device(const Args& a) {
     int gpus = 0;
-#ifdef __CUDACC__
+#ifdef MIXLN_CUDA
     if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
         gpus = 0;
         cudaGetLastError();   // clear the error a machine without a driver leaves behind
     }
 #endif
     if (a.device == "cuda") {
-#ifndef __CUDACC__
+#ifndef MIXLN_CUDA
         fail("--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");
 #endif
         if (gpus == 0) fail("--device cuda: no usable GPU was found");
     }
-#ifdef __CUDACC__
+#ifdef MIXLN_CUDA
     if (a.device == "cuda") {
         cudaDeviceProp prop;
         CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));

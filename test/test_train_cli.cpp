@@ -17,6 +17,7 @@ most of that is the three Python start-ups (importing torch).
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -924,4 +925,107 @@ TEST_CASE("--scaled-embed draws the embedding with std sqrt(2/5)", "[cli][placem
     double std = sqrt(sum_squares / values.size());
     // 32000 samples: the sample std is within 1% of the true one with overwhelming odds
     CHECK(fabs(std - sqrt(0.4)) < 0.02 * sqrt(0.4));
+}
+
+// ---- --device cuda and the bf16 precisions, through ./train built on the CPU emulation of CUDA
+//
+// $MIXLN_TRAIN_EMU (make test: build/train_emu) is train.cu compiled with the CUDA backend running
+// on the CPU (test/emu/cuda_emu.h), so the program's own bf16 paths (flags, memory report,
+// checkpoints and training states of bf16 and bf16-pure runs, --resume, --sample and --analyze on
+// bf16 activations) run here. The kernels and the model are checked in test_kernels*.cu and
+// test_model.cpp; these tests are about the program around them.
+
+static bool have_train_emu() {
+    if (getenv("MIXLN_TRAIN_EMU") != nullptr) return true;
+    WARN("MIXLN_TRAIN_EMU is not set (make test sets it to build/train_emu): test not run");
+    return false;
+}
+
+static Run train_emu_ok(const std::string& args) {
+    Run r = run_split(quote(env_or("MIXLN_TRAIN_EMU", "build/train_emu")) + " --device cuda " + args);
+    INFO("train_emu " << args << "\n" << r.out << r.err);
+    REQUIRE(r.exit_status == 0);
+    return r;
+}
+
+static std::vector<double> logged_train_losses(const std::string& log_path) {
+    std::vector<double> losses;
+    for (const JsonValue& entry : read_jsonl(log_path)) {
+        if (entry.get("train_loss")) losses.push_back(number(entry, "train_loss"));
+    }
+    return losses;
+}
+
+TEST_CASE("--precision bf16 and bf16-pure train on the CUDA backend, close to the fp32 run", "[cli][bf16]") {
+    if (!have_train_emu()) return;
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(6) + " --out " + quote(tmp + "/fp32"));
+    std::vector<double> fp32 = logged_train_losses(tmp + "/fp32/log.jsonl");
+    REQUIRE(fp32.size() == 6);
+    for (const char* precision : {"bf16", "bf16-pure"}) {
+        INFO(precision);
+        std::string out = tmp + "/" + precision;
+        Run r = train_emu_ok(mix_run_args(6) + " --precision " + precision + " --out " + quote(out));
+        CHECK(r.out.find("device: cuda") != std::string::npos);
+        CHECK(r.out.find(std::string("rmsnorm, ") + precision + " |") != std::string::npos);
+        bool copy = std::string(precision) == "bf16";   // the fp32 weights' bf16 copy exists in bf16 only
+        CHECK((r.out.find("+ bf16 weight copy") != std::string::npos) == copy);
+        std::vector<double> losses = logged_train_losses(out + "/log.jsonl");
+        REQUIRE(losses.size() == fp32.size());
+        for (size_t i = 0; i < losses.size(); i++) {
+            // the reference's bf16 emulation moves this run's step losses by at most 5.3e-5
+            // relative (dev/make_fixtures.py, mix_bf16 and mix_bf16_pure); 20x that
+            CHECK(fabs(losses[i] - fp32[i]) <= 1e-3 * fp32[i]);
+        }
+        // the checkpoint is fp32 on disk and loads into the CPU backend
+        train_ok("--init-from " + quote(out) + " --eval-only --val-data " + quote(fixture_dir("mix") + "/train.bin") +
+                 " --batch 3 --seq-len 24");
+    }
+}
+
+TEST_CASE("a bf16-pure run stopped and resumed ends bitwise where a straight run does", "[cli][bf16][resume]") {
+    if (!have_train_emu()) return;
+    std::string tmp = make_temp_dir();
+    std::string args = mix_run_args(6) + " --precision bf16-pure --out ";
+    train_emu_ok(args + quote(tmp + "/straight"));
+    train_emu_ok(args + quote(tmp + "/resumed") + " --stop-at 3");
+    Run resumed = train_emu_ok("--resume " + quote(tmp + "/resumed"));
+    CHECK(resumed.out.find("bf16-pure") != std::string::npos);   // the run's precision came back with it
+    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/resumed/model.safetensors"));
+    CHECK(read_file(tmp + "/straight/training_state.safetensors") == read_file(tmp + "/resumed/training_state.safetensors"));
+    // every saved weight and moment is a bf16 value (bf16-pure keeps no fp32 copy)
+    SafeTensorsFile file;
+    safetensors_open(&file, (tmp + "/resumed/training_state.safetensors").c_str());
+    for (const char* name : {"params", "adam_m", "adam_v"}) {
+        std::vector<float> values = read_tensor(file, name);
+        size_t not_bf16 = 0;
+        for (float v : values) {   // a bf16 value is a float whose low 16 bits are zero
+            uint32_t bits;
+            memcpy(&bits, &v, sizeof(bits));
+            not_bf16 += (bits & 0xFFFFu) != 0;
+        }
+        INFO(name);
+        CHECK(not_bf16 == 0);
+    }
+}
+
+TEST_CASE("--sample and --analyze run on bf16 activations", "[cli][bf16]") {
+    if (!have_train_emu()) return;
+    std::string tmp = make_temp_dir();
+    std::string dir = fixture_dir("mix"), data = quote(dir + "/train.bin");
+    std::vector<double> ids = sampled_ids(
+        train_emu_ok("--init-from " + quote(dir) + " --precision bf16 --sample 12 --prompt-ids 5,6 --seed 3"));
+    REQUIRE(ids.size() == 12);
+    for (double id : ids) CHECK((id >= 0 && id < 97));
+    std::string common = "--init-from " + quote(dir) + " --analyze --val-data " + data + " --batch 3 --seq-len 24 --out ";
+    train_ok(common + quote(tmp + "/fp32"));
+    train_emu_ok(common + quote(tmp + "/bf16") + " --precision bf16");
+    JsonValue fp32 = read_json_file(tmp + "/fp32/analysis.json"), bf16 = read_json_file(tmp + "/bf16/analysis.json");
+    // bf16 moves this model's loss by 1e-6 relative in the reference's emulation (mix_bf16); 1e-3
+    CHECK(fabs(number(bf16, "val_loss") - number(fp32, "val_loss")) <= 1e-3 * number(fp32, "val_loss"));
+    REQUIRE(bf16.get("layer_drop")->array.size() == 4);
+    for (size_t l = 0; l < 4; l++) {
+        double a = number(bf16.get("layer_drop")->array[l], "val_loss"), b = number(fp32.get("layer_drop")->array[l], "val_loss");
+        CHECK(fabs(a - b) <= 1e-3 * b);
+    }
 }
