@@ -939,16 +939,8 @@ def test_bf16_gradients_rounded_where_stored():
 
 def mid_model(norm_layers, norm_type="rmsnorm", seed=50):
     """The fixtures' sizes (V 97, C 48, 4 heads, F 136, T 24), norm weights off 1."""
-    cfg = ref.Config.make(97, 48, len(norm_layers), 4, 136, 24, norm_layers=norm_layers, norm_type=norm_type)
-    model = ref.MixLNForCausalLM(cfg)
-    gen = ref.init_weights(model, seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ref.is_norm_weight(name):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif ref.is_norm_bias(name):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
+    return tiny_model(L=len(norm_layers), seed=seed, V=97, C=48, NH=4, F=136, T=24, norm_layers=norm_layers,
+                      norm_type=norm_type)
 
 
 def rel(a, b):

@@ -71,6 +71,30 @@ inline void check_close(const std::vector<float>& gpu, const std::vector<float>&
     }
 }
 
+// lse (B, NH, T) = log(sum_{t2 <= t} exp(q . k[t2] / sqrt(hs))), accumulated in double from the inputs
+inline std::vector<float> attention_lse_reference(const std::vector<float>& qkv, int B, int T, int NH, int hs) {
+    int C = NH * hs;
+    std::vector<float> lse((size_t)B * NH * T);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                const float* q = &qkv[((size_t)b * T + t) * 3 * C + (size_t)h * hs];
+                std::vector<double> scores(t + 1);
+                double max_score = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* k = &qkv[((size_t)b * T + t2) * 3 * C + C + (size_t)h * hs];
+                    double dot = 0;
+                    for (int i = 0; i < hs; i++) dot += (double)q[i] * k[i];
+                    scores[t2] = dot / sqrt((double)hs);
+                    max_score = std::max(max_score, scores[t2]);
+                }
+                double sum = 0;
+                for (double s : scores) sum += exp(s - max_score);
+                lse[((size_t)b * NH + h) * T + t] = (float)(max_score + log(sum));
+            }
+    return lse;
+}
+
 // ---- bf16
 
 // The bf16 nearest to each value (round to nearest even).

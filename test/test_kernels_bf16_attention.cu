@@ -47,29 +47,6 @@ static double max_abs(const std::vector<float>& v) {
     return m;
 }
 
-// lse (B, NH, T) = log(sum_{t2 <= t} exp(q . k[t2] / sqrt(hs))), in double from the values of qkv
-static std::vector<float> attention_lse_double(const std::vector<float>& qkv, int B, int T, int NH, int hs) {
-    int C = NH * hs;
-    std::vector<float> lse((size_t)B * NH * T);
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++)
-            for (int t = 0; t < T; t++) {
-                const float* q = &qkv[((size_t)b * T + t) * 3 * C + (size_t)h * hs];
-                std::vector<double> scores(t + 1);
-                double max_score = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* k = &qkv[((size_t)b * T + t2) * 3 * C + C + (size_t)h * hs];
-                    double dot = 0;
-                    for (int i = 0; i < hs; i++) dot += (double)q[i] * k[i];
-                    scores[t2] = dot / sqrt((double)hs);
-                    max_score = std::max(max_score, scores[t2]);
-                }
-                double sum = 0;
-                for (double s : scores) sum += exp(s - max_score);
-                lse[((size_t)b * NH + h) * T + t] = (float)(max_score + log(sum));
-            }
-    return lse;
-}
 
 /*
 How far the fused attention (F) may be from the simple one (S) in bf16 in dq and dk, beyond the
@@ -232,7 +209,7 @@ TEST_CASE("fused attention in bf16 matches the simple attention in bf16", "[kern
         auto fused_dqkv = f_dqkv.to_host();
         auto fused_dqkv_f = to_floats(fused_dqkv);
         auto qkv_f = to_floats(qkv), dout_f = to_floats(dout);
-        check_close(f_lse.to_host(), attention_lse_double(qkv_f, B, T, NH, hs), "fused attention lse");
+        check_close(f_lse.to_host(), attention_lse_reference(qkv_f, B, T, NH, hs), "fused attention lse");
         // against each simple version
         struct Simple {
             const char* name;
