@@ -19,6 +19,7 @@ The same kernel source is compiled two ways:
 #else
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #endif
 
 inline void cuda_check(cudaError_t error, const char* file, int line) {
@@ -43,12 +44,13 @@ inline void launch_checked(const char* file, int line, void (*kernel)(KernelArgs
 }
 
 // Inside a kernel: DYNAMIC_SHARED(float, buffer); gives `float* buffer` pointing at the block's
-// dynamic shared memory (the shared_bytes of the launch), aligned to 16 bytes.
+// dynamic shared memory (the shared_bytes of the launch), aligned to 128 bytes (WMMA needs 32-byte
+// aligned tile pointers; the emulation aligns it to 16 and checks tile pointers relative to it).
 #ifdef MIXLN_CUDA_EMULATION
 #define DYNAMIC_SHARED(type, name) type* name = (type*)cuda_emu_dynamic_shared()
 #else
 #define DYNAMIC_SHARED(type, name)                                  \
-    extern __shared__ __align__(16) unsigned char name##_bytes_[];  \
+    extern __shared__ __align__(128) unsigned char name##_bytes_[]; \
     type* name = (type*)name##_bytes_
 #endif
 

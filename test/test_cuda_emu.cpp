@@ -21,6 +21,7 @@ Build (no GPU needed):
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // ---- host helpers
@@ -647,6 +648,254 @@ TEST_CASE("CUDA math functions and intrinsics work in kernels without touching s
     REQUIRE(std::min<size_t>(2, 3) == 2);
     CUDA_CHECK(cudaFree(d_out));
     CUDA_CHECK(cudaFree(d_ints));
+}
+
+// ---- WMMA (tensor cores): the 16x16x16 bf16 subset
+namespace wmma = nvcuda::wmma;
+
+// strides: larger than a tile's 16, and every tile starts 32-byte aligned
+constexpr int kWmmaLdBf16 = 24, kWmmaLdFloat = 20;
+constexpr int kWmmaTileBf16 = 16 * kWmmaLdBf16, kWmmaTileFloat = 16 * kWmmaLdFloat;
+
+// one product per warp: D = A * B + C, for tile number (block * warps + warp) of each array;
+// A and B are bf16 with the fragments' layouts, C and D float in mem_row_major or mem_col_major
+template <typename LayoutA, typename LayoutB>
+__global__ void wmma_product_kernel(float* d, const bf16* a, const bf16* b, const float* c, int c_col_major,
+                                    int d_col_major) {
+    int tile = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LayoutA> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LayoutB> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(fa, a + tile * kWmmaTileBf16, kWmmaLdBf16);
+    wmma::load_matrix_sync(fb, b + tile * kWmmaTileBf16, kWmmaLdBf16);
+    wmma::load_matrix_sync(acc, c + tile * kWmmaTileFloat, kWmmaLdFloat,
+                           c_col_major ? wmma::mem_col_major : wmma::mem_row_major);
+    wmma::mma_sync(acc, fa, fb, acc);  // d is c
+    wmma::store_matrix_sync(d + tile * kWmmaTileFloat, acc, kWmmaLdFloat,
+                            d_col_major ? wmma::mem_col_major : wmma::mem_row_major);
+}
+
+// random 16x16 tiles: A and B exactly bf16, C float
+struct WmmaTiles {
+    int tiles;
+    std::vector<float> a, b, c;  // tiles * 256 each, logical (row, col) at [t * 256 + row * 16 + col]
+};
+static WmmaTiles wmma_random_tiles(int tiles, unsigned seed) {
+    WmmaTiles w{tiles, {}, {}, {}};
+    auto next = [&seed]() {
+        seed = seed * 1664525u + 1013904223u;
+        return (float)((seed >> 8) & 0xFFFF) / 32768.0f - 1.0f;  // in [-1, 1)
+    };
+    for (int i = 0; i < tiles * 256; i++) {
+        w.a.push_back(__bfloat162float(__float2bfloat16_rn(next())));  // exactly bf16
+        w.b.push_back(__bfloat162float(__float2bfloat16_rn(next())));
+        w.c.push_back(next());
+    }
+    return w;
+}
+// where logical element (r, c) of tile t lies in memory with stride ld, row- or column-major
+static size_t wmma_index(int t, int r, int c, int ld, bool col_major) {
+    return (size_t)t * 16 * ld + (col_major ? c * ld + r : r * ld + c);
+}
+// logical tiles -> memory; the padding is NaN
+template <typename T>
+static std::vector<T> wmma_to_memory(const std::vector<float>& logical, int tiles, int ld, bool col_major) {
+    std::vector<T> out((size_t)tiles * 16 * ld, from_float<T>(NAN));
+    for (int t = 0; t < tiles; t++)
+        for (int r = 0; r < 16; r++)
+            for (int c = 0; c < 16; c++)
+                out[wmma_index(t, r, c, ld, col_major)] = from_float<T>(logical[t * 256 + r * 16 + c]);
+    return out;
+}
+template <typename T>
+static std::vector<float> wmma_from_memory(const std::vector<T>& memory, int tiles, int ld, bool col_major) {
+    std::vector<float> out((size_t)tiles * 256);
+    for (int t = 0; t < tiles; t++)
+        for (int r = 0; r < 16; r++)
+            for (int c = 0; c < 16; c++) out[t * 256 + r * 16 + c] = to_float(memory[wmma_index(t, r, c, ld, col_major)]);
+    return out;
+}
+// Is got = A * B + C (per tile), to float summation's error? (c empty: C = 0)
+static bool wmma_matches_product(const std::vector<float>& got, const std::vector<float>& a,
+                                 const std::vector<float>& b, const std::vector<float>& c, int tiles) {
+    for (int t = 0; t < tiles; t++)
+        for (int m = 0; m < 16; m++)
+            for (int n = 0; n < 16; n++) {
+                double sum = c.empty() ? 0.0 : c[t * 256 + m * 16 + n], magnitude = std::fabs(sum);
+                for (int k = 0; k < 16; k++) {
+                    double p = (double)a[t * 256 + m * 16 + k] * b[t * 256 + k * 16 + n];
+                    sum += p;
+                    magnitude += std::fabs(p);
+                }
+                double g = got[t * 256 + m * 16 + n];
+                if (!(std::fabs(g - sum) <= 1e-5 * magnitude + 1e-30)) return false;
+            }
+    return true;
+}
+
+template <typename LayoutA, typename LayoutB>
+static void check_wmma_product(int blocks, int warps, bool c_col_major, bool d_col_major, unsigned seed) {
+    bool a_col = std::is_same<LayoutA, wmma::col_major>::value, b_col = std::is_same<LayoutB, wmma::col_major>::value;
+    int tiles = blocks * warps;
+    WmmaTiles w = wmma_random_tiles(tiles, seed);
+    bf16* d_a = to_device(wmma_to_memory<bf16>(w.a, tiles, kWmmaLdBf16, a_col));
+    bf16* d_b = to_device(wmma_to_memory<bf16>(w.b, tiles, kWmmaLdBf16, b_col));
+    float* d_c = to_device(wmma_to_memory<float>(w.c, tiles, kWmmaLdFloat, c_col_major));
+    float* d_d = to_device(std::vector<float>((size_t)tiles * kWmmaTileFloat, -7.0f));  // -7: padding untouched
+    auto kernel = wmma_product_kernel<LayoutA, LayoutB>;  // LAUNCH is a macro: no commas in its arguments
+    LAUNCH(kernel, blocks, 32 * warps, 0, 0, d_d, d_a, d_b, d_c, (int)c_col_major, (int)d_col_major);
+    std::vector<float> memory = from_device(d_d, (size_t)tiles * kWmmaTileFloat);
+    INFO("A " << (a_col ? "col" : "row") << "_major, B " << (b_col ? "col" : "row") << "_major, C "
+              << (c_col_major ? "col" : "row") << ", D " << (d_col_major ? "col" : "row") << ", " << blocks
+              << " blocks of " << warps << " warps");
+    REQUIRE(wmma_matches_product(wmma_from_memory(memory, tiles, kWmmaLdFloat, d_col_major), w.a, w.b, w.c, tiles));
+    REQUIRE(std::count(memory.begin(), memory.end(), -7.0f) == (long)tiles * 16 * (kWmmaLdFloat - 16));
+    CUDA_CHECK(cudaFree(d_a));
+    CUDA_CHECK(cudaFree(d_b));
+    CUDA_CHECK(cudaFree(d_c));
+    CUDA_CHECK(cudaFree(d_d));
+}
+
+TEST_CASE("wmma: mma_sync computes A * B + C for every layout of A, B, C and D", "[emu][wmma]") {
+    // one warp, every layout of A and B, C and D row-major
+    check_wmma_product<wmma::row_major, wmma::row_major>(1, 1, false, false, 1);
+    check_wmma_product<wmma::row_major, wmma::col_major>(1, 1, false, false, 2);
+    check_wmma_product<wmma::col_major, wmma::row_major>(1, 1, false, false, 3);
+    check_wmma_product<wmma::col_major, wmma::col_major>(1, 1, false, false, 4);
+    // C loaded and D stored column-major
+    check_wmma_product<wmma::row_major, wmma::col_major>(1, 1, true, false, 5);
+    check_wmma_product<wmma::row_major, wmma::col_major>(1, 1, false, true, 6);
+    check_wmma_product<wmma::col_major, wmma::row_major>(1, 1, true, true, 7);
+}
+
+TEST_CASE("wmma: the warps of a block multiply independently", "[emu][wmma]") {
+    check_wmma_product<wmma::row_major, wmma::col_major>(1, 2, false, false, 8);  // one block of 64 threads
+    check_wmma_product<wmma::col_major, wmma::row_major>(5, 2, true, false, 9);   // five of them
+    check_wmma_product<wmma::row_major, wmma::row_major>(3, 4, false, true, 10);  // 128 threads
+}
+
+// D = A * B with A (16x16, row-major, ld 16) staged in dynamic shared memory by the warp, each lane
+// copying 8 elements: row lane / 2, columns (lane % 2) * 8 ... + 7. Planted bug without
+// with_syncwarp: load_matrix_sync reads elements other lanes have not stored yet.
+__global__ void wmma_staged_kernel(float* d, const bf16* a, const bf16* b, int with_syncwarp) {
+    DYNAMIC_SHARED(bf16, tile);
+    int lane = threadIdx.x, row = lane / 2, col0 = (lane % 2) * 8;
+    for (int i = 0; i < 8; i++) tile[row * 16 + col0 + i] = a[row * 16 + col0 + i];
+    if (with_syncwarp) __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(fa, tile, 16);
+    wmma::load_matrix_sync(fb, b, 16);
+    wmma::fill_fragment(acc, 0.0f);
+    wmma::mma_sync(acc, fa, fb, acc);
+    wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+}
+
+TEST_CASE("wmma: load_matrix_sync of a tile the warp just wrote needs __syncwarp()", "[emu][wmma]") {
+    WmmaTiles w = wmma_random_tiles(1, 11);
+    bf16* d_a = to_device(wmma_to_memory<bf16>(w.a, 1, 16, false));
+    bf16* d_b = to_device(wmma_to_memory<bf16>(w.b, 1, 16, false));
+    float* d_d = device_zeros<float>(256);
+    for (int run = 0; run < 3; run++) {
+        INFO("run " << run);
+        LAUNCH(wmma_staged_kernel, 1, 32, 256 * sizeof(bf16), 0, d_d, d_a, d_b, 1);
+        REQUIRE(wmma_matches_product(from_device(d_d, 256), w.a, w.b, {}, 1));
+        // without __syncwarp: lanes read the poisoned (NaN) shared memory their neighbours had not
+        // overwritten yet
+        LAUNCH(wmma_staged_kernel, 1, 32, 256 * sizeof(bf16), 0, d_d, d_a, d_b, 0);
+        REQUIRE_FALSE(wmma_matches_product(from_device(d_d, 256), w.a, w.b, {}, 1));
+    }
+    CUDA_CHECK(cudaFree(d_a));
+    CUDA_CHECK(cudaFree(d_b));
+    CUDA_CHECK(cudaFree(d_d));
+}
+
+// out = 2 * in (16x16, row-major): x[] scaled uniformly, which is all a kernel may do with it
+__global__ void wmma_scale_kernel(float* out, const float* in) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(acc, in, 16, wmma::mem_row_major);
+    for (int i = 0; i < acc.num_elements; i++) acc.x[i] *= 2.0f;
+    wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+}
+// planted bug: out should be in (16x16, row-major), but the kernel fills the accumulator as if
+// lane held row lane / 2, columns (lane % 2) * 8 + i in x[i]
+__global__ void wmma_assumed_layout_kernel(float* out, const float* in) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    int lane = threadIdx.x % 32;
+    for (int i = 0; i < acc.num_elements; i++) acc.x[i] = in[(lane / 2) * 16 + (lane % 2) * 8 + i];
+    wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+}
+
+TEST_CASE("wmma: uniform work on fragment elements is right; assuming a layout is wrong", "[emu][wmma]") {
+    std::vector<float> x(256);
+    for (int i = 0; i < 256; i++) x[i] = 0.5f + i;  // all different
+    float* d_in = to_device(x);
+    float* d_out = device_zeros<float>(256);
+    LAUNCH(wmma_scale_kernel, 1, 32, 0, 0, d_out, d_in);
+    std::vector<float> out = from_device(d_out, 256);
+    for (int i = 0; i < 256; i++) REQUIRE(out[i] == 2.0f * x[i]);
+    LAUNCH(wmma_assumed_layout_kernel, 1, 32, 0, 0, d_out, d_in);
+    out = from_device(d_out, 256);
+    int wrong = 0;
+    for (int i = 0; i < 256; i++) wrong += out[i] != x[i];
+    REQUIRE(wrong > 200);  // every element is stored once, almost all in the wrong place
+    std::vector<float> sorted_out = out, sorted_x = x;
+    std::sort(sorted_out.begin(), sorted_out.end());
+    std::sort(sorted_x.begin(), sorted_x.end());
+    REQUIRE(sorted_out == sorted_x);
+    CUDA_CHECK(cudaFree(d_in));
+    CUDA_CHECK(cudaFree(d_out));
+}
+
+// wrong calls, one per `which`
+__global__ void wmma_bad_call_kernel(float* out, const bf16* a, int which) {
+    DYNAMIC_SHARED(bf16, tile);  // 1024 bytes
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(fa, __float2bfloat16(1.0f));
+    wmma::fill_fragment(fb, __float2bfloat16(1.0f));
+    wmma::fill_fragment(acc, 0.0f);
+    if (which == 0) wmma::load_matrix_sync(fa, a + 1, 16);        // 2 bytes off a 256-byte aligned allocation
+    if (which == 1) wmma::load_matrix_sync(fb, tile + 8, 16);     // 16 bytes into shared memory
+    if (which == 2) wmma::load_matrix_sync(fa, a, 12);            // ldm: 24 bytes
+    if (which == 3) wmma::store_matrix_sync(out, acc, 18, wmma::mem_col_major);  // ldm: 72 bytes
+    if (which == 4 && threadIdx.x == 5) return;                   // mma_sync with an exited lane
+    if (which == 5 && threadIdx.x < 16) __syncwarp();             // lanes in different primitives
+    if (which == 6) wmma::load_matrix_sync(fa, a, 16);            // in a warp of 16 threads
+    wmma::mma_sync(acc, fa, fb, acc);
+    wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+}
+
+TEST_CASE("wmma: misaligned tiles, bad ldm and incomplete warps fail with a message", "[emu][wmma]") {
+    float* d_out = device_zeros<float>(1024);
+    bf16* d_a = device_zeros<bf16>(1024);
+    std::string file = __FILE__;
+    auto launch = [&](int which, int threads) { LAUNCH(wmma_bad_call_kernel, 1, threads, 1024, 0, d_out, d_a, which); };
+    // the call and its line, then the problem
+    REQUIRE_FAILS_WITH("wmma::load_matrix_sync at " + file + ":", launch(0, 32));
+    REQUIRE_FAILS_WITH("the tile pointer (address ", launch(0, 32));
+    REQUIRE_FAILS_WITH("is not 32-byte (256-bit) aligned", launch(0, 32));
+    REQUIRE_FAILS_WITH("the tile pointer (16 bytes into the dynamic shared memory) is not 32-byte (256-bit) aligned",
+                       launch(1, 32));
+    REQUIRE_FAILS_WITH("ldm 12 is not a multiple of 8 elements (16 bytes)", launch(2, 32));
+    REQUIRE_FAILS_WITH("wmma::store_matrix_sync at " + file + ":", launch(3, 32));
+    REQUIRE_FAILS_WITH("ldm 18 is not a multiple of 4 elements (16 bytes)", launch(3, 32));
+    // mma_sync is a rendezvous of the full warp
+    REQUIRE_FAILS_WITH("wmma::mma_sync at " + file + ":", launch(4, 32));
+    REQUIRE_FAILS_WITH("which has exited", launch(4, 32));
+    REQUIRE_FAILS_WITH("different warp primitives", launch(5, 32));
+    REQUIRE_FAILS_WITH("wmma::mma_sync", launch(5, 32));
+    REQUIRE_FAILS_WITH("the block's last warp has only 16 threads", launch(7, 48));  // mma_sync
+    REQUIRE_FAILS_WITH("wmma::load_matrix_sync at " + file + ":", launch(6, 48));
+    REQUIRE_FAILS_WITH("the block's last warp has only 16 threads (wmma operations need all 32 lanes",
+                       launch(6, 48));
+    // the same calls, right, pass
+    launch(7, 32);
+    launch(7, 64);
+    CUDA_CHECK(cudaFree(d_out));
+    CUDA_CHECK(cudaFree(d_a));
 }
 
 // ---- speed: the cost of the fibers themselves

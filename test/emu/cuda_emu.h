@@ -51,6 +51,25 @@ What it emulates
     undefined; here it is an error, because a full-mask reduction after `if (i >= N) return;` is
     almost always a bug. __activemask() returns the lanes of the warp that have not exited
     (divergence is not tracked).
+  - Tensor cores: the 16x16x16 bf16 subset of WMMA (nvcuda::wmma from <mma.h>), so a kernel
+    written against it compiles unchanged: fragment<matrix_a | matrix_b, 16, 16, 16,
+    __nv_bfloat16, row_major | col_major> and fragment<accumulator, 16, 16, 16, float> (anything
+    else fails a static_assert), each with num_elements = 8 and x[8] as on the GPU (256 elements
+    over 32 lanes); fill_fragment, load_matrix_sync (matrix_a/b with ldm; accumulator with ldm and
+    mem_row_major/mem_col_major), store_matrix_sync (accumulator), and mma_sync(d, a, b, c): d = a *
+    b + c in float, summed over k in order then added to c (bf16 products are exact in float); d
+    may be c. Element (r, c) of a tile (row-major index e = 16 r + c of the logical matrix) is
+    x[slot] of lane `lane` where e = ((32 slot + lane) * 5) % 256: deliberately unlike any GPU
+    layout, so a kernel may only treat x[] uniformly (scale it all, convert it all); one that
+    assumes positions gets a wrong answer. load_matrix_sync and store_matrix_sync are NOT
+    rendezvous: each lane reads or writes its own 8 elements at once, so a tile that the warp wrote
+    element by element must be published with __syncwarp() (or __syncthreads()) before
+    load_matrix_sync, or the load reads stale values under the scrambled order. They check what the
+    GPU requires, as errors naming the call's file:line: a full warp, a tile pointer 32-byte
+    (256-bit) aligned (into the dynamic shared memory: relative to its start, which the GPU build
+    aligns to 128 bytes; elsewhere: the address), and ldm a multiple of 16 bytes (8 bf16 or 4
+    floats). mma_sync is a rendezvous of all 32 lanes (a collective warp operation, named
+    "wmma::mma_sync" in errors), with the full-mask checks of the warp primitives.
   - Memory: dynamic shared memory (DYNAMIC_SHARED, cuda_emu_dynamic_shared()) is a per-block
     buffer of the launch's shared_bytes, 16-byte aligned, filled with 0xFF bytes (NaN floats) at
     the start of every block, and ending (to within 15 bytes) at an unmapped guard page, so
@@ -88,9 +107,10 @@ What it does NOT emulate
     not count toward the shared-memory limit (only the launch's dynamic bytes do).
   - __CUDA_ARCH__ is not defined, so code under #ifdef __CUDA_ARCH__ is not what runs here.
     No texture/surface memory, __constant__ is plain memory, no cooperative groups, no dynamic
-    parallelism, no clusters, no tensor cores/inline PTX, no warp-divergence tracking for
-    __activemask(), no spin-waiting on other blocks (a block runs to completion before its OS
-    thread takes another; spin-waiting inside a block works if the loop calls __nanosleep).
+    parallelism, no clusters, no inline PTX, no WMMA beyond the subset above, no warp-divergence
+    tracking for __activemask(), no spin-waiting on other blocks (a block runs to completion
+    before its OS thread takes another; spin-waiting inside a block works if the loop calls
+    __nanosleep).
   - Floating-point results are the CPU's: __expf is expf, not the GPU's fast approximation, and
     there are no denormal flush modes.
   - C++ exceptions cannot leave a kernel (they stop the test with an error), so Catch2's REQUIRE
@@ -336,22 +356,28 @@ enum WarpOp : uint8_t {
     kShflIdx, kShflUp, kShflDown, kShflXor,
     kBallot, kAny, kAll,
     kReduceAdd, kReduceMinI, kReduceMinU, kReduceMaxI, kReduceMaxU, kReduceAnd, kReduceOr, kReduceXor,
+    kWmmaMma,  // collectives: one function computes every lane's result (see Runner::complete_warp_op)
 };
 inline const char* warp_op_name(uint8_t op) {
     static const char* names[] = {"__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
                                   "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync",
                                   "__reduce_add_sync", "__reduce_min_sync", "__reduce_min_sync",
                                   "__reduce_max_sync", "__reduce_max_sync", "__reduce_and_sync",
-                                  "__reduce_or_sync", "__reduce_xor_sync"};
+                                  "__reduce_or_sync", "__reduce_xor_sync", "wmma::mma_sync"};
     return names[op];
 }
-// 0: __syncwarp, 1: shuffles, 2: votes, 3: reductions
+// 0: __syncwarp, 1: shuffles, 2: votes, 3: reductions, 4: collectives
 inline int warp_op_class(uint8_t op) {
     if (op == kSyncwarp) return 0;
     if (op <= kShflXor) return 1;
     if (op <= kAll) return 2;
-    return 3;
+    if (op <= kReduceXor) return 3;
+    return 4;
 }
+// A collective warp operation: each lane of mask deposits a pointer to its own arguments (its
+// Fiber's value); once all have arrived, one call sees them all (lane_args[l] for lane l of mask;
+// the others are null) and writes every lane's results through those pointers.
+typedef void (*CollectiveFn)(void* const* lane_args, unsigned mask);
 
 enum class State : uint8_t { kReady, kBarrier, kWarp, kDone };
 
@@ -364,6 +390,7 @@ struct Fiber {
     unsigned mask = 0;
     int param = 0, width = 0;
     uint64_t value = 0, result = 0;
+    CollectiveFn collective = nullptr;  // for collectives (class 4): what computes the results
     const char* file = "";
     int line = 0;
 };
@@ -639,7 +666,9 @@ struct Runner {
     }
 
     // ---- warp primitives: a rendezvous of the lanes in mask
-    uint64_t warp_op(const char* file, int line, uint8_t op, unsigned mask, uint64_t value, int param, int width) {
+    // (collectives pass their per-lane argument pointer as value, and their function)
+    uint64_t warp_op(const char* file, int line, uint8_t op, unsigned mask, uint64_t value, int param, int width,
+                     CollectiveFn collective = nullptr) {
         int t = current;
         Fiber& f = fibers[t];
         int lane = t & 31, base = t - lane;
@@ -669,6 +698,7 @@ struct Runner {
         f.value = value;
         f.param = param;
         f.width = width;
+        f.collective = collective;
         f.file = file;
         f.line = line;
         bool complete = true;
@@ -699,6 +729,15 @@ struct Runner {
             if (g.value != 0) ballot |= 1u << l;
             scratch[count++] = base + l;
         }
+        // a collective: one call computes every lane's results from all lanes' arguments
+        if (warp_op_class(first.op) == 4) {
+            void* lane_args[32] = {};
+            for (unsigned m = mask; m; m &= m - 1) {
+                int l = __builtin_ctz(m);
+                lane_args[l] = reinterpret_cast<void*>((uintptr_t)fibers[base + l].value);
+            }
+            first.collective(lane_args, mask);
+        }
         for (unsigned m = mask; m; m &= m - 1) {
             int lane = __builtin_ctz(m);
             Fiber& g = fibers[base + lane];
@@ -710,6 +749,7 @@ struct Runner {
     uint64_t warp_result(const Fiber& g, int lane, int base, unsigned mask, unsigned ballot) const {
         switch (g.op) {
             case kSyncwarp: return 0;
+            case kWmmaMma: return 0;  // the collective wrote its results already
             case kBallot: return ballot;
             case kAny: return ballot != 0;
             case kAll: return ballot == mask;
@@ -1566,3 +1606,189 @@ template <typename... KernelArgs>
 inline cudaError_t cudaFuncSetAttribute(void (*kernel)(KernelArgs...), enum cudaFuncAttribute attr, int value) {
     return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
 }
+
+// ---- WMMA (tensor cores): the 16x16x16 bf16 subset of nvcuda::wmma from <mma.h>
+// A fragment holds a 16x16 tile spread over the 32 lanes of a warp, 8 elements per lane. Which
+// lane holds which element is deliberately unlike any natural layout (see wmma_element), so a
+// kernel that assumes one gets a wrong answer in tests. Loads and stores are per lane and
+// immediate (no rendezvous); mma_sync is a collective of all 32 lanes.
+namespace cuda_emu {
+
+// Element e = r * 16 + c of the tile (row r, column c of the logical matrix, whatever the memory
+// layout) is x[slot] of lane `lane` where e = ((slot * 32 + lane) * 5) % 256: 5 is odd, so this
+// is a bijection of the 256 (lane, slot) pairs onto the 256 elements.
+inline int wmma_element(int lane, int slot) { return ((slot * 32 + lane) * 5) % 256; }
+
+// What load_matrix_sync and store_matrix_sync check (as the GPU requires): a full warp, a 256-bit
+// aligned tile pointer, and ldm a multiple of 16 bytes. Returns the calling lane.
+inline int wmma_check(const char* what, const char* file, int line, const void* ptr, unsigned ldm,
+                      size_t element_bytes) {
+    Runner& r = in_kernel(what);
+    int t = r.current, lane = t & 31, base = t - lane;
+    // the call and the thread, for messages (built only when there is an error: loads are hot)
+    auto where = [&]() {
+        return strprintf("%s at %s:%d in thread %s of block %s", what, file, line, r.thread_name(t).c_str(),
+                         dims(r.block_idx).c_str());
+    };
+    if (base + 32 > r.n)
+        r.fiber_error(strprintf("%s: the block's last warp has only %d threads (wmma operations need all 32 lanes "
+                                "of a warp)", where().c_str(), r.n - base));
+    // a pointer into the dynamic shared memory is checked relative to its start: the GPU build
+    // aligns that buffer to 128 bytes (DYNAMIC_SHARED), the emulation only to 16
+    uintptr_t p = (uintptr_t)ptr, shared = (uintptr_t)r.shared_ptr;
+    bool in_shared = r.shared_bytes > 0 && p >= shared && p < shared + r.shared_bytes;
+    uintptr_t offset = in_shared ? p - shared : p;
+    if (offset % 32 != 0) {
+        std::string at = in_shared ? strprintf("%llu bytes into the dynamic shared memory", (unsigned long long)offset)
+                                   : strprintf("address %p", ptr);
+        r.fiber_error(strprintf("%s: the tile pointer (%s) is not 32-byte (256-bit) aligned", where().c_str(),
+                                at.c_str()));
+    }
+    if ((ldm * element_bytes) % 16 != 0)
+        r.fiber_error(strprintf("%s: ldm %u is not a multiple of %zu elements (16 bytes)", where().c_str(), ldm,
+                                16 / element_bytes));
+    return lane;
+}
+
+// memory offset of element (row, col) of a tile with leading dimension ldm
+inline size_t wmma_offset(int row, int col, unsigned ldm, bool row_major) {
+    return row_major ? (size_t)row * ldm + col : (size_t)col * ldm + row;
+}
+
+// One lane's arguments to mma_sync: its own slots of A, B, C and D
+struct WmmaMmaArgs {
+    const __nv_bfloat16* a;
+    const __nv_bfloat16* b;
+    const float* c;
+    float* d;
+};
+// The collective of mma_sync: D = A * B + C over the whole warp
+inline void wmma_mma_collective(void* const* lane_args, unsigned mask) {
+    (void)mask;  // always the full warp
+    // gather all of A, B and C first: d may be the same fragment as c
+    float a[256], b[256], c[256];
+    for (int lane = 0; lane < 32; lane++) {
+        const WmmaMmaArgs* args = static_cast<const WmmaMmaArgs*>(lane_args[lane]);
+        for (int slot = 0; slot < 8; slot++) {
+            int e = wmma_element(lane, slot);
+            a[e] = __bfloat162float(args->a[slot]);
+            b[e] = __bfloat162float(args->b[slot]);
+            c[e] = args->c[slot];
+        }
+    }
+    // D[m][n] = sum over k, in order, of A[m][k] * B[k][n] (bf16 products are exact in float),
+    // then plus C[m][n]
+    float d[256];
+    for (int m = 0; m < 16; m++)
+        for (int n = 0; n < 16; n++) {
+            float sum = 0.0f;
+            for (int k = 0; k < 16; k++) sum += a[m * 16 + k] * b[k * 16 + n];
+            d[m * 16 + n] = sum + c[m * 16 + n];
+        }
+    // scatter D to every lane's slots
+    for (int lane = 0; lane < 32; lane++) {
+        const WmmaMmaArgs* args = static_cast<const WmmaMmaArgs*>(lane_args[lane]);
+        for (int slot = 0; slot < 8; slot++) args->d[slot] = d[wmma_element(lane, slot)];
+    }
+}
+
+}  // namespace cuda_emu
+
+namespace nvcuda {
+namespace wmma {
+
+// tags, as in <mma.h>
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+// 16x16x16 only: matrix_a (M x K) and matrix_b (K x N) of __nv_bfloat16 with a row_major or
+// col_major layout, and a float accumulator (M x N) without one. 8 elements per lane, as on the GPU.
+template <typename Use, int m, int n, int k, typename T, typename Layout = void>
+struct fragment {
+    static_assert(m == 16 && n == 16 && k == 16, "cuda emulation: only 16x16x16 wmma fragments are emulated");
+    static_assert(std::is_same<Use, matrix_a>::value || std::is_same<Use, matrix_b>::value ||
+                      std::is_same<Use, accumulator>::value,
+                  "cuda emulation: a wmma fragment is a matrix_a, matrix_b or accumulator");
+    static_assert(!std::is_same<Use, accumulator>::value ||
+                      (std::is_same<T, float>::value && std::is_same<Layout, void>::value),
+                  "cuda emulation: only float wmma accumulators (without a layout) are emulated");
+    static_assert(std::is_same<Use, accumulator>::value ||
+                      (std::is_same<T, __nv_bfloat16>::value &&
+                       (std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value)),
+                  "cuda emulation: only __nv_bfloat16 matrix_a/matrix_b wmma fragments, with a row_major or "
+                  "col_major layout, are emulated");
+    using element_type = T;
+    using storage_element_type = T;
+    static constexpr int num_elements = 8;
+    T x[8];
+};
+
+// the value type of fill_fragment, not deduced from the argument (so fill_fragment(acc, 0) works)
+template <typename T>
+struct wmma_value_type {
+    using type = T;
+};
+
+// every element of the fragment = value
+template <typename Use, int m, int n, int k, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, m, n, k, T, Layout>& f, const typename wmma_value_type<T>::type& value) {
+    for (int i = 0; i < f.num_elements; i++) f.x[i] = value;
+}
+
+// matrix_a or matrix_b from memory: element (r, c) at ptr[r * ldm + c] (row_major) or
+// ptr[c * ldm + r] (col_major). The calling lane reads its own 8 elements, at once: other lanes'
+// stores to the tile must be made visible first (__syncwarp() or __syncthreads()).
+template <typename Use, int m, int n, int k, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, m, n, k, T, Layout>& f, const T* ptr, unsigned ldm,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    static_assert(!std::is_same<Use, accumulator>::value,
+                  "wmma::load_matrix_sync of an accumulator takes a layout (mem_row_major or mem_col_major)");
+    int lane = cuda_emu::wmma_check("wmma::load_matrix_sync", file, line, ptr, ldm, sizeof(T));
+    bool row = std::is_same<Layout, row_major>::value;
+    for (int slot = 0; slot < 8; slot++) {
+        int e = cuda_emu::wmma_element(lane, slot);
+        f.x[slot] = ptr[cuda_emu::wmma_offset(e / 16, e % 16, ldm, row)];
+    }
+}
+
+// an accumulator from memory, element (r, c) at ptr[r * ldm + c] (mem_row_major) or ptr[c * ldm + r]
+template <int m, int n, int k>
+inline void load_matrix_sync(fragment<accumulator, m, n, k, float>& f, const float* ptr, unsigned ldm, layout_t layout,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    int lane = cuda_emu::wmma_check("wmma::load_matrix_sync", file, line, ptr, ldm, sizeof(float));
+    for (int slot = 0; slot < 8; slot++) {
+        int e = cuda_emu::wmma_element(lane, slot);
+        f.x[slot] = ptr[cuda_emu::wmma_offset(e / 16, e % 16, ldm, layout == mem_row_major)];
+    }
+}
+
+// an accumulator to memory: the calling lane writes its own 8 elements, at once
+template <int m, int n, int k>
+inline void store_matrix_sync(float* ptr, const fragment<accumulator, m, n, k, float>& f, unsigned ldm,
+                              layout_t layout, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    int lane = cuda_emu::wmma_check("wmma::store_matrix_sync", file, line, ptr, ldm, sizeof(float));
+    for (int slot = 0; slot < 8; slot++) {
+        int e = cuda_emu::wmma_element(lane, slot);
+        ptr[cuda_emu::wmma_offset(e / 16, e % 16, ldm, layout == mem_row_major)] = f.x[slot];
+    }
+}
+
+// d = a * b + c, in float; a rendezvous of all 32 lanes of the warp (d may be c)
+template <typename LayoutA, typename LayoutB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LayoutA>& a,
+                     const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c, const char* file = __builtin_FILE(),
+                     int line = __builtin_LINE()) {
+    cuda_emu::WmmaMmaArgs args{a.x, b.x, c.x, d.x};
+    cuda_emu::in_kernel("wmma::mma_sync")
+        .warp_op(file, line, cuda_emu::kWmmaMma, 0xffffffffu, (uint64_t)(uintptr_t)&args, 0, 32,
+                 &cuda_emu::wmma_mma_collective);
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
