@@ -574,7 +574,7 @@ struct Model {
     double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
     bool backward_ready = false;      // a forward pass with targets ran and backward has not
     int skip_layer = -1;              // layer left out of the forward pass (layer-drop analysis), -1: none
-    bool fused_attention = false;     // on the GPU: the fused (flash-style) attention kernels
+    bool fused_attention = false;     // on the GPU: the fused (flash-style) attention kernels (tensor cores in bf16, head size % 16 == 0)
 #ifdef MIXLN_CUDA
     cudaStream_t stream = 0;
     float* norm_partials = nullptr;   // (GLOBAL_NORM_BLOCKS) on the GPU

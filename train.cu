@@ -135,7 +135,8 @@ static void print_help() {
     printf("run:\n");
     printf("  --device auto|cpu|cuda where to run (default %s; auto stays on the CPU until the CUDA backend is verified)\n", d.device.c_str());
     printf("  --attention simple|fused  on the GPU: attention with its probabilities stored, or the fused\n");
-    printf("                         flash-style kernels (default %s)\n", d.attention.c_str());
+    printf("                         flash-style kernels, on the tensor cores in bf16 when the head size is a\n"
+           "                         multiple of 16 (default %s)\n", d.attention.c_str());
     printf("  --precision fp32|bf16|bf16-pure  number format (default %s). bf16: bf16 activations and weight copy,\n"
            "                         fp32 master weights, gradients and AdamW state; bf16-pure: all bf16, as the paper\n"
            "                         trained. GPU only; every kernel computes in fp32 (model.h: Precision)\n", d.precision.c_str());

@@ -153,6 +153,141 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
     }
 }
 
+#ifdef MIXLN_HAS_BF16
+/*
+CPU twins of the tensor-core attention (bf16 only; the kernels and their rationale are in the
+last section of this file). They round where the kernels round, which is more often than the
+attention above: the tensor cores multiply bf16 by bf16, so the probabilities P (forward and
+backward) and the score gradients dS (backward) are rounded to bf16 before they enter a product,
+as in FlashAttention. The forward keeps the kernel's 64-key tiles and its online softmax, because
+P is rounded relative to the running maximum of the tiles seen so far: exp(score - m_tile), not
+exp(score - m_final), and the two round differently. Within a tile the row sum of the rounded P is
+taken over the even and the odd keys separately, then added, as the kernel's two lanes per row do.
+*/
+
+// out (B, T, C) bf16; lse (B, NH, T) float; qkv (B, T, 3C) bf16
+inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH,
+                                              int head_size) {
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    #pragma omp parallel
+    {
+        std::vector<float> scores(64), acc(head_size);   // per thread: one tile's scores, one row's sum of P v
+        #pragma omp for collapse(3)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < NH; h++) {
+                for (int t = 0; t < T; t++) {
+                    auto row = [&](int t2, int part) {
+                        return qkv + ((size_t)b * T + t2) * 3 * C + (size_t)part * C + (size_t)h * head_size;
+                    };
+                    const bf16* q = row(t, 0);
+                    float row_max = -INFINITY, row_sum = 0.0f;
+                    std::fill(acc.begin(), acc.end(), 0.0f);
+                    // the key tiles up to the query's own
+                    for (int k0 = 0; k0 <= t; k0 += 64) {
+                        // scaled scores of the tile, -inf for the masked future and keys past T
+                        float tile_max = -INFINITY;
+                        for (int c = 0; c < 64; c++) {
+                            int t2 = k0 + c;
+                            float score = -INFINITY;
+                            if (t2 <= t && t2 < T) {
+                                float dot = 0.0f;
+                                for (int i = 0; i < head_size; i++) dot += to_real(q[i]) * to_real(row(t2, 1)[i]);
+                                score = dot * scale;
+                            }
+                            scores[c] = score;
+                            tile_max = std::max(tile_max, score);
+                        }
+                        // online softmax: the new maximum, and the factor that rescales the old sums
+                        float new_max = std::max(row_max, tile_max);
+                        float correction = expf(row_max - new_max);
+                        // P rounded to bf16 relative to the new maximum; its sum in two halves
+                        // (even and odd keys, as the kernel's two lanes per row)
+                        float half_sums[2] = {0.0f, 0.0f};
+                        for (int c = 0; c < 64; c++) {
+                            scores[c] = to_real(from_real<bf16>(expf(scores[c] - new_max)));
+                            half_sums[c % 2] += scores[c];
+                        }
+                        row_sum = row_sum * correction + (half_sums[0] + half_sums[1]);
+                        row_max = new_max;
+                        // acc = acc * correction + P v
+                        for (int i = 0; i < head_size; i++) acc[i] *= correction;
+                        for (int c = 0; c < 64 && k0 + c <= t; c++) {
+                            const bf16* v = row(k0 + c, 2);
+                            for (int i = 0; i < head_size; i++) acc[i] += scores[c] * to_real(v[i]);
+                        }
+                    }
+                    // out = acc / sum, rounded once; lse for backward
+                    float inv_sum = 1.0f / row_sum;
+                    bf16* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
+                    for (int i = 0; i < head_size; i++) y[i] = from_real<bf16>(acc[i] * inv_sum);
+                    lse[((size_t)b * NH + h) * T + t] = row_max + logf(row_sum);
+                }
+            }
+        }
+    }
+}
+
+// dqkv (B, T, 3C) +=; dout, out (B, T, C) and lse (B, NH, T) as in the forward; qkv (B, T, 3C).
+// P = exp(score - lse), dP = dout . v, D = dout . out (out as stored), dS = P (dP - D); then
+// dv += round(P)^T dout, dk += scale round(dS)^T q, dq += scale round(dS) k, each summed in float
+// and added to the stored dqkv once.
+inline void attention_backward_tensor_core_cpu(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out,
+                                               const float* lse, int B, int T, int NH, int head_size) {
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    #pragma omp parallel
+    {
+        std::vector<float> grad((size_t)T * 3 * head_size);   // per thread: one head's [dq | dk | dv] per position
+        #pragma omp for collapse(2)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < NH; h++) {
+                auto row = [&](int t2, int part) {
+                    return qkv + ((size_t)b * T + t2) * 3 * C + (size_t)part * C + (size_t)h * head_size;
+                };
+                std::fill(grad.begin(), grad.end(), 0.0f);
+                for (int t = 0; t < T; t++) {
+                    const bf16* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
+                    const bf16* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
+                    float row_lse = lse[((size_t)b * NH + h) * T + t];
+                    // D = dout . out as stored
+                    float dsum = 0.0f;
+                    for (int i = 0; i < head_size; i++) dsum += to_real(dy[i]) * to_real(y[i]);
+                    float* dq = grad.data() + (size_t)t * 3 * head_size;
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        // P and dS of (t, t2) in float, then rounded to bf16 for the products
+                        float dot = 0.0f, dp = 0.0f;
+                        for (int i = 0; i < head_size; i++) {
+                            dot += to_real(row(t, 0)[i]) * to_real(row(t2, 1)[i]);
+                            dp += to_real(dy[i]) * to_real(row(t2, 2)[i]);
+                        }
+                        float p = expf(dot * scale - row_lse);
+                        float p_rounded = to_real(from_real<bf16>(p));
+                        float ds_rounded = to_real(from_real<bf16>(p * (dp - dsum)));
+                        float* dk = grad.data() + ((size_t)t2 * 3 + 1) * head_size;
+                        float* dv = dk + head_size;
+                        for (int i = 0; i < head_size; i++) {
+                            dv[i] += p_rounded * to_real(dy[i]);
+                            dk[i] += ds_rounded * to_real(row(t, 0)[i]);
+                            dq[i] += ds_rounded * to_real(row(t2, 1)[i]);
+                        }
+                    }
+                }
+                // add the head's gradients to dqkv, rounding once (dq and dk carry the scale)
+                for (int t = 0; t < T; t++)
+                    for (int part = 0; part < 3; part++) {
+                        bf16* d = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)part * C + (size_t)h * head_size;
+                        const float* g = grad.data() + ((size_t)t * 3 + part) * head_size;
+                        float factor = part == 2 ? 1.0f : scale;
+                        for (int i = 0; i < head_size; i++) d[i] = from_real<bf16>(to_real(d[i]) + g[i] * factor);
+                    }
+            }
+        }
+    }
+}
+#endif  // MIXLN_HAS_BF16
+
+
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
 #include "../cuda_common.h"
 
@@ -716,7 +851,7 @@ inline void attention_fused_check_head_size(int head_size) {
 
 // out (B, T, C); lse (B, NH, T) saved for backward; qkv (B, T, 3C)
 template <typename floatX>
-inline void attention_forward_fused(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH, int head_size,
+inline void attention_forward_fused_cuda_cores(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH, int head_size,
                                     cudaStream_t stream) {
     attention_fused_check_head_size(head_size);
     size_t shared_bytes = attention_forward_fused_shared_bytes(head_size);
@@ -729,7 +864,7 @@ inline void attention_forward_fused(floatX* out, float* lse, const floatX* qkv, 
 // dqkv (B, T, 3C) +=; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
 // lse (B, NH, T) from attention_forward_fused
 template <typename floatX>
-inline void attention_backward_fused(floatX* dqkv, float* scratch, const floatX* dout, const floatX* qkv,
+inline void attention_backward_fused_cuda_cores(floatX* dqkv, float* scratch, const floatX* dout, const floatX* qkv,
                                      const floatX* out, const float* lse, int B, int T, int NH, int head_size,
                                      cudaStream_t stream) {
     attention_fused_check_head_size(head_size);
@@ -750,4 +885,450 @@ inline void attention_backward_fused(floatX* dqkv, float* scratch, const floatX*
     LAUNCH(query_kernel, grid, dim3(ATTN_THREADS), query_bytes, stream, dqkv, dout, qkv, lse, (const float*)dsum, T, NH,
            head_size);
 }
+// ---- fused attention on tensor cores (bf16)
+/*
+The fused attention above computes in float on the CUDA cores. In bf16 the same algorithm runs on
+the tensor cores, which multiply 16x16 bf16 tiles with float accumulation (through the portable
+WMMA API, nvcuda::wmma, on sm_80 and later; the emulation in test/emu/cuda_emu.h runs it on the
+CPU). attention_forward_fused and attention_backward_fused take this path for bf16 when the head
+size is a multiple of 16 up to 128; fp32, and other head sizes, stay on the CUDA-core kernels.
+
+What changes against the CUDA-core kernels, and why:
+  - Rounding: a tensor-core product takes bf16 operands, so P is rounded to bf16 before P V (and
+    before dV = P^T dO), and dS before dK = dS^T Q and dQ = dS K, as FlashAttention does. The
+    scores, dP, the softmax statistics, D and every accumulator stay float. The CPU twins above
+    (attention_forward_tensor_core_cpu, attention_backward_tensor_core_cpu) round at the same
+    points; each rounding of P or dS moves a term by at most 2^-9 of itself.
+  - Work split: 128 threads, 4 warps; warp w owns rows 16w .. 16w+15 of the block's 64-row tile
+    (queries in the forward and in pass 2, keys in pass 1). A warp computes its 16x64 block of
+    scores (and of dP) with its own WMMA products and writes it to its own float buffer in shared
+    memory; the element-wise softmax step runs there with two lanes per row (lane l: row l/2,
+    the even columns for even l, the odd ones for odd l: 2-way bank conflicts where contiguous
+    halves would give 4-way), writes the bf16 P (or dS) to the warp's own bf16 buffer, and the
+    next product reads that. Apart from loading the shared k/v (or q/dout) tiles, which needs the
+    block's barriers, a warp synchronises only with itself (__syncwarp between a store of a
+    product and lanes reading it, and between lanes writing P and the product that reads it).
+  - Accumulators: WMMA does not say which lane holds which element of an accumulator, so a row
+    of one cannot be rescaled in registers. The forward's output accumulator (16 rows x head_size
+    per warp) therefore lives in shared memory, where lanes rescale their row by the online
+    softmax's correction before the warp adds P V to it. The backward's dK, dV and dQ need no
+    rescaling and stay in registers, as up to 8 fragments per 16 channels, flushed through shared
+    memory at the end.
+  - Determinism: as before, every element of dq, dk and dv is summed by one warp in a fixed order
+    and added to dqkv once; no atomics.
+Tiles in shared memory are bf16 with a row stride of head_size + 8 elements (16 bytes more than a
+row: rows start 4 banks apart, and every 16-row block starts 32-byte aligned, as WMMA requires);
+the float buffers have a row stride of max(64, head_size) + 4.
+Shared memory per block (hs: head size; s = hs + 8, f = max(64, hs) + 4; 4 warps):
+  forward: q, k, v tiles 3 * 64 * s bf16; per warp S, O (16, f) float and P (16, 72) bf16
+           = 70 KB at hs 64, 129 KB at hs 128
+  pass 1:  k, v, q, dout tiles 4 * 64 * s bf16; lse and D 64 floats each; per warp S^T, dP^T
+           (16, f) float, P^T, dS^T (16, 72) bf16   = 88.5 KB at hs 64, 145.5 KB at hs 128
+  pass 2:  q, dout, k, v tiles 4 * 64 * s bf16; per warp S, dP (16, f) float, dS (16, 72) bf16
+           = 79 KB at hs 64, 136 KB at hs 128
+all within sm_80's 163 KB.
+*/
+
+constexpr int ATTN_TC_WARPS = 4;
+constexpr int ATTN_TC_THREADS = 32 * ATTN_TC_WARPS;
+constexpr int ATTN_TC_MAX_FRAGMENTS = ATTN_MAX_HEAD_SIZE / 16;   // accumulator fragments per 16 rows of a head
+constexpr int ATTN_TC_P_STRIDE = ATTN_TILE + 8;                  // row stride of the bf16 P / dS buffers
+
+// the tensor-core path handles these head sizes
+inline bool attention_tensor_core_supports(int head_size) {
+    return head_size % 16 == 0 && head_size >= 16 && head_size <= ATTN_MAX_HEAD_SIZE;
+}
+__host__ __device__ inline int attention_tc_stride(int head_size) { return head_size + 8; }
+__host__ __device__ inline int attention_tc_float_stride(int head_size) { return (head_size > 64 ? head_size : 64) + 4; }
+
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major> attn_frag_a;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::row_major> attn_frag_b;
+// a matrix_b read from a row-major (n, k) tile, i.e. the transpose of that tile
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::col_major> attn_frag_b_transposed;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> attn_frag_acc;
+
+// Rows t0 .. t0+63 of one head's slice of a (B, T, row_stride) bf16 tensor, src pointing at
+// (b, 0, slice), into a (64, stride) bf16 tile; rows past T become 0 (the padding channels past
+// head_size are never read). 16-byte copies when the rows allow them.
+static __device__ void attention_tc_load_tile(bf16* tile, const bf16* src, int row_stride, int t0, int T,
+                                              int head_size, int stride) {
+    bool vectors = (reinterpret_cast<uintptr_t>(src) % 16 == 0) && row_stride % 8 == 0;
+    if (vectors) {
+        int chunks = head_size / 8;   // 8 bf16 per 16 bytes
+        for (int idx = threadIdx.x; idx < ATTN_TILE * chunks; idx += blockDim.x) {
+            int r = idx / chunks, e = idx % chunks * 8;
+            uint4 value = make_uint4(0, 0, 0, 0);
+            if (t0 + r < T) value = *reinterpret_cast<const uint4*>(src + (size_t)(t0 + r) * row_stride + e);
+            *reinterpret_cast<uint4*>(tile + r * stride + e) = value;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < ATTN_TILE * head_size; idx += blockDim.x) {
+            int r = idx / head_size, e = idx % head_size;
+            tile[r * stride + e] = t0 + r < T ? src[(size_t)(t0 + r) * row_stride + e] : __float2bfloat16_rn(0.0f);
+        }
+    }
+}
+
+// out (16, 64) float, row stride out_stride = a b^T: a (16, head_size) and b (64, head_size), both
+// row-major bf16 with row stride `stride`. One warp.
+static __device__ __forceinline__ void attention_tc_rows_dot_tile(float* out, int out_stride, const bf16* a,
+                                                                  const bf16* b, int stride, int head_size) {
+    attn_frag_acc acc[4];
+    ATTN_UNROLL
+    for (int n = 0; n < 4; n++) nvcuda::wmma::fill_fragment(acc[n], 0.0f);
+    for (int k = 0; k < head_size; k += 16) {
+        attn_frag_a a_frag;
+        nvcuda::wmma::load_matrix_sync(a_frag, a + k, stride);
+        ATTN_UNROLL
+        for (int n = 0; n < 4; n++) {
+            attn_frag_b_transposed b_frag;
+            nvcuda::wmma::load_matrix_sync(b_frag, b + (size_t)16 * n * stride + k, stride);
+            nvcuda::wmma::mma_sync(acc[n], a_frag, b_frag, acc[n]);
+        }
+    }
+    ATTN_UNROLL
+    for (int n = 0; n < 4; n++) nvcuda::wmma::store_matrix_sync(out + 16 * n, acc[n], out_stride, nvcuda::wmma::mem_row_major);
+}
+
+// acc[c] += p b for the channel blocks c < head_size / 16: p (16, 64) bf16 with row stride
+// ATTN_TC_P_STRIDE, b (64, head_size) row-major bf16 with row stride `stride`. One warp. The
+// unrolled loop with its guard keeps acc in registers whatever head_size is.
+static __device__ __forceinline__ void attention_tc_accumulate(attn_frag_acc acc[ATTN_TC_MAX_FRAGMENTS], const bf16* p,
+                                                               const bf16* b, int stride, int head_size) {
+    attn_frag_a p_frag[4];
+    ATTN_UNROLL
+    for (int k = 0; k < 4; k++) nvcuda::wmma::load_matrix_sync(p_frag[k], p + 16 * k, ATTN_TC_P_STRIDE);
+    ATTN_UNROLL
+    for (int c = 0; c < ATTN_TC_MAX_FRAGMENTS; c++) {
+        if (16 * c >= head_size) break;
+        ATTN_UNROLL
+        for (int k = 0; k < 4; k++) {
+            attn_frag_b b_frag;
+            nvcuda::wmma::load_matrix_sync(b_frag, b + (size_t)16 * k * stride + 16 * c, stride);
+            nvcuda::wmma::mma_sync(acc[c], p_frag[k], b_frag, acc[c]);
+        }
+    }
+}
+
+// dst[16 rows, head_size] = round(dst + acc * factor) for the rows before `rows`: the warp's
+// accumulators, through buffer (16, >= 16 floats, row stride buffer_stride). dst points at the
+// warp's first row, rows dst_stride apart. One warp.
+static __device__ __forceinline__ void attention_tc_flush(bf16* dst, size_t dst_stride, int rows,
+                                                          const attn_frag_acc acc[ATTN_TC_MAX_FRAGMENTS], float factor,
+                                                          float* buffer, int buffer_stride, int head_size) {
+    int lane = threadIdx.x % 32;
+    ATTN_UNROLL
+    for (int c = 0; c < ATTN_TC_MAX_FRAGMENTS; c++) {
+        if (16 * c >= head_size) break;
+        __syncwarp();   // the previous block's values have been read
+        nvcuda::wmma::store_matrix_sync(buffer, acc[c], buffer_stride, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+        for (int idx = lane; idx < 256; idx += 32) {
+            int r = idx / 16, e = idx % 16;
+            if (r < rows) {
+                bf16* d = dst + r * dst_stride + 16 * c + e;
+                *d = __float2bfloat16_rn(__bfloat162float(*d) + buffer[r * buffer_stride + e] * factor);
+            }
+        }
+    }
+}
+
+// Forward. grid (B * NH, query tiles); out (B, T, C), lse (B, NH, T), qkv (B, T, 3C)
+static __global__ void __launch_bounds__(ATTN_TC_THREADS)
+    attention_forward_tensor_core_kernel(bf16* out, float* lse, const bf16* qkv, int T, int NH, int head_size) {
+    DYNAMIC_SHARED(unsigned char, shared);
+    const int stride = attention_tc_stride(head_size), fstride = attention_tc_float_stride(head_size);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    bf16* q_tile = (bf16*)shared;                    // (64 queries, stride)
+    bf16* k_tile = q_tile + ATTN_TILE * stride;      // (64 keys, stride)
+    bf16* v_tile = k_tile + ATTN_TILE * stride;      // (64 keys, stride)
+    float* warp_floats = (float*)(v_tile + ATTN_TILE * stride);
+    float* s_buffer = warp_floats + warp * 2 * 16 * fstride;   // (16, fstride): the warp's scores
+    float* o_buffer = s_buffer + 16 * fstride;                 // (16, fstride): its output accumulator
+    bf16* p_buffer = (bf16*)(warp_floats + ATTN_TC_WARPS * 2 * 16 * fstride) + warp * 16 * ATTN_TC_P_STRIDE;   // (16, 72)
+    int b = blockIdx.x / NH, h = blockIdx.x % NH;
+    int query_tile = gridDim.y - 1 - blockIdx.y;  // longest rows first
+    int q0 = query_tile * ATTN_TILE;
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;
+    // this lane's row of the warp's 16, and its half of the columns (the even or the odd ones)
+    int r = lane / 2, half = lane % 2, t = q0 + 16 * warp + r;
+
+    attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, head_size, stride);
+    for (int e = half; e < head_size; e += 2) o_buffer[r * fstride + e] = 0.0f;
+    float row_max = -INFINITY, row_sum = 0.0f;
+    for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
+        int k0 = key_tile * ATTN_TILE;
+        __syncthreads();   // the previous k and v tiles are no longer read (and the q tile is complete)
+        attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, head_size, stride);
+        attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, head_size, stride);
+        __syncthreads();
+        // S = q k^T for the warp's 16 queries
+        attention_tc_rows_dot_tile(s_buffer, fstride, q_tile + 16 * warp * stride, k_tile, stride, head_size);
+        __syncwarp();
+        // online softmax of the lane's half row: scale and mask, the new maximum, P rounded to bf16
+        float* s_row = s_buffer + r * fstride;
+        float tile_max = -INFINITY;
+        for (int c = half; c < ATTN_TILE; c += 2) {
+            int t2 = k0 + c;
+            float score = t2 <= t && t2 < T ? s_row[c] * scale : -INFINITY;
+            s_row[c] = score;
+            tile_max = fmaxf(tile_max, score);
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        // finite: key k0 <= q0 <= t is never masked (rows past T included: k0 < T)
+        float new_max = fmaxf(row_max, tile_max);
+        float correction = expf(row_max - new_max);   // 0 on the first tile
+        float tile_sum = 0.0f;
+        bf16* p_row = p_buffer + r * ATTN_TC_P_STRIDE;
+        for (int c = half; c < ATTN_TILE; c += 2) {
+            bf16 p = __float2bfloat16_rn(expf(s_row[c] - new_max));
+            p_row[c] = p;
+            tile_sum += __bfloat162float(p);
+        }
+        tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
+        row_sum = row_sum * correction + tile_sum;
+        row_max = new_max;
+        for (int e = half; e < head_size; e += 2) o_buffer[r * fstride + e] *= correction;
+        __syncwarp();
+        // O += P v: the accumulators come from shared memory and go back there
+        attn_frag_a p_frag[4];
+        ATTN_UNROLL
+        for (int k = 0; k < 4; k++) nvcuda::wmma::load_matrix_sync(p_frag[k], p_buffer + 16 * k, ATTN_TC_P_STRIDE);
+        for (int c = 0; c < head_size; c += 16) {
+            attn_frag_acc acc;
+            nvcuda::wmma::load_matrix_sync(acc, o_buffer + c, fstride, nvcuda::wmma::mem_row_major);
+            ATTN_UNROLL
+            for (int k = 0; k < 4; k++) {
+                attn_frag_b v_frag;
+                nvcuda::wmma::load_matrix_sync(v_frag, v_tile + (size_t)16 * k * stride + c, stride);
+                nvcuda::wmma::mma_sync(acc, p_frag[k], v_frag, acc);
+            }
+            nvcuda::wmma::store_matrix_sync(o_buffer + c, acc, fstride, nvcuda::wmma::mem_row_major);
+        }
+        __syncwarp();   // O is complete before lanes rescale it (or write it out)
+    }
+    if (t < T) {
+        float inv_sum = 1.0f / row_sum;
+        bf16* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
+        for (int e = half; e < head_size; e += 2) y[e] = __float2bfloat16_rn(o_buffer[r * fstride + e] * inv_sum);
+        if (half == 0) lse[((size_t)b * NH + h) * T + t] = row_max + logf(row_sum);
+    }
+}
+
+// Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) +=, dout (B, T, C),
+// qkv (B, T, 3C), lse and dsum (B, NH, T)
+static __global__ void __launch_bounds__(ATTN_TC_THREADS)
+    attention_backward_key_value_tensor_core_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                                    const float* dsum, int T, int NH, int head_size) {
+    DYNAMIC_SHARED(unsigned char, shared);
+    const int stride = attention_tc_stride(head_size), fstride = attention_tc_float_stride(head_size);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    bf16* k_tile = (bf16*)shared;                    // (64 keys, stride)
+    bf16* v_tile = k_tile + ATTN_TILE * stride;      // (64 keys, stride)
+    bf16* q_tile = v_tile + ATTN_TILE * stride;      // (64 queries, stride)
+    bf16* dout_tile = q_tile + ATTN_TILE * stride;   // (64 queries, stride)
+    float* warp_floats = (float*)(dout_tile + ATTN_TILE * stride);
+    float* st_buffer = warp_floats + warp * 2 * 16 * fstride;   // (16 keys, fstride): S^T, the warp's keys' scores
+    float* dpt_buffer = st_buffer + 16 * fstride;               // (16 keys, fstride): dP^T
+    bf16* pt_buffer = (bf16*)(warp_floats + ATTN_TC_WARPS * 2 * 16 * fstride) + warp * 2 * 16 * ATTN_TC_P_STRIDE;
+    bf16* dst_buffer = pt_buffer + 16 * ATTN_TC_P_STRIDE;       // (16 keys, 72): P^T and dS^T in bf16
+    float* lse_tile = (float*)((bf16*)(warp_floats + ATTN_TC_WARPS * 2 * 16 * fstride) +
+                               ATTN_TC_WARPS * 2 * 16 * ATTN_TC_P_STRIDE);   // (64)
+    float* dsum_tile = lse_tile + ATTN_TILE;                                 // (64)
+    int b = blockIdx.x / NH, h = blockIdx.x % NH;
+    int key_tile = blockIdx.y;   // the first key tiles see the most query tiles: they start first
+    int k0 = key_tile * ATTN_TILE;
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;
+    const bf16* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;
+    const float* lse_head = lse + ((size_t)b * NH + h) * T;
+    const float* dsum_head = dsum + ((size_t)b * NH + h) * T;
+    int r = lane / 2, half = lane % 2, t2 = k0 + 16 * warp + r;   // the lane's key, and the even or odd queries
+
+    attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, head_size, stride);
+    attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, head_size, stride);
+    attn_frag_acc dk[ATTN_TC_MAX_FRAGMENTS], dv[ATTN_TC_MAX_FRAGMENTS];   // the warp's 16 keys x head_size
+    ATTN_UNROLL
+    for (int c = 0; c < ATTN_TC_MAX_FRAGMENTS; c++) {
+        nvcuda::wmma::fill_fragment(dk[c], 0.0f);
+        nvcuda::wmma::fill_fragment(dv[c], 0.0f);
+    }
+    int query_tiles = (T + ATTN_TILE - 1) / ATTN_TILE;
+    for (int query_tile = key_tile; query_tile < query_tiles; query_tile++) {
+        int q0 = query_tile * ATTN_TILE;
+        __syncthreads();   // the previous q and dout tiles are no longer read (and k, v are complete)
+        attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, head_size, stride);
+        attention_tc_load_tile(dout_tile, dout_head, C, q0, T, head_size, stride);
+        for (int i = threadIdx.x; i < ATTN_TILE; i += blockDim.x) {
+            lse_tile[i] = q0 + i < T ? lse_head[q0 + i] : 0.0f;
+            dsum_tile[i] = q0 + i < T ? dsum_head[q0 + i] : 0.0f;
+        }
+        __syncthreads();
+        // S^T = k q^T and dP^T = v dout^T for the warp's 16 keys
+        attention_tc_rows_dot_tile(st_buffer, fstride, k_tile + 16 * warp * stride, q_tile, stride, head_size);
+        attention_tc_rows_dot_tile(dpt_buffer, fstride, v_tile + 16 * warp * stride, dout_tile, stride, head_size);
+        __syncwarp();
+        // P^T and dS^T = P^T (dP^T - D) of the lane's half row, rounded to bf16
+        for (int c = half; c < ATTN_TILE; c += 2) {
+            int t = q0 + c;
+            // queries past T have no lse: masked with the future
+            float p = t < T && t2 <= t ? expf(st_buffer[r * fstride + c] * scale - lse_tile[c]) : 0.0f;
+            float ds = p * (dpt_buffer[r * fstride + c] - dsum_tile[c]);
+            pt_buffer[r * ATTN_TC_P_STRIDE + c] = __float2bfloat16_rn(p);
+            dst_buffer[r * ATTN_TC_P_STRIDE + c] = __float2bfloat16_rn(ds);
+        }
+        __syncwarp();
+        // dV += P^T dout, dK += dS^T q
+        attention_tc_accumulate(dv, pt_buffer, dout_tile, stride, head_size);
+        attention_tc_accumulate(dk, dst_buffer, q_tile, stride, head_size);
+    }
+    int keys = min(16, T - (k0 + 16 * warp));   // the warp's keys before T
+    bf16* dk_rows = dqkv + ((size_t)b * T + k0 + 16 * warp) * 3 * C + C + (size_t)h * head_size;
+    attention_tc_flush(dk_rows, (size_t)3 * C, keys, dk, scale, st_buffer, fstride, head_size);
+    attention_tc_flush(dk_rows + C, (size_t)3 * C, keys, dv, 1.0f, st_buffer, fstride, head_size);
+}
+
+// Backward pass 2, dq. grid (B * NH, query tiles); arguments as pass 1
+static __global__ void __launch_bounds__(ATTN_TC_THREADS)
+    attention_backward_query_tensor_core_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                                const float* dsum, int T, int NH, int head_size) {
+    DYNAMIC_SHARED(unsigned char, shared);
+    const int stride = attention_tc_stride(head_size), fstride = attention_tc_float_stride(head_size);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    bf16* q_tile = (bf16*)shared;                    // (64 queries, stride)
+    bf16* dout_tile = q_tile + ATTN_TILE * stride;   // (64 queries, stride)
+    bf16* k_tile = dout_tile + ATTN_TILE * stride;   // (64 keys, stride)
+    bf16* v_tile = k_tile + ATTN_TILE * stride;      // (64 keys, stride)
+    float* warp_floats = (float*)(v_tile + ATTN_TILE * stride);
+    float* s_buffer = warp_floats + warp * 2 * 16 * fstride;   // (16 queries, fstride): S
+    float* dp_buffer = s_buffer + 16 * fstride;                // (16 queries, fstride): dP
+    bf16* ds_buffer = (bf16*)(warp_floats + ATTN_TC_WARPS * 2 * 16 * fstride) + warp * 16 * ATTN_TC_P_STRIDE;   // (16, 72)
+    int b = blockIdx.x / NH, h = blockIdx.x % NH;
+    int query_tile = gridDim.y - 1 - blockIdx.y;   // longest rows first
+    int q0 = query_tile * ATTN_TILE;
+    int C = NH * head_size;
+    float scale = 1.0f / sqrtf((float)head_size);
+    const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;
+    const bf16* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;
+    int r = lane / 2, half = lane % 2, t = q0 + 16 * warp + r;   // the lane's query, and the even or odd keys
+    float row_lse = t < T ? lse[((size_t)b * NH + h) * T + t] : 0.0f;
+    float row_dsum = t < T ? dsum[((size_t)b * NH + h) * T + t] : 0.0f;
+
+    attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, head_size, stride);
+    attention_tc_load_tile(dout_tile, dout_head, C, q0, T, head_size, stride);
+    attn_frag_acc dq[ATTN_TC_MAX_FRAGMENTS];   // the warp's 16 queries x head_size
+    ATTN_UNROLL
+    for (int c = 0; c < ATTN_TC_MAX_FRAGMENTS; c++) nvcuda::wmma::fill_fragment(dq[c], 0.0f);
+    for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
+        int k0 = key_tile * ATTN_TILE;
+        __syncthreads();   // the previous k and v tiles are no longer read (and q, dout are complete)
+        attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, head_size, stride);
+        attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, head_size, stride);
+        __syncthreads();
+        // S = q k^T and dP = dout v^T for the warp's 16 queries
+        attention_tc_rows_dot_tile(s_buffer, fstride, q_tile + 16 * warp * stride, k_tile, stride, head_size);
+        attention_tc_rows_dot_tile(dp_buffer, fstride, dout_tile + 16 * warp * stride, v_tile, stride, head_size);
+        __syncwarp();
+        // dS = P (dP - D) of the lane's half row, rounded to bf16
+        for (int c = half; c < ATTN_TILE; c += 2) {
+            int t2 = k0 + c;
+            float p = t < T && t2 <= t ? expf(s_buffer[r * fstride + c] * scale - row_lse) : 0.0f;
+            ds_buffer[r * ATTN_TC_P_STRIDE + c] = __float2bfloat16_rn(p * (dp_buffer[r * fstride + c] - row_dsum));
+        }
+        __syncwarp();
+        // dQ += dS k
+        attention_tc_accumulate(dq, ds_buffer, k_tile, stride, head_size);
+    }
+    int queries = min(16, T - (q0 + 16 * warp));
+    bf16* dq_rows = dqkv + ((size_t)b * T + q0 + 16 * warp) * 3 * C + (size_t)h * head_size;
+    attention_tc_flush(dq_rows, (size_t)3 * C, queries, dq, scale, s_buffer, fstride, head_size);
+}
+
+// ---- tensor-core launchers
+
+inline size_t attention_forward_tensor_core_shared_bytes(int head_size) {
+    return (size_t)3 * ATTN_TILE * attention_tc_stride(head_size) * sizeof(bf16) +
+           (size_t)ATTN_TC_WARPS * 16 * (2 * attention_tc_float_stride(head_size) * sizeof(float) +
+                                         ATTN_TC_P_STRIDE * sizeof(bf16));
+}
+inline size_t attention_backward_key_value_tensor_core_shared_bytes(int head_size) {
+    return (size_t)4 * ATTN_TILE * attention_tc_stride(head_size) * sizeof(bf16) +
+           (size_t)ATTN_TC_WARPS * 16 * (2 * attention_tc_float_stride(head_size) * sizeof(float) +
+                                         2 * ATTN_TC_P_STRIDE * sizeof(bf16)) +
+           2 * ATTN_TILE * sizeof(float);
+}
+inline size_t attention_backward_query_tensor_core_shared_bytes(int head_size) {
+    return (size_t)4 * ATTN_TILE * attention_tc_stride(head_size) * sizeof(bf16) +
+           (size_t)ATTN_TC_WARPS * 16 * (2 * attention_tc_float_stride(head_size) * sizeof(float) +
+                                         ATTN_TC_P_STRIDE * sizeof(bf16));
+}
+
+inline void attention_tensor_core_check_head_size(int head_size) {
+    if (!attention_tensor_core_supports(head_size))
+        fail("the tensor-core attention supports head sizes 16, 32, .., %d, got %d", ATTN_MAX_HEAD_SIZE, head_size);
+}
+
+// out (B, T, C); lse (B, NH, T) saved for backward; qkv (B, T, 3C)
+inline void attention_forward_tensor_core(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int head_size,
+                                          cudaStream_t stream) {
+    attention_tensor_core_check_head_size(head_size);
+    size_t shared_bytes = attention_forward_tensor_core_shared_bytes(head_size);
+    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_tensor_core_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)shared_bytes));
+    LAUNCH(attention_forward_tensor_core_kernel, dim3(B * NH, ceil_div(T, ATTN_TILE)), dim3(ATTN_TC_THREADS),
+           shared_bytes, stream, out, lse, qkv, T, NH, head_size);
+}
+
+// dqkv (B, T, 3C) +=; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
+// lse (B, NH, T) from a fused forward (either kind: both save the same lse)
+inline void attention_backward_tensor_core(bf16* dqkv, float* scratch, const bf16* dout, const bf16* qkv,
+                                           const bf16* out, const float* lse, int B, int T, int NH, int head_size,
+                                           cudaStream_t stream) {
+    attention_tensor_core_check_head_size(head_size);
+    float* dsum = scratch;   // (B, NH, T)
+    const int block = 256;   // 8 rows per block
+    LAUNCH(attention_dsum_kernel<bf16>, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, dsum, dout,
+           out, B, T, NH, head_size);
+    dim3 grid(B * NH, ceil_div(T, ATTN_TILE));
+    size_t key_value_bytes = attention_backward_key_value_tensor_core_shared_bytes(head_size);
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_key_value_tensor_core_kernel,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)key_value_bytes));
+    LAUNCH(attention_backward_key_value_tensor_core_kernel, grid, dim3(ATTN_TC_THREADS), key_value_bytes, stream, dqkv,
+           dout, qkv, lse, (const float*)dsum, T, NH, head_size);
+    size_t query_bytes = attention_backward_query_tensor_core_shared_bytes(head_size);
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_query_tensor_core_kernel,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)query_bytes));
+    LAUNCH(attention_backward_query_tensor_core_kernel, grid, dim3(ATTN_TC_THREADS), query_bytes, stream, dqkv, dout,
+           qkv, lse, (const float*)dsum, T, NH, head_size);
+}
+
+// ---- the fused attention as the model calls it: on the tensor cores where they apply (bf16, head
+// sizes a multiple of 16 up to 128), otherwise the CUDA-core kernels
+
+inline void attention_forward_fused(float* out, float* lse, const float* qkv, int B, int T, int NH, int head_size,
+                                    cudaStream_t stream) {
+    attention_forward_fused_cuda_cores(out, lse, qkv, B, T, NH, head_size, stream);
+}
+inline void attention_forward_fused(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int head_size,
+                                    cudaStream_t stream) {
+    if (attention_tensor_core_supports(head_size))
+        attention_forward_tensor_core(out, lse, qkv, B, T, NH, head_size, stream);
+    else
+        attention_forward_fused_cuda_cores(out, lse, qkv, B, T, NH, head_size, stream);
+}
+inline void attention_backward_fused(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* out,
+                                     const float* lse, int B, int T, int NH, int head_size, cudaStream_t stream) {
+    attention_backward_fused_cuda_cores(dqkv, scratch, dout, qkv, out, lse, B, T, NH, head_size, stream);
+}
+inline void attention_backward_fused(bf16* dqkv, float* scratch, const bf16* dout, const bf16* qkv, const bf16* out,
+                                     const float* lse, int B, int T, int NH, int head_size, cudaStream_t stream) {
+    if (attention_tensor_core_supports(head_size))
+        attention_backward_tensor_core(dqkv, scratch, dout, qkv, out, lse, B, T, NH, head_size, stream);
+    else
+        attention_backward_fused_cuda_cores(dqkv, scratch, dout, qkv, out, lse, B, T, NH, head_size, stream);
+}
+
 #endif

@@ -5,13 +5,17 @@ The attention kernels with bf16 storage (layers/attention.cuh, floatX = bf16), i
     once from the float probabilities, dqkv once per element; att is float), so out and dqkv agree
     to the default check_close_bf16 tolerance and att, float from the same bf16 inputs, to
     check_close's fp32 one;
-  - the fused attention in bf16 against the fused attention in fp32 on the same values: the tiles
+  - the fused attention's CUDA-core kernels (attention_*_fused_cuda_cores; in bf16 the model uses
+    them for head sizes that are not a multiple of 16) in bf16 against the same kernels in fp32
+    on the same values: the tiles
     are float either way, so bf16 adds only the roundings where out and dqkv are stored;
   - the fused attention in bf16 against the simple attention in bf16 (the CPU twin, and the
     simple kernels): they round at the same points, so out and dv agree to the default tolerance;
     dq and dk also differ through D (the fused backward takes it from y as stored), which the
     comparison allows per element with a bound computed from the data (attention_dsum_bounds);
-  - both attentions' backward in bf16 are deterministic.
+  - both attentions' backward in bf16 are deterministic;
+  - the tensor-core attention (what the fused attention runs in bf16 for head sizes a multiple of
+    16) against its CPU twins: see the comment above its tests.
 Shapes: T not a multiple of 32 (the simple kernels' warps) or 64 (the fused tiles), head sizes 8,
 24, 64 and 128.
 */
@@ -162,8 +166,8 @@ TEST_CASE("fused attention in bf16 matches the fused attention in fp32 on the sa
         // bf16
         DeviceArray<bf16> d_qkv(qkv), d_out((size_t)B * T * C), d_dout(dout), d_dqkv(dqkv);
         DeviceArray<float> d_lse((size_t)B * NH * T), d_scratch((size_t)B * NH * T);
-        attention_forward_fused(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-        attention_backward_fused(d_dqkv.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs, 0);
+        attention_forward_fused_cuda_cores(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+        attention_backward_fused_cuda_cores(d_dqkv.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs, 0);
         auto out_bf16 = d_out.to_host();
         // fp32 on the same values; its backward reads the bf16 run's out (as stored, rounded: what
         // D is computed from in bf16) and lse, so the only differences left are the final roundings
@@ -203,8 +207,8 @@ TEST_CASE("fused attention in bf16 matches the simple attention in bf16", "[kern
         // the fused kernels
         DeviceArray<bf16> f_out((size_t)B * T * C), f_dqkv(dqkv);
         DeviceArray<float> f_lse((size_t)B * NH * T), f_scratch((size_t)B * NH * T);
-        attention_forward_fused(f_out.ptr, f_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-        attention_backward_fused(f_dqkv.ptr, f_scratch.ptr, d_dout.ptr, d_qkv.ptr, f_out.ptr, f_lse.ptr, B, T, NH, hs, 0);
+        attention_forward_fused_cuda_cores(f_out.ptr, f_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+        attention_backward_fused_cuda_cores(f_dqkv.ptr, f_scratch.ptr, d_dout.ptr, d_qkv.ptr, f_out.ptr, f_lse.ptr, B, T, NH, hs, 0);
         auto fused_out = f_out.to_host();
         auto fused_dqkv = f_dqkv.to_host();
         auto fused_dqkv_f = to_floats(fused_dqkv);
@@ -261,11 +265,148 @@ TEST_CASE("fused attention backward in bf16 is deterministic", "[kernels][bf16]"
          dqkv = random_bf16((size_t)B * T * 3 * C, 52);
     DeviceArray<bf16> d_qkv(qkv), d_out((size_t)B * T * C), d_dout(dout), d_dqkv_first(dqkv), d_dqkv_second(dqkv);
     DeviceArray<float> d_lse((size_t)B * NH * T), d_scratch((size_t)B * NH * T);
-    attention_forward_fused(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-    attention_backward_fused(d_dqkv_first.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs, 0);
-    attention_backward_fused(d_dqkv_second.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs,
+    attention_forward_fused_cuda_cores(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+    attention_backward_fused_cuda_cores(d_dqkv_first.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs, 0);
+    attention_backward_fused_cuda_cores(d_dqkv_second.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs,
                              0);
     auto first = d_dqkv_first.to_host(), second = d_dqkv_second.to_host();
     REQUIRE(first.size() == second.size());
     CHECK(memcmp(first.data(), second.data(), first.size() * sizeof(bf16)) == 0);   // bitwise
+}
+
+/*
+The tensor-core attention (bf16, head sizes a multiple of 16): against its CPU twins, which round
+where the kernels round (P before P v and P^T dout, dS before the dq and dk products). What is
+left between them is float summation order: the scores and dP come from the tensor cores' sums
+and the twin's sums in channel order. Those differ by a few float ulps, which is enough to move
+an occasional P or dS to the other side of a bf16 rounding boundary: one bf16 step of that
+element. For out, dq, dk and dv such a flip is a step of one term of a sum, well inside the
+default tolerance (2 steps of the largest value). For lse = m + log(l), a flipped P (at most 1,
+so its step is at most 2^-8) moves l (at least 1: the row's maximum contributes exp(0) = 1) by at
+most 2^-8 and lse by at most that: the check allows two flips in a row, 2^-7 absolute.
+Shapes: T not a multiple of 64 (partial tiles, keys and queries past T masked), T = 1, several
+heads and batches, head sizes 16, 32, 64 and 128; one shape reads qkv from a pointer that is only
+2-byte aligned (the tile loader's element-by-element path).
+*/
+// (B, T, NH, hs, offset of qkv in elements)
+static const int attention_tensor_core_shapes[][5] = {{1, 1, 1, 16, 0},  {2, 9, 3, 16, 0},  {2, 33, 2, 32, 0},
+                                                      {1, 70, 2, 64, 0}, {1, 130, 1, 64, 0}, {1, 70, 1, 128, 0},
+                                                      {1, 67, 2, 32, 1}};
+
+static void check_lse_close(const std::vector<float>& gpu, const std::vector<float>& cpu) {
+    REQUIRE(gpu.size() == cpu.size());
+    for (size_t i = 0; i < cpu.size(); i++) {
+        double diff = fabs((double)gpu[i] - cpu[i]);
+        if (!(diff <= 2 * BF16_STEP)) {
+            INFO("lse element " << i << ": " << gpu[i] << " against " << cpu[i]);
+            REQUIRE(diff <= 2 * BF16_STEP);
+        }
+    }
+}
+
+TEST_CASE("tensor-core attention matches its CPU twin", "[kernels][bf16][tensor-core]") {
+    for (float qkv_std : attention_bf16_qkv_stds)
+    for (auto& s : attention_tensor_core_shapes) {
+        int B = s[0], T = s[1], NH = s[2], hs = s[3], offset = s[4], C = NH * hs;
+        INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs << " qkv offset " << offset << " qkv std "
+                  << qkv_std);
+        REQUIRE(attention_tensor_core_supports(hs));
+        auto qkv = random_bf16((size_t)B * T * 3 * C, 56, qkv_std), dout = random_bf16((size_t)B * T * C, 57),
+             dqkv = random_bf16((size_t)B * T * 3 * C, 58);
+        // the CPU twins
+        std::vector<bf16> out_cpu((size_t)B * T * C), dqkv_cpu = dqkv;
+        std::vector<float> lse_cpu((size_t)B * NH * T);
+        attention_forward_tensor_core_cpu(out_cpu.data(), lse_cpu.data(), qkv.data(), B, T, NH, hs);
+        attention_backward_tensor_core_cpu(dqkv_cpu.data(), dout.data(), qkv.data(), out_cpu.data(), lse_cpu.data(), B,
+                                           T, NH, hs);
+        // the kernels, qkv and dqkv at `offset` elements into their buffers
+        std::vector<bf16> qkv_padded(offset, bf16(0.0f)), dqkv_padded(offset, bf16(0.0f));
+        qkv_padded.insert(qkv_padded.end(), qkv.begin(), qkv.end());
+        dqkv_padded.insert(dqkv_padded.end(), dqkv.begin(), dqkv.end());
+        DeviceArray<bf16> d_qkv(qkv_padded), d_out((size_t)B * T * C), d_dout(dout), d_dqkv(dqkv_padded);
+        DeviceArray<float> d_lse((size_t)B * NH * T), d_scratch((size_t)B * NH * T);
+        attention_forward_tensor_core(d_out.ptr, d_lse.ptr, d_qkv.ptr + offset, B, T, NH, hs, 0);
+        attention_backward_tensor_core(d_dqkv.ptr + offset, d_scratch.ptr, d_dout.ptr, d_qkv.ptr + offset, d_out.ptr,
+                                       d_lse.ptr, B, T, NH, hs, 0);
+        check_close_bf16(d_out.to_host(), out_cpu, "tensor-core attention out");
+        check_lse_close(d_lse.to_host(), lse_cpu);
+        auto dqkv_gpu = d_dqkv.to_host();
+        dqkv_gpu.erase(dqkv_gpu.begin(), dqkv_gpu.begin() + offset);
+        for (int part = 0; part < 3; part++)
+            check_close_bf16(qkv_part(dqkv_gpu, B, T, C, part), qkv_part(dqkv_cpu, B, T, C, part), part_names[part]);
+    }
+}
+
+// The rounding of P is real: with peaked rows (qkv std 2) the tensor-core out is not the CUDA-core
+// fused out (float P) everywhere, while both stay within what one rounding of each P can move y
+// by: |y_tc - y_float| <= 2^-8 sum_j P_j |v_j| <= 2^-8 max |v| of the row's keys, plus a step of y
+// on each side.
+TEST_CASE("tensor-core attention rounds P to bf16, within one step of each probability", "[kernels][bf16][tensor-core]") {
+    int B = 1, T = 130, NH = 2, hs = 64, C = NH * hs;
+    auto qkv = random_bf16((size_t)B * T * 3 * C, 59, 2.0f);
+    DeviceArray<bf16> d_qkv(qkv), tc_out((size_t)B * T * C), float_out((size_t)B * T * C);
+    DeviceArray<float> tc_lse((size_t)B * NH * T), float_lse((size_t)B * NH * T);
+    attention_forward_tensor_core(tc_out.ptr, tc_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+    attention_forward_fused_cuda_cores(float_out.ptr, float_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+    auto tc = to_floats(tc_out.to_host()), ref = to_floats(float_out.to_host()), qkv_f = to_floats(qkv);
+    int differing = 0;
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < NH; h++) {
+            double max_v = 0;
+            for (int t2 = 0; t2 <= t; t2++)
+                for (int i = 0; i < hs; i++)
+                    max_v = std::max(max_v, (double)fabs(qkv_f[(size_t)t2 * 3 * C + 2 * C + (size_t)h * hs + i]));
+            for (int i = 0; i < hs; i++) {
+                size_t e = (size_t)t * C + (size_t)h * hs + i;
+                double diff = fabs((double)tc[e] - ref[e]);
+                double bound = BF16_STEP * max_v + 2 * BF16_STEP * std::max(fabs((double)tc[e]), fabs((double)ref[e])) + 1e-6;
+                if (!(diff <= bound)) {
+                    INFO("t " << t << " h " << h << " channel " << i << ": " << tc[e] << " against " << ref[e]);
+                    REQUIRE(diff <= bound);
+                }
+                differing += diff > 0;
+            }
+        }
+    CHECK(differing > 0);
+}
+
+TEST_CASE("tensor-core attention is deterministic", "[kernels][bf16][tensor-core]") {
+    int B = 2, T = 130, NH = 2, hs = 32, C = NH * hs;   // three query and key tiles
+    auto qkv = random_bf16((size_t)B * T * 3 * C, 60), dout = random_bf16((size_t)B * T * C, 61),
+         dqkv = random_bf16((size_t)B * T * 3 * C, 62);
+    DeviceArray<bf16> d_qkv(qkv), d_out_first((size_t)B * T * C), d_out_second((size_t)B * T * C), d_dout(dout),
+        d_dqkv_first(dqkv), d_dqkv_second(dqkv);
+    DeviceArray<float> d_lse((size_t)B * NH * T), d_lse_second((size_t)B * NH * T), d_scratch((size_t)B * NH * T);
+    attention_forward_tensor_core(d_out_first.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+    attention_forward_tensor_core(d_out_second.ptr, d_lse_second.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+    attention_backward_tensor_core(d_dqkv_first.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out_first.ptr, d_lse.ptr, B,
+                                   T, NH, hs, 0);
+    attention_backward_tensor_core(d_dqkv_second.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out_first.ptr, d_lse.ptr,
+                                   B, T, NH, hs, 0);
+    auto out_first = d_out_first.to_host(), out_second = d_out_second.to_host();
+    auto first = d_dqkv_first.to_host(), second = d_dqkv_second.to_host();
+    CHECK(memcmp(out_first.data(), out_second.data(), out_first.size() * sizeof(bf16)) == 0);   // bitwise
+    CHECK(memcmp(first.data(), second.data(), first.size() * sizeof(bf16)) == 0);
+}
+
+// The model calls attention_forward_fused / attention_backward_fused: in bf16 they take the
+// tensor cores for head sizes a multiple of 16 (bitwise the same as calling them directly) and
+// the CUDA-core kernels otherwise (hs 24 here).
+TEST_CASE("fused attention in bf16 takes the tensor cores where they apply", "[kernels][bf16][tensor-core]") {
+    for (int hs : {24, 32}) {
+        int B = 1, T = 40, NH = 2, C = NH * hs;
+        INFO("hs " << hs);
+        auto qkv = random_bf16((size_t)B * T * 3 * C, 63);
+        DeviceArray<bf16> d_qkv(qkv), fused_out((size_t)B * T * C), direct_out((size_t)B * T * C);
+        DeviceArray<float> fused_lse((size_t)B * NH * T), direct_lse((size_t)B * NH * T);
+        attention_forward_fused(fused_out.ptr, fused_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+        if (attention_tensor_core_supports(hs))
+            attention_forward_tensor_core(direct_out.ptr, direct_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+        else
+            attention_forward_fused_cuda_cores(direct_out.ptr, direct_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+        auto a = fused_out.to_host(), b = direct_out.to_host();
+        CHECK(memcmp(a.data(), b.data(), a.size() * sizeof(bf16)) == 0);
+    }
+    CHECK(!attention_tensor_core_supports(24));
+    CHECK(attention_tensor_core_supports(64));
 }
