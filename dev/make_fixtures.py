@@ -6,7 +6,9 @@ Generate the fixtures the C++ parity tests compare against (at test time; never 
 Cases (CASES below): Mix-LN by alpha (pre, post, mix, mix_half) and by an explicit per-layer list
 of norm kinds (peri, deepnorm, lns, and zoo: one layer of each kind, with LayerNorm), all in fp32;
 and the bf16 cases (mix_bf16, mix_bf16_pure, zoo_bf16): the mix and zoo cases (same checkpoint,
-data and hyperparameters) computed by the reference's emulation of --precision bf16 / bf16-pure.
+data and hyperparameters) computed by the reference's emulation of --precision bf16 / bf16-pure;
+mix_bf16_tc is mix_bf16 with 3 heads of 16 channels (the others have 4 of 12) and the emulation
+of the engine's tensor-core attention.
 
 For each case, DIR/<case>/ holds:
   config.json, model.safetensors   the initial checkpoint (norm weights and biases perturbed, see below)
@@ -63,6 +65,10 @@ CASES = {
 CASES["mix_bf16"] = dict(CASES["mix"], precision="bf16")
 CASES["mix_bf16_pure"] = dict(CASES["mix"], precision="bf16-pure")
 CASES["zoo_bf16"] = dict(CASES["zoo"], precision="bf16")
+# mix_bf16 with 3 heads of 16 channels instead of 4 of 12 (a head size that is a multiple of 16,
+# which sends the engine's fused attention in bf16 to its tensor-core kernels), emulating that
+# attention: P and dS rounded to bf16 before their products (reference.py, _TensorCoreAttention).
+CASES["mix_bf16_tc"] = dict(CASES["mix"], precision="bf16", NH=3, attention="tensor-core")
 
 # the results of a reference run that a bf16 case also records from the fp32 reference
 FP32_KEYS = ("logits", "loss", "grad.", "train_loss", "grad_norm", "final.")
@@ -72,7 +78,7 @@ def case_config(spec):
     """The Config of a case: Mix-LN from alpha, or the explicit norm_layers list."""
     if ("alpha" in spec) == ("norm_layers" in spec):
         raise ValueError(f"a case gives exactly one of alpha and norm_layers: {spec}")
-    return ref.Config.make(V, C, spec["L"], NH, F, T, spec.get("alpha"),
+    return ref.Config.make(V, C, spec["L"], spec.get("NH", NH), F, T, spec.get("alpha"),
                            norm_layers=spec.get("norm_layers"), norm_type=spec.get("norm_type", "rmsnorm"))
 
 
@@ -169,6 +175,8 @@ def make_case(out, name, spec, fp64_drift):
     precision = spec.get("precision", "fp32")
     if precision != "fp32":  # recorded only where it is not the default, so fp32 cases stay as they were
         hp["precision"] = precision
+    if "attention" in spec:  # likewise: the attention the case emulates, where it is not the plain one
+        hp["attention"] = spec["attention"]
     with open(os.path.join(d, "train.json"), "w") as f:
         json.dump(hp, f, indent=2)
         f.write("\n")
@@ -176,6 +184,7 @@ def make_case(out, name, spec, fp64_drift):
     # Forward + backward of batch 0 at the initial weights, from the checkpoint as written, and
     # 10 training steps from the same initial weights, in the case's precision.
     train_args = (tokens, B, T, STEPS, LR, WARMUP, MIN_LR_RATIO, spec["weight_decay"], spec["grad_clip"])
+    ref.Attention.tensor_core = spec.get("attention") == "tensor-core"
     with ref.using_precision(precision):
         fx, log, loss, model = run_reference(d, tokens, train_args)
 

@@ -556,10 +556,64 @@ def rotate_half(x):  # x (..., hs) -> (-x2, x1), the Hugging Face pairing (i wit
     return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
 
 
+class _TensorCoreAttention(torch.autograd.Function):
+    """The engine's bf16 attention on tensor cores (layers/attention.cuh, fused attention in bf16
+    with a head size that is a multiple of 16), emulated in fp32. It rounds two things the
+    explicit softmax attention keeps in fp32, because a tensor-core product takes bf16 operands:
+    the probabilities P before P v (forward) and P^T dy (backward), and the score gradients dS
+    before dS^T q and dS k. The forward walks the keys in tiles of 64 with an online softmax, as
+    the kernel does, since P is rounded relative to the running maximum m of the tiles seen so far.
+    q, k, v (B, NH, T, hs) hold bf16 values; returns y before its store() rounding."""
+
+    TILE = 64
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        T, hs = q.shape[-2], q.shape[-1]
+        scale = float(np.float32(1.0) / np.sqrt(np.float32(hs)))       # 1/sqrtf(hs), as the kernel
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = ((q @ k.transpose(-2, -1)) * scale).masked_fill(future, float("-inf"))  # (B, NH, T, T)
+        row_max = torch.full(q.shape[:-1] + (1,), float("-inf"), dtype=q.dtype, device=q.device)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros_like(q)
+        for k0 in range(0, T, _TensorCoreAttention.TILE):
+            tile = scores[..., k0:k0 + _TensorCoreAttention.TILE]                # (B, NH, T, <=64)
+            new_max = torch.maximum(row_max, tile.amax(dim=-1, keepdim=True))   # finite: key 0 is never masked
+            correction = torch.exp(row_max - new_max)                           # 0 on the first tile
+            p = round_bf16(torch.exp(tile - new_max))                           # P in bf16; 0 where masked
+            row_sum = row_sum * correction + p.sum(dim=-1, keepdim=True)
+            acc = acc * correction + p @ v[..., k0:k0 + _TensorCoreAttention.TILE, :]
+            row_max = new_max
+        y = acc * (1.0 / row_sum)
+        lse = row_max + torch.log(row_sum)                                      # (B, NH, T, 1)
+        ctx.save_for_backward(q, k, v, round_bf16(y), lse)                      # y as stored: D is taken from it
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # dy: the stored (bf16) gradient of y
+        q, k, v, y_stored, lse = ctx.saved_tensors
+        T = q.shape[-2]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = ((q @ k.transpose(-2, -1)) * ctx.scale).masked_fill(future, float("-inf"))
+        p = torch.exp(scores - lse)                              # (B, NH, T, T), 0 where masked
+        dp = dy @ v.transpose(-2, -1)
+        d = (dy * y_stored).sum(dim=-1, keepdim=True)            # D = rowsum(dy * y as stored)
+        ds = round_bf16(p * (dp - d))                            # dS in bf16
+        p = round_bf16(p)                                        # P in bf16
+        dq = (ds @ k) * ctx.scale
+        dk = (ds.transpose(-2, -1) @ q) * ctx.scale
+        dv = p.transpose(-2, -1) @ dy
+        return dq, dk, dv
+
+
 class Attention(nn.Module):
     # dev/bench_gpu.py sets this to use PyTorch's own fused causal attention (torch >= 2.0);
     # the tests always use the explicit version below
     fused = False
+    # dev/make_fixtures.py sets this for a case that emulates the engine's tensor-core attention
+    # (bf16 only; see _TensorCoreAttention)
+    tensor_core = False
 
     def __init__(self, cfg):
         super().__init__()
@@ -584,6 +638,8 @@ class Attention(nn.Module):
         k = store(k * cos + rotate_half(k) * sin)
         if Attention.fused:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, NH, T, hs)
+        elif Attention.tensor_core and _precision != "fp32":
+            y = _TensorCoreAttention.apply(q, k, v)                # (B, NH, T, hs)
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)        # (B, NH, T, T)
             future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # t sees 0..t only

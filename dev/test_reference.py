@@ -1023,6 +1023,55 @@ def test_bf16_training_state():
         assert all(representable(p) for p in fresh.parameters()) == (precision == "bf16-pure")
 
 
+def plain_attention(q, k, v):
+    T = q.shape[-2]
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return F.softmax(att, dim=-1) @ v
+
+
+def test_tensor_core_attention_emulation():
+    # Without its two roundings (P and dS), the emulation of the engine's tensor-core attention is
+    # the plain attention, forward and backward (the tiled online softmax and the hand-written
+    # backward are exact rewrites, here over three key tiles: T = 150); with them it moves, by
+    # about a bf16 step.
+    g = torch.Generator().manual_seed(60)
+    q, k, v = (ref.round_bf16(2 * torch.randn(2, 3, 150, 16, generator=g)) for _ in range(3))
+    dy = ref.round_bf16(torch.randn(2, 3, 150, 16, generator=g))
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        y = fn(*leaves)
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    exact = run(plain_attention)
+    real_round = ref.round_bf16
+    try:
+        ref.round_bf16 = lambda x: x
+        unrounded = run(ref._TensorCoreAttention.apply)
+    finally:
+        ref.round_bf16 = real_round
+    rounded = run(ref._TensorCoreAttention.apply)
+    for name, a, b, c in zip(("y", "dq", "dk", "dv"), unrounded, rounded, exact):
+        assert rel(a, c) < 2e-6, (name, rel(a, c))
+        assert 1e-4 < rel(b, c) < 2e-2, (name, rel(b, c))
+    # the model uses it only when asked, and only in bf16
+    model = tiny_model(L=2, seed=61, C=32, NH=2)
+    x = random_tokens(2 * 6, 11, 62).view(2, 6)
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        for tensor_core in (False, True):
+            ref.Attention.tensor_core = tensor_core
+            try:
+                with ref.using_precision(precision), torch.no_grad():
+                    outputs[precision, tensor_core] = model(x)[0]
+            finally:
+                ref.Attention.tensor_core = False
+    assert torch.equal(outputs["fp32", False], outputs["fp32", True])
+    assert not torch.equal(outputs["bf16", False], outputs["bf16", True])
+
+
 def test_adamw_math_is_torchs_adamw():
     # adamw_math (what BF16PureAdamW rounds) against torch.optim.AdamW: 5 steps, weight decay on,
     # a changing lr and a step with lr 0: equal bit for bit

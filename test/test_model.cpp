@@ -490,7 +490,7 @@ TEST_CASE(BACKEND ": DeepNet init in deepnorm layers, scaled init in the branch-
 
 // ---- bf16 and bf16-pure (the CUDA backend only: the CPU reference computes in fp32)
 //
-// The bf16 fixtures (mix_bf16, mix_bf16_pure, zoo_bf16) come from the reference's emulation of
+// The bf16 fixtures (mix_bf16, mix_bf16_pure, zoo_bf16, mix_bf16_tc) come from the reference's emulation of
 // the engine's bf16 (dev/reference.py, Precision): fp32 arithmetic with every stored value rounded
 // to bf16 where the engine stores it. PyTorch's own bf16 arithmetic on the CPU is not a usable
 // reference (its bf16 matmul loses ~7% at K = 4096). The same fixture holds, under "fp32.", the
@@ -569,6 +569,10 @@ static void check_bf16_case(const std::string& name, Precision precision, bool f
     REQUIRE(train_json.get("precision") != nullptr);
     REQUIRE(train_json.get("precision")->string == precision_name(precision));   // the fixture emulates this precision
     ModelConfig config = checkpoint_read_config(dir);
+    // a fixture that emulates the tensor-core attention is run with it, and only with it
+    const JsonValue* attention = train_json.get("attention");
+    bool tensor_core_fixture = attention != nullptr && attention->string == "tensor-core";
+    REQUIRE(tensor_core_fixture == (fused_attention && attention_tensor_core_supports(config.channels / config.num_heads)));
     TrainSettings s = read_train_settings(dir);
     Model model;
     model_build(&model, config, s.batch, s.seq_len, ON_GPU, precision);
@@ -655,6 +659,14 @@ TEST_CASE(BACKEND ": bf16, every placement with LayerNorm and weight decay match
 
 TEST_CASE(BACKEND ": bf16 with the fused attention, every placement with LayerNorm matches the bf16 emulation", "[parity][bf16][fused]") {
     check_bf16_case("zoo_bf16", PRECISION_BF16, true);
+}
+
+// mix_bf16_tc: 3 heads of 16 channels, where the fused attention runs on the tensor cores
+// (layers/attention.cuh), which round P and dS to bf16 before their products. The fixture emulates
+// that attention (dev/reference.py, _TensorCoreAttention), so the same bounds apply.
+TEST_CASE(BACKEND ": bf16 with the fused attention on tensor cores matches the bf16 emulation of it",
+          "[parity][bf16][fused][tensor-core]") {
+    check_bf16_case("mix_bf16_tc", PRECISION_BF16, true);
 }
 
 TEST_CASE(BACKEND ": bf16 and bf16-pure runs are deterministic", "[parity][bf16][determinism]") {
