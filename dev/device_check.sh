@@ -5,7 +5,8 @@
 #      against the PyTorch fixtures (fp32, and bf16 against the reference's bf16 emulation),
 #      determinism
 #   3. compute-sanitizer memcheck and racecheck over a tiny training run on the GPU (and memcheck
-#      over one with a layer of every placement kind under LayerNorm, with the fused attention)
+#      over one with a layer of every placement kind under LayerNorm, with the fused attention,
+#      over bf16 and bf16-pure runs, and racecheck over the tensor-core attention in bf16)
 #   4. time training steps of LLaMA-71M on the GPU, and against PyTorch (dev/bench_gpu.py)
 #   5. print a table of what passed and how long it took
 # Usage (repository root): bash dev/device_check.sh        logs go to $OUT (or /tmp/device_check)
@@ -55,6 +56,10 @@ run_step memcheck_bf16 compute-sanitizer --tool memcheck --error-exitcode 1 ./tr
     --norm-layers post,deepnorm,peri,lns --norm-type layernorm --precision bf16
 run_step memcheck_bf16_pure compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}" \
     --attention fused --precision bf16-pure
+# the tensor-core attention (bf16, the tiny model's head size 16) shares tiles and per-warp
+# buffers in shared memory: racecheck it
+run_step racecheck_bf16_fused compute-sanitizer --tool racecheck --error-exitcode 1 ./train "${TINY[@]}" \
+    --attention fused --precision bf16
 
 # throughput of the paper's 71M model on the GPU, fp32 and bf16, simple and fused attention
 "$PYTHON" - <<'EOF'
