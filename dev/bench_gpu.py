@@ -2,7 +2,8 @@
 
 For each config (the paper's LLaMA-71M and LLaMA-130M at T=256, B=64 by default) it times full
 training steps (forward, backward, AdamW) of
-  - ./train --device cuda --precision bf16 (--engine-precision: fp32, bf16 or bf16-pure),
+  - ./train --device cuda --precision bf16 --attention fused (--engine-precision: fp32, bf16 or
+    bf16-pure; --engine-attention: fused, which in bf16 runs on the tensor cores, or simple),
   - the PyTorch reference (dev/reference.py) on the GPU, in bf16 autocast with torch.compile and
     PyTorch's fused causal attention (the target to beat), and in plain fp32 (like for like with
     the engine's fp32),
@@ -56,10 +57,11 @@ def measured_bf16_tflops(torch):
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def bench_engine(train, name, B, T, steps, precision, shard):
+def bench_engine(train, name, B, T, steps, precision, attention, shard):
     with tempfile.TemporaryDirectory() as out:
         cmd = [train, "--device", "cuda", "--model", name, "--batch", str(B), "--seq-len", str(T),
-               "--steps", str(steps + 3), "--train-data", shard, "--out", out, "--precision", precision]
+               "--steps", str(steps + 3), "--train-data", shard, "--out", out, "--precision", precision,
+               "--attention", attention]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             return None, run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"
@@ -106,6 +108,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per run (default 10)")
     ap.add_argument("--engine-precision", default="bf16", choices=["fp32", "bf16", "bf16-pure"])
+    ap.add_argument("--engine-attention", default="fused", choices=["fused", "simple"])
     ap.add_argument("--train", default="./train")
     a = ap.parse_args()
     try:
@@ -121,7 +124,7 @@ def main():
     print(f"mixln GPU benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.get_device_name(0)}, "
           f"torch {torch.__version__}; measured bf16 matmul rate {peak:.0f} TFLOP/s")
     print(f"B={B} T={T}, median of {a.steps} timed steps; MFU against the measured bf16 rate\n")
-    print("| config | engine (" + a.engine_precision + ") tok/s | MFU | PyTorch bf16+compile tok/s | MFU "
+    print("| config | engine (" + a.engine_precision + ", " + a.engine_attention + " attention) tok/s | MFU | PyTorch bf16+compile tok/s | MFU "
           "| PyTorch fp32 tok/s | engine / PyTorch bf16 | engine / PyTorch fp32 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +133,8 @@ def main():
         for name in a.configs.split(","):
             L, C, NH, F = CONFIGS[name]
             flops = model_flops_per_token(L, C, F, T)
-            engine_ms, error = bench_engine(a.train, name, B, T, a.steps, a.engine_precision, shard)
+            engine_ms, error = bench_engine(a.train, name, B, T, a.steps, a.engine_precision, a.engine_attention,
+                                            shard)
             torch_bf16_ms = bench_torch(torch, L, C, NH, F, B, T, a.steps, bf16=True)
             torch_fp32_ms = bench_torch(torch, L, C, NH, F, B, T, a.steps, bf16=False)
             tok = lambda ms: B * T / (ms / 1e3)  # noqa: E731
