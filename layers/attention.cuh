@@ -885,6 +885,7 @@ inline void attention_backward_fused_cuda_cores(floatX* dqkv, float* scratch, co
     LAUNCH(query_kernel, grid, dim3(ATTN_THREADS), query_bytes, stream, dqkv, dout, qkv, lse, (const float*)dsum, T, NH,
            head_size);
 }
+
 // ---- fused attention on tensor cores (bf16)
 /*
 The fused attention above computes in float on the CUDA cores. In bf16 the same algorithm runs on
@@ -898,7 +899,7 @@ What changes against the CUDA-core kernels, and why:
     before dV = P^T dO), and dS before dK = dS^T Q and dQ = dS K, as FlashAttention does. The
     scores, dP, the softmax statistics, D and every accumulator stay float. The CPU twins above
     (attention_forward_tensor_core_cpu, attention_backward_tensor_core_cpu) round at the same
-    points; each rounding of P or dS moves a term by at most 2^-9 of itself.
+    points; each rounding of P or dS moves a term by at most 2^-8 of itself (bf16's unit roundoff).
   - Work split: 128 threads, 4 warps; warp w owns rows 16w .. 16w+15 of the block's 64-row tile
     (queries in the forward and in pass 2, keys in pass 1). A warp computes its 16x64 block of
     scores (and of dP) with its own WMMA products and writes it to its own float buffer in shared
@@ -921,11 +922,11 @@ row: rows start 4 banks apart, and every 16-row block starts 32-byte aligned, as
 the float buffers have a row stride of max(64, head_size) + 4.
 Shared memory per block (hs: head size; s = hs + 8, f = max(64, hs) + 4; 4 warps):
   forward: q, k, v tiles 3 * 64 * s bf16; per warp S, O (16, f) float and P (16, 72) bf16
-           = 70 KB at hs 64, 129 KB at hs 128
+           = 70 KB at hs 64, 126 KB at hs 128
   pass 1:  k, v, q, dout tiles 4 * 64 * s bf16; lse and D 64 floats each; per warp S^T, dP^T
-           (16, f) float, P^T, dS^T (16, 72) bf16   = 88.5 KB at hs 64, 145.5 KB at hs 128
+           (16, f) float, P^T, dS^T (16, 72) bf16   = 88.5 KB at hs 64, 152.5 KB at hs 128
   pass 2:  q, dout, k, v tiles 4 * 64 * s bf16; per warp S, dP (16, f) float, dS (16, 72) bf16
-           = 79 KB at hs 64, 136 KB at hs 128
+           = 79 KB at hs 64, 143 KB at hs 128
 all within sm_80's 163 KB.
 */
 
