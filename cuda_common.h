@@ -101,3 +101,29 @@ __device__ __forceinline__ float block_reduce_max(float value, float* shared) {
     __syncthreads();
     return value;
 }
+
+// ---- sums over the rows of an (N, C) tensor, per channel: the norms' weight gradients
+// One block of COLUMN_THREADS (1024) threads owns COLUMN_CHANNELS (16) adjacent channels. Thread t
+// takes channel t % 16 and row group t / 16: rows g, g + 64, g + 128, ... in order, so a warp
+// reads 16 channels of 2 rows at a time (whole 32-byte sectors in bf16) and the C / 16 blocks each
+// walk all N rows with 64 warps' worth of loads in flight. (One thread per channel summing all N
+// rows, as the CPU does, gives a GPU only C threads: 2 blocks for C = 512, each thread walking
+// 16384 rows at B = 64, T = 256.) column_reduce then adds the 64 groups' partial sums in group
+// order: deterministic, no atomics.
+constexpr int COLUMN_CHANNELS = 16;
+constexpr int COLUMN_ROW_GROUPS = 64;
+constexpr int COLUMN_THREADS = COLUMN_CHANNELS * COLUMN_ROW_GROUPS;
+
+// The sum of `value` over the row groups of the calling thread's channel, valid in the threads of
+// row group 0 (threadIdx.x < COLUMN_CHANNELS). Every thread of the block must call it. `shared`
+// holds COLUMN_THREADS floats; ends with a barrier, so it can be reused at once.
+__device__ __forceinline__ float column_reduce(float value, float* shared) {
+    int channel = threadIdx.x % COLUMN_CHANNELS, group = threadIdx.x / COLUMN_CHANNELS;
+    shared[group * COLUMN_CHANNELS + channel] = value;
+    __syncthreads();
+    float total = 0.0f;
+    if (group == 0)
+        for (int g = 0; g < COLUMN_ROW_GROUPS; g++) total += shared[g * COLUMN_CHANNELS + channel];
+    __syncthreads();
+    return total;
+}

@@ -162,21 +162,28 @@ static __global__ void layernorm_backward_input_kernel(T* dinp, const T* dout, c
     }
 }
 
-// weight and bias gradients: one thread per channel sums over the rows in order (deterministic;
-// adjacent threads read adjacent channels, so the loads coalesce), then accumulates into them
+// weight and bias gradients: a block per 16 channels, 64 row groups each summing its rows in
+// order, then the groups' sums added in order (column_reduce in cuda_common.h: deterministic) and
+// the totals accumulated into dweight and dbias
 template <typename T, typename G>
-static __global__ void layernorm_backward_weight_kernel(G* dweight, G* dbias, const T* dout, const T* inp,
-                                                        const float* mean, const float* rstd, int N, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+static __global__ void __launch_bounds__(COLUMN_THREADS)
+    layernorm_backward_weight_kernel(G* dweight, G* dbias, const T* dout, const T* inp, const float* mean,
+                                     const float* rstd, int N, int C) {
+    __shared__ float partials[COLUMN_THREADS];
+    int c = blockIdx.x * COLUMN_CHANNELS + threadIdx.x % COLUMN_CHANNELS, group = threadIdx.x / COLUMN_CHANNELS;
     float sum_dy_xhat = 0.0f, sum_dy = 0.0f;
-    for (int i = 0; i < N; i++) {
-        float dy = to_float(dout[(size_t)i * C + c]);
-        sum_dy_xhat += dy * ((to_float(inp[(size_t)i * C + c]) - mean[i]) * rstd[i]);
-        sum_dy += dy;
+    if (c < C)
+        for (int i = group; i < N; i += COLUMN_ROW_GROUPS) {
+            float dy = to_float(dout[(size_t)i * C + c]);
+            sum_dy_xhat += dy * ((to_float(inp[(size_t)i * C + c]) - mean[i]) * rstd[i]);
+            sum_dy += dy;
+        }
+    sum_dy_xhat = column_reduce(sum_dy_xhat, partials);
+    sum_dy = column_reduce(sum_dy, partials);
+    if (group == 0 && c < C) {
+        dweight[c] = from_float<G>(to_float(dweight[c]) + sum_dy_xhat);
+        dbias[c] = from_float<G>(to_float(dbias[c]) + sum_dy);
     }
-    dweight[c] = from_float<G>(to_float(dweight[c]) + sum_dy_xhat);
-    dbias[c] = from_float<G>(to_float(dbias[c]) + sum_dy);
 }
 
 // ---- launchers
@@ -196,6 +203,7 @@ inline void layernorm_backward(T* dinp, G* dweight, G* dbias, const T* dout, con
     LAUNCH(layernorm_backward_input_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp,
            weight, mean, rstd, N, C);
     auto weight_kernel = layernorm_backward_weight_kernel<T, G>;
-    LAUNCH(weight_kernel, dim3(ceil_div(C, block)), dim3(block), 0, stream, dweight, dbias, dout, inp, mean, rstd, N, C);
+    LAUNCH(weight_kernel, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream, dweight, dbias, dout, inp,
+           mean, rstd, N, C);
 }
 #endif

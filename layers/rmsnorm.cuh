@@ -198,16 +198,20 @@ static __global__ void rmsnorm_backward_input_kernel(T* dinp, const T* dout, con
     }
 }
 
-// weight gradient: one thread per channel sums over the rows in order (deterministic; adjacent
-// threads read adjacent channels, so the loads coalesce), then accumulates into dweight
+// weight gradient: a block per 16 channels, 64 row groups each summing its rows in order, then
+// the groups' sums added in order (column_reduce in cuda_common.h: deterministic) and the total
+// accumulated into dweight
 template <typename T, typename G>
-static __global__ void rmsnorm_backward_weight_kernel(G* dweight, const T* dout, const T* inp, const float* rstd, int N,
-                                                      int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+static __global__ void __launch_bounds__(COLUMN_THREADS)
+    rmsnorm_backward_weight_kernel(G* dweight, const T* dout, const T* inp, const float* rstd, int N, int C) {
+    __shared__ float partials[COLUMN_THREADS];
+    int c = blockIdx.x * COLUMN_CHANNELS + threadIdx.x % COLUMN_CHANNELS, group = threadIdx.x / COLUMN_CHANNELS;
     float sum = 0.0f;
-    for (int i = 0; i < N; i++) sum += to_float(dout[(size_t)i * C + c]) * (to_float(inp[(size_t)i * C + c]) * rstd[i]);
-    dweight[c] = from_float<G>(to_float(dweight[c]) + sum);
+    if (c < C)
+        for (int i = group; i < N; i += COLUMN_ROW_GROUPS)
+            sum += to_float(dout[(size_t)i * C + c]) * (to_float(inp[(size_t)i * C + c]) * rstd[i]);
+    sum = column_reduce(sum, partials);
+    if (group == 0 && c < C) dweight[c] = from_float<G>(to_float(dweight[c]) + sum);
 }
 
 // ---- launchers
@@ -235,6 +239,7 @@ inline void rmsnorm_backward(T* dinp, G* dweight, const T* dout, const T* inp, c
     LAUNCH(rmsnorm_backward_input_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp,
            weight, rstd, N, C);
     auto weight_kernel = rmsnorm_backward_weight_kernel<T, G>;
-    LAUNCH(weight_kernel, dim3(ceil_div(C, block)), dim3(block), 0, stream, dweight, dout, inp, rstd, N, C);
+    LAUNCH(weight_kernel, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream, dweight, dout, inp, rstd,
+           N, C);
 }
 #endif
