@@ -5,7 +5,9 @@ next token, loss = -log softmax(logits)[target], averaged over all B*T positions
 Backward overwrites the logits with their gradient, (softmax - onehot(target)) * dloss, so no
 separate (B, T, V) buffer is needed: the logits are not used again after the loss.
 Both directions use a max-shifted softmax: exponentials in the working precision (each is
-accurate to an ulp), their sum in double.
+accurate to an ulp), their sum in double on the CPU. The kernels find the maximum and the sum in
+one pass over the row (an online softmax: a running maximum, the running sum rescaled when it
+grows), since at V = 32000 the passes over the logits are what these kernels cost.
 
 Storage type: the logits and their gradient are stored in T (float, double in the CPU
 finite-difference build, or bf16); the per-position losses stay float (`real` on the CPU), and
@@ -81,17 +83,47 @@ inline void crossentropy_backward_cpu(T* dlogits, const T* logits, const int* ta
 
 // ---- CUDA kernels
 
-// The softmax statistics of one row, for a whole block: its maximum and sum of exp(x - max).
+// Two parts' softmax statistics (maximum m, sum s of exp(x - m)) merged into the first:
+// m = max(m_a, m_b), s = s_a exp(m_a - m) + s_b exp(m_b - m). A part with no elements has
+// m = -inf and s = 0, and adds nothing.
+__device__ __forceinline__ void softmax_stats_merge(float* max_a, float* sum_a, float max_b, float sum_b) {
+    float m = fmaxf(*max_a, max_b);
+    if (m == -INFINITY) return;   // both parts empty
+    *sum_a = *sum_a * expf(*max_a - m) + sum_b * expf(max_b - m);
+    *max_a = m;
+}
+
+// The softmax statistics of one row, for a whole block: its maximum and sum of exp(x - max), in
+// ONE pass over the row (the rows are V = 32000 wide, and this is what the loss and its gradient
+// read them for): each thread keeps a running maximum and rescales its running sum when the
+// maximum grows (the online softmax), then the threads' statistics are merged by a fixed
+// butterfly in each warp and in warp order across the block, so the result is deterministic.
 template <typename T>
 __device__ __forceinline__ void row_softmax_stats(float* max_out, float* sum_out, const T* row, int V) {
-    __shared__ float shared[32];
-    float max_logit = -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) max_logit = fmaxf(max_logit, to_float(row[v]));
-    max_logit = block_reduce_max(max_logit, shared);
-    float sum = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(to_float(row[v]) - max_logit);
-    *sum_out = block_reduce_sum(sum, shared);
+    __shared__ float shared_max[32], shared_sum[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    float max_logit = -INFINITY, sum = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float x = to_float(row[v]);
+        if (x > max_logit) {
+            sum = sum * expf(max_logit - x) + 1.0f;   // 0 * exp(-inf) = 0 for the first element
+            max_logit = x;
+        } else {
+            sum += expf(x - max_logit);
+        }
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+        float other_max = __shfl_xor_sync(0xffffffffu, max_logit, offset);
+        float other_sum = __shfl_xor_sync(0xffffffffu, sum, offset);
+        softmax_stats_merge(&max_logit, &sum, other_max, other_sum);
+    }
+    if (lane == 0) shared_max[warp] = max_logit, shared_sum[warp] = sum;
+    __syncthreads();
+    max_logit = shared_max[0], sum = shared_sum[0];
+    for (int w = 1; w < warps; w++) softmax_stats_merge(&max_logit, &sum, shared_max[w], shared_sum[w]);
+    __syncthreads();   // shared_* may be reused by a later call
     *max_out = max_logit;
+    *sum_out = sum;
 }
 
 // one block per row (the grid has N blocks)
@@ -103,9 +135,9 @@ __global__ void crossentropy_forward_kernel(float* losses, const T* logits, cons
     if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) - (to_float(row[targets[blockIdx.x]]) - max_logit);
 }
 
-// One block per row, in place: every thread reads the row during the two reductions, whose
-// barriers complete before any thread overwrites its elements with their gradient (each thread
-// then reads and overwrites only its own elements).
+// One block per row, in place: every thread reads the row for the statistics before their
+// block-wide merge, whose barrier completes before any thread overwrites its elements with their
+// gradient (each thread then reads and overwrites only its own elements): two passes over the row.
 template <typename T>
 __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const int* targets, float dloss, int V) {
     const T* row = logits + (size_t)blockIdx.x * V;
