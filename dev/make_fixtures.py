@@ -234,7 +234,9 @@ def make_case(out, name, spec, fp64_drift):
         log64 = ref.train(m64, *train_args)
         dl = max(abs(a[0] - b[0]) for a, b in zip(log, log64))
         dw = max(float((p.double() - q).abs().max()) for p, q in zip(model.parameters(), m64.parameters()))
-        print(f"{'':9s} fp32 vs fp64 after {STEPS} steps: max |train_loss diff| {dl:.2e}, max |weight diff| {dw:.2e}")
+        dn = max(abs(a[2] - b[2]) / b[2] for a, b in zip(log, log64))
+        print(f"{'':9s} fp32 vs fp64 after {STEPS} steps: max |train_loss diff| {dl:.2e}, max |weight diff| {dw:.2e}, "
+              f"max relative step grad norm diff {dn:.2e}")
 
 
 def main():

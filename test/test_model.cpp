@@ -95,6 +95,14 @@ static const double GRAD_TOLERANCE = 2e-6;
 // these 10 steps is 20x larger there too (dev/make_fixtures.py --fp64-drift). So the parameter
 // bound is per case: 5e-6, or 1e-4 for pure Post-LN.
 static const double STEP_LOSS_TOLERANCE = 1e-5;
+// The gradient norm of each of the 10 steps carries that drift of the parameters too, so it is
+// held to a looser bound than the first step's gradients (GRAD_TOLERANCE). Measured (2026-11-29,
+// emulated CUDA backend, after the GPU's norm weight gradients moved to 64 interleaved row
+// groups): up to 2.0e-6 relative (LayerNorm Scaling, step 5; Pre-LN 1.4e-6 at step 9; every
+// other step of those cases below 8e-7), against the reference's own fp32-vs-fp64 drift of up to
+// 6.7e-7 in these cases (make_fixtures.py --fp64-drift): two fp32 implementations that sum in
+// different orders can sit a few times that apart. Bound 5e-6; Peri-LN has its own (below).
+static const double STEP_GRAD_NORM_TOLERANCE = 5e-6;
 
 // Compares every model tensor in `ours` (a flat buffer of the model's layout) with the fixture's
 // tensors named prefix + HF name; returns the worst relative error.
@@ -154,7 +162,7 @@ static StepResult train_step(Model* model, DataLoader* loader, const TrainSettin
 
 static void check_case(const std::string& name, double final_param_tolerance, bool fused_attention = false,
                        const char* expected_layers = nullptr, NormType expected_type = NORM_RMSNORM,
-                       double step_grad_norm_tolerance = GRAD_TOLERANCE) {
+                       double step_grad_norm_tolerance = STEP_GRAD_NORM_TOLERANCE) {
     std::string dir = fixture_dir(name);
     INFO("fixture case " << name << " in " << dir);
     ModelConfig config = checkpoint_read_config(dir);
