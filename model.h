@@ -571,6 +571,14 @@ struct Model {
     int* inputs = nullptr;            // (B, T) tokens of the last forward pass, in model memory
     int* targets = nullptr;           // (B, T) its targets, for backward
     real* host_losses = nullptr;      // (B, T) per-position losses copied to the host
+    // the inputs' positions grouped by token (group_positions_by_token), for the embedding's
+    // backward; made on the host by each forward pass with targets
+    int* token_positions = nullptr;       // (B*T) in model memory
+    int* token_group_starts = nullptr;    // (B*T + 1) in model memory
+    int token_groups = 0;                 // groups (distinct input tokens) of the last forward pass
+    int* host_token_positions = nullptr;  // (B*T) host scratch
+    int* host_token_group_starts = nullptr;   // (B*T + 1) host scratch
+    int* host_token_counts = nullptr;     // (V + 1) host scratch
     double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
     bool backward_ready = false;      // a forward pass with targets ran and backward has not
     int skip_layer = -1;              // layer left out of the forward pass (layer-drop analysis), -1: none
@@ -807,6 +815,11 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T, b
     model->inputs = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "inputs");
     model->targets = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "targets");
     model->host_losses = (real*)malloc_or_fail((size_t)B * T * sizeof(real), "losses");
+    model->token_positions = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "token positions");
+    model->token_group_starts = (int*)model_alloc(on_gpu, ((size_t)B * T + 1) * sizeof(int), "token group starts");
+    model->host_token_positions = (int*)malloc_or_fail((size_t)B * T * sizeof(int), "token positions");
+    model->host_token_group_starts = (int*)malloc_or_fail(((size_t)B * T + 1) * sizeof(int), "token group starts");
+    model->host_token_counts = (int*)malloc_or_fail(((size_t)config.vocab_size + 1) * sizeof(int), "token counts");
 #ifdef MIXLN_CUDA
     if (on_gpu) {
         model->norm_partials = (float*)model_alloc(true, GLOBAL_NORM_BLOCKS * sizeof(float), "gradient norm partials");
@@ -826,6 +839,11 @@ inline void model_free(Model* model) {
     model_release(on_gpu, model->inputs);
     model_release(on_gpu, model->targets);
     free(model->host_losses);
+    model_release(on_gpu, model->token_positions);
+    model_release(on_gpu, model->token_group_starts);
+    free(model->host_token_positions);
+    free(model->host_token_group_starts);
+    free(model->host_token_counts);
 #ifdef MIXLN_CUDA
     if (on_gpu) {
         model_release(true, model->norm_partials);
@@ -1102,7 +1120,15 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         if (targets && (targets[i] < 0 || targets[i] >= V)) fail("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
     }
     model_copy_in(model, model->inputs, inputs, (size_t)BT * sizeof(int));
-    if (targets) model_copy_in(model, model->targets, targets, (size_t)BT * sizeof(int));
+    if (targets) {
+        model_copy_in(model, model->targets, targets, (size_t)BT * sizeof(int));
+        // for the embedding's backward: the positions grouped by token
+        model->token_groups = group_positions_by_token(model->host_token_positions, model->host_token_group_starts,
+                                                       model->host_token_counts, inputs, BT, V);
+        model_copy_in(model, model->token_positions, model->host_token_positions, (size_t)BT * sizeof(int));
+        model_copy_in(model, model->token_group_starts, model->host_token_group_starts,
+                      ((size_t)model->token_groups + 1) * sizeof(int));
+    }
 #ifdef MIXLN_HAS_BF16
     if (model->precision != PRECISION_FP32) return model_forward_typed<bf16>(model, targets != nullptr);
 #endif
@@ -1225,7 +1251,8 @@ inline void model_backward_typed(Model* model, float loss_scale) {
             norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, layer_input, w.attn_norm, la.attn_norm_stats);
         }
     }
-    LAYER(embedding_backward, g.embed_tokens, a.dresidual, model->inputs, BT, C);
+    LAYER(embedding_backward, g.embed_tokens, a.dresidual, model->inputs, model->token_positions,
+          model->token_group_starts, model->token_groups, C);
 }
 
 // Accumulates loss_scale times the gradient of the mean loss of the last forward pass (which

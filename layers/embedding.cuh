@@ -16,12 +16,18 @@ same order, so they agree to the bit; in fp32 it is the order of the plain seria
 positions. Rounding to bf16 after every position instead would lose the small gradients of a
 frequent token against its running sum, so the sum is never stored before it is complete.
 The order is fixed and no atomics are used: the result is deterministic.
+
+Both read the positions grouped by token, which group_positions_by_token makes on the host from
+the input tokens (a stable counting sort over the vocabulary, O(B*T + V)); the model makes them
+once per forward pass with targets and keeps them beside the inputs (model.h). With the groups
+given, the kernel is one block per (token that occurs, strip of channels), each thread summing
+its channel over the group's positions: B*T*C loads in all, the least there is, and no block
+searches the inputs for the positions of its token.
 */
 #pragma once
 
 #include <algorithm>
 #include <cstring>
-#include <numeric>
 #include <vector>
 
 #include "../common.h"
@@ -37,20 +43,31 @@ inline void embedding_forward_cpu(T* out, const int* tokens, const T* embed_toke
     }
 }
 
-// dembed_tokens (V, C) +=; dout (B*T, C); tokens (B*T)
-template <typename T, typename G>
-inline void embedding_backward_cpu(G* dembed_tokens, const T* dout, const int* tokens, int BT, int C) {
-    // the positions grouped by token, increasing within a group (a stable sort by token)
-    std::vector<int> order(BT);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return tokens[a] < tokens[b]; });
-    // group g holds order[starts[g]] .. order[starts[g + 1] - 1]
-    std::vector<int> starts;
+// The positions 0..BT-1 of tokens (BT) grouped by token id, ascending, increasing within a group:
+// group g is positions[starts[g]] .. positions[starts[g + 1] - 1]. positions (BT) and starts
+// (BT + 1) are written; counts (V + 1) is scratch. A stable counting sort over the vocabulary.
+// Returns the number of groups (distinct tokens). Token ids must be in [0, V).
+inline int group_positions_by_token(int* positions, int* starts, int* counts, const int* tokens, int BT, int V) {
+    // how many positions hold each token, then where each token's group begins
+    std::fill(counts, counts + V + 1, 0);
+    for (int i = 0; i < BT; i++) counts[tokens[i] + 1]++;
+    for (int v = 0; v < V; v++) counts[v + 1] += counts[v];
+    // each position into its token's group, in increasing order (counts[v] is the next free slot)
+    for (int i = 0; i < BT; i++) positions[counts[tokens[i]]++] = i;
+    // a group starts wherever the token changes
+    int groups = 0;
     for (int k = 0; k < BT; k++) {
-        if (k == 0 || tokens[order[k]] != tokens[order[k - 1]]) starts.push_back(k);
+        if (k == 0 || tokens[positions[k]] != tokens[positions[k - 1]]) starts[groups++] = k;
     }
-    starts.push_back(BT);
-    int groups = (int)starts.size() - 1;
+    starts[groups] = BT;
+    return groups;
+}
+
+// dembed_tokens (V, C) +=; dout (B*T, C); tokens (B*T); positions (B*T), starts (groups + 1) and
+// groups from group_positions_by_token(tokens)
+template <typename T, typename G>
+inline void embedding_backward_cpu(G* dembed_tokens, const T* dout, const int* tokens, const int* positions,
+                                   const int* starts, int groups, int C) {
     // in parallel over strips of 16 channels (one cache line of floats per row), so the work is
     // balanced however the tokens repeat
     const int strip = 16;
@@ -59,11 +76,11 @@ inline void embedding_backward_cpu(G* dembed_tokens, const T* dout, const int* t
         int width = std::min(strip, C - c0);
         real sum[strip];
         for (int g = 0; g < groups; g++) {
-            G* drow = dembed_tokens + (size_t)tokens[order[starts[g]]] * C + c0;
+            G* drow = dembed_tokens + (size_t)tokens[positions[starts[g]]] * C + c0;
             // start from the stored gradient, add the token's positions in order, round once
             for (int c = 0; c < width; c++) sum[c] = to_real(drow[c]);
             for (int k = starts[g]; k < starts[g + 1]; k++) {
-                const T* dout_row = dout + (size_t)order[k] * C + c0;
+                const T* dout_row = dout + (size_t)positions[k] * C + c0;
                 for (int c = 0; c < width; c++) sum[c] += to_real(dout_row[c]);
             }
             for (int c = 0; c < width; c++) drow[c] = from_real<G>(sum[c]);
@@ -85,45 +102,20 @@ __global__ void embedding_forward_kernel(T* out, const int* tokens, const T* emb
     out[idx] = embed_tokens[(size_t)tokens[i] * C + c];
 }
 
-// One block per position i; blockDim a multiple of 32 (full warps for the ballot), at most 1024.
-// The block of the FIRST position holding a token owns that token's row; the others exit. The
-// owner walks the positions from i on in tiles of blockDim: each thread tests one position, the
-// warps' ballots mark the matches, and then each thread, for one channel, adds the matching
-// positions' gradients in increasing position order to a float sum that started from the stored
-// row. One store per element, rounded once; no two blocks touch the same row.
+// One block per (group g of positions holding one token, strip of blockDim channels): each
+// thread adds its channel of the group's positions, in increasing position order, to a float sum
+// that started from the stored row; one store per element, rounded once. No two blocks touch the
+// same element.
 template <typename T, typename G>
-__global__ void embedding_backward_kernel(G* dembed_tokens, const T* dout, const int* tokens, int BT, int C) {
-    __shared__ unsigned matches[32];   // per warp of the current tile: bit `lane` = that position holds the token
-    int i = blockIdx.x;
-    int token = tokens[i];
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    // 1. an earlier position holding the same token owns the row (block-uniform exit)
-    for (int start = 0; start < i; start += blockDim.x) {
-        int j = start + threadIdx.x;
-        if (__syncthreads_or(j < i && tokens[j] == token)) return;
-    }
-    // 2. one thread per channel, in chunks of blockDim channels
-    for (int c0 = 0; c0 < C; c0 += blockDim.x) {
-        int c = c0 + threadIdx.x;
-        float sum = c < C ? to_float(dembed_tokens[(size_t)token * C + c]) : 0.0f;
-        for (int start = i; start < BT; start += blockDim.x) {
-            int j = start + threadIdx.x;
-            unsigned ballot = __ballot_sync(0xffffffffu, j < BT && tokens[j] == token);
-            if (lane == 0) matches[warp] = ballot;
-            __syncthreads();
-            if (c < C) {
-                // warps in order, lanes in order: positions in increasing order
-                for (int w = 0; w < warps; w++) {
-                    for (unsigned m = matches[w]; m != 0; m &= m - 1) {
-                        int position = start + w * 32 + (__ffs((int)m) - 1);
-                        sum += to_float(dout[(size_t)position * C + c]);
-                    }
-                }
-            }
-            __syncthreads();   // everyone has read matches[] before the next tile overwrites it
-        }
-        if (c < C) dembed_tokens[(size_t)token * C + c] = from_float<G>(sum);
-    }
+__global__ void embedding_backward_kernel(G* dembed_tokens, const T* dout, const int* tokens, const int* positions,
+                                          const int* starts, int C) {
+    int g = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    int begin = starts[g], end = starts[g + 1];
+    G* drow = dembed_tokens + (size_t)tokens[positions[begin]] * C;
+    float sum = to_float(drow[c]);
+    for (int k = begin; k < end; k++) sum += to_float(dout[(size_t)positions[k] * C + c]);
+    drow[c] = from_float<G>(sum);
 }
 
 // ---- launchers
@@ -136,11 +128,14 @@ inline void embedding_forward(T* out, const int* tokens, const T* embed_tokens, 
            embed_tokens, BT, C);
 }
 
+// positions, starts (model memory) and groups from group_positions_by_token
 template <typename T, typename G>
-inline void embedding_backward(G* dembed_tokens, const T* dout, const int* tokens, int BT, int C, cudaStream_t stream) {
-    if (BT == 0) return;
-    const int block = 256;
+inline void embedding_backward(G* dembed_tokens, const T* dout, const int* tokens, const int* positions,
+                               const int* starts, int groups, int C, cudaStream_t stream) {
+    if (groups == 0) return;
+    const int block = 128;   // channels per block
     auto kernel = embedding_backward_kernel<T, G>;
-    LAUNCH(kernel, dim3(BT), dim3(block), 0, stream, dembed_tokens, dout, tokens, BT, C);
+    LAUNCH(kernel, dim3(groups, ceil_div(C, block)), dim3(block), 0, stream, dembed_tokens, dout, tokens, positions,
+           starts, C);
 }
 #endif

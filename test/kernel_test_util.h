@@ -13,6 +13,7 @@ bf16. Built by g++ in the emulation (build/test_emu) and by nvcc (build/test_gpu
 
 #include "../common.h"
 #include "../cuda_common.h"
+#include "../layers/embedding.cuh"
 
 inline std::vector<float> random_floats(size_t n, uint64_t seed, float std = 1.0f) {
     std::vector<float> v(n);
@@ -27,6 +28,18 @@ inline std::vector<int> random_tokens(size_t n, int V, uint64_t seed) {
     for (auto& t : v) t = (int)(random_u64(&state) % (uint64_t)V);
     return v;
 }
+
+// The positions of `tokens` grouped by token (group_positions_by_token in layers/embedding.cuh),
+// as the model makes them for the embedding's backward; device copies for the kernels.
+struct TokenGroups {
+    std::vector<int> positions, starts;
+    int count = 0;
+    TokenGroups(const std::vector<int>& tokens, int V) : positions(tokens.size()), starts(tokens.size() + 1) {
+        std::vector<int> counts((size_t)V + 1);
+        count = group_positions_by_token(positions.data(), starts.data(), counts.data(), tokens.data(),
+                                         (int)tokens.size(), V);
+    }
+};
 
 // A device copy of a host vector, freed at scope exit.
 template <typename T>

@@ -78,11 +78,13 @@ TEST_CASE("embedding kernels match the CPU, repeated tokens included", "[kernels
         auto tokens = random_tokens(BT, V, 6);
         std::vector<float> out_cpu((size_t)BT * C), dtable_cpu = dtable;
         embedding_forward_cpu(out_cpu.data(), tokens.data(), table.data(), BT, C);
-        embedding_backward_cpu(dtable_cpu.data(), dout.data(), tokens.data(), BT, C);
+        TokenGroups groups(tokens, V);
+        embedding_backward_cpu(dtable_cpu.data(), dout.data(), tokens.data(), groups.positions.data(),
+                               groups.starts.data(), groups.count, C);
         DeviceArray<float> d_table(table), d_out((size_t)BT * C), d_dout(dout), d_dtable(dtable);
-        DeviceArray<int> d_tokens(tokens);
+        DeviceArray<int> d_tokens(tokens), d_positions(groups.positions), d_starts(groups.starts);
         embedding_forward(d_out.ptr, d_tokens.ptr, d_table.ptr, BT, C, 0);
-        embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, BT, C, 0);
+        embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, d_positions.ptr, d_starts.ptr, groups.count, C, 0);
         check_close(d_out.to_host(), out_cpu, "embedding forward");
         check_close(d_dtable.to_host(), dtable_cpu, "embedding backward");
     }

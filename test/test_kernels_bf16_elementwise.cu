@@ -56,17 +56,19 @@ static void embedding_backward_case(int BT, int C, int V, uint64_t seed) {
         for (size_t k = 0; k < dtable.size(); k++) dtable[k] = from_real<G>(values[k]);
     }
     std::vector<G> dtable_cpu = dtable;
-    embedding_backward_cpu(dtable_cpu.data(), dout.data(), tokens.data(), BT, C);
+    TokenGroups groups(tokens, V);
+    embedding_backward_cpu(dtable_cpu.data(), dout.data(), tokens.data(), groups.positions.data(), groups.starts.data(),
+                           groups.count, C);
     check_equal(dtable_cpu, embedding_backward_serial(dtable, dout, tokens, C), "embedding backward cpu vs serial");
     DeviceArray<G> d_dtable(dtable);
     DeviceArray<bf16> d_dout(dout);
-    DeviceArray<int> d_tokens(tokens);
-    embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, BT, C, 0);
+    DeviceArray<int> d_tokens(tokens), d_positions(groups.positions), d_starts(groups.starts);
+    embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, d_positions.ptr, d_starts.ptr, groups.count, C, 0);
     check_equal(d_dtable.to_host(), dtable_cpu, "embedding backward");
 }
 
-// (BT, C, V): one position; a few tokens repeating often; BT above the 256-thread tile and C
-// above the 256-channel chunk of the backward kernel, neither a multiple of 256
+// (BT, C, V): one position; a few tokens repeating often; C above the 128-channel strip of the
+// backward kernel, not a multiple of it
 static const int embedding_shapes[][3] = {{1, 1, 1}, {7, 33, 5}, {300, 130, 17}, {600, 300, 40}};
 
 TEST_CASE("embedding_forward kernel with bf16 storage matches the CPU", "[kernels][bf16]") {
@@ -111,11 +113,13 @@ TEST_CASE("embedding_backward into bf16 rounds each row's sum once, not after ev
     std::vector<bf16> expected = dtable;
     for (int c = 0; c < C; c++) expected[C + c] = __float2bfloat16_rn(1.0625f);
     std::vector<bf16> dtable_cpu = dtable;
-    embedding_backward_cpu(dtable_cpu.data(), dout.data(), tokens.data(), BT, C);
+    TokenGroups groups(tokens, V);
+    embedding_backward_cpu(dtable_cpu.data(), dout.data(), tokens.data(), groups.positions.data(), groups.starts.data(),
+                           groups.count, C);
     check_equal(dtable_cpu, expected, "embedding backward cpu");
     DeviceArray<bf16> d_dtable(dtable), d_dout(dout);
-    DeviceArray<int> d_tokens(tokens);
-    embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, BT, C, 0);
+    DeviceArray<int> d_tokens(tokens), d_positions(groups.positions), d_starts(groups.starts);
+    embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, d_positions.ptr, d_starts.ptr, groups.count, C, 0);
     check_equal(d_dtable.to_host(), expected, "embedding backward");
 }
 
@@ -128,11 +132,13 @@ TEST_CASE("embedding_backward in fp32 keeps the serial order of the plain += ove
     for (int i = 0; i < BT; i++) {
         for (int c = 0; c < C; c++) expected[(size_t)tokens[i] * C + c] += dout[(size_t)i * C + c];
     }
-    embedding_backward_cpu(dtable_cpu.data(), dout.data(), tokens.data(), BT, C);
+    TokenGroups groups(tokens, V);
+    embedding_backward_cpu(dtable_cpu.data(), dout.data(), tokens.data(), groups.positions.data(), groups.starts.data(),
+                           groups.count, C);
     check_equal(dtable_cpu, expected, "embedding backward cpu");
     DeviceArray<float> d_dtable(dtable), d_dout(dout);
-    DeviceArray<int> d_tokens(tokens);
-    embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, BT, C, 0);
+    DeviceArray<int> d_tokens(tokens), d_positions(groups.positions), d_starts(groups.starts);
+    embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, d_positions.ptr, d_starts.ptr, groups.count, C, 0);
     check_equal(d_dtable.to_host(), expected, "embedding backward");
 }
 

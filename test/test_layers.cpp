@@ -64,6 +64,34 @@ TEST_CASE("matmul forward and backward match plain loops at ragged shapes", "[la
     }
 }
 
+TEST_CASE("group_positions_by_token groups the positions by token, in order", "[layers][cpu]") {
+    // (BT, V): one position; every token distinct; few tokens repeating often; tokens that never occur
+    int shapes[][2] = {{1, 1}, {5, 5}, {300, 7}, {50, 1000}};
+    for (auto& s : shapes) {
+        int BT = s[0], V = s[1];
+        INFO("BT " << BT << " V " << V);
+        std::vector<int> tokens(BT);
+        uint64_t state = 70 + BT;
+        for (int i = 0; i < BT; i++) tokens[i] = BT == V ? BT - 1 - i : (int)(random_u64(&state) % (uint64_t)V);
+        std::vector<int> positions(BT, -1), starts(BT + 1, -1), counts(V + 1);
+        int groups = group_positions_by_token(positions.data(), starts.data(), counts.data(), tokens.data(), BT, V);
+        // what a stable sort by token gives, and its groups
+        std::vector<int> expected(BT);
+        for (int i = 0; i < BT; i++) expected[i] = i;
+        std::stable_sort(expected.begin(), expected.end(), [&](int a, int b) { return tokens[a] < tokens[b]; });
+        CHECK(positions == expected);
+        std::vector<int> distinct = tokens;
+        std::sort(distinct.begin(), distinct.end());
+        REQUIRE(groups == (int)(std::unique(distinct.begin(), distinct.end()) - distinct.begin()));
+        CHECK(starts[0] == 0);
+        CHECK(starts[groups] == BT);
+        for (int g = 0; g < groups; g++) {
+            REQUIRE(starts[g] < starts[g + 1]);
+            for (int k = starts[g]; k < starts[g + 1]; k++) CHECK(tokens[positions[k]] == distinct[g]);
+        }
+    }
+}
+
 TEST_CASE("RoPE backward is the inverse rotation of forward", "[layers][cpu]") {
     int B = 2, T = 7, NH = 3, hs = 6, C = NH * hs;
     std::vector<real> cos_table((size_t)T * hs / 2), sin_table((size_t)T * hs / 2);
