@@ -411,7 +411,7 @@ struct ActivationTensorsOf {
     floatX* attn_norm;           // (L, B, T, C)     N1 output: the attention's input (branch norm) or h (post/deepnorm)
     real*   attn_norm_stats;     // (L, S, B, T)
     floatX* qkv;                 // (L, B, T, 3C)    q, k (after RoPE), v
-    real*   att;                 // (L, B, NH, T, T) softmax probabilities (the simple attention)
+    real*   att;                 // (L, B, NH, T, T) softmax probabilities (the simple attention; empty with the fused one)
     real*   lse;                 // (L, B, NH, T)    log-sum-exp of each score row (the fused attention)
     floatX* atty;                // (L, B, T, C)     attention output before o_proj
     floatX* attn_resid;          // (L, B, T, C)     the stream after the attention's residual add (before N1: post/deepnorm)
@@ -436,7 +436,7 @@ struct ActivationTensorsOf {
     floatX* dbranch;             // (B, T, C)        peri: gradient of a sublayer's output, before its out-norm
     floatX* datty;               // (B, T, C)
     floatX* dqkv;                // (B, T, 3C)
-    real*   datt_scratch;        // (B, NH, T, T)    attention backward workspace
+    real*   datt_scratch;        // (B, NH, T, T)    attention backward workspace ((B, NH, T) with the fused attention)
     floatX* dgate_up;            // (B, T, 2F)
     floatX* dswiglu;             // (B, T, F)
 };
@@ -445,7 +445,10 @@ constexpr int NUM_ACTIVATION_TENSORS = 31;
 // values per row of a norm's statistics: rstd, and the mean under LayerNorm
 inline size_t norm_stats_per_row(const ModelConfig& c) { return c.norm_type == NORM_LAYERNORM ? 2 : 1; }
 
-inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelConfig& c, int B, int T) {
+// fused_attention: the fused attention keeps no (T, T) probabilities (att is empty) and needs only
+// (B, NH, T) of backward scratch, where the simple one needs (B, NH, T, T)
+inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelConfig& c, int B, int T,
+                             bool fused_attention) {
     size_t L = c.num_layers, C = c.channels, NH = c.num_heads, F = c.ffn_channels, V = c.vocab_size,
            BT = (size_t)B * T, half = c.channels / c.num_heads / 2, P = num_peri_layers(c),
            S = norm_stats_per_row(c);
@@ -453,7 +456,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
         BT * C,                                   // embedded
         L * BT * C, L * S * BT,                   // attn_norm, attn_norm_stats
         L * BT * 3 * C,                           // qkv
-        L * B * NH * T * T,                       // att
+        fused_attention ? 0 : L * B * NH * T * T, // att
         L * B * NH * T,                           // lse
         L * BT * C, L * BT * C,                   // atty, attn_resid
         L * BT * C, L * S * BT,                   // mlp_norm, mlp_norm_stats
@@ -466,7 +469,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
         T * half, T * half,                       // rope_cos, rope_sin
         BT * C, BT * C, P ? BT * C : 0,           // dresidual, dnorm, dbranch
         BT * C, BT * 3 * C,                       // datty, dqkv
-        B * NH * T * T,                           // datt_scratch
+        B * NH * T * (fused_attention ? 1 : T),   // datt_scratch
         BT * 2 * F, BT * F,                       // dgate_up, dswiglu
     };
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) sizes[i] = s[i];
@@ -526,7 +529,7 @@ inline LayerActivations<floatX> layer_activations(const ActivationTensorsOf<floa
     la.attn_norm = a.attn_norm + l * BT * C;
     la.attn_norm_stats = a.attn_norm_stats + l * S * BT;
     la.qkv = a.qkv + l * BT * 3 * C;
-    la.att = a.att + l * B * NH * T * T;
+    la.att = a.att ? a.att + l * B * NH * T * T : nullptr;   // none with the fused attention
     la.lse = a.lse + l * B * NH * T;
     la.atty = a.atty + l * BT * C;
     la.attn_resid = a.attn_resid + l * BT * C;
@@ -582,7 +585,8 @@ struct Model {
     double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
     bool backward_ready = false;      // a forward pass with targets ran and backward has not
     int skip_layer = -1;              // layer left out of the forward pass (layer-drop analysis), -1: none
-    bool fused_attention = false;     // on the GPU: the fused (flash-style) attention kernels (tensor cores in bf16, head size % 16 == 0)
+    bool fused_attention = false;     // on the GPU: the fused (flash-style) attention kernels (tensor cores in bf16,
+                                      // head size % 16 == 0); fixed by model_build, which sizes the activations for it
 #ifdef MIXLN_CUDA
     cudaStream_t stream = 0;
     float* norm_partials = nullptr;   // (GLOBAL_NORM_BLOCKS) on the GPU
@@ -684,7 +688,7 @@ inline ParameterTensorsOf<gradX> model_grads(const Model* model) {
 template <typename floatX>
 inline ActivationTensorsOf<floatX> model_activations(const Model* model) {
     size_t sizes[NUM_ACTIVATION_TENSORS];
-    activation_sizes(sizes, model->config, model->B, model->T);
+    activation_sizes(sizes, model->config, model->B, model->T, model->fused_attention);
     ActivationTensorsOf<floatX> a;
     point_activations(&a, model->acts_memory, sizes);
     return a;
@@ -756,7 +760,7 @@ inline std::vector<real> model_activations_to_host(const Model* model, Select se
 // GPU, in the given precision (bf16 and bf16-pure on the GPU only: the CPU reference is fp32).
 // Parameters are zero until model_init_weights or a checkpoint fills them.
 inline void model_build(Model* model, const ModelConfig& config, int B, int T, bool on_gpu = false,
-                        Precision precision = PRECISION_FP32) {
+                        Precision precision = PRECISION_FP32, bool fused_attention = false) {
     model_config_check(config);
     if (B < 1 || T < 1) fail("batch size and sequence length must be positive (B %d, T %d)", B, T);
     if (T > config.max_seq_len) fail("sequence length %d exceeds the model's %d", T, config.max_seq_len);
@@ -766,7 +770,9 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T, b
     if (precision != PRECISION_FP32 && !on_gpu) {
         fail("--precision %s runs on the GPU only; the CPU backend computes in fp32", precision_name(precision));
     }
+    if (fused_attention && !on_gpu) fail("the fused attention runs on the GPU only; the CPU backend has one attention");
     model->config = config;
+    model->fused_attention = fused_attention;
     model->B = B;
     model->T = T;
     model->on_gpu = on_gpu;
@@ -788,7 +794,7 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T, b
     }
 
     size_t sizes[NUM_ACTIVATION_TENSORS];
-    activation_sizes(sizes, config, B, T);
+    activation_sizes(sizes, config, B, T, fused_attention);
     ActivationTensorsOf<real> fp32_view;
     model->activation_bytes = point_activations(&fp32_view, nullptr, sizes);
     real* rope_cos_table = nullptr;   // where the RoPE tables go, (T, hs/2) each

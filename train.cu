@@ -75,7 +75,7 @@ struct Args {
     unsigned long long seed = 1337;
     float embed_std = 0.02f;
     std::string device = "auto";
-    std::string attention = "simple";   // on the GPU: simple | fused
+    std::string attention = "auto";     // auto (fused on the GPU) | simple | fused
     std::string precision = "fp32";
     std::string init_from, out;
     bool eval_only = false;
@@ -134,9 +134,10 @@ static void print_help() {
     printf("  --seed S               initialisation seed (default %llu)\n", d.seed);
     printf("run:\n");
     printf("  --device auto|cpu|cuda where to run (default %s; auto stays on the CPU until the CUDA backend is verified)\n", d.device.c_str());
-    printf("  --attention simple|fused  on the GPU: attention with its probabilities stored, or the fused\n");
-    printf("                         flash-style kernels, on the tensor cores in bf16 when the head size is a\n"
-           "                         multiple of 16 (default %s)\n", d.attention.c_str());
+    printf("  --attention auto|simple|fused  on the GPU: the fused flash-style kernels (on the tensor cores in\n"
+           "                         bf16 when the head size is a multiple of 16), or the simple ones, which store\n"
+           "                         the (T, T) probabilities; auto: fused on the GPU, the CPU's own on the CPU\n"
+           "                         (default %s)\n", d.attention.c_str());
     printf("  --precision fp32|bf16|bf16-pure  number format (default %s). bf16: bf16 activations and weight copy,\n"
            "                         fp32 master weights, gradients and AdamW state; bf16-pure: all bf16, as the paper\n"
            "                         trained. GPU only; every kernel computes in fp32 (model.h: Precision)\n", d.precision.c_str());
@@ -274,7 +275,8 @@ static Args parse_args(int argc, char** argv) {
     if (a.precision != "fp32" && a.precision != "bf16" && a.precision != "bf16-pure") {
         fail("--precision must be fp32, bf16 or bf16-pure, got '%s'", a.precision.c_str());
     }
-    if (a.attention != "simple" && a.attention != "fused") fail("--attention must be simple or fused, got '%s'", a.attention.c_str());
+    if (a.attention != "auto" && a.attention != "simple" && a.attention != "fused")
+        fail("--attention must be auto, simple or fused, got '%s'", a.attention.c_str());
     return a;
 }
 
@@ -706,9 +708,9 @@ int main(int argc, char** argv) {
     if (precision != PRECISION_FP32 && !on_gpu) {
         fail("--precision %s runs on the GPU only (--device cuda); the CPU backend computes in fp32", args.precision.c_str());
     }
-    model_build(&model, config, B, T, on_gpu, precision);
-    model.fused_attention = args.attention == "fused";
-    if (model.fused_attention && !on_gpu) fail("--attention fused needs --device cuda (the CPU has one attention)");
+    if (args.attention == "fused" && !on_gpu) fail("--attention fused needs --device cuda (the CPU has one attention)");
+    bool fused_attention = on_gpu && args.attention != "simple";   // auto: fused on the GPU
+    model_build(&model, config, B, T, on_gpu, precision, fused_attention);
     TrainingState state;
     if (resuming) {
         state = training_state_load(&model, args.resume);
@@ -732,6 +734,19 @@ int main(int argc, char** argv) {
     printf("model: L=%d C=%d heads=%d F=%d V=%d | %s, %s, %s | %.2fM parameters\n", config.num_layers, config.channels,
            config.num_heads, config.ffn_channels, config.vocab_size, placement.c_str(), norm_type_name(config.norm_type),
            precision_name(precision), model.num_parameters / 1e6);
+    int head_size = config.channels / config.num_heads;
+    if (!on_gpu) {
+        printf("attention: the CPU's (probabilities stored)\n");
+    } else if (!model.fused_attention) {
+        printf("attention: simple (probabilities stored)\n");
+    } else {
+#ifdef MIXLN_CUDA
+        bool tensor_cores = precision != PRECISION_FP32 && attention_tensor_core_supports(head_size);
+#else
+        bool tensor_cores = false;
+#endif
+        printf("attention: fused, %s (head size %d)\n", tensor_cores ? "tensor cores" : "CUDA cores", head_size);
+    }
     double parameter_state_bytes = 4.0 * model.num_parameters * param_bytes(precision) +
                                    (model.weights_copy ? model.num_parameters * storage_bytes(precision) : 0.0);
     printf("memory: parameters + gradients + AdamW%s %.1f MiB, activations %.1f MiB (B=%d, T=%d)\n",

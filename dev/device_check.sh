@@ -46,14 +46,14 @@ import reference
 reference.shard_save("build/device_check_tokens.bin", np.random.default_rng(0).integers(0, 512, 64 * 64 * 4 + 1))
 EOF
 TINY=(--device cuda --model tiny --batch 4 --seq-len 64 --steps 2 --train-data build/device_check_tokens.bin)
-run_step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}"
-run_step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 ./train "${TINY[@]}"
+run_step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}" --attention simple
+run_step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 ./train "${TINY[@]}" --attention fused
 # the other placements' kernels (LayerNorm, the scaled adds, the peri norms) under memcheck too
 run_step memcheck_zoo compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}" \
     --norm-layers post,deepnorm,peri,lns --norm-type layernorm --attention fused
 # the bf16 instantiations of every kernel, and cuBLASLt's bf16 products
 run_step memcheck_bf16 compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}" \
-    --norm-layers post,deepnorm,peri,lns --norm-type layernorm --precision bf16
+    --norm-layers post,deepnorm,peri,lns --norm-type layernorm --precision bf16 --attention simple
 run_step memcheck_bf16_pure compute-sanitizer --tool memcheck --error-exitcode 1 ./train "${TINY[@]}" \
     --attention fused --precision bf16-pure
 # the tensor-core attention (bf16, the tiny model's head size 16) shares tiles and per-warp
@@ -69,11 +69,11 @@ import numpy as np
 import reference
 reference.shard_save("build/device_check_71m.bin", np.random.default_rng(1).integers(0, 32000, 64 * 256 * 12 + 1))
 EOF
-run_step train_71m ./train --device cuda --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
+run_step train_71m ./train --device cuda --attention simple --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
 grep -E '^step (9|10)/10' "$logs/train_71m.log" || true
 run_step train_71m_fused ./train --device cuda --attention fused --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
 grep -E '^step (9|10)/10' "$logs/train_71m_fused.log" || true
-run_step train_71m_bf16 ./train --device cuda --precision bf16 --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
+run_step train_71m_bf16 ./train --device cuda --precision bf16 --attention simple --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
 grep -E '^step (9|10)/10' "$logs/train_71m_bf16.log" || true
 run_step train_71m_bf16_fused ./train --device cuda --precision bf16 --attention fused --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin
 grep -E '^step (9|10)/10' "$logs/train_71m_bf16_fused.log" || true

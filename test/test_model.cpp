@@ -172,8 +172,7 @@ static void check_case(const std::string& name, double final_param_tolerance, bo
     }
     TrainSettings s = read_train_settings(dir);
     Model model;
-    model_build(&model, config, s.batch, s.seq_len, ON_GPU);
-    model.fused_attention = fused_attention;
+    model_build(&model, config, s.batch, s.seq_len, ON_GPU, PRECISION_FP32, fused_attention);
     checkpoint_load_weights(&model, dir);
     SafeTensorsFile fixture;
     safetensors_open(&fixture, (dir + "/fixture.safetensors").c_str());
@@ -583,8 +582,7 @@ static void check_bf16_case(const std::string& name, Precision precision, bool f
     REQUIRE(tensor_core_fixture == (fused_attention && attention_tensor_core_supports(config.channels / config.num_heads)));
     TrainSettings s = read_train_settings(dir);
     Model model;
-    model_build(&model, config, s.batch, s.seq_len, ON_GPU, precision);
-    model.fused_attention = fused_attention;
+    model_build(&model, config, s.batch, s.seq_len, ON_GPU, precision, fused_attention);
     checkpoint_load_weights(&model, dir);
     SafeTensorsFile fixture;
     safetensors_open(&fixture, (dir + "/fixture.safetensors").c_str());

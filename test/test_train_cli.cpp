@@ -791,7 +791,7 @@ TEST_CASE("--sample refuses a prompt id outside the vocabulary and a temperature
 
 TEST_CASE("--attention fused is refused on the CPU, and an unknown attention too", "[cli]") {
     require_train_fails("--steps 0 --attention fused", "--attention fused needs --device cuda");
-    require_train_fails("--steps 0 --attention flash", "--attention must be simple or fused, got 'flash'");
+    require_train_fails("--steps 0 --attention flash", "--attention must be auto, simple or fused, got 'flash'");
 }
 
 TEST_CASE("--resume of a directory without a training state is refused, naming the file", "[cli][resume]") {
