@@ -411,6 +411,7 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--weight-decay", number_text(a.weight_decay), false},
             {"--grad-clip", number_text(a.grad_clip), false},
             {"--precision", a.precision, false},
+            {"--attention", a.attention, false},
             {"--val-data", a.val_data, true},
             {"--val-every", std::to_string(a.val_every), true},
             {"--val-batches", std::to_string(a.val_batches), true},
@@ -436,15 +437,20 @@ static void apply_saved_settings(Args* a, const std::string& settings_json, cons
     std::vector<std::string> argv_like;
     for (const RunSetting& s : run_settings(*a)) {
         const JsonValue* v = saved.get(s.flag);
-        JsonValue fp32;   // states saved before --precision existed trained in fp32
-        fp32.type = JsonValue::String;
+        // states saved before --precision existed trained in fp32, and before --attention auto with
+        // the simple attention (the only one on the CPU, the default on the GPU)
+        JsonValue fp32, simple;
+        fp32.type = simple.type = JsonValue::String;
         fp32.string = "fp32";
+        simple.string = "simple";
         if (v == nullptr && std::string(s.flag) == "--precision") v = &fp32;
+        if (v == nullptr && std::string(s.flag) == "--attention") v = &simple;
         if (v == nullptr || v->type != JsonValue::String) fail("the training state in '%s' has no setting %s", dir.c_str(), s.flag);
         bool given = std::find(a->given.begin(), a->given.end(), s.flag) != a->given.end();
         // numbers compare as the floats they parse to (the text is %.9g, which round-trips)
         if (given && s.may_change) continue;   // the new value holds
-        bool numeric = std::string(s.flag) != "--train-data" && std::string(s.flag) != "--precision";
+        bool numeric = std::string(s.flag) != "--train-data" && std::string(s.flag) != "--precision" &&
+                       std::string(s.flag) != "--attention";
         bool same = numeric ? strtof(v->string.c_str(), nullptr) == strtof(s.value.c_str(), nullptr) : v->string == s.value;
         if (given && !same) {
             fail("--resume '%s': %s %s differs from the saved run's %s (a resumed run keeps its settings)", dir.c_str(),
@@ -469,6 +475,7 @@ static void apply_saved_settings(Args* a, const std::string& settings_json, cons
         else if (flag == "--weight-decay") a->weight_decay = parse_float("--weight-decay", v);
         else if (flag == "--grad-clip") a->grad_clip = parse_float("--grad-clip", v);
         else if (flag == "--precision") a->precision = v;
+        else if (flag == "--attention") a->attention = v;
         else if (flag == "--val-data") a->val_data = v;
         else if (flag == "--val-every") a->val_every = parse_int("--val-every", v);
         else if (flag == "--val-batches") a->val_batches = parse_int("--val-batches", v);

@@ -403,7 +403,7 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
     const char* flags[] = {
         "--model", "--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len", "--norm", "--alpha",
         "--train-data", "--val-data", "--val-batches", "--val-every", "--batch", "--steps", "--lr", "--warmup",
-        "--min-lr-ratio", "--weight-decay", "--grad-clip", "--seed", "--device", "--precision", "--init-from",
+        "--min-lr-ratio", "--weight-decay", "--grad-clip", "--seed", "--device", "--attention", "--precision", "--init-from",
         "--out", "--eval-only", "--embed-std",
     };
     for (const char* flag : flags) {
@@ -638,6 +638,9 @@ TEST_CASE("--resume refuses a setting that differs from the saved run", "[cli][r
     // the precision is part of the run: an fp32 run does not resume in bf16
     require_train_fails("--resume " + quote(tmp + "/run") + " --precision bf16",
                         "--precision bf16 differs from the saved run's fp32");
+    // and so is the attention (on the GPU, simple and fused round differently)
+    require_train_fails("--resume " + quote(tmp + "/run") + " --attention simple",
+                        "--attention simple differs from the saved run's auto");
 }
 
 TEST_CASE("a corrupted training state is refused and left as it was", "[cli][resume]") {
