@@ -232,6 +232,12 @@ inline void matmul_backward(T* dinp, G* dweight, const T* dout, const T* inp, co
 // partial sum to bf16. For a bf16 D only the schemes NONE and COMPUTE_TYPE (partials in fp32 in
 // the workspace) are allowed, so every output is rounded once, as in the CPU twin. fp32 outputs
 // keep every scheme (their partials are fp32 either way).
+// Accumulating into a bf16 D (beta != 0) is not left to cuBLASLt: on an H200 (2026-11-29) it
+// returned round(C + round(A B)) for dweight += dout^T inp at N = 64, IC = 128, OC = 96, two bf16
+// steps from round(C + A B) where C and A B nearly cancel (C -0.381, A B 0.615: the product was
+// rounded at its own, larger magnitude). So the product goes to an fp32 scratch buffer (beta 0,
+// fp32 D) and add_product_kernel stores round(beta * C + product) once per element. The scratch
+// belongs to the handle and grows to the largest such product on first use (in the first step).
 //
 // The heuristic's choice is cached per (transposes, shape, leading dimensions, types, pointer
 // alignments): everything the heuristic query sees, so a cached algorithm is exactly the one a new
@@ -254,6 +260,8 @@ struct CublasLt {
     void* workspace = nullptr;
     size_t workspace_bytes = 32u << 20;   // 32 MiB, what cuBLASLt asks for on Hopper
     std::map<CublasLtAlgoKey, cublasLtMatmulAlgo_t> algos;   // heuristic results already queried
+    float* product = nullptr;             // fp32 scratch for products accumulated into bf16 (see above)
+    size_t product_capacity = 0;          // its size in floats
 };
 
 inline CublasLt& cublaslt() {
@@ -280,12 +288,34 @@ inline uint32_t pointer_alignment(const void* p) {
     return alignment;
 }
 
+// d (count) = round(beta * d + product), one rounding per element
+static __global__ void add_product_kernel(bf16* d, const float* product, float beta, size_t count) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) d[i] = __float2bfloat16_rn(beta * __bfloat162float(d[i]) + product[i]);
+}
+
 // Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n) + beta * D, A and B of type ab_type, D of
 // type cd_type (see above for the supported pairs).
 inline void cublaslt_gemm(bool transpose_a, bool transpose_b, int m, int n, int k, const void* A, int lda,
                           const void* B, int ldb, void* D, int ldd, float beta, cudaDataType_t ab_type,
                           cudaDataType_t cd_type, cudaStream_t stream) {
     CublasLt& lt = cublaslt();
+    if (cd_type == CUDA_R_16BF && beta != 0.0f) {
+        // accumulating into bf16: the product in fp32 first, then one rounding per element (above)
+        if (ldd != m) fail("cuBLASLt bf16 accumulation needs a contiguous D (ldd %d, m %d)", ldd, m);
+        size_t count = (size_t)m * n;
+        if (count > lt.product_capacity) {
+            CUDA_CHECK(cudaFree(lt.product));   // synchronises: no product in flight uses it
+            CUDA_CHECK(cudaMalloc((void**)&lt.product, count * sizeof(float)));
+            lt.product_capacity = count;
+        }
+        cublaslt_gemm(transpose_a, transpose_b, m, n, k, A, lda, B, ldb, lt.product, m, 0.0f, ab_type, CUDA_R_32F,
+                      stream);
+        const int block = 256;
+        LAUNCH(add_product_kernel, dim3((unsigned)((count + block - 1) / block)), dim3(block), 0, stream, (bf16*)D,
+               (const float*)lt.product, beta, count);
+        return;
+    }
     cublasLtMatmulDesc_t desc;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     cublasOperation_t op_a = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
