@@ -579,12 +579,11 @@ static bool choose_device(const Args& a) {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    if (a.device == "auto" && gpus > 0) {
-        printf("device: cpu, %d threads (%d GPU(s) present: the CUDA backend is not yet verified on hardware; "
-               "--device cuda uses it)\n", threads, gpus);
-    } else {
-        printf("device: cpu, %d threads\n", threads);
-    }
+#ifdef MIXLN_CUDA
+    printf("device: cpu, %d threads\n", threads);
+#else
+    printf("device: cpu, %d threads (a g++ build: no CUDA backend)\n", threads);
+#endif
     return false;
 }
 
