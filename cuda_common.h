@@ -56,6 +56,15 @@ inline void launch_checked(const char* file, int line, void (*kernel)(KernelArgs
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Unrolls the loop after it in nvcc builds (g++ would warn about an unknown pragma, and unrolls
+// such small constant loops itself). Loops over a chunk of loads issued before their use are
+// written with it: see rmsnorm_backward_input_kernel.
+#ifdef __CUDACC__
+#define KERNEL_UNROLL _Pragma("unroll")
+#else
+#define KERNEL_UNROLL
+#endif
+
 // ---- storage types in kernels (see common.h): load with to_float, compute in float, store with
 // from_float<T> (round to nearest even for bf16)
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -98,19 +98,31 @@ __device__ __forceinline__ void softmax_stats_merge(float* max_a, float* sum_a, 
 // read them for): each thread keeps a running maximum and rescales its running sum when the
 // maximum grows (the online softmax), then the threads' statistics are merged by a fixed
 // butterfly in each warp and in warp order across the block, so the result is deterministic.
+// A thread takes its elements CROSSENTROPY_CHUNK at a time, all of a chunk's loads issued before
+// any is used (the lesson of rmsnorm_backward_input_kernel, dev/PERF.md).
+constexpr int CROSSENTROPY_CHUNK = 8;
 template <typename T>
 __device__ __forceinline__ void row_softmax_stats(float* max_out, float* sum_out, const T* row, int V) {
     __shared__ float shared_max[32], shared_sum[32];
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     float max_logit = -INFINITY, sum = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float x = to_float(row[v]);
-        if (x > max_logit) {
-            sum = sum * expf(max_logit - x) + 1.0f;   // 0 * exp(-inf) = 0 for the first element
-            max_logit = x;
-        } else {
-            sum += expf(x - max_logit);
+    for (int v0 = threadIdx.x; v0 < V; v0 += blockDim.x * CROSSENTROPY_CHUNK) {
+        float x[CROSSENTROPY_CHUNK];
+        KERNEL_UNROLL
+        for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
+            int v = v0 + u * blockDim.x;
+            x[u] = v < V ? to_float(row[v]) : -INFINITY;
         }
+        // the chunk's maximum (finite: its first element is in the row), the sum rescaled to it
+        float chunk_max = x[0];
+        KERNEL_UNROLL
+        for (int u = 1; u < CROSSENTROPY_CHUNK; u++) chunk_max = fmaxf(chunk_max, x[u]);
+        if (chunk_max > max_logit) {
+            sum *= expf(max_logit - chunk_max);   // 0 * exp(-inf) = 0 for the first chunk
+            max_logit = chunk_max;
+        }
+        KERNEL_UNROLL
+        for (int u = 0; u < CROSSENTROPY_CHUNK; u++) sum += expf(x[u] - max_logit);   // 0 past the row's end
     }
     for (int offset = 16; offset > 0; offset /= 2) {
         float other_max = __shfl_xor_sync(0xffffffffu, max_logit, offset);
@@ -146,8 +158,19 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
     row_softmax_stats(&max_logit, &sum, row, V);
     float scale = dloss / sum;
     int target = targets[blockIdx.x];
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        drow[v] = from_float<T>(expf(to_float(row[v]) - max_logit) * scale - (v == target ? dloss : 0.0f));
+    for (int v0 = threadIdx.x; v0 < V; v0 += blockDim.x * CROSSENTROPY_CHUNK) {
+        // a chunk's loads first: in place, each element is read before its own store
+        float x[CROSSENTROPY_CHUNK];
+        KERNEL_UNROLL
+        for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
+            int v = v0 + u * blockDim.x;
+            x[u] = v < V ? to_float(row[v]) : 0.0f;
+        }
+        KERNEL_UNROLL
+        for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
+            int v = v0 + u * blockDim.x;
+            if (v < V) drow[v] = from_float<T>(expf(x[u] - max_logit) * scale - (v == target ? dloss : 0.0f));
+        }
     }
 }
 

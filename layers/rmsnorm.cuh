@@ -184,11 +184,6 @@ static __global__ void residual_rmsnorm_forward_kernel(T* sum, T* out, float* rs
 // on an H200 the plain one-channel-at-a-time loop waited out each load's latency in turn and moved
 // its 64 MB (LLaMA-71M, B 64, T 256) at 0.2 TB/s (dev/PERF.md). The sums run over the same
 // channels in the same order as before, so the result is the same to the bit.
-#ifdef __CUDACC__
-#define RMSNORM_UNROLL _Pragma("unroll")
-#else
-#define RMSNORM_UNROLL
-#endif
 constexpr int RMSNORM_CHUNK = 8;   // channels per lane per chunk
 template <typename T>
 static __global__ void rmsnorm_backward_input_kernel(T* __restrict__ dinp, const T* __restrict__ dout,
@@ -205,13 +200,13 @@ static __global__ void rmsnorm_backward_input_kernel(T* __restrict__ dinp, const
     float dot = 0.0f;
     for (int c0 = lane; c0 < C; c0 += 32 * RMSNORM_CHUNK) {
         float g[RMSNORM_CHUNK], xs[RMSNORM_CHUNK];
-        RMSNORM_UNROLL
+        KERNEL_UNROLL
         for (int u = 0; u < RMSNORM_CHUNK; u++) {
             int c = c0 + 32 * u;
             g[u] = c < C ? to_float(dy[c]) * to_float(weight[c]) : 0.0f;
             xs[u] = c < C ? to_float(x[c]) : 0.0f;
         }
-        RMSNORM_UNROLL
+        KERNEL_UNROLL
         for (int u = 0; u < RMSNORM_CHUNK; u++)
             if (c0 + 32 * u < C) dot += g[u] * (xs[u] * r);
     }
@@ -219,14 +214,14 @@ static __global__ void rmsnorm_backward_input_kernel(T* __restrict__ dinp, const
     // dinp += rstd * (g - xhat * mean_dot)
     for (int c0 = lane; c0 < C; c0 += 32 * RMSNORM_CHUNK) {
         float g[RMSNORM_CHUNK], xs[RMSNORM_CHUNK], old[RMSNORM_CHUNK];
-        RMSNORM_UNROLL
+        KERNEL_UNROLL
         for (int u = 0; u < RMSNORM_CHUNK; u++) {
             int c = c0 + 32 * u;
             g[u] = c < C ? to_float(dy[c]) * to_float(weight[c]) : 0.0f;
             xs[u] = c < C ? to_float(x[c]) : 0.0f;
             old[u] = c < C ? to_float(dx[c]) : 0.0f;
         }
-        RMSNORM_UNROLL
+        KERNEL_UNROLL
         for (int u = 0; u < RMSNORM_CHUNK; u++) {
             int c = c0 + 32 * u;
             if (c < C) dx[c] = from_float<T>(old[u] + r * (g[u] - xs[u] * r * mean_dot));
