@@ -575,10 +575,12 @@ struct Model {
     int* targets = nullptr;           // (B, T) its targets, for backward
     real* host_losses = nullptr;      // (B, T) per-position losses copied to the host
     // the inputs' positions grouped by token (group_positions_by_token), for the embedding's
-    // backward; made on the host by each forward pass with targets
+    // backward; made on the host when backward starts, from the forward pass's inputs (so forward
+    // passes that only evaluate do not pay for it)
+    int* host_inputs = nullptr;           // (B*T) the last forward pass's inputs, on the host
     int* token_positions = nullptr;       // (B*T) in model memory
     int* token_group_starts = nullptr;    // (B*T + 1) in model memory
-    int token_groups = 0;                 // groups (distinct input tokens) of the last forward pass
+    int token_groups = 0;                 // groups (distinct input tokens) of the last backward pass
     int* host_token_positions = nullptr;  // (B*T) host scratch
     int* host_token_group_starts = nullptr;   // (B*T + 1) host scratch
     int* host_token_counts = nullptr;     // (V + 1) host scratch
@@ -823,6 +825,7 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T, b
     model->host_losses = (real*)malloc_or_fail((size_t)B * T * sizeof(real), "losses");
     model->token_positions = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "token positions");
     model->token_group_starts = (int*)model_alloc(on_gpu, ((size_t)B * T + 1) * sizeof(int), "token group starts");
+    model->host_inputs = (int*)malloc_or_fail((size_t)B * T * sizeof(int), "inputs");
     model->host_token_positions = (int*)malloc_or_fail((size_t)B * T * sizeof(int), "token positions");
     model->host_token_group_starts = (int*)malloc_or_fail(((size_t)B * T + 1) * sizeof(int), "token group starts");
     model->host_token_counts = (int*)malloc_or_fail(((size_t)config.vocab_size + 1) * sizeof(int), "token counts");
@@ -847,6 +850,7 @@ inline void model_free(Model* model) {
     free(model->host_losses);
     model_release(on_gpu, model->token_positions);
     model_release(on_gpu, model->token_group_starts);
+    free(model->host_inputs);
     free(model->host_token_positions);
     free(model->host_token_group_starts);
     free(model->host_token_counts);
@@ -1128,12 +1132,7 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
     model_copy_in(model, model->inputs, inputs, (size_t)BT * sizeof(int));
     if (targets) {
         model_copy_in(model, model->targets, targets, (size_t)BT * sizeof(int));
-        // for the embedding's backward: the positions grouped by token
-        model->token_groups = group_positions_by_token(model->host_token_positions, model->host_token_group_starts,
-                                                       model->host_token_counts, inputs, BT, V);
-        model_copy_in(model, model->token_positions, model->host_token_positions, (size_t)BT * sizeof(int));
-        model_copy_in(model, model->token_group_starts, model->host_token_group_starts,
-                      ((size_t)model->token_groups + 1) * sizeof(int));
+        memcpy(model->host_inputs, inputs, (size_t)BT * sizeof(int));   // for backward's token groups
     }
 #ifdef MIXLN_HAS_BF16
     if (model->precision != PRECISION_FP32) return model_forward_typed<bf16>(model, targets != nullptr);
@@ -1267,6 +1266,14 @@ inline void model_backward_typed(Model* model, float loss_scale) {
 // the gradient of the mean loss over all K*B*T positions.
 inline void model_backward(Model* model, float loss_scale = 1.0f) {
     if (!model->backward_ready) fail("model_backward needs a forward pass with targets (and no skipped layer) first");
+    // for the embedding's backward: the forward pass's positions grouped by token
+    const int BT = model->B * model->T;
+    model->token_groups = group_positions_by_token(model->host_token_positions, model->host_token_group_starts,
+                                                   model->host_token_counts, model->host_inputs, BT,
+                                                   model->config.vocab_size);
+    model_copy_in(model, model->token_positions, model->host_token_positions, (size_t)BT * sizeof(int));
+    model_copy_in(model, model->token_group_starts, model->host_token_group_starts,
+                  ((size_t)model->token_groups + 1) * sizeof(int));
 #ifdef MIXLN_HAS_BF16
     if (model->precision == PRECISION_BF16) model_backward_typed<bf16, float>(model, loss_scale);
     if (model->precision == PRECISION_BF16_PURE) model_backward_typed<bf16, bf16>(model, loss_scale);

@@ -19,7 +19,7 @@ The order is fixed and no atomics are used: the result is deterministic.
 
 Both read the positions grouped by token, which group_positions_by_token makes on the host from
 the input tokens (a stable counting sort over the vocabulary, O(B*T + V)); the model makes them
-once per forward pass with targets and keeps them beside the inputs (model.h). With the groups
+when a backward pass starts, from the inputs of the forward pass before it (model.h). With the groups
 given, the kernel is one block per (token that occurs, strip of channels), each thread summing
 its channel over the group's positions: B*T*C loads in all, the least there is, and no block
 searches the inputs for the positions of its token.
