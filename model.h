@@ -1157,8 +1157,7 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
                                         const LayerWeightsOf<gradX>& g, const LayerActivations<floatX>& la) {
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
-    model_zero(model, a.datty, (size_t)BT * C * sizeof(floatX));
-    LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 1.0f);
+    LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 0.0f);   // datty written, not added to
     model_zero(model, a.dqkv, (size_t)BT * 3 * C * sizeof(floatX));
 #ifdef MIXLN_CUDA
     if (model->on_gpu && model->fused_attention) {
@@ -1179,8 +1178,7 @@ inline void mlp_sublayer_backward(Model* model, const ActivationTensorsOf<floatX
                                   const LayerWeightsOf<gradX>& g, const LayerActivations<floatX>& la) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels, F = c.ffn_channels;
-    model_zero(model, a.dswiglu, (size_t)BT * F * sizeof(floatX));
-    LAYER(matmul_backward, a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C, 1.0f);
+    LAYER(matmul_backward, a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C, 0.0f);   // written
     model_zero(model, a.dgate_up, (size_t)BT * 2 * F * sizeof(floatX));
     LAYER(swiglu_backward, a.dgate_up, a.dswiglu, la.gate_up, BT, F);
     LAYER(matmul_backward, dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F, dinp_scale);
@@ -1203,8 +1201,7 @@ inline void model_backward_typed(Model* model, float loss_scale) {
     floatX* dlogits = a.logits;
     LAYER(crossentropy_backward, dlogits, a.logits, model->targets, (real)(loss_scale / (double)BT), BT, V);
     const floatX* last_output = layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1);
-    model_zero(model, a.dnorm, stream_bytes);
-    LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V, 1.0f);
+    LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V, 0.0f);   // written
     model_zero(model, a.dresidual, stream_bytes);
     norm_backward(model, a.dresidual, g.final_norm, g.final_norm_bias, a.dnorm, last_output, p.final_norm, a.final_norm_stats);
 
@@ -1238,8 +1235,7 @@ inline void model_backward_typed(Model* model, float loss_scale) {
                               w.mlp_out_norm, la.mlp_out_norm_stats);
                 dmlp_out = a.dbranch;
             }
-            model_zero(model, a.dnorm, stream_bytes);
-            mlp_sublayer_backward(model, a, a.dnorm, 1.0f, dmlp_out, la.mlp_norm, w, gw, la);
+            mlp_sublayer_backward(model, a, a.dnorm, 0.0f, dmlp_out, la.mlp_norm, w, gw, la);   // dnorm written
             if (output_scale != 1.0f) LAYER(scale_forward, a.dnorm, a.dnorm, output_scale, stream_size);
             norm_backward(model, a.dresidual, gw.mlp_norm, gw.mlp_norm_bias, a.dnorm, la.attn_resid, w.mlp_norm, la.mlp_norm_stats);
             // h = x + N1o(o), o = attn(s * N1(x)): likewise -> d(x)
@@ -1250,8 +1246,7 @@ inline void model_backward_typed(Model* model, float loss_scale) {
                               w.attn_out_norm, la.attn_out_norm_stats);
                 dattn_out = a.dbranch;
             }
-            model_zero(model, a.dnorm, stream_bytes);
-            attention_sublayer_backward(model, a, a.dnorm, 1.0f, dattn_out, la.attn_norm, w, gw, la);
+            attention_sublayer_backward(model, a, a.dnorm, 0.0f, dattn_out, la.attn_norm, w, gw, la);   // written
             if (output_scale != 1.0f) LAYER(scale_forward, a.dnorm, a.dnorm, output_scale, stream_size);
             norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, layer_input, w.attn_norm, la.attn_norm_stats);
         }
