@@ -19,7 +19,6 @@ The same kernel source is compiled two ways:
 #else
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 #endif
 
 inline void cuda_check(cudaError_t error, const char* file, int line) {
@@ -75,6 +74,43 @@ template <>
 __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+// ---- tensor-core products with known fragment layouts
+// d (16x8, float) += a (16x16, bf16) b (16x8, bf16), one warp, with the fragment layouts the PTX ISA
+// documents for mma.sync.aligned.m16n8k16 ("Matrix Fragments for mma.m16n8k16 with floating point
+// type"). Lane l, with g = l / 4 and t = l % 4, holds two bf16 per register (the lower column or
+// row index in the low 16 bits):
+//   a[0] = A(g, 2t..2t+1)   a[1] = A(g+8, 2t..2t+1)   a[2] = A(g, 2t+8..2t+9)   a[3] = A(g+8, 2t+8..2t+9)
+//   b[0] = B(2t..2t+1, g)   b[1] = B(2t+8..2t+9, g)
+//   d[0], d[1] = D(g, 2t), D(g, 2t+1)                 d[2], d[3] = D(g+8, 2t), D(g+8, 2t+1)
+// Because D's layout matches A's (two adjacent 16x8 results are one 16x16 A operand), a product's
+// result can feed the next product from registers. The emulation implements the same layouts.
+__device__ __forceinline__ void mma_bf16_16x8x16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef MIXLN_CUDA_EMULATION
+    cuda_emu::mma_m16n8k16_bf16(d, a, b);
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+// Two adjacent bf16 (p 4-byte aligned) as one register: p[0] in the low half. (g++ would be free
+// to reorder a uint32_t load around bf16 stores to the same memory: strict aliasing; memcpy is not.)
+__device__ __forceinline__ uint32_t load_bf16x2(const bf16* p) {
+#ifdef MIXLN_CUDA_EMULATION
+    uint32_t value;
+    memcpy(&value, p, sizeof(value));
+    return value;
+#else
+    return *reinterpret_cast<const uint32_t*>(p);
+#endif
+}
+// round lo and hi to bf16 and pack them into one register, lo in the low half
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    uint32_t low = __bfloat16_as_ushort(__float2bfloat16_rn(lo)), high = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
+    return low | (high << 16);
+}
 
 // ---- reductions shared by the kernels
 

@@ -889,64 +889,58 @@ inline void attention_backward_fused_cuda_cores(floatX* dqkv, float* scratch, co
 // ---- fused attention on tensor cores (bf16)
 /*
 The fused attention above computes in float on the CUDA cores. In bf16 the same algorithm runs on
-the tensor cores, which multiply 16x16 bf16 tiles with float accumulation (through the portable
-WMMA API, nvcuda::wmma, on sm_80 and later; the emulation in test/emu/cuda_emu.h runs it on the
-CPU). attention_forward_fused and attention_backward_fused take this path for bf16 when the head
-size is a multiple of 16 up to 128; fp32, and other head sizes, stay on the CUDA-core kernels.
+the tensor cores, which multiply bf16 tiles with float accumulation: the PTX instruction
+mma.sync.m16n8k16 through mma_bf16_16x8x16 (cuda_common.h), whose fragment layouts are documented,
+so that scores, probabilities and accumulators stay in registers from one product to the next, as
+in FlashAttention-2. attention_forward_fused and attention_backward_fused take this path for bf16
+when the head size is a multiple of 16 up to 128; fp32, and other head sizes, stay on the CUDA-core
+kernels. The kernels are templates on the head size, so every register array has its exact size.
 
 What changes against the CUDA-core kernels, and why:
   - Rounding: a tensor-core product takes bf16 operands, so P is rounded to bf16 before P V (and
     before dV = P^T dO), and dS before dK = dS^T Q and dQ = dS K, as FlashAttention does. The
-    scores, dP, the softmax statistics, D and every accumulator stay float. The CPU twins above
+    scores, dP, the softmax statistics, D and every accumulator stay float. The CPU twins
     (attention_forward_tensor_core_cpu, attention_backward_tensor_core_cpu) round at the same
     points; each rounding of P or dS moves a term by at most 2^-8 of itself (bf16's unit roundoff).
+    The row sum of the softmax adds the rounded P, as the twin does.
   - Work split: 128 threads, 4 warps; warp w owns rows 16w .. 16w+15 of the block's 64-row tile
-    (queries in the forward and in pass 2, keys in pass 1). A warp computes its 16x64 block of
-    scores (and of dP) with its own WMMA products and writes it to its own float buffer in shared
-    memory; the element-wise softmax step runs there with two lanes per row (lane l: row l/2,
-    the even columns for even l, the odd ones for odd l: 2-way bank conflicts where contiguous
-    halves would give 4-way), writes the bf16 P (or dS) to the warp's own bf16 buffer, and the
-    next product reads that. Apart from loading the shared k/v (or q/dout) tiles, which needs the
-    block's barriers, a warp synchronises only with itself (__syncwarp between a store of a
-    product and lanes reading it, and between lanes writing P and the product that reads it).
-  - Accumulators: WMMA does not say which lane holds which element of an accumulator, so a row
-    of one cannot be rescaled in registers. The forward's output accumulator (16 rows x head_size
-    per warp) therefore lives in shared memory, where lanes rescale their row by the online
-    softmax's correction before the warp adds P V to it. The backward's dK, dV and dQ need no
-    rescaling and stay in registers, as up to 8 fragments per 16 channels, flushed through shared
-    memory at the end.
-  - Determinism: as before, every element of dq, dk and dv is summed by one warp in a fixed order
+    (queries in the forward and in pass 2, keys in pass 1) and does all of their work by itself:
+    the warps share only the tiles in shared memory (loaded between two __syncthreads), never a
+    partial result.
+  - Registers: lane l (g = l / 4, t = l % 4) holds, of every 16-row result, rows g and g + 8 and
+    two adjacent columns per 8. A row's statistics (maximum, sum) are 4-lane butterflies over the
+    lanes with the same g. A 16x64 block of scores is 8 results of 16x8; after the softmax, pairs
+    of them are exactly the A operand of the next product (P V, dS K, ...), converted to bf16 in
+    registers (the layouts of D and A match). Accumulators (O, dQ, dK, dV) are 16 x head_size per
+    warp, head_size / 2 floats per lane.
+  - Operands in shared memory: a product's B operand is read two bf16 at a time along k. For
+    S = Q K^T, k is the channel and K's rows hold it contiguous; for P V, dS K, P^T dO and dS^T Q,
+    k runs over positions, so those tiles are also stored transposed, (channels, positions), by
+    attention_tc_load_tile_transposed.
+  - The diagonal tile: a warp skips the products whose 16 or 32 columns are all in its rows'
+    future (they would be masked to 0).
+  - Determinism: as before, every element of dq, dk and dv is summed by one lane in a fixed order
     and added to dqkv once; no atomics.
-Tiles in shared memory are bf16 with a row stride of head_size + 8 elements (16 bytes more than a
-row: rows start 4 banks apart, and every 16-row block starts 32-byte aligned, as WMMA requires);
-the float buffers have a row stride of max(64, head_size) + 4.
-Shared memory per block (hs: head size; s = hs + 8, f = max(64, hs) + 4; 4 warps):
-  forward: q, k, v tiles 3 * 64 * s bf16; per warp S, O (16, f) float and P (16, 72) bf16
-           = 70 KB at hs 64, 126 KB at hs 128
-  pass 1:  k, v, q, dout tiles 4 * 64 * s bf16; lse and D 64 floats each; per warp S^T, dP^T
-           (16, f) float, P^T, dS^T (16, 72) bf16   = 88.5 KB at hs 64, 152.5 KB at hs 128
-  pass 2:  q, dout, k, v tiles 4 * 64 * s bf16; per warp S, dP (16, f) float, dS (16, 72) bf16
-           = 79 KB at hs 64, 143 KB at hs 128
+Row-major tiles are bf16 (64, head_size + 8), transposed ones (head_size, 72): 16 bytes more than a
+row, so that the 8 row groups of a fragment load (4 lanes each, 4 bytes apart) fall in 32
+different banks for every head size here.
+Shared memory per block (hs: head size; r = 64 (hs + 8), c = 72 hs bf16 elements):
+  forward: q, k tiles (r each), v transposed (c)                      = 27 KB at hs 64, 53 KB at hs 128
+  pass 1:  k, v, q, dout tiles (r each), q and dout transposed (c each),
+           lse and D of the query tile (64 floats each)               = 54.5 KB at hs 64, 104.5 KB at hs 128
+  pass 2:  q, dout, k, v tiles (r each), k transposed (c)             = 45 KB at hs 64, 86 KB at hs 128
 all within sm_80's 163 KB.
 */
 
 constexpr int ATTN_TC_WARPS = 4;
 constexpr int ATTN_TC_THREADS = 32 * ATTN_TC_WARPS;
-constexpr int ATTN_TC_MAX_FRAGMENTS = ATTN_MAX_HEAD_SIZE / 16;   // accumulator fragments per 16 rows of a head
-constexpr int ATTN_TC_P_STRIDE = ATTN_TILE + 8;                  // row stride of the bf16 P / dS buffers
+constexpr int ATTN_TC_T_STRIDE = ATTN_TILE + 8;   // row stride of the transposed (channels, 64) tiles
 
 // the tensor-core path handles these head sizes
 inline bool attention_tensor_core_supports(int head_size) {
     return head_size % 16 == 0 && head_size >= 16 && head_size <= ATTN_MAX_HEAD_SIZE;
 }
-__host__ __device__ inline int attention_tc_stride(int head_size) { return head_size + 8; }
-__host__ __device__ inline int attention_tc_float_stride(int head_size) { return (head_size > 64 ? head_size : 64) + 4; }
-
-typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major> attn_frag_a;
-typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::row_major> attn_frag_b;
-// a matrix_b read from a row-major (n, k) tile, i.e. the transpose of that tile
-typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::col_major> attn_frag_b_transposed;
-typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> attn_frag_acc;
+__host__ __device__ constexpr int attention_tc_stride(int head_size) { return head_size + 8; }
 
 // Rows t0 .. t0+63 of one head's slice of a (B, T, row_stride) bf16 tensor, src pointing at
 // (b, 0, slice), into a (64, stride) bf16 tile; rows past T become 0 (the padding channels past
@@ -970,301 +964,398 @@ static __device__ void attention_tc_load_tile(bf16* tile, const bf16* src, int r
     }
 }
 
-// out (16, 64) float, row stride out_stride = a b^T: a (16, head_size) and b (64, head_size), both
-// row-major bf16 with row stride `stride`. One warp.
-static __device__ __forceinline__ void attention_tc_rows_dot_tile(float* out, int out_stride, const bf16* a,
-                                                                  const bf16* b, int stride, int head_size) {
-    attn_frag_acc acc[4];
-    ATTN_UNROLL
-    for (int n = 0; n < 4; n++) nvcuda::wmma::fill_fragment(acc[n], 0.0f);
-    for (int k = 0; k < head_size; k += 16) {
-        attn_frag_a a_frag;
-        nvcuda::wmma::load_matrix_sync(a_frag, a + k, stride);
-        ATTN_UNROLL
-        for (int n = 0; n < 4; n++) {
-            attn_frag_b_transposed b_frag;
-            nvcuda::wmma::load_matrix_sync(b_frag, b + (size_t)16 * n * stride + k, stride);
-            nvcuda::wmma::mma_sync(acc[n], a_frag, b_frag, acc[n]);
+// The same rows, transposed: tile (head_size, ATTN_TC_T_STRIDE), tile[e][r] = row t0 + r, channel
+// e; rows past T become 0. Consecutive threads take consecutive rows (so their 2-byte stores
+// into one tile row fall in different banks).
+static __device__ void attention_tc_load_tile_transposed(bf16* tile, const bf16* src, int row_stride, int t0, int T,
+                                                         int head_size) {
+    bool vectors = (reinterpret_cast<uintptr_t>(src) % 16 == 0) && row_stride % 8 == 0;
+    if (vectors) {
+        for (int idx = threadIdx.x; idx < ATTN_TILE * (head_size / 8); idx += blockDim.x) {
+            int r = idx % ATTN_TILE, e = idx / ATTN_TILE * 8;
+            uint4 value = make_uint4(0, 0, 0, 0);
+            if (t0 + r < T) value = *reinterpret_cast<const uint4*>(src + (size_t)(t0 + r) * row_stride + e);
+            uint32_t words[4] = {value.x, value.y, value.z, value.w};   // channel e + i in half i % 2 of word i / 2
+            ATTN_UNROLL
+            for (int i = 0; i < 8; i++)
+                tile[(e + i) * ATTN_TC_T_STRIDE + r] = __ushort_as_bfloat16((unsigned short)(words[i / 2] >> (16 * (i % 2))));
         }
-    }
-    ATTN_UNROLL
-    for (int n = 0; n < 4; n++) nvcuda::wmma::store_matrix_sync(out + 16 * n, acc[n], out_stride, nvcuda::wmma::mem_row_major);
-}
-
-// acc[c] += p b for the channel blocks c < head_size / 16: p (16, 64) bf16 with row stride
-// ATTN_TC_P_STRIDE, b (64, head_size) row-major bf16 with row stride `stride`. One warp. The
-// unrolled loop with its guard keeps acc in registers whatever head_size is.
-static __device__ __forceinline__ void attention_tc_accumulate(attn_frag_acc acc[ATTN_TC_MAX_FRAGMENTS], const bf16* p,
-                                                               const bf16* b, int stride, int head_size) {
-    attn_frag_a p_frag[4];
-    ATTN_UNROLL
-    for (int k = 0; k < 4; k++) nvcuda::wmma::load_matrix_sync(p_frag[k], p + 16 * k, ATTN_TC_P_STRIDE);
-    ATTN_UNROLL
-    for (int c = 0; c < ATTN_TC_MAX_FRAGMENTS; c++) {
-        if (16 * c >= head_size) break;
-        ATTN_UNROLL
-        for (int k = 0; k < 4; k++) {
-            attn_frag_b b_frag;
-            nvcuda::wmma::load_matrix_sync(b_frag, b + (size_t)16 * k * stride + 16 * c, stride);
-            nvcuda::wmma::mma_sync(acc[c], p_frag[k], b_frag, acc[c]);
+    } else {
+        for (int idx = threadIdx.x; idx < ATTN_TILE * head_size; idx += blockDim.x) {
+            int r = idx % ATTN_TILE, e = idx / ATTN_TILE;
+            tile[e * ATTN_TC_T_STRIDE + r] =
+                t0 + r < T ? src[(size_t)(t0 + r) * row_stride + e] : __float2bfloat16_rn(0.0f);
         }
     }
 }
 
-// dst[16 rows, head_size] = round(dst + acc * factor) for the rows before `rows`: the warp's
-// accumulators, through buffer (16, >= 16 floats, row stride buffer_stride). dst points at the
-// warp's first row, rows dst_stride apart. One warp.
+// The A operand (16x16) of rows r0 .. r0+15, columns k0 .. k0+15 of a row-major bf16 tile with row
+// stride `stride`, for lane (g, t) (layouts: mma_bf16_16x8x16)
+static __device__ __forceinline__ void attention_tc_load_a(uint32_t a[4], const bf16* tile, int stride, int r0, int k0,
+                                                           int g, int t) {
+    const bf16* p = tile + (r0 + g) * stride + k0 + 2 * t;
+    a[0] = load_bf16x2(p);
+    a[1] = load_bf16x2(p + 8 * stride);
+    a[2] = load_bf16x2(p + 8);
+    a[3] = load_bf16x2(p + 8 * stride + 8);
+}
+// The B operand (16x8) of k0 .. k0+15, n0 .. n0+7 from a tile that holds B transposed: B(k, n) at
+// tile[n * stride + k]
+static __device__ __forceinline__ void attention_tc_load_b(uint32_t b[2], const bf16* tile, int stride, int n0, int k0,
+                                                           int g, int t) {
+    const bf16* p = tile + (n0 + g) * stride + k0 + 2 * t;
+    b[0] = load_bf16x2(p);
+    b[1] = load_bf16x2(p + 8);
+}
+// Results n = 2k, 2k+1 (16x8 each, float) as the A operand (16x16, bf16) of columns 16k .. 16k+15:
+// the layouts match, each value is rounded to bf16
+static __device__ __forceinline__ void attention_tc_to_a(uint32_t a[4], const float left[4], const float right[4]) {
+    a[0] = pack_bf16x2(left[0], left[1]);
+    a[1] = pack_bf16x2(left[2], left[3]);
+    a[2] = pack_bf16x2(right[0], right[1]);
+    a[3] = pack_bf16x2(right[2], right[3]);
+}
+
+// dst = round(dst + acc * factor) for the warp's accumulators (16 rows x HS, see the layout above):
+// dst points at row 0 of the warp, rows dst_stride apart; rows from `rows` on are not written
+template <int HS>
 static __device__ __forceinline__ void attention_tc_flush(bf16* dst, size_t dst_stride, int rows,
-                                                          const attn_frag_acc acc[ATTN_TC_MAX_FRAGMENTS], float factor,
-                                                          float* buffer, int buffer_stride, int head_size) {
-    int lane = threadIdx.x % 32;
+                                                          const float acc[HS / 8][4], float factor, int g, int t) {
     ATTN_UNROLL
-    for (int c = 0; c < ATTN_TC_MAX_FRAGMENTS; c++) {
-        if (16 * c >= head_size) break;
-        __syncwarp();   // the previous block's values have been read
-        nvcuda::wmma::store_matrix_sync(buffer, acc[c], buffer_stride, nvcuda::wmma::mem_row_major);
-        __syncwarp();
-        for (int idx = lane; idx < 256; idx += 32) {
-            int r = idx / 16, e = idx % 16;
+    for (int n = 0; n < HS / 8; n++) {
+        ATTN_UNROLL
+        for (int i = 0; i < 4; i++) {
+            int r = g + 8 * (i / 2), e = 8 * n + 2 * t + i % 2;
             if (r < rows) {
-                bf16* d = dst + r * dst_stride + 16 * c + e;
-                *d = __float2bfloat16_rn(__bfloat162float(*d) + buffer[r * buffer_stride + e] * factor);
+                bf16* d = dst + r * dst_stride + e;
+                *d = __float2bfloat16_rn(__bfloat162float(*d) + acc[n][i] * factor);
             }
         }
     }
 }
 
 // Forward. grid (B * NH, query tiles); out (B, T, C), lse (B, NH, T), qkv (B, T, 3C)
+template <int HS>
 static __global__ void __launch_bounds__(ATTN_TC_THREADS)
-    attention_forward_tensor_core_kernel(bf16* out, float* lse, const bf16* qkv, int T, int NH, int head_size) {
-    DYNAMIC_SHARED(unsigned char, shared);
-    const int stride = attention_tc_stride(head_size), fstride = attention_tc_float_stride(head_size);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    bf16* q_tile = (bf16*)shared;                    // (64 queries, stride)
-    bf16* k_tile = q_tile + ATTN_TILE * stride;      // (64 keys, stride)
-    bf16* v_tile = k_tile + ATTN_TILE * stride;      // (64 keys, stride)
-    float* warp_floats = (float*)(v_tile + ATTN_TILE * stride);
-    float* s_buffer = warp_floats + warp * 2 * 16 * fstride;   // (16, fstride): the warp's scores
-    float* o_buffer = s_buffer + 16 * fstride;                 // (16, fstride): its output accumulator
-    bf16* p_buffer = (bf16*)(warp_floats + ATTN_TC_WARPS * 2 * 16 * fstride) + warp * 16 * ATTN_TC_P_STRIDE;   // (16, 72)
+    attention_forward_tensor_core_kernel(bf16* out, float* lse, const bf16* qkv, int T, int NH) {
+    constexpr int stride = attention_tc_stride(HS);
+    DYNAMIC_SHARED(bf16, shared);
+    bf16* q_tile = shared;                                  // (64 queries, stride)
+    bf16* k_tile = q_tile + ATTN_TILE * stride;             // (64 keys, stride)
+    bf16* vt_tile = k_tile + ATTN_TILE * stride;            // (HS channels, ATTN_TC_T_STRIDE): v transposed
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int b = blockIdx.x / NH, h = blockIdx.x % NH;
-    int query_tile = gridDim.y - 1 - blockIdx.y;  // longest rows first
+    int query_tile = gridDim.y - 1 - blockIdx.y;   // longest rows first
     int q0 = query_tile * ATTN_TILE;
-    int C = NH * head_size;
-    float scale = 1.0f / sqrtf((float)head_size);
-    const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;
-    // this lane's row of the warp's 16, and its half of the columns (the even or the odd ones)
-    int r = lane / 2, half = lane % 2, t = q0 + 16 * warp + r;
+    int C = NH * HS;
+    float scale = 1.0f / sqrtf((float)HS);
+    const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+    // the lane's two rows: queries row[0] = q0 + 16 warp + g and row[1] = row[0] + 8
+    int row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
+    int last_row = q0 + 16 * warp + 15;   // the warp's last query
 
-    attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, head_size, stride);
-    for (int e = half; e < head_size; e += 2) o_buffer[r * fstride + e] = 0.0f;
-    float row_max = -INFINITY, row_sum = 0.0f;
+    attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, HS, stride);
+    __syncthreads();
+    uint32_t q_frag[HS / 16][4];   // the warp's 16 queries as A operands, 16 channels each
+    ATTN_UNROLL
+    for (int kc = 0; kc < HS / 16; kc++) attention_tc_load_a(q_frag[kc], q_tile, stride, 16 * warp, 16 * kc, g, t);
+    float o[HS / 8][4] = {};   // output accumulator: 16 queries x HS channels
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
         int k0 = key_tile * ATTN_TILE;
-        __syncthreads();   // the previous k and v tiles are no longer read (and the q tile is complete)
-        attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, head_size, stride);
-        attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, head_size, stride);
+        __syncthreads();   // the previous k and v tiles are no longer read
+        attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, HS, stride);
+        attention_tc_load_tile_transposed(vt_tile, q_head + 2 * C, 3 * C, k0, T, HS);
         __syncthreads();
-        // S = q k^T for the warp's 16 queries
-        attention_tc_rows_dot_tile(s_buffer, fstride, q_tile + 16 * warp * stride, k_tile, stride, head_size);
-        __syncwarp();
-        // online softmax of the lane's half row: scale and mask, the new maximum, P rounded to bf16
-        float* s_row = s_buffer + r * fstride;
-        float tile_max = -INFINITY;
-        for (int c = half; c < ATTN_TILE; c += 2) {
-            int t2 = k0 + c;
-            float score = t2 <= t && t2 < T ? s_row[c] * scale : -INFINITY;
-            s_row[c] = score;
-            tile_max = fmaxf(tile_max, score);
-        }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        // finite: key k0 <= q0 <= t is never masked (rows past T included: k0 < T)
-        float new_max = fmaxf(row_max, tile_max);
-        float correction = expf(row_max - new_max);   // 0 on the first tile
-        float tile_sum = 0.0f;
-        bf16* p_row = p_buffer + r * ATTN_TC_P_STRIDE;
-        for (int c = half; c < ATTN_TILE; c += 2) {
-            bf16 p = __float2bfloat16_rn(expf(s_row[c] - new_max));
-            p_row[c] = p;
-            tile_sum += __bfloat162float(p);
-        }
-        tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
-        row_sum = row_sum * correction + tile_sum;
-        row_max = new_max;
-        for (int e = half; e < head_size; e += 2) o_buffer[r * fstride + e] *= correction;
-        __syncwarp();
-        // O += P v: the accumulators come from shared memory and go back there
-        attn_frag_a p_frag[4];
+        // S = q k^T: 16 queries x 64 keys, as 8 results of 8 keys (those wholly after last_row stay 0)
+        float s[8][4] = {};
         ATTN_UNROLL
-        for (int k = 0; k < 4; k++) nvcuda::wmma::load_matrix_sync(p_frag[k], p_buffer + 16 * k, ATTN_TC_P_STRIDE);
-        for (int c = 0; c < head_size; c += 16) {
-            attn_frag_acc acc;
-            nvcuda::wmma::load_matrix_sync(acc, o_buffer + c, fstride, nvcuda::wmma::mem_row_major);
+        for (int n = 0; n < 8; n++) {
+            if (k0 + 8 * n > last_row) break;
             ATTN_UNROLL
-            for (int k = 0; k < 4; k++) {
-                attn_frag_b v_frag;
-                nvcuda::wmma::load_matrix_sync(v_frag, v_tile + (size_t)16 * k * stride + c, stride);
-                nvcuda::wmma::mma_sync(acc, p_frag[k], v_frag, acc);
+            for (int kc = 0; kc < HS / 16; kc++) {
+                uint32_t k_frag[2];
+                attention_tc_load_b(k_frag, k_tile, stride, 8 * n, 16 * kc, g, t);
+                mma_bf16_16x8x16(s[n], q_frag[kc], k_frag);
             }
-            nvcuda::wmma::store_matrix_sync(o_buffer + c, acc, fstride, nvcuda::wmma::mem_row_major);
         }
-        __syncwarp();   // O is complete before lanes rescale it (or write it out)
+        // scale and mask, then each row's maximum over the tile (a butterfly over its 4 lanes)
+        float tile_max[2] = {-INFINITY, -INFINITY};
+        ATTN_UNROLL
+        for (int n = 0; n < 8; n++) {
+            ATTN_UNROLL
+            for (int i = 0; i < 4; i++) {
+                int key = k0 + 8 * n + 2 * t + i % 2;
+                float score = key <= row[i / 2] && key < T ? s[n][i] * scale : -INFINITY;
+                s[n][i] = score;
+                tile_max[i / 2] = fmaxf(tile_max[i / 2], score);
+            }
+        }
+        float correction[2];
+        ATTN_UNROLL
+        for (int j = 0; j < 2; j++) {
+            tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 1));
+            tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 2));
+            // finite: key k0 <= q0 <= row is never masked (rows past T included: k0 < T)
+            float new_max = fmaxf(row_max[j], tile_max[j]);
+            correction[j] = expf(row_max[j] - new_max);   // 0 on the first tile
+            row_max[j] = new_max;
+        }
+        // P = exp(score - max) rounded to bf16, its row sums, and P as the A operands of P v
+        float tile_sum[2] = {0.0f, 0.0f};
+        ATTN_UNROLL
+        for (int n = 0; n < 8; n++) {
+            ATTN_UNROLL
+            for (int i = 0; i < 4; i++) {
+                float p = __bfloat162float(__float2bfloat16_rn(expf(s[n][i] - row_max[i / 2])));
+                s[n][i] = p;
+                tile_sum[i / 2] += p;
+            }
+        }
+        ATTN_UNROLL
+        for (int j = 0; j < 2; j++) {
+            tile_sum[j] += __shfl_xor_sync(0xffffffffu, tile_sum[j], 1);
+            tile_sum[j] += __shfl_xor_sync(0xffffffffu, tile_sum[j], 2);
+            row_sum[j] = row_sum[j] * correction[j] + tile_sum[j];
+        }
+        // O = O * correction + P v (P's columns of 16 keys wholly after last_row are 0: skipped)
+        ATTN_UNROLL
+        for (int n = 0; n < HS / 8; n++) {
+            ATTN_UNROLL
+            for (int i = 0; i < 4; i++) o[n][i] *= correction[i / 2];
+        }
+        ATTN_UNROLL
+        for (int kc = 0; kc < 4; kc++) {
+            if (k0 + 16 * kc > last_row) break;
+            uint32_t p_frag[4];
+            attention_tc_to_a(p_frag, s[2 * kc], s[2 * kc + 1]);
+            ATTN_UNROLL
+            for (int n = 0; n < HS / 8; n++) {
+                uint32_t v_frag[2];
+                attention_tc_load_b(v_frag, vt_tile, ATTN_TC_T_STRIDE, 8 * n, 16 * kc, g, t);
+                mma_bf16_16x8x16(o[n], p_frag, v_frag);
+            }
+        }
     }
-    if (t < T) {
-        float inv_sum = 1.0f / row_sum;
-        bf16* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
-        for (int e = half; e < head_size; e += 2) y[e] = __float2bfloat16_rn(o_buffer[r * fstride + e] * inv_sum);
-        if (half == 0) lse[((size_t)b * NH + h) * T + t] = row_max + logf(row_sum);
+    // out = O / row_sum, rounded once; lse = max + log(sum)
+    ATTN_UNROLL
+    for (int j = 0; j < 2; j++) {
+        if (row[j] >= T) continue;
+        float inv_sum = 1.0f / row_sum[j];
+        bf16* y = out + ((size_t)b * T + row[j]) * C + (size_t)h * HS;
+        ATTN_UNROLL
+        for (int n = 0; n < HS / 8; n++) {
+            y[8 * n + 2 * t] = __float2bfloat16_rn(o[n][2 * j] * inv_sum);
+            y[8 * n + 2 * t + 1] = __float2bfloat16_rn(o[n][2 * j + 1] * inv_sum);
+        }
+        if (t == 0) lse[((size_t)b * NH + h) * T + row[j]] = row_max[j] + logf(row_sum[j]);
     }
 }
 
 // Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) +=, dout (B, T, C),
 // qkv (B, T, 3C), lse and dsum (B, NH, T)
+template <int HS>
 static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     attention_backward_key_value_tensor_core_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                                    const float* dsum, int T, int NH, int head_size) {
-    DYNAMIC_SHARED(unsigned char, shared);
-    const int stride = attention_tc_stride(head_size), fstride = attention_tc_float_stride(head_size);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    bf16* k_tile = (bf16*)shared;                    // (64 keys, stride)
-    bf16* v_tile = k_tile + ATTN_TILE * stride;      // (64 keys, stride)
-    bf16* q_tile = v_tile + ATTN_TILE * stride;      // (64 queries, stride)
-    bf16* dout_tile = q_tile + ATTN_TILE * stride;   // (64 queries, stride)
-    float* warp_floats = (float*)(dout_tile + ATTN_TILE * stride);
-    float* st_buffer = warp_floats + warp * 2 * 16 * fstride;   // (16 keys, fstride): S^T, the warp's keys' scores
-    float* dpt_buffer = st_buffer + 16 * fstride;               // (16 keys, fstride): dP^T
-    bf16* pt_buffer = (bf16*)(warp_floats + ATTN_TC_WARPS * 2 * 16 * fstride) + warp * 2 * 16 * ATTN_TC_P_STRIDE;
-    bf16* dst_buffer = pt_buffer + 16 * ATTN_TC_P_STRIDE;       // (16 keys, 72): P^T and dS^T in bf16
-    float* lse_tile = (float*)((bf16*)(warp_floats + ATTN_TC_WARPS * 2 * 16 * fstride) +
-                               ATTN_TC_WARPS * 2 * 16 * ATTN_TC_P_STRIDE);   // (64)
-    float* dsum_tile = lse_tile + ATTN_TILE;                                 // (64)
+                                                    const float* dsum, int T, int NH) {
+    constexpr int stride = attention_tc_stride(HS);
+    DYNAMIC_SHARED(bf16, shared);
+    bf16* k_tile = shared;                                       // (64 keys, stride)
+    bf16* v_tile = k_tile + ATTN_TILE * stride;                  // (64 keys, stride)
+    bf16* q_tile = v_tile + ATTN_TILE * stride;                  // (64 queries, stride)
+    bf16* dout_tile = q_tile + ATTN_TILE * stride;               // (64 queries, stride)
+    bf16* qt_tile = dout_tile + ATTN_TILE * stride;              // (HS, ATTN_TC_T_STRIDE): q transposed
+    bf16* doutt_tile = qt_tile + HS * ATTN_TC_T_STRIDE;          // (HS, ATTN_TC_T_STRIDE): dout transposed
+    float* lse_tile = (float*)(doutt_tile + HS * ATTN_TC_T_STRIDE);   // (64)
+    float* dsum_tile = lse_tile + ATTN_TILE;                           // (64)
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int b = blockIdx.x / NH, h = blockIdx.x % NH;
     int key_tile = blockIdx.y;   // the first key tiles see the most query tiles: they start first
     int k0 = key_tile * ATTN_TILE;
-    int C = NH * head_size;
-    float scale = 1.0f / sqrtf((float)head_size);
-    const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;
-    const bf16* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;
+    int C = NH * HS;
+    float scale = 1.0f / sqrtf((float)HS);
+    const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+    const bf16* dout_head = dout + (size_t)b * T * C + (size_t)h * HS;
     const float* lse_head = lse + ((size_t)b * NH + h) * T;
     const float* dsum_head = dsum + ((size_t)b * NH + h) * T;
-    int r = lane / 2, half = lane % 2, t2 = k0 + 16 * warp + r;   // the lane's key, and the even or odd queries
+    // the lane's two keys: key[0] = k0 + 16 warp + g and key[1] = key[0] + 8
+    int key[2] = {k0 + 16 * warp + g, k0 + 16 * warp + g + 8};
+    int first_key = k0 + 16 * warp;   // the warp's first key
 
-    attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, head_size, stride);
-    attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, head_size, stride);
-    attn_frag_acc dk[ATTN_TC_MAX_FRAGMENTS], dv[ATTN_TC_MAX_FRAGMENTS];   // the warp's 16 keys x head_size
-    ATTN_UNROLL
-    for (int c = 0; c < ATTN_TC_MAX_FRAGMENTS; c++) {
-        nvcuda::wmma::fill_fragment(dk[c], 0.0f);
-        nvcuda::wmma::fill_fragment(dv[c], 0.0f);
-    }
+    attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, HS, stride);
+    attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, HS, stride);
+    float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};   // the warp's 16 keys x HS channels
     int query_tiles = (T + ATTN_TILE - 1) / ATTN_TILE;
     for (int query_tile = key_tile; query_tile < query_tiles; query_tile++) {
         int q0 = query_tile * ATTN_TILE;
-        __syncthreads();   // the previous q and dout tiles are no longer read (and k, v are complete)
-        attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, head_size, stride);
-        attention_tc_load_tile(dout_tile, dout_head, C, q0, T, head_size, stride);
+        __syncthreads();   // the previous query tiles are no longer read (and k, v are complete)
+        attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, HS, stride);
+        attention_tc_load_tile(dout_tile, dout_head, C, q0, T, HS, stride);
+        attention_tc_load_tile_transposed(qt_tile, q_head, 3 * C, q0, T, HS);
+        attention_tc_load_tile_transposed(doutt_tile, dout_head, C, q0, T, HS);
         for (int i = threadIdx.x; i < ATTN_TILE; i += blockDim.x) {
             lse_tile[i] = q0 + i < T ? lse_head[q0 + i] : 0.0f;
             dsum_tile[i] = q0 + i < T ? dsum_head[q0 + i] : 0.0f;
         }
         __syncthreads();
-        // S^T = k q^T and dP^T = v dout^T for the warp's 16 keys
-        attention_tc_rows_dot_tile(st_buffer, fstride, k_tile + 16 * warp * stride, q_tile, stride, head_size);
-        attention_tc_rows_dot_tile(dpt_buffer, fstride, v_tile + 16 * warp * stride, dout_tile, stride, head_size);
-        __syncwarp();
-        // P^T and dS^T = P^T (dP^T - D) of the lane's half row, rounded to bf16
-        for (int c = half; c < ATTN_TILE; c += 2) {
-            int t = q0 + c;
-            // queries past T have no lse: masked with the future
-            float p = t < T && t2 <= t ? expf(st_buffer[r * fstride + c] * scale - lse_tile[c]) : 0.0f;
-            float ds = p * (dpt_buffer[r * fstride + c] - dsum_tile[c]);
-            pt_buffer[r * ATTN_TC_P_STRIDE + c] = __float2bfloat16_rn(p);
-            dst_buffer[r * ATTN_TC_P_STRIDE + c] = __float2bfloat16_rn(ds);
+        // the tile's queries in two halves of 32 (fewer live registers), skipping a half that lies
+        // wholly before the warp's first key (all masked)
+        for (int half = 0; half < 2; half++) {
+            int c0 = 32 * half;   // the half's first query, in the tile
+            if (q0 + c0 + 31 < first_key) continue;
+            // S^T = k q^T and dP^T = v dout^T: 16 keys x 32 queries, 4 results of 8 queries each
+            float st[4][4] = {}, dpt[4][4] = {};
+            ATTN_UNROLL
+            for (int kc = 0; kc < HS / 16; kc++) {
+                uint32_t k_frag[4], v_frag[4];
+                attention_tc_load_a(k_frag, k_tile, stride, 16 * warp, 16 * kc, g, t);
+                attention_tc_load_a(v_frag, v_tile, stride, 16 * warp, 16 * kc, g, t);
+                ATTN_UNROLL
+                for (int n = 0; n < 4; n++) {
+                    uint32_t q_frag[2], dout_frag[2];
+                    attention_tc_load_b(q_frag, q_tile, stride, c0 + 8 * n, 16 * kc, g, t);
+                    attention_tc_load_b(dout_frag, dout_tile, stride, c0 + 8 * n, 16 * kc, g, t);
+                    mma_bf16_16x8x16(st[n], k_frag, q_frag);
+                    mma_bf16_16x8x16(dpt[n], v_frag, dout_frag);
+                }
+            }
+            // P^T and dS^T = P^T (dP^T - D), element by element (queries past T are masked)
+            ATTN_UNROLL
+            for (int n = 0; n < 4; n++) {
+                ATTN_UNROLL
+                for (int i = 0; i < 4; i++) {
+                    int c = c0 + 8 * n + 2 * t + i % 2, query = q0 + c;
+                    float p = query < T && key[i / 2] <= query ? expf(st[n][i] * scale - lse_tile[c]) : 0.0f;
+                    st[n][i] = p;
+                    dpt[n][i] = p * (dpt[n][i] - dsum_tile[c]);
+                }
+            }
+            // dV += P^T dout, dK += dS^T q (P^T and dS^T rounded to bf16 as A operands)
+            ATTN_UNROLL
+            for (int kc = 0; kc < 2; kc++) {
+                uint32_t p_frag[4], ds_frag[4];
+                attention_tc_to_a(p_frag, st[2 * kc], st[2 * kc + 1]);
+                attention_tc_to_a(ds_frag, dpt[2 * kc], dpt[2 * kc + 1]);
+                ATTN_UNROLL
+                for (int n = 0; n < HS / 8; n++) {
+                    uint32_t dout_frag[2], q_frag[2];
+                    attention_tc_load_b(dout_frag, doutt_tile, ATTN_TC_T_STRIDE, 8 * n, c0 + 16 * kc, g, t);
+                    attention_tc_load_b(q_frag, qt_tile, ATTN_TC_T_STRIDE, 8 * n, c0 + 16 * kc, g, t);
+                    mma_bf16_16x8x16(dv[n], p_frag, dout_frag);
+                    mma_bf16_16x8x16(dk[n], ds_frag, q_frag);
+                }
+            }
         }
-        __syncwarp();
-        // dV += P^T dout, dK += dS^T q
-        attention_tc_accumulate(dv, pt_buffer, dout_tile, stride, head_size);
-        attention_tc_accumulate(dk, dst_buffer, q_tile, stride, head_size);
     }
-    int keys = min(16, T - (k0 + 16 * warp));   // the warp's keys before T
-    bf16* dk_rows = dqkv + ((size_t)b * T + k0 + 16 * warp) * 3 * C + C + (size_t)h * head_size;
-    attention_tc_flush(dk_rows, (size_t)3 * C, keys, dk, scale, st_buffer, fstride, head_size);
-    attention_tc_flush(dk_rows + C, (size_t)3 * C, keys, dv, 1.0f, st_buffer, fstride, head_size);
+    int keys = min(16, T - first_key);   // the warp's keys before T
+    bf16* dk_rows = dqkv + ((size_t)b * T + first_key) * 3 * C + C + (size_t)h * HS;
+    attention_tc_flush<HS>(dk_rows, (size_t)3 * C, keys, dk, scale, g, t);
+    attention_tc_flush<HS>(dk_rows + C, (size_t)3 * C, keys, dv, 1.0f, g, t);
 }
 
 // Backward pass 2, dq. grid (B * NH, query tiles); arguments as pass 1
-static __global__ void __launch_bounds__(ATTN_TC_THREADS)
+template <int HS>
+static __global__ void __launch_bounds__(ATTN_TC_THREADS, 4)
     attention_backward_query_tensor_core_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                                const float* dsum, int T, int NH, int head_size) {
-    DYNAMIC_SHARED(unsigned char, shared);
-    const int stride = attention_tc_stride(head_size), fstride = attention_tc_float_stride(head_size);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    bf16* q_tile = (bf16*)shared;                    // (64 queries, stride)
-    bf16* dout_tile = q_tile + ATTN_TILE * stride;   // (64 queries, stride)
-    bf16* k_tile = dout_tile + ATTN_TILE * stride;   // (64 keys, stride)
-    bf16* v_tile = k_tile + ATTN_TILE * stride;      // (64 keys, stride)
-    float* warp_floats = (float*)(v_tile + ATTN_TILE * stride);
-    float* s_buffer = warp_floats + warp * 2 * 16 * fstride;   // (16 queries, fstride): S
-    float* dp_buffer = s_buffer + 16 * fstride;                // (16 queries, fstride): dP
-    bf16* ds_buffer = (bf16*)(warp_floats + ATTN_TC_WARPS * 2 * 16 * fstride) + warp * 16 * ATTN_TC_P_STRIDE;   // (16, 72)
+                                                const float* dsum, int T, int NH) {
+    constexpr int stride = attention_tc_stride(HS);
+    DYNAMIC_SHARED(bf16, shared);
+    bf16* q_tile = shared;                              // (64 queries, stride)
+    bf16* dout_tile = q_tile + ATTN_TILE * stride;      // (64 queries, stride)
+    bf16* k_tile = dout_tile + ATTN_TILE * stride;      // (64 keys, stride)
+    bf16* v_tile = k_tile + ATTN_TILE * stride;         // (64 keys, stride)
+    bf16* kt_tile = v_tile + ATTN_TILE * stride;        // (HS, ATTN_TC_T_STRIDE): k transposed
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int b = blockIdx.x / NH, h = blockIdx.x % NH;
     int query_tile = gridDim.y - 1 - blockIdx.y;   // longest rows first
     int q0 = query_tile * ATTN_TILE;
-    int C = NH * head_size;
-    float scale = 1.0f / sqrtf((float)head_size);
-    const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;
-    const bf16* dout_head = dout + (size_t)b * T * C + (size_t)h * head_size;
-    int r = lane / 2, half = lane % 2, t = q0 + 16 * warp + r;   // the lane's query, and the even or odd keys
-    float row_lse = t < T ? lse[((size_t)b * NH + h) * T + t] : 0.0f;
-    float row_dsum = t < T ? dsum[((size_t)b * NH + h) * T + t] : 0.0f;
-
-    attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, head_size, stride);
-    attention_tc_load_tile(dout_tile, dout_head, C, q0, T, head_size, stride);
-    attn_frag_acc dq[ATTN_TC_MAX_FRAGMENTS];   // the warp's 16 queries x head_size
+    int C = NH * HS;
+    float scale = 1.0f / sqrtf((float)HS);
+    const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+    const bf16* dout_head = dout + (size_t)b * T * C + (size_t)h * HS;
+    // the lane's two queries, and their lse and D
+    int row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
+    int last_row = q0 + 16 * warp + 15;
+    float row_lse[2], row_dsum[2];
     ATTN_UNROLL
-    for (int c = 0; c < ATTN_TC_MAX_FRAGMENTS; c++) nvcuda::wmma::fill_fragment(dq[c], 0.0f);
+    for (int j = 0; j < 2; j++) {
+        row_lse[j] = row[j] < T ? lse[((size_t)b * NH + h) * T + row[j]] : 0.0f;
+        row_dsum[j] = row[j] < T ? dsum[((size_t)b * NH + h) * T + row[j]] : 0.0f;
+    }
+
+    attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, HS, stride);
+    attention_tc_load_tile(dout_tile, dout_head, C, q0, T, HS, stride);
+    float dq[HS / 8][4] = {};   // the warp's 16 queries x HS channels
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
         int k0 = key_tile * ATTN_TILE;
-        __syncthreads();   // the previous k and v tiles are no longer read (and q, dout are complete)
-        attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, head_size, stride);
-        attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, head_size, stride);
+        __syncthreads();   // the previous key tiles are no longer read (and q, dout are complete)
+        attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, HS, stride);
+        attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, HS, stride);
+        attention_tc_load_tile_transposed(kt_tile, q_head + C, 3 * C, k0, T, HS);
         __syncthreads();
-        // S = q k^T and dP = dout v^T for the warp's 16 queries
-        attention_tc_rows_dot_tile(s_buffer, fstride, q_tile + 16 * warp * stride, k_tile, stride, head_size);
-        attention_tc_rows_dot_tile(dp_buffer, fstride, dout_tile + 16 * warp * stride, v_tile, stride, head_size);
-        __syncwarp();
-        // dS = P (dP - D) of the lane's half row, rounded to bf16
-        for (int c = half; c < ATTN_TILE; c += 2) {
-            int t2 = k0 + c;
-            float p = t < T && t2 <= t ? expf(s_buffer[r * fstride + c] * scale - row_lse) : 0.0f;
-            ds_buffer[r * ATTN_TC_P_STRIDE + c] = __float2bfloat16_rn(p * (dp_buffer[r * fstride + c] - row_dsum));
+        // the tile's keys in two halves of 32, skipping a half wholly after the warp's last query
+        for (int half = 0; half < 2; half++) {
+            int c0 = 32 * half;   // the half's first key, in the tile
+            if (k0 + c0 > last_row) continue;
+            // S = q k^T and dP = dout v^T: 16 queries x 32 keys, 4 results of 8 keys each
+            float s[4][4] = {}, dp[4][4] = {};
+            ATTN_UNROLL
+            for (int kc = 0; kc < HS / 16; kc++) {
+                uint32_t q_frag[4], dout_frag[4];
+                attention_tc_load_a(q_frag, q_tile, stride, 16 * warp, 16 * kc, g, t);
+                attention_tc_load_a(dout_frag, dout_tile, stride, 16 * warp, 16 * kc, g, t);
+                ATTN_UNROLL
+                for (int n = 0; n < 4; n++) {
+                    uint32_t k_frag[2], v_frag[2];
+                    attention_tc_load_b(k_frag, k_tile, stride, c0 + 8 * n, 16 * kc, g, t);
+                    attention_tc_load_b(v_frag, v_tile, stride, c0 + 8 * n, 16 * kc, g, t);
+                    mma_bf16_16x8x16(s[n], q_frag, k_frag);
+                    mma_bf16_16x8x16(dp[n], dout_frag, v_frag);
+                }
+            }
+            // dS = P (dP - D), element by element (queries past T are masked)
+            ATTN_UNROLL
+            for (int n = 0; n < 4; n++) {
+                ATTN_UNROLL
+                for (int i = 0; i < 4; i++) {
+                    int j = i / 2, key = k0 + c0 + 8 * n + 2 * t + i % 2;
+                    float p = row[j] < T && key <= row[j] ? expf(s[n][i] * scale - row_lse[j]) : 0.0f;
+                    dp[n][i] = p * (dp[n][i] - row_dsum[j]);
+                }
+            }
+            // dQ += dS k (dS rounded to bf16 as A operands)
+            ATTN_UNROLL
+            for (int kc = 0; kc < 2; kc++) {
+                uint32_t ds_frag[4];
+                attention_tc_to_a(ds_frag, dp[2 * kc], dp[2 * kc + 1]);
+                ATTN_UNROLL
+                for (int n = 0; n < HS / 8; n++) {
+                    uint32_t k_frag[2];
+                    attention_tc_load_b(k_frag, kt_tile, ATTN_TC_T_STRIDE, 8 * n, c0 + 16 * kc, g, t);
+                    mma_bf16_16x8x16(dq[n], ds_frag, k_frag);
+                }
+            }
         }
-        __syncwarp();
-        // dQ += dS k
-        attention_tc_accumulate(dq, ds_buffer, k_tile, stride, head_size);
     }
     int queries = min(16, T - (q0 + 16 * warp));
-    bf16* dq_rows = dqkv + ((size_t)b * T + q0 + 16 * warp) * 3 * C + (size_t)h * head_size;
-    attention_tc_flush(dq_rows, (size_t)3 * C, queries, dq, scale, s_buffer, fstride, head_size);
+    bf16* dq_rows = dqkv + ((size_t)b * T + q0 + 16 * warp) * 3 * C + (size_t)h * HS;
+    attention_tc_flush<HS>(dq_rows, (size_t)3 * C, queries, dq, scale, g, t);
 }
 
 // ---- tensor-core launchers
 
 inline size_t attention_forward_tensor_core_shared_bytes(int head_size) {
-    return (size_t)3 * ATTN_TILE * attention_tc_stride(head_size) * sizeof(bf16) +
-           (size_t)ATTN_TC_WARPS * 16 * (2 * attention_tc_float_stride(head_size) * sizeof(float) +
-                                         ATTN_TC_P_STRIDE * sizeof(bf16));
+    return ((size_t)2 * ATTN_TILE * attention_tc_stride(head_size) + (size_t)head_size * ATTN_TC_T_STRIDE) *
+           sizeof(bf16);
 }
 inline size_t attention_backward_key_value_tensor_core_shared_bytes(int head_size) {
-    return (size_t)4 * ATTN_TILE * attention_tc_stride(head_size) * sizeof(bf16) +
-           (size_t)ATTN_TC_WARPS * 16 * (2 * attention_tc_float_stride(head_size) * sizeof(float) +
-                                         2 * ATTN_TC_P_STRIDE * sizeof(bf16)) +
+    return ((size_t)4 * ATTN_TILE * attention_tc_stride(head_size) + (size_t)2 * head_size * ATTN_TC_T_STRIDE) *
+               sizeof(bf16) +
            2 * ATTN_TILE * sizeof(float);
 }
 inline size_t attention_backward_query_tensor_core_shared_bytes(int head_size) {
-    return (size_t)4 * ATTN_TILE * attention_tc_stride(head_size) * sizeof(bf16) +
-           (size_t)ATTN_TC_WARPS * 16 * (2 * attention_tc_float_stride(head_size) * sizeof(float) +
-                                         ATTN_TC_P_STRIDE * sizeof(bf16));
+    return ((size_t)4 * ATTN_TILE * attention_tc_stride(head_size) + (size_t)head_size * ATTN_TC_T_STRIDE) *
+           sizeof(bf16);
 }
 
 inline void attention_tensor_core_check_head_size(int head_size) {
@@ -1272,15 +1363,55 @@ inline void attention_tensor_core_check_head_size(int head_size) {
         fail("the tensor-core attention supports head sizes 16, 32, .., %d, got %d", ATTN_MAX_HEAD_SIZE, head_size);
 }
 
+// Launcher<HS>::launch(args...) with the head size as a template argument (16, 32, .., 128)
+template <template <int> class Launcher, typename... Args>
+inline void attention_tc_dispatch(int head_size, Args... args) {
+    attention_tensor_core_check_head_size(head_size);
+    switch (head_size) {
+        case 16: Launcher<16>::launch(args...); break;
+        case 32: Launcher<32>::launch(args...); break;
+        case 48: Launcher<48>::launch(args...); break;
+        case 64: Launcher<64>::launch(args...); break;
+        case 80: Launcher<80>::launch(args...); break;
+        case 96: Launcher<96>::launch(args...); break;
+        case 112: Launcher<112>::launch(args...); break;
+        case 128: Launcher<128>::launch(args...); break;
+    }
+}
+
+template <int HS>
+struct AttentionForwardTensorCore {
+    static void launch(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, cudaStream_t stream) {
+        size_t shared_bytes = attention_forward_tensor_core_shared_bytes(HS);
+        CUDA_CHECK(cudaFuncSetAttribute(attention_forward_tensor_core_kernel<HS>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes));
+        LAUNCH(attention_forward_tensor_core_kernel<HS>, dim3(B * NH, ceil_div(T, ATTN_TILE)), dim3(ATTN_TC_THREADS),
+               shared_bytes, stream, out, lse, qkv, T, NH);
+    }
+};
+
+template <int HS>
+struct AttentionBackwardTensorCore {
+    static void launch(bf16* dqkv, const float* dsum, const bf16* dout, const bf16* qkv, const float* lse, int B,
+                       int T, int NH, cudaStream_t stream) {
+        dim3 grid(B * NH, ceil_div(T, ATTN_TILE));
+        size_t key_value_bytes = attention_backward_key_value_tensor_core_shared_bytes(HS);
+        CUDA_CHECK(cudaFuncSetAttribute(attention_backward_key_value_tensor_core_kernel<HS>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)key_value_bytes));
+        LAUNCH(attention_backward_key_value_tensor_core_kernel<HS>, grid, dim3(ATTN_TC_THREADS), key_value_bytes,
+               stream, dqkv, dout, qkv, lse, dsum, T, NH);
+        size_t query_bytes = attention_backward_query_tensor_core_shared_bytes(HS);
+        CUDA_CHECK(cudaFuncSetAttribute(attention_backward_query_tensor_core_kernel<HS>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)query_bytes));
+        LAUNCH(attention_backward_query_tensor_core_kernel<HS>, grid, dim3(ATTN_TC_THREADS), query_bytes, stream,
+               dqkv, dout, qkv, lse, dsum, T, NH);
+    }
+};
+
 // out (B, T, C); lse (B, NH, T) saved for backward; qkv (B, T, 3C)
 inline void attention_forward_tensor_core(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int head_size,
                                           cudaStream_t stream) {
-    attention_tensor_core_check_head_size(head_size);
-    size_t shared_bytes = attention_forward_tensor_core_shared_bytes(head_size);
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_tensor_core_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)shared_bytes));
-    LAUNCH(attention_forward_tensor_core_kernel, dim3(B * NH, ceil_div(T, ATTN_TILE)), dim3(ATTN_TC_THREADS),
-           shared_bytes, stream, out, lse, qkv, T, NH, head_size);
+    attention_tc_dispatch<AttentionForwardTensorCore>(head_size, out, lse, qkv, B, T, NH, stream);
 }
 
 // dqkv (B, T, 3C) +=; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
@@ -1289,21 +1420,12 @@ inline void attention_backward_tensor_core(bf16* dqkv, float* scratch, const bf1
                                            const bf16* out, const float* lse, int B, int T, int NH, int head_size,
                                            cudaStream_t stream) {
     attention_tensor_core_check_head_size(head_size);
-    float* dsum = scratch;   // (B, NH, T)
+    float* dsum = scratch;   // (B, NH, T): D, the pre-pass
     const int block = 256;   // 8 rows per block
     LAUNCH(attention_dsum_kernel<bf16>, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, dsum, dout,
            out, B, T, NH, head_size);
-    dim3 grid(B * NH, ceil_div(T, ATTN_TILE));
-    size_t key_value_bytes = attention_backward_key_value_tensor_core_shared_bytes(head_size);
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_key_value_tensor_core_kernel,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)key_value_bytes));
-    LAUNCH(attention_backward_key_value_tensor_core_kernel, grid, dim3(ATTN_TC_THREADS), key_value_bytes, stream, dqkv,
-           dout, qkv, lse, (const float*)dsum, T, NH, head_size);
-    size_t query_bytes = attention_backward_query_tensor_core_shared_bytes(head_size);
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_query_tensor_core_kernel,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)query_bytes));
-    LAUNCH(attention_backward_query_tensor_core_kernel, grid, dim3(ATTN_TC_THREADS), query_bytes, stream, dqkv, dout,
-           qkv, lse, (const float*)dsum, T, NH, head_size);
+    attention_tc_dispatch<AttentionBackwardTensorCore>(head_size, dqkv, (const float*)dsum, dout, qkv, lse, B, T, NH,
+                                                       stream);
 }
 
 // ---- the fused attention as the model calls it: on the tensor cores where they apply (bf16, head

@@ -20,6 +20,7 @@ Build (no GPU needed):
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -896,6 +897,57 @@ TEST_CASE("wmma: misaligned tiles, bad ldm and incomplete warps fail with a mess
     launch(7, 64);
     CUDA_CHECK(cudaFree(d_out));
     CUDA_CHECK(cudaFree(d_a));
+}
+
+// ---- mma_bf16_16x8x16 (cuda_common.h): the documented PTX fragment layouts of mma.sync.m16n8k16
+// d (warps, 16, 8) = c + a b per warp: a (warps, 16, 16) row-major, b (warps, 16, 8) stored
+// transposed as (8, 16), c like d. Each lane gathers its registers by the layouts in cuda_common.h.
+__global__ void mma_m16n8k16_kernel(float* d, const bf16* a, const bf16* b_transposed, const float* c) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const bf16* A = a + warp * 256;
+    const bf16* Bt = b_transposed + warp * 128;
+    auto pair = [](const bf16* p) { return pack_bf16x2(to_float(p[0]), to_float(p[1])); };   // exact: bf16 in
+    uint32_t a_regs[4] = {pair(A + g * 16 + 2 * t), pair(A + (g + 8) * 16 + 2 * t), pair(A + g * 16 + 2 * t + 8),
+                          pair(A + (g + 8) * 16 + 2 * t + 8)};
+    uint32_t b_regs[2] = {pair(Bt + g * 16 + 2 * t), pair(Bt + g * 16 + 2 * t + 8)};
+    float acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = c[warp * 128 + (g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
+    mma_bf16_16x8x16(acc, a_regs, b_regs);
+    for (int i = 0; i < 4; i++) d[warp * 128 + (g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = acc[i];
+}
+
+TEST_CASE("mma_bf16_16x8x16 computes C + A * B with the PTX fragment layouts, per warp", "[emu][mma]") {
+    const int warps = 3;
+    std::mt19937 rng(21);
+    std::uniform_int_distribution<int> small(-8, 8);
+    std::vector<bf16> a(warps * 256), bt(warps * 128);
+    std::vector<float> c(warps * 128);
+    for (auto& x : a) x = __float2bfloat16_rn(small(rng) / 4.0f);
+    for (auto& x : bt) x = __float2bfloat16_rn(small(rng) / 8.0f);
+    for (auto& x : c) x = small(rng) / 2.0f;
+    bf16* d_a = to_device(a);
+    bf16* d_bt = to_device(bt);
+    float* d_c = to_device(c);
+    float* d_d = device_zeros<float>(warps * 128);
+    LAUNCH(mma_m16n8k16_kernel, 1, 32 * warps, 0, 0, d_d, d_a, d_bt, d_c);
+    std::vector<float> d = from_device(d_d, warps * 128);
+    // small multiples of powers of two: every sum is exact, so the comparison is exact
+    for (int w = 0; w < warps; w++)
+        for (int m = 0; m < 16; m++)
+            for (int n = 0; n < 8; n++) {
+                float expected = c[w * 128 + m * 8 + n];
+                for (int k = 0; k < 16; k++)
+                    expected += to_float(a[w * 256 + m * 16 + k]) * to_float(bt[w * 128 + n * 16 + k]);
+                INFO("warp " << w << " row " << m << " column " << n);
+                REQUIRE(d[w * 128 + m * 8 + n] == expected);
+            }
+    // a rendezvous of the full warp: a partial last warp fails with a message
+    REQUIRE_FAILS_WITH("the block's last warp has only 16 threads",
+                       LAUNCH(mma_m16n8k16_kernel, 1, 48, 0, 0, d_d, d_a, d_bt, d_c));
+    CUDA_CHECK(cudaFree(d_a));
+    CUDA_CHECK(cudaFree(d_bt));
+    CUDA_CHECK(cudaFree(d_c));
+    CUDA_CHECK(cudaFree(d_d));
 }
 
 // ---- speed: the cost of the fibers themselves

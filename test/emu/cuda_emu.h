@@ -70,6 +70,15 @@ What it emulates
     aligns to 128 bytes; elsewhere: the address), and ldm a multiple of 16 bytes (8 bf16 or 4
     floats). mma_sync is a rendezvous of all 32 lanes (a collective warp operation, named
     "wmma::mma_sync" in errors), with the full-mask checks of the warp primitives.
+  - Tensor cores with known layouts: cuda_emu::mma_m16n8k16_bf16(d, a, b), what cuda_common.h's
+    mma_bf16_16x8x16 calls here (on the GPU: PTX mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32).
+    Unlike WMMA's, these fragment layouts are documented (PTX ISA, "Matrix Fragments for
+    mma.m16n8k16 with floating point type") and kernels rely on them, so the emulation uses exactly
+    those: lane l, g = l / 4, t = l % 4, holds A (16x16) elements (g, 2t..2t+1) in a[0], (g+8, 2t..)
+    in a[1], (g, 2t+8..) in a[2], (g+8, 2t+8..) in a[3]; B (16x8) elements (2t..2t+1, g) in b[0] and
+    (2t+8..2t+9, g) in b[1] (two bf16 per 32-bit register, the lower index in the low 16 bits); and
+    D (16x8, float) elements (g, 2t..2t+1) in d[0..1], (g+8, 2t..2t+1) in d[2..3]. d += a * b, summed
+    over k in order and then added to d. A rendezvous of all 32 lanes, like wmma::mma_sync.
   - Memory: dynamic shared memory (DYNAMIC_SHARED, cuda_emu_dynamic_shared()) is a per-block
     buffer of the launch's shared_bytes, 16-byte aligned, filled with 0xFF bytes (NaN floats) at
     the start of every block, and ending (to within 15 bytes) at an unmapped guard page, so
@@ -357,13 +366,15 @@ enum WarpOp : uint8_t {
     kBallot, kAny, kAll,
     kReduceAdd, kReduceMinI, kReduceMinU, kReduceMaxI, kReduceMaxU, kReduceAnd, kReduceOr, kReduceXor,
     kWmmaMma,  // collectives: one function computes every lane's result (see Runner::complete_warp_op)
+    kMmaM16n8k16,
 };
 inline const char* warp_op_name(uint8_t op) {
     static const char* names[] = {"__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
                                   "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync",
                                   "__reduce_add_sync", "__reduce_min_sync", "__reduce_min_sync",
                                   "__reduce_max_sync", "__reduce_max_sync", "__reduce_and_sync",
-                                  "__reduce_or_sync", "__reduce_xor_sync", "wmma::mma_sync"};
+                                  "__reduce_or_sync", "__reduce_xor_sync", "wmma::mma_sync",
+                                  "mma_bf16_16x8x16 (mma.sync.m16n8k16)"};
     return names[op];
 }
 // 0: __syncwarp, 1: shuffles, 2: votes, 3: reductions, 4: collectives
@@ -749,7 +760,7 @@ struct Runner {
     uint64_t warp_result(const Fiber& g, int lane, int base, unsigned mask, unsigned ballot) const {
         switch (g.op) {
             case kSyncwarp: return 0;
-            case kWmmaMma: return 0;  // the collective wrote its results already
+            case kWmmaMma: case kMmaM16n8k16: return 0;  // the collective wrote its results already
             case kBallot: return ballot;
             case kAny: return ballot != 0;
             case kAll: return ballot == mask;
@@ -1690,6 +1701,60 @@ inline void wmma_mma_collective(void* const* lane_args, unsigned mask) {
         const WmmaMmaArgs* args = static_cast<const WmmaMmaArgs*>(lane_args[lane]);
         for (int slot = 0; slot < 8; slot++) args->d[slot] = d[wmma_element(lane, slot)];
     }
+}
+
+// ---- mma.sync.m16n8k16 (bf16 inputs, float accumulators), with the PTX fragment layouts above
+
+// One lane's arguments: its registers of A and B, and its accumulators (read and written)
+struct MmaM16n8k16Args {
+    const uint32_t* a;   // [4]
+    const uint32_t* b;   // [2]
+    float* d;            // [4]
+};
+// the bf16 in the low (half 0) or high (half 1) 16 bits of a register, as a float
+inline float mma_half(uint32_t reg, int half) {
+    uint32_t bits = half ? (reg & 0xffff0000u) : (reg << 16);
+    float value;
+    memcpy(&value, &bits, sizeof(value));
+    return value;
+}
+// The collective: D (16x8) += A (16x16) * B (16x8) over the whole warp
+inline void mma_m16n8k16_collective(void* const* lane_args, unsigned mask) {
+    (void)mask;  // always the full warp
+    float a[16][16], b[16][8], d[16][8];
+    for (int lane = 0; lane < 32; lane++) {
+        const MmaM16n8k16Args* args = static_cast<const MmaM16n8k16Args*>(lane_args[lane]);
+        int g = lane / 4, t = lane % 4;
+        for (int half = 0; half < 2; half++) {
+            int k = 2 * t + half;
+            a[g][k] = mma_half(args->a[0], half);
+            a[g + 8][k] = mma_half(args->a[1], half);
+            a[g][k + 8] = mma_half(args->a[2], half);
+            a[g + 8][k + 8] = mma_half(args->a[3], half);
+            b[k][g] = mma_half(args->b[0], half);
+            b[k + 8][g] = mma_half(args->b[1], half);
+            d[g][k] = args->d[half];
+            d[g + 8][k] = args->d[2 + half];
+        }
+    }
+    // D[m][n] += the sum over k, in order, of A[m][k] * B[k][n] (bf16 products are exact in float)
+    for (int lane = 0; lane < 32; lane++) {
+        MmaM16n8k16Args* args = static_cast<MmaM16n8k16Args*>(lane_args[lane]);
+        int g = lane / 4, t = lane % 4;
+        for (int i = 0; i < 4; i++) {
+            int m = g + 8 * (i / 2), n = 2 * t + i % 2;
+            float sum = 0.0f;
+            for (int k = 0; k < 16; k++) sum += a[m][k] * b[k][n];
+            args->d[i] = sum + d[m][n];
+        }
+    }
+}
+// d (4 floats) += a (4 registers) * b (2 registers) for the calling lane's part of the warp's tiles
+inline void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+    MmaM16n8k16Args args{a, b, d};
+    in_kernel("mma_bf16_16x8x16").warp_op(file, line, kMmaM16n8k16, 0xffffffffu, (uint64_t)(uintptr_t)&args, 0, 32,
+                                          &mma_m16n8k16_collective);
 }
 
 }  // namespace cuda_emu
