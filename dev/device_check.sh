@@ -5,7 +5,8 @@
 #      against the PyTorch fixtures (fp32, and bf16 against the reference's bf16 emulation),
 #      determinism
 #   3. time training steps of LLaMA-71M on the GPU in fp32 and bf16 with both attentions
-#   4. the engine against PyTorch on the same GPU (dev/bench_gpu.py)
+#   4. the engine against PyTorch on the same GPU (dev/bench_gpu.py), after a per-kernel profile
+#      of the bf16 step (dev/profile_kernels.py, where ncu is installed)
 #   5. compute-sanitizer memcheck and racecheck over tiny training runs (every placement kind
 #      under LayerNorm, fp32, bf16 and bf16-pure, both attentions, the tensor-core one included)
 #   6. print a table of what passed and how long it took
@@ -72,6 +73,13 @@ run_step train_71m_bf16 120 ./train "${RUN_71M[@]}" --precision bf16 --attention
 grep -E '^step (9|10)/10' "$logs/train_71m_bf16.log" || true
 run_step train_71m 120 ./train "${RUN_71M[@]}" --attention simple
 grep -E '^step (9|10)/10' "$logs/train_71m.log" || true
+
+# where the bf16 step's time goes, per kernel (Nsight Compute, two steps)
+if command -v ncu >/dev/null; then
+    run_step profile_71m_bf16 150 "$PYTHON" dev/profile_kernels.py --steps 2 --top 30 -- \
+        ./train --device cuda --model llama-71m --batch 64 --steps 2 --train-data build/device_check_71m.bin \
+        --precision bf16 --attention fused
+fi
 
 # 4. against PyTorch (bf16 autocast + torch.compile) on the same GPU
 if [ -f dev/bench_gpu.py ]; then
