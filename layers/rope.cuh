@@ -16,6 +16,14 @@ Storage type: q, k and their gradients are rotated in place in the activations' 
 (`real` on the CPU). The template parameter is named Storage, not T, because T is the sequence
 length here. Each pair is loaded, rotated in float and each of its two values rounded once when
 stored back, by the kernel and the CPU twin alike.
+
+Kernel: the rotation is pure memory traffic, and one thread per pair with 2-byte loads left the
+H200 waiting on each load. Where every chunk of 16 / sizeof(Storage) pairs (8 bf16, 4 floats) is
+whole and aligned (head_size a multiple of twice the chunk; qkv and the tables 16-byte aligned), a
+thread takes one chunk of a head instead: one 16-byte load for the chunk's first halves, one for
+its second halves, and one or two each for its cos and sin values, all issued before any
+arithmetic, then the one-pair kernel's expressions pair by pair and two 16-byte stores. The
+values are the same to the bit. Other shapes take the one-pair kernel; the launcher picks.
 */
 #pragma once
 
@@ -80,43 +88,133 @@ inline void rope_backward_cpu(Storage* dqkv, const real* rope_cos, const real* r
 }
 
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include <cstdint>
+
 #include "../cuda_common.h"
 
 // ---- CUDA kernels
 
-// one thread per rotated pair: (b, t, one of the 2*NH q/k heads, i < hs/2)
+// Values of Storage in one 16-byte vector: 8 bf16 or 4 floats, a thread's chunk of pairs on the
+// vector path
 template <typename Storage>
-__global__ void rope_rotate_kernel(Storage* qkv, const float* rope_cos, const float* rope_sin, int B, int T, int NH,
-                                   int head_size, float direction) {
+constexpr int ROPE_CHUNK = 16 / (int)sizeof(Storage);
+
+// one chunk of Storage moved by one 16-byte load or store, read and written value by value
+template <typename Storage>
+union RopeVector {
+    uint4 vector;
+    Storage values[ROPE_CHUNK<Storage>];
+};
+// the chunk's cos or sin values (float): ROPE_CHUNK * 4 bytes, one or two 16-byte loads
+template <typename Storage>
+union RopeTableVector {
+    uint4 vectors[ROPE_CHUNK<Storage> / 4];
+    float values[ROPE_CHUNK<Storage>];
+};
+
+// one thread per rotated pair: (b, t, one of the 2*NH q/k heads, i < hs/2); a grid-stride loop
+// past the grid's 2^31 - 1 blocks
+template <typename Storage>
+__global__ void rope_rotate_kernel(Storage* __restrict__ qkv, const float* __restrict__ rope_cos,
+                                   const float* __restrict__ rope_sin, int B, int T, int NH, int head_size,
+                                   float direction) {
     int half = head_size / 2;
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)B * T * 2 * NH * half) return;
-    int i = (int)(idx % half);
-    int head = (int)((idx / half) % (2 * NH));
-    size_t bt = idx / half / (2 * NH);
-    int t = (int)(bt % T);
-    Storage* x = qkv + bt * 3 * NH * head_size + (size_t)head * head_size;
-    float c = rope_cos[(size_t)t * half + i], s = direction * rope_sin[(size_t)t * half + i];
-    float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
-    x[i] = from_float<Storage>(x1 * c - x2 * s);
-    x[i + half] = from_float<Storage>(x2 * c + x1 * s);
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (size_t)B * T * 2 * NH * half;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        int i = (int)(idx % half);
+        int head = (int)((idx / half) % (2 * NH));
+        size_t bt = idx / half / (2 * NH);
+        int t = (int)(bt % T);
+        Storage* x = qkv + bt * 3 * NH * head_size + (size_t)head * head_size;
+        float c = rope_cos[(size_t)t * half + i], s = direction * rope_sin[(size_t)t * half + i];
+        float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+        x[i] = from_float<Storage>(x1 * c - x2 * s);
+        x[i + half] = from_float<Storage>(x2 * c + x1 * s);
+    }
+}
+
+// one thread per chunk of ROPE_CHUNK pairs: (b, t, one of the 2*NH q/k heads, i0 .. i0 + CHUNK - 1),
+// i0 a multiple of the chunk (head_size a multiple of twice the chunk, qkv and the tables 16-byte
+// aligned: rope_vectors_apply)
+template <typename Storage>
+__global__ void rope_rotate_vector_kernel(Storage* __restrict__ qkv, const float* __restrict__ rope_cos,
+                                          const float* __restrict__ rope_sin, int B, int T, int NH, int head_size,
+                                          float direction) {
+    constexpr int CHUNK = ROPE_CHUNK<Storage>;
+    int half = head_size / 2, head_chunks = half / CHUNK;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (size_t)B * T * 2 * NH * head_chunks;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        int i0 = (int)(idx % head_chunks) * CHUNK;
+        int head = (int)((idx / head_chunks) % (2 * NH));
+        size_t bt = idx / head_chunks / (2 * NH);
+        int t = (int)(bt % T);
+        Storage* x = qkv + bt * 3 * NH * head_size + (size_t)head * head_size + i0;
+        const float* cos_chunk = rope_cos + (size_t)t * half + i0;
+        const float* sin_chunk = rope_sin + (size_t)t * half + i0;
+        // the chunk's first halves x[i], second halves x[i + half], cos and sin: all loads before
+        // any arithmetic
+        RopeVector<Storage> firsts, seconds;
+        RopeTableVector<Storage> coss, sins;
+        firsts.vector = *reinterpret_cast<const uint4*>(x);
+        seconds.vector = *reinterpret_cast<const uint4*>(x + half);
+        KERNEL_UNROLL
+        for (int v = 0; v < CHUNK / 4; v++) {
+            coss.vectors[v] = reinterpret_cast<const uint4*>(cos_chunk)[v];
+            sins.vectors[v] = reinterpret_cast<const uint4*>(sin_chunk)[v];
+        }
+        // the one-pair kernel's expressions, pair by pair (pair k is read before it is overwritten)
+        KERNEL_UNROLL
+        for (int k = 0; k < CHUNK; k++) {
+            float c = coss.values[k], s = direction * sins.values[k];
+            float x1 = to_float(firsts.values[k]), x2 = to_float(seconds.values[k]);
+            firsts.values[k] = from_float<Storage>(x1 * c - x2 * s);
+            seconds.values[k] = from_float<Storage>(x2 * c + x1 * s);
+        }
+        *reinterpret_cast<uint4*>(x) = firsts.vector;
+        *reinterpret_cast<uint4*>(x + half) = seconds.vector;
+    }
 }
 
 // ---- launchers
 
+// The vector kernel applies when every chunk is a whole aligned 16 bytes: head_size a multiple of
+// twice the chunk (so hs/2 is a multiple of it, and heads, rows and table rows all start on
+// chunk boundaries) and qkv and both tables 16-byte aligned (cudaMalloc's are).
+template <typename Storage>
+inline bool rope_vectors_apply(const Storage* qkv, const float* rope_cos, const float* rope_sin, int head_size) {
+    uintptr_t addresses = reinterpret_cast<uintptr_t>(qkv) | reinterpret_cast<uintptr_t>(rope_cos) |
+                          reinterpret_cast<uintptr_t>(rope_sin);
+    return head_size % (2 * ROPE_CHUNK<Storage>) == 0 && addresses % 16 == 0;
+}
+
+// both directions: the vector kernel where it applies, else one thread per pair; the grid capped
+// at 2^31 - 1 blocks of 256 (the kernels' grid-stride loops take any rest; no tensor that fits in
+// a GPU's memory reaches the cap)
+template <typename Storage>
+inline void rope_rotate(Storage* qkv, const float* rope_cos, const float* rope_sin, int B, int T, int NH,
+                        int head_size, float direction, cudaStream_t stream) {
+    const int block = 256;
+    bool vectors = rope_vectors_apply(qkv, rope_cos, rope_sin, head_size);
+    size_t threads = (size_t)B * T * 2 * NH * (head_size / 2) / (vectors ? ROPE_CHUNK<Storage> : 1);
+    size_t blocks = (threads + block - 1) / block;
+    dim3 grid((unsigned)(blocks < 0x7fffffffu ? blocks : 0x7fffffffu));
+    if (vectors)
+        LAUNCH(rope_rotate_vector_kernel<Storage>, grid, dim3(block), 0, stream, qkv, rope_cos, rope_sin, B, T, NH,
+               head_size, direction);
+    else
+        LAUNCH(rope_rotate_kernel<Storage>, grid, dim3(block), 0, stream, qkv, rope_cos, rope_sin, B, T, NH, head_size,
+               direction);
+}
+
 template <typename Storage>
 inline void rope_forward(Storage* qkv, const float* rope_cos, const float* rope_sin, int B, int T, int NH,
                          int head_size, cudaStream_t stream) {
-    size_t n = (size_t)B * T * 2 * NH * (head_size / 2);
-    LAUNCH(rope_rotate_kernel<Storage>, dim3((unsigned)((n + 255) / 256)), dim3(256), 0, stream, qkv, rope_cos,
-           rope_sin, B, T, NH, head_size, 1.0f);
+    rope_rotate(qkv, rope_cos, rope_sin, B, T, NH, head_size, 1.0f, stream);
 }
 
 template <typename Storage>
 inline void rope_backward(Storage* dqkv, const float* rope_cos, const float* rope_sin, int B, int T, int NH,
                           int head_size, cudaStream_t stream) {
-    size_t n = (size_t)B * T * 2 * NH * (head_size / 2);
-    LAUNCH(rope_rotate_kernel<Storage>, dim3((unsigned)((n + 255) / 256)), dim3(256), 0, stream, dqkv, rope_cos,
-           rope_sin, B, T, NH, head_size, -1.0f);
+    rope_rotate(dqkv, rope_cos, rope_sin, B, T, NH, head_size, -1.0f, stream);
 }
 #endif

@@ -10,6 +10,14 @@ Storage type: inputs, outputs and gradients are stored in T (float, double in th
 finite-difference build, or bf16) and the math is in float (`real` on the CPU). Rounding points:
 each output element once when stored; each gradient element once, after its increment is added
 to the stored value in float (dgate = round(dgate + increment)).
+
+Kernels: the work is pure memory traffic, and one thread per element with 2-byte loads left the
+H200 waiting on each load (the backward at 1.5 TB/s of ~4.8). Where every chunk of
+16 / sizeof(T) values (8 bf16, 4 floats) is a whole, aligned 16 bytes (F a multiple of the
+chunk, every pointer 16-byte aligned), a thread takes one chunk of a row instead: one 16-byte
+load per operand (the backward's gate, up, dout and stored dgate, dup), all issued before any
+arithmetic, the one-element kernel's expressions value by value, one 16-byte store per output.
+The values are the same to the bit. Other shapes take the one-element kernels; the launcher picks.
 */
 #pragma once
 
@@ -54,51 +62,148 @@ inline void swiglu_backward_cpu(T* dgate_up, const T* dout, const T* gate_up, in
 }
 
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include <cstdint>
+
 #include "../cuda_common.h"
 
 // ---- CUDA kernels
 
-// one thread per (row, f)
+// Values of T in one 16-byte vector: 8 bf16 or 4 floats, a thread's chunk on the vector path
 template <typename T>
-__global__ void swiglu_forward_kernel(T* out, const T* gate_up, int N, int F) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)N * F) return;
-    size_t row = idx / F, f = idx % F;
-    float gate = to_float(gate_up[row * 2 * F + f]);
-    float up = to_float(gate_up[row * 2 * F + F + f]);
-    out[idx] = from_float<T>(gate / (1.0f + expf(-gate)) * up);
+constexpr int SWIGLU_CHUNK = 16 / (int)sizeof(T);
+
+// one chunk of T moved by one 16-byte load or store, read and written value by value in between
+template <typename T>
+union SwigluVector {
+    uint4 vector;
+    T values[SWIGLU_CHUNK<T>];
+};
+
+// one thread per (row, f); a grid-stride loop past the grid's 2^31 - 1 blocks
+template <typename T>
+__global__ void swiglu_forward_kernel(T* __restrict__ out, const T* __restrict__ gate_up, int N, int F) {
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (size_t)N * F;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t row = idx / F, f = idx % F;
+        float gate = to_float(gate_up[row * 2 * F + f]);
+        float up = to_float(gate_up[row * 2 * F + F + f]);
+        out[idx] = from_float<T>(gate / (1.0f + expf(-gate)) * up);
+    }
 }
 
+// one thread per chunk of SWIGLU_CHUNK<T> adjacent f in a row (F a multiple of the chunk, so no
+// chunk straddles two rows; out and gate_up 16-byte aligned: swiglu_vectors_apply)
 template <typename T>
-__global__ void swiglu_backward_kernel(T* dgate_up, const T* dout, const T* gate_up, int N, int F) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)N * F) return;
-    size_t row = idx / F, f = idx % F;
-    float gate = to_float(gate_up[row * 2 * F + f]);
-    float up = to_float(gate_up[row * 2 * F + F + f]);
-    float sigmoid = 1.0f / (1.0f + expf(-gate));
-    float dy = to_float(dout[idx]);
-    T* dgate = dgate_up + row * 2 * F + f;
-    T* dup = dgate + F;
-    *dgate = from_float<T>(to_float(*dgate) + dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid)));
-    *dup = from_float<T>(to_float(*dup) + dy * gate * sigmoid);
+__global__ void swiglu_forward_vector_kernel(T* __restrict__ out, const T* __restrict__ gate_up, int N, int F) {
+    constexpr int CHUNK = SWIGLU_CHUNK<T>;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (size_t)N * F / CHUNK;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t e = idx * CHUNK, row = e / F, f = e % F;   // e: the chunk's first element of out (N, F)
+        const T* gate_chunk = gate_up + row * 2 * F + f;
+        // both loads before any arithmetic
+        SwigluVector<T> gates, ups, outs;
+        gates.vector = *reinterpret_cast<const uint4*>(gate_chunk);
+        ups.vector = *reinterpret_cast<const uint4*>(gate_chunk + F);
+        // the one-element kernel's expressions, value by value
+        KERNEL_UNROLL
+        for (int k = 0; k < CHUNK; k++) {
+            float gate = to_float(gates.values[k]);
+            float up = to_float(ups.values[k]);
+            outs.values[k] = from_float<T>(gate / (1.0f + expf(-gate)) * up);
+        }
+        *reinterpret_cast<uint4*>(out + e) = outs.vector;
+    }
+}
+
+// one thread per (row, f); dgate_up is read and written only through its own pointer (+=)
+template <typename T>
+__global__ void swiglu_backward_kernel(T* __restrict__ dgate_up, const T* __restrict__ dout,
+                                       const T* __restrict__ gate_up, int N, int F) {
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (size_t)N * F;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t row = idx / F, f = idx % F;
+        float gate = to_float(gate_up[row * 2 * F + f]);
+        float up = to_float(gate_up[row * 2 * F + F + f]);
+        float sigmoid = 1.0f / (1.0f + expf(-gate));
+        float dy = to_float(dout[idx]);
+        T* dgate = dgate_up + row * 2 * F + f;
+        T* dup = dgate + F;
+        *dgate = from_float<T>(to_float(*dgate) + dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid)));
+        *dup = from_float<T>(to_float(*dup) + dy * gate * sigmoid);
+    }
+}
+
+// one thread per chunk of SWIGLU_CHUNK<T> adjacent f in a row, as the forward vector kernel
+template <typename T>
+__global__ void swiglu_backward_vector_kernel(T* __restrict__ dgate_up, const T* __restrict__ dout,
+                                              const T* __restrict__ gate_up, int N, int F) {
+    constexpr int CHUNK = SWIGLU_CHUNK<T>;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (size_t)N * F / CHUNK;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t e = idx * CHUNK, row = e / F, f = e % F;   // e: the chunk's first element of dout (N, F)
+        const T* gate_chunk = gate_up + row * 2 * F + f;
+        T* dgate_chunk = dgate_up + row * 2 * F + f;
+        // all five loads (gate, up, dout and the two stored gradients) before any arithmetic
+        SwigluVector<T> gates, ups, dys, dgates, dups;
+        gates.vector = *reinterpret_cast<const uint4*>(gate_chunk);
+        ups.vector = *reinterpret_cast<const uint4*>(gate_chunk + F);
+        dys.vector = *reinterpret_cast<const uint4*>(dout + e);
+        dgates.vector = *reinterpret_cast<const uint4*>(dgate_chunk);
+        dups.vector = *reinterpret_cast<const uint4*>(dgate_chunk + F);
+        // the one-element kernel's expressions, value by value, each gradient rounded once
+        KERNEL_UNROLL
+        for (int k = 0; k < CHUNK; k++) {
+            float gate = to_float(gates.values[k]);
+            float up = to_float(ups.values[k]);
+            float sigmoid = 1.0f / (1.0f + expf(-gate));
+            float dy = to_float(dys.values[k]);
+            dgates.values[k] = from_float<T>(to_float(dgates.values[k]) +
+                                             dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid)));
+            dups.values[k] = from_float<T>(to_float(dups.values[k]) + dy * gate * sigmoid);
+        }
+        *reinterpret_cast<uint4*>(dgate_chunk) = dgates.vector;
+        *reinterpret_cast<uint4*>(dgate_chunk + F) = dups.vector;
+    }
 }
 
 // ---- launchers
+
+// The vector kernels apply when every chunk is a whole aligned 16 bytes: F a multiple of the
+// chunk (rows of F and 2F values then keep every chunk on a 16-byte boundary) and every pointer
+// 16-byte aligned (cudaMalloc's are; a pointer into the middle of a buffer may not be).
+template <typename T>
+inline bool swiglu_vectors_apply(int F, const void* a, const void* b, const void* c = nullptr) {
+    uintptr_t addresses = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
+                          reinterpret_cast<uintptr_t>(c);
+    return F % SWIGLU_CHUNK<T> == 0 && addresses % 16 == 0;
+}
+
+// blocks of `block` threads for `threads` threads, capped at the grid's 2^31 - 1 (the kernels'
+// grid-stride loops take any rest; no tensor that fits in a GPU's memory reaches the cap)
+inline dim3 swiglu_grid(size_t threads, int block) {
+    size_t blocks = (threads + block - 1) / block;
+    return dim3((unsigned)(blocks < 0x7fffffffu ? blocks : 0x7fffffffu));
+}
 
 template <typename T>
 inline void swiglu_forward(T* out, const T* gate_up, int N, int F, cudaStream_t stream) {
     const int block = 256;
     size_t n = (size_t)N * F;
-    LAUNCH(swiglu_forward_kernel<T>, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, gate_up, N,
-           F);
+    if (swiglu_vectors_apply<T>(F, out, gate_up))
+        LAUNCH(swiglu_forward_vector_kernel<T>, swiglu_grid(n / SWIGLU_CHUNK<T>, block), dim3(block), 0, stream, out,
+               gate_up, N, F);
+    else
+        LAUNCH(swiglu_forward_kernel<T>, swiglu_grid(n, block), dim3(block), 0, stream, out, gate_up, N, F);
 }
 
 template <typename T>
 inline void swiglu_backward(T* dgate_up, const T* dout, const T* gate_up, int N, int F, cudaStream_t stream) {
     const int block = 256;
     size_t n = (size_t)N * F;
-    LAUNCH(swiglu_backward_kernel<T>, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, dgate_up, dout,
-           gate_up, N, F);
+    if (swiglu_vectors_apply<T>(F, dgate_up, dout, gate_up))
+        LAUNCH(swiglu_backward_vector_kernel<T>, swiglu_grid(n / SWIGLU_CHUNK<T>, block), dim3(block), 0, stream,
+               dgate_up, dout, gate_up, N, F);
+    else
+        LAUNCH(swiglu_backward_kernel<T>, swiglu_grid(n, block), dim3(block), 0, stream, dgate_up, dout, gate_up, N, F);
 }
 #endif

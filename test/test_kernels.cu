@@ -181,7 +181,9 @@ TEST_CASE("layernorm kernels match the CPU", "[kernels]") {
 }
 
 TEST_CASE("rope kernels match the CPU", "[kernels]") {
-    int shapes[][4] = {{1, 1, 1, 2}, {2, 7, 3, 6}, {3, 17, 4, 32}};   // (B, T, NH, hs)
+    // (B, T, NH, hs): hs 2 and 6 take the one-pair kernel, hs 32 the vector kernel (hs a multiple
+    // of twice its 4-float chunk)
+    int shapes[][4] = {{1, 1, 1, 2}, {2, 7, 3, 6}, {3, 17, 4, 32}};
     for (auto& s : shapes) {
         int B = s[0], T = s[1], NH = s[2], hs = s[3];
         INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs);
@@ -200,7 +202,9 @@ TEST_CASE("rope kernels match the CPU", "[kernels]") {
 }
 
 TEST_CASE("swiglu kernels match the CPU", "[kernels]") {
-    int shapes[][2] = {{1, 1}, {7, 33}, {65, 300}};   // (N, F)
+    // (N, F): F 1 and 33 take the one-element kernels, F 300 the vector kernels (a multiple of
+    // their 4-float chunk)
+    int shapes[][2] = {{1, 1}, {7, 33}, {65, 300}};
     for (auto& s : shapes) {
         int N = s[0], F = s[1];
         INFO("N " << N << " F " << F);

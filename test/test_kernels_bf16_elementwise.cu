@@ -1,15 +1,17 @@
 /*
 The embedding, RoPE, SwiGLU and cross-entropy kernels with bf16 storage (T = bf16) against their
 CPU twins with T = bf16, on fresh random bf16 inputs at several shapes (including ones that are
-not multiples of the block size), with outputs poisoned (NaN) beforehand. The embedding's
-weight gradient is tested with G = float (--precision bf16) and G = bf16 (bf16-pure), against an
-independent serial reference of the documented summation order, with repeated tokens.
+not multiples of the block size), with outputs poisoned (NaN) beforehand. SwiGLU and RoPE are also
+run on pointers off 16-byte boundaries, where their launchers must not take the vector kernels. The
+embedding's weight gradient is tested with G = float (--precision bf16) and G = bf16 (bf16-pure),
+against an independent serial reference of the documented summation order, with repeated tokens.
 
 Built like test_kernels.cu: g++ -DMIXLN_CUDA_EMULATION (the kernels run in the CPU emulation of
 CUDA) or nvcc (a real GPU).
 */
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -143,7 +145,9 @@ TEST_CASE("embedding_backward in fp32 keeps the serial order of the plain += ove
 }
 
 TEST_CASE("rope kernels with bf16 storage match the CPU", "[kernels][bf16]") {
-    // (B, T, NH, hs); the last has 3*17*2*5*24 = 12240 pairs, not a multiple of the 256-thread block
+    // (B, T, NH, hs); the last has 3*17*2*5*24 = 12240 pairs, not a multiple of the 256-thread block.
+    // hs 2 and 6 take the one-pair kernel; hs 32 and 48 the vector kernel (multiples of twice its
+    // 8-bf16 chunk; the last has 1530 chunks, not a multiple of the block either)
     int shapes[][4] = {{1, 1, 1, 2}, {2, 7, 3, 6}, {3, 17, 4, 32}, {3, 17, 5, 48}};
     for (auto& s : shapes) {
         int B = s[0], T = s[1], NH = s[2], hs = s[3];
@@ -164,7 +168,9 @@ TEST_CASE("rope kernels with bf16 storage match the CPU", "[kernels][bf16]") {
 }
 
 TEST_CASE("swiglu kernels with bf16 storage match the CPU", "[kernels][bf16]") {
-    int shapes[][2] = {{1, 1}, {7, 33}, {65, 300}, {3, 1000}};   // (N, F)
+    // (N, F): F 1, 33 and 300 take the one-element kernels, F 1000 the vector kernels (a multiple of
+    // their 8-bf16 chunk; 375 chunks, not a multiple of the 256-thread block)
+    int shapes[][2] = {{1, 1}, {7, 33}, {65, 300}, {3, 1000}};
     for (auto& s : shapes) {
         int N = s[0], F = s[1];
         INFO("N " << N << " F " << F);
@@ -178,6 +184,67 @@ TEST_CASE("swiglu kernels with bf16 storage match the CPU", "[kernels][bf16]") {
         swiglu_backward(d_dgate_up.ptr, d_dout.ptr, d_gate_up.ptr, N, F, 0);
         check_close_bf16(d_out.to_host(), out_cpu, "swiglu forward");
         check_close_bf16(d_dgate_up.to_host(), dgate_up_cpu, "swiglu backward");
+    }
+}
+
+// A device copy of `host` placed `offset` elements into its allocation; offset 1 puts it 2 (bf16)
+// or 4 (float) bytes off the 16-byte boundary cudaMalloc gives. to_host() of the result still holds
+// the `offset` leading elements: from_offset drops them.
+template <typename V>
+static std::vector<V> with_offset(const std::vector<V>& host, int offset) {
+    std::vector<V> padded(offset + host.size());
+    std::copy(host.begin(), host.end(), padded.begin() + offset);
+    return padded;
+}
+template <typename V>
+static std::vector<V> from_offset(const std::vector<V>& device_copy, int offset) {
+    return std::vector<V>(device_copy.begin() + offset, device_copy.end());
+}
+
+TEST_CASE("swiglu and rope kernels with bf16 storage match the CPU off 16-byte boundaries", "[kernels][bf16]") {
+    // F = 1000 and hs = 64 are multiples of the 8-bf16 chunk, so aligned pointers take the vector
+    // kernels; here one pointer at a time is one element off its 16-byte boundary, and the launcher
+    // must see it and take the one-element kernels (a 16-byte load from it faults on a GPU)
+    SECTION("swiglu") {
+        const int N = 3, F = 1000;
+        auto gate_up = random_bf16((size_t)N * 2 * F, 13), dout = random_bf16((size_t)N * F, 14),
+             dgate_up = random_bf16((size_t)N * 2 * F, 15);
+        std::vector<bf16> out_cpu((size_t)N * F), dgate_up_cpu = dgate_up;
+        swiglu_forward_cpu(out_cpu.data(), gate_up.data(), N, F);
+        swiglu_backward_cpu(dgate_up_cpu.data(), dout.data(), gate_up.data(), N, F);
+        // moved: 0 gate_up (both calls), 1 out and dout, 2 dgate_up
+        for (int moved = 0; moved < 3; moved++) {
+            INFO("moved pointer " << moved);
+            int gate_up_offset = moved == 0, out_offset = moved == 1, dgate_up_offset = moved == 2;
+            DeviceArray<bf16> d_gate_up(with_offset(gate_up, gate_up_offset)), d_dout(with_offset(dout, out_offset)),
+                d_out(out_offset + (size_t)N * F), d_dgate_up(with_offset(dgate_up, dgate_up_offset));
+            swiglu_forward(d_out.ptr + out_offset, d_gate_up.ptr + gate_up_offset, N, F, 0);
+            swiglu_backward(d_dgate_up.ptr + dgate_up_offset, d_dout.ptr + out_offset, d_gate_up.ptr + gate_up_offset,
+                            N, F, 0);
+            check_close_bf16(from_offset(d_out.to_host(), out_offset), out_cpu, "swiglu forward");
+            check_close_bf16(from_offset(d_dgate_up.to_host(), dgate_up_offset), dgate_up_cpu, "swiglu backward");
+        }
+    }
+    SECTION("rope") {
+        const int B = 2, T = 5, NH = 3, hs = 64;
+        std::vector<float> cos_table((size_t)T * hs / 2), sin_table((size_t)T * hs / 2);
+        rope_tables_cpu(cos_table.data(), sin_table.data(), T, hs, 10000.0f);
+        auto qkv = random_bf16((size_t)B * T * 3 * NH * hs, 12);
+        std::vector<bf16> forward_cpu = qkv, backward_cpu = qkv;
+        rope_forward_cpu(forward_cpu.data(), cos_table.data(), sin_table.data(), B, T, NH, hs);
+        rope_backward_cpu(backward_cpu.data(), cos_table.data(), sin_table.data(), B, T, NH, hs);
+        // moved: 0 qkv, 1 the cos table, 2 the sin table
+        for (int moved = 0; moved < 3; moved++) {
+            INFO("moved pointer " << moved);
+            int qkv_offset = moved == 0, cos_offset = moved == 1, sin_offset = moved == 2;
+            DeviceArray<float> d_cos(with_offset(cos_table, cos_offset)), d_sin(with_offset(sin_table, sin_offset));
+            DeviceArray<bf16> d_forward(with_offset(qkv, qkv_offset)), d_backward(with_offset(qkv, qkv_offset));
+            rope_forward(d_forward.ptr + qkv_offset, d_cos.ptr + cos_offset, d_sin.ptr + sin_offset, B, T, NH, hs, 0);
+            rope_backward(d_backward.ptr + qkv_offset, d_cos.ptr + cos_offset, d_sin.ptr + sin_offset, B, T, NH, hs,
+                          0);
+            check_close_bf16(from_offset(d_forward.to_host(), qkv_offset), forward_cpu, "rope forward");
+            check_close_bf16(from_offset(d_backward.to_host(), qkv_offset), backward_cpu, "rope backward");
+        }
     }
 }
 
