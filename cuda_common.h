@@ -75,6 +75,17 @@ __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
 
+// ---- 16-byte vectors: the vector paths of the memory-bound kernels (swiglu, rope, crossentropy)
+// VECTOR16_SIZE<T> values of T (8 bf16 or 4 floats) moved by one 16-byte load or store through
+// .vector and read or written value by value through .values
+template <typename T>
+constexpr int VECTOR16_SIZE = 16 / (int)sizeof(T);
+template <typename T>
+union Vector16 {
+    uint4 vector;
+    T values[VECTOR16_SIZE<T>];
+};
+
 // ---- tensor-core products with known fragment layouts
 // d (16x8, float) += a (16x16, bf16) b (16x8, bf16), one warp, with the fragment layouts the PTX ISA
 // documents for mma.sync.aligned.m16n8k16 ("Matrix Fragments for mma.m16n8k16 with floating point

@@ -93,36 +93,69 @@ __device__ __forceinline__ void softmax_stats_merge(float* max_a, float* sum_a, 
     *max_a = m;
 }
 
+// Rows whose elements can be read 16 bytes at a time (Vector16; V a multiple of 16 / sizeof(T)
+// and the buffer 16-byte aligned, so every row is: LLaMA's V = 32000 in bf16 or float) are; other rows
+// go one element per load. Either way a thread's loads for a chunk are all issued before any is
+// used (the lesson of rmsnorm_backward_input_kernel, dev/PERF.md): CROSSENTROPY_CHUNK elements
+// of the plain path, or CROSSENTROPY_VECTORS vectors.
+constexpr int CROSSENTROPY_CHUNK = 8;
+constexpr int CROSSENTROPY_VECTORS = 2;
+template <typename T>
+__device__ __forceinline__ bool crossentropy_vectors_fit(const T* buffer, int V) {
+    return V % VECTOR16_SIZE<T> == 0 && reinterpret_cast<uintptr_t>(buffer) % 16 == 0;
+}
+
+// A thread's running statistics take in a chunk of n elements x (past the row's end: -inf):
+// the chunk's maximum (finite: the chunk's first element is in the row), the sum rescaled to it
+template <int n>
+__device__ __forceinline__ void softmax_stats_add_chunk(float* max_logit, float* sum, const float* x) {
+    float chunk_max = x[0];
+    KERNEL_UNROLL
+    for (int u = 1; u < n; u++) chunk_max = fmaxf(chunk_max, x[u]);
+    if (chunk_max > *max_logit) {
+        *sum *= expf(*max_logit - chunk_max);   // 0 * exp(-inf) = 0 for the first chunk
+        *max_logit = chunk_max;
+    }
+    KERNEL_UNROLL
+    for (int u = 0; u < n; u++) *sum += expf(x[u] - *max_logit);   // 0 past the row's end
+}
+
 // The softmax statistics of one row, for a whole block: its maximum and sum of exp(x - max), in
 // ONE pass over the row (the rows are V = 32000 wide, and this is what the loss and its gradient
 // read them for): each thread keeps a running maximum and rescales its running sum when the
 // maximum grows (the online softmax), then the threads' statistics are merged by a fixed
 // butterfly in each warp and in warp order across the block, so the result is deterministic.
-// A thread takes its elements CROSSENTROPY_CHUNK at a time, all of a chunk's loads issued before
-// any is used (the lesson of rmsnorm_backward_input_kernel, dev/PERF.md).
-constexpr int CROSSENTROPY_CHUNK = 8;
+// `vectors`: crossentropy_vectors_fit for the buffer holding the row.
 template <typename T>
-__device__ __forceinline__ void row_softmax_stats(float* max_out, float* sum_out, const T* row, int V) {
+__device__ __forceinline__ void row_softmax_stats(float* max_out, float* sum_out, const T* row, int V, bool vectors) {
     __shared__ float shared_max[32], shared_sum[32];
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     float max_logit = -INFINITY, sum = 0.0f;
-    for (int v0 = threadIdx.x; v0 < V; v0 += blockDim.x * CROSSENTROPY_CHUNK) {
-        float x[CROSSENTROPY_CHUNK];
-        KERNEL_UNROLL
-        for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
-            int v = v0 + u * blockDim.x;
-            x[u] = v < V ? to_float(row[v]) : -INFINITY;
+    if (vectors) {
+        // thread i takes vectors i, i + blockDim.x, ... CROSSENTROPY_VECTORS of them at a time
+        constexpr int E = VECTOR16_SIZE<T>;
+        for (int v0 = threadIdx.x * E; v0 < V; v0 += blockDim.x * E * CROSSENTROPY_VECTORS) {
+            float x[CROSSENTROPY_VECTORS * E];
+            KERNEL_UNROLL
+            for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
+                int v = v0 + u * blockDim.x * E;
+                Vector16<T> values;
+                if (v < V) values.vector = *reinterpret_cast<const uint4*>(row + v);
+                KERNEL_UNROLL
+                for (int e = 0; e < E; e++) x[u * E + e] = v < V ? to_float(values.values[e]) : -INFINITY;
+            }
+            softmax_stats_add_chunk<CROSSENTROPY_VECTORS * E>(&max_logit, &sum, x);
         }
-        // the chunk's maximum (finite: its first element is in the row), the sum rescaled to it
-        float chunk_max = x[0];
-        KERNEL_UNROLL
-        for (int u = 1; u < CROSSENTROPY_CHUNK; u++) chunk_max = fmaxf(chunk_max, x[u]);
-        if (chunk_max > max_logit) {
-            sum *= expf(max_logit - chunk_max);   // 0 * exp(-inf) = 0 for the first chunk
-            max_logit = chunk_max;
+    } else {
+        for (int v0 = threadIdx.x; v0 < V; v0 += blockDim.x * CROSSENTROPY_CHUNK) {
+            float x[CROSSENTROPY_CHUNK];
+            KERNEL_UNROLL
+            for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
+                int v = v0 + u * blockDim.x;
+                x[u] = v < V ? to_float(row[v]) : -INFINITY;
+            }
+            softmax_stats_add_chunk<CROSSENTROPY_CHUNK>(&max_logit, &sum, x);
         }
-        KERNEL_UNROLL
-        for (int u = 0; u < CROSSENTROPY_CHUNK; u++) sum += expf(x[u] - max_logit);   // 0 past the row's end
     }
     for (int offset = 16; offset > 0; offset /= 2) {
         float other_max = __shfl_xor_sync(0xffffffffu, max_logit, offset);
@@ -143,33 +176,63 @@ template <typename T>
 __global__ void crossentropy_forward_kernel(float* losses, const T* logits, const int* targets, int V) {
     const T* row = logits + (size_t)blockIdx.x * V;
     float max_logit, sum;
-    row_softmax_stats(&max_logit, &sum, row, V);
+    row_softmax_stats(&max_logit, &sum, row, V, crossentropy_vectors_fit(logits, V));
     if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) - (to_float(row[targets[blockIdx.x]]) - max_logit);
 }
 
 // One block per row, in place: every thread reads the row for the statistics before their
 // block-wide merge, whose barrier completes before any thread overwrites its elements with their
-// gradient (each thread then reads and overwrites only its own elements): two passes over the row.
+// gradient (each thread then reads and overwrites only its own elements, the same ones in both
+// passes): two passes over the row.
 template <typename T>
 __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const int* targets, float dloss, int V) {
     const T* row = logits + (size_t)blockIdx.x * V;
     T* drow = dlogits + (size_t)blockIdx.x * V;
+    bool vectors = crossentropy_vectors_fit(logits, V) && crossentropy_vectors_fit(dlogits, V);
     float max_logit, sum;
-    row_softmax_stats(&max_logit, &sum, row, V);
+    row_softmax_stats(&max_logit, &sum, row, V, vectors);
     float scale = dloss / sum;
     int target = targets[blockIdx.x];
-    for (int v0 = threadIdx.x; v0 < V; v0 += blockDim.x * CROSSENTROPY_CHUNK) {
-        // a chunk's loads first: in place, each element is read before its own store
-        float x[CROSSENTROPY_CHUNK];
-        KERNEL_UNROLL
-        for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
-            int v = v0 + u * blockDim.x;
-            x[u] = v < V ? to_float(row[v]) : 0.0f;
+    if (vectors) {
+        constexpr int E = VECTOR16_SIZE<T>;
+        for (int v0 = threadIdx.x * E; v0 < V; v0 += blockDim.x * E * CROSSENTROPY_VECTORS) {
+            // a chunk's loads first: in place, each element is read before its own store
+            float x[CROSSENTROPY_VECTORS * E];
+            KERNEL_UNROLL
+            for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
+                int v = v0 + u * blockDim.x * E;
+                if (v >= V) continue;
+                Vector16<T> values;
+                values.vector = *reinterpret_cast<const uint4*>(row + v);
+                KERNEL_UNROLL
+                for (int e = 0; e < E; e++) x[u * E + e] = to_float(values.values[e]);
+            }
+            KERNEL_UNROLL
+            for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
+                int v = v0 + u * blockDim.x * E;
+                if (v >= V) continue;
+                Vector16<T> gradient;
+                KERNEL_UNROLL
+                for (int e = 0; e < E; e++)
+                    gradient.values[e] =
+                        from_float<T>(expf(x[u * E + e] - max_logit) * scale - (v + e == target ? dloss : 0.0f));
+                *reinterpret_cast<uint4*>(drow + v) = gradient.vector;
+            }
         }
-        KERNEL_UNROLL
-        for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
-            int v = v0 + u * blockDim.x;
-            if (v < V) drow[v] = from_float<T>(expf(x[u] - max_logit) * scale - (v == target ? dloss : 0.0f));
+    } else {
+        for (int v0 = threadIdx.x; v0 < V; v0 += blockDim.x * CROSSENTROPY_CHUNK) {
+            // a chunk's loads first: in place, each element is read before its own store
+            float x[CROSSENTROPY_CHUNK];
+            KERNEL_UNROLL
+            for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
+                int v = v0 + u * blockDim.x;
+                x[u] = v < V ? to_float(row[v]) : 0.0f;
+            }
+            KERNEL_UNROLL
+            for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
+                int v = v0 + u * blockDim.x;
+                if (v < V) drow[v] = from_float<T>(expf(x[u] - max_logit) * scale - (v == target ? dloss : 0.0f));
+            }
         }
     }
 }

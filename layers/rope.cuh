@@ -94,17 +94,11 @@ inline void rope_backward_cpu(Storage* dqkv, const real* rope_cos, const real* r
 
 // ---- CUDA kernels
 
-// Values of Storage in one 16-byte vector: 8 bf16 or 4 floats, a thread's chunk of pairs on the
-// vector path
+// Values of Storage in one 16-byte vector (Vector16, cuda_common.h): 8 bf16 or 4 floats, a
+// thread's chunk of pairs on the vector path
 template <typename Storage>
-constexpr int ROPE_CHUNK = 16 / (int)sizeof(Storage);
+constexpr int ROPE_CHUNK = VECTOR16_SIZE<Storage>;
 
-// one chunk of Storage moved by one 16-byte load or store, read and written value by value
-template <typename Storage>
-union RopeVector {
-    uint4 vector;
-    Storage values[ROPE_CHUNK<Storage>];
-};
 // the chunk's cos or sin values (float): ROPE_CHUNK * 4 bytes, one or two 16-byte loads
 template <typename Storage>
 union RopeTableVector {
@@ -153,7 +147,7 @@ __global__ void rope_rotate_vector_kernel(Storage* __restrict__ qkv, const float
         const float* sin_chunk = rope_sin + (size_t)t * half + i0;
         // the chunk's first halves x[i], second halves x[i + half], cos and sin: all loads before
         // any arithmetic
-        RopeVector<Storage> firsts, seconds;
+        Vector16<Storage> firsts, seconds;
         RopeTableVector<Storage> coss, sins;
         firsts.vector = *reinterpret_cast<const uint4*>(x);
         seconds.vector = *reinterpret_cast<const uint4*>(x + half);

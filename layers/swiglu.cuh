@@ -68,16 +68,10 @@ inline void swiglu_backward_cpu(T* dgate_up, const T* dout, const T* gate_up, in
 
 // ---- CUDA kernels
 
-// Values of T in one 16-byte vector: 8 bf16 or 4 floats, a thread's chunk on the vector path
+// Values of T in one 16-byte vector (Vector16, cuda_common.h): 8 bf16 or 4 floats, a thread's
+// chunk on the vector path
 template <typename T>
-constexpr int SWIGLU_CHUNK = 16 / (int)sizeof(T);
-
-// one chunk of T moved by one 16-byte load or store, read and written value by value in between
-template <typename T>
-union SwigluVector {
-    uint4 vector;
-    T values[SWIGLU_CHUNK<T>];
-};
+constexpr int SWIGLU_CHUNK = VECTOR16_SIZE<T>;
 
 // one thread per (row, f); a grid-stride loop past the grid's 2^31 - 1 blocks
 template <typename T>
@@ -101,7 +95,7 @@ __global__ void swiglu_forward_vector_kernel(T* __restrict__ out, const T* __res
         size_t e = idx * CHUNK, row = e / F, f = e % F;   // e: the chunk's first element of out (N, F)
         const T* gate_chunk = gate_up + row * 2 * F + f;
         // both loads before any arithmetic
-        SwigluVector<T> gates, ups, outs;
+        Vector16<T> gates, ups, outs;
         gates.vector = *reinterpret_cast<const uint4*>(gate_chunk);
         ups.vector = *reinterpret_cast<const uint4*>(gate_chunk + F);
         // the one-element kernel's expressions, value by value
@@ -144,7 +138,7 @@ __global__ void swiglu_backward_vector_kernel(T* __restrict__ dgate_up, const T*
         const T* gate_chunk = gate_up + row * 2 * F + f;
         T* dgate_chunk = dgate_up + row * 2 * F + f;
         // all five loads (gate, up, dout and the two stored gradients) before any arithmetic
-        SwigluVector<T> gates, ups, dys, dgates, dups;
+        Vector16<T> gates, ups, dys, dgates, dups;
         gates.vector = *reinterpret_cast<const uint4*>(gate_chunk);
         ups.vector = *reinterpret_cast<const uint4*>(gate_chunk + F);
         dys.vector = *reinterpret_cast<const uint4*>(dout + e);
