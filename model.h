@@ -34,9 +34,11 @@ under bf16-pure everything is bf16. The forward and backward passes are template
 types (floatX: activations and the weights the kernels read; gradX: the weight gradients);
 model_forward and model_backward pick the instantiation. Every kernel computes in fp32.
 
-Gradient convention: every backward function in layers/ accumulates (+=) into the gradients it
-writes, so a residual connection's gradient reaches both of its inputs by both branches
-accumulating into one buffer (see model_backward).
+Gradient convention: the backward functions in layers/ accumulate (+=) into the gradients they
+write, so a residual connection's gradient reaches both of its inputs by both branches
+accumulating into one buffer (see model_backward). The exceptions write (=) gradients that have
+one producer, where accumulating would only mean zeroing a buffer and reading the zeros back:
+swiglu_backward's dgate_up, and a matmul's input gradient when its dinp_scale is 0.
 
 Two backends, one orchestration: the model's buffers live either in host memory (the CPU
 reference kernels, name_cpu(...)) or on the GPU (the CUDA launchers, name(..., stream)), and every
@@ -428,6 +430,7 @@ struct ActivationTensorsOf {
     real*   final_norm_stats;    // (S, B, T)
     floatX* logits;              // (B, T, V)        overwritten by their gradient in backward
     real*   losses;              // (B, T)           per-position cross-entropy
+    real*   logit_stats;         // (B, T, 2)        each position's maximum logit and sum of exp(logit - max)
     real*   rope_cos;            // (T, hs/2)
     real*   rope_sin;            // (T, hs/2)
     // backward scratch, reused by every layer
@@ -440,7 +443,7 @@ struct ActivationTensorsOf {
     floatX* dgate_up;            // (B, T, 2F)
     floatX* dswiglu;             // (B, T, F)
 };
-constexpr int NUM_ACTIVATION_TENSORS = 31;
+constexpr int NUM_ACTIVATION_TENSORS = 32;
 
 // values per row of a norm's statistics: rstd, and the mean under LayerNorm
 inline size_t norm_stats_per_row(const ModelConfig& c) { return c.norm_type == NORM_LAYERNORM ? 2 : 1; }
@@ -465,7 +468,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
         P * BT * C, P * S * BT,                   // attn_branch, attn_out_norm_stats
         P * BT * C, P * S * BT,                   // mlp_branch, mlp_out_norm_stats
         BT * C, S * BT,                           // final_norm, final_norm_stats
-        BT * V, BT,                               // logits, losses
+        BT * V, BT, BT * 2,                       // logits, losses, logit_stats
         T * half, T * half,                       // rope_cos, rope_sin
         BT * C, BT * C, P ? BT * C : 0,           // dresidual, dnorm, dbranch
         BT * C, BT * 3 * C,                       // datty, dqkv
@@ -493,7 +496,8 @@ inline size_t point_activations(ActivationTensorsOf<floatX>* a, void* memory, co
     place(a->lse), place(a->atty), place(a->attn_resid), place(a->mlp_norm), place(a->mlp_norm_stats);
     place(a->gate_up), place(a->swiglu), place(a->mlp_resid), place(a->attn_branch);
     place(a->attn_out_norm_stats), place(a->mlp_branch), place(a->mlp_out_norm_stats), place(a->final_norm);
-    place(a->final_norm_stats), place(a->logits), place(a->losses), place(a->rope_cos), place(a->rope_sin);
+    place(a->final_norm_stats), place(a->logits), place(a->losses), place(a->logit_stats), place(a->rope_cos);
+    place(a->rope_sin);
     place(a->dresidual), place(a->dnorm), place(a->dbranch), place(a->datty), place(a->dqkv);
     place(a->datt_scratch), place(a->dgate_up), place(a->dswiglu);
     return offset;
@@ -1109,7 +1113,7 @@ inline void model_forward_typed(Model* model, bool with_targets) {
     if (!stream_normed) norm_forward(model, a.final_norm, a.final_norm_stats, residual, p.final_norm, p.final_norm_bias);
     LAYER(matmul_forward, a.logits, a.final_norm, p.lm_head, BT, C, V);
     if (with_targets) {
-        LAYER(crossentropy_forward, a.losses, a.logits, model->targets, BT, V);
+        LAYER(crossentropy_forward, a.losses, a.logit_stats, a.logits, model->targets, BT, V);
         model_copy_out(model, model->host_losses, a.losses, (size_t)BT * sizeof(real));
         double sum = 0.0;
         for (int i = 0; i < BT; i++) sum += model->host_losses[i];
@@ -1179,8 +1183,7 @@ inline void mlp_sublayer_backward(Model* model, const ActivationTensorsOf<floatX
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels, F = c.ffn_channels;
     LAYER(matmul_backward, a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C, 0.0f);   // written
-    model_zero(model, a.dgate_up, (size_t)BT * 2 * F * sizeof(floatX));
-    LAYER(swiglu_backward, a.dgate_up, a.dswiglu, la.gate_up, BT, F);
+    LAYER(swiglu_backward, a.dgate_up, a.dswiglu, la.gate_up, BT, F);   // writes dgate_up
     LAYER(matmul_backward, dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F, dinp_scale);
 }
 
@@ -1199,7 +1202,8 @@ inline void model_backward_typed(Model* model, float loss_scale) {
     // loss = mean over positions, so each position's loss has gradient loss_scale/BT; the
     // logits turn into their gradient in place
     floatX* dlogits = a.logits;
-    LAYER(crossentropy_backward, dlogits, a.logits, model->targets, (real)(loss_scale / (double)BT), BT, V);
+    LAYER(crossentropy_backward, dlogits, a.logits, a.logit_stats, model->targets, (real)(loss_scale / (double)BT), BT,
+          V);
     const floatX* last_output = layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1);
     LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V, 0.0f);   // written
     model_zero(model, a.dresidual, stream_bytes);

@@ -5,29 +5,30 @@ next token, loss = -log softmax(logits)[target], averaged over all B*T positions
 Backward overwrites the logits with their gradient, (softmax - onehot(target)) * dloss, so no
 separate (B, T, V) buffer is needed: the logits are not used again after the loss.
 Both directions use a max-shifted softmax: exponentials in the working precision (each is
-accurate to an ulp), their sum in double on the CPU. The kernels find the maximum and the sum in
-one pass over the row (an online softmax: a running maximum, the running sum rescaled when it
-grows), since at V = 32000 the passes over the logits are what these kernels cost.
+accurate to an ulp), their sum in double on the CPU. The forward pass finds each row's maximum
+and sum in one pass over the row (on the GPU an online softmax: a running maximum, the running
+sum rescaled when it grows) and keeps them, (N, 2) "stats", so that backward is one more pass:
+read each logit, write its gradient. At V = 32000 those passes over the logits are all these
+kernels cost.
 
 Storage type: the logits and their gradient are stored in T (float, double in the CPU
-finite-difference build, or bf16); the per-position losses stay float (`real` on the CPU), and
-all the math is in float (the CPU's sum in double). The only rounding to T is the store of each
-gradient element. The CPU twin keeps a row's exponentials in a `real` scratch row (not in the
-gradient row, as a T store would round them before they are scaled), and the kernel recomputes
-them, so each gradient element is rounded once in both.
+finite-difference build, or bf16); the per-position losses and the stats stay float (`real` on
+the CPU), and all the math is in float (the CPU's sum in double, kept as a `real`). The only
+rounding to T is the store of each gradient element, exp(logit - max) * (dloss / sum) computed
+in float, minus dloss at the target, by the kernel and the CPU twin alike.
 */
 #pragma once
 
 #include <cmath>
-#include <vector>
 
 #include "../common.h"
 
 // ---- CPU reference
 
-// losses (N) per position; logits (N, V); targets (N)
+// losses (N) per position; stats (N, 2): each row's maximum logit and sum of exp(logit - max), kept
+// for backward; logits (N, V); targets (N)
 template <typename T>
-inline void crossentropy_forward_cpu(real* losses, const T* logits, const int* targets, int N, int V) {
+inline void crossentropy_forward_cpu(real* losses, real* stats, const T* logits, const int* targets, int N, int V) {
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
         const T* row = logits + (size_t)i * V;
@@ -41,40 +42,28 @@ inline void crossentropy_forward_cpu(real* losses, const T* logits, const int* t
         for (int v = 0; v < V; v++) sum += std::exp(to_real(row[v]) - max_logit);
         // -log p[target] = log(sum) - (logit[target] - max)
         losses[i] = (real)(log(sum) - (double)(to_real(row[targets[i]]) - max_logit));
+        stats[2 * i] = max_logit;
+        stats[2 * i + 1] = (real)sum;
     }
 }
 
 // dlogits (N, V) = (softmax(logits) - onehot) * dloss, written over logits (they may alias);
-// dloss is the gradient of the final loss with respect to each position's loss (1/N for a mean)
+// dloss is the gradient of the final loss with respect to each position's loss (1/N for a mean);
+// stats (N, 2) from the forward pass over the same logits
 template <typename T>
-inline void crossentropy_backward_cpu(T* dlogits, const T* logits, const int* targets,
-                               real dloss, int N, int V) {
-    #pragma omp parallel
-    {
-        std::vector<real> exps(V);   // this thread's scratch row: exp(logit - max)
-        #pragma omp for
-        for (int i = 0; i < N; i++) {
-            const T* row = logits + (size_t)i * V;
-            T* drow = dlogits + (size_t)i * V;
-            real max_logit = to_real(row[0]);
-            for (int v = 1; v < V; v++) {
-                real x = to_real(row[v]);
-                max_logit = x > max_logit ? x : max_logit;
-            }
-            // the exponentials and their sum (this pass reads the whole row before the next one
-            // overwrites it: row and drow may be the same memory)
-            double sum = 0.0;
-            for (int v = 0; v < V; v++) {
-                real e = std::exp(to_real(row[v]) - max_logit);
-                exps[v] = e;
-                sum += e;
-            }
-            // probabilities minus the one-hot target, times dloss, each rounded once
-            real scale = (real)(1.0 / sum) * dloss;
-            for (int v = 0; v < V; v++) drow[v] = from_real<T>(exps[v] * scale);
-            int target = targets[i];
-            drow[target] = from_real<T>(exps[target] * scale - dloss);
-        }
+inline void crossentropy_backward_cpu(T* dlogits, const T* logits, const real* stats, const int* targets, real dloss,
+                                      int N, int V) {
+    #pragma omp parallel for
+    for (int i = 0; i < N; i++) {
+        const T* row = logits + (size_t)i * V;
+        T* drow = dlogits + (size_t)i * V;
+        real max_logit = stats[2 * i], scale = (real)(1.0 / (double)stats[2 * i + 1]) * dloss;
+        int target = targets[i];
+        real target_logit = to_real(row[target]);   // read before the loop overwrites it (in place)
+        // probabilities times dloss, each element read just before its own store, rounded once
+        for (int v = 0; v < V; v++) drow[v] = from_real<T>(std::exp(to_real(row[v]) - max_logit) * scale);
+        // minus the one-hot target (the target's element recomputed, so it too is rounded once)
+        drow[target] = from_real<T>(std::exp(target_logit - max_logit) * scale - dloss);
     }
 }
 
@@ -121,8 +110,7 @@ __device__ __forceinline__ void softmax_stats_add_chunk(float* max_logit, float*
 }
 
 // The softmax statistics of one row, for a whole block: its maximum and sum of exp(x - max), in
-// ONE pass over the row (the rows are V = 32000 wide, and this is what the loss and its gradient
-// read them for): each thread keeps a running maximum and rescales its running sum when the
+// ONE pass over the row (the rows are V = 32000 wide): each thread keeps a running maximum and rescales its running sum when the
 // maximum grows (the online softmax), then the threads' statistics are merged by a fixed
 // butterfly in each warp and in warp order across the block, so the result is deterministic.
 // `vectors`: crossentropy_vectors_fit for the buffer holding the row.
@@ -171,32 +159,32 @@ __device__ __forceinline__ void row_softmax_stats(float* max_out, float* sum_out
     *sum_out = sum;
 }
 
-// one block per row (the grid has N blocks)
+// One block per row (the grid has N blocks): the row's statistics, kept in stats (N, 2), and its loss
 template <typename T>
-__global__ void crossentropy_forward_kernel(float* losses, const T* logits, const int* targets, int V) {
+__global__ void crossentropy_forward_kernel(float* losses, float* stats, const T* logits, const int* targets, int V) {
     const T* row = logits + (size_t)blockIdx.x * V;
     float max_logit, sum;
     row_softmax_stats(&max_logit, &sum, row, V, crossentropy_vectors_fit(logits, V));
-    if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) - (to_float(row[targets[blockIdx.x]]) - max_logit);
+    if (threadIdx.x == 0) {
+        losses[blockIdx.x] = logf(sum) - (to_float(row[targets[blockIdx.x]]) - max_logit);
+        stats[2 * blockIdx.x] = max_logit;
+        stats[2 * blockIdx.x + 1] = sum;
+    }
 }
 
-// One block per row, in place: every thread reads the row for the statistics before their
-// block-wide merge, whose barrier completes before any thread overwrites its elements with their
-// gradient (each thread then reads and overwrites only its own elements, the same ones in both
-// passes): two passes over the row.
+// One block per row, one pass with the forward's statistics: each thread reads its elements (a
+// chunk's loads first) and overwrites them with their gradient, so in place is safe.
 template <typename T>
-__global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const int* targets, float dloss, int V) {
+__global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const float* stats, const int* targets,
+                                             float dloss, int V) {
     const T* row = logits + (size_t)blockIdx.x * V;
     T* drow = dlogits + (size_t)blockIdx.x * V;
     bool vectors = crossentropy_vectors_fit(logits, V) && crossentropy_vectors_fit(dlogits, V);
-    float max_logit, sum;
-    row_softmax_stats(&max_logit, &sum, row, V, vectors);
-    float scale = dloss / sum;
+    float max_logit = stats[2 * blockIdx.x], scale = dloss / stats[2 * blockIdx.x + 1];
     int target = targets[blockIdx.x];
     if (vectors) {
         constexpr int E = VECTOR16_SIZE<T>;
         for (int v0 = threadIdx.x * E; v0 < V; v0 += blockDim.x * E * CROSSENTROPY_VECTORS) {
-            // a chunk's loads first: in place, each element is read before its own store
             float x[CROSSENTROPY_VECTORS * E];
             KERNEL_UNROLL
             for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
@@ -221,7 +209,6 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
         }
     } else {
         for (int v0 = threadIdx.x; v0 < V; v0 += blockDim.x * CROSSENTROPY_CHUNK) {
-            // a chunk's loads first: in place, each element is read before its own store
             float x[CROSSENTROPY_CHUNK];
             KERNEL_UNROLL
             for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
@@ -239,14 +226,17 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
 
 // ---- launchers
 
+// losses (N); stats (N, 2) kept for backward; logits (N, V); targets (N)
 template <typename T>
-inline void crossentropy_forward(float* losses, const T* logits, const int* targets, int N, int V, cudaStream_t stream) {
-    LAUNCH(crossentropy_forward_kernel<T>, dim3(N), dim3(256), 0, stream, losses, logits, targets, V);
+inline void crossentropy_forward(float* losses, float* stats, const T* logits, const int* targets, int N, int V,
+                                 cudaStream_t stream) {
+    LAUNCH(crossentropy_forward_kernel<T>, dim3(N), dim3(256), 0, stream, losses, stats, logits, targets, V);
 }
 
+// dlogits (N, V), may be logits; stats (N, 2) from crossentropy_forward over these logits
 template <typename T>
-inline void crossentropy_backward(T* dlogits, const T* logits, const int* targets, float dloss, int N, int V,
-                                  cudaStream_t stream) {
-    LAUNCH(crossentropy_backward_kernel<T>, dim3(N), dim3(256), 0, stream, dlogits, logits, targets, dloss, V);
+inline void crossentropy_backward(T* dlogits, const T* logits, const float* stats, const int* targets, float dloss,
+                                  int N, int V, cudaStream_t stream) {
+    LAUNCH(crossentropy_backward_kernel<T>, dim3(N), dim3(256), 0, stream, dlogits, logits, stats, targets, dloss, V);
 }
 #endif

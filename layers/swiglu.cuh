@@ -4,18 +4,20 @@ SwiGLU, the gated activation of the LLaMA MLP: out = silu(gate) * up, silu(g) = 
 gate and up come from one matmul against the stacked (2F, C) gate_up_proj weight, so each row
 of the input holds F gate values followed by F up values.
 
-Backward, with s = sigmoid(g):  dgate += dout * up * s * (1 + g * (1 - s)),  dup += dout * silu(g).
+Backward, with s = sigmoid(g):  dgate = dout * up * s * (1 + g * (1 - s)),  dup = dout * silu(g).
+Unlike most backward functions here it WRITES its gradient (=, not +=): dgate_up is the gradient
+of the MLP's own gate_up activation, whose only consumer is this layer, so there is nothing to
+accumulate into, and writing saves zeroing the (N, 2F) buffer first and reading those zeros back.
 
 Storage type: inputs, outputs and gradients are stored in T (float, double in the CPU
 finite-difference build, or bf16) and the math is in float (`real` on the CPU). Rounding points:
-each output element once when stored; each gradient element once, after its increment is added
-to the stored value in float (dgate = round(dgate + increment)).
+each output and each gradient element once, when stored.
 
 Kernels: the work is pure memory traffic, and one thread per element with 2-byte loads left the
 H200 waiting on each load (the backward at 1.5 TB/s of ~4.8). Where every chunk of
 16 / sizeof(T) values (8 bf16, 4 floats) is a whole, aligned 16 bytes (F a multiple of the
 chunk, every pointer 16-byte aligned), a thread takes one chunk of a row instead: one 16-byte
-load per operand (the backward's gate, up, dout and stored dgate, dup), all issued before any
+load per operand (the backward's gate, up and dout), all issued before any
 arithmetic, the one-element kernel's expressions value by value, one 16-byte store per output.
 The values are the same to the bit. Other shapes take the one-element kernels; the launcher picks.
 */
@@ -42,7 +44,7 @@ inline void swiglu_forward_cpu(T* out, const T* gate_up, int N, int F) {
     }
 }
 
-// dgate_up (N, 2F) +=; dout (N, F); gate_up (N, 2F) from forward
+// dgate_up (N, 2F) = (written, not accumulated); dout (N, F); gate_up (N, 2F) from forward
 template <typename T>
 inline void swiglu_backward_cpu(T* dgate_up, const T* dout, const T* gate_up, int N, int F) {
     #pragma omp parallel for
@@ -55,8 +57,8 @@ inline void swiglu_backward_cpu(T* dgate_up, const T* dout, const T* gate_up, in
             real g = to_real(gate[f]);
             real sigmoid = 1 / (1 + std::exp(-g));
             real dy = to_real(dout[(size_t)i * F + f]);
-            dgate[f] = from_real<T>(to_real(dgate[f]) + dy * to_real(up[f]) * sigmoid * (1 + g * (1 - sigmoid)));
-            dup[f] = from_real<T>(to_real(dup[f]) + dy * g * sigmoid);
+            dgate[f] = from_real<T>(dy * to_real(up[f]) * sigmoid * (1 + g * (1 - sigmoid)));
+            dup[f] = from_real<T>(dy * g * sigmoid);
         }
     }
 }
@@ -109,7 +111,7 @@ __global__ void swiglu_forward_vector_kernel(T* __restrict__ out, const T* __res
     }
 }
 
-// one thread per (row, f); dgate_up is read and written only through its own pointer (+=)
+// one thread per (row, f); dgate_up written
 template <typename T>
 __global__ void swiglu_backward_kernel(T* __restrict__ dgate_up, const T* __restrict__ dout,
                                        const T* __restrict__ gate_up, int N, int F) {
@@ -122,8 +124,8 @@ __global__ void swiglu_backward_kernel(T* __restrict__ dgate_up, const T* __rest
         float dy = to_float(dout[idx]);
         T* dgate = dgate_up + row * 2 * F + f;
         T* dup = dgate + F;
-        *dgate = from_float<T>(to_float(*dgate) + dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid)));
-        *dup = from_float<T>(to_float(*dup) + dy * gate * sigmoid);
+        *dgate = from_float<T>(dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid)));
+        *dup = from_float<T>(dy * gate * sigmoid);
     }
 }
 
@@ -137,13 +139,11 @@ __global__ void swiglu_backward_vector_kernel(T* __restrict__ dgate_up, const T*
         size_t e = idx * CHUNK, row = e / F, f = e % F;   // e: the chunk's first element of dout (N, F)
         const T* gate_chunk = gate_up + row * 2 * F + f;
         T* dgate_chunk = dgate_up + row * 2 * F + f;
-        // all five loads (gate, up, dout and the two stored gradients) before any arithmetic
+        // all three loads (gate, up, dout) before any arithmetic
         Vector16<T> gates, ups, dys, dgates, dups;
         gates.vector = *reinterpret_cast<const uint4*>(gate_chunk);
         ups.vector = *reinterpret_cast<const uint4*>(gate_chunk + F);
         dys.vector = *reinterpret_cast<const uint4*>(dout + e);
-        dgates.vector = *reinterpret_cast<const uint4*>(dgate_chunk);
-        dups.vector = *reinterpret_cast<const uint4*>(dgate_chunk + F);
         // the one-element kernel's expressions, value by value, each gradient rounded once
         KERNEL_UNROLL
         for (int k = 0; k < CHUNK; k++) {
@@ -151,9 +151,8 @@ __global__ void swiglu_backward_vector_kernel(T* __restrict__ dgate_up, const T*
             float up = to_float(ups.values[k]);
             float sigmoid = 1.0f / (1.0f + expf(-gate));
             float dy = to_float(dys.values[k]);
-            dgates.values[k] = from_float<T>(to_float(dgates.values[k]) +
-                                             dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid)));
-            dups.values[k] = from_float<T>(to_float(dups.values[k]) + dy * gate * sigmoid);
+            dgates.values[k] = from_float<T>(dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid)));
+            dups.values[k] = from_float<T>(dy * gate * sigmoid);
         }
         *reinterpret_cast<uint4*>(dgate_chunk) = dgates.vector;
         *reinterpret_cast<uint4*>(dgate_chunk + F) = dups.vector;

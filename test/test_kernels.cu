@@ -208,8 +208,9 @@ TEST_CASE("swiglu kernels match the CPU", "[kernels]") {
     for (auto& s : shapes) {
         int N = s[0], F = s[1];
         INFO("N " << N << " F " << F);
-        auto gate_up = random_floats((size_t)N * 2 * F, 13), dout = random_floats((size_t)N * F, 14),
-             dgate_up = random_floats((size_t)N * 2 * F, 15);
+        auto gate_up = random_floats((size_t)N * 2 * F, 13), dout = random_floats((size_t)N * F, 14);
+        // backward writes dgate_up without reading it: NaN before, on both sides, shows a read or a gap
+        std::vector<float> dgate_up((size_t)N * 2 * F, NAN);
         std::vector<float> out_cpu((size_t)N * F), dgate_up_cpu = dgate_up;
         swiglu_forward_cpu(out_cpu.data(), gate_up.data(), N, F);
         swiglu_backward_cpu(dgate_up_cpu.data(), dout.data(), gate_up.data(), N, F);
@@ -229,15 +230,16 @@ TEST_CASE("crossentropy kernels match the CPU", "[kernels]") {
         INFO("N " << N << " V " << V);
         auto logits = random_floats((size_t)N * V, 16, 3.0f);
         auto targets = random_tokens(N, V, 17);
-        std::vector<float> losses_cpu(N), dlogits_cpu((size_t)N * V);
-        crossentropy_forward_cpu(losses_cpu.data(), logits.data(), targets.data(), N, V);
-        crossentropy_backward_cpu(dlogits_cpu.data(), logits.data(), targets.data(), 1.0f / N, N, V);
-        DeviceArray<float> d_logits(logits), d_losses(N);
+        std::vector<float> losses_cpu(N), stats_cpu(2 * N), dlogits_cpu((size_t)N * V);
+        crossentropy_forward_cpu(losses_cpu.data(), stats_cpu.data(), logits.data(), targets.data(), N, V);
+        crossentropy_backward_cpu(dlogits_cpu.data(), logits.data(), stats_cpu.data(), targets.data(), 1.0f / N, N, V);
+        DeviceArray<float> d_logits(logits), d_losses(N), d_stats(2 * N);
         DeviceArray<int> d_targets(targets);
-        crossentropy_forward(d_losses.ptr, d_logits.ptr, d_targets.ptr, N, V, 0);
+        crossentropy_forward(d_losses.ptr, d_stats.ptr, d_logits.ptr, d_targets.ptr, N, V, 0);
         check_close(d_losses.to_host(), losses_cpu, "crossentropy losses");
-        // in place, as the model uses it: the logits become their gradient
-        crossentropy_backward(d_logits.ptr, d_logits.ptr, d_targets.ptr, 1.0f / N, N, V, 0);
+        check_close(d_stats.to_host(), stats_cpu, "crossentropy stats (max, sum)");
+        // in place, as the model uses it: the logits become their gradient, from the kernel's stats
+        crossentropy_backward(d_logits.ptr, d_logits.ptr, d_stats.ptr, d_targets.ptr, 1.0f / N, N, V, 0);
         check_close(d_logits.to_host(), dlogits_cpu, "crossentropy dlogits");
     }
 }

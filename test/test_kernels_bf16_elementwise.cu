@@ -174,8 +174,9 @@ TEST_CASE("swiglu kernels with bf16 storage match the CPU", "[kernels][bf16]") {
     for (auto& s : shapes) {
         int N = s[0], F = s[1];
         INFO("N " << N << " F " << F);
-        auto gate_up = random_bf16((size_t)N * 2 * F, 13), dout = random_bf16((size_t)N * F, 14),
-             dgate_up = random_bf16((size_t)N * 2 * F, 15);   // backward accumulates into it
+        auto gate_up = random_bf16((size_t)N * 2 * F, 13), dout = random_bf16((size_t)N * F, 14);
+        // backward writes dgate_up without reading it: NaN before, on both sides, shows a read or a gap
+        std::vector<bf16> dgate_up((size_t)N * 2 * F, __float2bfloat16_rn(NAN));
         std::vector<bf16> out_cpu((size_t)N * F), dgate_up_cpu = dgate_up;
         swiglu_forward_cpu(out_cpu.data(), gate_up.data(), N, F);
         swiglu_backward_cpu(dgate_up_cpu.data(), dout.data(), gate_up.data(), N, F);
@@ -207,8 +208,8 @@ TEST_CASE("swiglu and rope kernels with bf16 storage match the CPU off 16-byte b
     // must see it and take the one-element kernels (a 16-byte load from it faults on a GPU)
     SECTION("swiglu") {
         const int N = 3, F = 1000;
-        auto gate_up = random_bf16((size_t)N * 2 * F, 13), dout = random_bf16((size_t)N * F, 14),
-             dgate_up = random_bf16((size_t)N * 2 * F, 15);
+        auto gate_up = random_bf16((size_t)N * 2 * F, 13), dout = random_bf16((size_t)N * F, 14);
+        std::vector<bf16> dgate_up((size_t)N * 2 * F, __float2bfloat16_rn(NAN));   // written, not read
         std::vector<bf16> out_cpu((size_t)N * F), dgate_up_cpu = dgate_up;
         swiglu_forward_cpu(out_cpu.data(), gate_up.data(), N, F);
         swiglu_backward_cpu(dgate_up_cpu.data(), dout.data(), gate_up.data(), N, F);
@@ -255,21 +256,23 @@ TEST_CASE("crossentropy kernels with bf16 logits match the CPU, in place", "[ker
         INFO("N " << N << " V " << V);
         auto logits = random_bf16((size_t)N * V, 16, 3.0f);
         auto targets = random_tokens(N, V, 17);
-        std::vector<float> losses_cpu(N);
+        std::vector<float> losses_cpu(N), stats_cpu(2 * N);
         std::vector<bf16> dlogits_cpu((size_t)N * V, __float2bfloat16_rn(NAN)), in_place_cpu = logits;
-        crossentropy_forward_cpu(losses_cpu.data(), logits.data(), targets.data(), N, V);
-        crossentropy_backward_cpu(dlogits_cpu.data(), logits.data(), targets.data(), 1.0f / N, N, V);
+        crossentropy_forward_cpu(losses_cpu.data(), stats_cpu.data(), logits.data(), targets.data(), N, V);
+        crossentropy_backward_cpu(dlogits_cpu.data(), logits.data(), stats_cpu.data(), targets.data(), 1.0f / N, N, V);
         // the CPU twin in place gives the same bits as out of place
-        crossentropy_backward_cpu(in_place_cpu.data(), in_place_cpu.data(), targets.data(), 1.0f / N, N, V);
+        crossentropy_backward_cpu(in_place_cpu.data(), in_place_cpu.data(), stats_cpu.data(), targets.data(), 1.0f / N,
+                                  N, V);
         check_equal(in_place_cpu, dlogits_cpu, "crossentropy dlogits cpu in place");
         DeviceArray<bf16> d_logits(logits);
-        DeviceArray<float> d_losses(N);
+        DeviceArray<float> d_losses(N), d_stats(2 * N);
         DeviceArray<int> d_targets(targets);
-        crossentropy_forward(d_losses.ptr, d_logits.ptr, d_targets.ptr, N, V, 0);
-        // float losses from the same bf16 logits, computed in float: the fp32 tolerance
+        crossentropy_forward(d_losses.ptr, d_stats.ptr, d_logits.ptr, d_targets.ptr, N, V, 0);
+        // float losses and stats from the same bf16 logits, computed in float: the fp32 tolerance
         check_close(d_losses.to_host(), losses_cpu, "crossentropy losses");
-        // in place, as the model uses it: the logits become their gradient
-        crossentropy_backward(d_logits.ptr, d_logits.ptr, d_targets.ptr, 1.0f / N, N, V, 0);
+        check_close(d_stats.to_host(), stats_cpu, "crossentropy stats (max, sum)");
+        // in place, as the model uses it: the logits become their gradient, from the kernel's stats
+        crossentropy_backward(d_logits.ptr, d_logits.ptr, d_stats.ptr, d_targets.ptr, 1.0f / N, N, V, 0);
         check_close_bf16(d_logits.to_host(), dlogits_cpu, "crossentropy dlogits");
     }
 }
