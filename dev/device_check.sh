@@ -83,7 +83,7 @@ fi
 
 # 4. against PyTorch (bf16 autocast + torch.compile) on the same GPU
 if [ -f dev/bench_gpu.py ]; then
-    run_step bench_gpu 300 env PYTHONUNBUFFERED=1 "$PYTHON" dev/bench_gpu.py --configs llama-71m
+    run_step bench_gpu 300 env PYTHONUNBUFFERED=1 "$PYTHON" dev/bench_gpu.py --configs llama-71m,llama-130m
 fi
 
 # 5. compute-sanitizer over tiny training runs: memcheck and racecheck, each attention and precision
