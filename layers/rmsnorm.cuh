@@ -127,12 +127,77 @@ inline void rmsnorm_backward_cpu(T* dinp, G* dweight, const T* dout, const T* in
 }
 
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
+#include <cstdint>
+#include <cstring>
+
 #include "../cuda_common.h"
 
 // ---- CUDA kernels
+/*
+The row kernels (rmsnorm_forward, residual_rmsnorm_forward, the input gradient) give each row to
+one warp and are pure memory traffic: LLaMA-71M's bf16 step normalises B*T = 16384 rows of C = 512
+channels, 32 to 64 MB per call. With lanes taking channels lane, lane + 32, ... as 2-byte loads a
+warp's request carries 64 bytes, and on an H200 the input gradient took ~50 us for its 64 MB
+(ideal ~18) and residual_rmsnorm_forward ~32 us. So each has a 16-byte path: a lane takes whole
+16-byte chunks of the row (RMSNORM_VEC: 8 bf16 or 4 floats), chunks lane, lane + 32, ..., so that
+one warp load moves 512 contiguous bytes, and issues all its loads of a group of chunks before
+using any.
 
-// One warp per row: lanes stride over the C channels, a shuffle reduction sums the squares.
-// Rows past N belong to whole warps, which return together (no block barrier follows).
+The 16-byte path applies when the rows are whole aligned chunks: C a multiple of RMSNORM_VEC and
+every row pointer 16-byte aligned (rmsnorm_vectors_apply; cudaMalloc's pointers are, and the
+model's tensors start at multiples of C from them). Otherwise the launcher takes the original
+channel-strided kernel, kept as the fallback (odd C, C = 13, a pointer into the middle of a row).
+The math per element is the same on both; the row sums (of squares, of g * xhat) add each lane's
+channels in a different order, so they differ from the fallback's in the last float bits.
+
+A row is taken in groups of 32 lanes x RMSNORM_LANE_CHUNKS chunks, 512 channels: one group for
+LLaMA-71M. The first pass loads and sums the groups in order and keeps the last group's values
+in registers; the second pass runs the groups backwards from that one, reloading the others
+(just read, so from L1 or L2). A row of one group is read from memory once.
+*/
+
+// values of T in one 16-byte chunk: 8 bf16 or 4 floats
+template <typename T>
+constexpr int RMSNORM_VEC = 16 / (int)sizeof(T);
+// chunks per lane per group: a group spans 512 channels (bf16: 2 chunks, float: 4)
+template <typename T>
+constexpr int RMSNORM_LANE_CHUNKS = 512 / 32 / RMSNORM_VEC<T>;
+
+// one 16-byte chunk, moved whole and read or written value by value
+template <typename T>
+union RmsnormVector {
+    uint4 bits;
+    T values[RMSNORM_VEC<T>];
+};
+
+// The chunk at p, which must be 16-byte aligned: a GPU faults on a misaligned 16-byte access, the
+// emulation stops with an error. (Under g++ a memcpy, not a type-punned load that strict aliasing
+// would let it reorder around accesses of T.)
+template <typename T>
+__device__ __forceinline__ RmsnormVector<T> rmsnorm_load(const T* p) {
+    RmsnormVector<T> v;
+#ifdef MIXLN_CUDA_EMULATION
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+        fail("rmsnorm: 16-byte load from %p, not 16-byte aligned", (const void*)p);
+    memcpy((void*)&v, (const void*)p, sizeof(v));
+#else
+    v.bits = *reinterpret_cast<const uint4*>(p);
+#endif
+    return v;
+}
+template <typename T>
+__device__ __forceinline__ void rmsnorm_store(T* p, const RmsnormVector<T>& v) {
+#ifdef MIXLN_CUDA_EMULATION
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+        fail("rmsnorm: 16-byte store to %p, not 16-byte aligned", (void*)p);
+    memcpy((void*)p, (const void*)&v, sizeof(v));
+#else
+    *reinterpret_cast<uint4*>(p) = v.bits;
+#endif
+}
+
+// Fallback: one warp per row, lanes stride over the C channels, a shuffle reduction sums the
+// squares. Rows past N belong to whole warps, which return together (no block barrier follows).
 template <typename T>
 static __global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp, const T* weight, int N, int C,
                                               float eps) {
@@ -152,11 +217,71 @@ static __global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp,
         out[(size_t)row * C + c] = from_float<T>(to_float(weight[c]) * (to_float(x[c]) * r));
 }
 
-// One warp per row, as above: each lane forms the sums of its strided channels, rounds and writes
-// them and sums the squares of the rounded values; after the reduction it reads back the very
-// elements it wrote (no other lane touches them, so no barrier is needed; likely still in cache).
-// In place is safe for the same reason: each element of x or branch is read by the one thread
-// that then overwrites it.
+// 16-byte path (see above): one warp per row, lane's chunks k = lane, lane + 32, ... (channels
+// k * VEC ..), the last group's inp and weight kept from the first pass for the second.
+template <typename T>
+static __global__ void rmsnorm_forward_vector_kernel(T* out, float* rstd, const T* inp, const T* weight, int N, int C,
+                                                     float eps) {
+    constexpr int VEC = RMSNORM_VEC<T>, U = RMSNORM_LANE_CHUNKS<T>;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const T* x = inp + (size_t)row * C;
+    T* y = out + (size_t)row * C;
+    const int chunks = C / VEC, groups = (chunks + 32 * U - 1) / (32 * U);
+    RmsnormVector<T> xs[U] = {}, ws[U] = {};
+    // pass 1: the sum of squares, group by group, each group's loads first (and the last group's weight)
+    float sum_squares = 0.0f;
+    for (int g = 0; g < groups; g++) {
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (k < chunks) {
+                xs[u] = rmsnorm_load(x + k * VEC);
+                if (g == groups - 1) ws[u] = rmsnorm_load(weight + k * VEC);
+            }
+        }
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            if ((g * U + u) * 32 + lane >= chunks) continue;
+            KERNEL_UNROLL
+            for (int e = 0; e < VEC; e++) {
+                float xc = to_float(xs[u].values[e]);
+                sum_squares += xc * xc;
+            }
+        }
+    }
+    sum_squares = warp_reduce_sum(sum_squares);
+    float r = 1.0f / sqrtf(sum_squares / C + eps);
+    if (lane == 0) rstd[row] = r;
+    // pass 2: the output, the last group from registers, then the others reloaded
+    for (int g = groups - 1; g >= 0; g--) {
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (g < groups - 1 && k < chunks) {
+                xs[u] = rmsnorm_load(x + k * VEC);
+                ws[u] = rmsnorm_load(weight + k * VEC);
+            }
+        }
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (k >= chunks) continue;
+            RmsnormVector<T> ys;
+            KERNEL_UNROLL
+            for (int e = 0; e < VEC; e++)
+                ys.values[e] = from_float<T>(to_float(ws[u].values[e]) * (to_float(xs[u].values[e]) * r));
+            rmsnorm_store(y + k * VEC, ys);
+        }
+    }
+}
+
+// Fallback: one warp per row, as above: each lane forms the sums of its strided channels, rounds
+// and writes them and sums the squares of the rounded values; after the reduction it reads back
+// the very elements it wrote (no other lane touches them, so no barrier is needed; likely still in
+// cache). In place is safe for the same reason: each element of x or branch is read by the one
+// thread that then overwrites it.
 template <typename T>
 static __global__ void residual_rmsnorm_forward_kernel(T* sum, T* out, float* rstd, const T* x, float x_scale,
                                                        const T* branch, const T* weight, int N, int C, float eps) {
@@ -178,7 +303,78 @@ static __global__ void residual_rmsnorm_forward_kernel(T* sum, T* out, float* rs
         out[offset + c] = from_float<T>(to_float(weight[c]) * (to_float(sum[offset + c]) * r));
 }
 
-// input gradient, one warp per row; dinp accumulates: read, add in float, round once.
+// 16-byte path (see above), one warp per row: in the first pass a lane loads a group's chunks of
+// x and branch, then forms, rounds and stores their sums and sums their squares as stored; the
+// last group's rounded sums (and weight) stay in registers, the other groups' are read back from
+// sum by the lane that wrote them. In place is safe as in the fallback: each chunk of x or branch
+// is read by the one lane that then overwrites it, after all its loads of the group.
+template <typename T>
+static __global__ void residual_rmsnorm_forward_vector_kernel(T* sum, T* out, float* rstd, const T* x, float x_scale,
+                                                              const T* branch, const T* weight, int N, int C,
+                                                              float eps) {
+    constexpr int VEC = RMSNORM_VEC<T>, U = RMSNORM_LANE_CHUNKS<T>;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const size_t offset = (size_t)row * C;
+    const T *xr = x + offset, *br = branch + offset;
+    T *s = sum + offset, *y = out + offset;
+    const int chunks = C / VEC, groups = (chunks + 32 * U - 1) / (32 * U);
+    RmsnormVector<T> xs[U] = {}, bs[U] = {}, ss[U] = {}, ws[U] = {};
+    // pass 1: the sums, stored, and their squares; each group's loads first
+    float sum_squares = 0.0f;
+    for (int g = 0; g < groups; g++) {
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (k < chunks) {
+                xs[u] = rmsnorm_load(xr + k * VEC);
+                bs[u] = rmsnorm_load(br + k * VEC);
+                if (g == groups - 1) ws[u] = rmsnorm_load(weight + k * VEC);
+            }
+        }
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (k >= chunks) continue;
+            KERNEL_UNROLL
+            for (int e = 0; e < VEC; e++)
+                ss[u].values[e] = from_float<T>(x_scale * to_float(xs[u].values[e]) + to_float(bs[u].values[e]));
+            rmsnorm_store(s + k * VEC, ss[u]);
+            KERNEL_UNROLL
+            for (int e = 0; e < VEC; e++) {
+                float sc = to_float(ss[u].values[e]);
+                sum_squares += sc * sc;
+            }
+        }
+    }
+    sum_squares = warp_reduce_sum(sum_squares);
+    float r = 1.0f / sqrtf(sum_squares / C + eps);
+    if (lane == 0) rstd[row] = r;
+    // pass 2: the norm of the stored sums, the last group from registers, then the others read back
+    for (int g = groups - 1; g >= 0; g--) {
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (g < groups - 1 && k < chunks) {
+                ss[u] = rmsnorm_load(s + k * VEC);
+                ws[u] = rmsnorm_load(weight + k * VEC);
+            }
+        }
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (k >= chunks) continue;
+            RmsnormVector<T> ys;
+            KERNEL_UNROLL
+            for (int e = 0; e < VEC; e++)
+                ys.values[e] = from_float<T>(to_float(ws[u].values[e]) * (to_float(ss[u].values[e]) * r));
+            rmsnorm_store(y + k * VEC, ys);
+        }
+    }
+}
+
+// Fallback input gradient, one warp per row; dinp accumulates: read, add in float, round once.
 // Each lane takes its channels lane, lane + 32, ... in chunks of RMSNORM_CHUNK, issuing all of a
 // chunk's loads before using any (__restrict__ lets the compiler keep them ahead of the stores):
 // on an H200 the plain one-channel-at-a-time loop waited out each load's latency in turn and moved
@@ -229,48 +425,233 @@ static __global__ void rmsnorm_backward_input_kernel(T* __restrict__ dinp, const
     }
 }
 
-// weight gradient: a block per 16 channels, 64 row groups each summing its rows in order, then
-// the groups' sums added in order (column_reduce in cuda_common.h: deterministic) and the total
-// accumulated into dweight
+// 16-byte path of the input gradient (see above), one warp per row, the same expressions per
+// element. The first pass loads a group's chunks of dout, weight and inp, and for the last group
+// also dinp, all before the reduction; the second pass accumulates into dinp, the last group from
+// registers, the others reloaded.
+template <typename T>
+static __global__ void rmsnorm_backward_input_vector_kernel(T* __restrict__ dinp, const T* __restrict__ dout,
+                                                            const T* __restrict__ inp, const T* __restrict__ weight,
+                                                            const float* __restrict__ rstd, int N, int C) {
+    constexpr int VEC = RMSNORM_VEC<T>, U = RMSNORM_LANE_CHUNKS<T>;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const T* x = inp + (size_t)row * C;
+    const T* dy = dout + (size_t)row * C;
+    T* dx = dinp + (size_t)row * C;
+    const int chunks = C / VEC, groups = (chunks + 32 * U - 1) / (32 * U);
+    float r = rstd[row];
+    RmsnormVector<T> dys[U] = {}, ws[U] = {}, xs[U] = {}, olds[U] = {};
+    // pass 1: mean over the channels of g * xhat, g = dout * w
+    float dot = 0.0f;
+    for (int g = 0; g < groups; g++) {
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (k < chunks) {
+                dys[u] = rmsnorm_load(dy + k * VEC);
+                ws[u] = rmsnorm_load(weight + k * VEC);
+                xs[u] = rmsnorm_load(x + k * VEC);
+                if (g == groups - 1) olds[u] = rmsnorm_load(dx + k * VEC);
+            }
+        }
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            if ((g * U + u) * 32 + lane >= chunks) continue;
+            KERNEL_UNROLL
+            for (int e = 0; e < VEC; e++) {
+                float ge = to_float(dys[u].values[e]) * to_float(ws[u].values[e]);
+                dot += ge * (to_float(xs[u].values[e]) * r);
+            }
+        }
+    }
+    float mean_dot = warp_reduce_sum(dot) / C;
+    // pass 2: dinp += rstd * (g - xhat * mean_dot), the last group from registers
+    for (int g = groups - 1; g >= 0; g--) {
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (g < groups - 1 && k < chunks) {
+                dys[u] = rmsnorm_load(dy + k * VEC);
+                ws[u] = rmsnorm_load(weight + k * VEC);
+                xs[u] = rmsnorm_load(x + k * VEC);
+                olds[u] = rmsnorm_load(dx + k * VEC);
+            }
+        }
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (k >= chunks) continue;
+            RmsnormVector<T> news;
+            KERNEL_UNROLL
+            for (int e = 0; e < VEC; e++) {
+                float ge = to_float(dys[u].values[e]) * to_float(ws[u].values[e]), xe = to_float(xs[u].values[e]);
+                news.values[e] = from_float<T>(to_float(olds[u].values[e]) + r * (ge - xe * r * mean_dot));
+            }
+            rmsnorm_store(dx + k * VEC, news);
+        }
+    }
+}
+
+/*
+Weight gradient: dweight[c] += sum over the N rows of dout * xhat, in float, in a fixed order
+(deterministic: no atomics, and no scratch buffer to combine blocks' partial sums in, so each
+channel belongs to one block). A block of 1024 threads owns 16 adjacent channels, 32 bytes of a
+bf16 row, one 32-byte memory sector: C / 16 blocks, 32 for LLaMA-71M, so one block per SM on 32
+of the H200's 132 SMs. Fewer channels per block would use more SMs but read part sectors; what
+decides the speed is then the bytes each of these SMs keeps in flight (Little's law: ~4 TB/s x
+~1 us of latency under load is several MB over the GPU, ~100 KB for each of 32 SMs). The first
+version (column_reduce's scheme: 64 row groups of 16 threads, one 2-byte load of dout and of inp
+and a 4-byte rstd at a time per thread) had ~8 KB in flight per SM and took ~53 us for 32 MB
+(ideal ~10).
+
+So, where the rows are whole aligned 16-byte chunks (rmsnorm_vectors_apply), the vector kernel:
+a thread takes one 16-byte chunk (8 bf16 or 4 float channels) of rows group, group + GROUPS, ...
+(GROUPS = 512 in bf16, 256 in float), and issues the loads of RMSNORM_WEIGHT_ROWS of its rows
+(dout, inp, rstd) before summing them in row order: 1024 x 4 x 32 bytes = 128 KB in flight per
+block, within the 64 registers a 1024-thread block allows (8 rows would take ~72; ptxas: 61 to
+64 in bf16, no spills). The row groups' sums are then added in a fixed tree: a butterfly over
+the lanes of a warp that hold the same channels, then the 32 warps' sums in warp order.
+The fallback (other shapes) keeps column_reduce's scheme and sums, and also issues
+RMSNORM_WEIGHT_ROWS rows' loads at a time, summed in the same order as before: the same bits as
+the first version.
+*/
+constexpr int RMSNORM_WEIGHT_ROWS = 4;          // rows whose loads a thread issues before summing them
+constexpr int RMSNORM_WEIGHT_CHANNELS = 16;     // channels per block of the vector kernel
+constexpr int RMSNORM_WEIGHT_THREADS = 1024;    // threads per block of the vector kernel
+
+// fallback: a block per 16 channels, 64 row groups each summing its rows in order, then the
+// groups' sums added in order (column_reduce in cuda_common.h) and the total accumulated into dweight
 template <typename T, typename G>
 static __global__ void __launch_bounds__(COLUMN_THREADS)
-    rmsnorm_backward_weight_kernel(G* dweight, const T* dout, const T* inp, const float* rstd, int N, int C) {
+    rmsnorm_backward_weight_kernel(G* dweight, const T* __restrict__ dout, const T* __restrict__ inp,
+                                   const float* __restrict__ rstd, int N, int C) {
     __shared__ float partials[COLUMN_THREADS];
     int c = blockIdx.x * COLUMN_CHANNELS + threadIdx.x % COLUMN_CHANNELS, group = threadIdx.x / COLUMN_CHANNELS;
     float sum = 0.0f;
     if (c < C)
-        for (int i = group; i < N; i += COLUMN_ROW_GROUPS)
-            sum += to_float(dout[(size_t)i * C + c]) * (to_float(inp[(size_t)i * C + c]) * rstd[i]);
+        for (int i0 = group; i0 < N; i0 += COLUMN_ROW_GROUPS * RMSNORM_WEIGHT_ROWS) {
+            // rows i0, i0 + 64, ...: their loads first, then their terms in row order
+            float dy[RMSNORM_WEIGHT_ROWS], x[RMSNORM_WEIGHT_ROWS], r[RMSNORM_WEIGHT_ROWS];
+            KERNEL_UNROLL
+            for (int u = 0; u < RMSNORM_WEIGHT_ROWS; u++) {
+                int i = i0 + u * COLUMN_ROW_GROUPS;
+                dy[u] = i < N ? to_float(dout[(size_t)i * C + c]) : 0.0f;
+                x[u] = i < N ? to_float(inp[(size_t)i * C + c]) : 0.0f;
+                r[u] = i < N ? rstd[i] : 0.0f;
+            }
+            KERNEL_UNROLL
+            for (int u = 0; u < RMSNORM_WEIGHT_ROWS; u++)
+                if (i0 + u * COLUMN_ROW_GROUPS < N) sum += dy[u] * (x[u] * r[u]);
+        }
     sum = column_reduce(sum, partials);
     if (group == 0 && c < C) dweight[c] = from_float<G>(to_float(dweight[c]) + sum);
 }
 
+// vector kernel (see above): thread t takes the chunk `part` = t % PARTS of the block's 16
+// channels (PARTS = 2 in bf16, 4 in float) in the rows of row group t / PARTS
+template <typename T, typename G>
+static __global__ void __launch_bounds__(RMSNORM_WEIGHT_THREADS)
+    rmsnorm_backward_weight_vector_kernel(G* dweight, const T* __restrict__ dout, const T* __restrict__ inp,
+                                          const float* __restrict__ rstd, int N, int C) {
+    constexpr int VEC = RMSNORM_VEC<T>, PARTS = RMSNORM_WEIGHT_CHANNELS / VEC, GROUPS = RMSNORM_WEIGHT_THREADS / PARTS;
+    constexpr int ROWS = RMSNORM_WEIGHT_ROWS, WARPS = RMSNORM_WEIGHT_THREADS / 32;
+    __shared__ float partials[WARPS][RMSNORM_WEIGHT_CHANNELS];
+    int part = threadIdx.x % PARTS, group = threadIdx.x / PARTS;
+    int c0 = blockIdx.x * RMSNORM_WEIGHT_CHANNELS + part * VEC;   // the chunk's first channel
+    float sum[VEC] = {};
+    if (c0 < C)
+        for (int i0 = group; i0 < N; i0 += GROUPS * ROWS) {
+            // rows i0, i0 + GROUPS, ...: their loads first, then their terms in row order
+            RmsnormVector<T> dys[ROWS] = {}, xs[ROWS] = {};
+            float r[ROWS] = {};
+            KERNEL_UNROLL
+            for (int u = 0; u < ROWS; u++) {
+                int i = i0 + u * GROUPS;
+                if (i < N) {
+                    dys[u] = rmsnorm_load(dout + (size_t)i * C + c0);
+                    xs[u] = rmsnorm_load(inp + (size_t)i * C + c0);
+                    r[u] = rstd[i];
+                }
+            }
+            KERNEL_UNROLL
+            for (int u = 0; u < ROWS; u++) {
+                if (i0 + u * GROUPS >= N) continue;
+                KERNEL_UNROLL
+                for (int e = 0; e < VEC; e++) sum[e] += to_float(dys[u].values[e]) * (to_float(xs[u].values[e]) * r[u]);
+            }
+        }
+    // the warp's row groups: a butterfly over the lanes holding the same chunk (lane % PARTS),
+    // which leaves every such lane the same sum
+    KERNEL_UNROLL
+    for (int e = 0; e < VEC; e++)
+        for (int offset = PARTS; offset < 32; offset *= 2) sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], offset);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane < PARTS)
+        for (int e = 0; e < VEC; e++) partials[warp][part * VEC + e] = sum[e];
+    __syncthreads();
+    // the warps' sums in warp order, one thread per channel
+    if (threadIdx.x < RMSNORM_WEIGHT_CHANNELS) {
+        int c = blockIdx.x * RMSNORM_WEIGHT_CHANNELS + threadIdx.x;
+        float total = 0.0f;
+        for (int w = 0; w < WARPS; w++) total += partials[w][threadIdx.x];
+        if (c < C) dweight[c] = from_float<G>(to_float(dweight[c]) + total);
+    }
+}
+
 // ---- launchers
+
+// Whether the 16-byte kernels apply: C a multiple of the chunk and every pointer 16-byte aligned,
+// so that every row of every tensor is whole aligned chunks.
+template <typename T, typename... Pointers>
+inline bool rmsnorm_vectors_apply(int C, const Pointers*... pointers) {
+    uintptr_t addresses = (reinterpret_cast<uintptr_t>(pointers) | ...);
+    return C % RMSNORM_VEC<T> == 0 && addresses % 16 == 0;
+}
 
 template <typename T>
 inline void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, int C, float eps,
                             cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
-    LAUNCH(rmsnorm_forward_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, out, rstd, inp, weight, N, C,
-           eps);
+    dim3 grid(ceil_div(N, block / 32));
+    if (rmsnorm_vectors_apply<T>(C, out, inp, weight))
+        LAUNCH(rmsnorm_forward_vector_kernel<T>, grid, dim3(block), 0, stream, out, rstd, inp, weight, N, C, eps);
+    else
+        LAUNCH(rmsnorm_forward_kernel<T>, grid, dim3(block), 0, stream, out, rstd, inp, weight, N, C, eps);
 }
 
 template <typename T>
 inline void residual_rmsnorm_forward(T* sum, T* out, float* rstd, const T* x, float x_scale, const T* branch,
                                      const T* weight, int N, int C, float eps, cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
-    LAUNCH(residual_rmsnorm_forward_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, sum, out, rstd, x,
-           x_scale, branch, weight, N, C, eps);
+    dim3 grid(ceil_div(N, block / 32));
+    if (rmsnorm_vectors_apply<T>(C, sum, out, x, branch, weight))
+        LAUNCH(residual_rmsnorm_forward_vector_kernel<T>, grid, dim3(block), 0, stream, sum, out, rstd, x, x_scale,
+               branch, weight, N, C, eps);
+    else
+        LAUNCH(residual_rmsnorm_forward_kernel<T>, grid, dim3(block), 0, stream, sum, out, rstd, x, x_scale, branch,
+               weight, N, C, eps);
 }
 
 template <typename T, typename G>
 inline void rmsnorm_backward(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight, const float* rstd, int N,
                              int C, cudaStream_t stream) {
-    const int block = 256;
-    LAUNCH(rmsnorm_backward_input_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp,
-           weight, rstd, N, C);
-    auto weight_kernel = rmsnorm_backward_weight_kernel<T, G>;
-    LAUNCH(weight_kernel, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream, dweight, dout, inp, rstd,
-           N, C);
+    const int block = 256;   // 8 rows per block
+    dim3 grid(ceil_div(N, block / 32));
+    if (rmsnorm_vectors_apply<T>(C, dinp, dout, inp, weight))
+        LAUNCH(rmsnorm_backward_input_vector_kernel<T>, grid, dim3(block), 0, stream, dinp, dout, inp, weight, rstd, N,
+               C);
+    else
+        LAUNCH(rmsnorm_backward_input_kernel<T>, grid, dim3(block), 0, stream, dinp, dout, inp, weight, rstd, N, C);
+    if (rmsnorm_vectors_apply<T>(C, dout, inp)) {
+        auto weight_kernel = rmsnorm_backward_weight_vector_kernel<T, G>;
+        LAUNCH(weight_kernel, dim3(ceil_div(C, RMSNORM_WEIGHT_CHANNELS)), dim3(RMSNORM_WEIGHT_THREADS), 0, stream,
+               dweight, dout, inp, rstd, N, C);
+    } else {
+        auto weight_kernel = rmsnorm_backward_weight_kernel<T, G>;
+        LAUNCH(weight_kernel, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream, dweight, dout, inp,
+               rstd, N, C);
+    }
 }
 #endif

@@ -10,8 +10,13 @@ compared with check_close_bf16 at its default tolerance (see kernel_test_util.h)
 (rstd, mean, G = float gradients) are computed in float from the same bf16 inputs in both twins,
 so they keep the fp32 tolerances of test_kernels.cu. Built like test_kernels.cu: g++ with the CUDA
 emulation, or nvcc for a GPU.
+
+The RMSNorm kernels have a 16-byte path and a fallback (rmsnorm.cuh); the shapes here run both,
+and the last RMSNorm cases run them in fp32 as well as in bf16 (the same checks at fp32's
+tolerances).
 */
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernel_test_util.h"
@@ -80,32 +85,73 @@ TEST_CASE("residual, scale and residual_scaled kernels match the CPU in bf16, in
 
 // ---- RMSNorm
 
-// One RMSNorm forward and backward at (N, C) with the weight gradient stored in G.
-template <typename G>
-static void check_rmsnorm_bf16(int N, int C, double dweight_tolerance) {
+// random inputs stored in T: floats, or the bf16 nearest to the same floats
+template <typename T>
+static std::vector<T> random_stored(size_t n, uint64_t seed) {
+    if constexpr (std::is_same<T, bf16>::value) {
+        return random_bf16(n, seed);
+    } else {
+        return random_floats(n, seed);
+    }
+}
+
+// a kernel's output stored in T against its CPU twin's, at the default tolerance for T
+static void check_close_stored(const std::vector<float>& gpu, const std::vector<float>& cpu, const char* what) {
+    check_close(gpu, cpu, what);
+}
+static void check_close_stored(const std::vector<bf16>& gpu, const std::vector<bf16>& cpu, const char* what) {
+    check_close_bf16(gpu, cpu, what);
+}
+
+// A device array whose data starts `offset` elements into its allocation: offset 1 moves every row
+// off the 16-byte boundaries that cudaMalloc's pointer gives, whatever C. From a host vector, or
+// of n elements poisoned (NaN) like DeviceArray(n).
+template <typename T>
+struct OffsetArray {
+    int offset;
+    DeviceArray<T> array;
+    OffsetArray(const std::vector<T>& host, int offset) : offset(offset), array(padded(host, offset)) {}
+    OffsetArray(size_t n, int offset) : offset(offset), array(n + offset) {}
+    T* ptr() const { return array.ptr + offset; }
+    std::vector<T> to_host() const {
+        auto all = array.to_host();
+        return std::vector<T>(all.begin() + offset, all.end());
+    }
+    static std::vector<T> padded(const std::vector<T>& host, int offset) {
+        std::vector<T> out(host.size() + offset, host.empty() ? T() : host[0]);
+        std::copy(host.begin(), host.end(), out.begin() + offset);
+        return out;
+    }
+};
+
+// One RMSNorm forward and backward at (N, C), activations and weight stored in T, the weight
+// gradient in G, every T tensor `offset` elements past a 16-byte boundary.
+template <typename T, typename G>
+static void check_rmsnorm(int N, int C, double dweight_tolerance, int offset = 0) {
     const size_t n = (size_t)N * C;
-    auto inp = random_bf16(n, 7), weight = random_bf16(C, 8), dout = random_bf16(n, 9);
-    auto dinp = random_bf16(n, 10);   // backward accumulates: start from known non-zero values
+    auto inp = random_stored<T>(n, 7), weight = random_stored<T>(C, 8), dout = random_stored<T>(n, 9);
+    auto dinp = random_stored<T>(n, 10);   // backward accumulates: start from known non-zero values
     std::vector<G> dweight(C);
     {
         auto start = random_floats(C, 11);
         for (int c = 0; c < C; c++) dweight[c] = from_real<G>(start[c]);
     }
-    std::vector<bf16> out_cpu(n), dinp_cpu = dinp;
+    std::vector<T> out_cpu(n), dinp_cpu = dinp;
     std::vector<float> rstd_cpu(N);
     std::vector<G> dweight_cpu = dweight;
     rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, 1e-6f);
     rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), rstd_cpu.data(),
                          N, C);
 
-    DeviceArray<bf16> d_inp(inp), d_weight(weight), d_dout(dout), d_out(n), d_dinp(dinp);
+    OffsetArray<T> d_inp(inp, offset), d_weight(weight, offset), d_dout(dout, offset), d_out(n, offset),
+        d_dinp(dinp, offset);
     DeviceArray<float> d_rstd(N);
     DeviceArray<G> d_dweight(dweight);
-    rmsnorm_forward(d_out.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, N, C, 1e-6f, 0);
-    rmsnorm_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_rstd.ptr, N, C, 0);
-    check_close_bf16(d_out.to_host(), out_cpu, "rmsnorm out");
+    rmsnorm_forward(d_out.ptr(), d_rstd.ptr, d_inp.ptr(), d_weight.ptr(), N, C, 1e-6f, 0);
+    rmsnorm_backward(d_dinp.ptr(), d_dweight.ptr, d_dout.ptr(), d_inp.ptr(), d_weight.ptr(), d_rstd.ptr, N, C, 0);
+    check_close_stored(d_out.to_host(), out_cpu, "rmsnorm out");
     check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
-    check_close_bf16(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
+    check_close_stored(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
     std::vector<float> dweight_gpu(C), dweight_ref(C);
     auto dweight_host = d_dweight.to_host();
     for (int c = 0; c < C; c++) {
@@ -122,8 +168,56 @@ TEST_CASE("rmsnorm kernels match the CPU in bf16, weight gradient in float and i
     for (auto& s : shapes) {
         int N = s[0], C = s[1];
         INFO("N " << N << " C " << C);
-        check_rmsnorm_bf16<float>(N, C, 1e-5);          // G = float: a float sum, the fp32 tolerance
-        check_rmsnorm_bf16<bf16>(N, C, 2 * BF16_STEP);   // G = bf16: that sum rounded once, bf16's
+        check_rmsnorm<bf16, float>(N, C, 1e-5);          // G = float: a float sum, the fp32 tolerance
+        check_rmsnorm<bf16, bf16>(N, C, 2 * BF16_STEP);   // G = bf16: that sum rounded once, bf16's
+    }
+}
+
+// One fused residual add + RMSNorm at (N, C) stored in T, into a separate sum and in place over x
+// and over branch, against the CPU twin.
+template <typename T>
+static void check_residual_rmsnorm(int N, int C, float x_scale) {
+    const size_t n = (size_t)N * C;
+    auto x = random_stored<T>(n, 47), branch = random_stored<T>(n, 48), weight = random_stored<T>(C, 49);
+    std::vector<T> sum_cpu(n), out_cpu(n);
+    std::vector<float> rstd_cpu(N);
+    residual_rmsnorm_forward_cpu(sum_cpu.data(), out_cpu.data(), rstd_cpu.data(), x.data(), x_scale, branch.data(),
+                                 weight.data(), N, C, 1e-6f);
+
+    // into a separate sum, then sum aliasing x, then sum aliasing branch; outputs poisoned
+    DeviceArray<T> d_x(x), d_branch(branch), d_weight(weight), d_sum(n), d_out(n), d_x_in_place(x), d_out_x(n),
+        d_branch_in_place(branch), d_out_b(n);
+    DeviceArray<float> d_rstd(N), d_rstd_x(N), d_rstd_b(N);
+    residual_rmsnorm_forward(d_sum.ptr, d_out.ptr, d_rstd.ptr, d_x.ptr, x_scale, d_branch.ptr, d_weight.ptr, N, C,
+                             1e-6f, 0);
+    residual_rmsnorm_forward(d_x_in_place.ptr, d_out_x.ptr, d_rstd_x.ptr, d_x_in_place.ptr, x_scale, d_branch.ptr,
+                             d_weight.ptr, N, C, 1e-6f, 0);
+    residual_rmsnorm_forward(d_branch_in_place.ptr, d_out_b.ptr, d_rstd_b.ptr, d_x.ptr, x_scale, d_branch_in_place.ptr,
+                             d_weight.ptr, N, C, 1e-6f, 0);
+    struct Run {
+        const char* name;
+        DeviceArray<T>& sum;
+        DeviceArray<T>& out;
+        DeviceArray<float>& rstd;
+    } runs[] = {{"separate sum", d_sum, d_out, d_rstd},
+                {"sum into x", d_x_in_place, d_out_x, d_rstd_x},
+                {"sum into branch", d_branch_in_place, d_out_b, d_rstd_b}};
+    for (auto& run : runs) {
+        INFO(run.name);
+        auto sum_gpu = run.sum.to_host();
+        check_close_stored(sum_gpu, sum_cpu, "residual_rmsnorm sum");
+        check_close_stored(run.out.to_host(), out_cpu, "residual_rmsnorm out");
+        // The statistics and the output are those of the sum as the kernel stored it (what the
+        // backward reads): the norm of the kernel's own rounded sum, at the fp32 tolerance for
+        // rstd. This also holds where the two sums differ by a rounding step, and in bf16 it fails
+        // a kernel that normalises its unrounded float sum: that sum differs from the stored one
+        // by up to 2^-9 relative per element, which moves rstd by ~1e-4 at C = 384 and up to 2^-9
+        // at C = 1, far above 1e-5.
+        std::vector<T> out_of_sum(n);
+        std::vector<float> rstd_of_sum(N);
+        rmsnorm_forward_cpu(out_of_sum.data(), rstd_of_sum.data(), sum_gpu.data(), weight.data(), N, C, 1e-6f);
+        check_close(run.rstd.to_host(), rstd_of_sum, "residual_rmsnorm rstd, of the stored sum");
+        check_close_stored(run.out.to_host(), out_of_sum, "residual_rmsnorm out, of the stored sum");
     }
 }
 
@@ -132,49 +226,8 @@ TEST_CASE("residual_rmsnorm_forward kernel matches the CPU in bf16, in place inc
     for (auto& s : shapes) {
         for (float x_scale : {1.0f, 1.7f}) {   // a plain residual add, and DeepNorm's a for L = 4
             int N = s[0], C = s[1];
-            const size_t n = (size_t)N * C;
             INFO("N " << N << " C " << C << " x_scale " << x_scale);
-            auto x = random_bf16(n, 47), branch = random_bf16(n, 48), weight = random_bf16(C, 49);
-            std::vector<bf16> sum_cpu(n), out_cpu(n);
-            std::vector<float> rstd_cpu(N);
-            residual_rmsnorm_forward_cpu(sum_cpu.data(), out_cpu.data(), rstd_cpu.data(), x.data(), x_scale,
-                                         branch.data(), weight.data(), N, C, 1e-6f);
-
-            // into a separate sum, then sum aliasing x, then sum aliasing branch; outputs poisoned
-            DeviceArray<bf16> d_x(x), d_branch(branch), d_weight(weight), d_sum(n), d_out(n), d_x_in_place(x),
-                d_out_x(n), d_branch_in_place(branch), d_out_b(n);
-            DeviceArray<float> d_rstd(N), d_rstd_x(N), d_rstd_b(N);
-            residual_rmsnorm_forward(d_sum.ptr, d_out.ptr, d_rstd.ptr, d_x.ptr, x_scale, d_branch.ptr, d_weight.ptr, N,
-                                     C, 1e-6f, 0);
-            residual_rmsnorm_forward(d_x_in_place.ptr, d_out_x.ptr, d_rstd_x.ptr, d_x_in_place.ptr, x_scale,
-                                     d_branch.ptr, d_weight.ptr, N, C, 1e-6f, 0);
-            residual_rmsnorm_forward(d_branch_in_place.ptr, d_out_b.ptr, d_rstd_b.ptr, d_x.ptr, x_scale,
-                                     d_branch_in_place.ptr, d_weight.ptr, N, C, 1e-6f, 0);
-            struct Run {
-                const char* name;
-                DeviceArray<bf16>& sum;
-                DeviceArray<bf16>& out;
-                DeviceArray<float>& rstd;
-            } runs[] = {{"separate sum", d_sum, d_out, d_rstd},
-                        {"sum into x", d_x_in_place, d_out_x, d_rstd_x},
-                        {"sum into branch", d_branch_in_place, d_out_b, d_rstd_b}};
-            for (auto& run : runs) {
-                INFO(run.name);
-                auto sum_gpu = run.sum.to_host();
-                check_close_bf16(sum_gpu, sum_cpu, "residual_rmsnorm sum");
-                check_close_bf16(run.out.to_host(), out_cpu, "residual_rmsnorm out");
-                // The statistics and the output are those of the sum as the kernel stored it (what
-                // the backward reads): the norm of the kernel's own rounded sum, at the fp32
-                // tolerance for rstd. This also holds where the two sums differ by a rounding step,
-                // and it fails a kernel that normalises its unrounded float sum: that sum differs
-                // from the stored one by up to 2^-9 relative per element, which moves rstd by
-                // ~1e-4 at C = 384 and up to 2^-9 at C = 1, far above 1e-5.
-                std::vector<bf16> out_of_sum(n);
-                std::vector<float> rstd_of_sum(N);
-                rmsnorm_forward_cpu(out_of_sum.data(), rstd_of_sum.data(), sum_gpu.data(), weight.data(), N, C, 1e-6f);
-                check_close(run.rstd.to_host(), rstd_of_sum, "residual_rmsnorm rstd, of the stored sum");
-                check_close_bf16(run.out.to_host(), out_of_sum, "residual_rmsnorm out, of the stored sum");
-            }
+            check_residual_rmsnorm<bf16>(N, C, x_scale);
         }
     }
 }
@@ -215,6 +268,50 @@ TEST_CASE("residual_rmsnorm_forward_cpu in bf16 is bitwise the residual add foll
             check_bitwise_equal_bf16(branch_in_place, sum_ref, "sum into branch");
             check_bitwise_equal_bf16(out, out_ref, "out, sum into branch");
             REQUIRE(memcmp(rstd.data(), rstd_ref.data(), N * sizeof(float)) == 0);
+        }
+    }
+}
+
+// ---- RMSNorm on its 16-byte path and off it, in fp32 and bf16
+
+// Shapes for both paths (rmsnorm.cuh). The 16-byte path takes C a multiple of 8 (bf16) or 4
+// (float) with 16-byte aligned rows, in groups of 512 channels per row:
+//   - C 512, LLaMA-71M's width: one group (bf16), two (float);
+//   - C 1544: four groups, the last holding 1 chunk (bf16) or 2 (float) of its 32 lanes' chunks;
+//   - C 8: one chunk per row in bf16, two in float;
+//   - N 2100, C 24: the weight gradient's vector kernel takes 2048 rows (bf16) or 1024 (float) per
+//     pass of its block, so 2100 rows end in a part pass; and the second block of 16 channels holds 8.
+// The fallback: C 13 (odd) over 301 rows, more than one 256-row pass of the fallback weight kernel
+// (64 row groups x 4 rows) with a part pass; and C 512 with every row one element past a 16-byte
+// boundary (offset 1), which the launchers must send to the fallback (a misaligned 16-byte access
+// stops the emulation).
+struct RmsnormShape {
+    int N, C, offset;
+};
+static const RmsnormShape RMSNORM_PATH_SHAPES[] = {{67, 512, 0}, {21, 1544, 0}, {9, 8, 0},
+                                                   {2100, 24, 0}, {301, 13, 0},  {70, 512, 1}};
+
+TEST_CASE("rmsnorm kernels match the CPU on their 16-byte path and off it, in fp32 and bf16", "[kernels][bf16]") {
+    for (auto& s : RMSNORM_PATH_SHAPES) {
+        INFO("N " << s.N << " C " << s.C << " offset " << s.offset);
+        check_rmsnorm<float, float>(s.N, s.C, 1e-5, s.offset);          // fp32 throughout: test_kernels.cu's tolerance
+        check_rmsnorm<bf16, float>(s.N, s.C, 1e-5, s.offset);           // as in the bf16 case above
+        check_rmsnorm<bf16, bf16>(s.N, s.C, 2 * BF16_STEP, s.offset);
+    }
+}
+
+TEST_CASE("residual_rmsnorm_forward kernel matches the CPU on its 16-byte path and off it, in fp32 and bf16, in place "
+          "included",
+          "[kernels][bf16]") {
+    // the row shapes above; the rows are not misaligned here (the in-place runs need the model's
+    // own pointers), so C 13 is the fallback
+    int shapes[][2] = {{67, 512}, {21, 1544}, {9, 8}, {37, 13}};
+    for (auto& s : shapes) {
+        for (float x_scale : {1.0f, 1.7f}) {
+            int N = s[0], C = s[1];
+            INFO("N " << N << " C " << C << " x_scale " << x_scale);
+            check_residual_rmsnorm<float>(N, C, x_scale);
+            check_residual_rmsnorm<bf16>(N, C, x_scale);
         }
     }
 }
