@@ -75,9 +75,9 @@ __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
 
-// ---- 16-byte vectors: the vector paths of the memory-bound kernels (swiglu, rope, crossentropy)
-// VECTOR16_SIZE<T> values of T (8 bf16 or 4 floats) moved by one 16-byte load or store through
-// .vector and read or written value by value through .values
+// ---- 16-byte vectors: the vector paths of the memory-bound kernels (rmsnorm, swiglu, rope,
+// crossentropy). VECTOR16_SIZE<T> values of T (8 bf16 or 4 floats) moved by one 16-byte load or
+// store (load_vector16, store_vector16) and read or written value by value through .values
 template <typename T>
 constexpr int VECTOR16_SIZE = 16 / (int)sizeof(T);
 template <typename T>
@@ -85,6 +85,29 @@ union Vector16 {
     uint4 vector;
     T values[VECTOR16_SIZE<T>];
 };
+// The 16 bytes at p, which must be 16-byte aligned: a GPU faults on a misaligned 16-byte access,
+// the emulation stops with an error. (Under g++ a memcpy: strict aliasing would let it reorder a
+// type-punned load around accesses of T.)
+template <typename T>
+__device__ __forceinline__ Vector16<T> load_vector16(const T* p) {
+    Vector16<T> v;
+#ifdef MIXLN_CUDA_EMULATION
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("16-byte load from %p, not 16-byte aligned", (const void*)p);
+    memcpy((void*)&v, (const void*)p, sizeof(v));
+#else
+    v.vector = *reinterpret_cast<const uint4*>(p);
+#endif
+    return v;
+}
+template <typename T>
+__device__ __forceinline__ void store_vector16(T* p, const Vector16<T>& v) {
+#ifdef MIXLN_CUDA_EMULATION
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("16-byte store to %p, not 16-byte aligned", (void*)p);
+    memcpy((void*)p, (const void*)&v, sizeof(v));
+#else
+    *reinterpret_cast<uint4*>(p) = v.vector;
+#endif
+}
 
 // ---- tensor-core products with known fragment layouts
 // d (16x8, float) += a (16x16, bf16) b (16x8, bf16), one warp, with the fragment layouts the PTX ISA

@@ -952,9 +952,9 @@ static __device__ void attention_tc_load_tile(bf16* tile, const bf16* src, int r
         int chunks = head_size / 8;   // 8 bf16 per 16 bytes
         for (int idx = threadIdx.x; idx < ATTN_TILE * chunks; idx += blockDim.x) {
             int r = idx / chunks, e = idx % chunks * 8;
-            uint4 value = make_uint4(0, 0, 0, 0);
-            if (t0 + r < T) value = *reinterpret_cast<const uint4*>(src + (size_t)(t0 + r) * row_stride + e);
-            *reinterpret_cast<uint4*>(tile + r * stride + e) = value;
+            Vector16<bf16> value = {};   // zeros
+            if (t0 + r < T) value = load_vector16(src + (size_t)(t0 + r) * row_stride + e);
+            store_vector16(tile + r * stride + e, value);
         }
     } else {
         for (int idx = threadIdx.x; idx < ATTN_TILE * head_size; idx += blockDim.x) {
@@ -973,12 +973,10 @@ static __device__ void attention_tc_load_tile_transposed(bf16* tile, const bf16*
     if (vectors) {
         for (int idx = threadIdx.x; idx < ATTN_TILE * (head_size / 8); idx += blockDim.x) {
             int r = idx % ATTN_TILE, e = idx / ATTN_TILE * 8;
-            uint4 value = make_uint4(0, 0, 0, 0);
-            if (t0 + r < T) value = *reinterpret_cast<const uint4*>(src + (size_t)(t0 + r) * row_stride + e);
-            uint32_t words[4] = {value.x, value.y, value.z, value.w};   // channel e + i in half i % 2 of word i / 2
+            Vector16<bf16> value = {};   // zeros
+            if (t0 + r < T) value = load_vector16(src + (size_t)(t0 + r) * row_stride + e);
             ATTN_UNROLL
-            for (int i = 0; i < 8; i++)
-                tile[(e + i) * ATTN_TC_T_STRIDE + r] = __ushort_as_bfloat16((unsigned short)(words[i / 2] >> (16 * (i % 2))));
+            for (int i = 0; i < 8; i++) tile[(e + i) * ATTN_TC_T_STRIDE + r] = value.values[i];
         }
     } else {
         for (int idx = threadIdx.x; idx < ATTN_TILE * head_size; idx += blockDim.x) {

@@ -127,8 +127,8 @@ __device__ __forceinline__ void row_softmax_stats(float* max_out, float* sum_out
             KERNEL_UNROLL
             for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
                 int v = v0 + u * blockDim.x * E;
-                Vector16<T> values;
-                if (v < V) values.vector = *reinterpret_cast<const uint4*>(row + v);
+                Vector16<T> values = {};
+                if (v < V) values = load_vector16(row + v);
                 KERNEL_UNROLL
                 for (int e = 0; e < E; e++) x[u * E + e] = v < V ? to_float(values.values[e]) : -INFINITY;
             }
@@ -190,8 +190,7 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
             for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
                 int v = v0 + u * blockDim.x * E;
                 if (v >= V) continue;
-                Vector16<T> values;
-                values.vector = *reinterpret_cast<const uint4*>(row + v);
+                Vector16<T> values = load_vector16(row + v);
                 KERNEL_UNROLL
                 for (int e = 0; e < E; e++) x[u * E + e] = to_float(values.values[e]);
             }
@@ -204,7 +203,7 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
                 for (int e = 0; e < E; e++)
                     gradient.values[e] =
                         from_float<T>(expf(x[u * E + e] - max_logit) * scale - (v + e == target ? dloss : 0.0f));
-                *reinterpret_cast<uint4*>(drow + v) = gradient.vector;
+                store_vector16(drow + v, gradient);
             }
         }
     } else {

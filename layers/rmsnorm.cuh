@@ -156,45 +156,12 @@ in registers; the second pass runs the groups backwards from that one, reloading
 (just read, so from L1 or L2). A row of one group is read from memory once.
 */
 
-// values of T in one 16-byte chunk: 8 bf16 or 4 floats
+// values of T in one 16-byte chunk (Vector16, cuda_common.h): 8 bf16 or 4 floats
 template <typename T>
-constexpr int RMSNORM_VEC = 16 / (int)sizeof(T);
+constexpr int RMSNORM_VEC = VECTOR16_SIZE<T>;
 // chunks per lane per group: a group spans 512 channels (bf16: 2 chunks, float: 4)
 template <typename T>
 constexpr int RMSNORM_LANE_CHUNKS = 512 / 32 / RMSNORM_VEC<T>;
-
-// one 16-byte chunk, moved whole and read or written value by value
-template <typename T>
-union RmsnormVector {
-    uint4 bits;
-    T values[RMSNORM_VEC<T>];
-};
-
-// The chunk at p, which must be 16-byte aligned: a GPU faults on a misaligned 16-byte access, the
-// emulation stops with an error. (Under g++ a memcpy, not a type-punned load that strict aliasing
-// would let it reorder around accesses of T.)
-template <typename T>
-__device__ __forceinline__ RmsnormVector<T> rmsnorm_load(const T* p) {
-    RmsnormVector<T> v;
-#ifdef MIXLN_CUDA_EMULATION
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
-        fail("rmsnorm: 16-byte load from %p, not 16-byte aligned", (const void*)p);
-    memcpy((void*)&v, (const void*)p, sizeof(v));
-#else
-    v.bits = *reinterpret_cast<const uint4*>(p);
-#endif
-    return v;
-}
-template <typename T>
-__device__ __forceinline__ void rmsnorm_store(T* p, const RmsnormVector<T>& v) {
-#ifdef MIXLN_CUDA_EMULATION
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
-        fail("rmsnorm: 16-byte store to %p, not 16-byte aligned", (void*)p);
-    memcpy((void*)p, (const void*)&v, sizeof(v));
-#else
-    *reinterpret_cast<uint4*>(p) = v.bits;
-#endif
-}
 
 // Fallback: one warp per row, lanes stride over the C channels, a shuffle reduction sums the
 // squares. Rows past N belong to whole warps, which return together (no block barrier follows).
@@ -229,7 +196,7 @@ static __global__ void rmsnorm_forward_vector_kernel(T* out, float* rstd, const 
     const T* x = inp + (size_t)row * C;
     T* y = out + (size_t)row * C;
     const int chunks = C / VEC, groups = (chunks + 32 * U - 1) / (32 * U);
-    RmsnormVector<T> xs[U] = {}, ws[U] = {};
+    Vector16<T> xs[U] = {}, ws[U] = {};
     // pass 1: the sum of squares, group by group, each group's loads first (and the last group's weight)
     float sum_squares = 0.0f;
     for (int g = 0; g < groups; g++) {
@@ -237,8 +204,8 @@ static __global__ void rmsnorm_forward_vector_kernel(T* out, float* rstd, const 
         for (int u = 0; u < U; u++) {
             int k = (g * U + u) * 32 + lane;
             if (k < chunks) {
-                xs[u] = rmsnorm_load(x + k * VEC);
-                if (g == groups - 1) ws[u] = rmsnorm_load(weight + k * VEC);
+                xs[u] = load_vector16(x + k * VEC);
+                if (g == groups - 1) ws[u] = load_vector16(weight + k * VEC);
             }
         }
         KERNEL_UNROLL
@@ -260,19 +227,19 @@ static __global__ void rmsnorm_forward_vector_kernel(T* out, float* rstd, const 
         for (int u = 0; u < U; u++) {
             int k = (g * U + u) * 32 + lane;
             if (g < groups - 1 && k < chunks) {
-                xs[u] = rmsnorm_load(x + k * VEC);
-                ws[u] = rmsnorm_load(weight + k * VEC);
+                xs[u] = load_vector16(x + k * VEC);
+                ws[u] = load_vector16(weight + k * VEC);
             }
         }
         KERNEL_UNROLL
         for (int u = 0; u < U; u++) {
             int k = (g * U + u) * 32 + lane;
             if (k >= chunks) continue;
-            RmsnormVector<T> ys;
+            Vector16<T> ys;
             KERNEL_UNROLL
             for (int e = 0; e < VEC; e++)
                 ys.values[e] = from_float<T>(to_float(ws[u].values[e]) * (to_float(xs[u].values[e]) * r));
-            rmsnorm_store(y + k * VEC, ys);
+            store_vector16(y + k * VEC, ys);
         }
     }
 }
@@ -320,7 +287,7 @@ static __global__ void residual_rmsnorm_forward_vector_kernel(T* sum, T* out, fl
     const T *xr = x + offset, *br = branch + offset;
     T *s = sum + offset, *y = out + offset;
     const int chunks = C / VEC, groups = (chunks + 32 * U - 1) / (32 * U);
-    RmsnormVector<T> xs[U] = {}, bs[U] = {}, ss[U] = {}, ws[U] = {};
+    Vector16<T> xs[U] = {}, bs[U] = {}, ss[U] = {}, ws[U] = {};
     // pass 1: the sums, stored, and their squares; each group's loads first
     float sum_squares = 0.0f;
     for (int g = 0; g < groups; g++) {
@@ -328,9 +295,9 @@ static __global__ void residual_rmsnorm_forward_vector_kernel(T* sum, T* out, fl
         for (int u = 0; u < U; u++) {
             int k = (g * U + u) * 32 + lane;
             if (k < chunks) {
-                xs[u] = rmsnorm_load(xr + k * VEC);
-                bs[u] = rmsnorm_load(br + k * VEC);
-                if (g == groups - 1) ws[u] = rmsnorm_load(weight + k * VEC);
+                xs[u] = load_vector16(xr + k * VEC);
+                bs[u] = load_vector16(br + k * VEC);
+                if (g == groups - 1) ws[u] = load_vector16(weight + k * VEC);
             }
         }
         KERNEL_UNROLL
@@ -340,7 +307,7 @@ static __global__ void residual_rmsnorm_forward_vector_kernel(T* sum, T* out, fl
             KERNEL_UNROLL
             for (int e = 0; e < VEC; e++)
                 ss[u].values[e] = from_float<T>(x_scale * to_float(xs[u].values[e]) + to_float(bs[u].values[e]));
-            rmsnorm_store(s + k * VEC, ss[u]);
+            store_vector16(s + k * VEC, ss[u]);
             KERNEL_UNROLL
             for (int e = 0; e < VEC; e++) {
                 float sc = to_float(ss[u].values[e]);
@@ -357,19 +324,19 @@ static __global__ void residual_rmsnorm_forward_vector_kernel(T* sum, T* out, fl
         for (int u = 0; u < U; u++) {
             int k = (g * U + u) * 32 + lane;
             if (g < groups - 1 && k < chunks) {
-                ss[u] = rmsnorm_load(s + k * VEC);
-                ws[u] = rmsnorm_load(weight + k * VEC);
+                ss[u] = load_vector16(s + k * VEC);
+                ws[u] = load_vector16(weight + k * VEC);
             }
         }
         KERNEL_UNROLL
         for (int u = 0; u < U; u++) {
             int k = (g * U + u) * 32 + lane;
             if (k >= chunks) continue;
-            RmsnormVector<T> ys;
+            Vector16<T> ys;
             KERNEL_UNROLL
             for (int e = 0; e < VEC; e++)
                 ys.values[e] = from_float<T>(to_float(ws[u].values[e]) * (to_float(ss[u].values[e]) * r));
-            rmsnorm_store(y + k * VEC, ys);
+            store_vector16(y + k * VEC, ys);
         }
     }
 }
@@ -442,7 +409,7 @@ static __global__ void rmsnorm_backward_input_vector_kernel(T* __restrict__ dinp
     T* dx = dinp + (size_t)row * C;
     const int chunks = C / VEC, groups = (chunks + 32 * U - 1) / (32 * U);
     float r = rstd[row];
-    RmsnormVector<T> dys[U] = {}, ws[U] = {}, xs[U] = {}, olds[U] = {};
+    Vector16<T> dys[U] = {}, ws[U] = {}, xs[U] = {}, olds[U] = {};
     // pass 1: mean over the channels of g * xhat, g = dout * w
     float dot = 0.0f;
     for (int g = 0; g < groups; g++) {
@@ -450,10 +417,10 @@ static __global__ void rmsnorm_backward_input_vector_kernel(T* __restrict__ dinp
         for (int u = 0; u < U; u++) {
             int k = (g * U + u) * 32 + lane;
             if (k < chunks) {
-                dys[u] = rmsnorm_load(dy + k * VEC);
-                ws[u] = rmsnorm_load(weight + k * VEC);
-                xs[u] = rmsnorm_load(x + k * VEC);
-                if (g == groups - 1) olds[u] = rmsnorm_load(dx + k * VEC);
+                dys[u] = load_vector16(dy + k * VEC);
+                ws[u] = load_vector16(weight + k * VEC);
+                xs[u] = load_vector16(x + k * VEC);
+                if (g == groups - 1) olds[u] = load_vector16(dx + k * VEC);
             }
         }
         KERNEL_UNROLL
@@ -473,23 +440,23 @@ static __global__ void rmsnorm_backward_input_vector_kernel(T* __restrict__ dinp
         for (int u = 0; u < U; u++) {
             int k = (g * U + u) * 32 + lane;
             if (g < groups - 1 && k < chunks) {
-                dys[u] = rmsnorm_load(dy + k * VEC);
-                ws[u] = rmsnorm_load(weight + k * VEC);
-                xs[u] = rmsnorm_load(x + k * VEC);
-                olds[u] = rmsnorm_load(dx + k * VEC);
+                dys[u] = load_vector16(dy + k * VEC);
+                ws[u] = load_vector16(weight + k * VEC);
+                xs[u] = load_vector16(x + k * VEC);
+                olds[u] = load_vector16(dx + k * VEC);
             }
         }
         KERNEL_UNROLL
         for (int u = 0; u < U; u++) {
             int k = (g * U + u) * 32 + lane;
             if (k >= chunks) continue;
-            RmsnormVector<T> news;
+            Vector16<T> news;
             KERNEL_UNROLL
             for (int e = 0; e < VEC; e++) {
                 float ge = to_float(dys[u].values[e]) * to_float(ws[u].values[e]), xe = to_float(xs[u].values[e]);
                 news.values[e] = from_float<T>(to_float(olds[u].values[e]) + r * (ge - xe * r * mean_dot));
             }
-            rmsnorm_store(dx + k * VEC, news);
+            store_vector16(dx + k * VEC, news);
         }
     }
 }
@@ -564,14 +531,14 @@ static __global__ void __launch_bounds__(RMSNORM_WEIGHT_THREADS)
     if (c0 < C)
         for (int i0 = group; i0 < N; i0 += GROUPS * ROWS) {
             // rows i0, i0 + GROUPS, ...: their loads first, then their terms in row order
-            RmsnormVector<T> dys[ROWS] = {}, xs[ROWS] = {};
+            Vector16<T> dys[ROWS] = {}, xs[ROWS] = {};
             float r[ROWS] = {};
             KERNEL_UNROLL
             for (int u = 0; u < ROWS; u++) {
                 int i = i0 + u * GROUPS;
                 if (i < N) {
-                    dys[u] = rmsnorm_load(dout + (size_t)i * C + c0);
-                    xs[u] = rmsnorm_load(inp + (size_t)i * C + c0);
+                    dys[u] = load_vector16(dout + (size_t)i * C + c0);
+                    xs[u] = load_vector16(inp + (size_t)i * C + c0);
                     r[u] = rstd[i];
                 }
             }

@@ -99,13 +99,6 @@ inline void rope_backward_cpu(Storage* dqkv, const real* rope_cos, const real* r
 template <typename Storage>
 constexpr int ROPE_CHUNK = VECTOR16_SIZE<Storage>;
 
-// the chunk's cos or sin values (float): ROPE_CHUNK * 4 bytes, one or two 16-byte loads
-template <typename Storage>
-union RopeTableVector {
-    uint4 vectors[ROPE_CHUNK<Storage> / 4];
-    float values[ROPE_CHUNK<Storage>];
-};
-
 // one thread per rotated pair: (b, t, one of the 2*NH q/k heads, i < hs/2); a grid-stride loop
 // past the grid's 2^31 - 1 blocks
 template <typename Storage>
@@ -147,25 +140,25 @@ __global__ void rope_rotate_vector_kernel(Storage* __restrict__ qkv, const float
         const float* sin_chunk = rope_sin + (size_t)t * half + i0;
         // the chunk's first halves x[i], second halves x[i + half], cos and sin: all loads before
         // any arithmetic
-        Vector16<Storage> firsts, seconds;
-        RopeTableVector<Storage> coss, sins;
-        firsts.vector = *reinterpret_cast<const uint4*>(x);
-        seconds.vector = *reinterpret_cast<const uint4*>(x + half);
+        // (the cos and sin values are floats: CHUNK of them are one or two 16-byte vectors of 4)
+        constexpr int TABLE_VECTORS = CHUNK / VECTOR16_SIZE<float>;
+        Vector16<Storage> firsts = load_vector16(x), seconds = load_vector16(x + half);
+        Vector16<float> coss[TABLE_VECTORS], sins[TABLE_VECTORS];
         KERNEL_UNROLL
-        for (int v = 0; v < CHUNK / 4; v++) {
-            coss.vectors[v] = reinterpret_cast<const uint4*>(cos_chunk)[v];
-            sins.vectors[v] = reinterpret_cast<const uint4*>(sin_chunk)[v];
+        for (int v = 0; v < TABLE_VECTORS; v++) {
+            coss[v] = load_vector16(cos_chunk + 4 * v);
+            sins[v] = load_vector16(sin_chunk + 4 * v);
         }
         // the one-pair kernel's expressions, pair by pair (pair k is read before it is overwritten)
         KERNEL_UNROLL
         for (int k = 0; k < CHUNK; k++) {
-            float c = coss.values[k], s = direction * sins.values[k];
+            float c = coss[k / 4].values[k % 4], s = direction * sins[k / 4].values[k % 4];
             float x1 = to_float(firsts.values[k]), x2 = to_float(seconds.values[k]);
             firsts.values[k] = from_float<Storage>(x1 * c - x2 * s);
             seconds.values[k] = from_float<Storage>(x2 * c + x1 * s);
         }
-        *reinterpret_cast<uint4*>(x) = firsts.vector;
-        *reinterpret_cast<uint4*>(x + half) = seconds.vector;
+        store_vector16(x, firsts);
+        store_vector16(x + half, seconds);
     }
 }
 

@@ -98,8 +98,8 @@ __global__ void swiglu_forward_vector_kernel(T* __restrict__ out, const T* __res
         const T* gate_chunk = gate_up + row * 2 * F + f;
         // both loads before any arithmetic
         Vector16<T> gates, ups, outs;
-        gates.vector = *reinterpret_cast<const uint4*>(gate_chunk);
-        ups.vector = *reinterpret_cast<const uint4*>(gate_chunk + F);
+        gates = load_vector16(gate_chunk);
+        ups = load_vector16(gate_chunk + F);
         // the one-element kernel's expressions, value by value
         KERNEL_UNROLL
         for (int k = 0; k < CHUNK; k++) {
@@ -107,7 +107,7 @@ __global__ void swiglu_forward_vector_kernel(T* __restrict__ out, const T* __res
             float up = to_float(ups.values[k]);
             outs.values[k] = from_float<T>(gate / (1.0f + expf(-gate)) * up);
         }
-        *reinterpret_cast<uint4*>(out + e) = outs.vector;
+        store_vector16(out + e, outs);
     }
 }
 
@@ -141,9 +141,9 @@ __global__ void swiglu_backward_vector_kernel(T* __restrict__ dgate_up, const T*
         T* dgate_chunk = dgate_up + row * 2 * F + f;
         // all three loads (gate, up, dout) before any arithmetic
         Vector16<T> gates, ups, dys, dgates, dups;
-        gates.vector = *reinterpret_cast<const uint4*>(gate_chunk);
-        ups.vector = *reinterpret_cast<const uint4*>(gate_chunk + F);
-        dys.vector = *reinterpret_cast<const uint4*>(dout + e);
+        gates = load_vector16(gate_chunk);
+        ups = load_vector16(gate_chunk + F);
+        dys = load_vector16(dout + e);
         // the one-element kernel's expressions, value by value, each gradient rounded once
         KERNEL_UNROLL
         for (int k = 0; k < CHUNK; k++) {
@@ -154,8 +154,8 @@ __global__ void swiglu_backward_vector_kernel(T* __restrict__ dgate_up, const T*
             dgates.values[k] = from_float<T>(dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid)));
             dups.values[k] = from_float<T>(dy * gate * sigmoid);
         }
-        *reinterpret_cast<uint4*>(dgate_chunk) = dgates.vector;
-        *reinterpret_cast<uint4*>(dgate_chunk + F) = dups.vector;
+        store_vector16(dgate_chunk, dgates);
+        store_vector16(dgate_chunk + F, dups);
     }
 }
 
