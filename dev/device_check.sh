@@ -12,12 +12,15 @@
 #   6. print a table of what passed and how long it took
 # The most informative steps come first and each has a time limit, so a lease that ends early
 # still brings back the tests and the timings (the logs and summary.txt in the log folder).
-# Usage (repository root): bash dev/device_check.sh        logs go to $OUT (or /tmp/device_check)
+# Usage (repository root): bash dev/device_check.sh
+# Logs go to /tmp/device_check; where $OUT is set (the device tool's folder of files to bring
+# back, which takes at most 8 files), summary.txt and a tarball of every log are refreshed there
+# after each step, so a run cut off at its time limit still brings back what it did.
 # The device machine has no network: where the system has no Catch2 header, carry one along in
 # build/catch2-include/catch2/catch.hpp (copy it from /usr/include/catch2 on a development machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-logs=${OUT:-/tmp/device_check}
+logs=/tmp/device_check
 mkdir -p "$logs"
 export PATH="/usr/local/cuda/bin:/usr/local/cuda/compute-sanitizer:$PATH"
 PYTHON=${PYTHON:-python3}
@@ -37,6 +40,10 @@ run_step() {   # run_step NAME SECONDS COMMAND...: runs (at most SECONDS), logs,
     tail -n 15 "$logs/$name.log"
     results+=("$(printf '%-22s %-7s %4ds' "$name" "$status" $((SECONDS - start)))")
     echo "${results[-1]}" >>"$logs/summary.txt"
+    if [ -n "${OUT:-}" ]; then
+        cp "$logs/summary.txt" "$OUT/summary.txt"
+        tar czf "$OUT/device_check_logs.tar.gz" -C "$logs" .
+    fi
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(nvidia-smi not available)"
