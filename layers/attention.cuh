@@ -162,7 +162,8 @@ backward) and the score gradients dS (backward) are rounded to bf16 before they 
 as in FlashAttention. The forward keeps the kernel's 64-key tiles and its online softmax, because
 P is rounded relative to the running maximum of the tiles seen so far: exp(score - m_tile), not
 exp(score - m_final), and the two round differently. Within a tile the row sum of the rounded P is
-taken over the even and the odd keys separately, then added, as the kernel's two lanes per row do.
+taken in the kernel's order: four partial sums, the one of lane t (t = 0..3) over keys 8n + 2t and
+8n + 2t + 1 for n = 0..7 in turn, then added by the kernel's butterfly, (s0 + s1) + (s2 + s3).
 */
 
 // out (B, T, C) bf16; lse (B, NH, T) float; qkv (B, T, 3C) bf16
@@ -201,14 +202,14 @@ inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16*
                         // online softmax: the new maximum, and the factor that rescales the old sums
                         float new_max = std::max(row_max, tile_max);
                         float correction = expf(row_max - new_max);
-                        // P rounded to bf16 relative to the new maximum; its sum in two halves
-                        // (even and odd keys, as the kernel's two lanes per row)
-                        float half_sums[2] = {0.0f, 0.0f};
-                        for (int c = 0; c < 64; c++) {
-                            scores[c] = to_real(from_real<bf16>(expf(scores[c] - new_max)));
-                            half_sums[c % 2] += scores[c];
-                        }
-                        row_sum = row_sum * correction + (half_sums[0] + half_sums[1]);
+                        // P rounded to bf16 relative to the new maximum; its sum in the kernel's
+                        // order (lane t of a row's four: keys 8n + 2t, 8n + 2t + 1 for n = 0..7)
+                        for (int c = 0; c < 64; c++) scores[c] = to_real(from_real<bf16>(expf(scores[c] - new_max)));
+                        float lane_sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        for (int lane = 0; lane < 4; lane++)
+                            for (int n = 0; n < 8; n++)
+                                for (int i = 0; i < 2; i++) lane_sums[lane] += scores[8 * n + 2 * lane + i];
+                        row_sum = row_sum * correction + ((lane_sums[0] + lane_sums[1]) + (lane_sums[2] + lane_sums[3]));
                         row_max = new_max;
                         // acc = acc * correction + P v
                         for (int i = 0; i < head_size; i++) acc[i] *= correction;
