@@ -38,7 +38,8 @@ Gradient convention: the backward functions in layers/ accumulate (+=) into the 
 write, so a residual connection's gradient reaches both of its inputs by both branches
 accumulating into one buffer (see model_backward). The exceptions write (=) gradients that have
 one producer, where accumulating would only mean zeroing a buffer and reading the zeros back:
-swiglu_backward's dgate_up, and a matmul's input gradient when its dinp_scale is 0.
+the attention backward's dqkv, swiglu_backward's dgate_up, and a matmul's input gradient when its
+dinp_scale is 0.
 
 Two backends, one orchestration: the model's buffers live either in host memory (the CPU
 reference kernels, name_cpu(...)) or on the GPU (the CUDA launchers, name(..., stream)), and every
@@ -1162,7 +1163,6 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
     LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 0.0f);   // datty written, not added to
-    model_zero(model, a.dqkv, (size_t)BT * 3 * C * sizeof(floatX));
 #ifdef MIXLN_CUDA
     if (model->on_gpu && model->fused_attention) {
         attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.atty, la.lse, B, T, NH, C / NH, model->stream);

@@ -24,7 +24,9 @@ Rounding points of the simple attention (the kernels and the CPU reference alike
   - out: y = att v from the float probabilities, rounded once where it is stored.
   - dqkv: backward reads the float att (so dv = att^T dy and datt are the gradients of the y
     computed before its rounding); the gradients of a head are summed in float over all rows and
-    added to the stored dqkv once: dqkv = round(dqkv + total).
+    written to dqkv once: dqkv = round(total). Backward WRITES dqkv (=, not += as most backward
+    functions here): the gradient of the attention's own qkv activation has this one producer,
+    so accumulating would only mean zeroing (B, T, 3C) first and reading the zeros back.
 The fused attention (below) rounds at the same points (y once from the float probabilities, dqkv
 once per element), so in bf16 the two agree to within one bf16 step of y and of dv, up to float
 summation order. dq and dk differ by that step plus the one other difference: the fused
@@ -91,7 +93,7 @@ inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int
     }
 }
 
-// dqkv (B, T, 3C) +=; scratch (B, NH, T, T) workspace (the CPU uses one row of it per (b, h),
+// dqkv (B, T, 3C) written; scratch (B, NH, T, T) workspace (the CPU uses one row of it per (b, h),
 // the CUDA version all of it); dout (B, T, C); qkv (B, T, 3C) and att (B, NH, T, T, real) from forward
 template <typename floatX>
 inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* dout, const floatX* qkv,
@@ -101,7 +103,7 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
     #pragma omp parallel
     {
         // per thread: the head's gradients (T, 3, hs), [dq | dk | dv] per position, summed here and
-        // added to dqkv once at the end of the head
+        // written to dqkv once at the end of the head
         std::vector<real> grad((size_t)T * 3 * head_size);
         #pragma omp for collapse(2)
         for (int b = 0; b < B; b++) {
@@ -145,7 +147,7 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
                     for (int part = 0; part < 3; part++) {
                         floatX* d = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)part * C + (size_t)h * head_size;
                         const real* g = grad.data() + ((size_t)t * 3 + part) * head_size;
-                        for (int i = 0; i < head_size; i++) d[i] = from_real<floatX>(to_real(d[i]) + g[i]);
+                        for (int i = 0; i < head_size; i++) d[i] = from_real<floatX>(g[i]);
                     }
                 }
             }
@@ -229,10 +231,10 @@ inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16*
     }
 }
 
-// dqkv (B, T, 3C) +=; dout, out (B, T, C) and lse (B, NH, T) as in the forward; qkv (B, T, 3C).
+// dqkv (B, T, 3C) written; dout, out (B, T, C) and lse (B, NH, T) as in the forward; qkv (B, T, 3C).
 // P = exp(score - lse), dP = dout . v, D = dout . out (out as stored), dS = P (dP - D); then
-// dv += round(P)^T dout, dk += scale round(dS)^T q, dq += scale round(dS) k, each summed in float
-// and added to the stored dqkv once.
+// dv = round(P)^T dout, dk = scale round(dS)^T q, dq = scale round(dS) k, each summed in float
+// and rounded once into dqkv.
 inline void attention_backward_tensor_core_cpu(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out,
                                                const float* lse, int B, int T, int NH, int head_size) {
     int C = NH * head_size;
@@ -280,7 +282,7 @@ inline void attention_backward_tensor_core_cpu(bf16* dqkv, const bf16* dout, con
                         bf16* d = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)part * C + (size_t)h * head_size;
                         const float* g = grad.data() + ((size_t)t * 3 + part) * head_size;
                         float factor = part == 2 ? 1.0f : scale;
-                        for (int i = 0; i < head_size; i++) d[i] = from_real<bf16>(to_real(d[i]) + g[i] * factor);
+                        for (int i = 0; i < head_size; i++) d[i] = from_real<bf16>(g[i] * factor);
                     }
             }
         }
@@ -377,7 +379,7 @@ static __global__ void attention_backward_query_kernel(floatX* dqkv, float* dpre
         for (int t2 = 0; t2 <= t; t2++)
             dq += dpre_row[t2] * to_float(qkv[((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size + i]);
         floatX* dq_out = dqkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size + i;
-        *dq_out = from_float<floatX>(to_float(*dq_out) + dq);
+        *dq_out = from_float<floatX>(dq);
     }
 }
 
@@ -403,8 +405,8 @@ static __global__ void attention_backward_key_value_kernel(floatX* dqkv, const f
         }
         floatX* dk_out = dqkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size + i;
         floatX* dv_out = dk_out + C;
-        *dk_out = from_float<floatX>(to_float(*dk_out) + dk);
-        *dv_out = from_float<floatX>(to_float(*dv_out) + dv);
+        *dk_out = from_float<floatX>(dk);
+        *dv_out = from_float<floatX>(dv);
     }
 }
 
@@ -455,7 +457,7 @@ CPU version's `weighted`) and dS = P * (dP - D), the gradient of the scaled scor
             atomics); dQ accumulates in registers.
 Deterministic: each element of dq, dk and dv belongs to one thread of one block, which sums its
 terms in a fixed order (tiles in order, rows in order, 16-lane reductions by a fixed butterfly) and
-adds the total to dqkv once. No atomics, so the result does not depend on which blocks run first.
+writes the total to dqkv once. No atomics, so the result does not depend on which blocks run first.
 
 Tiling, shared by the three main kernels: 64x64 tiles and 256 threads seen as 16 x 16
 (ty = thread / 16, tx = thread % 16). Of a 64x64 score tile, thread (ty, tx) owns rows
@@ -487,7 +489,7 @@ tiles in shared memory are float whatever floatX is: attention_load_tile convert
 when it copies a tile from global memory, so the inner loops and the shared-memory layout above
 are the same for every floatX. Rounding points: out is rounded once from acc / l; D is computed
 from out AS STORED (rounded), as FlashAttention does in bf16; dq, dk and dv are summed in float
-and added to the stored dqkv once, dqkv = round(dqkv + total). The simple attention rounds at
+and written to dqkv once, dqkv = round(total). The simple attention rounds at
 the same points (its att is float), so in bf16 out agrees with it to within one step of y (float
 summation order can put the two on either side of a rounding boundary), and so does dv. In
 backward the one other difference is D: the simple attention sums att * datt in float, which is
@@ -680,7 +682,7 @@ static __global__ void attention_dsum_kernel(float* dsum, const floatX* dout, co
     if (lane == 0) dsum[row] = sum;
 }
 
-// Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) +=, dout (B, T, C),
+// Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) written, dout (B, T, C),
 // qkv (B, T, 3C), lse and dsum (B, NH, T)
 template <typename floatX>
 static __global__ void __launch_bounds__(ATTN_THREADS)
@@ -756,8 +758,8 @@ static __global__ void __launch_bounds__(ATTN_THREADS)
         for (int k = 0; k < 8; k++) {
             int e = 4 * (tx + 16 * (k / 4)) + k % 4;
             if (e < head_size) {
-                dk_row[e] = from_float<floatX>(to_float(dk_row[e]) + dk[i][k] * scale);
-                dv_row[e] = from_float<floatX>(to_float(dv_row[e]) + dv[i][k]);
+                dk_row[e] = from_float<floatX>(dk[i][k] * scale);
+                dv_row[e] = from_float<floatX>(dv[i][k]);
             }
         }
     }
@@ -827,7 +829,7 @@ static __global__ void __launch_bounds__(ATTN_THREADS)
         ATTN_UNROLL
         for (int k = 0; k < 8; k++) {
             int e = 4 * (tx + 16 * (k / 4)) + k % 4;
-            if (e < head_size) dq_row[e] = from_float<floatX>(to_float(dq_row[e]) + dq[i][k] * scale);
+            if (e < head_size) dq_row[e] = from_float<floatX>(dq[i][k] * scale);
         }
     }
 }
@@ -862,7 +864,7 @@ inline void attention_forward_fused_cuda_cores(floatX* out, float* lse, const fl
            head_size);
 }
 
-// dqkv (B, T, 3C) +=; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
+// dqkv (B, T, 3C) written; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
 // lse (B, NH, T) from attention_forward_fused
 template <typename floatX>
 inline void attention_backward_fused_cuda_cores(floatX* dqkv, float* scratch, const floatX* dout, const floatX* qkv,
@@ -921,7 +923,7 @@ What changes against the CUDA-core kernels, and why:
   - The diagonal tile: a warp skips the products whose 16 or 32 columns are all in its rows'
     future (they would be masked to 0).
   - Determinism: as before, every element of dq, dk and dv is summed by one lane in a fixed order
-    and added to dqkv once; no atomics.
+    and written to dqkv once; no atomics.
 Row-major tiles are bf16 (64, head_size + 8), transposed ones (head_size, 72): 16 bytes more than a
 row, so that the 8 row groups of a fragment load (4 lanes each, 4 bytes apart) fall in 32
 different banks for every head size here.
@@ -1015,8 +1017,8 @@ static __device__ __forceinline__ void attention_tc_to_a(uint32_t a[4], const fl
     a[3] = pack_bf16x2(right[2], right[3]);
 }
 
-// dst = round(dst + acc * factor) for the warp's accumulators (16 rows x HS, see the layout above):
-// dst points at row 0 of the warp, rows dst_stride apart; rows from `rows` on are not written
+// dst = round(acc * factor) for the warp's accumulators (16 rows x HS, see the layout above): dst
+// points at row 0 of the warp, rows dst_stride apart; rows from `rows` on are not written
 template <int HS>
 static __device__ __forceinline__ void attention_tc_flush(bf16* dst, size_t dst_stride, int rows,
                                                           const float acc[HS / 8][4], float factor, int g, int t) {
@@ -1025,10 +1027,7 @@ static __device__ __forceinline__ void attention_tc_flush(bf16* dst, size_t dst_
         ATTN_UNROLL
         for (int i = 0; i < 4; i++) {
             int r = g + 8 * (i / 2), e = 8 * n + 2 * t + i % 2;
-            if (r < rows) {
-                bf16* d = dst + r * dst_stride + e;
-                *d = __float2bfloat16_rn(__bfloat162float(*d) + acc[n][i] * factor);
-            }
+            if (r < rows) dst[r * dst_stride + e] = __float2bfloat16_rn(acc[n][i] * factor);
         }
     }
 }
@@ -1151,7 +1150,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     }
 }
 
-// Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) +=, dout (B, T, C),
+// Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) written, dout (B, T, C),
 // qkv (B, T, 3C), lse and dsum (B, NH, T)
 template <int HS>
 static __global__ void __launch_bounds__(ATTN_TC_THREADS)
@@ -1413,7 +1412,7 @@ inline void attention_forward_tensor_core(bf16* out, float* lse, const bf16* qkv
     attention_tc_dispatch<AttentionForwardTensorCore>(head_size, out, lse, qkv, B, T, NH, stream);
 }
 
-// dqkv (B, T, 3C) +=; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
+// dqkv (B, T, 3C) written; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
 // lse (B, NH, T) from a fused forward (either kind: both save the same lse)
 inline void attention_backward_tensor_core(bf16* dqkv, float* scratch, const bf16* dout, const bf16* qkv,
                                            const bf16* out, const float* lse, int B, int T, int NH, int head_size,

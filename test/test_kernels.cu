@@ -281,7 +281,7 @@ TEST_CASE("attention kernels match the CPU", "[kernels]") {
         int B = s[0], T = s[1], NH = s[2], hs = s[3], C = NH * hs;
         INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs);
         auto qkv = random_floats((size_t)B * T * 3 * C, 23), dout = random_floats((size_t)B * T * C, 24),
-             dqkv = random_floats((size_t)B * T * 3 * C, 25);
+             dqkv = std::vector<float>((size_t)B * T * 3 * C, NAN);   // NaN: backward writes it, never reads it
         size_t att_size = (size_t)B * NH * T * T;
         std::vector<float> out_cpu((size_t)B * T * C), att_cpu(att_size), scratch_cpu(att_size), dqkv_cpu = dqkv;
         attention_forward_cpu(out_cpu.data(), att_cpu.data(), qkv.data(), B, T, NH, hs);
@@ -306,7 +306,7 @@ TEST_CASE("fused attention matches the CPU", "[kernels]") {
         int B = s[0], T = s[1], NH = s[2], hs = s[3], C = NH * hs;
         INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs);
         auto qkv = random_floats((size_t)B * T * 3 * C, 31), dout = random_floats((size_t)B * T * C, 32),
-             dqkv = random_floats((size_t)B * T * 3 * C, 33);   // random: backward accumulates
+             dqkv = std::vector<float>((size_t)B * T * 3 * C, NAN);   // NaN: backward writes it, never reads it
         size_t att_size = (size_t)B * NH * T * T;
         std::vector<float> out_cpu((size_t)B * T * C), att_cpu(att_size), scratch_cpu(att_size), dqkv_cpu = dqkv;
         attention_forward_cpu(out_cpu.data(), att_cpu.data(), qkv.data(), B, T, NH, hs);
@@ -325,7 +325,7 @@ TEST_CASE("fused attention matches the CPU", "[kernels]") {
 TEST_CASE("fused attention backward is deterministic", "[kernels]") {
     int B = 2, T = 130, NH = 2, hs = 36, C = NH * hs;   // three query and key tiles, partial channel groups
     auto qkv = random_floats((size_t)B * T * 3 * C, 34), dout = random_floats((size_t)B * T * C, 35),
-         dqkv = random_floats((size_t)B * T * 3 * C, 36);
+         dqkv = std::vector<float>((size_t)B * T * 3 * C, NAN);   // NaN: backward writes it, never reads it
     DeviceArray<float> d_qkv(qkv), d_out((size_t)B * T * C), d_lse((size_t)B * NH * T), d_scratch((size_t)B * NH * T),
         d_dout(dout), d_dqkv_first(dqkv), d_dqkv_second(dqkv);
     attention_forward_fused(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);

@@ -137,7 +137,7 @@ TEST_CASE("simple attention kernels in bf16 match the CPU twin in bf16", "[kerne
         int B = s[0], T = s[1], NH = s[2], hs = s[3], C = NH * hs;
         INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs << " qkv std " << qkv_std);
         auto qkv = random_bf16((size_t)B * T * 3 * C, 41, qkv_std), dout = random_bf16((size_t)B * T * C, 42),
-             dqkv = random_bf16((size_t)B * T * 3 * C, 43);   // random: backward accumulates
+             dqkv = std::vector<bf16>((size_t)B * T * 3 * C, __float2bfloat16_rn(NAN));   // NaN: backward writes it, never reads it
         size_t att_size = (size_t)B * NH * T * T;
         std::vector<bf16> out_cpu((size_t)B * T * C), dqkv_cpu = dqkv;
         std::vector<real> att_cpu(att_size), scratch_cpu(att_size);
@@ -162,7 +162,7 @@ TEST_CASE("fused attention in bf16 matches the fused attention in fp32 on the sa
         int B = s[0], T = s[1], NH = s[2], hs = s[3], C = NH * hs;
         INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs << " qkv std " << qkv_std);
         auto qkv = random_bf16((size_t)B * T * 3 * C, 44, qkv_std), dout = random_bf16((size_t)B * T * C, 45),
-             dqkv = random_bf16((size_t)B * T * 3 * C, 46);
+             dqkv = std::vector<bf16>((size_t)B * T * 3 * C, __float2bfloat16_rn(NAN));   // NaN: backward writes it, never reads it
         // bf16
         DeviceArray<bf16> d_qkv(qkv), d_out((size_t)B * T * C), d_dout(dout), d_dqkv(dqkv);
         DeviceArray<float> d_lse((size_t)B * NH * T), d_scratch((size_t)B * NH * T);
@@ -192,7 +192,7 @@ TEST_CASE("fused attention in bf16 matches the simple attention in bf16", "[kern
         int B = s[0], T = s[1], NH = s[2], hs = s[3], C = NH * hs;
         INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs << " qkv std " << qkv_std);
         auto qkv = random_bf16((size_t)B * T * 3 * C, 47, qkv_std), dout = random_bf16((size_t)B * T * C, 48),
-             dqkv = random_bf16((size_t)B * T * 3 * C, 49);
+             dqkv = std::vector<bf16>((size_t)B * T * 3 * C, __float2bfloat16_rn(NAN));   // NaN: backward writes it, never reads it
         size_t att_size = (size_t)B * NH * T * T;
         // the CPU twin (simple)
         std::vector<bf16> out_cpu((size_t)B * T * C), dqkv_cpu = dqkv;
@@ -241,7 +241,7 @@ TEST_CASE("fused attention in bf16 matches the simple attention in bf16", "[kern
 TEST_CASE("simple attention in bf16 is deterministic", "[kernels][bf16]") {
     int B = 2, T = 70, NH = 2, hs = 24, C = NH * hs;   // T past two warps of keys
     auto qkv = random_bf16((size_t)B * T * 3 * C, 53), dout = random_bf16((size_t)B * T * C, 54),
-         dqkv = random_bf16((size_t)B * T * 3 * C, 55);
+         dqkv = std::vector<bf16>((size_t)B * T * 3 * C, __float2bfloat16_rn(NAN));   // NaN: backward writes it, never reads it
     size_t att_size = (size_t)B * NH * T * T;
     DeviceArray<bf16> d_qkv(qkv), d_out_first((size_t)B * T * C), d_out_second((size_t)B * T * C), d_dout(dout),
         d_dqkv_first(dqkv), d_dqkv_second(dqkv);
@@ -262,7 +262,7 @@ TEST_CASE("simple attention in bf16 is deterministic", "[kernels][bf16]") {
 TEST_CASE("fused attention backward in bf16 is deterministic", "[kernels][bf16]") {
     int B = 2, T = 130, NH = 2, hs = 24, C = NH * hs;   // three query and key tiles, partial channel groups
     auto qkv = random_bf16((size_t)B * T * 3 * C, 50), dout = random_bf16((size_t)B * T * C, 51),
-         dqkv = random_bf16((size_t)B * T * 3 * C, 52);
+         dqkv = std::vector<bf16>((size_t)B * T * 3 * C, __float2bfloat16_rn(NAN));   // NaN: backward writes it, never reads it
     DeviceArray<bf16> d_qkv(qkv), d_out((size_t)B * T * C), d_dout(dout), d_dqkv_first(dqkv), d_dqkv_second(dqkv);
     DeviceArray<float> d_lse((size_t)B * NH * T), d_scratch((size_t)B * NH * T);
     attention_forward_fused_cuda_cores(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
@@ -312,7 +312,7 @@ TEST_CASE("tensor-core attention matches its CPU twin", "[kernels][bf16][tensor-
                   << qkv_std);
         REQUIRE(attention_tensor_core_supports(hs));
         auto qkv = random_bf16((size_t)B * T * 3 * C, 56, qkv_std), dout = random_bf16((size_t)B * T * C, 57),
-             dqkv = random_bf16((size_t)B * T * 3 * C, 58);
+             dqkv = std::vector<bf16>((size_t)B * T * 3 * C, __float2bfloat16_rn(NAN));   // NaN: backward writes it, never reads it
         // the CPU twins
         std::vector<bf16> out_cpu((size_t)B * T * C), dqkv_cpu = dqkv;
         std::vector<float> lse_cpu((size_t)B * NH * T);
@@ -373,7 +373,7 @@ TEST_CASE("tensor-core attention rounds P to bf16, within one step of each proba
 TEST_CASE("tensor-core attention is deterministic", "[kernels][bf16][tensor-core]") {
     int B = 2, T = 130, NH = 2, hs = 32, C = NH * hs;   // three query and key tiles
     auto qkv = random_bf16((size_t)B * T * 3 * C, 60), dout = random_bf16((size_t)B * T * C, 61),
-         dqkv = random_bf16((size_t)B * T * 3 * C, 62);
+         dqkv = std::vector<bf16>((size_t)B * T * 3 * C, __float2bfloat16_rn(NAN));   // NaN: backward writes it, never reads it
     DeviceArray<bf16> d_qkv(qkv), d_out_first((size_t)B * T * C), d_out_second((size_t)B * T * C), d_dout(dout),
         d_dqkv_first(dqkv), d_dqkv_second(dqkv);
     DeviceArray<float> d_lse((size_t)B * NH * T), d_lse_second((size_t)B * NH * T), d_scratch((size_t)B * NH * T);
