@@ -94,6 +94,25 @@ __device__ __forceinline__ bool crossentropy_vectors_fit(const T* buffer, int V)
     return V % VECTOR16_SIZE<T> == 0 && reinterpret_cast<uintptr_t>(buffer) % 16 == 0;
 }
 
+// A thread's chunk of the vector path, loads first: x[u * E + e] = row[v0 + u * blockDim.x * E + e]
+// for its CROSSENTROPY_VECTORS vectors of E = VECTOR16_SIZE<T> values, `past_end` for vectors past V
+template <typename T>
+__device__ __forceinline__ void crossentropy_load_vectors(float* x, const T* row, int v0, int V, float past_end) {
+    constexpr int E = VECTOR16_SIZE<T>;
+    Vector16<T> values[CROSSENTROPY_VECTORS] = {};
+    KERNEL_UNROLL
+    for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
+        int v = v0 + u * blockDim.x * E;
+        if (v < V) values[u] = load_vector16(row + v);
+    }
+    KERNEL_UNROLL
+    for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
+        bool inside = v0 + u * (int)blockDim.x * E < V;
+        KERNEL_UNROLL
+        for (int e = 0; e < E; e++) x[u * E + e] = inside ? to_float(values[u].values[e]) : past_end;
+    }
+}
+
 // A thread's running statistics take in a chunk of n elements x (past the row's end: -inf):
 // the chunk's maximum (finite: the chunk's first element is in the row), the sum rescaled to it
 template <int n>
@@ -124,14 +143,7 @@ __device__ __forceinline__ void row_softmax_stats(float* max_out, float* sum_out
         constexpr int E = VECTOR16_SIZE<T>;
         for (int v0 = threadIdx.x * E; v0 < V; v0 += blockDim.x * E * CROSSENTROPY_VECTORS) {
             float x[CROSSENTROPY_VECTORS * E];
-            KERNEL_UNROLL
-            for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
-                int v = v0 + u * blockDim.x * E;
-                Vector16<T> values = {};
-                if (v < V) values = load_vector16(row + v);
-                KERNEL_UNROLL
-                for (int e = 0; e < E; e++) x[u * E + e] = v < V ? to_float(values.values[e]) : -INFINITY;
-            }
+            crossentropy_load_vectors(x, row, v0, V, -INFINITY);
             softmax_stats_add_chunk<CROSSENTROPY_VECTORS * E>(&max_logit, &sum, x);
         }
     } else {
@@ -186,14 +198,7 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
         constexpr int E = VECTOR16_SIZE<T>;
         for (int v0 = threadIdx.x * E; v0 < V; v0 += blockDim.x * E * CROSSENTROPY_VECTORS) {
             float x[CROSSENTROPY_VECTORS * E];
-            KERNEL_UNROLL
-            for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
-                int v = v0 + u * blockDim.x * E;
-                if (v >= V) continue;
-                Vector16<T> values = load_vector16(row + v);
-                KERNEL_UNROLL
-                for (int e = 0; e < E; e++) x[u * E + e] = to_float(values.values[e]);
-            }
+            crossentropy_load_vectors(x, row, v0, V, 0.0f);
             KERNEL_UNROLL
             for (int u = 0; u < CROSSENTROPY_VECTORS; u++) {
                 int v = v0 + u * blockDim.x * E;

@@ -184,6 +184,37 @@ static __global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp,
         out[(size_t)row * C + c] = from_float<T>(to_float(weight[c]) * (to_float(x[c]) * r));
 }
 
+// Pass 2 of the forward row kernels' 16-byte path, for one lane of the row's warp: y = weight *
+// (x * r), group by group from the last, whose chunks of x and weight are still in xs and ws from
+// pass 1, back to the first, reloading those (just read: from L1 or L2).
+template <typename T>
+__device__ __forceinline__ void rmsnorm_vector_output(T* y, const T* x, const T* weight,
+                                                      Vector16<T> (&xs)[RMSNORM_LANE_CHUNKS<T>],
+                                                      Vector16<T> (&ws)[RMSNORM_LANE_CHUNKS<T>], float r, int chunks,
+                                                      int groups, int lane) {
+    constexpr int VEC = RMSNORM_VEC<T>, U = RMSNORM_LANE_CHUNKS<T>;
+    for (int g = groups - 1; g >= 0; g--) {
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (g < groups - 1 && k < chunks) {
+                xs[u] = load_vector16(x + k * VEC);
+                ws[u] = load_vector16(weight + k * VEC);
+            }
+        }
+        KERNEL_UNROLL
+        for (int u = 0; u < U; u++) {
+            int k = (g * U + u) * 32 + lane;
+            if (k >= chunks) continue;
+            Vector16<T> ys;
+            KERNEL_UNROLL
+            for (int e = 0; e < VEC; e++)
+                ys.values[e] = from_float<T>(to_float(ws[u].values[e]) * (to_float(xs[u].values[e]) * r));
+            store_vector16(y + k * VEC, ys);
+        }
+    }
+}
+
 // 16-byte path (see above): one warp per row, lane's chunks k = lane, lane + 32, ... (channels
 // k * VEC ..), the last group's inp and weight kept from the first pass for the second.
 template <typename T>
@@ -222,26 +253,7 @@ static __global__ void rmsnorm_forward_vector_kernel(T* out, float* rstd, const 
     float r = 1.0f / sqrtf(sum_squares / C + eps);
     if (lane == 0) rstd[row] = r;
     // pass 2: the output, the last group from registers, then the others reloaded
-    for (int g = groups - 1; g >= 0; g--) {
-        KERNEL_UNROLL
-        for (int u = 0; u < U; u++) {
-            int k = (g * U + u) * 32 + lane;
-            if (g < groups - 1 && k < chunks) {
-                xs[u] = load_vector16(x + k * VEC);
-                ws[u] = load_vector16(weight + k * VEC);
-            }
-        }
-        KERNEL_UNROLL
-        for (int u = 0; u < U; u++) {
-            int k = (g * U + u) * 32 + lane;
-            if (k >= chunks) continue;
-            Vector16<T> ys;
-            KERNEL_UNROLL
-            for (int e = 0; e < VEC; e++)
-                ys.values[e] = from_float<T>(to_float(ws[u].values[e]) * (to_float(xs[u].values[e]) * r));
-            store_vector16(y + k * VEC, ys);
-        }
-    }
+    rmsnorm_vector_output<T>(y, x, weight, xs, ws, r, chunks, groups, lane);
 }
 
 // Fallback: one warp per row, as above: each lane forms the sums of its strided channels, rounds
@@ -319,26 +331,7 @@ static __global__ void residual_rmsnorm_forward_vector_kernel(T* sum, T* out, fl
     float r = 1.0f / sqrtf(sum_squares / C + eps);
     if (lane == 0) rstd[row] = r;
     // pass 2: the norm of the stored sums, the last group from registers, then the others read back
-    for (int g = groups - 1; g >= 0; g--) {
-        KERNEL_UNROLL
-        for (int u = 0; u < U; u++) {
-            int k = (g * U + u) * 32 + lane;
-            if (g < groups - 1 && k < chunks) {
-                ss[u] = load_vector16(s + k * VEC);
-                ws[u] = load_vector16(weight + k * VEC);
-            }
-        }
-        KERNEL_UNROLL
-        for (int u = 0; u < U; u++) {
-            int k = (g * U + u) * 32 + lane;
-            if (k >= chunks) continue;
-            Vector16<T> ys;
-            KERNEL_UNROLL
-            for (int e = 0; e < VEC; e++)
-                ys.values[e] = from_float<T>(to_float(ws[u].values[e]) * (to_float(ss[u].values[e]) * r));
-            store_vector16(y + k * VEC, ys);
-        }
-    }
+    rmsnorm_vector_output<T>(y, s, weight, ss, ws, r, chunks, groups, lane);
 }
 
 // Fallback input gradient, one warp per row; dinp accumulates: read, add in float, round once.
