@@ -133,6 +133,7 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float d[4], const uint32_t a[4]
 // to reorder a uint32_t load around bf16 stores to the same memory: strict aliasing; memcpy is not.)
 __device__ __forceinline__ uint32_t load_bf16x2(const bf16* p) {
 #ifdef MIXLN_CUDA_EMULATION
+    if (reinterpret_cast<uintptr_t>(p) % 4 != 0) fail("4-byte load from %p, not 4-byte aligned", (const void*)p);
     uint32_t value;
     memcpy(&value, p, sizeof(value));
     return value;
