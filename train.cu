@@ -4,9 +4,10 @@ The training program: parse flags, build the model, then loop
 with validation, checkpoints and evaluation around it. Each step's pieces live in model.h and
 layers/; this file only wires them together and talks to the user.
 
-The CPU backend runs everywhere; the CUDA backend (--device cuda) in nvcc builds, and in the
-build under the CPU emulation of CUDA (build/train_emu, which the CLI tests run for the bf16
-precisions). Until the CUDA backend has been verified on a GPU, --device auto stays on the CPU.
+The CPU backend runs everywhere; the CUDA backend in nvcc builds, and in the build under the CPU
+emulation of CUDA (build/train_emu, which the CLI tests run for the bf16 precisions). --device
+auto takes the GPU where one is usable (present, and the build has kernels for its architecture),
+except in the emulation build, where the "GPU" is a test vehicle that only --device cuda runs.
 */
 #include <chrono>
 #include <cmath>
@@ -133,7 +134,8 @@ static void print_help() {
     printf("  --grad-clip G          clip the global gradient norm to G, 0 = off (default %g)\n", d.grad_clip);
     printf("  --seed S               initialisation seed (default %llu)\n", d.seed);
     printf("run:\n");
-    printf("  --device auto|cpu|cuda where to run (default %s; auto stays on the CPU until the CUDA backend is verified)\n", d.device.c_str());
+    printf("  --device auto|cpu|cuda where to run (default %s; auto: the GPU where one is usable, else the CPU;\n"
+           "                         on --resume, auto continues on the device the run trained on)\n", d.device.c_str());
     printf("  --attention auto|simple|fused  on the GPU: the fused flash-style kernels (on the tensor cores in\n"
            "                         bf16 when the head size is a multiple of 16), or the simple ones, which store\n"
            "                         the (T, T) probabilities; auto: fused on the GPU, the CPU's own on the CPU\n"
@@ -412,6 +414,7 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--grad-clip", number_text(a.grad_clip), false},
             {"--precision", a.precision, false},
             {"--attention", a.attention, false},
+            {"--device", a.device, true},   // where it trained (cpu or cuda); see choose_device
             {"--val-data", a.val_data, true},
             {"--val-every", std::to_string(a.val_every), true},
             {"--val-batches", std::to_string(a.val_batches), true},
@@ -428,7 +431,10 @@ static std::string settings_to_json(const Args& a) {
 }
 
 // --resume: the run continues with its saved settings; a flag given again must say the same.
-static void apply_saved_settings(Args* a, const std::string& settings_json, const std::string& dir) {
+// Returns the device the run trained on ("cpu" or "cuda"; "" in a state saved before it was
+// recorded), which choose_device weighs against --device.
+static std::string apply_saved_settings(Args* a, const std::string& settings_json, const std::string& dir) {
+    std::string saved_device;
     JsonValue saved;
     std::string error;
     if (!json_parse(settings_json, &saved, &error) || saved.type != JsonValue::Object) {
@@ -445,6 +451,10 @@ static void apply_saved_settings(Args* a, const std::string& settings_json, cons
         simple.string = "simple";
         if (v == nullptr && std::string(s.flag) == "--precision") v = &fp32;
         if (v == nullptr && std::string(s.flag) == "--attention") v = &simple;
+        if (std::string(s.flag) == "--device") {
+            if (v != nullptr && v->type == JsonValue::String) saved_device = v->string;
+            continue;
+        }
         if (v == nullptr || v->type != JsonValue::String) fail("the training state in '%s' has no setting %s", dir.c_str(), s.flag);
         bool given = std::find(a->given.begin(), a->given.end(), s.flag) != a->given.end();
         // numbers compare as the floats they parse to (the text is %.9g, which round-trips)
@@ -482,6 +492,7 @@ static void apply_saved_settings(Args* a, const std::string& settings_json, cons
         else if (flag == "--checkpoint-every") a->checkpoint_every = parse_int("--checkpoint-every", v);
         else if (flag == "--layer-grads-every") a->layer_grads_every = parse_int("--layer-grads-every", v);
     }
+    return saved_device;
 }
 
 // A resumed run's log keeps the entries up to the saved step (an interrupted run may have logged
@@ -514,9 +525,6 @@ static FILE* open_log(const std::string& dir, bool resuming, int resume_step) {
 // ----------------------------------------------------------------------------
 // device
 
-// Decides where the run goes and says so. --device auto stays on the CPU for now even where a GPU
-// is present: the CUDA backend passes its tests under CPU emulation, but has not yet been checked
-// on hardware (dev/PERF.md); --device cuda uses it.
 // The device's peak rate for the run's matmul arithmetic, in FLOP/s, where it is known from the
 // data sheet: fp32 on CUDA cores (cuBLASLt is asked for exact fp32, no TF32), or dense bf16 on
 // tensor cores; 0 elsewhere (CPUs vary too much to guess). Used for the model FLOPs utilisation
@@ -553,22 +561,76 @@ static std::string duration_text(double seconds) {
     return buf;
 }
 
-static bool choose_device(const Args& a) {
-    int gpus = 0;
-#ifdef MIXLN_CUDA
-    if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
-        gpus = 0;
-        cudaGetLastError();   // clear the error a machine without a driver leaves behind
-    }
+// Whether this build can run on a GPU here: one is present and the build has kernels for its
+// architecture (CUDA_ARCHS when it was built; a kernel image for sm_80 also runs on sm_86 and
+// sm_89, not on sm_75 or sm_100). If not, why says what is missing.
+#if defined(MIXLN_CUDA) && !defined(MIXLN_CUDA_EMULATION)
+static __global__ void device_probe_kernel() {}
 #endif
+static bool gpu_usable(std::string* why) {
+#if !defined(MIXLN_CUDA)
+    *why = "a g++ build: no CUDA backend";
+    return false;
+#elif defined(MIXLN_CUDA_EMULATION)
+    *why = "the CUDA emulation build: --device cuda runs the emulation";
+    return false;
+#else
+    int gpus = 0;
+    cudaError_t error = cudaGetDeviceCount(&gpus);
+    if (error != cudaSuccess || gpus == 0) {
+        cudaGetLastError();   // clear the error a machine without a driver leaves behind
+        *why = std::string("no usable GPU: ") + (error != cudaSuccess ? cudaGetErrorString(error) : "no device found");
+        return false;
+    }
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    cudaFuncAttributes attributes;
+    error = cudaFuncGetAttributes(&attributes, device_probe_kernel);
+    if (error != cudaSuccess) {
+        cudaGetLastError();
+        std::string arch = std::to_string(prop.major) + std::to_string(prop.minor);
+        *why = "no usable GPU: " + std::string(prop.name) + " (sm_" + arch + ") has no kernels in this build (" +
+               cudaGetErrorString(error) + "): rebuild with make CUDA_ARCHS=" + arch;
+        return false;
+    }
+    return true;
+#endif
+}
+
+// Decides where the run goes and says so: --device cuda needs a usable GPU, auto takes one where
+// there is one. Resuming, --device auto continues on the device the saved run trained on (another
+// device computes in another order: the run would go on, but not bit for bit).
+static bool choose_device(const Args& a, const std::string& saved_device) {
+    std::string why;
+    bool usable = gpu_usable(&why);
+    bool on_gpu;
     if (a.device == "cuda") {
 #ifndef MIXLN_CUDA
         fail("--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");
 #endif
-        if (gpus == 0) fail("--device cuda: no usable GPU was found");
+#ifndef MIXLN_CUDA_EMULATION
+        if (!usable) fail("--device cuda: %s", why.c_str());
+#endif
+        on_gpu = true;
+    } else if (a.device == "cpu") {
+        on_gpu = false;
+    } else if (saved_device == "cuda") {   // auto, resuming a GPU run
+        if (!usable) {
+            fail("--resume '%s': the saved run trained on the GPU, which is not available here (%s); --device cpu "
+                 "continues it on the CPU (not bit for bit)", a.resume.c_str(), why.c_str());
+        }
+        on_gpu = true;
+    } else if (saved_device == "cpu") {
+        on_gpu = false;
+    } else {
+        on_gpu = usable;
+    }
+    if (!saved_device.empty() && saved_device != (on_gpu ? "cuda" : "cpu")) {
+        printf("note: the saved run trained on %s and continues on %s: not bit for bit\n", saved_device.c_str(),
+               on_gpu ? "cuda" : "cpu");
     }
 #ifdef MIXLN_CUDA
-    if (a.device == "cuda") {
+    if (on_gpu) {
         cudaDeviceProp prop;
         CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
         printf("device: cuda, %s (%.1f GiB)\n", prop.name, prop.totalGlobalMem / 1073741824.0);
@@ -579,11 +641,8 @@ static bool choose_device(const Args& a) {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-#ifdef MIXLN_CUDA
-    printf("device: cpu, %d threads\n", threads);
-#else
-    printf("device: cpu, %d threads (a g++ build: no CUDA backend)\n", threads);
-#endif
+    if (a.device == "auto" && saved_device != "cpu") printf("device: cpu, %d threads (%s)\n", threads, why.c_str());
+    else printf("device: cpu, %d threads\n", threads);
     return false;
 }
 
@@ -660,16 +719,16 @@ static double seconds_since(std::chrono::steady_clock::time_point start) {
 
 int main(int argc, char** argv) {
     Args args = parse_args(argc, argv);
-    bool on_gpu = choose_device(args);
 
     // the model: from a saved run, from a checkpoint, or from the flags
     ModelConfig config;
     bool resuming = !args.resume.empty();
+    std::string saved_device;
     if (resuming) {
         std::string settings;
         config = training_state_config(args.resume, &settings);
         check_flags_match_checkpoint(args, config, args.resume);
-        apply_saved_settings(&args, settings, args.resume);
+        saved_device = apply_saved_settings(&args, settings, args.resume);
         if (args.out.empty()) args.out = args.resume;
     } else if (!args.init_from.empty()) {
         config = checkpoint_read_config(args.init_from);
@@ -677,6 +736,8 @@ int main(int argc, char** argv) {
     } else {
         config = config_from_flags(args);
     }
+    bool on_gpu = choose_device(args, saved_device);
+    args.device = on_gpu ? "cuda" : "cpu";   // what the training state records
     int T = args.seq_len ? args.seq_len : config.max_seq_len;
     if (T < 1) fail("--seq-len must be at least 1, got %d", T);
     if (T > config.max_seq_len) fail("--seq-len %d exceeds the checkpoint's max_position_embeddings %d", T, config.max_seq_len);

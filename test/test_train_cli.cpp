@@ -77,8 +77,16 @@ static Run run_split(const std::string& command) {
     return {r.exit_status, r.stderr_text, err.str()};
 }
 
-static Run run_train(const std::string& args) {
+// ./train exactly as given: --device auto where the arguments name no device
+static Run run_train_as_given(const std::string& args) {
     return run_split(quote(env_or("MIXLN_TRAIN", "./train")) + " " + args);
+}
+
+// ./train on the CPU backend unless the arguments name a device: these tests compare runs with the
+// PyTorch fixtures and with each other bit for bit, which a GPU (what --device auto takes where
+// one is usable) would not match. The tests of --device itself use run_train_as_given.
+static Run run_train(const std::string& args) {
+    return run_train_as_given(args.find("--device") == std::string::npos ? "--device cpu " + args : args);
 }
 
 static Run run_reference(const std::string& args) {
@@ -554,8 +562,20 @@ TEST_CASE("--device cuda is refused without a usable GPU", "[cli]") {
     Run r = run_train("--steps 0 --device cuda");
     INFO(r.err);
     REQUIRE(r.exit_status == 1);
-    REQUIRE((r.err.find("--device cuda: no usable GPU was found") != std::string::npos ||
+    REQUIRE((r.err.find("--device cuda: no usable GPU: ") != std::string::npos ||
              r.err.find("--device cuda: this build has no CUDA backend") != std::string::npos));
+}
+
+TEST_CASE("--device auto takes the GPU where one is usable, else the CPU, and says why", "[cli]") {
+    Run r = run_train_as_given("--steps 0");
+    INFO(r.out << r.err);
+    REQUIRE(r.exit_status == 0);
+    if (r.out.find("device: cuda, ") != std::string::npos) return;   // a machine with a usable GPU
+    // CI and the development machines: the reason is printed (a g++ build; or no GPU, no driver,
+    // or a GPU this build has no kernels for)
+    REQUIRE(r.out.find("device: cpu, ") != std::string::npos);
+    CHECK((r.out.find(" threads (a g++ build: no CUDA backend)\n") != std::string::npos ||
+           r.out.find(" threads (no usable GPU: ") != std::string::npos));
 }
 
 TEST_CASE("--precision bf16 and bf16-pure are refused on the CPU, a bad precision anywhere", "[cli]") {
@@ -984,6 +1004,30 @@ TEST_CASE("--precision bf16 and bf16-pure train on the CUDA backend, close to th
         train_ok("--init-from " + quote(out) + " --eval-only --val-data " + quote(fixture_dir("mix") + "/train.bin") +
                  " --batch 3 --seq-len 24");
     }
+}
+
+TEST_CASE("--resume continues on the device the run trained on, or says it cannot", "[cli][resume]") {
+    if (!have_train_emu()) return;
+    std::string tmp = make_temp_dir();
+    // a run saved on the CPU resumes there under --device auto, GPU or not, without a note
+    train_ok(mix_run_args(4) + " --out " + quote(tmp + "/cpu") + " --stop-at 2");
+    Run on_cpu = run_train_as_given("--resume " + quote(tmp + "/cpu"));
+    INFO(on_cpu.out << on_cpu.err);
+    REQUIRE(on_cpu.exit_status == 0);
+    CHECK(on_cpu.out.find("device: cpu, ") != std::string::npos);
+    CHECK(on_cpu.out.find("note: the saved run trained on") == std::string::npos);
+    // a run saved on the (emulated) GPU: --device auto wants the GPU again; without one it says
+    // so, and --device cpu continues on the CPU with a note
+    train_emu_ok(mix_run_args(4) + " --out " + quote(tmp + "/gpu") + " --stop-at 2");
+    Run probe = run_train_as_given("--steps 0");
+    if (probe.out.find("device: cpu, ") != std::string::npos) {
+        require_train_fails("--device auto --resume " + quote(tmp + "/gpu"),
+                            "the saved run trained on the GPU, which is not available here");
+    }
+    Run moved = train_ok("--device cpu --resume " + quote(tmp + "/gpu"));
+    CHECK(moved.out.find("note: the saved run trained on cuda and continues on cpu: not bit for bit") !=
+          std::string::npos);
+    CHECK(moved.out.find("at step 2 of 4") != std::string::npos);
 }
 
 TEST_CASE("a bf16-pure run stopped and resumed ends bitwise where a straight run does", "[cli][bf16][resume]") {
