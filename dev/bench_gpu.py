@@ -12,7 +12,8 @@ against the GPU's measured bf16 matrix rate. Medians over the timed steps, after
 
 Model FLOPs per token: 6 * (parameters outside the embedding table) + 6 * L * T * C (causal
 attention scores and values, forward and backward). Usage, on a machine with a GPU:
-    python3 dev/bench_gpu.py [--configs llama-71m,llama-130m] [--batch 64] [--steps 10]
+    python3 dev/bench_gpu.py [--configs llama-71m,llama-130m] [--batch 64] [--steps 10] [--no-torch-fp32]
+A PyTorch run that fails (out of memory, say) is reported in its cell; the other runs go on.
 """
 import argparse
 import json
@@ -101,6 +102,18 @@ def bench_torch(torch, L, C, NH, F, B, T, steps, bf16):
     return statistics.median(ms)
 
 
+def bench_torch_or_error(torch, *args, **kwargs):
+    """bench_torch's median, or None and what went wrong (out of memory, say), so that the table goes on."""
+    try:
+        return bench_torch(torch, *args, **kwargs), None
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
+        reference.Attention.fused = False
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return None, "failed: " + first_line[:80]
+    finally:
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="llama-71m,llama-130m")
@@ -110,6 +123,7 @@ def main():
     ap.add_argument("--engine-precision", default="bf16", choices=["fp32", "bf16", "bf16-pure"])
     ap.add_argument("--engine-attention", default="fused", choices=["fused", "simple"])
     ap.add_argument("--train", default="./train")
+    ap.add_argument("--no-torch-fp32", action="store_true", help="skip the PyTorch fp32 runs (the slowest)")
     a = ap.parse_args()
     try:
         import torch
@@ -135,18 +149,18 @@ def main():
             flops = model_flops_per_token(L, C, F, T)
             engine_ms, error = bench_engine(a.train, name, B, T, a.steps, a.engine_precision, a.engine_attention,
                                             shard)
-            torch_bf16_ms = bench_torch(torch, L, C, NH, F, B, T, a.steps, bf16=True)
-            torch_fp32_ms = bench_torch(torch, L, C, NH, F, B, T, a.steps, bf16=False)
+            torch_bf16_ms, torch_bf16_error = bench_torch_or_error(torch, L, C, NH, F, B, T, a.steps, bf16=True)
+            torch_fp32_ms, torch_fp32_error = (None, "skipped") if a.no_torch_fp32 else \
+                bench_torch_or_error(torch, L, C, NH, F, B, T, a.steps, bf16=False)
             tok = lambda ms: B * T / (ms / 1e3)  # noqa: E731
             mfu = lambda ms: tok(ms) * flops / (peak * 1e12)  # noqa: E731
-            if engine_ms is None:
-                engine = f"failed: {error} | - "
-                ratios = "- | -"
-            else:
-                engine = f"{tok(engine_ms):.0f} | {mfu(engine_ms):.1%}"
-                ratios = f"{torch_bf16_ms / engine_ms:.2f}x | {torch_fp32_ms / engine_ms:.2f}x"
-            print(f"| {name} | {engine} | {tok(torch_bf16_ms):.0f} | {mfu(torch_bf16_ms):.1%} | "
-                  f"{tok(torch_fp32_ms):.0f} | {ratios} |", flush=True)
+            ratio = lambda ms: "-" if engine_ms is None or ms is None else f"{ms / engine_ms:.2f}x"  # noqa: E731
+            engine = f"failed: {error} | -" if engine_ms is None else f"{tok(engine_ms):.0f} | {mfu(engine_ms):.1%}"
+            torch_bf16 = f"{torch_bf16_error} | -" if torch_bf16_ms is None else \
+                f"{tok(torch_bf16_ms):.0f} | {mfu(torch_bf16_ms):.1%}"
+            torch_fp32 = torch_fp32_error if torch_fp32_ms is None else f"{tok(torch_fp32_ms):.0f}"
+            print(f"| {name} | {engine} | {torch_bf16} | {torch_fp32} | {ratio(torch_bf16_ms)} | {ratio(torch_fp32_ms)} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 #      of the bf16 step (dev/profile_kernels.py, where ncu is installed)
 #   5. compute-sanitizer memcheck and racecheck over tiny training runs (every placement kind
 #      under LayerNorm, fp32, bf16 and bf16-pure, both attentions, the tensor-core one included)
-#   6. print a table of what passed and how long it took
+#   6. LLaMA-1B against PyTorch too, where the check is still well inside its 8 minutes
+#   7. print a table of what passed and how long it took
 # The most informative steps come first and each has a time limit, so a lease that ends early
 # still brings back the tests and the timings (the logs and summary.txt in the log folder).
 # Usage (repository root): bash dev/device_check.sh
@@ -108,6 +109,11 @@ run_step memcheck_zoo 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" \
 run_step memcheck_bf16 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" \
     --norm-layers post,deepnorm,peri,lns --norm-type layernorm --precision bf16 --attention simple
 run_step memcheck_bf16_pure 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --attention fused --precision bf16-pure
+
+# 6. the paper's LLaMA-1B (the "if time allows"): only with time left, bounded by what is
+if [ -f dev/bench_gpu.py ] && [ $SECONDS -lt 300 ]; then
+    run_step bench_gpu_1b $((470 - SECONDS)) env PYTHONUNBUFFERED=1 "$PYTHON" dev/bench_gpu.py --configs llama-1b --steps 5 --no-torch-fp32
+fi
 
 echo
 echo "== device check summary ($(date -u +%Y-%m-%d))"
