@@ -141,11 +141,18 @@ __device__ __forceinline__ uint32_t load_bf16x2(const bf16* p) {
     return *reinterpret_cast<const uint32_t*>(p);
 #endif
 }
-// round lo and hi to bf16 and pack them into one register, lo in the low half
+// round lo and hi to bf16 (to nearest even) and pack them into one register, lo in the low half:
+// one F2FP.PACK_AB instruction on sm_80 and later, where two scalar conversions and the shifts
+// and or to combine them take five
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    uint32_t low = __bfloat16_as_ushort(__float2bfloat16_rn(lo)), high = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
-    return low | (high << 16);
+    __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);   // .x (the low half) = lo
+    uint32_t bits;
+    memcpy(&bits, &pair, sizeof(bits));
+    return bits;
 }
+// the two bf16 of a packed pair as floats (exact): one shift or mask each
+__device__ __forceinline__ float bf16x2_low(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float bf16x2_high(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
 
 // ---- reductions shared by the kernels
 

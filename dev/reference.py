@@ -563,31 +563,41 @@ class _TensorCoreAttention(torch.autograd.Function):
     the probabilities P before P v (forward) and P^T dy (backward), and the score gradients dS
     before dS^T q and dS k. The forward walks the keys in tiles of 64 with an online softmax, as
     the kernel does, since P is rounded relative to the running maximum m of the tiles seen so far.
-    q, k, v (B, NH, T, hs) hold bf16 values; returns y before its store() rounding."""
+    q, k, v (B, NH, T, hs) hold bf16 values; returns y before its store() rounding.
+    Like the kernel, the softmax works in base 2: scores times scale * log2(e), exp(x - m) as
+    2^(x - m) with results below 2^-126 flushed to 0 (the GPU's ex2.approx.ftz), and lse back in
+    natural-log units, (m + log2(sum)) * ln(2)."""
 
     TILE = 64
+    LOG2E = float(np.float32(1.44269504088896341))  # the kernel's float constants
+    LN2 = float(np.float32(0.693147180559945309))
+
+    @staticmethod
+    def exp2(x):  # attention_exp2_cpu
+        return torch.where(x < -126, torch.zeros_like(x), torch.exp2(x))
 
     @staticmethod
     def forward(ctx, q, k, v):
         T, hs = q.shape[-2], q.shape[-1]
         scale = float(np.float32(1.0) / np.sqrt(np.float32(hs)))       # 1/sqrtf(hs), as the kernel
+        scale_log2 = float(np.float32(scale) * np.float32(_TensorCoreAttention.LOG2E))  # in float, as the kernel
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        scores = ((q @ k.transpose(-2, -1)) * scale).masked_fill(future, float("-inf"))  # (B, NH, T, T)
+        scores = ((q @ k.transpose(-2, -1)) * scale_log2).masked_fill(future, float("-inf"))  # (B, NH, T, T), base 2
         row_max = torch.full(q.shape[:-1] + (1,), float("-inf"), dtype=q.dtype, device=q.device)
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros_like(q)
         for k0 in range(0, T, _TensorCoreAttention.TILE):
             tile = scores[..., k0:k0 + _TensorCoreAttention.TILE]                # (B, NH, T, <=64)
             new_max = torch.maximum(row_max, tile.amax(dim=-1, keepdim=True))   # finite: key 0 is never masked
-            correction = torch.exp(row_max - new_max)                           # 0 on the first tile
-            p = round_bf16(torch.exp(tile - new_max))                           # P in bf16; 0 where masked
+            correction = _TensorCoreAttention.exp2(row_max - new_max)           # 0 on the first tile
+            p = round_bf16(_TensorCoreAttention.exp2(tile - new_max))           # P in bf16; 0 where masked
             row_sum = row_sum * correction + p.sum(dim=-1, keepdim=True)
             acc = acc * correction + p @ v[..., k0:k0 + _TensorCoreAttention.TILE, :]
             row_max = new_max
         y = acc * (1.0 / row_sum)
-        lse = row_max + torch.log(row_sum)                                      # (B, NH, T, 1)
+        lse = (row_max + torch.log2(row_sum)) * _TensorCoreAttention.LN2       # (B, NH, T, 1), natural log
         ctx.save_for_backward(q, k, v, round_bf16(y), lse)                      # y as stored: D is taken from it
-        ctx.scale = scale
+        ctx.scale, ctx.scale_log2 = scale, scale_log2
         return y
 
     @staticmethod
@@ -595,8 +605,8 @@ class _TensorCoreAttention(torch.autograd.Function):
         q, k, v, y_stored, lse = ctx.saved_tensors
         T = q.shape[-2]
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        scores = ((q @ k.transpose(-2, -1)) * ctx.scale).masked_fill(future, float("-inf"))
-        p = torch.exp(scores - lse)                              # (B, NH, T, T), 0 where masked
+        scores = ((q @ k.transpose(-2, -1)) * ctx.scale_log2).masked_fill(future, float("-inf"))
+        p = _TensorCoreAttention.exp2(scores - lse * _TensorCoreAttention.LOG2E)  # (B, NH, T, T), 0 where masked
         dp = dy @ v.transpose(-2, -1)
         d = (dy * y_stored).sum(dim=-1, keepdim=True)            # D = rowsum(dy * y as stored)
         ds = round_bf16(p * (dp - d))                            # dS in bf16

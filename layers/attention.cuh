@@ -155,6 +155,23 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
     }
 }
 
+/*
+The tensor-core attention's softmax works in base 2, as FlashAttention does: a score x becomes
+x log2(e) at once (the scale 1/sqrt(hs) and log2(e) in one factor) and exp(x - m) becomes
+2^(x log2(e) - m log2(e)). On a GPU 2^x is one instruction, ex2.approx.ftz.f32 (relative error
+about 2^-22; results below 2^-126 flush to 0), where expf is eight (nvcc's SASS: a range
+reduction in five FFMA/FADD, the MUFU.EX2, and a rescaling): with 64 HMMA per 16x64 tile and
+warp in the forward, the softmax's instructions, not the products, limited how fast the warp
+could issue. lse stays in natural-log units for the interface (lse = (m + log2(sum)) ln 2); the
+backward turns it back with one multiply per row. attention_exp2_cpu is the same function on the
+CPU (exp2f with the same flush), used by the twins and by the emulated kernels, so that under
+the emulation a kernel and its twin agree bit for bit; on a GPU they differ by a few float ulps
+before P is rounded to bf16.
+*/
+constexpr float ATTN_LOG2E = 1.44269504088896341f;   // log2(e)
+constexpr float ATTN_LN2 = 0.693147180559945309f;    // ln(2)
+inline float attention_exp2_cpu(float x) { return x < -126.0f ? 0.0f : exp2f(x); }
+
 #ifdef MIXLN_HAS_BF16
 /*
 CPU twins of the tensor-core attention (bf16 only; the kernels and their rationale are in the
@@ -172,7 +189,7 @@ taken in the kernel's order: four partial sums, the one of lane t (t = 0..3) ove
 inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH,
                                               int head_size) {
     int C = NH * head_size;
-    float scale = 1.0f / sqrtf((float)head_size);
+    float scale_log2 = 1.0f / sqrtf((float)head_size) * ATTN_LOG2E;   // scores in base 2 (above)
     #pragma omp parallel
     {
         std::vector<float> scores(64), acc(head_size);   // per thread: one tile's scores, one row's sum of P v
@@ -188,7 +205,7 @@ inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16*
                     std::fill(acc.begin(), acc.end(), 0.0f);
                     // the key tiles up to the query's own
                     for (int k0 = 0; k0 <= t; k0 += 64) {
-                        // scaled scores of the tile, -inf for the masked future and keys past T
+                        // scaled scores of the tile (base 2), -inf for the masked future and keys past T
                         float tile_max = -INFINITY;
                         for (int c = 0; c < 64; c++) {
                             int t2 = k0 + c;
@@ -196,17 +213,17 @@ inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16*
                             if (t2 <= t && t2 < T) {
                                 float dot = 0.0f;
                                 for (int i = 0; i < head_size; i++) dot += to_real(q[i]) * to_real(row(t2, 1)[i]);
-                                score = dot * scale;
+                                score = dot * scale_log2;
                             }
                             scores[c] = score;
                             tile_max = std::max(tile_max, score);
                         }
                         // online softmax: the new maximum, and the factor that rescales the old sums
                         float new_max = std::max(row_max, tile_max);
-                        float correction = expf(row_max - new_max);
+                        float correction = attention_exp2_cpu(row_max - new_max);
                         // P rounded to bf16 relative to the new maximum; its sum in the kernel's
                         // order (lane t of a row's four: keys 8n + 2t, 8n + 2t + 1 for n = 0..7)
-                        for (int c = 0; c < 64; c++) scores[c] = to_real(from_real<bf16>(expf(scores[c] - new_max)));
+                        for (int c = 0; c < 64; c++) scores[c] = to_real(from_real<bf16>(attention_exp2_cpu(scores[c] - new_max)));
                         float lane_sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                         for (int lane = 0; lane < 4; lane++)
                             for (int n = 0; n < 8; n++)
@@ -224,7 +241,7 @@ inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16*
                     float inv_sum = 1.0f / row_sum;
                     bf16* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
                     for (int i = 0; i < head_size; i++) y[i] = from_real<bf16>(acc[i] * inv_sum);
-                    lse[((size_t)b * NH + h) * T + t] = row_max + logf(row_sum);
+                    lse[((size_t)b * NH + h) * T + t] = (row_max + log2f(row_sum)) * ATTN_LN2;
                 }
             }
         }
@@ -232,13 +249,13 @@ inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16*
 }
 
 // dqkv (B, T, 3C) written; dout, out (B, T, C) and lse (B, NH, T) as in the forward; qkv (B, T, 3C).
-// P = exp(score - lse), dP = dout . v, D = dout . out (out as stored), dS = P (dP - D); then
+// P = 2^(score log2(e) - lse log2(e)), dP = dout . v, D = dout . out (out as stored), dS = P (dP - D); then
 // dv = round(P)^T dout, dk = scale round(dS)^T q, dq = scale round(dS) k, each summed in float
 // and rounded once into dqkv.
 inline void attention_backward_tensor_core_cpu(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out,
                                                const float* lse, int B, int T, int NH, int head_size) {
     int C = NH * head_size;
-    float scale = 1.0f / sqrtf((float)head_size);
+    float scale = 1.0f / sqrtf((float)head_size), scale_log2 = scale * ATTN_LOG2E;
     #pragma omp parallel
     {
         std::vector<float> grad((size_t)T * 3 * head_size);   // per thread: one head's [dq | dk | dv] per position
@@ -252,7 +269,7 @@ inline void attention_backward_tensor_core_cpu(bf16* dqkv, const bf16* dout, con
                 for (int t = 0; t < T; t++) {
                     const bf16* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
                     const bf16* y = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
-                    float row_lse = lse[((size_t)b * NH + h) * T + t];
+                    float row_lse2 = lse[((size_t)b * NH + h) * T + t] * ATTN_LOG2E;   // base 2
                     // D = dout . out as stored
                     float dsum = 0.0f;
                     for (int i = 0; i < head_size; i++) dsum += to_real(dy[i]) * to_real(y[i]);
@@ -264,7 +281,7 @@ inline void attention_backward_tensor_core_cpu(bf16* dqkv, const bf16* dout, con
                             dot += to_real(row(t, 0)[i]) * to_real(row(t2, 1)[i]);
                             dp += to_real(dy[i]) * to_real(row(t2, 2)[i]);
                         }
-                        float p = expf(dot * scale - row_lse);
+                        float p = attention_exp2_cpu(dot * scale_log2 - row_lse2);
                         float p_rounded = to_real(from_real<bf16>(p));
                         float ds_rounded = to_real(from_real<bf16>(p * (dp - dsum)));
                         float* dk = grad.data() + ((size_t)t2 * 3 + 1) * head_size;
@@ -920,8 +937,12 @@ What changes against the CUDA-core kernels, and why:
     S = Q K^T, k is the channel and K's rows hold it contiguous; for P V, dS K, P^T dO and dS^T Q,
     k runs over positions, so those tiles are also stored transposed, (channels, positions), by
     attention_tc_load_tile_transposed.
+  - The softmax in base 2 (ex2.approx, one instruction; see attention_exp2_cpu), and the
+    forward's P packed straight into A operands by one conversion per pair (pack_bf16x2), its row
+    sums taken from the packed values.
   - The diagonal tile: a warp skips the products whose 16 or 32 columns are all in its rows'
-    future (they would be masked to 0).
+    future (they would be masked to 0); in the forward, only tiles that reach past a warp's first
+    row (or past T) compare positions at all (attention_tc_scale_scores<true>).
   - Determinism: as before, every element of dq, dk and dv is summed by one lane in a fixed order
     and written to dqkv once; no atomics.
 Row-major tiles are bf16 (64, head_size + 8), transposed ones (head_size, 72): 16 bytes more than a
@@ -938,6 +959,18 @@ all within sm_80's 163 KB.
 constexpr int ATTN_TC_WARPS = 4;
 constexpr int ATTN_TC_THREADS = 32 * ATTN_TC_WARPS;
 constexpr int ATTN_TC_T_STRIDE = ATTN_TILE + 8;   // row stride of the transposed (channels, 64) tiles
+
+// 2^x for the tensor-core softmax (see attention_exp2_cpu): ex2.approx.ftz.f32 on the GPU, the CPU
+// function under the emulation
+static __device__ __forceinline__ float attention_exp2(float x) {
+#ifdef MIXLN_CUDA_EMULATION
+    return attention_exp2_cpu(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
 
 // the tensor-core path handles these head sizes
 inline bool attention_tensor_core_supports(int head_size) {
@@ -1032,6 +1065,22 @@ static __device__ __forceinline__ void attention_tc_flush(bf16* dst, size_t dst_
     }
 }
 
+// The forward's scores of a 16 x 64 tile (8 results of 16 x 8, see the layout above) times
+// scale_log2; with MASKED, the keys after the lane's rows or past T become -inf. A template, so
+// that the tiles wholly before the diagonal (most of them) run no comparisons at all.
+template <bool MASKED>
+static __device__ __forceinline__ void attention_tc_scale_scores(float s[8][4], float scale_log2, int k0,
+                                                                 const int row[2], int T, int t) {
+    ATTN_UNROLL
+    for (int n = 0; n < 8; n++) {
+        ATTN_UNROLL
+        for (int i = 0; i < 4; i++) {
+            int key = k0 + 8 * n + 2 * t + i % 2;
+            s[n][i] = MASKED && !(key <= row[i / 2] && key < T) ? -INFINITY : s[n][i] * scale_log2;
+        }
+    }
+}
+
 // Forward. grid (B * NH, query tiles); out (B, T, C), lse (B, NH, T), qkv (B, T, 3C)
 template <int HS>
 static __global__ void __launch_bounds__(ATTN_TC_THREADS)
@@ -1046,7 +1095,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     int query_tile = gridDim.y - 1 - blockIdx.y;   // longest rows first
     int q0 = query_tile * ATTN_TILE;
     int C = NH * HS;
-    float scale = 1.0f / sqrtf((float)HS);
+    float scale_log2 = 1.0f / sqrtf((float)HS) * ATTN_LOG2E;   // scores in base 2 (attention_exp2_cpu)
     const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
     // the lane's two rows: queries row[0] = q0 + 16 warp + g and row[1] = row[0] + 8
     int row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
@@ -1077,17 +1126,16 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
                 mma_bf16_16x8x16(s[n], q_frag[kc], k_frag);
             }
         }
-        // scale and mask, then each row's maximum over the tile (a butterfly over its 4 lanes)
+        // scale (base 2) and mask, then each row's maximum over the tile (a butterfly over its 4
+        // lanes). Only a tile that reaches past the warp's first row, or past T, has masked keys.
+        bool masked = k0 + ATTN_TILE - 1 > q0 + 16 * warp || k0 + ATTN_TILE > T;
+        if (masked) attention_tc_scale_scores<true>(s, scale_log2, k0, row, T, t);
+        else attention_tc_scale_scores<false>(s, scale_log2, k0, row, T, t);
         float tile_max[2] = {-INFINITY, -INFINITY};
         ATTN_UNROLL
         for (int n = 0; n < 8; n++) {
             ATTN_UNROLL
-            for (int i = 0; i < 4; i++) {
-                int key = k0 + 8 * n + 2 * t + i % 2;
-                float score = key <= row[i / 2] && key < T ? s[n][i] * scale : -INFINITY;
-                s[n][i] = score;
-                tile_max[i / 2] = fmaxf(tile_max[i / 2], score);
-            }
+            for (int i = 0; i < 4; i++) tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
         }
         float correction[2];
         ATTN_UNROLL
@@ -1096,18 +1144,27 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
             tile_max[j] = fmaxf(tile_max[j], __shfl_xor_sync(0xffffffffu, tile_max[j], 2));
             // finite: key k0 <= q0 <= row is never masked (rows past T included: k0 < T)
             float new_max = fmaxf(row_max[j], tile_max[j]);
-            correction[j] = expf(row_max[j] - new_max);   // 0 on the first tile
+            correction[j] = attention_exp2(row_max[j] - new_max);   // 0 on the first tile
             row_max[j] = new_max;
         }
-        // P = exp(score - max) rounded to bf16, its row sums, and P as the A operands of P v
+        // P = 2^(score - max) rounded to bf16 and packed in pairs: p_frag[kc] is the A operand of
+        // keys 16 kc .. 16 kc + 15 (results n = 2 kc and 2 kc + 1, as attention_tc_to_a packs
+        // them). The row sums add the rounded values, key by key in the order of n.
+        uint32_t p_frag[4][4];
         float tile_sum[2] = {0.0f, 0.0f};
         ATTN_UNROLL
-        for (int n = 0; n < 8; n++) {
+        for (int kc = 0; kc < 4; kc++) {
             ATTN_UNROLL
-            for (int i = 0; i < 4; i++) {
-                float p = __bfloat162float(__float2bfloat16_rn(expf(s[n][i] - row_max[i / 2])));
-                s[n][i] = p;
-                tile_sum[i / 2] += p;
+            for (int half = 0; half < 2; half++) {
+                ATTN_UNROLL
+                for (int j = 0; j < 2; j++) {   // the lane's rows g (j = 0) and g + 8 (j = 1)
+                    const float* scores = s[2 * kc + half];
+                    uint32_t pair = pack_bf16x2(attention_exp2(scores[2 * j] - row_max[j]),
+                                                attention_exp2(scores[2 * j + 1] - row_max[j]));
+                    p_frag[kc][2 * half + j] = pair;
+                    tile_sum[j] += bf16x2_low(pair);
+                    tile_sum[j] += bf16x2_high(pair);
+                }
             }
         }
         ATTN_UNROLL
@@ -1125,17 +1182,15 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
         ATTN_UNROLL
         for (int kc = 0; kc < 4; kc++) {
             if (k0 + 16 * kc > last_row) break;
-            uint32_t p_frag[4];
-            attention_tc_to_a(p_frag, s[2 * kc], s[2 * kc + 1]);
             ATTN_UNROLL
             for (int n = 0; n < HS / 8; n++) {
                 uint32_t v_frag[2];
                 attention_tc_load_b(v_frag, vt_tile, ATTN_TC_T_STRIDE, 8 * n, 16 * kc, g, t);
-                mma_bf16_16x8x16(o[n], p_frag, v_frag);
+                mma_bf16_16x8x16(o[n], p_frag[kc], v_frag);
             }
         }
     }
-    // out = O / row_sum, rounded once; lse = max + log(sum)
+    // out = O / row_sum, rounded once; lse = (max + log2(sum)) ln 2, in natural-log units
     ATTN_UNROLL
     for (int j = 0; j < 2; j++) {
         if (row[j] >= T) continue;
@@ -1146,7 +1201,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
             y[8 * n + 2 * t] = __float2bfloat16_rn(o[n][2 * j] * inv_sum);
             y[8 * n + 2 * t + 1] = __float2bfloat16_rn(o[n][2 * j + 1] * inv_sum);
         }
-        if (t == 0) lse[((size_t)b * NH + h) * T + row[j]] = row_max[j] + logf(row_sum[j]);
+        if (t == 0) lse[((size_t)b * NH + h) * T + row[j]] = (row_max[j] + log2f(row_sum[j])) * ATTN_LN2;
     }
 }
 
@@ -1171,7 +1226,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     int key_tile = blockIdx.y;   // the first key tiles see the most query tiles: they start first
     int k0 = key_tile * ATTN_TILE;
     int C = NH * HS;
-    float scale = 1.0f / sqrtf((float)HS);
+    float scale = 1.0f / sqrtf((float)HS), scale_log2 = scale * ATTN_LOG2E;
     const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
     const bf16* dout_head = dout + (size_t)b * T * C + (size_t)h * HS;
     const float* lse_head = lse + ((size_t)b * NH + h) * T;
@@ -1192,7 +1247,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
         attention_tc_load_tile_transposed(qt_tile, q_head, 3 * C, q0, T, HS);
         attention_tc_load_tile_transposed(doutt_tile, dout_head, C, q0, T, HS);
         for (int i = threadIdx.x; i < ATTN_TILE; i += blockDim.x) {
-            lse_tile[i] = q0 + i < T ? lse_head[q0 + i] : 0.0f;
+            lse_tile[i] = q0 + i < T ? lse_head[q0 + i] * ATTN_LOG2E : 0.0f;   // base 2
             dsum_tile[i] = q0 + i < T ? dsum_head[q0 + i] : 0.0f;
         }
         __syncthreads();
@@ -1223,7 +1278,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
                 ATTN_UNROLL
                 for (int i = 0; i < 4; i++) {
                     int c = c0 + 8 * n + 2 * t + i % 2, query = q0 + c;
-                    float p = query < T && key[i / 2] <= query ? expf(st[n][i] * scale - lse_tile[c]) : 0.0f;
+                    float p = query < T && key[i / 2] <= query ? attention_exp2(st[n][i] * scale_log2 - lse_tile[c]) : 0.0f;
                     st[n][i] = p;
                     dpt[n][i] = p * (dpt[n][i] - dsum_tile[c]);
                 }
@@ -1268,16 +1323,16 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, 4)
     int query_tile = gridDim.y - 1 - blockIdx.y;   // longest rows first
     int q0 = query_tile * ATTN_TILE;
     int C = NH * HS;
-    float scale = 1.0f / sqrtf((float)HS);
+    float scale = 1.0f / sqrtf((float)HS), scale_log2 = scale * ATTN_LOG2E;
     const bf16* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
     const bf16* dout_head = dout + (size_t)b * T * C + (size_t)h * HS;
-    // the lane's two queries, and their lse and D
+    // the lane's two queries, and their lse (base 2) and D
     int row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
     int last_row = q0 + 16 * warp + 15;
     float row_lse[2], row_dsum[2];
     ATTN_UNROLL
     for (int j = 0; j < 2; j++) {
-        row_lse[j] = row[j] < T ? lse[((size_t)b * NH + h) * T + row[j]] : 0.0f;
+        row_lse[j] = row[j] < T ? lse[((size_t)b * NH + h) * T + row[j]] * ATTN_LOG2E : 0.0f;
         row_dsum[j] = row[j] < T ? dsum[((size_t)b * NH + h) * T + row[j]] : 0.0f;
     }
 
@@ -1317,7 +1372,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, 4)
                 ATTN_UNROLL
                 for (int i = 0; i < 4; i++) {
                     int j = i / 2, key = k0 + c0 + 8 * n + 2 * t + i % 2;
-                    float p = row[j] < T && key <= row[j] ? expf(s[n][i] * scale - row_lse[j]) : 0.0f;
+                    float p = row[j] < T && key <= row[j] ? attention_exp2(s[n][i] * scale_log2 - row_lse[j]) : 0.0f;
                     dp[n][i] = p * (dp[n][i] - row_dsum[j]);
                 }
             }
