@@ -160,9 +160,9 @@ The tensor-core attention's softmax works in base 2, as FlashAttention does: a s
 x log2(e) at once (the scale 1/sqrt(hs) and log2(e) in one factor) and exp(x - m) becomes
 2^(x log2(e) - m log2(e)). On a GPU 2^x is one instruction, ex2.approx.ftz.f32 (relative error
 about 2^-22; results below 2^-126 flush to 0), where expf is eight (nvcc's SASS: a range
-reduction in five FFMA/FADD, the MUFU.EX2, and a rescaling): with 64 HMMA per 16x64 tile and
-warp in the forward, the softmax's instructions, not the products, limited how fast the warp
-could issue. lse stays in natural-log units for the interface (lse = (m + log2(sum)) ln 2); the
+reduction in five FFMA/FADD, the MUFU.EX2, and a rescaling): by the SASS (dev/sass_report.py),
+a forward warp issued some 550 softmax instructions per 16x64 tile against its 64 HMMA, more
+issue slots than the products take (not yet measured on a GPU: dev/PERF.md). lse stays in natural-log units for the interface (lse = (m + log2(sum)) ln 2); the
 backward turns it back with one multiply per row. attention_exp2_cpu is the same function on the
 CPU (exp2f with the same flush), used by the twins and by the emulated kernels, so that under
 the emulation a kernel and its twin agree bit for bit; on a GPU they differ by a few float ulps
