@@ -129,16 +129,30 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float d[4], const uint32_t a[4]
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
-// Two adjacent bf16 (p 4-byte aligned) as one register: p[0] in the low half. (g++ would be free
-// to reorder a uint32_t load around bf16 stores to the same memory: strict aliasing; memcpy is not.)
-__device__ __forceinline__ uint32_t load_bf16x2(const bf16* p) {
+// Four 8x8 bf16 matrices from shared memory, one register of each per lane, in the layouts of
+// mma_bf16_16x8x16's operands: lane 8j + r passes the address of row r of matrix j (8 values, 16
+// bytes, 16-byte aligned); lane l (g = l / 4, t = l % 4) gets in r[j] the values (g, 2t) and
+// (g, 2t+1) of matrix j, or with _trans (2t, g) and (2t+1, g) (the lower index in the low half).
+// PTX ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: one instruction where four 4-byte loads
+// would be needed, and _trans delivers the B operand of a tile stored with k along its rows.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const bf16* row) {
 #ifdef MIXLN_CUDA_EMULATION
-    if (reinterpret_cast<uintptr_t>(p) % 4 != 0) fail("4-byte load from %p, not 4-byte aligned", (const void*)p);
-    uint32_t value;
-    memcpy(&value, p, sizeof(value));
-    return value;
+    cuda_emu::ldmatrix_m8n8_b16(r, row, 4, false);
 #else
-    return *reinterpret_cast<const uint32_t*>(p);
+    unsigned address = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const bf16* row) {
+#ifdef MIXLN_CUDA_EMULATION
+    cuda_emu::ldmatrix_m8n8_b16(r, row, 4, true);
+#else
+    unsigned address = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
 #endif
 }
 // round lo and hi to bf16 (to nearest even) and pack them into one register, lo in the low half:

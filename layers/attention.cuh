@@ -933,10 +933,12 @@ What changes against the CUDA-core kernels, and why:
     of them are exactly the A operand of the next product (P V, dS K, ...), converted to bf16 in
     registers (the layouts of D and A match). Accumulators (O, dQ, dK, dV) are 16 x head_size per
     warp, head_size / 2 floats per lane.
-  - Operands in shared memory: a product's B operand is read two bf16 at a time along k. For
-    S = Q K^T, k is the channel and K's rows hold it contiguous; for P V, dS K, P^T dO and dS^T Q,
-    k runs over positions, so those tiles are also stored transposed, (channels, positions), by
-    attention_tc_load_tile_transposed.
+  - Operands in shared memory: every tile is stored as it lies in memory, (positions, channels),
+    and the operands come out of it by ldmatrix (ldmatrix_x4 in cuda_common.h): one instruction
+    per A operand, or per two B operands, where 4-byte loads would take four. A B operand whose k
+    runs along the tile's rows (S = Q K^T: k is the channel, and K's rows hold it contiguous)
+    loads as it is; one whose k runs over positions (P V, dS K, P^T dO, dS^T Q) loads with .trans,
+    so no tile is ever stored transposed.
   - The softmax in base 2 (ex2.approx, one instruction; see attention_exp2_cpu), and the
     forward's P packed straight into A operands by one conversion per pair (pack_bf16x2), its row
     sums taken from the packed values.
@@ -945,20 +947,18 @@ What changes against the CUDA-core kernels, and why:
     row (or past T) compare positions at all (attention_tc_scale_scores<true>).
   - Determinism: as before, every element of dq, dk and dv is summed by one lane in a fixed order
     and written to dqkv once; no atomics.
-Row-major tiles are bf16 (64, head_size + 8), transposed ones (head_size, 72): 16 bytes more than a
-row, so that the 8 row groups of a fragment load (4 lanes each, 4 bytes apart) fall in 32
-different banks for every head size here.
-Shared memory per block (hs: head size; r = 64 (hs + 8), c = 72 hs bf16 elements):
-  forward: q, k tiles (r each), v transposed (c)                      = 27 KB at hs 64, 53 KB at hs 128
-  pass 1:  k, v, q, dout tiles (r each), q and dout transposed (c each),
-           lse and D of the query tile (64 floats each)               = 54.5 KB at hs 64, 104.5 KB at hs 128
-  pass 2:  q, dout, k, v tiles (r each), k transposed (c)             = 45 KB at hs 64, 86 KB at hs 128
+Tiles are bf16 (64, head_size + 8): 16 bytes more than a row, so that the 8 rows one ldmatrix
+phase reads (16 bytes each) fall in 32 different banks for every head size here: at hs = 16m a
+row is 8m + 4 words, so row r starts at bank 4 (2m + 1) r mod 32, a different one for r = 0..7.
+Shared memory per block (hs: head size; r = 64 (hs + 8) bf16 elements):
+  forward: q, k, v tiles (r each)                                     = 27 KB at hs 64, 51 KB at hs 128
+  pass 1:  k, v, q, dout tiles (r each), lse and D of the query tile  = 36.5 KB at hs 64, 68.5 KB at hs 128
+  pass 2:  q, dout, k, v tiles (r each)                               = 36 KB at hs 64, 68 KB at hs 128
 all within sm_80's 163 KB.
 */
 
 constexpr int ATTN_TC_WARPS = 4;
 constexpr int ATTN_TC_THREADS = 32 * ATTN_TC_WARPS;
-constexpr int ATTN_TC_T_STRIDE = ATTN_TILE + 8;   // row stride of the transposed (channels, 64) tiles
 
 // 2^x for the tensor-core softmax (see attention_exp2_cpu): ex2.approx.ftz.f32 on the GPU, the CPU
 // function under the emulation
@@ -1000,46 +1000,32 @@ static __device__ void attention_tc_load_tile(bf16* tile, const bf16* src, int r
     }
 }
 
-// The same rows, transposed: tile (head_size, ATTN_TC_T_STRIDE), tile[e][r] = row t0 + r, channel
-// e; rows past T become 0. Consecutive threads take consecutive rows (so their 2-byte stores
-// into one tile row fall in different banks).
-static __device__ void attention_tc_load_tile_transposed(bf16* tile, const bf16* src, int row_stride, int t0, int T,
-                                                         int head_size) {
-    bool vectors = (reinterpret_cast<uintptr_t>(src) % 16 == 0) && row_stride % 8 == 0;
-    if (vectors) {
-        for (int idx = threadIdx.x; idx < ATTN_TILE * (head_size / 8); idx += blockDim.x) {
-            int r = idx % ATTN_TILE, e = idx / ATTN_TILE * 8;
-            Vector16<bf16> value = {};   // zeros
-            if (t0 + r < T) value = load_vector16(src + (size_t)(t0 + r) * row_stride + e);
-            ATTN_UNROLL
-            for (int i = 0; i < 8; i++) tile[(e + i) * ATTN_TC_T_STRIDE + r] = value.values[i];
-        }
-    } else {
-        for (int idx = threadIdx.x; idx < ATTN_TILE * head_size; idx += blockDim.x) {
-            int r = idx % ATTN_TILE, e = idx / ATTN_TILE;
-            tile[e * ATTN_TC_T_STRIDE + r] =
-                t0 + r < T ? src[(size_t)(t0 + r) * row_stride + e] : __float2bfloat16_rn(0.0f);
-        }
-    }
-}
-
-// The A operand (16x16) of rows r0 .. r0+15, columns k0 .. k0+15 of a row-major bf16 tile with row
-// stride `stride`, for lane (g, t) (layouts: mma_bf16_16x8x16)
+// Operand loads from the row-major tiles in shared memory, one ldmatrix each (layouts:
+// mma_bf16_16x8x16; ldmatrix_x4 names which lane passes which row). lane = threadIdx.x % 32.
+// The A operand (16x16) of rows r0 .. r0+15, columns k0 .. k0+15 of a tile with row stride
+// `stride`: matrices (r0, k0), (r0 + 8, k0), (r0, k0 + 8), (r0 + 8, k0 + 8) are a[0..3].
 static __device__ __forceinline__ void attention_tc_load_a(uint32_t a[4], const bf16* tile, int stride, int r0, int k0,
-                                                           int g, int t) {
-    const bf16* p = tile + (r0 + g) * stride + k0 + 2 * t;
-    a[0] = load_bf16x2(p);
-    a[1] = load_bf16x2(p + 8 * stride);
-    a[2] = load_bf16x2(p + 8);
-    a[3] = load_bf16x2(p + 8 * stride + 8);
+                                                           int lane) {
+    ldmatrix_x4(a, tile + (r0 + lane % 16) * stride + k0 + 8 * (lane / 16));
 }
-// The B operand (16x8) of k0 .. k0+15, n0 .. n0+7 from a tile that holds B transposed: B(k, n) at
-// tile[n * stride + k]
-static __device__ __forceinline__ void attention_tc_load_b(uint32_t b[2], const bf16* tile, int stride, int n0, int k0,
-                                                           int g, int t) {
-    const bf16* p = tile + (n0 + g) * stride + k0 + 2 * t;
-    b[0] = load_bf16x2(p);
-    b[1] = load_bf16x2(p + 8);
+// The B operands (16x8 each) of k0 .. k0+15 and the two column blocks n0 .. n0+7 (b[0]) and
+// n0+8 .. n0+15 (b[1]), from a tile whose rows run along n: B(k, n) at tile[n * stride + k] (k, v
+// or q rows against channels k, as in S = Q K^T). Matrices (n0, k0), (n0, k0 + 8), (n0 + 8, k0),
+// (n0 + 8, k0 + 8) are b[0][0], b[0][1], b[1][0], b[1][1].
+static __device__ __forceinline__ void attention_tc_load_b_pair(uint32_t b[2][2], const bf16* tile, int stride, int n0,
+                                                                int k0, int lane) {
+    uint32_t r[4];
+    ldmatrix_x4(r, tile + (n0 + lane % 8 + 8 * (lane / 16)) * stride + k0 + 8 * (lane / 8 % 2));
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+}
+// The same B operands from a tile whose rows run along k: B(k, n) at tile[k * stride + n]
+// (positions against channels, as v in P V), transposed by the load: matrices (k0, n0),
+// (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8) are b[0][0], b[0][1], b[1][0], b[1][1].
+static __device__ __forceinline__ void attention_tc_load_b_pair_trans(uint32_t b[2][2], const bf16* tile, int stride,
+                                                                      int k0, int n0, int lane) {
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, tile + (k0 + lane % 16) * stride + n0 + 8 * (lane / 16));
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
 // Results n = 2k, 2k+1 (16x8 each, float) as the A operand (16x16, bf16) of columns 16k .. 16k+15:
 // the layouts match, each value is rounded to bf16
@@ -1089,7 +1075,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     DYNAMIC_SHARED(bf16, shared);
     bf16* q_tile = shared;                                  // (64 queries, stride)
     bf16* k_tile = q_tile + ATTN_TILE * stride;             // (64 keys, stride)
-    bf16* vt_tile = k_tile + ATTN_TILE * stride;            // (HS channels, ATTN_TC_T_STRIDE): v transposed
+    bf16* v_tile = k_tile + ATTN_TILE * stride;             // (64 keys, stride)
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int b = blockIdx.x / NH, h = blockIdx.x % NH;
     int query_tile = gridDim.y - 1 - blockIdx.y;   // longest rows first
@@ -1105,25 +1091,27 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     __syncthreads();
     uint32_t q_frag[HS / 16][4];   // the warp's 16 queries as A operands, 16 channels each
     ATTN_UNROLL
-    for (int kc = 0; kc < HS / 16; kc++) attention_tc_load_a(q_frag[kc], q_tile, stride, 16 * warp, 16 * kc, g, t);
+    for (int kc = 0; kc < HS / 16; kc++) attention_tc_load_a(q_frag[kc], q_tile, stride, 16 * warp, 16 * kc, lane);
     float o[HS / 8][4] = {};   // output accumulator: 16 queries x HS channels
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
         int k0 = key_tile * ATTN_TILE;
         __syncthreads();   // the previous k and v tiles are no longer read
         attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, HS, stride);
-        attention_tc_load_tile_transposed(vt_tile, q_head + 2 * C, 3 * C, k0, T, HS);
+        attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, HS, stride);
         __syncthreads();
-        // S = q k^T: 16 queries x 64 keys, as 8 results of 8 keys (those wholly after last_row stay 0)
+        // S = q k^T: 16 queries x 64 keys, as 8 results of 8 keys, two at a time (pairs wholly
+        // after last_row stay 0; all of them are masked below)
         float s[8][4] = {};
         ATTN_UNROLL
-        for (int n = 0; n < 8; n++) {
+        for (int n = 0; n < 8; n += 2) {
             if (k0 + 8 * n > last_row) break;
             ATTN_UNROLL
             for (int kc = 0; kc < HS / 16; kc++) {
-                uint32_t k_frag[2];
-                attention_tc_load_b(k_frag, k_tile, stride, 8 * n, 16 * kc, g, t);
-                mma_bf16_16x8x16(s[n], q_frag[kc], k_frag);
+                uint32_t k_frag[2][2];
+                attention_tc_load_b_pair(k_frag, k_tile, stride, 8 * n, 16 * kc, lane);
+                mma_bf16_16x8x16(s[n], q_frag[kc], k_frag[0]);
+                mma_bf16_16x8x16(s[n + 1], q_frag[kc], k_frag[1]);
             }
         }
         // scale (base 2) and mask, then each row's maximum over the tile (a butterfly over its 4
@@ -1183,10 +1171,11 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
         for (int kc = 0; kc < 4; kc++) {
             if (k0 + 16 * kc > last_row) break;
             ATTN_UNROLL
-            for (int n = 0; n < HS / 8; n++) {
-                uint32_t v_frag[2];
-                attention_tc_load_b(v_frag, vt_tile, ATTN_TC_T_STRIDE, 8 * n, 16 * kc, g, t);
-                mma_bf16_16x8x16(o[n], p_frag[kc], v_frag);
+            for (int n = 0; n < HS / 8; n += 2) {
+                uint32_t v_frag[2][2];
+                attention_tc_load_b_pair_trans(v_frag, v_tile, stride, 16 * kc, 8 * n, lane);
+                mma_bf16_16x8x16(o[n], p_frag[kc], v_frag[0]);
+                mma_bf16_16x8x16(o[n + 1], p_frag[kc], v_frag[1]);
             }
         }
     }
@@ -1217,9 +1206,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     bf16* v_tile = k_tile + ATTN_TILE * stride;                  // (64 keys, stride)
     bf16* q_tile = v_tile + ATTN_TILE * stride;                  // (64 queries, stride)
     bf16* dout_tile = q_tile + ATTN_TILE * stride;               // (64 queries, stride)
-    bf16* qt_tile = dout_tile + ATTN_TILE * stride;              // (HS, ATTN_TC_T_STRIDE): q transposed
-    bf16* doutt_tile = qt_tile + HS * ATTN_TC_T_STRIDE;          // (HS, ATTN_TC_T_STRIDE): dout transposed
-    float* lse_tile = (float*)(doutt_tile + HS * ATTN_TC_T_STRIDE);   // (64)
+    float* lse_tile = (float*)(dout_tile + ATTN_TILE * stride);  // (64)
     float* dsum_tile = lse_tile + ATTN_TILE;                           // (64)
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int b = blockIdx.x / NH, h = blockIdx.x % NH;
@@ -1244,8 +1231,6 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
         __syncthreads();   // the previous query tiles are no longer read (and k, v are complete)
         attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, HS, stride);
         attention_tc_load_tile(dout_tile, dout_head, C, q0, T, HS, stride);
-        attention_tc_load_tile_transposed(qt_tile, q_head, 3 * C, q0, T, HS);
-        attention_tc_load_tile_transposed(doutt_tile, dout_head, C, q0, T, HS);
         for (int i = threadIdx.x; i < ATTN_TILE; i += blockDim.x) {
             lse_tile[i] = q0 + i < T ? lse_head[q0 + i] * ATTN_LOG2E : 0.0f;   // base 2
             dsum_tile[i] = q0 + i < T ? dsum_head[q0 + i] : 0.0f;
@@ -1261,15 +1246,18 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
             ATTN_UNROLL
             for (int kc = 0; kc < HS / 16; kc++) {
                 uint32_t k_frag[4], v_frag[4];
-                attention_tc_load_a(k_frag, k_tile, stride, 16 * warp, 16 * kc, g, t);
-                attention_tc_load_a(v_frag, v_tile, stride, 16 * warp, 16 * kc, g, t);
+                attention_tc_load_a(k_frag, k_tile, stride, 16 * warp, 16 * kc, lane);
+                attention_tc_load_a(v_frag, v_tile, stride, 16 * warp, 16 * kc, lane);
                 ATTN_UNROLL
-                for (int n = 0; n < 4; n++) {
-                    uint32_t q_frag[2], dout_frag[2];
-                    attention_tc_load_b(q_frag, q_tile, stride, c0 + 8 * n, 16 * kc, g, t);
-                    attention_tc_load_b(dout_frag, dout_tile, stride, c0 + 8 * n, 16 * kc, g, t);
-                    mma_bf16_16x8x16(st[n], k_frag, q_frag);
-                    mma_bf16_16x8x16(dpt[n], v_frag, dout_frag);
+                for (int n = 0; n < 4; n += 2) {
+                    uint32_t q_frag[2][2], dout_frag[2][2];
+                    attention_tc_load_b_pair(q_frag, q_tile, stride, c0 + 8 * n, 16 * kc, lane);
+                    attention_tc_load_b_pair(dout_frag, dout_tile, stride, c0 + 8 * n, 16 * kc, lane);
+                    ATTN_UNROLL
+                    for (int i = 0; i < 2; i++) {
+                        mma_bf16_16x8x16(st[n + i], k_frag, q_frag[i]);
+                        mma_bf16_16x8x16(dpt[n + i], v_frag, dout_frag[i]);
+                    }
                 }
             }
             // P^T and dS^T = P^T (dP^T - D), element by element (queries past T are masked)
@@ -1290,12 +1278,15 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
                 attention_tc_to_a(p_frag, st[2 * kc], st[2 * kc + 1]);
                 attention_tc_to_a(ds_frag, dpt[2 * kc], dpt[2 * kc + 1]);
                 ATTN_UNROLL
-                for (int n = 0; n < HS / 8; n++) {
-                    uint32_t dout_frag[2], q_frag[2];
-                    attention_tc_load_b(dout_frag, doutt_tile, ATTN_TC_T_STRIDE, 8 * n, c0 + 16 * kc, g, t);
-                    attention_tc_load_b(q_frag, qt_tile, ATTN_TC_T_STRIDE, 8 * n, c0 + 16 * kc, g, t);
-                    mma_bf16_16x8x16(dv[n], p_frag, dout_frag);
-                    mma_bf16_16x8x16(dk[n], ds_frag, q_frag);
+                for (int n = 0; n < HS / 8; n += 2) {
+                    uint32_t dout_frag[2][2], q_frag[2][2];
+                    attention_tc_load_b_pair_trans(dout_frag, dout_tile, stride, c0 + 16 * kc, 8 * n, lane);
+                    attention_tc_load_b_pair_trans(q_frag, q_tile, stride, c0 + 16 * kc, 8 * n, lane);
+                    ATTN_UNROLL
+                    for (int i = 0; i < 2; i++) {
+                        mma_bf16_16x8x16(dv[n + i], p_frag, dout_frag[i]);
+                        mma_bf16_16x8x16(dk[n + i], ds_frag, q_frag[i]);
+                    }
                 }
             }
         }
@@ -1306,9 +1297,15 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     attention_tc_flush<HS>(dk_rows + C, (size_t)3 * C, keys, dv, 1.0f, g, t);
 }
 
+// Blocks of pass 2 an SM should hold at once, for its register budget: 4 (128 registers a thread)
+// while 4 blocks' tiles fit in the 227 KB of shared memory (head sizes to 96: 53 KB each), else
+// the 3 that fit (61 KB at 112, 68 KB at 128), which leaves 168 registers: 128 made the head-size
+// 128 pass spill 88 bytes (now 8, on sm_90 only)
+constexpr int attention_tc_query_blocks(int head_size) { return head_size <= 96 ? 4 : 3; }
+
 // Backward pass 2, dq. grid (B * NH, query tiles); arguments as pass 1
 template <int HS>
-static __global__ void __launch_bounds__(ATTN_TC_THREADS, 4)
+static __global__ void __launch_bounds__(ATTN_TC_THREADS, attention_tc_query_blocks(HS))
     attention_backward_query_tensor_core_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
                                                 const float* dsum, int T, int NH) {
     constexpr int stride = attention_tc_stride(HS);
@@ -1317,7 +1314,6 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, 4)
     bf16* dout_tile = q_tile + ATTN_TILE * stride;      // (64 queries, stride)
     bf16* k_tile = dout_tile + ATTN_TILE * stride;      // (64 keys, stride)
     bf16* v_tile = k_tile + ATTN_TILE * stride;         // (64 keys, stride)
-    bf16* kt_tile = v_tile + ATTN_TILE * stride;        // (HS, ATTN_TC_T_STRIDE): k transposed
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int b = blockIdx.x / NH, h = blockIdx.x % NH;
     int query_tile = gridDim.y - 1 - blockIdx.y;   // longest rows first
@@ -1344,7 +1340,6 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, 4)
         __syncthreads();   // the previous key tiles are no longer read (and q, dout are complete)
         attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, HS, stride);
         attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, HS, stride);
-        attention_tc_load_tile_transposed(kt_tile, q_head + C, 3 * C, k0, T, HS);
         __syncthreads();
         // the tile's keys in two halves of 32, skipping a half wholly after the warp's last query
         for (int half = 0; half < 2; half++) {
@@ -1355,15 +1350,18 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, 4)
             ATTN_UNROLL
             for (int kc = 0; kc < HS / 16; kc++) {
                 uint32_t q_frag[4], dout_frag[4];
-                attention_tc_load_a(q_frag, q_tile, stride, 16 * warp, 16 * kc, g, t);
-                attention_tc_load_a(dout_frag, dout_tile, stride, 16 * warp, 16 * kc, g, t);
+                attention_tc_load_a(q_frag, q_tile, stride, 16 * warp, 16 * kc, lane);
+                attention_tc_load_a(dout_frag, dout_tile, stride, 16 * warp, 16 * kc, lane);
                 ATTN_UNROLL
-                for (int n = 0; n < 4; n++) {
-                    uint32_t k_frag[2], v_frag[2];
-                    attention_tc_load_b(k_frag, k_tile, stride, c0 + 8 * n, 16 * kc, g, t);
-                    attention_tc_load_b(v_frag, v_tile, stride, c0 + 8 * n, 16 * kc, g, t);
-                    mma_bf16_16x8x16(s[n], q_frag, k_frag);
-                    mma_bf16_16x8x16(dp[n], dout_frag, v_frag);
+                for (int n = 0; n < 4; n += 2) {
+                    uint32_t k_frag[2][2], v_frag[2][2];
+                    attention_tc_load_b_pair(k_frag, k_tile, stride, c0 + 8 * n, 16 * kc, lane);
+                    attention_tc_load_b_pair(v_frag, v_tile, stride, c0 + 8 * n, 16 * kc, lane);
+                    ATTN_UNROLL
+                    for (int i = 0; i < 2; i++) {
+                        mma_bf16_16x8x16(s[n + i], q_frag, k_frag[i]);
+                        mma_bf16_16x8x16(dp[n + i], dout_frag, v_frag[i]);
+                    }
                 }
             }
             // dS = P (dP - D), element by element (queries past T are masked)
@@ -1382,10 +1380,11 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, 4)
                 uint32_t ds_frag[4];
                 attention_tc_to_a(ds_frag, dp[2 * kc], dp[2 * kc + 1]);
                 ATTN_UNROLL
-                for (int n = 0; n < HS / 8; n++) {
-                    uint32_t k_frag[2];
-                    attention_tc_load_b(k_frag, kt_tile, ATTN_TC_T_STRIDE, 8 * n, c0 + 16 * kc, g, t);
-                    mma_bf16_16x8x16(dq[n], ds_frag, k_frag);
+                for (int n = 0; n < HS / 8; n += 2) {
+                    uint32_t k_frag[2][2];
+                    attention_tc_load_b_pair_trans(k_frag, k_tile, stride, c0 + 16 * kc, 8 * n, lane);
+                    mma_bf16_16x8x16(dq[n], ds_frag, k_frag[0]);
+                    mma_bf16_16x8x16(dq[n + 1], ds_frag, k_frag[1]);
                 }
             }
         }
@@ -1397,18 +1396,17 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, 4)
 
 // ---- tensor-core launchers
 
+// q, k and v tiles
 inline size_t attention_forward_tensor_core_shared_bytes(int head_size) {
-    return ((size_t)2 * ATTN_TILE * attention_tc_stride(head_size) + (size_t)head_size * ATTN_TC_T_STRIDE) *
-           sizeof(bf16);
+    return (size_t)3 * ATTN_TILE * attention_tc_stride(head_size) * sizeof(bf16);
 }
+// k, v, q and dout tiles, and the query tile's lse and D
 inline size_t attention_backward_key_value_tensor_core_shared_bytes(int head_size) {
-    return ((size_t)4 * ATTN_TILE * attention_tc_stride(head_size) + (size_t)2 * head_size * ATTN_TC_T_STRIDE) *
-               sizeof(bf16) +
-           2 * ATTN_TILE * sizeof(float);
+    return (size_t)4 * ATTN_TILE * attention_tc_stride(head_size) * sizeof(bf16) + 2 * ATTN_TILE * sizeof(float);
 }
+// q, dout, k and v tiles
 inline size_t attention_backward_query_tensor_core_shared_bytes(int head_size) {
-    return ((size_t)4 * ATTN_TILE * attention_tc_stride(head_size) + (size_t)head_size * ATTN_TC_T_STRIDE) *
-           sizeof(bf16);
+    return (size_t)4 * ATTN_TILE * attention_tc_stride(head_size) * sizeof(bf16);
 }
 
 inline void attention_tensor_core_check_head_size(int head_size) {

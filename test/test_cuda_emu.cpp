@@ -950,6 +950,64 @@ TEST_CASE("mma_bf16_16x8x16 computes C + A * B with the PTX fragment layouts, pe
     CUDA_CHECK(cudaFree(d_d));
 }
 
+// ---- ldmatrix_x4 / ldmatrix_x4_trans (cuda_common.h): the PTX ldmatrix.m8n8 layouts
+// The block stages a (32, 24) tile of distinct 16-bit patterns in dynamic shared memory; lane l
+// names row l of it, at column 8 * (l / 8 % 2), so matrix j is rows 8j .. 8j+7 at that column.
+// out (32 lanes, 8): each lane's 4 registers without, then with, .trans. mode 1: lane 5's row is
+// 2 bytes off; mode 2: lane 9 names global memory instead.
+constexpr int LDMATRIX_TEST_STRIDE = 24;
+__global__ void ldmatrix_kernel(uint32_t* out, const bf16* tile, int mode) {
+    DYNAMIC_SHARED(bf16, shared);
+    int lane = threadIdx.x % 32;
+    for (int i = threadIdx.x; i < 32 * LDMATRIX_TEST_STRIDE; i += blockDim.x) shared[i] = tile[i];
+    __syncthreads();
+    const bf16* row = shared + lane * LDMATRIX_TEST_STRIDE + 8 * (lane / 8 % 2);
+    if (mode == 1 && lane == 5) row += 1;
+    if (mode == 2 && lane == 9) row = tile + lane * LDMATRIX_TEST_STRIDE;
+    uint32_t plain[4], transposed[4];
+    ldmatrix_x4(plain, row);
+    ldmatrix_x4_trans(transposed, row);
+    for (int j = 0; j < 4; j++) {
+        out[threadIdx.x * 8 + j] = plain[j];
+        out[threadIdx.x * 8 + 4 + j] = transposed[j];
+    }
+}
+
+TEST_CASE("ldmatrix_x4 and ldmatrix_x4_trans deliver the PTX fragment layouts from shared memory", "[emu][mma]") {
+    std::vector<bf16> tile(32 * LDMATRIX_TEST_STRIDE);
+    for (size_t i = 0; i < tile.size(); i++) tile[i] = __ushort_as_bfloat16((unsigned short)(i + 1));
+    bf16* d_tile = to_device(tile);
+    uint32_t* d_out = device_zeros<uint32_t>(32 * 8);
+    const size_t shared_bytes = tile.size() * sizeof(bf16);
+    LAUNCH(ldmatrix_kernel, 1, 32, shared_bytes, 0, d_out, d_tile, 0);
+    std::vector<uint32_t> out = from_device(d_out, 32 * 8);
+    // element (r, c) of matrix j, as the bits staged
+    auto element = [&](int j, int r, int c) {
+        return (uint32_t)__bfloat16_as_ushort(tile[(8 * j + r) * LDMATRIX_TEST_STRIDE + 8 * (j % 2) + c]);
+    };
+    for (int lane = 0; lane < 32; lane++) {
+        int g = lane / 4, t = lane % 4;
+        for (int j = 0; j < 4; j++) {
+            INFO("lane " << lane << " matrix " << j);
+            REQUIRE(out[lane * 8 + j] == (element(j, g, 2 * t) | element(j, g, 2 * t + 1) << 16));
+            REQUIRE(out[lane * 8 + 4 + j] == (element(j, 2 * t, g) | element(j, 2 * t + 1, g) << 16));
+        }
+    }
+    // what a GPU would not load right fails with a message
+    // (the message names the wrapper's line in cuda_common.h, and the thread)
+    REQUIRE_FAILS_WITH("ldmatrix at ", LAUNCH(ldmatrix_kernel, 1, 32, shared_bytes, 0, d_out, d_tile, 1));
+    REQUIRE_FAILS_WITH("in thread (5,0,0) of block (0,0,0)",
+                       LAUNCH(ldmatrix_kernel, 1, 32, shared_bytes, 0, d_out, d_tile, 1));
+    REQUIRE_FAILS_WITH("(lane 5), 242 bytes into the dynamic shared memory, is not 16-byte aligned",
+                       LAUNCH(ldmatrix_kernel, 1, 32, shared_bytes, 0, d_out, d_tile, 1));
+    REQUIRE_FAILS_WITH("(lane 9) is not 16 bytes inside the block's dynamic shared memory",
+                       LAUNCH(ldmatrix_kernel, 1, 32, shared_bytes, 0, d_out, d_tile, 2));
+    REQUIRE_FAILS_WITH("the block's last warp has only 16 threads (ldmatrix needs all 32 lanes)",
+                       LAUNCH(ldmatrix_kernel, 1, 48, shared_bytes, 0, d_out, d_tile, 0));
+    CUDA_CHECK(cudaFree(d_tile));
+    CUDA_CHECK(cudaFree(d_out));
+}
+
 // ---- speed: the cost of the fibers themselves
 // out (gridDim.x): four barrier-separated phases through shared memory
 __global__ void four_barriers_kernel(float* out, const float* inp) {

@@ -14,8 +14,8 @@ The attention kernels with bf16 storage (layers/attention.cuh, floatX = bf16), i
     dq and dk also differ through D (the fused backward takes it from y as stored), which the
     comparison allows per element with a bound computed from the data (attention_dsum_bounds);
   - both attentions' backward in bf16 are deterministic;
-  - the mma.sync fragment layouts the tensor-core kernels rely on, alone, with exact integer
-    products;
+  - the mma.sync and ldmatrix fragment layouts the tensor-core kernels rely on, alone, with exact
+    integer products;
   - the tensor-core attention (what the fused attention runs in bf16 for head sizes a multiple of
     16) against its CPU twins: see the comment above its tests.
 Shapes: T not a multiple of 32 (the simple kernels' warps) or 64 (the fused tiles), head sizes 8,
@@ -292,19 +292,31 @@ heads and batches, head sizes 16, 32, 64 and 128; one shape reads qkv from a poi
 */
 /*
 The fragment layouts themselves, alone: the tensor-core kernels rely on the layouts that
-mma_bf16_16x8x16 documents (cuda_common.h) and the emulation implements. One warp loads A (16x16,
-row-major) and B (16x16, stored transposed) with the attention's own operand loads, adds A B to
-an accumulator C loaded in D's layout, then feeds the rounded result back as the A operand of a
-second product with B2 (16x8), as the attention does with P and dS. The inputs are small
-integers, so every product, sum and rounding is exact and the results must equal the CPU's bit
-for bit whatever the hardware's summation order: on a GPU, a wrong layout fails here, by element,
-before it shows up as a mismatch somewhere in the attention.
+mma_bf16_16x8x16 and ldmatrix_x4 document (cuda_common.h) and the emulation implements. One warp
+stages three 16x16 bf16 matrices in shared memory with the tiles' padded row stride, loads them
+with the attention's own operand loads (ldmatrix: A, B stored along n, and B2 stored along k
+through .trans), adds A B to an accumulator C loaded in D's layout, then feeds the rounded result
+back as the A operand of a second product with B2, as the attention does with P and dS. The
+inputs are small integers, so every product, sum and rounding is exact and the results must equal
+the CPU's bit for bit whatever the hardware's summation order: on a GPU, a wrong layout fails
+here, by element, before it shows up as a mismatch somewhere in the attention.
 */
-// d (16x16) = a b + c, then e (16x8) = round_bf16(d) b2; a row-major, bt and b2t hold B(k, n) at
-// [n * 16 + k], c and d row-major
-static __global__ void mma_fragment_kernel(float* d, float* e, const bf16* a, const bf16* bt, const bf16* b2t,
+constexpr int MMA_TEST_STRIDE = 24;   // bf16 per staged row: 16 + 8, as attention_tc_stride pads
+// d (16x16) = a b + c, then e (16x16) = round_bf16(d) b2; a row-major, bn holds B(k, n) at
+// [n * 16 + k], b2 holds B2(k, n) at [k * 16 + n], c, d and e row-major
+static __global__ void mma_fragment_kernel(float* d, float* e, const bf16* a, const bf16* bn, const bf16* b2,
                                            const float* c) {
+    DYNAMIC_SHARED(bf16, shared);
+    bf16* a_tile = shared;                              // (16, MMA_TEST_STRIDE), rows along m
+    bf16* bn_tile = a_tile + 16 * MMA_TEST_STRIDE;      // rows along n
+    bf16* b2_tile = bn_tile + 16 * MMA_TEST_STRIDE;     // rows along k
     int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    for (int i = lane; i < 256; i += 32) {
+        a_tile[i / 16 * MMA_TEST_STRIDE + i % 16] = a[i];
+        bn_tile[i / 16 * MMA_TEST_STRIDE + i % 16] = bn[i];
+        b2_tile[i / 16 * MMA_TEST_STRIDE + i % 16] = b2[i];
+    }
+    __syncthreads();
     float acc[2][4];
     for (int n = 0; n < 2; n++)
         for (int half = 0; half < 2; half++) {
@@ -312,12 +324,10 @@ static __global__ void mma_fragment_kernel(float* d, float* e, const bf16* a, co
             acc[n][2 * half] = c[(g + 8 * half) * 16 + 8 * n + 2 * t];
             acc[n][2 * half + 1] = c[(g + 8 * half) * 16 + 8 * n + 2 * t + 1];
         }
-    uint32_t a_fragment[4], b_fragment[2];
-    attention_tc_load_a(a_fragment, a, 16, 0, 0, g, t);
-    for (int n = 0; n < 2; n++) {
-        attention_tc_load_b(b_fragment, bt, 16, 8 * n, 0, g, t);
-        mma_bf16_16x8x16(acc[n], a_fragment, b_fragment);
-    }
+    uint32_t a_fragment[4], b_fragments[2][2];
+    attention_tc_load_a(a_fragment, a_tile, MMA_TEST_STRIDE, 0, 0, lane);
+    attention_tc_load_b_pair(b_fragments, bn_tile, MMA_TEST_STRIDE, 0, 0, lane);
+    for (int n = 0; n < 2; n++) mma_bf16_16x8x16(acc[n], a_fragment, b_fragments[n]);
     for (int n = 0; n < 2; n++)
         for (int half = 0; half < 2; half++) {
             d[(g + 8 * half) * 16 + 8 * n + 2 * t] = acc[n][2 * half];
@@ -326,16 +336,18 @@ static __global__ void mma_fragment_kernel(float* d, float* e, const bf16* a, co
     // the result as the next A operand, as the attention feeds P and dS
     uint32_t chained[4];
     attention_tc_to_a(chained, acc[0], acc[1]);
-    float second[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    attention_tc_load_b(b_fragment, b2t, 16, 0, 0, g, t);
-    mma_bf16_16x8x16(second, chained, b_fragment);
-    for (int half = 0; half < 2; half++) {
-        e[(g + 8 * half) * 8 + 2 * t] = second[2 * half];
-        e[(g + 8 * half) * 8 + 2 * t + 1] = second[2 * half + 1];
-    }
+    float second[2][4] = {};
+    attention_tc_load_b_pair_trans(b_fragments, b2_tile, MMA_TEST_STRIDE, 0, 0, lane);
+    for (int n = 0; n < 2; n++) mma_bf16_16x8x16(second[n], chained, b_fragments[n]);
+    for (int n = 0; n < 2; n++)
+        for (int half = 0; half < 2; half++) {
+            e[(g + 8 * half) * 16 + 8 * n + 2 * t] = second[n][2 * half];
+            e[(g + 8 * half) * 16 + 8 * n + 2 * t + 1] = second[n][2 * half + 1];
+        }
 }
 
-TEST_CASE("mma.sync fragments: the attention's operand loads give exact products", "[kernels][bf16][tensor-core][mma]") {
+TEST_CASE("mma.sync and ldmatrix fragments: the attention's operand loads give exact products",
+          "[kernels][bf16][tensor-core][mma]") {
     // integers in [-3, 3]: |A B + C| <= 16 * 9 + 20 = 164, exact in bf16 (integers to 256); the
     // second product's sums stay below 2^24, exact in float
     auto small_integers = [](size_t n, uint64_t seed, int range) {
@@ -347,15 +359,13 @@ TEST_CASE("mma.sync fragments: the attention's operand loads give exact products
         }
         return v;
     };
-    std::vector<float> a = small_integers(16 * 16, 1, 3), b = small_integers(16 * 16, 2, 3),
-                       b2 = small_integers(16 * 8, 3, 3), c = small_integers(16 * 16, 4, 20);
-    // B and B2 stored transposed, as the attention's transposed tiles hold them
-    std::vector<float> bt(16 * 16), b2t(8 * 16);
-    for (int k = 0; k < 16; k++) {
-        for (int n = 0; n < 16; n++) bt[n * 16 + k] = b[k * 16 + n];
-        for (int n = 0; n < 8; n++) b2t[n * 16 + k] = b2[k * 8 + n];
-    }
-    std::vector<float> d_expected(16 * 16), e_expected(16 * 8, 0.0f);
+    std::vector<float> a = small_integers(256, 1, 3), b = small_integers(256, 2, 3), b2 = small_integers(256, 3, 3),
+                       c = small_integers(256, 4, 20);
+    // B stored along n (as k tiles hold K for S = Q K^T), B2 along k (as v tiles hold V for P V)
+    std::vector<float> bn(256);
+    for (int k = 0; k < 16; k++)
+        for (int n = 0; n < 16; n++) bn[n * 16 + k] = b[k * 16 + n];
+    std::vector<float> d_expected(256), e_expected(256, 0.0f);
     for (int i = 0; i < 16; i++)
         for (int n = 0; n < 16; n++) {
             float sum = c[i * 16 + n];
@@ -363,19 +373,19 @@ TEST_CASE("mma.sync fragments: the attention's operand loads give exact products
             d_expected[i * 16 + n] = sum;
         }
     for (int i = 0; i < 16; i++)
-        for (int n = 0; n < 8; n++)
-            for (int k = 0; k < 16; k++) e_expected[i * 8 + n] += d_expected[i * 16 + k] * b2[k * 8 + n];
-    DeviceArray<bf16> d_a(to_bf16(a)), d_bt(to_bf16(bt)), d_b2t(to_bf16(b2t));
-    DeviceArray<float> d_c(c), d_d(16 * 16), d_e(16 * 8);
-    LAUNCH(mma_fragment_kernel, dim3(1), dim3(32), 0, (cudaStream_t)0, d_d.ptr, d_e.ptr, d_a.ptr, d_bt.ptr, d_b2t.ptr,
-           d_c.ptr);
+        for (int n = 0; n < 16; n++)
+            for (int k = 0; k < 16; k++) e_expected[i * 16 + n] += d_expected[i * 16 + k] * b2[k * 16 + n];
+    DeviceArray<bf16> d_a(to_bf16(a)), d_bn(to_bf16(bn)), d_b2(to_bf16(b2));
+    DeviceArray<float> d_c(c), d_d(256), d_e(256);
+    LAUNCH(mma_fragment_kernel, dim3(1), dim3(32), 3 * 16 * MMA_TEST_STRIDE * sizeof(bf16), (cudaStream_t)0, d_d.ptr,
+           d_e.ptr, d_a.ptr, d_bn.ptr, d_b2.ptr, d_c.ptr);
     auto d = d_d.to_host(), e = d_e.to_host();
-    for (int i = 0; i < 16 * 16; i++) {
+    for (int i = 0; i < 256; i++) {
         INFO("D(" << i / 16 << ", " << i % 16 << ")");
         REQUIRE(d[i] == d_expected[i]);
     }
-    for (int i = 0; i < 16 * 8; i++) {
-        INFO("E(" << i / 8 << ", " << i % 8 << ")");
+    for (int i = 0; i < 256; i++) {
+        INFO("E(" << i / 16 << ", " << i % 16 << ")");
         REQUIRE(e[i] == e_expected[i]);
     }
 }

@@ -79,6 +79,13 @@ What it emulates
     (2t+8..2t+9, g) in b[1] (two bf16 per 32-bit register, the lower index in the low 16 bits); and
     D (16x8, float) elements (g, 2t..2t+1) in d[0..1], (g+8, 2t..2t+1) in d[2..3]. d += a * b, summed
     over k in order and then added to d. A rendezvous of all 32 lanes, like wmma::mma_sync.
+  - Matrix loads with the same layouts: cuda_emu::ldmatrix_m8n8_b16(out, row, count, transpose), what
+    cuda_common.h's ldmatrix_x4 / ldmatrix_x4_trans call here (on the GPU: PTX
+    ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16). Lane 8j + r names row r (16 bytes: 8
+    values of 16 bits) of matrix j; lane l = 4g + t then gets, for each matrix j, the values (g, 2t)
+    and (g, 2t+1) in register j (the first in the low half), or with transpose (2t, g) and (2t+1, g).
+    A rendezvous of all 32 lanes; a row outside the block's dynamic shared memory, or not 16-byte
+    aligned within it, is an error (a GPU would read garbage or fault).
   - Memory: dynamic shared memory (DYNAMIC_SHARED, cuda_emu_dynamic_shared()) is a per-block
     buffer of the launch's shared_bytes, 16-byte aligned, filled with 0xFF bytes (NaN floats) at
     the start of every block, and ending (to within 15 bytes) at an unmapped guard page, so
@@ -367,6 +374,7 @@ enum WarpOp : uint8_t {
     kReduceAdd, kReduceMinI, kReduceMinU, kReduceMaxI, kReduceMaxU, kReduceAnd, kReduceOr, kReduceXor,
     kWmmaMma,  // collectives: one function computes every lane's result (see Runner::complete_warp_op)
     kMmaM16n8k16,
+    kLdmatrix,
 };
 inline const char* warp_op_name(uint8_t op) {
     static const char* names[] = {"__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
@@ -374,7 +382,7 @@ inline const char* warp_op_name(uint8_t op) {
                                   "__reduce_add_sync", "__reduce_min_sync", "__reduce_min_sync",
                                   "__reduce_max_sync", "__reduce_max_sync", "__reduce_and_sync",
                                   "__reduce_or_sync", "__reduce_xor_sync", "wmma::mma_sync",
-                                  "mma_bf16_16x8x16 (mma.sync.m16n8k16)"};
+                                  "mma_bf16_16x8x16 (mma.sync.m16n8k16)", "ldmatrix (ldmatrix.sync.aligned.m8n8)"};
     return names[op];
 }
 // 0: __syncwarp, 1: shuffles, 2: votes, 3: reductions, 4: collectives
@@ -760,7 +768,7 @@ struct Runner {
     uint64_t warp_result(const Fiber& g, int lane, int base, unsigned mask, unsigned ballot) const {
         switch (g.op) {
             case kSyncwarp: return 0;
-            case kWmmaMma: case kMmaM16n8k16: return 0;  // the collective wrote its results already
+            case kWmmaMma: case kMmaM16n8k16: case kLdmatrix: return 0;  // the collective wrote its results already
             case kBallot: return ballot;
             case kAny: return ballot != 0;
             case kAll: return ballot == mask;
@@ -1755,6 +1763,68 @@ inline void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, co
     MmaM16n8k16Args args{a, b, d};
     in_kernel("mma_bf16_16x8x16").warp_op(file, line, kMmaM16n8k16, 0xffffffffu, (uint64_t)(uintptr_t)&args, 0, 32,
                                           &mma_m16n8k16_collective);
+}
+
+// ---- ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16, with the PTX layouts above
+
+// One lane's arguments: the row it names, where its registers go, and the form
+struct LdmatrixArgs {
+    const void* row;   // lanes 8j .. 8j + 7 name rows 0 .. 7 of matrix j (j < count); the others' are unused
+    uint32_t* out;     // [count]
+    int count;         // 1, 2 or 4 matrices
+    bool transpose;
+};
+// The collective: every lane's register j from matrix j, once all rows are read
+inline void ldmatrix_collective(void* const* lane_args, unsigned mask) {
+    (void)mask;  // always the full warp
+    const LdmatrixArgs* lane0 = static_cast<const LdmatrixArgs*>(lane_args[0]);
+    for (int lane = 1; lane < 32; lane++) {
+        const LdmatrixArgs* args = static_cast<const LdmatrixArgs*>(lane_args[lane]);
+        if (args->count != lane0->count || args->transpose != lane0->transpose)
+            in_kernel("ldmatrix").fiber_error(strprintf(
+                "ldmatrix: lanes of a warp ask for different forms: lane 0 .x%d%s, lane %d .x%d%s", lane0->count,
+                lane0->transpose ? ".trans" : "", lane, args->count, args->transpose ? ".trans" : ""));
+    }
+    uint16_t m[4][8][8];
+    for (int j = 0; j < lane0->count; j++)
+        for (int r = 0; r < 8; r++) memcpy(m[j][r], static_cast<const LdmatrixArgs*>(lane_args[8 * j + r])->row, 16);
+    for (int lane = 0; lane < 32; lane++) {
+        const LdmatrixArgs* args = static_cast<const LdmatrixArgs*>(lane_args[lane]);
+        int g = lane / 4, t = lane % 4;
+        for (int j = 0; j < lane0->count; j++) {
+            uint32_t lo = lane0->transpose ? m[j][2 * t][g] : m[j][g][2 * t];
+            uint32_t hi = lane0->transpose ? m[j][2 * t + 1][g] : m[j][g][2 * t + 1];
+            args->out[j] = lo | (hi << 16);
+        }
+    }
+}
+// The calling lane's part: out (count registers); row, for lanes below 8 * count, the 16 bytes of
+// its row, which must lie in the block's dynamic shared memory, 16-byte aligned (relative to the
+// buffer's start, as wmma_check). A GPU also takes static __shared__ rows; the emulation insists
+// on the dynamic buffer, where it can check the bounds.
+inline void ldmatrix_m8n8_b16(uint32_t* out, const void* row, int count, bool transpose,
+                              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    Runner& r = in_kernel("ldmatrix");
+    int t = r.current, lane = t & 31, base = t - lane;
+    auto where = [&]() {
+        return strprintf("ldmatrix at %s:%d in thread %s of block %s", file, line, r.thread_name(t).c_str(),
+                         dims(r.block_idx).c_str());
+    };
+    if (count != 1 && count != 2 && count != 4) r.fiber_error(strprintf("%s: .x%d is not x1, x2 or x4", where().c_str(), count));
+    if (base + 32 > r.n)
+        r.fiber_error(strprintf("%s: the block's last warp has only %d threads (ldmatrix needs all 32 lanes)",
+                                where().c_str(), r.n - base));
+    if (lane < 8 * count) {
+        uintptr_t p = (uintptr_t)row, shared = (uintptr_t)r.shared_ptr;
+        if (r.shared_bytes < 16 || p < shared || p > shared + r.shared_bytes - 16)
+            r.fiber_error(strprintf("%s: row address %p (lane %d) is not 16 bytes inside the block's dynamic shared "
+                                    "memory", where().c_str(), row, lane));
+        if ((p - shared) % 16 != 0)
+            r.fiber_error(strprintf("%s: row address %p (lane %d), %llu bytes into the dynamic shared memory, is not "
+                                    "16-byte aligned", where().c_str(), row, lane, (unsigned long long)(p - shared)));
+    }
+    LdmatrixArgs args{row, out, count, transpose};
+    r.warp_op(file, line, kLdmatrix, 0xffffffffu, (uint64_t)(uintptr_t)&args, 0, 32, &ldmatrix_collective);
 }
 
 }  // namespace cuda_emu
