@@ -164,6 +164,15 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     memcpy(&bits, &pair, sizeof(bits));
     return bits;
 }
+// a packed pair to p[0] (the low half) and p[1], p 4-byte aligned: one 4-byte store
+__device__ __forceinline__ void store_bf16x2(bf16* p, uint32_t pair) {
+#ifdef MIXLN_CUDA_EMULATION
+    if (reinterpret_cast<uintptr_t>(p) % 4 != 0) fail("4-byte store to %p, not 4-byte aligned", (void*)p);
+    memcpy((void*)p, &pair, sizeof(pair));
+#else
+    *reinterpret_cast<uint32_t*>(p) = pair;
+#endif
+}
 // the two bf16 of a packed pair as floats (exact): one shift or mask each
 __device__ __forceinline__ float bf16x2_low(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float bf16x2_high(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }

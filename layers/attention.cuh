@@ -1037,16 +1037,26 @@ static __device__ __forceinline__ void attention_tc_to_a(uint32_t a[4], const fl
 }
 
 // dst = round(acc * factor) for the warp's accumulators (16 rows x HS, see the layout above): dst
-// points at row 0 of the warp, rows dst_stride apart; rows from `rows` on are not written
+// points at row 0 of the warp, rows dst_stride apart; rows from `rows` on are not written. A
+// lane's two adjacent columns go out as one 4-byte store where dst and the stride allow.
 template <int HS>
 static __device__ __forceinline__ void attention_tc_flush(bf16* dst, size_t dst_stride, int rows,
                                                           const float acc[HS / 8][4], float factor, int g, int t) {
+    bool pairs = reinterpret_cast<uintptr_t>(dst) % 4 == 0 && dst_stride % 2 == 0;
     ATTN_UNROLL
     for (int n = 0; n < HS / 8; n++) {
         ATTN_UNROLL
-        for (int i = 0; i < 4; i++) {
-            int r = g + 8 * (i / 2), e = 8 * n + 2 * t + i % 2;
-            if (r < rows) dst[r * dst_stride + e] = __float2bfloat16_rn(acc[n][i] * factor);
+        for (int half = 0; half < 2; half++) {
+            int r = g + 8 * half;
+            if (r >= rows) continue;
+            bf16* p = dst + r * dst_stride + 8 * n + 2 * t;
+            float lo = acc[n][2 * half] * factor, hi = acc[n][2 * half + 1] * factor;
+            if (pairs) {
+                store_bf16x2(p, pack_bf16x2(lo, hi));
+            } else {
+                p[0] = __float2bfloat16_rn(lo);
+                p[1] = __float2bfloat16_rn(hi);
+            }
         }
     }
 }
@@ -1185,10 +1195,16 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
         if (row[j] >= T) continue;
         float inv_sum = 1.0f / row_sum[j];
         bf16* y = out + ((size_t)b * T + row[j]) * C + (size_t)h * HS;
+        bool pairs = reinterpret_cast<uintptr_t>(y) % 4 == 0;   // then one 4-byte store per two columns
         ATTN_UNROLL
         for (int n = 0; n < HS / 8; n++) {
-            y[8 * n + 2 * t] = __float2bfloat16_rn(o[n][2 * j] * inv_sum);
-            y[8 * n + 2 * t + 1] = __float2bfloat16_rn(o[n][2 * j + 1] * inv_sum);
+            float lo = o[n][2 * j] * inv_sum, hi = o[n][2 * j + 1] * inv_sum;
+            if (pairs) {
+                store_bf16x2(y + 8 * n + 2 * t, pack_bf16x2(lo, hi));
+            } else {
+                y[8 * n + 2 * t] = __float2bfloat16_rn(lo);
+                y[8 * n + 2 * t + 1] = __float2bfloat16_rn(hi);
+            }
         }
         if (t == 0) lse[((size_t)b * NH + h) * T + row[j]] = (row_max[j] + log2f(row_sum[j])) * ATTN_LN2;
     }
@@ -1298,10 +1314,10 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
 }
 
 // Blocks of pass 2 an SM should hold at once, for its register budget: 4 (128 registers a thread)
-// while 4 blocks' tiles fit in the 227 KB of shared memory (head sizes to 96: 53 KB each), else
-// the 3 that fit (61 KB at 112, 68 KB at 128), which leaves 168 registers: 128 made the head-size
-// 128 pass spill 88 bytes (now 8, on sm_90 only)
-constexpr int attention_tc_query_blocks(int head_size) { return head_size <= 96 ? 4 : 3; }
+// up to head size 80, else 3 (168 registers). At 112 and 128 the shared memory holds no more
+// than 3 blocks anyway (61 and 68 KB each); at 96 it would hold 4, but 128 registers made the
+// pass spill (20 bytes on sm_80), and at 128 spill 88.
+constexpr int attention_tc_query_blocks(int head_size) { return head_size <= 80 ? 4 : 3; }
 
 // Backward pass 2, dq. grid (B * NH, query tiles); arguments as pass 1
 template <int HS>
