@@ -699,6 +699,55 @@ static __global__ void attention_dsum_kernel(float* dsum, const floatX* dout, co
     if (lane == 0) dsum[row] = sum;
 }
 
+// The same with 16-byte loads, where a row is a power of two of whole aligned chunks up to 32
+// (attention_dsum_vectors_apply): lane group of `chunks` lanes per row, 32 / chunks rows per warp,
+// each lane one chunk of dout and of out (its products summed in order), then a butterfly over
+// the group. One 2-byte load of each per lane at a time kept too little in flight.
+template <typename floatX>
+static __global__ void attention_dsum_vector_kernel(float* dsum, const floatX* dout, const floatX* out, int B, int T,
+                                                    int NH, int head_size) {
+    constexpr int VEC = VECTOR16_SIZE<floatX>;
+    int chunks = head_size / VEC, rows_per_warp = 32 / chunks, lane = threadIdx.x % 32;
+    int row = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * rows_per_warp + lane / chunks;
+    if (row >= B * NH * T) return;   // whole lane groups, and the butterfly stays inside a group
+    int t = row % T, h = (row / T) % NH, b = row / (T * NH), chunk = lane % chunks;
+    size_t offset = ((size_t)b * T + t) * NH * head_size + (size_t)h * head_size + (size_t)chunk * VEC;
+    Vector16<floatX> dys = load_vector16(dout + offset), ys = load_vector16(out + offset);
+    float sum = 0.0f;
+    for (int e = 0; e < VEC; e++) sum += to_float(dys.values[e]) * to_float(ys.values[e]);
+    unsigned group = (chunks == 32 ? 0xffffffffu : ((1u << chunks) - 1u) << (lane / chunks * chunks));
+    for (int offset_lanes = chunks / 2; offset_lanes > 0; offset_lanes /= 2)
+        sum += __shfl_xor_sync(group, sum, offset_lanes);
+    if (chunk == 0) dsum[row] = sum;
+}
+
+// Whether the 16-byte D kernel applies: whole chunks per row, a power of two of them up to 32,
+// and dout and out 16-byte aligned (then every row is, the rows being a whole number of chunks)
+template <typename floatX>
+inline bool attention_dsum_vectors_apply(const floatX* dout, const floatX* out, int head_size) {
+    constexpr int VEC = VECTOR16_SIZE<floatX>;
+    int chunks = head_size / VEC;
+    bool power_of_two = chunks > 0 && (chunks & (chunks - 1)) == 0;
+    uintptr_t addresses = reinterpret_cast<uintptr_t>(dout) | reinterpret_cast<uintptr_t>(out);
+    return head_size % VEC == 0 && power_of_two && chunks <= 32 && addresses % 16 == 0;
+}
+
+// dsum (B, NH, T) = rowsum(dout * out) per head, out as stored: the backward's pre-pass
+template <typename floatX>
+inline void attention_dsum(float* dsum, const floatX* dout, const floatX* out, int B, int T, int NH, int head_size,
+                           cudaStream_t stream) {
+    const int block = 256;   // 8 warps
+    int rows = B * NH * T;
+    if (attention_dsum_vectors_apply(dout, out, head_size)) {
+        int rows_per_block = block / 32 * (32 / (head_size / VECTOR16_SIZE<floatX>));
+        LAUNCH(attention_dsum_vector_kernel<floatX>, dim3(ceil_div(rows, rows_per_block)), dim3(block), 0, stream,
+               dsum, dout, out, B, T, NH, head_size);
+    } else {
+        LAUNCH(attention_dsum_kernel<floatX>, dim3(ceil_div(rows, block / 32)), dim3(block), 0, stream, dsum, dout, out,
+               B, T, NH, head_size);
+    }
+}
+
 // Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) written, dout (B, T, C),
 // qkv (B, T, 3C), lse and dsum (B, NH, T)
 template <typename floatX>
@@ -889,9 +938,7 @@ inline void attention_backward_fused_cuda_cores(floatX* dqkv, float* scratch, co
                                      cudaStream_t stream) {
     attention_fused_check_head_size(head_size);
     float* dsum = scratch;   // (B, NH, T)
-    const int block = 256;   // 8 rows per block
-    LAUNCH(attention_dsum_kernel<floatX>, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, dsum, dout,
-           out, B, T, NH, head_size);
+    attention_dsum(dsum, dout, out, B, T, NH, head_size, stream);
     dim3 grid(B * NH, ceil_div(T, ATTN_TILE));
     size_t key_value_bytes = attention_backward_key_value_fused_shared_bytes(head_size);
     auto key_value_kernel = attention_backward_key_value_fused_kernel<floatX>;
@@ -1488,9 +1535,7 @@ inline void attention_backward_tensor_core(bf16* dqkv, float* scratch, const bf1
                                            cudaStream_t stream) {
     attention_tensor_core_check_head_size(head_size);
     float* dsum = scratch;   // (B, NH, T): D, the pre-pass
-    const int block = 256;   // 8 rows per block
-    LAUNCH(attention_dsum_kernel<bf16>, dim3(ceil_div(B * NH * T, block / 32)), dim3(block), 0, stream, dsum, dout,
-           out, B, T, NH, head_size);
+    attention_dsum(dsum, dout, out, B, T, NH, head_size, stream);
     attention_tc_dispatch<AttentionBackwardTensorCore>(head_size, dqkv, (const float*)dsum, dout, qkv, lse, B, T, NH,
                                                        stream);
 }
