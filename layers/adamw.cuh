@@ -19,6 +19,10 @@ and v (the ones the float arithmetic produced), so with P = bf16 the three store
 With P = float the rounding is the identity and the arithmetic is the same, operation for
 operation, as the fp32-only version this replaced (the PyTorch comparison depends on it).
 
+On the GPU both kernels move 16-byte vectors where the pointers are 16-byte aligned (the model's
+buffers are), the same expressions element by element, and take the elements past the last whole
+vector one a thread.
+
 cast_copy: out = in converted element by element (round to nearest even when narrowing). In
 --precision bf16 the kernels read a bf16 copy of the fp32 master weights; after every update
 cast_copy(bf16 weights, fp32 params) refreshes it, each weight rounded to nearest even
@@ -85,11 +89,57 @@ __global__ void adamw_update_kernel(P* params, P* m, P* v, const G* grads, size_
     params[i] = from_float<P>(p - step_size * (m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps)));
 }
 
+// The same update, a 16-byte chunk of each tensor per thread (P and G of one size, so that a chunk
+// holds the same elements of all four; the first n / VEC chunks, the launcher passes the rest to
+// the kernel above). The expressions are the one-element kernel's, element by element. One
+// 4-byte load of each tensor per thread kept too few bytes in flight to stream 16 bytes a
+// parameter at the memory's rate.
+template <typename P, typename G>
+__global__ void adamw_update_vector_kernel(P* params, P* m, P* v, const G* grads, size_t chunks, float decay,
+                                           float beta1, float beta2, float eps, float step_size,
+                                           float bias_correction2_sqrt, float grad_scale) {
+    constexpr int VEC = VECTOR16_SIZE<P>;
+    static_assert(VECTOR16_SIZE<G> == VEC, "adamw_update_vector_kernel: P and G of one size");
+    size_t chunk = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (chunk >= chunks) return;
+    size_t i = chunk * VEC;
+    Vector16<P> ps = load_vector16(params + i), ms = load_vector16(m + i), vs = load_vector16(v + i);
+    Vector16<G> gs = load_vector16(grads + i);
+    for (int e = 0; e < VEC; e++) {
+        float g = to_float(gs.values[e]) * grad_scale;
+        float p = to_float(ps.values[e]) * decay;
+        float m_i = beta1 * to_float(ms.values[e]) + (1.0f - beta1) * g;
+        float v_i = beta2 * to_float(vs.values[e]) + (1.0f - beta2) * g * g;
+        ms.values[e] = from_float<P>(m_i);
+        vs.values[e] = from_float<P>(v_i);
+        ps.values[e] = from_float<P>(p - step_size * (m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps)));
+    }
+    store_vector16(m + i, ms);
+    store_vector16(v + i, vs);
+    store_vector16(params + i, ps);
+}
+
 // one thread per element
 template <typename Out, typename In>
 __global__ void cast_copy_kernel(Out* out, const In* inp, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = from_float<Out>(to_float(inp[i]));
+}
+
+// The same, CHUNK elements a thread: 16 bytes of the narrower type, so whole 16-byte vectors of
+// both (float -> bf16: two loads of 4, one store of 8); the first chunks * CHUNK elements
+template <typename Out, typename In>
+__global__ void cast_copy_vector_kernel(Out* out, const In* inp, size_t chunks) {
+    constexpr int IN_VEC = VECTOR16_SIZE<In>, OUT_VEC = VECTOR16_SIZE<Out>;
+    constexpr int CHUNK = IN_VEC > OUT_VEC ? IN_VEC : OUT_VEC;
+    size_t chunk = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (chunk >= chunks) return;
+    size_t i = chunk * CHUNK;
+    Vector16<In> ins[CHUNK / IN_VEC];
+    for (int k = 0; k < CHUNK / IN_VEC; k++) ins[k] = load_vector16(inp + i + k * IN_VEC);
+    Vector16<Out> outs[CHUNK / OUT_VEC];
+    for (int e = 0; e < CHUNK; e++) outs[e / OUT_VEC].values[e % OUT_VEC] = from_float<Out>(to_float(ins[e / IN_VEC].values[e % IN_VEC]));
+    for (int k = 0; k < CHUNK / OUT_VEC; k++) store_vector16(out + i + k * OUT_VEC, outs[k]);
 }
 
 // ---- launchers
@@ -101,10 +151,27 @@ inline void adamw_update(P* params, P* m, P* v, const G* grads, size_t n, float 
     double bias_correction1 = 1.0 - pow((double)beta1, t);
     double bias_correction2_sqrt = sqrt(1.0 - pow((double)beta2, t));
     const int block = 256;
-    auto kernel = adamw_update_kernel<P, G>;
-    LAUNCH(kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, params, m, v, grads, n,
-           (float)(1.0 - (double)lr * weight_decay), beta1, beta2, eps, (float)(lr / bias_correction1),
-           (float)bias_correction2_sqrt, grad_scale);
+    float decay = (float)(1.0 - (double)lr * weight_decay), step_size = (float)(lr / bias_correction1);
+    // 16-byte chunks where the four tensors allow them, the rest one element a thread
+    size_t done = 0;
+    if constexpr (VECTOR16_SIZE<P> == VECTOR16_SIZE<G>) {
+        uintptr_t addresses = reinterpret_cast<uintptr_t>(params) | reinterpret_cast<uintptr_t>(m) |
+                              reinterpret_cast<uintptr_t>(v) | reinterpret_cast<uintptr_t>(grads);
+        size_t chunks = addresses % 16 == 0 ? n / VECTOR16_SIZE<P> : 0;
+        if (chunks > 0) {
+            auto vector_kernel = adamw_update_vector_kernel<P, G>;
+            LAUNCH(vector_kernel, dim3((unsigned)((chunks + block - 1) / block)), dim3(block), 0, stream, params, m, v,
+                   grads, chunks, decay, beta1, beta2, eps, step_size, (float)bias_correction2_sqrt, grad_scale);
+            done = chunks * VECTOR16_SIZE<P>;
+        }
+    }
+    if (done < n) {
+        auto kernel = adamw_update_kernel<P, G>;
+        size_t rest = n - done;
+        LAUNCH(kernel, dim3((unsigned)((rest + block - 1) / block)), dim3(block), 0, stream, params + done, m + done,
+               v + done, grads + done, rest, decay, beta1, beta2, eps, step_size, (float)bias_correction2_sqrt,
+               grad_scale);
+    }
 }
 
 // out (n) = inp (n) converted to Out (round to nearest even): the bf16 weights from the fp32 master copy
@@ -112,7 +179,19 @@ template <typename Out, typename In>
 inline void cast_copy(Out* out, const In* inp, size_t n, cudaStream_t stream) {
     if (n == 0) return;
     const int block = 256;
-    auto kernel = cast_copy_kernel<Out, In>;
-    LAUNCH(kernel, dim3((unsigned)((n + block - 1) / block)), dim3(block), 0, stream, out, inp, n);
+    // 16-byte vectors of both types where the pointers allow, the rest one element a thread
+    constexpr size_t CHUNK = VECTOR16_SIZE<In> > VECTOR16_SIZE<Out> ? VECTOR16_SIZE<In> : VECTOR16_SIZE<Out>;
+    uintptr_t addresses = reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(inp);
+    size_t chunks = addresses % 16 == 0 ? n / CHUNK : 0, done = chunks * CHUNK;
+    if (chunks > 0) {
+        auto vector_kernel = cast_copy_vector_kernel<Out, In>;
+        LAUNCH(vector_kernel, dim3((unsigned)((chunks + block - 1) / block)), dim3(block), 0, stream, out, inp, chunks);
+    }
+    if (done < n) {
+        auto kernel = cast_copy_kernel<Out, In>;
+        size_t rest = n - done;
+        LAUNCH(kernel, dim3((unsigned)((rest + block - 1) / block)), dim3(block), 0, stream, out + done, inp + done,
+               rest);
+    }
 }
 #endif
