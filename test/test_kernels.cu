@@ -264,7 +264,7 @@ TEST_CASE("adamw kernel matches the CPU", "[kernels]") {
 }
 
 TEST_CASE("global norm kernel matches the CPU", "[kernels]") {
-    for (size_t n : {1, 1000, 300000}) {   // fewer elements than threads, and many per thread
+    for (size_t n : {1, 1000, 1003, 300000}) {   // fewer elements than threads, a partial last vector, many per thread
         INFO("n " << n);
         auto grads = random_floats(n, 22);
         double expected = global_norm_cpu(grads.data(), n);
