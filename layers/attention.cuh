@@ -1257,6 +1257,34 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     }
 }
 
+// The backward passes' two products over the head's channels, for the warp's 16 rows r0 .. r0+15
+// of a1 and a2 against 32 rows c0 .. c0+31 of b1 and b2 (all tiles (64, stride)):
+// x += a1 b1^T and y += a2 b2^T, 4 results of 8 columns each. Pass 1 has a = (k, v), b = (q,
+// dout): S^T and dP^T; pass 2 the reverse: S and dP.
+template <int HS>
+static __device__ __forceinline__ void attention_tc_two_products(float x[4][4], float y[4][4], const bf16* a1_tile,
+                                                                 const bf16* a2_tile, const bf16* b1_tile,
+                                                                 const bf16* b2_tile, int stride, int r0, int c0,
+                                                                 int lane) {
+    ATTN_UNROLL
+    for (int kc = 0; kc < HS / 16; kc++) {
+        uint32_t a1[4], a2[4];
+        attention_tc_load_a(a1, a1_tile, stride, r0, 16 * kc, lane);
+        attention_tc_load_a(a2, a2_tile, stride, r0, 16 * kc, lane);
+        ATTN_UNROLL
+        for (int n = 0; n < 4; n += 2) {
+            uint32_t b1[2][2], b2[2][2];
+            attention_tc_load_b_pair(b1, b1_tile, stride, c0 + 8 * n, 16 * kc, lane);
+            attention_tc_load_b_pair(b2, b2_tile, stride, c0 + 8 * n, 16 * kc, lane);
+            ATTN_UNROLL
+            for (int i = 0; i < 2; i++) {
+                mma_bf16_16x8x16(x[n + i], a1, b1[i]);
+                mma_bf16_16x8x16(y[n + i], a2, b2[i]);
+            }
+        }
+    }
+}
+
 // Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) written, dout (B, T, C),
 // qkv (B, T, 3C), lse and dsum (B, NH, T)
 template <int HS>
@@ -1306,23 +1334,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
             if (q0 + c0 + 31 < first_key) continue;
             // S^T = k q^T and dP^T = v dout^T: 16 keys x 32 queries, 4 results of 8 queries each
             float st[4][4] = {}, dpt[4][4] = {};
-            ATTN_UNROLL
-            for (int kc = 0; kc < HS / 16; kc++) {
-                uint32_t k_frag[4], v_frag[4];
-                attention_tc_load_a(k_frag, k_tile, stride, 16 * warp, 16 * kc, lane);
-                attention_tc_load_a(v_frag, v_tile, stride, 16 * warp, 16 * kc, lane);
-                ATTN_UNROLL
-                for (int n = 0; n < 4; n += 2) {
-                    uint32_t q_frag[2][2], dout_frag[2][2];
-                    attention_tc_load_b_pair(q_frag, q_tile, stride, c0 + 8 * n, 16 * kc, lane);
-                    attention_tc_load_b_pair(dout_frag, dout_tile, stride, c0 + 8 * n, 16 * kc, lane);
-                    ATTN_UNROLL
-                    for (int i = 0; i < 2; i++) {
-                        mma_bf16_16x8x16(st[n + i], k_frag, q_frag[i]);
-                        mma_bf16_16x8x16(dpt[n + i], v_frag, dout_frag[i]);
-                    }
-                }
-            }
+            attention_tc_two_products<HS>(st, dpt, k_tile, v_tile, q_tile, dout_tile, stride, 16 * warp, c0, lane);
             // P^T and dS^T = P^T (dP^T - D), element by element (queries past T are masked)
             ATTN_UNROLL
             for (int n = 0; n < 4; n++) {
@@ -1410,23 +1422,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, attention_tc_query_blo
             if (k0 + c0 > last_row) continue;
             // S = q k^T and dP = dout v^T: 16 queries x 32 keys, 4 results of 8 keys each
             float s[4][4] = {}, dp[4][4] = {};
-            ATTN_UNROLL
-            for (int kc = 0; kc < HS / 16; kc++) {
-                uint32_t q_frag[4], dout_frag[4];
-                attention_tc_load_a(q_frag, q_tile, stride, 16 * warp, 16 * kc, lane);
-                attention_tc_load_a(dout_frag, dout_tile, stride, 16 * warp, 16 * kc, lane);
-                ATTN_UNROLL
-                for (int n = 0; n < 4; n += 2) {
-                    uint32_t k_frag[2][2], v_frag[2][2];
-                    attention_tc_load_b_pair(k_frag, k_tile, stride, c0 + 8 * n, 16 * kc, lane);
-                    attention_tc_load_b_pair(v_frag, v_tile, stride, c0 + 8 * n, 16 * kc, lane);
-                    ATTN_UNROLL
-                    for (int i = 0; i < 2; i++) {
-                        mma_bf16_16x8x16(s[n + i], q_frag, k_frag[i]);
-                        mma_bf16_16x8x16(dp[n + i], dout_frag, v_frag[i]);
-                    }
-                }
-            }
+            attention_tc_two_products<HS>(s, dp, q_tile, dout_tile, k_tile, v_tile, stride, 16 * warp, c0, lane);
             // dS = P (dP - D), element by element (queries past T are masked)
             ATTN_UNROLL
             for (int n = 0; n < 4; n++) {
