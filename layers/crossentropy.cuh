@@ -113,6 +113,17 @@ __device__ __forceinline__ void crossentropy_load_vectors(float* x, const T* row
     }
 }
 
+// The same for the fallback: x[u] = row[v0 + u * blockDim.x], CROSSENTROPY_CHUNK elements, loads
+// first, `past_end` for elements past V
+template <typename T>
+__device__ __forceinline__ void crossentropy_load_chunk(float* x, const T* row, int v0, int V, float past_end) {
+    KERNEL_UNROLL
+    for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
+        int v = v0 + u * blockDim.x;
+        x[u] = v < V ? to_float(row[v]) : past_end;
+    }
+}
+
 // A thread's running statistics take in a chunk of n elements x (past the row's end: -inf):
 // the chunk's maximum (finite: the chunk's first element is in the row), the sum rescaled to it
 template <int n>
@@ -149,11 +160,7 @@ __device__ __forceinline__ void row_softmax_stats(float* max_out, float* sum_out
     } else {
         for (int v0 = threadIdx.x; v0 < V; v0 += blockDim.x * CROSSENTROPY_CHUNK) {
             float x[CROSSENTROPY_CHUNK];
-            KERNEL_UNROLL
-            for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
-                int v = v0 + u * blockDim.x;
-                x[u] = v < V ? to_float(row[v]) : -INFINITY;
-            }
+            crossentropy_load_chunk(x, row, v0, V, -INFINITY);
             softmax_stats_add_chunk<CROSSENTROPY_CHUNK>(&max_logit, &sum, x);
         }
     }
@@ -214,11 +221,7 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
     } else {
         for (int v0 = threadIdx.x; v0 < V; v0 += blockDim.x * CROSSENTROPY_CHUNK) {
             float x[CROSSENTROPY_CHUNK];
-            KERNEL_UNROLL
-            for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
-                int v = v0 + u * blockDim.x;
-                x[u] = v < V ? to_float(row[v]) : 0.0f;
-            }
+            crossentropy_load_chunk(x, row, v0, V, 0.0f);
             KERNEL_UNROLL
             for (int u = 0; u < CROSSENTROPY_CHUNK; u++) {
                 int v = v0 + u * blockDim.x;
