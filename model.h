@@ -34,6 +34,11 @@ under bf16-pure everything is bf16. The forward and backward passes are template
 types (floatX: activations and the weights the kernels read; gradX: the weight gradients);
 model_forward and model_backward pick the instantiation. Every kernel computes in fp32.
 
+A training micro-step is model_forward_backward: the same two passes, except that the forward
+pass's cross-entropy also writes the logits' gradient over them, so the backward pass starts from
+it and the (B, T, V) logits are read once less. model_forward alone (evaluation, tests) leaves the
+logits in place.
+
 Gradient convention: the backward functions in layers/ accumulate (+=) into the gradients they
 write, so a residual connection's gradient reaches both of its inputs by both branches
 accumulating into one buffer (see model_backward). The exceptions write (=) gradients that have
@@ -441,10 +446,11 @@ struct ActivationTensorsOf {
     floatX* datty;               // (B, T, C)
     floatX* dqkv;                // (B, T, 3C)
     real*   datt_scratch;        // (B, NH, T, T)    attention backward workspace ((B, NH, T) with the fused attention)
+    real*   norm_scratch;        // (RMSNORM_PARTIAL_BLOCKS, C) RMSNorm backward: the CUDA kernel's per-block weight-gradient sums
     floatX* dgate_up;            // (B, T, 2F)
     floatX* dswiglu;             // (B, T, F)
 };
-constexpr int NUM_ACTIVATION_TENSORS = 32;
+constexpr int NUM_ACTIVATION_TENSORS = 33;
 
 // values per row of a norm's statistics: rstd, and the mean under LayerNorm
 inline size_t norm_stats_per_row(const ModelConfig& c) { return c.norm_type == NORM_LAYERNORM ? 2 : 1; }
@@ -474,6 +480,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
         BT * C, BT * C, P ? BT * C : 0,           // dresidual, dnorm, dbranch
         BT * C, BT * 3 * C,                       // datty, dqkv
         B * NH * T * (fused_attention ? 1 : T),   // datt_scratch
+        c.norm_type == NORM_LAYERNORM ? 0 : (size_t)RMSNORM_PARTIAL_BLOCKS * C,   // norm_scratch
         BT * 2 * F, BT * F,                       // dgate_up, dswiglu
     };
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) sizes[i] = s[i];
@@ -500,7 +507,7 @@ inline size_t point_activations(ActivationTensorsOf<floatX>* a, void* memory, co
     place(a->final_norm_stats), place(a->logits), place(a->losses), place(a->logit_stats), place(a->rope_cos);
     place(a->rope_sin);
     place(a->dresidual), place(a->dnorm), place(a->dbranch), place(a->datty), place(a->dqkv);
-    place(a->datt_scratch), place(a->dgate_up), place(a->dswiglu);
+    place(a->datt_scratch), place(a->norm_scratch), place(a->dgate_up), place(a->dswiglu);
     return offset;
 }
 
@@ -945,7 +952,8 @@ inline void norm_backward(Model* model, floatX* dinp, gradX* dweight, gradX* dbi
     if (c.norm_type == NORM_LAYERNORM) {
         LAYER(layernorm_backward, dinp, dweight, dbias, dout, inp, weight, stats + BT, stats, BT, C);
     } else {
-        LAYER(rmsnorm_backward, dinp, dweight, dout, inp, weight, stats, BT, C);
+        real* norm_scratch = model_activations<floatX>(model).norm_scratch;   // the CUDA kernel's partial sums
+        LAYER(rmsnorm_backward, dinp, dweight, norm_scratch, dout, inp, weight, stats, BT, C);
     }
 }
 
@@ -1026,8 +1034,19 @@ inline bool next_stream_norm(const Model* model, const ActivationTensorsOf<float
 // the same places, and the residual add's own backward is nothing but each norm's backward
 // accumulating into the stream's gradient, as it already does (model_backward).
 // floatX: the storage type of the weights the kernels read and of the activations (model_forward).
+// model->mean_loss from the per-position losses (B, T) in model memory (waits for the GPU)
+inline void model_read_loss(Model* model, const real* losses) {
+    const int BT = model->B * model->T;
+    model_copy_out(model, model->host_losses, losses, (size_t)BT * sizeof(real));
+    double sum = 0.0;
+    for (int i = 0; i < BT; i++) sum += model->host_losses[i];
+    model->mean_loss = sum / BT;
+}
+
+// loss_gradient (training, with targets): the cross-entropy also writes the loss's gradient, scaled
+// by loss_scale, over the logits in the same pass (model_forward_backward).
 template <typename floatX>
-inline void model_forward_typed(Model* model, bool with_targets) {
+inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradient = false, float loss_scale = 1.0f) {
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, F = c.ffn_channels,
               V = c.vocab_size, hs = C / NH, BT = B * T;
@@ -1113,22 +1132,23 @@ inline void model_forward_typed(Model* model, bool with_targets) {
 
     if (!stream_normed) norm_forward(model, a.final_norm, a.final_norm_stats, residual, p.final_norm, p.final_norm_bias);
     LAYER(matmul_forward, a.logits, a.final_norm, p.lm_head, BT, C, V);
-    if (with_targets) {
+    model->mean_loss = -1.0;
+    model->backward_ready = with_targets && model->skip_layer < 0;   // a skipped layer's activations are stale
+    if (with_targets && loss_gradient) {
+        // loss = mean over positions: each position's loss has gradient loss_scale / BT. The
+        // losses are read after the backward pass is queued (model_backward_typed), so that the
+        // GPU never waits for the host in between.
+        LAYER(crossentropy_forward_backward, a.logits, a.losses, a.logit_stats, a.logits, model->targets,
+              (real)(loss_scale / (double)BT), BT, V);
+    } else if (with_targets) {
         LAYER(crossentropy_forward, a.losses, a.logit_stats, a.logits, model->targets, BT, V);
-        model_copy_out(model, model->host_losses, a.losses, (size_t)BT * sizeof(real));
-        double sum = 0.0;
-        for (int i = 0; i < BT; i++) sum += model->host_losses[i];
-        model->mean_loss = sum / BT;
-        model->backward_ready = model->skip_layer < 0;   // a skipped layer's activations are stale
-    } else {
-        model->mean_loss = -1.0;
-        model->backward_ready = false;
+        model_read_loss(model, a.losses);
     }
 }
 
-// Runs the model on inputs (B, T); with targets (B, T) it also computes the per-position losses
-// and model->mean_loss. Token ids must be in [0, V).
-inline void model_forward(Model* model, const int* inputs, const int* targets) {
+// model_forward, and with loss_gradient also the loss's gradient over the logits (model_forward_backward)
+inline void model_forward_with(Model* model, const int* inputs, const int* targets, bool loss_gradient,
+                               float loss_scale) {
     const int BT = model->B * model->T, V = model->config.vocab_size;
     for (int i = 0; i < BT; i++) {
         if (inputs[i] < 0 || inputs[i] >= V) fail("input token %d at position %d is outside the vocabulary [0, %d)", inputs[i], i, V);
@@ -1140,9 +1160,16 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
         memcpy(model->host_inputs, inputs, (size_t)BT * sizeof(int));   // for backward's token groups
     }
 #ifdef MIXLN_HAS_BF16
-    if (model->precision != PRECISION_FP32) return model_forward_typed<bf16>(model, targets != nullptr);
+    if (model->precision != PRECISION_FP32)
+        return model_forward_typed<bf16>(model, targets != nullptr, loss_gradient, loss_scale);
 #endif
-    model_forward_typed<real>(model, targets != nullptr);
+    model_forward_typed<real>(model, targets != nullptr, loss_gradient, loss_scale);
+}
+
+// Runs the model on inputs (B, T); with targets (B, T) it also computes the per-position losses
+// and model->mean_loss. Token ids must be in [0, V).
+inline void model_forward(Model* model, const int* inputs, const int* targets) {
+    model_forward_with(model, inputs, targets, false, 1.0f);
 }
 
 // ----------------------------------------------------------------------------
@@ -1190,8 +1217,10 @@ inline void mlp_sublayer_backward(Model* model, const ActivationTensorsOf<floatX
 // The backward pass in one set of storage types (model_backward below picks them).
 // floatX: the storage type of the activations and of the weights the kernels read; gradX: of the
 // weight gradients (model_backward below picks them).
+// logits_hold_gradient: the forward pass already turned the logits into their gradient
+// (model_forward_backward), so the cross-entropy's backward is done
 template <typename floatX, typename gradX>
-inline void model_backward_typed(Model* model, float loss_scale) {
+inline void model_backward_typed(Model* model, float loss_scale, bool logits_hold_gradient) {
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, V = c.vocab_size, BT = B * T;
     const ParameterTensorsOf<floatX> p = model_weights<floatX>(model);
@@ -1202,8 +1231,9 @@ inline void model_backward_typed(Model* model, float loss_scale) {
     // loss = mean over positions, so each position's loss has gradient loss_scale/BT; the
     // logits turn into their gradient in place
     floatX* dlogits = a.logits;
-    LAYER(crossentropy_backward, dlogits, a.logits, a.logit_stats, model->targets, (real)(loss_scale / (double)BT), BT,
-          V);
+    if (!logits_hold_gradient)
+        LAYER(crossentropy_backward, dlogits, a.logits, a.logit_stats, model->targets, (real)(loss_scale / (double)BT),
+              BT, V);
     const floatX* last_output = layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1);
     LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V, 0.0f);   // written
     model_zero(model, a.dresidual, stream_bytes);
@@ -1257,13 +1287,16 @@ inline void model_backward_typed(Model* model, float loss_scale) {
     }
     LAYER(embedding_backward, g.embed_tokens, a.dresidual, model->inputs, model->token_positions,
           model->token_group_starts, model->token_groups, C);
+    // the losses of model_forward_backward's forward pass, now that both passes are queued
+    if (logits_hold_gradient) model_read_loss(model, a.losses);
 }
 
 // Accumulates loss_scale times the gradient of the mean loss of the last forward pass (which
 // must have had targets) into the model's gradients. Call model_zero_grad first unless
 // accumulating: with K micro-batches per step, each one's backward with loss_scale 1/K sums to
 // the gradient of the mean loss over all K*B*T positions.
-inline void model_backward(Model* model, float loss_scale = 1.0f) {
+// model_backward, from logits that hold their gradient already or not
+inline void model_backward_with(Model* model, float loss_scale, bool logits_hold_gradient) {
     if (!model->backward_ready) fail("model_backward needs a forward pass with targets (and no skipped layer) first");
     // for the embedding's backward: the forward pass's positions grouped by token
     const int BT = model->B * model->T;
@@ -1274,11 +1307,27 @@ inline void model_backward(Model* model, float loss_scale = 1.0f) {
     model_copy_in(model, model->token_group_starts, model->host_token_group_starts,
                   ((size_t)model->token_groups + 1) * sizeof(int));
 #ifdef MIXLN_HAS_BF16
-    if (model->precision == PRECISION_BF16) model_backward_typed<bf16, float>(model, loss_scale);
-    if (model->precision == PRECISION_BF16_PURE) model_backward_typed<bf16, bf16>(model, loss_scale);
+    if (model->precision == PRECISION_BF16) model_backward_typed<bf16, float>(model, loss_scale, logits_hold_gradient);
+    if (model->precision == PRECISION_BF16_PURE)
+        model_backward_typed<bf16, bf16>(model, loss_scale, logits_hold_gradient);
 #endif
-    if (model->precision == PRECISION_FP32) model_backward_typed<real, real>(model, loss_scale);
+    if (model->precision == PRECISION_FP32) model_backward_typed<real, real>(model, loss_scale, logits_hold_gradient);
     model->backward_ready = false;   // the logits now hold their gradient: backward cannot run twice
+}
+
+// Accumulates into the gradients the gradient of loss_scale * the mean loss of the last forward
+// pass, which must have had targets.
+inline void model_backward(Model* model, float loss_scale = 1.0f) { model_backward_with(model, loss_scale, false); }
+
+// One training micro-step, model_forward with targets and then model_backward(loss_scale), with
+// the loss's gradient written over the logits by the cross-entropy in the forward pass: one pass
+// over the (B, T, V) logits fewer. The same results as the two calls, to the bit. On the GPU the
+// host waits for the losses only once both passes are queued: the embedding backward's token
+// grouping runs on the host while the forward pass runs.
+inline void model_forward_backward(Model* model, const int* inputs, const int* targets, float loss_scale = 1.0f) {
+    if (targets == nullptr) fail("model_forward_backward needs targets");
+    model_forward_with(model, inputs, targets, true, loss_scale);
+    model_backward_with(model, loss_scale, true);
 }
 
 // ----------------------------------------------------------------------------

@@ -888,9 +888,8 @@ int main(int argc, char** argv) {
         double train_loss = 0.0;
         for (int micro = 0; micro < K; micro++) {
             dataloader_next_batch(&train_loader);
-            model_forward(&model, train_loader.inputs, train_loader.targets);
+            model_forward_backward(&model, train_loader.inputs, train_loader.targets, 1.0f / K);
             if (!std::isfinite(model.mean_loss)) fail("the loss is not finite at step %d; stopping", step);
-            model_backward(&model, 1.0f / K);
             train_loss += model.mean_loss / K;
         }
         double grad_norm = model_grad_norm(&model);

@@ -11,6 +11,12 @@ sum rescaled when it grows) and keeps them, (N, 2) "stats", so that backward is 
 read each logit, write its gradient. At V = 32000 those passes over the logits are all these
 kernels cost.
 
+In training the loss and its gradient are wanted together, so crossentropy_forward_backward does
+both in one kernel: each row's statistics and loss, then straight away its gradient over the
+logits. That reads the (B, T, V) logits once from memory instead of twice (the second pass over
+a row finds it in cache): 1 GB a step at LLaMA-71M, B 64, T 256 in bf16. It computes exactly what
+the two kernels compute, the same values in the same order, so its results are theirs to the bit.
+
 Storage type: the logits and their gradient are stored in T (float, double in the CPU
 finite-difference build, or bf16); the per-position losses and the stats stay float (`real` on
 the CPU), and all the math is in float (the CPU's sum in double, kept as a `real`). The only
@@ -65,6 +71,15 @@ inline void crossentropy_backward_cpu(T* dlogits, const T* logits, const real* s
         // minus the one-hot target (the target's element recomputed, so it too is rounded once)
         drow[target] = from_real<T>(std::exp(target_logit - max_logit) * scale - dloss);
     }
+}
+
+// Both in one call, as training takes them: losses (N) and stats (N, 2) as crossentropy_forward_cpu
+// gives them, and dlogits (N, V), which may be logits, as crossentropy_backward_cpu then gives them
+template <typename T>
+inline void crossentropy_forward_backward_cpu(T* dlogits, real* losses, real* stats, const T* logits,
+                                              const int* targets, real dloss, int N, int V) {
+    crossentropy_forward_cpu(losses, stats, logits, targets, N, V);
+    crossentropy_backward_cpu(dlogits, logits, stats, targets, dloss, N, V);
 }
 
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
@@ -191,16 +206,13 @@ __global__ void crossentropy_forward_kernel(float* losses, float* stats, const T
     }
 }
 
-// One block per row, one pass with the forward's statistics: each thread reads its elements (a
-// chunk's loads first) and overwrites them with their gradient, so in place is safe.
+// The gradient of one row, for a whole block, from the row's statistics (max_logit, scale = dloss /
+// sum): each thread reads its elements (a chunk's loads first) and overwrites them with
+// (softmax - onehot(target)) * dloss, so in place is safe. `vectors`: crossentropy_vectors_fit for
+// both buffers.
 template <typename T>
-__global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const float* stats, const int* targets,
-                                             float dloss, int V) {
-    const T* row = logits + (size_t)blockIdx.x * V;
-    T* drow = dlogits + (size_t)blockIdx.x * V;
-    bool vectors = crossentropy_vectors_fit(logits, V) && crossentropy_vectors_fit(dlogits, V);
-    float max_logit = stats[2 * blockIdx.x], scale = dloss / stats[2 * blockIdx.x + 1];
-    int target = targets[blockIdx.x];
+__device__ __forceinline__ void row_crossentropy_gradient(T* drow, const T* row, float max_logit, float scale,
+                                                          int target, float dloss, int V, bool vectors) {
     if (vectors) {
         constexpr int E = VECTOR16_SIZE<T>;
         for (int v0 = threadIdx.x * E; v0 < V; v0 += blockDim.x * E * CROSSENTROPY_VECTORS) {
@@ -231,6 +243,41 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
     }
 }
 
+// One block per row, one pass with the forward's statistics
+template <typename T>
+__global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const float* stats, const int* targets,
+                                             float dloss, int V) {
+    const T* row = logits + (size_t)blockIdx.x * V;
+    T* drow = dlogits + (size_t)blockIdx.x * V;
+    bool vectors = crossentropy_vectors_fit(logits, V) && crossentropy_vectors_fit(dlogits, V);
+    float max_logit = stats[2 * blockIdx.x], scale = dloss / stats[2 * blockIdx.x + 1];
+    row_crossentropy_gradient(drow, row, max_logit, scale, targets[blockIdx.x], dloss, V, vectors);
+}
+
+// One block per row: the forward kernel's statistics and loss, then the backward kernel's gradient
+// from those same float values, so the results are theirs to the bit. The target's logit is read
+// before the statistics, whose barriers then keep every thread's reads of the row ahead of any
+// thread's first store into it (in place is safe).
+template <typename T>
+__global__ void crossentropy_forward_backward_kernel(T* dlogits, float* losses, float* stats, const T* logits,
+                                                     const int* targets, float dloss, int V) {
+    const T* row = logits + (size_t)blockIdx.x * V;
+    T* drow = dlogits + (size_t)blockIdx.x * V;
+    // the paths the two kernels take: the statistics by the logits' alignment, the gradient by both buffers'
+    bool stats_vectors = crossentropy_vectors_fit(logits, V);
+    bool vectors = stats_vectors && crossentropy_vectors_fit(dlogits, V);
+    int target = targets[blockIdx.x];
+    float target_logit = to_float(row[target]);
+    float max_logit, sum;
+    row_softmax_stats(&max_logit, &sum, row, V, stats_vectors);
+    if (threadIdx.x == 0) {
+        losses[blockIdx.x] = logf(sum) - (target_logit - max_logit);
+        stats[2 * blockIdx.x] = max_logit;
+        stats[2 * blockIdx.x + 1] = sum;
+    }
+    row_crossentropy_gradient(drow, row, max_logit, dloss / sum, target, dloss, V, vectors);
+}
+
 // ---- launchers
 
 // losses (N); stats (N, 2) kept for backward; logits (N, V); targets (N)
@@ -245,5 +292,13 @@ template <typename T>
 inline void crossentropy_backward(T* dlogits, const T* logits, const float* stats, const int* targets, float dloss,
                                   int N, int V, cudaStream_t stream) {
     LAUNCH(crossentropy_backward_kernel<T>, dim3(N), dim3(256), 0, stream, dlogits, logits, stats, targets, dloss, V);
+}
+// losses (N), stats (N, 2) and dlogits (N, V), which may be logits: crossentropy_forward then
+// crossentropy_backward in one kernel
+template <typename T>
+inline void crossentropy_forward_backward(T* dlogits, float* losses, float* stats, const T* logits, const int* targets,
+                                          float dloss, int N, int V, cudaStream_t stream) {
+    LAUNCH(crossentropy_forward_backward_kernel<T>, dim3(N), dim3(256), 0, stream, dlogits, losses, stats, logits,
+           targets, dloss, V);
 }
 #endif

@@ -40,6 +40,7 @@ double) from the values as stored, and rounded once where stored:
 */
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "../common.h"
@@ -95,10 +96,17 @@ inline void residual_rmsnorm_forward_cpu(T* sum, T* out, real* rstd, const T* x,
     }
 }
 
-// dinp (N, C) +=, dweight (C) +=; dout (N, C), inp (N, C), weight (C), rstd (N) from forward
+// Rows of the backward's scratch buffer: the CUDA kernel's blocks each sum the weight gradient
+// over their rows into one row of it (see rmsnorm_backward_vector_kernel).
+constexpr int RMSNORM_PARTIAL_BLOCKS = 512;
+
+// dinp (N, C) +=, dweight (C) +=; dout (N, C), inp (N, C), weight (C), rstd (N) from forward;
+// scratch (RMSNORM_PARTIAL_BLOCKS, C) is the CUDA kernels' (this reference sums the rows directly
+// and leaves it alone)
 template <typename T, typename G>
-inline void rmsnorm_backward_cpu(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight, const real* rstd,
-                                 int N, int C) {
+inline void rmsnorm_backward_cpu(T* dinp, G* dweight, real* scratch, const T* dout, const T* inp, const T* weight,
+                                 const real* rstd, int N, int C) {
+    (void)scratch;
     // input gradient: rows are independent
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
@@ -385,79 +393,147 @@ static __global__ void rmsnorm_backward_input_kernel(T* __restrict__ dinp, const
     }
 }
 
-// 16-byte path of the input gradient (see above), one warp per row, the same expressions per
-// element. The first pass loads a group's chunks of dout, weight and inp, and for the last group
-// also dinp, all before the reduction; the second pass accumulates into dinp, the last group from
-// registers, the others reloaded.
-template <typename T>
-static __global__ void rmsnorm_backward_input_vector_kernel(T* __restrict__ dinp, const T* __restrict__ dout,
-                                                            const T* __restrict__ inp, const T* __restrict__ weight,
-                                                            const float* __restrict__ rstd, int N, int C) {
-    constexpr int VEC = RMSNORM_VEC<T>, U = RMSNORM_LANE_CHUNKS<T>;
-    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= N) return;
-    const T* x = inp + (size_t)row * C;
-    const T* dy = dout + (size_t)row * C;
-    T* dx = dinp + (size_t)row * C;
-    const int chunks = C / VEC, groups = (chunks + 32 * U - 1) / (32 * U);
-    float r = rstd[row];
-    Vector16<T> dys[U] = {}, ws[U] = {}, xs[U] = {}, olds[U] = {};
-    // pass 1: mean over the channels of g * xhat, g = dout * w
-    float dot = 0.0f;
-    for (int g = 0; g < groups; g++) {
-        KERNEL_UNROLL
-        for (int u = 0; u < U; u++) {
-            int k = (g * U + u) * 32 + lane;
-            if (k < chunks) {
-                dys[u] = load_vector16(dy + k * VEC);
-                ws[u] = load_vector16(weight + k * VEC);
-                xs[u] = load_vector16(x + k * VEC);
-                if (g == groups - 1) olds[u] = load_vector16(dx + k * VEC);
+/*
+16-byte path of the backward, the input gradient and the weight gradient in one pass over the rows.
+The separate weight kernel below reads dout and inp a second time (32 MB a call for LLaMA-71M,
+25 calls a step) and can spread only C / 16 blocks over the SMs. But in the row kernel a lane owns
+the same channels in every row (chunks lane, lane + 32, ...), so it can also sum dout * xhat over
+the rows its warp takes, in registers: GROUPS x RMSNORM_LANE_CHUNKS chunks of RMSNORM_VEC floats
+(16 to 64 for C up to 2048). Then:
+  - the grid is as many blocks as the GPU holds at once (at most RMSNORM_PARTIAL_BLOCKS): on an
+    H200, 132 multiprocessors x 3 blocks of the bf16 kernel for C = 512 (80 registers), so the
+    blocks run in one wave; a block of 8 warps takes rows b * 8 + warp, then every gridDim.x * 8
+    rows after (LLaMA-71M: 16384 rows, 5 or 6 per warp);
+  - at the end its warps add their sums into shared memory in warp order, and the block writes
+    its partial sums, one row of C floats of the scratch buffer (RMSNORM_PARTIAL_BLOCKS, C);
+  - rmsnorm_weight_partials_kernel adds the blocks' rows in block order into dweight.
+Every sum runs in a fixed order, so the result is deterministic; the order differs from the CPU's
+row by row sum, so the weight gradient agrees with it to float rounding, not bitwise.
+
+GROUPS is the number of 512-channel groups of a row as a template argument (1 to 4: C up to 2048,
+every paper config), so that the accumulators are registers. GROUPS = 0 is the input gradient
+alone for any C, one row per warp, with the weight gradient left to the weight kernel below.
+
+The input gradient: the first pass loads a group's chunks of dout, weight and inp, and for the
+last group also dinp, all before the reduction; the second pass accumulates into dinp, the last
+group from registers, the others reloaded. The same expressions per element as the fallback.
+*/
+constexpr int RMSNORM_FUSED_MAX_GROUPS = 4;    // C up to 2048 takes the fused kernel
+constexpr int RMSNORM_BACKWARD_WARPS = 8;      // warps (rows at a time) per block of the row kernels
+
+template <typename T, int GROUPS>
+static __global__ void __launch_bounds__(RMSNORM_BACKWARD_WARPS * 32)
+    rmsnorm_backward_vector_kernel(T* __restrict__ dinp, float* __restrict__ dweight_partials,
+                                   const T* __restrict__ dout, const T* __restrict__ inp,
+                                   const T* __restrict__ weight, const float* __restrict__ rstd, int N, int C) {
+    constexpr int VEC = RMSNORM_VEC<T>, U = RMSNORM_LANE_CHUNKS<T>, WARPS = RMSNORM_BACKWARD_WARPS;
+    constexpr bool FUSED = GROUPS > 0;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int chunks = C / VEC, groups = FUSED ? GROUPS : (chunks + 32 * U - 1) / (32 * U);
+    // the weight gradient's sums over this warp's rows, of the lane's channels (chunk (g * U + u) * 32 + lane)
+    float dweight_sums[FUSED ? GROUPS : 1][U][VEC] = {};
+    for (int row = blockIdx.x * WARPS + warp; row < N; row += gridDim.x * WARPS) {
+        const T* x = inp + (size_t)row * C;
+        const T* dy = dout + (size_t)row * C;
+        T* dx = dinp + (size_t)row * C;
+        float r = rstd[row];
+        Vector16<T> dys[U] = {}, ws[U] = {}, xs[U] = {}, olds[U] = {};
+        // pass 1: mean over the channels of g * xhat, g = dout * w
+        float dot = 0.0f;
+        for (int g = 0; g < groups; g++) {
+            KERNEL_UNROLL
+            for (int u = 0; u < U; u++) {
+                int k = (g * U + u) * 32 + lane;
+                if (k < chunks) {
+                    dys[u] = load_vector16(dy + k * VEC);
+                    ws[u] = load_vector16(weight + k * VEC);
+                    xs[u] = load_vector16(x + k * VEC);
+                    if (g == groups - 1) olds[u] = load_vector16(dx + k * VEC);
+                }
+            }
+            KERNEL_UNROLL
+            for (int u = 0; u < U; u++) {
+                if ((g * U + u) * 32 + lane >= chunks) continue;
+                KERNEL_UNROLL
+                for (int e = 0; e < VEC; e++) {
+                    float ge = to_float(dys[u].values[e]) * to_float(ws[u].values[e]);
+                    dot += ge * (to_float(xs[u].values[e]) * r);
+                }
             }
         }
+        float mean_dot = warp_reduce_sum(dot) / C;
+        // pass 2: dinp += rstd * (g - xhat * mean_dot), the last group from registers; and the
+        // weight gradient's terms dout * xhat
         KERNEL_UNROLL
-        for (int u = 0; u < U; u++) {
-            if ((g * U + u) * 32 + lane >= chunks) continue;
+        for (int g = groups - 1; g >= 0; g--) {
             KERNEL_UNROLL
-            for (int e = 0; e < VEC; e++) {
-                float ge = to_float(dys[u].values[e]) * to_float(ws[u].values[e]);
-                dot += ge * (to_float(xs[u].values[e]) * r);
+            for (int u = 0; u < U; u++) {
+                int k = (g * U + u) * 32 + lane;
+                if (g < groups - 1 && k < chunks) {
+                    dys[u] = load_vector16(dy + k * VEC);
+                    ws[u] = load_vector16(weight + k * VEC);
+                    xs[u] = load_vector16(x + k * VEC);
+                    olds[u] = load_vector16(dx + k * VEC);
+                }
+            }
+            KERNEL_UNROLL
+            for (int u = 0; u < U; u++) {
+                int k = (g * U + u) * 32 + lane;
+                if (k >= chunks) continue;
+                Vector16<T> news;
+                KERNEL_UNROLL
+                for (int e = 0; e < VEC; e++) {
+                    float dye = to_float(dys[u].values[e]), xe = to_float(xs[u].values[e]);
+                    float ge = dye * to_float(ws[u].values[e]);
+                    news.values[e] = from_float<T>(to_float(olds[u].values[e]) + r * (ge - xe * r * mean_dot));
+                    if constexpr (FUSED) dweight_sums[g][u][e] += dye * (xe * r);
+                }
+                store_vector16(dx + k * VEC, news);
             }
         }
     }
-    float mean_dot = warp_reduce_sum(dot) / C;
-    // pass 2: dinp += rstd * (g - xhat * mean_dot), the last group from registers
-    for (int g = groups - 1; g >= 0; g--) {
-        KERNEL_UNROLL
-        for (int u = 0; u < U; u++) {
-            int k = (g * U + u) * 32 + lane;
-            if (g < groups - 1 && k < chunks) {
-                dys[u] = load_vector16(dy + k * VEC);
-                ws[u] = load_vector16(weight + k * VEC);
-                xs[u] = load_vector16(x + k * VEC);
-                olds[u] = load_vector16(dx + k * VEC);
-            }
+    if constexpr (FUSED) {
+        // the block's sums: its warps' added in warp order into shared memory, then one row of the scratch
+        __shared__ float block_sums[GROUPS * 32 * U * VEC];
+        for (int w = 0; w < WARPS; w++) {
+            if (warp == w)
+                KERNEL_UNROLL
+                for (int g = 0; g < GROUPS; g++)
+                    KERNEL_UNROLL
+                    for (int u = 0; u < U; u++) {
+                        int k = (g * U + u) * 32 + lane;
+                        if (k >= chunks) continue;
+                        KERNEL_UNROLL
+                        for (int e = 0; e < VEC; e++) {
+                            float* total = &block_sums[k * VEC + e];
+                            *total = (w == 0 ? 0.0f : *total) + dweight_sums[g][u][e];
+                        }
+                    }
+            __syncthreads();
         }
-        KERNEL_UNROLL
-        for (int u = 0; u < U; u++) {
-            int k = (g * U + u) * 32 + lane;
-            if (k >= chunks) continue;
-            Vector16<T> news;
-            KERNEL_UNROLL
-            for (int e = 0; e < VEC; e++) {
-                float ge = to_float(dys[u].values[e]) * to_float(ws[u].values[e]), xe = to_float(xs[u].values[e]);
-                news.values[e] = from_float<T>(to_float(olds[u].values[e]) + r * (ge - xe * r * mean_dot));
-            }
-            store_vector16(dx + k * VEC, news);
-        }
+        for (int c = threadIdx.x; c < C; c += blockDim.x) dweight_partials[(size_t)blockIdx.x * C + c] = block_sums[c];
     }
 }
 
+// The fused backward's second step: dweight[c] += the sum of the blocks' partial sums (blocks rows
+// of the scratch buffer), in block order per row group of column_reduce's scheme, then the groups
+// in order.
+template <typename G>
+static __global__ void __launch_bounds__(COLUMN_THREADS)
+    rmsnorm_weight_partials_kernel(G* dweight, const float* __restrict__ dweight_partials, int blocks, int C) {
+    __shared__ float partials[COLUMN_THREADS];
+    int c = blockIdx.x * COLUMN_CHANNELS + threadIdx.x % COLUMN_CHANNELS, group = threadIdx.x / COLUMN_CHANNELS;
+    float sum = 0.0f;
+    if (c < C)
+        for (int b = group; b < blocks; b += COLUMN_ROW_GROUPS) sum += dweight_partials[(size_t)b * C + c];
+    sum = column_reduce(sum, partials);
+    if (group == 0 && c < C) dweight[c] = from_float<G>(to_float(dweight[c]) + sum);
+}
+
 /*
-Weight gradient: dweight[c] += sum over the N rows of dout * xhat, in float, in a fixed order
-(deterministic: no atomics, and no scratch buffer to combine blocks' partial sums in, so each
-channel belongs to one block). A block of 1024 threads owns 16 adjacent channels, 32 bytes of a
+Weight gradient on its own, for the shapes the fused kernel above does not take (C over 2048, or
+rows off the 16-byte path): dweight[c] += sum over the N rows of dout * xhat, in float, in a fixed
+order (deterministic: no atomics, and no scratch buffer, so each channel belongs to one block). A block of 1024 threads owns 16 adjacent channels, 32 bytes of a
 bf16 row, one 32-byte memory sector: C / 16 blocks, 32 for LLaMA-71M, so one block per SM on 32
 of the H200's 132 SMs. Fewer channels per block would use more SMs but read part sectors; what
 decides the speed is then the bytes each of these SMs keeps in flight (Little's law: ~4 TB/s x
@@ -594,16 +670,42 @@ inline void residual_rmsnorm_forward(T* sum, T* out, float* rstd, const T* x, fl
                weight, N, C, eps);
 }
 
+// scratch (RMSNORM_PARTIAL_BLOCKS, C): the fused kernel's partial sums of the weight gradient
 template <typename T, typename G>
-inline void rmsnorm_backward(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight, const float* rstd, int N,
-                             int C, cudaStream_t stream) {
-    const int block = 256;   // 8 rows per block
-    dim3 grid(ceil_div(N, block / 32));
-    if (rmsnorm_vectors_apply<T>(C, dinp, dout, inp, weight))
-        LAUNCH(rmsnorm_backward_input_vector_kernel<T>, grid, dim3(block), 0, stream, dinp, dout, inp, weight, rstd, N,
-               C);
+inline void rmsnorm_backward(T* dinp, G* dweight, float* scratch, const T* dout, const T* inp, const T* weight,
+                             const float* rstd, int N, int C, cudaStream_t stream) {
+    const int block = RMSNORM_BACKWARD_WARPS * 32, row_blocks = ceil_div(N, RMSNORM_BACKWARD_WARPS);
+    const bool vectors = rmsnorm_vectors_apply<T>(C, dinp, dout, inp, weight);
+    const int groups = ceil_div(C / RMSNORM_VEC<T>, 32 * RMSNORM_LANE_CHUNKS<T>);
+    if (vectors && groups >= 1 && groups <= RMSNORM_FUSED_MAX_GROUPS) {
+        // the fused kernel (up to RMSNORM_PARTIAL_BLOCKS blocks, each walking its rows), then the blocks' sums
+        static_assert(RMSNORM_FUSED_MAX_GROUPS == 4, "one kernel per number of groups below");
+        decltype(&rmsnorm_backward_vector_kernel<T, 1>) fused_kernels[] = {
+            rmsnorm_backward_vector_kernel<T, 1>, rmsnorm_backward_vector_kernel<T, 2>,
+            rmsnorm_backward_vector_kernel<T, 3>, rmsnorm_backward_vector_kernel<T, 4>};
+        // as many blocks as fit on the GPU at once, each walking its rows: one wave, no tail of
+        // blocks running on a few multiprocessors (the count depends on the device, not on the data,
+        // so results are deterministic on a given GPU)
+        int device = 0, multiprocessors = 0, blocks_per_multiprocessor = 0;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, fused_kernels[groups - 1],
+                                                                 block, 0));
+        const int blocks = std::min({row_blocks, std::max(multiprocessors * blocks_per_multiprocessor, 1),
+                                     RMSNORM_PARTIAL_BLOCKS});
+        LAUNCH(fused_kernels[groups - 1], dim3(blocks), dim3(block), 0, stream, dinp, scratch, dout, inp, weight, rstd,
+               N, C);
+        LAUNCH(rmsnorm_weight_partials_kernel<G>, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream,
+               dweight, (const float*)scratch, blocks, C);
+        return;
+    }
+    // otherwise the input gradient (16-byte path for any C, or the fallback), then the weight kernel
+    if (vectors)
+        LAUNCH(rmsnorm_backward_vector_kernel<T, 0>, dim3(row_blocks), dim3(block), 0, stream, dinp, (float*)nullptr,
+               dout, inp, weight, rstd, N, C);
     else
-        LAUNCH(rmsnorm_backward_input_kernel<T>, grid, dim3(block), 0, stream, dinp, dout, inp, weight, rstd, N, C);
+        LAUNCH(rmsnorm_backward_input_kernel<T>, dim3(row_blocks), dim3(block), 0, stream, dinp, dout, inp, weight, rstd,
+               N, C);
     if (rmsnorm_vectors_apply<T>(C, dout, inp)) {
         auto weight_kernel = rmsnorm_backward_weight_vector_kernel<T, G>;
         LAUNCH(weight_kernel, dim3(ceil_div(C, RMSNORM_WEIGHT_CHANNELS)), dim3(RMSNORM_WEIGHT_THREADS), 0, stream,

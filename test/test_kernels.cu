@@ -99,11 +99,13 @@ TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
         auto dinp = random_floats((size_t)N * C, 10), dweight = random_floats(C, 11);   // backward accumulates
         std::vector<float> out_cpu((size_t)N * C), rstd_cpu(N), dinp_cpu = dinp, dweight_cpu = dweight;
         rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, 1e-6f);
-        rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), rstd_cpu.data(), N, C);
+        rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), (float*)nullptr, dout.data(), inp.data(), weight.data(),
+                             rstd_cpu.data(), N, C);   // the CPU needs no scratch
         DeviceArray<float> d_inp(inp), d_weight(weight), d_dout(dout), d_out((size_t)N * C), d_rstd(N), d_dinp(dinp),
-            d_dweight(dweight);
+            d_dweight(dweight), d_scratch((size_t)RMSNORM_PARTIAL_BLOCKS * C);
         rmsnorm_forward(d_out.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, N, C, 1e-6f, 0);
-        rmsnorm_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_rstd.ptr, N, C, 0);
+        rmsnorm_backward(d_dinp.ptr, d_dweight.ptr, d_scratch.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_rstd.ptr, N, C,
+                         0);
         check_close(d_out.to_host(), out_cpu, "rmsnorm out");
         check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
         check_close(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
@@ -241,6 +243,13 @@ TEST_CASE("crossentropy kernels match the CPU", "[kernels]") {
         // in place, as the model uses it: the logits become their gradient, from the kernel's stats
         crossentropy_backward(d_logits.ptr, d_logits.ptr, d_stats.ptr, d_targets.ptr, 1.0f / N, N, V, 0);
         check_close(d_logits.to_host(), dlogits_cpu, "crossentropy dlogits");
+        // both in one kernel, in place as training runs it: the two kernels' results to the bit
+        DeviceArray<float> d_fused(logits), d_fused_losses(N), d_fused_stats(2 * N);
+        crossentropy_forward_backward(d_fused.ptr, d_fused_losses.ptr, d_fused_stats.ptr, d_fused.ptr, d_targets.ptr,
+                                      1.0f / N, N, V, 0);
+        CHECK(d_fused_losses.to_host() == d_losses.to_host());
+        CHECK(d_fused_stats.to_host() == d_stats.to_host());
+        CHECK(d_fused.to_host() == d_logits.to_host());
     }
 }
 

@@ -274,5 +274,13 @@ TEST_CASE("crossentropy kernels with bf16 logits match the CPU, in place", "[ker
         // in place, as the model uses it: the logits become their gradient, from the kernel's stats
         crossentropy_backward(d_logits.ptr, d_logits.ptr, d_stats.ptr, d_targets.ptr, 1.0f / N, N, V, 0);
         check_close_bf16(d_logits.to_host(), dlogits_cpu, "crossentropy dlogits");
+        // both in one kernel, in place as training runs it: the two kernels' results to the bit
+        DeviceArray<bf16> d_fused(logits);
+        DeviceArray<float> d_fused_losses(N), d_fused_stats(2 * N);
+        crossentropy_forward_backward(d_fused.ptr, d_fused_losses.ptr, d_fused_stats.ptr, d_fused.ptr, d_targets.ptr,
+                                      1.0f / N, N, V, 0);
+        check_equal(d_fused_losses.to_host(), d_losses.to_host(), "crossentropy fused losses");
+        check_equal(d_fused_stats.to_host(), d_stats.to_host(), "crossentropy fused stats");
+        check_equal(d_fused.to_host(), d_logits.to_host(), "crossentropy fused dlogits");
     }
 }

@@ -140,15 +140,16 @@ static void check_rmsnorm(int N, int C, double dweight_tolerance, int offset = 0
     std::vector<float> rstd_cpu(N);
     std::vector<G> dweight_cpu = dweight;
     rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, 1e-6f);
-    rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), rstd_cpu.data(),
-                         N, C);
+    rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), (float*)nullptr, dout.data(), inp.data(), weight.data(),
+                         rstd_cpu.data(), N, C);   // the CPU needs no scratch
 
     OffsetArray<T> d_inp(inp, offset), d_weight(weight, offset), d_dout(dout, offset), d_out(n, offset),
         d_dinp(dinp, offset);
-    DeviceArray<float> d_rstd(N);
+    DeviceArray<float> d_rstd(N), d_scratch((size_t)RMSNORM_PARTIAL_BLOCKS * C);   // scratch poisoned like the outputs
     DeviceArray<G> d_dweight(dweight);
     rmsnorm_forward(d_out.ptr(), d_rstd.ptr, d_inp.ptr(), d_weight.ptr(), N, C, 1e-6f, 0);
-    rmsnorm_backward(d_dinp.ptr(), d_dweight.ptr, d_dout.ptr(), d_inp.ptr(), d_weight.ptr(), d_rstd.ptr, N, C, 0);
+    rmsnorm_backward(d_dinp.ptr(), d_dweight.ptr, d_scratch.ptr, d_dout.ptr(), d_inp.ptr(), d_weight.ptr(), d_rstd.ptr, N,
+                     C, 0);
     check_close_stored(d_out.to_host(), out_cpu, "rmsnorm out");
     check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
     check_close_stored(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
@@ -275,12 +276,17 @@ TEST_CASE("residual_rmsnorm_forward_cpu in bf16 is bitwise the residual add foll
 // ---- RMSNorm on its 16-byte path and off it, in fp32 and bf16
 
 // Shapes for both paths (rmsnorm.cuh). The 16-byte path takes C a multiple of 8 (bf16) or 4
-// (float) with 16-byte aligned rows, in groups of 512 channels per row:
+// (float) with 16-byte aligned rows, in groups of 512 channels per row; its backward is the fused
+// kernel (input and weight gradient) for 1 to 4 groups, else the input kernel and the weight kernel:
 //   - C 512, LLaMA-71M's width: one group (bf16), two (float);
+//   - C 776 and 1032: two groups and three (bf16 and float), the last part full;
 //   - C 1544: four groups, the last holding 1 chunk (bf16) or 2 (float) of its 32 lanes' chunks;
 //   - C 8: one chunk per row in bf16, two in float;
-//   - N 2100, C 24: the weight gradient's vector kernel takes 2048 rows (bf16) or 1024 (float) per
-//     pass of its block, so 2100 rows end in a part pass; and the second block of 16 channels holds 8.
+//   - N 4200, C 24: more rows than the fused kernel's 512 blocks x 8 warps, so warps take two rows
+//     or one; and the second block of 16 channels of the blocks' sums holds 8;
+//   - N 1100, C 2056: five groups, past the fused kernel: the input kernel for any C and the
+//     weight gradient's vector kernel, which takes 2048 rows (bf16) or 1024 (float) per pass of
+//     its block, so 1100 rows end in a part pass (float).
 // The fallback: C 13 (odd) over 301 rows, more than one 256-row pass of the fallback weight kernel
 // (64 row groups x 4 rows) with a part pass; and C 512 with every row one element past a 16-byte
 // boundary (offset 1), which the launchers must send to the fallback (a misaligned 16-byte access
@@ -288,8 +294,9 @@ TEST_CASE("residual_rmsnorm_forward_cpu in bf16 is bitwise the residual add foll
 struct RmsnormShape {
     int N, C, offset;
 };
-static const RmsnormShape RMSNORM_PATH_SHAPES[] = {{67, 512, 0}, {21, 1544, 0}, {9, 8, 0},
-                                                   {2100, 24, 0}, {301, 13, 0},  {70, 512, 1}};
+static const RmsnormShape RMSNORM_PATH_SHAPES[] = {{67, 512, 0}, {33, 776, 0},  {40, 1032, 0}, {21, 1544, 0},
+                                                   {9, 8, 0},    {4200, 24, 0}, {1100, 2056, 0}, {301, 13, 0},
+                                                   {70, 512, 1}};
 
 TEST_CASE("rmsnorm kernels match the CPU on their 16-byte path and off it, in fp32 and bf16", "[kernels][bf16]") {
     for (auto& s : RMSNORM_PATH_SHAPES) {

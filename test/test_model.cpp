@@ -147,13 +147,13 @@ struct StepResult {
     float lr;
 };
 
-// One training step as train.cu takes it: next batch, forward, backward, clip, AdamW.
+// One training step as train.cu takes it: next batch, forward and backward (the loss's gradient
+// written by the forward pass's cross-entropy), clip, AdamW.
 static StepResult train_step(Model* model, DataLoader* loader, const TrainSettings& s, int step) {
     dataloader_next_batch(loader);
-    model_forward(model, loader->inputs, loader->targets);
-    double loss = model->mean_loss;
     model_zero_grad(model);
-    model_backward(model);
+    model_forward_backward(model, loader->inputs, loader->targets);
+    double loss = model->mean_loss;
     double norm = model_grad_norm(model);
     float lr = learning_rate(step, s.lr, s.warmup, s.steps, s.min_lr_ratio);
     model_update(model, lr, 0.9f, 0.999f, 1e-8f, s.weight_decay, grad_clip_scale(norm, s.grad_clip));
@@ -309,6 +309,44 @@ TEST_CASE(BACKEND ": 2 accumulated micro-batches of 3 give the update of one bat
     // (parameters) on the CPU backend
     CHECK(grad_error < 1e-6);
     CHECK(param_error < 1e-6);
+}
+
+// Training's forward and backward in one call (model_forward_backward): the cross-entropy writes
+// the logits' gradient in the forward pass, and the backward starts from it. The loss and every
+// gradient must be those of model_forward and model_backward to the bit, with a loss scale as
+// under gradient accumulation, in every precision.
+TEST_CASE(BACKEND ": model_forward_backward gives the separate passes' loss and gradients to the bit",
+          "[parity][fused-loss]") {
+    std::string dir = fixture_dir("mix");
+    std::vector<Precision> precisions = {PRECISION_FP32};
+#ifdef MIXLN_HAS_BF16
+    precisions.push_back(PRECISION_BF16);
+    precisions.push_back(PRECISION_BF16_PURE);
+#endif
+    for (Precision precision : precisions) {
+        INFO(precision_name(precision));
+        std::vector<real> grads[2];
+        double losses[2];
+        for (int fused = 0; fused < 2; fused++) {
+            FixtureRun run(dir, precision);
+            dataloader_next_batch(&run.loader);
+            model_zero_grad(&run.model);
+            if (fused) {
+                model_forward_backward(&run.model, run.loader.inputs, run.loader.targets, 0.5f);
+            } else {
+                model_forward(&run.model, run.loader.inputs, run.loader.targets);
+                model_backward(&run.model, 0.5f);
+            }
+            losses[fused] = run.model.mean_loss;
+            grads[fused] = model_to_host(&run.model, MODEL_GRADS);
+        }
+        CHECK(memcmp(&losses[0], &losses[1], sizeof(double)) == 0);
+        REQUIRE(grads[0].size() == grads[1].size());
+        CHECK(memcmp(grads[0].data(), grads[1].data(), grads[0].size() * sizeof(real)) == 0);
+        double norm = 0.0;
+        for (real g : grads[1]) norm += (double)g * g;
+        CHECK(norm > 0.0);
+    }
 }
 
 TEST_CASE(BACKEND ": per-layer gradient norms add up to the global norm", "[parity][layer-grads]") {

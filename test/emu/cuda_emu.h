@@ -109,7 +109,9 @@ What it emulates
     cudaStreamCreate(+WithFlags)/Destroy/Synchronize, cudaEvent*, cudaDeviceSynchronize,
     cudaDeviceReset, cudaGetLastError, cudaPeekAtLastError, cudaGetErrorString/Name,
     cudaGetDeviceCount (1), cudaSetDevice/cudaGetDevice, cudaGetDeviceProperties ("CPU
-    emulation", sm 9.0), cudaFuncSetAttribute.
+    emulation", sm 9.0), cudaDeviceGetAttribute (the multiprocessor count and thread limit),
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor (by threads and dynamic shared memory: there are
+    no registers to count), cudaFuncSetAttribute.
   - Blocks: with OpenMP (-fopenmp) blocks run in parallel on up to 16 OS threads (a limit that
     keeps the fiber stacks' memory mappings well below the kernel's map count limit), otherwise
     sequentially; MIXLN_EMU_THREADS=N sets the number (1: sequential, fully deterministic even
@@ -1624,6 +1626,36 @@ inline cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute
 template <typename... KernelArgs>
 inline cudaError_t cudaFuncSetAttribute(void (*kernel)(KernelArgs...), enum cudaFuncAttribute attr, int value) {
     return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+
+// Device attributes: the multiprocessor count (the OS threads that run blocks, as in
+// cudaGetDeviceProperties) and the per-multiprocessor thread limit; any other is an error here.
+inline cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+    if (value == nullptr) return cuda_emu::record(cudaErrorInvalidValue);
+    if (device != 0) return cuda_emu::record(cudaErrorInvalidDevice);
+    if (attr == cudaDevAttrMultiProcessorCount) *value = cuda_emu::os_threads();
+    else if (attr == cudaDevAttrMaxThreadsPerMultiProcessor) *value = 2048;
+    else return cuda_emu::record(cudaErrorInvalidValue);
+    return cudaSuccess;
+}
+// Blocks of a kernel resident per multiprocessor: an emulated kernel has no register count, so
+// this counts threads (2048 a multiprocessor, as on sm_80/sm_90) and dynamic shared memory
+// (228 KB, as cudaGetDeviceProperties says), at most 32 blocks.
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, const void* func, int block_size,
+                                                                 size_t dynamic_shared_bytes) {
+    if (num_blocks == nullptr || func == nullptr || block_size <= 0 || block_size > cuda_emu::kMaxThreadsPerBlock)
+        return cuda_emu::record(cudaErrorInvalidValue);
+    size_t blocks = std::min<size_t>(32, 2048 / (size_t)block_size);
+    if (dynamic_shared_bytes > 0) blocks = std::min(blocks, (size_t)228 * 1024 / dynamic_shared_bytes);
+    *num_blocks = (int)blocks;
+    return cudaSuccess;
+}
+// cuda_runtime.h's overload for a kernel itself
+template <typename... KernelArgs>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, void (*kernel)(KernelArgs...),
+                                                                 int block_size, size_t dynamic_shared_bytes) {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(num_blocks, reinterpret_cast<const void*>(kernel), block_size,
+                                                         dynamic_shared_bytes);
 }
 
 // ---- WMMA (tensor cores): the 16x16x16 bf16 subset of nvcuda::wmma from <mma.h>
