@@ -19,7 +19,9 @@ H200 waiting on each load (the backward at 1.5 TB/s of ~4.8). Where every chunk 
 chunk, every pointer 16-byte aligned), a thread takes one chunk of a row instead: one 16-byte
 load per operand (the backward's gate, up and dout), all issued before any
 arithmetic, the one-element kernel's expressions value by value, one 16-byte store per output.
-The values are the same to the bit. Other shapes take the one-element kernels; the launcher picks.
+The values are the same to the bit. Other shapes (F = 5461 of LLaMA-1B: rows off 16-byte
+boundaries) take the fallback kernels, a block per row with each thread's loads 8 elements at a
+time issued first; the launcher picks.
 */
 #pragma once
 
@@ -75,15 +77,32 @@ inline void swiglu_backward_cpu(T* dgate_up, const T* dout, const T* gate_up, in
 template <typename T>
 constexpr int SWIGLU_CHUNK = VECTOR16_SIZE<T>;
 
-// one thread per (row, f); a grid-stride loop past the grid's 2^31 - 1 blocks
+// The fallback, for any F and alignment (LLaMA-1B's F = 5461 among them): a block per row, thread
+// t taking f = t, t + blockDim.x, ... in chunks of SWIGLU_FALLBACK_CHUNK, all of a chunk's loads
+// issued before any is used. (One element per thread, as this kernel first was, keeps one 2-byte
+// load per operand in flight and waits out each in turn.) Rows past the grid: a grid-stride loop.
+constexpr int SWIGLU_FALLBACK_CHUNK = 8;
 template <typename T>
 __global__ void swiglu_forward_kernel(T* __restrict__ out, const T* __restrict__ gate_up, int N, int F) {
-    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (size_t)N * F;
-         idx += (size_t)gridDim.x * blockDim.x) {
-        size_t row = idx / F, f = idx % F;
-        float gate = to_float(gate_up[row * 2 * F + f]);
-        float up = to_float(gate_up[row * 2 * F + F + f]);
-        out[idx] = from_float<T>(gate / (1.0f + expf(-gate)) * up);
+    constexpr int CHUNK = SWIGLU_FALLBACK_CHUNK;
+    for (int row = blockIdx.x; row < N; row += gridDim.x) {
+        const T* gate = gate_up + (size_t)row * 2 * F;
+        const T* up = gate + F;
+        T* y = out + (size_t)row * F;
+        for (int f0 = threadIdx.x; f0 < F; f0 += blockDim.x * CHUNK) {
+            float gates[CHUNK], ups[CHUNK];
+            KERNEL_UNROLL
+            for (int u = 0; u < CHUNK; u++) {
+                int f = f0 + u * blockDim.x;
+                gates[u] = f < F ? to_float(gate[f]) : 0.0f;
+                ups[u] = f < F ? to_float(up[f]) : 0.0f;
+            }
+            KERNEL_UNROLL
+            for (int u = 0; u < CHUNK; u++) {
+                int f = f0 + u * blockDim.x;
+                if (f < F) y[f] = from_float<T>(gates[u] / (1.0f + expf(-gates[u])) * ups[u]);
+            }
+        }
     }
 }
 
@@ -111,21 +130,36 @@ __global__ void swiglu_forward_vector_kernel(T* __restrict__ out, const T* __res
     }
 }
 
-// one thread per (row, f); dgate_up written
+// The fallback, as the forward's: a block per row, chunks of SWIGLU_FALLBACK_CHUNK elements per
+// thread with the three loads of each (gate, up, dout) issued first; dgate_up written
 template <typename T>
 __global__ void swiglu_backward_kernel(T* __restrict__ dgate_up, const T* __restrict__ dout,
                                        const T* __restrict__ gate_up, int N, int F) {
-    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (size_t)N * F;
-         idx += (size_t)gridDim.x * blockDim.x) {
-        size_t row = idx / F, f = idx % F;
-        float gate = to_float(gate_up[row * 2 * F + f]);
-        float up = to_float(gate_up[row * 2 * F + F + f]);
-        float sigmoid = 1.0f / (1.0f + expf(-gate));
-        float dy = to_float(dout[idx]);
-        T* dgate = dgate_up + row * 2 * F + f;
+    constexpr int CHUNK = SWIGLU_FALLBACK_CHUNK;
+    for (int row = blockIdx.x; row < N; row += gridDim.x) {
+        const T* gate = gate_up + (size_t)row * 2 * F;
+        const T* up = gate + F;
+        const T* dy = dout + (size_t)row * F;
+        T* dgate = dgate_up + (size_t)row * 2 * F;
         T* dup = dgate + F;
-        *dgate = from_float<T>(dy * up * sigmoid * (1.0f + gate * (1.0f - sigmoid)));
-        *dup = from_float<T>(dy * gate * sigmoid);
+        for (int f0 = threadIdx.x; f0 < F; f0 += blockDim.x * CHUNK) {
+            float gates[CHUNK], ups[CHUNK], dys[CHUNK];
+            KERNEL_UNROLL
+            for (int u = 0; u < CHUNK; u++) {
+                int f = f0 + u * blockDim.x;
+                gates[u] = f < F ? to_float(gate[f]) : 0.0f;
+                ups[u] = f < F ? to_float(up[f]) : 0.0f;
+                dys[u] = f < F ? to_float(dy[f]) : 0.0f;
+            }
+            KERNEL_UNROLL
+            for (int u = 0; u < CHUNK; u++) {
+                int f = f0 + u * blockDim.x;
+                if (f >= F) continue;
+                float sigmoid = 1.0f / (1.0f + expf(-gates[u]));
+                dgate[f] = from_float<T>(dys[u] * ups[u] * sigmoid * (1.0f + gates[u] * (1.0f - sigmoid)));
+                dup[f] = from_float<T>(dys[u] * gates[u] * sigmoid);
+            }
+        }
     }
 }
 
@@ -186,7 +220,7 @@ inline void swiglu_forward(T* out, const T* gate_up, int N, int F, cudaStream_t 
         LAUNCH(swiglu_forward_vector_kernel<T>, swiglu_grid(n / SWIGLU_CHUNK<T>, block), dim3(block), 0, stream, out,
                gate_up, N, F);
     else
-        LAUNCH(swiglu_forward_kernel<T>, swiglu_grid(n, block), dim3(block), 0, stream, out, gate_up, N, F);
+        LAUNCH(swiglu_forward_kernel<T>, dim3(N), dim3(block), 0, stream, out, gate_up, N, F);   // a block per row
 }
 
 template <typename T>
@@ -197,6 +231,6 @@ inline void swiglu_backward(T* dgate_up, const T* dout, const T* gate_up, int N,
         LAUNCH(swiglu_backward_vector_kernel<T>, swiglu_grid(n / SWIGLU_CHUNK<T>, block), dim3(block), 0, stream,
                dgate_up, dout, gate_up, N, F);
     else
-        LAUNCH(swiglu_backward_kernel<T>, swiglu_grid(n, block), dim3(block), 0, stream, dgate_up, dout, gate_up, N, F);
+        LAUNCH(swiglu_backward_kernel<T>, dim3(N), dim3(block), 0, stream, dgate_up, dout, gate_up, N, F);
 }
 #endif

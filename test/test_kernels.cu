@@ -204,9 +204,9 @@ TEST_CASE("rope kernels match the CPU", "[kernels]") {
 }
 
 TEST_CASE("swiglu kernels match the CPU", "[kernels]") {
-    // (N, F): F 1 and 33 take the one-element kernels, F 300 the vector kernels (a multiple of
-    // their 4-float chunk)
-    int shapes[][2] = {{1, 1}, {7, 33}, {65, 300}};
+    // (N, F): F 1, 33 and 2061 take the fallback kernels (2061: more than one 2048-element pass
+    // of a 256-thread block's chunks of 8), F 300 the vector kernels (a multiple of their 4-float chunk)
+    int shapes[][2] = {{1, 1}, {7, 33}, {65, 300}, {3, 2061}};
     for (auto& s : shapes) {
         int N = s[0], F = s[1];
         INFO("N " << N << " F " << F);

@@ -168,9 +168,10 @@ TEST_CASE("rope kernels with bf16 storage match the CPU", "[kernels][bf16]") {
 }
 
 TEST_CASE("swiglu kernels with bf16 storage match the CPU", "[kernels][bf16]") {
-    // (N, F): F 1, 33 and 300 take the one-element kernels, F 1000 the vector kernels (a multiple of
-    // their 8-bf16 chunk; 375 chunks, not a multiple of the 256-thread block)
-    int shapes[][2] = {{1, 1}, {7, 33}, {65, 300}, {3, 1000}};
+    // (N, F): F 1, 33, 300 and 2061 take the fallback kernels (2061: more than one 2048-element
+    // pass of a 256-thread block's chunks of 8), F 1000 the vector kernels (a multiple of their
+    // 8-bf16 chunk; 375 chunks, not a multiple of the 256-thread block)
+    int shapes[][2] = {{1, 1}, {7, 33}, {65, 300}, {3, 1000}, {3, 2061}};
     for (auto& s : shapes) {
         int N = s[0], F = s[1];
         INFO("N " << N << " F " << F);
