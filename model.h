@@ -1400,8 +1400,8 @@ inline float grad_clip_scale(double grad_norm, float clip) {
     return scale < 1.0 ? (float)scale : 1.0f;
 }
 
-// bf16: the kernels read a bf16 copy of the fp32 weights; this makes it anew (after every
-// update, and whenever the weights are filled from the host). A no-op in the other precisions.
+// bf16: the kernels read a bf16 copy of the fp32 weights; this makes it anew whenever the weights
+// are filled from the host (the update writes it as it goes). A no-op in the other precisions.
 inline void model_refresh_weights_copy(Model* model) {
 #ifdef MIXLN_HAS_BF16
     if (model->precision == PRECISION_BF16) {
@@ -1413,22 +1413,27 @@ inline void model_refresh_weights_copy(Model* model) {
 }
 
 // One AdamW step over every parameter with the gradients multiplied by grad_scale: on the fp32
-// weights and moments (then the bf16 copy is refreshed, under bf16), or on bf16 weights and
-// moments under bf16-pure, computed in fp32 and rounded once per stored value.
+// weights and moments (under bf16 writing the bf16 copy the kernels read in the same pass), or on
+// bf16 weights and moments under bf16-pure, computed in fp32 and rounded once per stored value.
 inline void model_update(Model* model, float lr, float beta1, float beta2, float eps,
                          float weight_decay, float grad_scale) {
     model->adam_step += 1;
     const size_t n = model->num_parameters;
 #ifdef MIXLN_HAS_BF16
     if (model->precision == PRECISION_BF16_PURE) {
-        LAYER(adamw_update, (bf16*)model->params_memory, (bf16*)model->adam_m, (bf16*)model->adam_v,
+        LAYER(adamw_update, (bf16*)model->params_memory, (bf16*)model->adam_m, (bf16*)model->adam_v, NO_PARAMS_COPY,
               (const bf16*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale);
         return;
     }
+    if (model->precision == PRECISION_BF16) {
+        LAYER(adamw_update, (real*)model->params_memory, (real*)model->adam_m, (real*)model->adam_v,
+              (bf16*)model->weights_copy, (const real*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay,
+              model->adam_step, grad_scale);
+        return;
+    }
 #endif
-    LAYER(adamw_update, (real*)model->params_memory, (real*)model->adam_m, (real*)model->adam_v,
+    LAYER(adamw_update, (real*)model->params_memory, (real*)model->adam_m, (real*)model->adam_v, NO_PARAMS_COPY,
           (const real*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale);
-    model_refresh_weights_copy(model);
 }
 
 // The paper's schedule (GaLore's): linear warmup from 0, then cosine from lr_max down to

@@ -260,8 +260,8 @@ TEST_CASE("adamw fp32 (P = G = float): the template keeps the fp32 arithmetic, a
             auto params = random_floats(n, 51), m = random_floats(n, 52, 0.1f), v = random_second_moment(n, 53),
                  grads = random_floats(n, 54);
             std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
-            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), grads.data(), n, ADAM_LR, ADAM_BETA1,
-                             ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
             // the fp32-only loop this template replaced, verbatim: the same bits
             std::vector<float> params_old = params, m_old = m, v_old = v;
             {
@@ -282,8 +282,8 @@ TEST_CASE("adamw fp32 (P = G = float): the template keeps the fp32 arithmetic, a
             CHECK(memcmp(m_old.data(), m_cpu.data(), n * sizeof(float)) == 0);
             CHECK(memcmp(v_old.data(), v_cpu.data(), n * sizeof(float)) == 0);
             DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
-            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_grads.ptr, n, ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_EPS,
-                         ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
+            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
             check_close(d_params.to_host(), params_cpu, "adamw params");
             check_close(d_m.to_host(), m_cpu, "adamw m");
             check_close(d_v.to_host(), v_cpu, "adamw v");
@@ -301,22 +301,22 @@ TEST_CASE("adamw bf16-pure (P = G = bf16) kernel matches the CPU, rounding m, v 
             auto params = random_bf16(n, 61), m = random_bf16(n, 62, 0.1f), v = to_bf16(random_second_moment(n, 63)),
                  grads = random_bf16(n, 64);
             std::vector<bf16> params_cpu = params, m_cpu = m, v_cpu = v;
-            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), grads.data(), n, ADAM_LR, ADAM_BETA1,
-                             ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
             // the rounding points: the fp32 update (P = float) of the same values, then each of p, m,
             // v rounded once, is the bf16 update bit for bit. In particular p comes from the
             // unrounded new m and v: an update from the rounded ones would differ in many elements.
             auto params_f = to_floats(params), m_f = to_floats(m), v_f = to_floats(v);
-            adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), grads.data(), n, ADAM_LR, ADAM_BETA1, ADAM_BETA2,
-                             ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
             auto params_r = to_bf16(params_f), m_r = to_bf16(m_f), v_r = to_bf16(v_f);
             CHECK(memcmp(params_r.data(), params_cpu.data(), n * sizeof(bf16)) == 0);
             CHECK(memcmp(m_r.data(), m_cpu.data(), n * sizeof(bf16)) == 0);
             CHECK(memcmp(v_r.data(), v_cpu.data(), n * sizeof(bf16)) == 0);
 
             DeviceArray<bf16> d_params(params), d_m(m), d_v(v), d_grads(grads);
-            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_grads.ptr, n, ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_EPS,
-                         ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
+            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
             check_close_bf16(d_params.to_host(), params_cpu, "adamw bf16 params");
             check_close_bf16(d_m.to_host(), m_cpu, "adamw bf16 m");
             check_close_bf16(d_v.to_host(), v_cpu, "adamw bf16 v");
@@ -333,21 +333,50 @@ TEST_CASE("adamw (P = float, G = bf16) kernel matches the CPU", "[kernels][bf16]
             auto params = random_floats(n, 71), m = random_floats(n, 72, 0.1f), v = random_second_moment(n, 73);
             auto grads = random_bf16(n, 74);
             std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
-            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), grads.data(), n, ADAM_LR, ADAM_BETA1,
-                             ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
             // the same as fp32 gradients holding the same values, bit for bit
             std::vector<float> params_f = params, m_f = m, v_f = v, grads_f = to_floats(grads);
-            adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), grads_f.data(), n, ADAM_LR, ADAM_BETA1,
-                             ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+            adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, grads_f.data(), n, ADAM_LR,
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
             CHECK(memcmp(params_f.data(), params_cpu.data(), n * sizeof(float)) == 0);
             DeviceArray<float> d_params(params), d_m(m), d_v(v);
             DeviceArray<bf16> d_grads(grads);
-            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_grads.ptr, n, ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_EPS,
-                         ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
+            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
             check_close(d_params.to_host(), params_cpu, "adamw params");
             check_close(d_m.to_host(), m_cpu, "adamw m");
             check_close(d_v.to_host(), v_cpu, "adamw v");
         }
+    }
+}
+
+// --precision bf16: the update writes the bf16 copy of the weights as it goes. The copy must be
+// what cast_copy makes of the updated fp32 weights, bit for bit, on the CPU and on the GPU (from
+// each side's own weights), both down the vector kernel and past it (n 257: 64 chunks of 4 and one
+// element).
+TEST_CASE("adamw writes the bf16 weight copy that cast_copy would make, bit for bit", "[kernels][bf16]") {
+    for (size_t n : {1, 257, 5000}) {
+        INFO("n " << n);
+        auto params = random_floats(n, 81), m = random_floats(n, 82, 0.1f), v = random_second_moment(n, 83),
+             grads = random_floats(n, 84);
+        std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
+        std::vector<bf16> copy_cpu(n), expected_cpu(n);
+        adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), copy_cpu.data(), grads.data(), n, ADAM_LR,
+                         ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE);
+        cast_copy_cpu(expected_cpu.data(), params_cpu.data(), n);
+        CHECK(memcmp(copy_cpu.data(), expected_cpu.data(), n * sizeof(bf16)) == 0);
+
+        DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
+        DeviceArray<bf16> d_copy(n);   // poisoned: an element left unwritten fails
+        adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_copy.ptr, d_grads.ptr, n, ADAM_LR, ADAM_BETA1, ADAM_BETA2,
+                     ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, 0);
+        auto params_gpu = d_params.to_host(), copy_gpu_floats = to_floats(d_copy.to_host());
+        check_close(params_gpu, params_cpu, "adamw params");
+        std::vector<bf16> expected_gpu(n);
+        cast_copy_cpu(expected_gpu.data(), params_gpu.data(), n);
+        auto expected_gpu_floats = to_floats(expected_gpu);
+        CHECK(memcmp(copy_gpu_floats.data(), expected_gpu_floats.data(), n * sizeof(float)) == 0);
     }
 }
 
