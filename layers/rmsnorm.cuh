@@ -401,9 +401,9 @@ the same channels in every row (chunks lane, lane + 32, ...), so it can also sum
 the rows its warp takes, in registers: GROUPS x RMSNORM_LANE_CHUNKS chunks of RMSNORM_VEC floats
 (16 to 64 for C up to 2048). Then:
   - the grid is as many blocks as the GPU holds at once (at most RMSNORM_PARTIAL_BLOCKS): on an
-    H200, 132 multiprocessors x 3 blocks of the bf16 kernel for C = 512 (80 registers), so the
-    blocks run in one wave; a block of 8 warps takes rows b * 8 + warp, then every gridDim.x * 8
-    rows after (LLaMA-71M: 16384 rows, 5 or 6 per warp);
+    H200, 132 multiprocessors x 2 blocks of the bf16 kernel for C = 512 (97 registers on sm_90),
+    so the blocks run in one wave; a block of 8 warps takes rows b * 8 + warp, then every
+    gridDim.x * 8 rows after (LLaMA-71M: 16384 rows, 7 or 8 per warp);
   - at the end its warps add their sums into shared memory in warp order, and the block writes
     its partial sums, one row of C floats of the scratch buffer (RMSNORM_PARTIAL_BLOCKS, C);
   - rmsnorm_weight_partials_kernel adds the blocks' rows in block order into dweight.
