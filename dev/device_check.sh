@@ -84,8 +84,9 @@ grep -E '^step (9|10)/10' "$logs/train_71m.log" || true
 
 # where the bf16 step's time goes, per kernel (Nsight Compute, two steps)
 if command -v ncu >/dev/null; then
-    run_step profile_71m_bf16 150 "$PYTHON" dev/profile_kernels.py --steps 2 --top 30 -- \
-        ./train --device cuda --model llama-71m --batch 64 --steps 2 --train-data build/device_check_71m.bin \
+    # one step: the DRAM byte counters may cost ncu a second replay of every launch
+    run_step profile_71m_bf16 150 "$PYTHON" dev/profile_kernels.py --steps 1 --top 30 -- \
+        ./train --device cuda --model llama-71m --batch 64 --steps 1 --train-data build/device_check_71m.bin \
         --precision bf16 --attention fused
 fi
 
