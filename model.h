@@ -1015,6 +1015,15 @@ inline bool next_stream_norm(const Model* model, const ActivationTensorsOf<float
     return true;
 }
 
+// model->mean_loss from the per-position losses (B, T) in model memory (waits for the GPU)
+inline void model_read_loss(Model* model, const real* losses) {
+    const int BT = model->B * model->T;
+    model_copy_out(model, model->host_losses, losses, (size_t)BT * sizeof(real));
+    double sum = 0.0;
+    for (int i = 0; i < BT; i++) sum += model->host_losses[i];
+    model->mean_loss = sum / BT;
+}
+
 // The forward pass in one storage type (model_forward below picks it).
 //
 // Every residual add that a norm of its sum follows runs fused with that norm
@@ -1034,15 +1043,6 @@ inline bool next_stream_norm(const Model* model, const ActivationTensorsOf<float
 // the same places, and the residual add's own backward is nothing but each norm's backward
 // accumulating into the stream's gradient, as it already does (model_backward).
 // floatX: the storage type of the weights the kernels read and of the activations (model_forward).
-// model->mean_loss from the per-position losses (B, T) in model memory (waits for the GPU)
-inline void model_read_loss(Model* model, const real* losses) {
-    const int BT = model->B * model->T;
-    model_copy_out(model, model->host_losses, losses, (size_t)BT * sizeof(real));
-    double sum = 0.0;
-    for (int i = 0; i < BT; i++) sum += model->host_losses[i];
-    model->mean_loss = sum / BT;
-}
-
 // loss_gradient (training, with targets): the cross-entropy also writes the loss's gradient, scaled
 // by loss_scale, over the logits in the same pass (model_forward_backward).
 template <typename floatX>
@@ -1291,11 +1291,7 @@ inline void model_backward_typed(Model* model, float loss_scale, bool logits_hol
     if (logits_hold_gradient) model_read_loss(model, a.losses);
 }
 
-// Accumulates loss_scale times the gradient of the mean loss of the last forward pass (which
-// must have had targets) into the model's gradients. Call model_zero_grad first unless
-// accumulating: with K micro-batches per step, each one's backward with loss_scale 1/K sums to
-// the gradient of the mean loss over all K*B*T positions.
-// model_backward, from logits that hold their gradient already or not
+// model_backward, from logits that hold their gradient already (model_forward_backward) or not
 inline void model_backward_with(Model* model, float loss_scale, bool logits_hold_gradient) {
     if (!model->backward_ready) fail("model_backward needs a forward pass with targets (and no skipped layer) first");
     // for the embedding's backward: the forward pass's positions grouped by token
@@ -1315,8 +1311,10 @@ inline void model_backward_with(Model* model, float loss_scale, bool logits_hold
     model->backward_ready = false;   // the logits now hold their gradient: backward cannot run twice
 }
 
-// Accumulates into the gradients the gradient of loss_scale * the mean loss of the last forward
-// pass, which must have had targets.
+// Accumulates loss_scale times the gradient of the mean loss of the last forward pass (which
+// must have had targets) into the model's gradients. Call model_zero_grad first unless
+// accumulating: with K micro-batches per step, each one's backward with loss_scale 1/K sums to
+// the gradient of the mean loss over all K*B*T positions.
 inline void model_backward(Model* model, float loss_scale = 1.0f) { model_backward_with(model, loss_scale, false); }
 
 // One training micro-step, model_forward with targets and then model_backward(loss_scale), with
