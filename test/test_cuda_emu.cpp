@@ -607,6 +607,24 @@ TEST_CASE("cudaMalloc memory is poisoned; cudaMemcpy and cudaMemset work and che
     REQUIRE(prop.warpSize == 32);
     REQUIRE(prop.multiProcessorCount >= 1);
     REQUIRE(prop.sharedMemPerBlockOptin == 227 * 1024);
+    // device attributes agree with the properties; one the emulation does not know is an error
+    int multiprocessors = 0, threads_per_multiprocessor = 0, unknown = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, 0));
+    CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_multiprocessor, cudaDevAttrMaxThreadsPerMultiProcessor, 0));
+    REQUIRE(multiprocessors == prop.multiProcessorCount);
+    REQUIRE(threads_per_multiprocessor == prop.maxThreadsPerMultiProcessor);
+    REQUIRE(cudaDeviceGetAttribute(&unknown, cudaDevAttrClockRate, 0) == cudaErrorInvalidValue);
+    REQUIRE(cudaDeviceGetAttribute(&unknown, cudaDevAttrMultiProcessorCount, 1) == cudaErrorInvalidDevice);
+    // resident blocks per multiprocessor, by threads and dynamic shared memory (no registers here)
+    int blocks = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, block_sum_kernel, 256, 0));
+    REQUIRE(blocks == 8);
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, block_sum_kernel, 32, 0));
+    REQUIRE(blocks == 32);
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, block_sum_kernel, 128, 100 * 1024));
+    REQUIRE(blocks == 2);
+    REQUIRE(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, block_sum_kernel, 2048, 0) == cudaErrorInvalidValue);
+    REQUIRE(cudaGetLastError() == cudaErrorInvalidValue);
     cudaStream_t stream;
     CUDA_CHECK(cudaStreamCreate(&stream));
     CUDA_CHECK(cudaStreamSynchronize(stream));
