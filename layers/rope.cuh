@@ -22,8 +22,14 @@ H200 waiting on each load. Where every chunk of 16 / sizeof(Storage) pairs (8 bf
 whole and aligned (head_size a multiple of twice the chunk; qkv and the tables 16-byte aligned), a
 thread takes one chunk of a head instead: one 16-byte load for the chunk's first halves, one for
 its second halves, and one or two each for its cos and sin values, all issued before any
-arithmetic, then the one-pair kernel's expressions pair by pair and two 16-byte stores. The
-values are the same to the bit. Other shapes take the one-pair kernel; the launcher picks.
+arithmetic, then the one-pair kernel's rotation (rope_rotate_pair) pair by pair and two 16-byte
+stores. The values are the same to the bit. Other shapes take the one-pair kernel; the launcher
+picks.
+
+In the model, these kernels serve the simple attention and the CUDA-core fused attention. The
+tensor-core attention (bf16) rotates q and k itself as it loads its tiles, and dq and dk back as
+it writes them, with the same rope_rotate_pair: the same bits, without these two passes over q
+and k in each direction.
 */
 #pragma once
 
@@ -94,6 +100,19 @@ inline void rope_backward_cpu(Storage* dqkv, const real* rope_cos, const real* r
 
 // ---- CUDA kernels
 
+// Pair (x1, x2) rotated by the angle whose cosine is c and sine s (s = -sin for the inverse):
+//     x1' = x1 c - x2 s,   x2' = x2 c + x1 s
+// with each product and each sum rounded to float as written, never contracted into an FMA, so
+// that every kernel that rotates gives the same bits: these, and the tensor-core attention, which
+// rotates q and k as it loads them and dq and dk as it writes them (layers/attention.cuh). It is
+// also the PyTorch reference's q * cos + rotate_half(q) * sin, operation by operation.
+__device__ __forceinline__ void rope_rotate_pair(float* x1, float* x2, float c, float s) {
+    float first = __fsub_rn(__fmul_rn(*x1, c), __fmul_rn(*x2, s));
+    float second = __fadd_rn(__fmul_rn(*x2, c), __fmul_rn(*x1, s));
+    *x1 = first;
+    *x2 = second;
+}
+
 // Values of Storage in one 16-byte vector (Vector16, cuda_common.h): 8 bf16 or 4 floats, a
 // thread's chunk of pairs on the vector path
 template <typename Storage>
@@ -115,8 +134,9 @@ __global__ void rope_rotate_kernel(Storage* __restrict__ qkv, const float* __res
         Storage* x = qkv + bt * 3 * NH * head_size + (size_t)head * head_size;
         float c = rope_cos[(size_t)t * half + i], s = direction * rope_sin[(size_t)t * half + i];
         float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
-        x[i] = from_float<Storage>(x1 * c - x2 * s);
-        x[i + half] = from_float<Storage>(x2 * c + x1 * s);
+        rope_rotate_pair(&x1, &x2, c, s);
+        x[i] = from_float<Storage>(x1);
+        x[i + half] = from_float<Storage>(x2);
     }
 }
 
@@ -149,13 +169,14 @@ __global__ void rope_rotate_vector_kernel(Storage* __restrict__ qkv, const float
             coss[v] = load_vector16(cos_chunk + 4 * v);
             sins[v] = load_vector16(sin_chunk + 4 * v);
         }
-        // the one-pair kernel's expressions, pair by pair (pair k is read before it is overwritten)
+        // the one-pair kernel's rotation, pair by pair (pair k is read before it is overwritten)
         KERNEL_UNROLL
         for (int k = 0; k < CHUNK; k++) {
             float c = coss[k / 4].values[k % 4], s = direction * sins[k / 4].values[k % 4];
             float x1 = to_float(firsts.values[k]), x2 = to_float(seconds.values[k]);
-            firsts.values[k] = from_float<Storage>(x1 * c - x2 * s);
-            seconds.values[k] = from_float<Storage>(x2 * c + x1 * s);
+            rope_rotate_pair(&x1, &x2, c, s);
+            firsts.values[k] = from_float<Storage>(x1);
+            seconds.values[k] = from_float<Storage>(x2);
         }
         store_vector16(x, firsts);
         store_vector16(x + half, seconds);
