@@ -418,7 +418,7 @@ struct ActivationTensorsOf {
     floatX* embedded;            // (B, T, C)        token embeddings, the stream entering layer 0
     floatX* attn_norm;           // (L, B, T, C)     N1 output: the attention's input (branch norm) or h (post/deepnorm)
     real*   attn_norm_stats;     // (L, S, B, T)
-    floatX* qkv;                 // (L, B, T, 3C)    q, k (after RoPE), v
+    floatX* qkv;                 // (L, B, T, 3C)    q, k (after RoPE, but before it on the tensor-core attention's path), v
     real*   att;                 // (L, B, NH, T, T) softmax probabilities (the simple attention; empty with the fused one)
     real*   lse;                 // (L, B, NH, T)    log-sum-exp of each score row (the fused attention)
     floatX* atty;                // (L, B, T, C)     attention output before o_proj
@@ -1074,13 +1074,17 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
             attn_input = la.attn_norm;
         }
         LAYER(matmul_forward, la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
-        LAYER(rope_forward, la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
+        // RoPE on q and k, then the attention: the fused attention applies RoPE itself (the
+        // tensor-core kernels as they load q and k, leaving qkv unrotated; attention.cuh)
 #ifdef MIXLN_CUDA
         if (model->on_gpu && model->fused_attention) {
-            attention_forward_fused(la.atty, la.lse, la.qkv, B, T, NH, hs, model->stream);
+            attention_forward_fused(la.atty, la.lse, la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs, model->stream);
         } else
 #endif
-        LAYER(attention_forward, la.atty, la.att, la.qkv, B, T, NH, hs);
+        {
+            LAYER(rope_forward, la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
+            LAYER(attention_forward, la.atty, la.att, la.qkv, B, T, NH, hs);
+        }
         if (peri) {   // the attention's output is normalised before the add: N1o(o_proj(...))
             LAYER(matmul_forward, la.attn_branch, la.atty, w.o_proj, BT, C, C);
             norm_forward(model, la.attn_resid, la.attn_out_norm_stats, la.attn_branch, w.attn_out_norm, w.attn_out_norm_bias);
@@ -1190,13 +1194,17 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
     LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 0.0f);   // datty written, not added to
+    // the attention's backward, then RoPE's: the fused attention does both
 #ifdef MIXLN_CUDA
     if (model->on_gpu && model->fused_attention) {
-        attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.atty, la.lse, B, T, NH, C / NH, model->stream);
+        attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.atty, la.lse, a.rope_cos, a.rope_sin, B, T,
+                                 NH, C / NH, model->stream);
     } else
 #endif
-    LAYER(attention_backward, a.dqkv, a.datt_scratch, a.datty, la.qkv, la.att, B, T, NH, C / NH);
-    LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
+    {
+        LAYER(attention_backward, a.dqkv, a.datt_scratch, a.datty, la.qkv, la.att, B, T, NH, C / NH);
+        LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
+    }
     LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C, dinp_scale);
 }
 

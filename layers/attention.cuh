@@ -1,5 +1,6 @@
 /*
-Causal multi-head self-attention on the (already rotated) queries and keys:
+Causal multi-head self-attention on queries and keys rotated by RoPE (layers/rope.cuh; beforehand,
+except in the tensor-core kernels at the end of this file, which rotate them as they load them):
     att = softmax(q k^T / sqrt(hs)) with position t seeing positions 0..t,   y = att v
 qkv (B, T, 3C) holds [q | k | v] per position; head h uses columns h*hs .. (h+1)*hs of each.
 The softmax probabilities are kept for backward; entries above the diagonal are stored as 0.
@@ -37,9 +38,11 @@ att * datt in float (see the fused section's comment for the size of that).
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
+#include "rope.cuh"
 
 // ---- CPU reference
 
@@ -183,12 +186,22 @@ P is rounded relative to the running maximum of the tiles seen so far: exp(score
 exp(score - m_final), and the two round differently. Within a tile the row sum of the rounded P is
 taken in the kernel's order: four partial sums, the one of lane t (t = 0..3) over keys 8n + 2t and
 8n + 2t + 1 for n = 0..7 in turn, then added by the kernel's butterfly, (s0 + s1) + (s2 + s3).
+RoPE: the kernels rotate q and k as they load them, and dq and dk back as they write them, with the
+values rounded to bf16 where rope_forward and rope_backward round them; the twins run those two on
+a copy of qkv and on dqkv.
 */
 
-// out (B, T, C) bf16; lse (B, NH, T) float; qkv (B, T, 3C) bf16
-inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH,
-                                              int head_size) {
+// out (B, T, C) bf16; lse (B, NH, T) float; qkv (B, T, 3C) bf16; rope_cos, rope_sin (T, hs/2):
+// RoPE's tables, applied to q and k first (nullptr: qkv holds them rotated already)
+inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16* qkv, const real* rope_cos,
+                                              const real* rope_sin, int B, int T, int NH, int head_size) {
     int C = NH * head_size;
+    std::vector<bf16> rotated;   // (B, T, 3C) q and k rotated, as the kernel's tiles hold them
+    if (rope_cos != nullptr) {
+        rotated.assign(qkv, qkv + (size_t)B * T * 3 * C);
+        rope_forward_cpu(rotated.data(), rope_cos, rope_sin, B, T, NH, head_size);
+        qkv = rotated.data();
+    }
     float scale_log2 = 1.0f / sqrtf((float)head_size) * ATTN_LOG2E;   // scores in base 2 (above)
     #pragma omp parallel
     {
@@ -248,13 +261,21 @@ inline void attention_forward_tensor_core_cpu(bf16* out, float* lse, const bf16*
     }
 }
 
-// dqkv (B, T, 3C) written; dout, out (B, T, C) and lse (B, NH, T) as in the forward; qkv (B, T, 3C).
+// dqkv (B, T, 3C) written; dout, out (B, T, C) and lse (B, NH, T) as in the forward; qkv (B, T, 3C)
+// and rope_cos, rope_sin as in the forward.
 // P = 2^(score log2(e) - lse log2(e)), dP = dout . v, D = dout . out (out as stored), dS = P (dP - D); then
 // dv = round(P)^T dout, dk = scale round(dS)^T q, dq = scale round(dS) k, each summed in float
-// and rounded once into dqkv.
+// and rounded once into dqkv; with RoPE, dq and dk are then rotated back and rounded again.
 inline void attention_backward_tensor_core_cpu(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out,
-                                               const float* lse, int B, int T, int NH, int head_size) {
+                                               const float* lse, const real* rope_cos, const real* rope_sin, int B,
+                                               int T, int NH, int head_size) {
     int C = NH * head_size;
+    std::vector<bf16> rotated;   // (B, T, 3C) q and k rotated, as in the forward
+    if (rope_cos != nullptr) {
+        rotated.assign(qkv, qkv + (size_t)B * T * 3 * C);
+        rope_forward_cpu(rotated.data(), rope_cos, rope_sin, B, T, NH, head_size);
+        qkv = rotated.data();
+    }
     float scale = 1.0f / sqrtf((float)head_size), scale_log2 = scale * ATTN_LOG2E;
     #pragma omp parallel
     {
@@ -304,6 +325,7 @@ inline void attention_backward_tensor_core_cpu(bf16* dqkv, const bf16* dout, con
             }
         }
     }
+    if (rope_cos != nullptr) rope_backward_cpu(dqkv, rope_cos, rope_sin, B, T, NH, head_size);
 }
 #endif  // MIXLN_HAS_BF16
 
@@ -994,6 +1016,17 @@ What changes against the CUDA-core kernels, and why:
     row (or past T) compare positions at all (attention_tc_scale_scores<true>).
   - Determinism: as before, every element of dq, dk and dv is summed by one lane in a fixed order
     and written to dqkv once; no atomics.
+  - RoPE inside (given its tables): q and k are rotated as their tiles are loaded from qkv, which
+    keeps them as the qkv product wrote them, and dq and dk are rotated back as they are written
+    (attention_tc_load_tile_rotated, attention_tc_flush_rotated). The separate RoPE kernels read
+    and wrote q and k (forward) and dq and dk (backward) once more per layer: at LLaMA-71M, B 64,
+    T 256, 4 x 34 MB of traffic and 2 launches per layer. The values are rounded where those
+    kernels round them (a rotated q or k to bf16 before the products; dq and dk to bf16, rotated,
+    rounded again), so the results are theirs to the bit. A pair (i, i + hs/2) lives in one
+    thread in both places: in a tile load, one thread takes 8 channels of each half; in a flush,
+    the lane holding column i of the accumulators (result n) also holds column i + hs/2 (result
+    n + hs/16). A streamed tile is rotated each time a block loads it (a key tile by every query
+    tile after it), a few FLOPs per element against the tile's products.
 Tiles are bf16 (64, head_size + 8): 16 bytes more than a row, so that the 8 rows one ldmatrix
 phase reads (16 bytes each) fall in 32 different banks for every head size here: at hs = 16m a
 row is 8m + 4 words, so row r starts at bank 4 (2m + 1) r mod 32, a different one for r = 0..7.
@@ -1044,6 +1077,48 @@ static __device__ void attention_tc_load_tile(bf16* tile, const bf16* src, int r
             int r = idx / head_size, e = idx % head_size;
             tile[r * stride + e] = t0 + r < T ? src[(size_t)(t0 + r) * row_stride + e] : __float2bfloat16_rn(0.0f);
         }
+    }
+}
+
+// attention_tc_load_tile for q or k rows, with RoPE applied as they are loaded: pair i < hs/2 of
+// the row at position t0 + r rotated by rope_cos, rope_sin (T, hs/2) through rope_rotate_pair and
+// each value rounded to bf16 once, the bits rope_forward would have stored in qkv. rope_cos
+// nullptr: the rows are rotated already, a plain load. A thread takes 8 pairs at a time: two
+// 16-byte loads of the row and two each of the tables, so src and the tables must be 16-byte
+// aligned (attention_tc_rope_fits; the launchers check it). There is no element-by-element path:
+// its registers, never used in the model, made the backward passes spill.
+static __device__ void attention_tc_load_tile_rotated(bf16* tile, const bf16* src, int row_stride, int t0, int T,
+                                                      int head_size, int stride, const float* rope_cos,
+                                                      const float* rope_sin) {
+    if (rope_cos == nullptr) {
+        attention_tc_load_tile(tile, src, row_stride, t0, T, head_size, stride);
+        return;
+    }
+    int half = head_size / 2;   // a multiple of 8: head_size is a multiple of 16 here
+    int chunks = half / 8;      // chunks of 8 pairs in a row
+    for (int idx = threadIdx.x; idx < ATTN_TILE * chunks; idx += blockDim.x) {
+        int r = idx / chunks, e = idx % chunks * 8, position = t0 + r;
+        Vector16<bf16> firsts = {}, seconds = {};   // zeros past T
+        if (position < T) {
+            // the chunk's first halves x[e ..], second halves x[e + half ..], cos and sin: all
+            // loads before any arithmetic
+            const bf16* x = src + (size_t)position * row_stride + e;
+            const float* cos_chunk = rope_cos + (size_t)position * half + e;
+            const float* sin_chunk = rope_sin + (size_t)position * half + e;
+            firsts = load_vector16(x);
+            seconds = load_vector16(x + half);
+            Vector16<float> coss[2] = {load_vector16(cos_chunk), load_vector16(cos_chunk + 4)};
+            Vector16<float> sins[2] = {load_vector16(sin_chunk), load_vector16(sin_chunk + 4)};
+            ATTN_UNROLL
+            for (int k = 0; k < 8; k++) {
+                float x1 = to_float(firsts.values[k]), x2 = to_float(seconds.values[k]);
+                rope_rotate_pair(&x1, &x2, coss[k / 4].values[k % 4], sins[k / 4].values[k % 4]);
+                firsts.values[k] = from_float<bf16>(x1);
+                seconds.values[k] = from_float<bf16>(x2);
+            }
+        }
+        store_vector16(tile + r * stride + e, firsts);
+        store_vector16(tile + r * stride + e + half, seconds);
     }
 }
 
@@ -1108,6 +1183,51 @@ static __device__ __forceinline__ void attention_tc_flush(bf16* dst, size_t dst_
     }
 }
 
+// attention_tc_flush for dq or dk, with RoPE's inverse applied as they are written: each value is
+// rounded to bf16 as attention_tc_flush rounds it, then its pair (columns i and i + HS/2: results
+// n and n + HS/16 of the same lane) is rotated back by the angle of its row's position,
+// first_position + row, through rope_rotate_pair with -sin, and rounded again: the bits of
+// attention_tc_flush followed by rope_backward. rope_cos nullptr: attention_tc_flush.
+template <int HS>
+static __device__ __forceinline__ void attention_tc_flush_rotated(bf16* dst, size_t dst_stride, int rows,
+                                                                  int first_position, const float acc[HS / 8][4],
+                                                                  float factor, int g, int t, const float* rope_cos,
+                                                                  const float* rope_sin) {
+    if (rope_cos == nullptr) {
+        attention_tc_flush<HS>(dst, dst_stride, rows, acc, factor, g, t);
+        return;
+    }
+    constexpr int HALF = HS / 2;
+    bool pairs = reinterpret_cast<uintptr_t>(dst) % 4 == 0 && dst_stride % 2 == 0;
+    ATTN_UNROLL
+    for (int n = 0; n < HS / 16; n++) {
+        ATTN_UNROLL
+        for (int half = 0; half < 2; half++) {
+            int r = g + 8 * half, column = 8 * n + 2 * t;   // the lane's columns: column, column + 1
+            if (r >= rows) continue;
+            const float* cos_row = rope_cos + (size_t)(first_position + r) * HALF + column;
+            const float* sin_row = rope_sin + (size_t)(first_position + r) * HALF + column;
+            float firsts[2], seconds[2];   // columns column + j and column + j + HALF
+            ATTN_UNROLL
+            for (int j = 0; j < 2; j++) {
+                firsts[j] = to_float(__float2bfloat16_rn(acc[n][2 * half + j] * factor));
+                seconds[j] = to_float(__float2bfloat16_rn(acc[n + HS / 16][2 * half + j] * factor));
+                rope_rotate_pair(&firsts[j], &seconds[j], cos_row[j], -sin_row[j]);
+            }
+            bf16* p = dst + r * dst_stride + column;
+            if (pairs) {
+                store_bf16x2(p, pack_bf16x2(firsts[0], firsts[1]));
+                store_bf16x2(p + HALF, pack_bf16x2(seconds[0], seconds[1]));
+            } else {
+                p[0] = __float2bfloat16_rn(firsts[0]);
+                p[1] = __float2bfloat16_rn(firsts[1]);
+                p[HALF] = __float2bfloat16_rn(seconds[0]);
+                p[HALF + 1] = __float2bfloat16_rn(seconds[1]);
+            }
+        }
+    }
+}
+
 // The forward's scores of a 16 x 64 tile (8 results of 16 x 8, see the layout above) times
 // scale_log2; with MASKED, the keys after the lane's rows or past T become -inf. A template, so
 // that the tiles wholly before the diagonal (most of them) run no comparisons at all.
@@ -1124,10 +1244,13 @@ static __device__ __forceinline__ void attention_tc_scale_scores(float s[8][4], 
     }
 }
 
-// Forward. grid (B * NH, query tiles); out (B, T, C), lse (B, NH, T), qkv (B, T, 3C)
+// Forward. grid (B * NH, query tiles); out (B, T, C), lse (B, NH, T), qkv (B, T, 3C); rope_cos,
+// rope_sin (T, HS/2) RoPE's tables, applied to q and k as they are loaded (nullptr: qkv holds
+// them rotated already)
 template <int HS>
 static __global__ void __launch_bounds__(ATTN_TC_THREADS)
-    attention_forward_tensor_core_kernel(bf16* out, float* lse, const bf16* qkv, int T, int NH) {
+    attention_forward_tensor_core_kernel(bf16* out, float* lse, const bf16* qkv, const float* rope_cos,
+                                         const float* rope_sin, int T, int NH) {
     constexpr int stride = attention_tc_stride(HS);
     DYNAMIC_SHARED(bf16, shared);
     bf16* q_tile = shared;                                  // (64 queries, stride)
@@ -1144,7 +1267,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     int row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
     int last_row = q0 + 16 * warp + 15;   // the warp's last query
 
-    attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, HS, stride);
+    attention_tc_load_tile_rotated(q_tile, q_head, 3 * C, q0, T, HS, stride, rope_cos, rope_sin);
     __syncthreads();
     uint32_t q_frag[HS / 16][4];   // the warp's 16 queries as A operands, 16 channels each
     ATTN_UNROLL
@@ -1154,7 +1277,7 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
         int k0 = key_tile * ATTN_TILE;
         __syncthreads();   // the previous k and v tiles are no longer read
-        attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, HS, stride);
+        attention_tc_load_tile_rotated(k_tile, q_head + C, 3 * C, k0, T, HS, stride, rope_cos, rope_sin);
         attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, HS, stride);
         __syncthreads();
         // S = q k^T: 16 queries x 64 keys, as 8 results of 8 keys, two at a time (pairs wholly
@@ -1285,12 +1408,21 @@ static __device__ __forceinline__ void attention_tc_two_products(float x[4][4], 
     }
 }
 
+// Blocks of pass 1 an SM should hold at once, for its register budget: 4 (128 registers a thread)
+// up to head size 64, else no bound (0). With RoPE in the query tiles' loads, the compiler left to
+// itself takes 130 to 136 registers at head size 64, which fits only 3 blocks. At 128 it keeps a
+// few values in local memory (make kernel-report shows the bytes): on sm_90, by the SASS, 4 local
+// loads per thread and query tile (a loop bound and addresses), none among the products.
+constexpr int attention_tc_key_value_blocks(int head_size) { return head_size <= 64 ? 4 : 0; }
+
 // Backward pass 1, dk and dv. grid (B * NH, key tiles); dqkv (B, T, 3C) written, dout (B, T, C),
-// qkv (B, T, 3C), lse and dsum (B, NH, T)
+// qkv (B, T, 3C), lse and dsum (B, NH, T); rope_cos, rope_sin as in the forward (q and k rotated
+// as they are loaded, dk rotated back as it is written)
 template <int HS>
-static __global__ void __launch_bounds__(ATTN_TC_THREADS)
+static __global__ void __launch_bounds__(ATTN_TC_THREADS, attention_tc_key_value_blocks(HS))
     attention_backward_key_value_tensor_core_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                                    const float* dsum, int T, int NH) {
+                                                    const float* dsum, const float* rope_cos, const float* rope_sin,
+                                                    int T, int NH) {
     constexpr int stride = attention_tc_stride(HS);
     DYNAMIC_SHARED(bf16, shared);
     bf16* k_tile = shared;                                       // (64 keys, stride)
@@ -1313,14 +1445,14 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     int key[2] = {k0 + 16 * warp + g, k0 + 16 * warp + g + 8};
     int first_key = k0 + 16 * warp;   // the warp's first key
 
-    attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, HS, stride);
+    attention_tc_load_tile_rotated(k_tile, q_head + C, 3 * C, k0, T, HS, stride, rope_cos, rope_sin);
     attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, HS, stride);
     float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};   // the warp's 16 keys x HS channels
     int query_tiles = (T + ATTN_TILE - 1) / ATTN_TILE;
     for (int query_tile = key_tile; query_tile < query_tiles; query_tile++) {
         int q0 = query_tile * ATTN_TILE;
         __syncthreads();   // the previous query tiles are no longer read (and k, v are complete)
-        attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, HS, stride);
+        attention_tc_load_tile_rotated(q_tile, q_head, 3 * C, q0, T, HS, stride, rope_cos, rope_sin);
         attention_tc_load_tile(dout_tile, dout_head, C, q0, T, HS, stride);
         for (int i = threadIdx.x; i < ATTN_TILE; i += blockDim.x) {
             lse_tile[i] = q0 + i < T ? lse_head[q0 + i] * ATTN_LOG2E : 0.0f;   // base 2
@@ -1368,8 +1500,9 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS)
     }
     int keys = min(16, T - first_key);   // the warp's keys before T
     bf16* dk_rows = dqkv + ((size_t)b * T + first_key) * 3 * C + C + (size_t)h * HS;
-    attention_tc_flush<HS>(dk_rows, (size_t)3 * C, keys, dk, scale, g, t);
+    // dv first, so that its registers are free while dk is rotated back
     attention_tc_flush<HS>(dk_rows + C, (size_t)3 * C, keys, dv, 1.0f, g, t);
+    attention_tc_flush_rotated<HS>(dk_rows, (size_t)3 * C, keys, first_key, dk, scale, g, t, rope_cos, rope_sin);
 }
 
 // Blocks of pass 2 an SM should hold at once, for its register budget: 4 (128 registers a thread)
@@ -1382,7 +1515,8 @@ constexpr int attention_tc_query_blocks(int head_size) { return head_size <= 80 
 template <int HS>
 static __global__ void __launch_bounds__(ATTN_TC_THREADS, attention_tc_query_blocks(HS))
     attention_backward_query_tensor_core_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                                const float* dsum, int T, int NH) {
+                                                const float* dsum, const float* rope_cos, const float* rope_sin,
+                                                int T, int NH) {
     constexpr int stride = attention_tc_stride(HS);
     DYNAMIC_SHARED(bf16, shared);
     bf16* q_tile = shared;                              // (64 queries, stride)
@@ -1407,13 +1541,13 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, attention_tc_query_blo
         row_dsum[j] = row[j] < T ? dsum[((size_t)b * NH + h) * T + row[j]] : 0.0f;
     }
 
-    attention_tc_load_tile(q_tile, q_head, 3 * C, q0, T, HS, stride);
+    attention_tc_load_tile_rotated(q_tile, q_head, 3 * C, q0, T, HS, stride, rope_cos, rope_sin);
     attention_tc_load_tile(dout_tile, dout_head, C, q0, T, HS, stride);
     float dq[HS / 8][4] = {};   // the warp's 16 queries x HS channels
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
         int k0 = key_tile * ATTN_TILE;
         __syncthreads();   // the previous key tiles are no longer read (and q, dout are complete)
-        attention_tc_load_tile(k_tile, q_head + C, 3 * C, k0, T, HS, stride);
+        attention_tc_load_tile_rotated(k_tile, q_head + C, 3 * C, k0, T, HS, stride, rope_cos, rope_sin);
         attention_tc_load_tile(v_tile, q_head + 2 * C, 3 * C, k0, T, HS, stride);
         __syncthreads();
         // the tile's keys in two halves of 32, skipping a half wholly after the warp's last query
@@ -1450,7 +1584,8 @@ static __global__ void __launch_bounds__(ATTN_TC_THREADS, attention_tc_query_blo
     }
     int queries = min(16, T - (q0 + 16 * warp));
     bf16* dq_rows = dqkv + ((size_t)b * T + q0 + 16 * warp) * 3 * C + (size_t)h * HS;
-    attention_tc_flush<HS>(dq_rows, (size_t)3 * C, queries, dq, scale, g, t);
+    attention_tc_flush_rotated<HS>(dq_rows, (size_t)3 * C, queries, q0 + 16 * warp, dq, scale, g, t, rope_cos,
+                                   rope_sin);
 }
 
 // ---- tensor-core launchers
@@ -1473,6 +1608,21 @@ inline void attention_tensor_core_check_head_size(int head_size) {
         fail("the tensor-core attention supports head sizes 16, 32, .., %d, got %d", ATTN_MAX_HEAD_SIZE, head_size);
 }
 
+// Whether the kernels can apply RoPE themselves: qkv and both tables 16-byte aligned (every row
+// then is: rows are 3C bf16 apart, C a multiple of 16, and table rows hs/2 floats, a multiple of 8),
+// as every buffer the model makes is (attention_tc_load_tile_rotated)
+inline bool attention_tc_rope_fits(const bf16* qkv, const float* rope_cos, const float* rope_sin) {
+    uintptr_t addresses = reinterpret_cast<uintptr_t>(qkv) | reinterpret_cast<uintptr_t>(rope_cos) |
+                          reinterpret_cast<uintptr_t>(rope_sin);
+    return addresses % 16 == 0;
+}
+inline void attention_tc_check_rope(const bf16* qkv, const float* rope_cos, const float* rope_sin) {
+    if (rope_cos != nullptr && !attention_tc_rope_fits(qkv, rope_cos, rope_sin))
+        fail("the tensor-core attention applies RoPE only to a 16-byte aligned qkv with 16-byte aligned tables "
+             "(qkv %p, rope_cos %p, rope_sin %p); rotate q and k first (rope_forward) and pass no tables",
+             (const void*)qkv, (const void*)rope_cos, (const void*)rope_sin);
+}
+
 // Launcher<HS>::launch(args...) with the head size as a template argument (16, 32, .., 128)
 template <template <int> class Launcher, typename... Args>
 inline void attention_tc_dispatch(int head_size, Args... args) {
@@ -1491,75 +1641,112 @@ inline void attention_tc_dispatch(int head_size, Args... args) {
 
 template <int HS>
 struct AttentionForwardTensorCore {
-    static void launch(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, cudaStream_t stream) {
+    static void launch(bf16* out, float* lse, const bf16* qkv, const float* rope_cos, const float* rope_sin, int B,
+                       int T, int NH, cudaStream_t stream) {
         size_t shared_bytes = attention_forward_tensor_core_shared_bytes(HS);
         CUDA_CHECK(cudaFuncSetAttribute(attention_forward_tensor_core_kernel<HS>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes));
         LAUNCH(attention_forward_tensor_core_kernel<HS>, dim3(B * NH, ceil_div(T, ATTN_TILE)), dim3(ATTN_TC_THREADS),
-               shared_bytes, stream, out, lse, qkv, T, NH);
+               shared_bytes, stream, out, lse, qkv, rope_cos, rope_sin, T, NH);
     }
 };
 
 template <int HS>
 struct AttentionBackwardTensorCore {
-    static void launch(bf16* dqkv, const float* dsum, const bf16* dout, const bf16* qkv, const float* lse, int B,
-                       int T, int NH, cudaStream_t stream) {
+    static void launch(bf16* dqkv, const float* dsum, const bf16* dout, const bf16* qkv, const float* lse,
+                       const float* rope_cos, const float* rope_sin, int B, int T, int NH, cudaStream_t stream) {
         dim3 grid(B * NH, ceil_div(T, ATTN_TILE));
         size_t key_value_bytes = attention_backward_key_value_tensor_core_shared_bytes(HS);
         CUDA_CHECK(cudaFuncSetAttribute(attention_backward_key_value_tensor_core_kernel<HS>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)key_value_bytes));
         LAUNCH(attention_backward_key_value_tensor_core_kernel<HS>, grid, dim3(ATTN_TC_THREADS), key_value_bytes,
-               stream, dqkv, dout, qkv, lse, dsum, T, NH);
+               stream, dqkv, dout, qkv, lse, dsum, rope_cos, rope_sin, T, NH);
         size_t query_bytes = attention_backward_query_tensor_core_shared_bytes(HS);
         CUDA_CHECK(cudaFuncSetAttribute(attention_backward_query_tensor_core_kernel<HS>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)query_bytes));
         LAUNCH(attention_backward_query_tensor_core_kernel<HS>, grid, dim3(ATTN_TC_THREADS), query_bytes, stream,
-               dqkv, dout, qkv, lse, dsum, T, NH);
+               dqkv, dout, qkv, lse, dsum, rope_cos, rope_sin, T, NH);
     }
 };
 
-// out (B, T, C); lse (B, NH, T) saved for backward; qkv (B, T, 3C)
-inline void attention_forward_tensor_core(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int head_size,
+// out (B, T, C); lse (B, NH, T) saved for backward; qkv (B, T, 3C), left as it is; rope_cos,
+// rope_sin (T, hs/2): RoPE's tables, applied to q and k as they are loaded (nullptr: qkv holds them
+// rotated already)
+inline void attention_forward_tensor_core(bf16* out, float* lse, const bf16* qkv, const float* rope_cos,
+                                          const float* rope_sin, int B, int T, int NH, int head_size,
                                           cudaStream_t stream) {
-    attention_tc_dispatch<AttentionForwardTensorCore>(head_size, out, lse, qkv, B, T, NH, stream);
+    attention_tc_check_rope(qkv, rope_cos, rope_sin);
+    attention_tc_dispatch<AttentionForwardTensorCore>(head_size, out, lse, qkv, rope_cos, rope_sin, B, T, NH, stream);
 }
 
-// dqkv (B, T, 3C) written; scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and
-// lse (B, NH, T) from a fused forward (either kind: both save the same lse)
+// dqkv (B, T, 3C) written (dq and dk rotated back by RoPE's inverse where there are tables);
+// scratch (B, NH, T) floats; dout (B, T, C); qkv (B, T, 3C), out (B, T, C) and lse (B, NH, T) from a
+// fused forward (either kind: both save the same lse), rope_cos and rope_sin as it had them
 inline void attention_backward_tensor_core(bf16* dqkv, float* scratch, const bf16* dout, const bf16* qkv,
-                                           const bf16* out, const float* lse, int B, int T, int NH, int head_size,
+                                           const bf16* out, const float* lse, const float* rope_cos,
+                                           const float* rope_sin, int B, int T, int NH, int head_size,
                                            cudaStream_t stream) {
     attention_tensor_core_check_head_size(head_size);
+    attention_tc_check_rope(qkv, rope_cos, rope_sin);
     float* dsum = scratch;   // (B, NH, T): D, the pre-pass
     attention_dsum(dsum, dout, out, B, T, NH, head_size, stream);
-    attention_tc_dispatch<AttentionBackwardTensorCore>(head_size, dqkv, (const float*)dsum, dout, qkv, lse, B, T, NH,
-                                                       stream);
+    attention_tc_dispatch<AttentionBackwardTensorCore>(head_size, dqkv, (const float*)dsum, dout, qkv, lse, rope_cos,
+                                                       rope_sin, B, T, NH, stream);
 }
 
-// ---- the fused attention as the model calls it: on the tensor cores where they apply (bf16, head
-// sizes a multiple of 16 up to 128), otherwise the CUDA-core kernels
+// ---- the fused attention as the model calls it, RoPE included: on the tensor cores where they
+// apply (bf16, head sizes a multiple of 16 up to 128), otherwise the CUDA-core kernels.
+// qkv holds q and k before RoPE; rope_cos, rope_sin (T, hs/2) are its tables. The tensor-core
+// kernels rotate q and k as they load them and dq and dk back as they write them, and leave qkv as
+// it is. The CUDA-core kernels (and the tensor-core ones on buffers not 16-byte aligned, which the
+// model never makes) read q and k rotated in memory: on their path the forward rotates qkv in place
+// first (rope_forward) and the backward rotates dq and dk back after (rope_backward). Either way
+// the backward takes qkv as the forward left it. rope_cos nullptr: q and k are rotated already, and
+// neither function applies RoPE.
 
-inline void attention_forward_fused(float* out, float* lse, const float* qkv, int B, int T, int NH, int head_size,
-                                    cudaStream_t stream) {
+// whether RoPE happens inside the kernels (see above)
+template <typename floatX>
+inline bool attention_fused_rotates_inside(const floatX* qkv, const float* rope_cos, const float* rope_sin,
+                                           int head_size) {
+    if constexpr (std::is_same_v<floatX, bf16>)
+        return attention_tensor_core_supports(head_size) && attention_tc_rope_fits(qkv, rope_cos, rope_sin);
+    return false;
+}
+
+// out (B, T, C); lse (B, NH, T) saved for backward; qkv (B, T, 3C)
+template <typename floatX>
+inline void attention_forward_fused(floatX* out, float* lse, floatX* qkv, const float* rope_cos, const float* rope_sin,
+                                    int B, int T, int NH, int head_size, cudaStream_t stream) {
+    if (rope_cos != nullptr && !attention_fused_rotates_inside(qkv, rope_cos, rope_sin, head_size)) {
+        rope_forward(qkv, rope_cos, rope_sin, B, T, NH, head_size, stream);   // q and k rotated in memory
+        rope_cos = rope_sin = nullptr;
+    }
+    if constexpr (std::is_same_v<floatX, bf16>) {
+        if (attention_tensor_core_supports(head_size)) {
+            attention_forward_tensor_core(out, lse, qkv, rope_cos, rope_sin, B, T, NH, head_size, stream);
+            return;
+        }
+    }
     attention_forward_fused_cuda_cores(out, lse, qkv, B, T, NH, head_size, stream);
 }
-inline void attention_forward_fused(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int head_size,
-                                    cudaStream_t stream) {
-    if (attention_tensor_core_supports(head_size))
-        attention_forward_tensor_core(out, lse, qkv, B, T, NH, head_size, stream);
-    else
-        attention_forward_fused_cuda_cores(out, lse, qkv, B, T, NH, head_size, stream);
-}
-inline void attention_backward_fused(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* out,
-                                     const float* lse, int B, int T, int NH, int head_size, cudaStream_t stream) {
-    attention_backward_fused_cuda_cores(dqkv, scratch, dout, qkv, out, lse, B, T, NH, head_size, stream);
-}
-inline void attention_backward_fused(bf16* dqkv, float* scratch, const bf16* dout, const bf16* qkv, const bf16* out,
-                                     const float* lse, int B, int T, int NH, int head_size, cudaStream_t stream) {
-    if (attention_tensor_core_supports(head_size))
-        attention_backward_tensor_core(dqkv, scratch, dout, qkv, out, lse, B, T, NH, head_size, stream);
-    else
+
+// dqkv (B, T, 3C) written, the gradient of qkv before RoPE; scratch (B, NH, T) floats; dout (B, T, C);
+// qkv, out, lse, rope_cos and rope_sin as the forward had or left them
+template <typename floatX>
+inline void attention_backward_fused(floatX* dqkv, float* scratch, const floatX* dout, const floatX* qkv,
+                                     const floatX* out, const float* lse, const float* rope_cos, const float* rope_sin,
+                                     int B, int T, int NH, int head_size, cudaStream_t stream) {
+    bool rotate_after = rope_cos != nullptr && !attention_fused_rotates_inside(qkv, rope_cos, rope_sin, head_size);
+    bool on_tensor_cores = false;
+    if constexpr (std::is_same_v<floatX, bf16>) {
+        on_tensor_cores = attention_tensor_core_supports(head_size);
+        if (on_tensor_cores)
+            attention_backward_tensor_core(dqkv, scratch, dout, qkv, out, lse, rotate_after ? nullptr : rope_cos,
+                                           rotate_after ? nullptr : rope_sin, B, T, NH, head_size, stream);
+    }
+    if (!on_tensor_cores)
         attention_backward_fused_cuda_cores(dqkv, scratch, dout, qkv, out, lse, B, T, NH, head_size, stream);
+    if (rotate_after) rope_backward(dqkv, rope_cos, rope_sin, B, T, NH, head_size, stream);
 }
 
 #endif

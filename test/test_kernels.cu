@@ -324,8 +324,9 @@ TEST_CASE("fused attention matches the CPU", "[kernels]") {
         auto lse_cpu = attention_lse_reference(qkv, B, T, NH, hs);
         DeviceArray<float> d_qkv(qkv), d_out((size_t)B * T * C), d_lse((size_t)B * NH * T),
             d_scratch((size_t)B * NH * T), d_dout(dout), d_dqkv(dqkv);
-        attention_forward_fused(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-        attention_backward_fused(d_dqkv.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs, 0);
+        attention_forward_fused(d_out.ptr, d_lse.ptr, d_qkv.ptr, nullptr, nullptr, B, T, NH, hs, 0);
+        attention_backward_fused(d_dqkv.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, nullptr, nullptr,
+                                 B, T, NH, hs, 0);
         check_close(d_out.to_host(), out_cpu, "fused attention out");
         check_close(d_lse.to_host(), lse_cpu, "fused attention lse");
         check_close(d_dqkv.to_host(), dqkv_cpu, "fused attention dqkv");
@@ -338,10 +339,11 @@ TEST_CASE("fused attention backward is deterministic", "[kernels]") {
          dqkv = std::vector<float>((size_t)B * T * 3 * C, NAN);   // NaN: backward writes it, never reads it
     DeviceArray<float> d_qkv(qkv), d_out((size_t)B * T * C), d_lse((size_t)B * NH * T), d_scratch((size_t)B * NH * T),
         d_dout(dout), d_dqkv_first(dqkv), d_dqkv_second(dqkv);
-    attention_forward_fused(d_out.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-    attention_backward_fused(d_dqkv_first.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs, 0);
-    attention_backward_fused(d_dqkv_second.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, B, T, NH, hs,
-                             0);
+    attention_forward_fused(d_out.ptr, d_lse.ptr, d_qkv.ptr, nullptr, nullptr, B, T, NH, hs, 0);
+    attention_backward_fused(d_dqkv_first.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, nullptr,
+                             nullptr, B, T, NH, hs, 0);
+    attention_backward_fused(d_dqkv_second.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out.ptr, d_lse.ptr, nullptr,
+                             nullptr, B, T, NH, hs, 0);
     auto first = d_dqkv_first.to_host(), second = d_dqkv_second.to_host();
     REQUIRE(first.size() == second.size());
     CHECK(memcmp(first.data(), second.data(), first.size() * sizeof(float)) == 0);   // bitwise, not within a tolerance

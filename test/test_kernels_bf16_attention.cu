@@ -17,7 +17,9 @@ The attention kernels with bf16 storage (layers/attention.cuh, floatX = bf16), i
   - the mma.sync and ldmatrix fragment layouts the tensor-core kernels rely on, alone, with exact
     integer products;
   - the tensor-core attention (what the fused attention runs in bf16 for head sizes a multiple of
-    16) against its CPU twins: see the comment above its tests.
+    16) against its CPU twins, without and with RoPE applied inside: see the comment above its
+    tests; with RoPE, bit for bit against RoPE's own kernels around it;
+  - the fused attention as the model calls it (RoPE's tables passed in) on each of its paths.
 Shapes: T not a multiple of 32 (the simple kernels' warps) or 64 (the fused tiles), head sizes 8,
 24, 64 and 128.
 */
@@ -176,9 +178,9 @@ TEST_CASE("fused attention in bf16 matches the fused attention in fp32 on the sa
         DeviceArray<float> f_qkv(to_floats(qkv)), f_out((size_t)B * T * C), f_lse((size_t)B * NH * T),
             f_dout(to_floats(dout)), f_dqkv(to_floats(dqkv)), f_scratch((size_t)B * NH * T),
             f_out_bf16(to_floats(out_bf16));
-        attention_forward_fused(f_out.ptr, f_lse.ptr, f_qkv.ptr, B, T, NH, hs, 0);
-        attention_backward_fused(f_dqkv.ptr, f_scratch.ptr, f_dout.ptr, f_qkv.ptr, f_out_bf16.ptr, d_lse.ptr, B, T, NH, hs,
-                                 0);
+        attention_forward_fused(f_out.ptr, f_lse.ptr, f_qkv.ptr, nullptr, nullptr, B, T, NH, hs, 0);
+        attention_backward_fused(f_dqkv.ptr, f_scratch.ptr, f_dout.ptr, f_qkv.ptr, f_out_bf16.ptr, d_lse.ptr, nullptr,
+                                 nullptr, B, T, NH, hs, 0);
         check_close_bf16(out_bf16, to_bf16(f_out.to_host()), "fused attention out");
         check_close(d_lse.to_host(), f_lse.to_host(), "fused attention lse");   // float from the same values
         auto dqkv_bf16 = d_dqkv.to_host();
@@ -288,7 +290,8 @@ so its step is at most 2^-8) moves l (at least 1: the row's maximum contributes 
 most 2^-8 and lse by at most that: the check allows two flips in a row, 2^-7 absolute.
 Shapes: T not a multiple of 64 (partial tiles, keys and queries past T masked), T = 1, several
 heads and batches, head sizes 16, 32, 64 and 128; one shape reads qkv from a pointer that is only
-2-byte aligned (the tile loader's element-by-element path).
+2-byte aligned (the tile loader's element-by-element path; without RoPE, which the kernels apply
+to 16-byte aligned buffers only).
 */
 /*
 The fragment layouts themselves, alone: the tensor-core kernels rely on the layouts that
@@ -406,36 +409,96 @@ static void check_lse_close(const std::vector<float>& gpu, const std::vector<flo
     }
 }
 
+// RoPE's tables (T, hs/2), as the model makes them
+static std::vector<float> rope_table(int T, int hs, bool sines) {
+    std::vector<float> cos_table((size_t)T * hs / 2), sin_table((size_t)T * hs / 2);
+    rope_tables_cpu(cos_table.data(), sin_table.data(), T, hs, 10000.0f);
+    return sines ? sin_table : cos_table;
+}
+
+static bool same_bits(const std::vector<bf16>& a, const std::vector<bf16>& b) {
+    return a.size() == b.size() && memcmp(a.data(), b.data(), a.size() * sizeof(bf16)) == 0;
+}
+static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
 TEST_CASE("tensor-core attention matches its CPU twin", "[kernels][bf16][tensor-core]") {
+    for (bool rope : {false, true})
     for (float qkv_std : attention_bf16_qkv_stds)
     for (auto& s : attention_tensor_core_shapes) {
         int B = s[0], T = s[1], NH = s[2], hs = s[3], offset = s[4], C = NH * hs;
+        if (rope && offset % 8 != 0) continue;   // the kernels apply RoPE to 16-byte aligned buffers only
         INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs << " qkv offset " << offset << " qkv std "
-                  << qkv_std);
+                  << qkv_std << (rope ? ", RoPE applied by the attention" : ", q and k rotated already"));
         REQUIRE(attention_tensor_core_supports(hs));
         auto qkv = random_bf16((size_t)B * T * 3 * C, 56, qkv_std), dout = random_bf16((size_t)B * T * C, 57),
              dqkv = std::vector<bf16>((size_t)B * T * 3 * C, __float2bfloat16_rn(NAN));   // NaN: backward writes it, never reads it
+        std::vector<float> cos_table = rope_table(T, hs, false), sin_table = rope_table(T, hs, true);
+        DeviceArray<float> d_cos(cos_table), d_sin(sin_table);
+        const float* cos_cpu = rope ? cos_table.data() : nullptr;
+        const float* sin_cpu = rope ? sin_table.data() : nullptr;
+        const float* cos_gpu = rope ? d_cos.ptr : nullptr;
+        const float* sin_gpu = rope ? d_sin.ptr : nullptr;
         // the CPU twins
         std::vector<bf16> out_cpu((size_t)B * T * C), dqkv_cpu = dqkv;
         std::vector<float> lse_cpu((size_t)B * NH * T);
-        attention_forward_tensor_core_cpu(out_cpu.data(), lse_cpu.data(), qkv.data(), B, T, NH, hs);
-        attention_backward_tensor_core_cpu(dqkv_cpu.data(), dout.data(), qkv.data(), out_cpu.data(), lse_cpu.data(), B,
-                                           T, NH, hs);
+        attention_forward_tensor_core_cpu(out_cpu.data(), lse_cpu.data(), qkv.data(), cos_cpu, sin_cpu, B, T, NH, hs);
+        attention_backward_tensor_core_cpu(dqkv_cpu.data(), dout.data(), qkv.data(), out_cpu.data(), lse_cpu.data(),
+                                           cos_cpu, sin_cpu, B, T, NH, hs);
         // the kernels, qkv and dqkv at `offset` elements into their buffers
         std::vector<bf16> qkv_padded(offset, bf16(0.0f)), dqkv_padded(offset, bf16(0.0f));
         qkv_padded.insert(qkv_padded.end(), qkv.begin(), qkv.end());
         dqkv_padded.insert(dqkv_padded.end(), dqkv.begin(), dqkv.end());
         DeviceArray<bf16> d_qkv(qkv_padded), d_out((size_t)B * T * C), d_dout(dout), d_dqkv(dqkv_padded);
         DeviceArray<float> d_lse((size_t)B * NH * T), d_scratch((size_t)B * NH * T);
-        attention_forward_tensor_core(d_out.ptr, d_lse.ptr, d_qkv.ptr + offset, B, T, NH, hs, 0);
+        attention_forward_tensor_core(d_out.ptr, d_lse.ptr, d_qkv.ptr + offset, cos_gpu, sin_gpu, B, T, NH, hs, 0);
         attention_backward_tensor_core(d_dqkv.ptr + offset, d_scratch.ptr, d_dout.ptr, d_qkv.ptr + offset, d_out.ptr,
-                                       d_lse.ptr, B, T, NH, hs, 0);
+                                       d_lse.ptr, cos_gpu, sin_gpu, B, T, NH, hs, 0);
         check_close_bf16(d_out.to_host(), out_cpu, "tensor-core attention out");
         check_lse_close(d_lse.to_host(), lse_cpu);
         auto dqkv_gpu = d_dqkv.to_host();
         dqkv_gpu.erase(dqkv_gpu.begin(), dqkv_gpu.begin() + offset);
         for (int part = 0; part < 3; part++)
             check_close_bf16(qkv_part(dqkv_gpu, B, T, C, part), qkv_part(dqkv_cpu, B, T, C, part), part_names[part]);
+        CHECK(same_bits(d_qkv.to_host(), qkv_padded));   // qkv is read, never written
+    }
+}
+
+// With RoPE's tables the tensor-core kernels rotate q and k as they load their tiles and dq and dk
+// back as they write them, through rope_rotate_pair and with the values rounded where
+// rope_forward and rope_backward round them: out, lse and dqkv must be those of rope_forward, the
+// kernels without tables and rope_backward, to the bit. qkv is aligned (the kernels apply RoPE
+// to 16-byte aligned buffers only); dqkv sits at the shape's offset, so that the odd one takes the
+// flush's 2-byte stores.
+TEST_CASE("tensor-core attention with RoPE gives the bits of rope_forward and rope_backward around it",
+          "[kernels][bf16][tensor-core]") {
+    for (auto& s : attention_tensor_core_shapes) {
+        int B = s[0], T = s[1], NH = s[2], hs = s[3], offset = s[4], C = NH * hs;
+        INFO("B " << B << " T " << T << " NH " << NH << " hs " << hs << " dqkv offset " << offset);
+        auto qkv = random_bf16((size_t)B * T * 3 * C, 64), dout = random_bf16((size_t)B * T * C, 65);
+        std::vector<bf16> dqkv_padded(offset + qkv.size(), __float2bfloat16_rn(NAN));   // NaN: backward writes it, never reads it
+        DeviceArray<float> d_cos(rope_table(T, hs, false)), d_sin(rope_table(T, hs, true));
+        DeviceArray<bf16> d_dout(dout);
+        // RoPE's own kernels around the attention without tables
+        DeviceArray<bf16> r_qkv(qkv), r_out((size_t)B * T * C), r_dqkv(dqkv_padded);
+        DeviceArray<float> r_lse((size_t)B * NH * T), r_scratch((size_t)B * NH * T);
+        rope_forward(r_qkv.ptr, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        attention_forward_tensor_core(r_out.ptr, r_lse.ptr, r_qkv.ptr, nullptr, nullptr, B, T, NH, hs, 0);
+        attention_backward_tensor_core(r_dqkv.ptr + offset, r_scratch.ptr, d_dout.ptr, r_qkv.ptr, r_out.ptr, r_lse.ptr,
+                                       nullptr, nullptr, B, T, NH, hs, 0);
+        rope_backward(r_dqkv.ptr + offset, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        // the attention applying RoPE itself, to qkv as it came out of the product
+        DeviceArray<bf16> f_qkv(qkv), f_out((size_t)B * T * C), f_dqkv(dqkv_padded);
+        DeviceArray<float> f_lse((size_t)B * NH * T), f_scratch((size_t)B * NH * T);
+        attention_forward_tensor_core(f_out.ptr, f_lse.ptr, f_qkv.ptr, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        attention_backward_tensor_core(f_dqkv.ptr + offset, f_scratch.ptr, d_dout.ptr, f_qkv.ptr, f_out.ptr, f_lse.ptr,
+                                       d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        CHECK(same_bits(f_out.to_host(), r_out.to_host()));
+        CHECK(same_bits(f_lse.to_host(), r_lse.to_host()));
+        CHECK(same_bits(f_dqkv.to_host(), r_dqkv.to_host()));
+        CHECK(same_bits(f_qkv.to_host(), qkv));   // left unrotated
+        if (T > 1) CHECK(!same_bits(r_qkv.to_host(), qkv));   // RoPE did rotate (position 0 stays)
     }
 }
 
@@ -448,7 +511,7 @@ TEST_CASE("tensor-core attention rounds P to bf16, within one step of each proba
     auto qkv = random_bf16((size_t)B * T * 3 * C, 59, 2.0f);
     DeviceArray<bf16> d_qkv(qkv), tc_out((size_t)B * T * C), float_out((size_t)B * T * C);
     DeviceArray<float> tc_lse((size_t)B * NH * T), float_lse((size_t)B * NH * T);
-    attention_forward_tensor_core(tc_out.ptr, tc_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
+    attention_forward_tensor_core(tc_out.ptr, tc_lse.ptr, d_qkv.ptr, nullptr, nullptr, B, T, NH, hs, 0);
     attention_forward_fused_cuda_cores(float_out.ptr, float_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
     auto tc = to_floats(tc_out.to_host()), ref = to_floats(float_out.to_host()), qkv_f = to_floats(qkv);
     int differing = 0;
@@ -479,35 +542,72 @@ TEST_CASE("tensor-core attention is deterministic", "[kernels][bf16][tensor-core
     DeviceArray<bf16> d_qkv(qkv), d_out_first((size_t)B * T * C), d_out_second((size_t)B * T * C), d_dout(dout),
         d_dqkv_first(dqkv), d_dqkv_second(dqkv);
     DeviceArray<float> d_lse((size_t)B * NH * T), d_lse_second((size_t)B * NH * T), d_scratch((size_t)B * NH * T);
-    attention_forward_tensor_core(d_out_first.ptr, d_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-    attention_forward_tensor_core(d_out_second.ptr, d_lse_second.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-    attention_backward_tensor_core(d_dqkv_first.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out_first.ptr, d_lse.ptr, B,
-                                   T, NH, hs, 0);
+    DeviceArray<float> d_cos(rope_table(T, hs, false)), d_sin(rope_table(T, hs, true));   // with RoPE, as the model runs it
+    attention_forward_tensor_core(d_out_first.ptr, d_lse.ptr, d_qkv.ptr, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+    attention_forward_tensor_core(d_out_second.ptr, d_lse_second.ptr, d_qkv.ptr, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+    attention_backward_tensor_core(d_dqkv_first.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out_first.ptr, d_lse.ptr,
+                                   d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
     attention_backward_tensor_core(d_dqkv_second.ptr, d_scratch.ptr, d_dout.ptr, d_qkv.ptr, d_out_first.ptr, d_lse.ptr,
-                                   B, T, NH, hs, 0);
+                                   d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
     auto out_first = d_out_first.to_host(), out_second = d_out_second.to_host();
     auto first = d_dqkv_first.to_host(), second = d_dqkv_second.to_host();
     CHECK(memcmp(out_first.data(), out_second.data(), out_first.size() * sizeof(bf16)) == 0);   // bitwise
     CHECK(memcmp(first.data(), second.data(), first.size() * sizeof(bf16)) == 0);
 }
 
-// The model calls attention_forward_fused / attention_backward_fused: in bf16 they take the
-// tensor cores for head sizes a multiple of 16 (bitwise the same as calling them directly) and
-// the CUDA-core kernels otherwise (hs 24 here).
-TEST_CASE("fused attention in bf16 takes the tensor cores where they apply", "[kernels][bf16][tensor-core]") {
-    for (int hs : {24, 32}) {
-        int B = 1, T = 40, NH = 2, C = NH * hs;
-        INFO("hs " << hs);
-        auto qkv = random_bf16((size_t)B * T * 3 * C, 63);
-        DeviceArray<bf16> d_qkv(qkv), fused_out((size_t)B * T * C), direct_out((size_t)B * T * C);
-        DeviceArray<float> fused_lse((size_t)B * NH * T), direct_lse((size_t)B * NH * T);
-        attention_forward_fused(fused_out.ptr, fused_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-        if (attention_tensor_core_supports(hs))
-            attention_forward_tensor_core(direct_out.ptr, direct_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-        else
-            attention_forward_fused_cuda_cores(direct_out.ptr, direct_lse.ptr, d_qkv.ptr, B, T, NH, hs, 0);
-        auto a = fused_out.to_host(), b = direct_out.to_host();
-        CHECK(memcmp(a.data(), b.data(), a.size() * sizeof(bf16)) == 0);
+// The model calls attention_forward_fused / attention_backward_fused with RoPE's tables. In bf16
+// they take the tensor cores for head sizes a multiple of 16, which rotate q and k themselves and
+// leave qkv as it is (bitwise the same as calling them directly). Otherwise (hs 24 here, or qkv
+// not 16-byte aligned) q and k are rotated in place first, and dq and dk back after the kernels.
+TEST_CASE("fused attention in bf16 takes the tensor cores where they apply, with RoPE on either path",
+          "[kernels][bf16][tensor-core]") {
+    int cases[][2] = {{24, 0}, {32, 0}, {32, 1}};   // (head size, offset of qkv in elements)
+    for (auto& c : cases) {
+        int hs = c[0], offset = c[1], B = 1, T = 40, NH = 2, C = NH * hs;
+        INFO("hs " << hs << " qkv offset " << offset);
+        auto qkv = random_bf16((size_t)B * T * 3 * C, 63), dout = random_bf16((size_t)B * T * C, 66);
+        std::vector<bf16> qkv_padded(offset, bf16(0.0f));
+        qkv_padded.insert(qkv_padded.end(), qkv.begin(), qkv.end());
+        std::vector<bf16> nans((size_t)B * T * 3 * C, __float2bfloat16_rn(NAN));
+        DeviceArray<float> d_cos(rope_table(T, hs, false)), d_sin(rope_table(T, hs, true));
+        DeviceArray<bf16> d_dout(dout);
+        // as the model calls it
+        DeviceArray<bf16> fused_qkv(qkv_padded), fused_out((size_t)B * T * C), fused_dqkv(nans);
+        DeviceArray<float> fused_lse((size_t)B * NH * T), fused_scratch((size_t)B * NH * T);
+        bf16* fused_q = fused_qkv.ptr + offset;
+        attention_forward_fused(fused_out.ptr, fused_lse.ptr, fused_q, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        attention_backward_fused(fused_dqkv.ptr, fused_scratch.ptr, d_dout.ptr, fused_q, fused_out.ptr, fused_lse.ptr,
+                                 d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        // the path it should have taken, called directly
+        DeviceArray<bf16> direct_qkv(qkv_padded), direct_out((size_t)B * T * C), direct_dqkv(nans);
+        DeviceArray<float> direct_lse((size_t)B * NH * T), direct_scratch((size_t)B * NH * T);
+        bf16* direct_q = direct_qkv.ptr + offset;
+        bool inside = attention_tensor_core_supports(hs) && offset == 0;
+        if (inside) {
+            attention_forward_tensor_core(direct_out.ptr, direct_lse.ptr, direct_q, d_cos.ptr, d_sin.ptr, B, T, NH, hs,
+                                          0);
+            attention_backward_tensor_core(direct_dqkv.ptr, direct_scratch.ptr, d_dout.ptr, direct_q, direct_out.ptr,
+                                           direct_lse.ptr, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        } else {
+            rope_forward(direct_q, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+            if (attention_tensor_core_supports(hs)) {
+                attention_forward_tensor_core(direct_out.ptr, direct_lse.ptr, direct_q, nullptr, nullptr, B, T, NH, hs,
+                                              0);
+                attention_backward_tensor_core(direct_dqkv.ptr, direct_scratch.ptr, d_dout.ptr, direct_q,
+                                               direct_out.ptr, direct_lse.ptr, nullptr, nullptr, B, T, NH, hs, 0);
+            } else {
+                attention_forward_fused_cuda_cores(direct_out.ptr, direct_lse.ptr, direct_q, B, T, NH, hs, 0);
+                attention_backward_fused_cuda_cores(direct_dqkv.ptr, direct_scratch.ptr, d_dout.ptr, direct_q,
+                                                    direct_out.ptr, direct_lse.ptr, B, T, NH, hs, 0);
+            }
+            rope_backward(direct_dqkv.ptr, d_cos.ptr, d_sin.ptr, B, T, NH, hs, 0);
+        }
+        CHECK(attention_fused_rotates_inside(fused_q, d_cos.ptr, d_sin.ptr, hs) == inside);
+        CHECK(same_bits(fused_qkv.to_host(), direct_qkv.to_host()));   // rotated in place, or left as it is
+        CHECK(same_bits(fused_qkv.to_host(), qkv_padded) == inside);
+        CHECK(same_bits(fused_out.to_host(), direct_out.to_host()));
+        CHECK(same_bits(fused_lse.to_host(), direct_lse.to_host()));
+        CHECK(same_bits(fused_dqkv.to_host(), direct_dqkv.to_host()));
     }
     CHECK(!attention_tensor_core_supports(24));
     CHECK(attention_tensor_core_supports(64));
