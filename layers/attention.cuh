@@ -1617,6 +1617,9 @@ inline bool attention_tc_rope_fits(const bf16* qkv, const float* rope_cos, const
     return addresses % 16 == 0;
 }
 inline void attention_tc_check_rope(const bf16* qkv, const float* rope_cos, const float* rope_sin) {
+    if ((rope_cos == nullptr) != (rope_sin == nullptr))
+        fail("the tensor-core attention takes both RoPE tables or neither (rope_cos %p, rope_sin %p)",
+             (const void*)rope_cos, (const void*)rope_sin);
     if (rope_cos != nullptr && !attention_tc_rope_fits(qkv, rope_cos, rope_sin))
         fail("the tensor-core attention applies RoPE only to a 16-byte aligned qkv with 16-byte aligned tables "
              "(qkv %p, rope_cos %p, rope_sin %p); rotate q and k first (rope_forward) and pass no tables",
