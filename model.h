@@ -601,6 +601,9 @@ struct Model {
     int skip_layer = -1;              // layer left out of the forward pass (layer-drop analysis), -1: none
     bool fused_attention = false;     // on the GPU: the fused (flash-style) attention kernels (tensor cores in bf16,
                                       // head size % 16 == 0); fixed by model_build, which sizes the activations for it
+    bool rope_in_attention = true;    // with the fused attention: it applies RoPE itself where it can (the tensor-core
+                                      // kernels; attention.cuh); false: RoPE's own kernels before and after it. The
+                                      // results are the same to the bit; only the speed differs
 #ifdef MIXLN_CUDA
     cudaStream_t stream = 0;
     float* norm_partials = nullptr;   // (GLOBAL_NORM_BLOCKS) on the GPU
@@ -1075,10 +1078,17 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
         }
         LAYER(matmul_forward, la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
         // RoPE on q and k, then the attention: the fused attention applies RoPE itself (the
-        // tensor-core kernels as they load q and k, leaving qkv unrotated; attention.cuh)
+        // tensor-core kernels as they load q and k, leaving qkv unrotated; attention.cuh) unless
+        // rope_in_attention is off
 #ifdef MIXLN_CUDA
         if (model->on_gpu && model->fused_attention) {
-            attention_forward_fused(la.atty, la.lse, la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs, model->stream);
+            const real* rope_cos = a.rope_cos;   // the tables the attention applies, or none
+            const real* rope_sin = a.rope_sin;
+            if (!model->rope_in_attention) {
+                LAYER(rope_forward, la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
+                rope_cos = rope_sin = nullptr;
+            }
+            attention_forward_fused(la.atty, la.lse, la.qkv, rope_cos, rope_sin, B, T, NH, hs, model->stream);
         } else
 #endif
         {
@@ -1194,11 +1204,13 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
     LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 0.0f);   // datty written, not added to
-    // the attention's backward, then RoPE's: the fused attention does both
+    // the attention's backward, then RoPE's: the fused attention does both (as in the forward)
 #ifdef MIXLN_CUDA
     if (model->on_gpu && model->fused_attention) {
-        attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.atty, la.lse, a.rope_cos, a.rope_sin, B, T,
-                                 NH, C / NH, model->stream);
+        bool inside = model->rope_in_attention;
+        attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.atty, la.lse, inside ? a.rope_cos : nullptr,
+                                 inside ? a.rope_sin : nullptr, B, T, NH, C / NH, model->stream);
+        if (!inside) LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
     } else
 #endif
     {

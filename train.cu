@@ -77,6 +77,7 @@ struct Args {
     float embed_std = 0.02f;
     std::string device = "auto";
     std::string attention = "auto";     // auto (fused on the GPU) | simple | fused
+    std::string rope = "auto";          // auto (inside the tensor-core attention where it runs) | separate
     std::string precision = "fp32";
     std::string init_from, out;
     bool eval_only = false;
@@ -140,6 +141,9 @@ static void print_help() {
            "                         bf16 when the head size is a multiple of 16), or the simple ones, which store\n"
            "                         the (T, T) probabilities; auto: fused on the GPU, the CPU's own on the CPU\n"
            "                         (default %s)\n", d.attention.c_str());
+    printf("  --rope auto|separate   auto: the tensor-core attention applies RoPE as it loads q and k; separate:\n"
+           "                         RoPE's own kernels before and after every attention. The same results to the\n"
+           "                         bit, at different speeds (default %s)\n", d.rope.c_str());
     printf("  --precision fp32|bf16|bf16-pure  number format (default %s). bf16: bf16 activations and weight copy,\n"
            "                         fp32 master weights, gradients and AdamW state; bf16-pure: all bf16, as the paper\n"
            "                         trained. GPU only; every kernel computes in fp32 (model.h: Precision)\n", d.precision.c_str());
@@ -233,6 +237,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--device") a.device = v;
         else if (flag == "--precision") a.precision = v;
         else if (flag == "--attention") a.attention = v;
+        else if (flag == "--rope") a.rope = v;
         else if (flag == "--init-from") a.init_from = v;
         else if (flag == "--out") a.out = v;
         else if (flag == "--checkpoint-every") a.checkpoint_every = parse_int(f, v);
@@ -279,6 +284,7 @@ static Args parse_args(int argc, char** argv) {
     }
     if (a.attention != "auto" && a.attention != "simple" && a.attention != "fused")
         fail("--attention must be auto, simple or fused, got '%s'", a.attention.c_str());
+    if (a.rope != "auto" && a.rope != "separate") fail("--rope must be auto or separate, got '%s'", a.rope.c_str());
     return a;
 }
 
@@ -778,6 +784,7 @@ int main(int argc, char** argv) {
     if (args.attention == "fused" && !on_gpu) fail("--attention fused needs --device cuda (the CPU has one attention)");
     bool fused_attention = on_gpu && args.attention != "simple";   // auto: fused on the GPU
     model_build(&model, config, B, T, on_gpu, precision, fused_attention);
+    model.rope_in_attention = args.rope == "auto";
     TrainingState state;
     if (resuming) {
         state = training_state_load(&model, args.resume);
@@ -812,7 +819,9 @@ int main(int argc, char** argv) {
 #else
         bool tensor_cores = false;
 #endif
-        printf("attention: fused, %s (head size %d)\n", tensor_cores ? "tensor cores" : "CUDA cores", head_size);
+        // RoPE inside where the tensor-core kernels run on aligned buffers, which the model's are
+        printf("attention: fused, %s (head size %d), RoPE %s\n", tensor_cores ? "tensor cores" : "CUDA cores",
+               head_size, tensor_cores && model.rope_in_attention ? "applied inside" : "in its own kernels");
     }
     double parameter_state_bytes = 4.0 * model.num_parameters * param_bytes(precision) +
                                    (model.weights_copy ? model.num_parameters * storage_bytes(precision) : 0.0);

@@ -75,6 +75,9 @@ EOF
 RUN_71M=(--device cuda --model llama-71m --batch 64 --steps 10 --train-data build/device_check_71m.bin)
 run_step train_71m_bf16_fused 120 ./train "${RUN_71M[@]}" --precision bf16 --attention fused
 grep -E '^step (9|10)/10' "$logs/train_71m_bf16_fused.log" || true
+# the same with RoPE in its own kernels instead of inside the tensor-core attention (same bits)
+run_step train_71m_bf16_fused_rope_separate 120 ./train "${RUN_71M[@]}" --precision bf16 --attention fused --rope separate
+grep -E '^step (9|10)/10' "$logs/train_71m_bf16_fused_rope_separate.log" || true
 run_step train_71m_fused 120 ./train "${RUN_71M[@]}" --attention fused
 grep -E '^step (9|10)/10' "$logs/train_71m_fused.log" || true
 run_step train_71m_bf16 120 ./train "${RUN_71M[@]}" --precision bf16 --attention simple

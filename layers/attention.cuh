@@ -1026,7 +1026,10 @@ What changes against the CUDA-core kernels, and why:
     thread in both places: in a tile load, one thread takes 8 channels of each half; in a flush,
     the lane holding column i of the accumulators (result n) also holds column i + hs/2 (result
     n + hs/16). A streamed tile is rotated each time a block loads it (a key tile by every query
-    tile after it), a few FLOPs per element against the tile's products.
+    tile after it): at head size 64, 109 instructions per thread and 8 pairs, some 140 more per
+    tile load than the plain copy. Whether that costs less than the passes it saves depends on
+    whether these kernels are bound by issue, so the model can also run RoPE's own kernels
+    around them instead (Model::rope_in_attention, ./train --rope separate).
 Tiles are bf16 (64, head_size + 8): 16 bytes more than a row, so that the 8 rows one ldmatrix
 phase reads (16 bytes each) fall in 32 different banks for every head size here: at hs = 16m a
 row is 8m + 4 words, so row r starts at bank 4 (2m + 1) r mod 32, a different one for r = 0..7.
@@ -1109,13 +1112,26 @@ static __device__ void attention_tc_load_tile_rotated(bf16* tile, const bf16* sr
             seconds = load_vector16(x + half);
             Vector16<float> coss[2] = {load_vector16(cos_chunk), load_vector16(cos_chunk + 4)};
             Vector16<float> sins[2] = {load_vector16(sin_chunk), load_vector16(sin_chunk + 4)};
+            // two pairs at a time, as packed bf16x2 words (channels 2w and 2w + 1 in word w): one
+            // shift or mask to unpack a value, one conversion to round and pack two
+            uint32_t first_words[4] = {firsts.vector.x, firsts.vector.y, firsts.vector.z, firsts.vector.w};
+            uint32_t second_words[4] = {seconds.vector.x, seconds.vector.y, seconds.vector.z, seconds.vector.w};
             ATTN_UNROLL
-            for (int k = 0; k < 8; k++) {
-                float x1 = to_float(firsts.values[k]), x2 = to_float(seconds.values[k]);
-                rope_rotate_pair(&x1, &x2, coss[k / 4].values[k % 4], sins[k / 4].values[k % 4]);
-                firsts.values[k] = from_float<bf16>(x1);
-                seconds.values[k] = from_float<bf16>(x2);
+            for (int w = 0; w < 4; w++) {
+                float x1[2] = {bf16x2_low(first_words[w]), bf16x2_high(first_words[w])};
+                float x2[2] = {bf16x2_low(second_words[w]), bf16x2_high(second_words[w])};
+                ATTN_UNROLL
+                for (int j = 0; j < 2; j++) {
+                    int k = 2 * w + j;   // the pair's channel in the chunk
+                    rope_rotate_pair(&x1[j], &x2[j], coss[k / 4].values[k % 4], sins[k / 4].values[k % 4]);
+                }
+                first_words[w] = pack_bf16x2(x1[0], x1[1]);
+                second_words[w] = pack_bf16x2(x2[0], x2[1]);
             }
+            firsts.vector.x = first_words[0], firsts.vector.y = first_words[1];
+            firsts.vector.z = first_words[2], firsts.vector.w = first_words[3];
+            seconds.vector.x = second_words[0], seconds.vector.y = second_words[1];
+            seconds.vector.z = second_words[2], seconds.vector.w = second_words[3];
         }
         store_vector16(tile + r * stride + e, firsts);
         store_vector16(tile + r * stride + e + half, seconds);

@@ -130,9 +130,9 @@ struct FixtureRun {
     TrainSettings settings;
     Model model;
     DataLoader loader;
-    explicit FixtureRun(const std::string& dir, Precision precision = PRECISION_FP32)
+    explicit FixtureRun(const std::string& dir, Precision precision = PRECISION_FP32, bool fused_attention = false)
         : config(checkpoint_read_config(dir)), settings(read_train_settings(dir)) {
-        model_build(&model, config, settings.batch, settings.seq_len, ON_GPU, precision);
+        model_build(&model, config, settings.batch, settings.seq_len, ON_GPU, precision, fused_attention);
         checkpoint_load_weights(&model, dir);
         dataloader_init(&loader, (dir + "/train.bin").c_str(), settings.batch, settings.seq_len, config.vocab_size);
     }
@@ -729,6 +729,29 @@ TEST_CASE(BACKEND ": bf16 and bf16-pure runs are deterministic", "[parity][bf16]
             CHECK(memcmp(&runs[0][i], &runs[1][i], sizeof(double)) == 0);
         }
     }
+}
+
+// The tensor-core attention applies RoPE itself (Model::rope_in_attention, the default), to the
+// bits of RoPE's own kernels before and after it: three training steps either way give the same
+// losses and weights.
+TEST_CASE(BACKEND ": RoPE inside the tensor-core attention or in its own kernels gives the same bits",
+          "[parity][bf16][fused][tensor-core]") {
+    std::string dir = fixture_dir("mix_bf16_tc");
+    std::vector<double> losses[2];
+    std::vector<real> weights[2];
+    for (int inside = 0; inside < 2; inside++) {
+        INFO((inside ? "RoPE inside" : "RoPE in its own kernels"));
+        FixtureRun run(dir, PRECISION_BF16, true);
+        REQUIRE(attention_tensor_core_supports(run.config.channels / run.config.num_heads));
+        run.model.rope_in_attention = inside == 1;
+        for (int step = 0; step < 3; step++)
+            losses[inside].push_back(train_step(&run.model, &run.loader, run.settings, step).loss);
+        weights[inside] = model_to_host(&run.model, MODEL_PARAMS);
+    }
+    REQUIRE(losses[0].size() == losses[1].size());
+    CHECK(memcmp(losses[0].data(), losses[1].data(), losses[0].size() * sizeof(double)) == 0);
+    REQUIRE(weights[0].size() == weights[1].size());
+    CHECK(memcmp(weights[0].data(), weights[1].data(), weights[0].size() * sizeof(real)) == 0);
 }
 
 // bf16: the kernels read a bf16 copy of the fp32 weights, refreshed after each update; the fp32

@@ -411,8 +411,8 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
     const char* flags[] = {
         "--model", "--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len", "--norm", "--alpha",
         "--train-data", "--val-data", "--val-batches", "--val-every", "--batch", "--steps", "--lr", "--warmup",
-        "--min-lr-ratio", "--weight-decay", "--grad-clip", "--seed", "--device", "--attention", "--precision", "--init-from",
-        "--out", "--eval-only", "--embed-std",
+        "--min-lr-ratio", "--weight-decay", "--grad-clip", "--seed", "--device", "--attention", "--rope", "--precision",
+        "--init-from", "--out", "--eval-only", "--embed-std",
     };
     for (const char* flag : flags) {
         INFO("flag " << flag);
@@ -812,9 +812,10 @@ TEST_CASE("--sample refuses a prompt id outside the vocabulary and a temperature
     require_train_fails("--init-from " + dir + " --sample 5 --temperature 0", "--temperature must be positive, got 0");
 }
 
-TEST_CASE("--attention fused is refused on the CPU, and an unknown attention too", "[cli]") {
+TEST_CASE("--attention fused is refused on the CPU, and an unknown attention or RoPE placement too", "[cli]") {
     require_train_fails("--steps 0 --attention fused", "--attention fused needs --device cuda");
     require_train_fails("--steps 0 --attention flash", "--attention must be auto, simple or fused, got 'flash'");
+    require_train_fails("--steps 0 --rope inline", "--rope must be auto or separate, got 'inline'");
 }
 
 TEST_CASE("--resume of a directory without a training state is refused, naming the file", "[cli][resume]") {
