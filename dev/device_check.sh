@@ -78,6 +78,10 @@ grep -E '^step (9|10)/10' "$logs/train_71m_bf16_fused.log" || true
 # the same with RoPE in its own kernels instead of inside the tensor-core attention (same bits)
 run_step train_71m_bf16_fused_rope_separate 120 ./train "${RUN_71M[@]}" --precision bf16 --attention fused --rope separate
 grep -E '^step (9|10)/10' "$logs/train_71m_bf16_fused_rope_separate.log" || true
+# the two give the same bits, so they must print the same losses and gradient norms
+run_step rope_same_losses 10 bash -c "diff <(grep -oE '^step [0-9]+/10 \| loss [0-9.]+ .*grad norm [0-9.]+' \
+    '$logs/train_71m_bf16_fused.log') <(grep -oE '^step [0-9]+/10 \| loss [0-9.]+ .*grad norm [0-9.]+' \
+    '$logs/train_71m_bf16_fused_rope_separate.log') && grep -q '^step 10/10' '$logs/train_71m_bf16_fused.log'"
 run_step train_71m_fused 120 ./train "${RUN_71M[@]}" --attention fused
 grep -E '^step (9|10)/10' "$logs/train_71m_fused.log" || true
 run_step train_71m_bf16 120 ./train "${RUN_71M[@]}" --precision bf16 --attention simple
