@@ -44,7 +44,9 @@ write, so a residual connection's gradient reaches both of its inputs by both br
 accumulating into one buffer (see model_backward). The exceptions write (=) gradients that have
 one producer, where accumulating would only mean zeroing a buffer and reading the zeros back:
 the attention backward's dqkv, swiglu_backward's dgate_up, and a matmul's input gradient when its
-dinp_scale is 0.
+dinp_scale is 0. The weight gradients of the projections and the LM head, nearly all of the
+gradient memory, are written the same way by the first backward pass after model_zero_grad
+(matmul_backward's dweight_scale 0), which therefore zeroes only the rest (model_zero_grad).
 
 Two backends, one orchestration: the model's buffers live either in host memory (the CPU
 reference kernels, name_cpu(...)) or on the GPU (the CUDA launchers, name(..., stream)), and every
@@ -598,6 +600,11 @@ struct Model {
     int* host_token_counts = nullptr;     // (V + 1) host scratch
     double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
     bool backward_ready = false;      // a forward pass with targets ran and backward has not
+    // model_zero_grad leaves the gradients of the projections and the LM head (nearly all of the
+    // gradient memory) to the next backward pass, which writes them instead of adding to zeros
+    // (projection_grad_scale). Until it runs they are zero in meaning only; whatever reads the
+    // gradients before then zeroes them in memory first (model_settle_grads).
+    mutable bool projection_grads_pending = false;
     int skip_layer = -1;              // layer left out of the forward pass (layer-drop analysis), -1: none
     bool fused_attention = false;     // on the GPU: the fused (flash-style) attention kernels (tensor cores in bf16,
                                       // head size % 16 == 0); fixed by model_build, which sizes the activations for it
@@ -737,8 +744,11 @@ inline void* model_buffer(const Model* model, ModelBuffer which) {
     return buffers[which];
 }
 
+inline void model_settle_grads(const Model* model);
+
 // A host copy of one of the buffers, as real whatever its precision.
 inline std::vector<real> model_to_host(const Model* model, ModelBuffer which) {
+    if (which == MODEL_GRADS) model_settle_grads(model);
     const void* buffer = model_buffer(model, which);
 #ifdef MIXLN_HAS_BF16
     if (model->precision == PRECISION_BF16_PURE) return model_values_to_host(model, (const bf16*)buffer, model->num_parameters);
@@ -752,6 +762,7 @@ inline void model_refresh_weights_copy(Model* model);
 // Filling the weights also refreshes the bf16 copy the kernels read (bf16).
 inline void model_from_host(Model* model, ModelBuffer which, const real* host) {
     void* buffer = model_buffer(model, which);
+    if (which == MODEL_GRADS) model->projection_grads_pending = false;   // every gradient filled
 #ifdef MIXLN_HAS_BF16
     if (model->precision == PRECISION_BF16_PURE) {
         model_values_from_host(model, (bf16*)buffer, host, model->num_parameters);
@@ -1189,8 +1200,52 @@ inline void model_forward(Model* model, const int* inputs, const int* targets) {
 // ----------------------------------------------------------------------------
 // backward
 
+// The parameter tensors whose gradients a matmul_backward produces, by their index in
+// point_parameters' order: qkv_proj, o_proj, gate_up_proj, down_proj, lm_head. Every backward pass
+// computes each of them whole, once.
+inline bool is_projection_tensor(int index) {
+    return index == 2 || index == 3 || index == 5 || index == 6 || index == 8;
+}
+
+// Zeroes the gradients, the projections' lazily (Model::projection_grads_pending): the next
+// backward pass writes those, and the zeroing here covers only the embedding's gradient (a sum
+// over each token's positions, for the tokens present) and the norms' (small), one call per run of
+// consecutive tensors. At LLaMA-71M that is a quarter of the gradient memory; at LLaMA-1B, 5%.
 inline void model_zero_grad(Model* model) {
-    model_zero(model, model->grads_memory, model->num_parameters * param_bytes(model->precision));
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    parameter_sizes(sizes, model->config);
+    const size_t value_bytes = param_bytes(model->precision);
+    char* grads = (char*)model->grads_memory;
+    size_t offset = 0, run_start = 0;   // in values: the run of tensors to zero is [run_start, offset)
+    for (int i = 0; i <= NUM_PARAMETER_TENSORS; i++) {
+        if (i < NUM_PARAMETER_TENSORS && !is_projection_tensor(i)) {
+            offset += sizes[i];
+            continue;
+        }
+        if (offset > run_start) model_zero(model, grads + run_start * value_bytes, (offset - run_start) * value_bytes);
+        if (i < NUM_PARAMETER_TENSORS) offset += sizes[i];
+        run_start = offset;
+    }
+    model->projection_grads_pending = true;
+}
+
+// matmul_backward's dweight_scale for the projections: 0 in the first backward pass after
+// model_zero_grad (their gradients written), 1 after it (accumulated: gradient accumulation)
+inline float projection_grad_scale(const Model* model) { return model->projection_grads_pending ? 0.0f : 1.0f; }
+
+// Makes the projections' pending zeros real, for a reader of the gradients that comes before any
+// backward pass (model_grad_norm, model_update, model_to_host, ...). A no-op otherwise.
+inline void model_settle_grads(const Model* model) {
+    if (!model->projection_grads_pending) return;
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    parameter_sizes(sizes, model->config);
+    const size_t value_bytes = param_bytes(model->precision);
+    size_t offset = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        if (is_projection_tensor(i)) model_zero(model, (char*)model->grads_memory + offset * value_bytes, sizes[i] * value_bytes);
+        offset += sizes[i];
+    }
+    model->projection_grads_pending = false;
 }
 
 // The attention sublayer's backward: dout (B, T, C) is the gradient of o_proj's output; the
@@ -1203,7 +1258,8 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
                                         const LayerWeightsOf<gradX>& g, const LayerActivations<floatX>& la) {
     const ModelConfig& c = model->config;
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
-    LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 0.0f);   // datty written, not added to
+    const float dweight_scale = projection_grad_scale(model);
+    LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 0.0f, dweight_scale);   // datty written
     // the attention's backward, then RoPE's: the fused attention does both (as in the forward)
 #ifdef MIXLN_CUDA
     if (model->on_gpu && model->fused_attention) {
@@ -1217,7 +1273,7 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
         LAYER(attention_backward, a.dqkv, a.datt_scratch, a.datty, la.qkv, la.att, B, T, NH, C / NH);
         LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
     }
-    LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C, dinp_scale);
+    LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C, dinp_scale, dweight_scale);
 }
 
 // The MLP sublayer's backward: dout (B, T, C) is the gradient of down_proj's output; the gradient
@@ -1229,9 +1285,11 @@ inline void mlp_sublayer_backward(Model* model, const ActivationTensorsOf<floatX
                                   const LayerWeightsOf<gradX>& g, const LayerActivations<floatX>& la) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels, F = c.ffn_channels;
-    LAYER(matmul_backward, a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C, 0.0f);   // written
+    const float dweight_scale = projection_grad_scale(model);
+    LAYER(matmul_backward, a.dswiglu, g.down_proj, dout, la.swiglu, w.down_proj, BT, F, C, 0.0f, dweight_scale);   // written
     LAYER(swiglu_backward, a.dgate_up, a.dswiglu, la.gate_up, BT, F);   // writes dgate_up
-    LAYER(matmul_backward, dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F, dinp_scale);
+    LAYER(matmul_backward, dinp, g.gate_up_proj, a.dgate_up, mlp_input, w.gate_up_proj, BT, C, 2 * F, dinp_scale,
+          dweight_scale);
 }
 
 // The backward pass in one set of storage types (model_backward below picks them).
@@ -1255,7 +1313,8 @@ inline void model_backward_typed(Model* model, float loss_scale, bool logits_hol
         LAYER(crossentropy_backward, dlogits, a.logits, a.logit_stats, model->targets, (real)(loss_scale / (double)BT),
               BT, V);
     const floatX* last_output = layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1);
-    LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V, 0.0f);   // written
+    LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V, 0.0f,
+          projection_grad_scale(model));   // dnorm written
     model_zero(model, a.dresidual, stream_bytes);
     norm_backward(model, a.dresidual, g.final_norm, g.final_norm_bias, a.dnorm, last_output, p.final_norm, a.final_norm_stats);
 
@@ -1329,12 +1388,14 @@ inline void model_backward_with(Model* model, float loss_scale, bool logits_hold
 #endif
     if (model->precision == PRECISION_FP32) model_backward_typed<real, real>(model, loss_scale, logits_hold_gradient);
     model->backward_ready = false;   // the logits now hold their gradient: backward cannot run twice
+    model->projection_grads_pending = false;   // written by this pass: the next one accumulates
 }
 
 // Accumulates loss_scale times the gradient of the mean loss of the last forward pass (which
 // must have had targets) into the model's gradients. Call model_zero_grad first unless
 // accumulating: with K micro-batches per step, each one's backward with loss_scale 1/K sums to
-// the gradient of the mean loss over all K*B*T positions.
+// the gradient of the mean loss over all K*B*T positions. (After model_zero_grad the first
+// backward writes the projections' gradients rather than adding: the same values.)
 inline void model_backward(Model* model, float loss_scale = 1.0f) { model_backward_with(model, loss_scale, false); }
 
 // One training micro-step, model_forward with targets and then model_backward(loss_scale), with
@@ -1370,6 +1431,7 @@ inline double grads_norm_squared(const Model* model, const gradX* grads, size_t 
 
 // L2 norm of all gradients together.
 inline double model_grad_norm(const Model* model) {
+    model_settle_grads(model);
 #ifdef MIXLN_HAS_BF16
     if (model->precision == PRECISION_BF16_PURE) {
         return sqrt(grads_norm_squared(model, (const bf16*)model->grads_memory, model->num_parameters));
@@ -1383,6 +1445,7 @@ inline double model_grad_norm(const Model* model) {
 // six projections), the paper's per-layer gradient diagnostic. (L) values.
 template <typename gradX>
 inline std::vector<double> model_layer_grad_norms_typed(const Model* model) {
+    model_settle_grads(model);
     const ModelConfig& c = model->config;
     size_t C = c.channels, F = c.ffn_channels;
     const ParameterTensorsOf<gradX> grads = model_grads<gradX>(model);
@@ -1435,6 +1498,7 @@ inline void model_refresh_weights_copy(Model* model) {
 // bf16 weights and moments under bf16-pure, computed in fp32 and rounded once per stored value.
 inline void model_update(Model* model, float lr, float beta1, float beta2, float eps,
                          float weight_decay, float grad_scale) {
+    model_settle_grads(model);
     model->adam_step += 1;
     const size_t n = model->num_parameters;
 #ifdef MIXLN_HAS_BF16

@@ -8,7 +8,7 @@ read through strides, so a transposed operand costs nothing extra to express. Th
 a linear layer needs are the same GEMM with different strides:
     forward       out   (N, OC)  = inp  (N, IC)  @ weight^T (IC, OC)
     backward      dinp  (N, IC)  = dinp_scale * dinp + dout (N, OC) @ weight (OC, IC)
-                  dweight (OC, IC) += dout^T (OC, N) @ inp  (N, IC)
+                  dweight (OC, IC) = dweight_scale * dweight + dout^T (OC, N) @ inp  (N, IC)
 The GEMM copies blocks of A and B into small contiguous panels ("packing") so that the inner
 kernel reads memory in order and keeps a MR x NR tile of C in registers; this is the classic
 structure of fast CPU GEMMs, kept as plain loops that the compiler vectorises.
@@ -18,7 +18,7 @@ bf16); dweight is G (float, or bf16 in --precision bf16-pure). The arithmetic is
 (the GPU: fp32 accumulation), and each output is rounded ONCE, where it is stored:
     out     = round(inp @ weight^T)
     dinp    = round(dinp_scale * dinp_old + dout @ weight)   (the sum of products first, then + old)
-    dweight = round(dweight_old + dout^T @ inp)
+    dweight = round(dweight_scale * dweight_old + dout^T @ inp)
 which is what cuBLASLt computes with fp32 compute type, alpha = 1 and beta = 0, 1 or dinp_scale:
 D = round_D(alpha * sum + beta * C), in fp32 up to the final conversion to D's type. The CPU twin
 converts bf16 operands to real while it packs them (the packing copies them anyway, so this costs
@@ -30,6 +30,10 @@ rounding only, and no copy on the fp32 path).
 dinp_scale is 1 except where a residual stream scaled by DeepNorm's a meets its branch: there
 d(h) = a * d(s) + (the branch's input gradient), and passing a here sums the two in fp32 and
 rounds once (model_backward), where scaling d(s) into the buffer first would round twice.
+dweight_scale is 1 (accumulate, as gradient accumulation needs) or 0: the first backward pass
+after model_zero_grad writes the weight gradient and never reads the old one, so the gradients
+need no zeroing pass and the product no read of the zeros (and a bf16 dweight no fp32 scratch).
+With beta 0 the old value is never read, NaN or not.
 */
 #pragma once
 
@@ -169,12 +173,12 @@ inline void matmul_forward_cpu(T* out, const T* inp, const T* weight, int N, int
 }
 
 // dinp (N, IC) = dinp_scale * dinp + dout (N, OC) @ weight (OC, IC);
-// dweight (OC, IC) += dout^T @ inp (N, IC)
+// dweight (OC, IC) = dweight_scale * dweight + dout^T @ inp (N, IC)   (dweight_scale 0 or 1)
 template <typename T, typename G>
 inline void matmul_backward_cpu(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight,
-                                int N, int IC, int OC, float dinp_scale) {
+                                int N, int IC, int OC, float dinp_scale, float dweight_scale) {
     gemm_store_cpu(dinp, (real)dinp_scale, dout, OC, 1, weight, IC, 1, N, IC, OC);
-    gemm_store_cpu(dweight, real(1), dout, 1, OC, inp, IC, 1, OC, IC, N);
+    gemm_store_cpu(dweight, (real)dweight_scale, dout, 1, OC, inp, IC, 1, OC, IC, N);
 }
 
 #if defined(__CUDACC__) || defined(MIXLN_CUDA_EMULATION)
@@ -192,11 +196,11 @@ inline void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC,
 
 template <typename T, typename G>
 inline void matmul_backward(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight,
-                            int N, int IC, int OC, float dinp_scale, cudaStream_t) {
+                            int N, int IC, int OC, float dinp_scale, float dweight_scale, cudaStream_t) {
     // the cuBLASLt build's restriction (see below), so that the emulated build rejects it too
     static_assert(!(std::is_same_v<T, float> && std::is_same_v<G, bf16>),
                   "cuBLASLt has no fp32 x fp32 -> bf16 product: with fp32 activations, G must be float");
-    matmul_backward_cpu(dinp, dweight, dout, inp, weight, N, IC, OC, dinp_scale);
+    matmul_backward_cpu(dinp, dweight, dout, inp, weight, N, IC, OC, dinp_scale, dweight_scale);
 }
 
 #else
@@ -396,15 +400,16 @@ inline void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC,
 
 // dinp (N, IC) = dinp_scale * dinp + dout @ weight: column-major dinp^T (IC, N) = weight^T (IC, OC)
 // @ dout^T (OC, N) + beta dinp^T with beta = dinp_scale
-// dweight (OC, IC) += dout^T @ inp: column-major dweight^T (IC, OC) += inp^T (IC, N) @ dout (N, OC)
+// dweight (OC, IC) = dweight_scale * dweight + dout^T @ inp: column-major dweight^T (IC, OC) =
+// inp^T (IC, N) @ dout (N, OC) + beta dweight^T with beta = dweight_scale
 template <typename T, typename G>
 inline void matmul_backward(T* dinp, G* dweight, const T* dout, const T* inp, const T* weight,
-                            int N, int IC, int OC, float dinp_scale, cudaStream_t stream) {
+                            int N, int IC, int OC, float dinp_scale, float dweight_scale, cudaStream_t stream) {
     static_assert(!(std::is_same_v<T, float> && std::is_same_v<G, bf16>),
                   "cuBLASLt has no fp32 x fp32 -> bf16 product: with fp32 activations, G must be float");
     cublaslt_gemm(false, false, IC, N, OC, weight, IC, dout, OC, dinp, IC, dinp_scale, cuda_data_type<T>(),
                   cuda_data_type<T>(), stream);
-    cublaslt_gemm(false, true, IC, OC, N, inp, IC, dout, OC, dweight, IC, 1.0f, cuda_data_type<T>(),
+    cublaslt_gemm(false, true, IC, OC, N, inp, IC, dout, OC, dweight, IC, dweight_scale, cuda_data_type<T>(),
                   cuda_data_type<G>(), stream);
 }
 #endif

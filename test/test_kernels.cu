@@ -361,13 +361,23 @@ TEST_CASE("matmul (cuBLASLt) matches the CPU", "[kernels][gpu-only]") {
              dweight = random_floats((size_t)OC * IC, 30);
         std::vector<float> out_cpu((size_t)N * OC), dinp_cpu = dinp, dweight_cpu = dweight;
         matmul_forward_cpu(out_cpu.data(), inp.data(), weight.data(), N, IC, OC);
-        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, 1.3f);
+        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, 1.3f, 1.0f);
         DeviceArray<float> d_inp(inp), d_weight(weight), d_dout(dout), d_out((size_t)N * OC), d_dinp(dinp), d_dweight(dweight);
         matmul_forward(d_out.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 0);
-        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 1.3f, 0);
+        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 1.3f, 1.0f, 0);
         check_close(d_out.to_host(), out_cpu, "matmul forward");
         check_close(d_dinp.to_host(), dinp_cpu, "matmul dinp");
         check_close(d_dweight.to_host(), dweight_cpu, "matmul dweight");
+        // scales 0: the gradients written over poison that beta 0 never reads
+        std::vector<float> poison_dinp((size_t)N * IC, NAN), poison_dweight((size_t)OC * IC, NAN);
+        std::vector<float> dinp_written = poison_dinp, dweight_written = poison_dweight;
+        matmul_backward_cpu(dinp_written.data(), dweight_written.data(), dout.data(), inp.data(), weight.data(), N, IC,
+                            OC, 0.0f, 0.0f);
+        DeviceArray<float> d_dinp_written(poison_dinp), d_dweight_written(poison_dweight);
+        matmul_backward(d_dinp_written.ptr, d_dweight_written.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, N, IC, OC, 0.0f,
+                        0.0f, 0);
+        check_close(d_dinp_written.to_host(), dinp_written, "matmul dinp, written");
+        check_close(d_dweight_written.to_host(), dweight_written, "matmul dweight, written");
     }
 }
 #endif

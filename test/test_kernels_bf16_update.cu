@@ -115,6 +115,39 @@ static std::vector<double> to_doubles(const std::vector<float>& v) {
     return std::vector<double>(v.begin(), v.end());
 }
 
+// matmul_backward with both scales 0 into poisoned (NaN) gradients, on the CPU twin or through the
+// launcher (cuBLASLt on a GPU; the weight `offset` elements into its allocation): dinp (bf16),
+// dweight as bf16 (bf16-pure) and as fp32 (bf16).
+struct WrittenGradients {
+    std::vector<bf16> dinp, dweight;
+    std::vector<float> dweight_f;
+};
+static WrittenGradients matmul_backward_written(const std::vector<bf16>& dout, const std::vector<bf16>& inp,
+                                                const std::vector<bf16>& weight, int N, int IC, int OC, bool launcher,
+                                                int offset = 0) {
+    WrittenGradients g = {to_bf16(std::vector<float>((size_t)N * IC, NAN)),
+                          to_bf16(std::vector<float>((size_t)OC * IC, NAN)), std::vector<float>((size_t)OC * IC, NAN)};
+    std::vector<bf16> dinp_again = g.dinp;
+    if (!launcher) {
+        matmul_backward_cpu(g.dinp.data(), g.dweight.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, 0.0f, 0.0f);
+        matmul_backward_cpu(dinp_again.data(), g.dweight_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC,
+                            0.0f, 0.0f);
+        return g;
+    }
+    std::vector<bf16> weight_padded(weight.size() + 1, __float2bfloat16_rn(0.0f));
+    std::copy(weight.begin(), weight.end(), weight_padded.begin() + offset);
+    DeviceArray<bf16> d_dout(dout), d_inp(inp), d_weight(weight_padded), d_dinp(g.dinp), d_dinp_again(g.dinp),
+        d_dweight(g.dweight);
+    DeviceArray<float> d_dweight_f(g.dweight_f);
+    matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr + offset, N, IC, OC, 0.0f, 0.0f, 0);
+    matmul_backward(d_dinp_again.ptr, d_dweight_f.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr + offset, N, IC, OC, 0.0f,
+                    0.0f, 0);
+    g.dinp = d_dinp.to_host();
+    g.dweight = d_dweight.to_host();
+    g.dweight_f = d_dweight_f.to_host();
+    return g;
+}
+
 #ifdef MIXLN_CUDA_EMULATION
 // cuBLASLt cannot run here (the emulated launchers ARE the CPU twin): check the bf16 twin against
 // the exact product instead. The twin sums in fp32 (K products, then + old: K + 1 terms, within
@@ -153,8 +186,8 @@ TEST_CASE("matmul bf16 CPU twin equals the exact product rounded once", "[kernel
         // backward, accumulating into bf16 dinp and into bf16 (bf16-pure) or fp32 (bf16) dweight
         std::vector<bf16> dinp_cpu = dinp, dweight_cpu = dweight, dinp_cpu2 = dinp;
         std::vector<float> dweight_cpu_f = dweight_f;
-        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE);
-        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE);
+        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE, 1.0f);
+        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE, 1.0f);
         CHECK(memcmp(dinp_cpu2.data(), dinp_cpu.data(), dinp.size() * sizeof(bf16)) == 0);   // G does not touch dinp
         auto exact_dinp = exact_product(
             N, IC, OC, [&](int n, int k) { return dout_f[(size_t)n * OC + k]; },
@@ -175,6 +208,22 @@ TEST_CASE("matmul bf16 CPU twin equals the exact product rounded once", "[kernel
         // fp32 dweight: rounded only by the fp32 sums
         check_matmul(dweight_cpu_f, exact_dweight_f.value, exact_dweight_f.abs_sum, N + 2, false,
                      "matmul dweight (fp32)");
+
+        // scales 0: the gradients written over poison that is never read (the launcher, here the
+        // twin), against the products alone
+        auto written = matmul_backward_written(dout, inp, weight, N, IC, OC, false);
+        auto exact_dinp_only = exact_product(
+            N, IC, OC, [&](int n, int k) { return dout_f[(size_t)n * OC + k]; },
+            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, nullptr);
+        auto exact_dweight_only = exact_product(
+            OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
+            [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, nullptr);
+        check_matmul(to_floats(written.dinp), round_bf16(exact_dinp_only.value), exact_dinp_only.abs_sum, OC + 2, true,
+                     "matmul dinp, written");
+        check_matmul(to_floats(written.dweight), round_bf16(exact_dweight_only.value), exact_dweight_only.abs_sum, N + 2,
+                     true, "matmul dweight (bf16), written");
+        check_matmul(written.dweight_f, exact_dweight_only.value, exact_dweight_only.abs_sum, N + 2, false,
+                     "matmul dweight (fp32), written");
     }
 }
 #else
@@ -201,8 +250,8 @@ TEST_CASE("matmul (cuBLASLt) with bf16 matches the CPU", "[kernels][bf16][gpu-on
         std::vector<bf16> out_cpu((size_t)N * OC), dinp_cpu = dinp, dweight_cpu = dweight, dinp_cpu2 = dinp;
         std::vector<float> dweight_cpu_f = dweight_f;
         matmul_forward_cpu(out_cpu.data(), inp.data(), weight.data(), N, IC, OC);
-        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE);
-        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE);
+        matmul_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE, 1.0f);
+        matmul_backward_cpu(dinp_cpu2.data(), dweight_cpu_f.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, DINP_SCALE, 1.0f);
 
         std::vector<bf16> weight_padded(weight.size() + 1, __float2bfloat16_rn(0.0f));
         std::copy(weight.begin(), weight.end(), weight_padded.begin() + offset);
@@ -211,8 +260,8 @@ TEST_CASE("matmul (cuBLASLt) with bf16 matches the CPU", "[kernels][bf16][gpu-on
         DeviceArray<float> d_dweight_f(dweight_f);
         const bf16* w = d_weight.ptr + offset;
         matmul_forward(d_out.ptr, d_inp.ptr, w, N, IC, OC, 0);
-        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, DINP_SCALE, 0);
-        matmul_backward(d_dinp2.ptr, d_dweight_f.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, DINP_SCALE, 0);
+        matmul_backward(d_dinp.ptr, d_dweight.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, DINP_SCALE, 1.0f, 0);
+        matmul_backward(d_dinp2.ptr, d_dweight_f.ptr, d_dout.ptr, d_inp.ptr, w, N, IC, OC, DINP_SCALE, 1.0f, 0);
 
         auto exact = exact_product(
             N, OC, IC, [&](int n, int k) { return inp_f[(size_t)n * IC + k]; },
@@ -236,6 +285,23 @@ TEST_CASE("matmul (cuBLASLt) with bf16 matches the CPU", "[kernels][bf16][gpu-on
                      4.0 * (N + 1), true, "matmul dweight (bf16)");
         check_matmul(d_dweight_f.to_host(), to_doubles(dweight_cpu_f), exact_dweight_f.abs_sum, 4.0 * (N + 1), false,
                      "matmul dweight (fp32)");
+
+        // scales 0: the gradients written over poison that beta 0 never reads; a bf16 dweight then
+        // comes straight from cuBLASLt, not through the fp32 scratch
+        auto written = matmul_backward_written(dout, inp, weight, N, IC, OC, false);
+        auto launched = matmul_backward_written(dout, inp, weight, N, IC, OC, true, offset);
+        auto exact_dinp_only = exact_product(
+            N, IC, OC, [&](int n, int k) { return dout_f[(size_t)n * OC + k]; },
+            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, nullptr);
+        auto exact_dweight_only = exact_product(
+            OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
+            [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, nullptr);
+        check_matmul(to_floats(launched.dinp), to_doubles(to_floats(written.dinp)), exact_dinp_only.abs_sum,
+                     4.0 * (OC + 1), true, "matmul dinp, written");
+        check_matmul(to_floats(launched.dweight), to_doubles(to_floats(written.dweight)), exact_dweight_only.abs_sum,
+                     4.0 * (N + 1), true, "matmul dweight (bf16), written");
+        check_matmul(launched.dweight_f, to_doubles(written.dweight_f), exact_dweight_only.abs_sum, 4.0 * (N + 1), false,
+                     "matmul dweight (fp32), written");
     }
 }
 #endif

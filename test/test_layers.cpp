@@ -25,6 +25,7 @@ static std::vector<real> random_vector(size_t n, uint64_t seed) {
 static double max_relative_error(const std::vector<real>& ours, const std::vector<double>& expected) {
     double diff = 0, norm = 0;
     for (size_t i = 0; i < ours.size(); i++) {
+        if (!std::isfinite(ours[i])) return INFINITY;   // a NaN would slip through std::max
         diff = std::max(diff, fabs(ours[i] - expected[i]));
         norm = std::max(norm, fabs(expected[i]));
     }
@@ -45,7 +46,7 @@ TEST_CASE("matmul forward and backward match plain loops at ragged shapes", "[la
         // backward accumulates: start from known values and check they are kept (dinp scaled by
         // dinp_scale first, as DeepNorm's residual needs)
         std::vector<real> dinp((size_t)N * IC, 0.5f), dweight((size_t)OC * IC, -0.25f);
-        matmul_backward_cpu(dinp.data(), dweight.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, 1.75f);
+        matmul_backward_cpu(dinp.data(), dweight.data(), dout.data(), inp.data(), weight.data(), N, IC, OC, 1.75f, 1.0f);
 
         std::vector<double> out_ref((size_t)N * OC, 0.0), dinp_ref((size_t)N * IC, 0.5 * 1.75), dweight_ref((size_t)OC * IC, -0.25);
         for (int n = 0; n < N; n++) {
@@ -61,6 +62,15 @@ TEST_CASE("matmul forward and backward match plain loops at ragged shapes", "[la
         CHECK(max_relative_error(out, out_ref) < 1e-5);
         CHECK(max_relative_error(dinp, dinp_ref) < 1e-5);
         CHECK(max_relative_error(dweight, dweight_ref) < 1e-5);
+
+        // scales 0: both gradients written, the old values never read (poisoned: 0 * NaN is NaN)
+        std::vector<real> dinp_written((size_t)N * IC, NAN), dweight_written((size_t)OC * IC, NAN);
+        matmul_backward_cpu(dinp_written.data(), dweight_written.data(), dout.data(), inp.data(), weight.data(), N, IC,
+                            OC, 0.0f, 0.0f);
+        for (double& v : dinp_ref) v -= 0.5 * 1.75;
+        for (double& v : dweight_ref) v -= -0.25;
+        CHECK(max_relative_error(dinp_written, dinp_ref) < 1e-5);
+        CHECK(max_relative_error(dweight_written, dweight_ref) < 1e-5);
     }
 }
 

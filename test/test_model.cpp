@@ -349,6 +349,70 @@ TEST_CASE(BACKEND ": model_forward_backward gives the separate passes' loss and 
     }
 }
 
+// model_zero_grad zeroes the gradients of the projections and the LM head lazily: the next backward
+// pass writes them (matmul_backward with dweight_scale 0) instead of adding to zeros. With every
+// gradient poisoned (NaN) first, so that a value neither zeroed nor written fails, the gradients
+// must be those of zeroing everything and adding, in every placement (zoo: each kind under
+// LayerNorm, with biases) and precision; and a reader of the gradients before any backward pass
+// must find zeros.
+TEST_CASE(BACKEND ": after model_zero_grad, the backward writes the projections' gradients: the values of zeroing "
+          "and adding", "[parity][zero-grad]") {
+    std::vector<Precision> precisions = {PRECISION_FP32};
+#ifdef MIXLN_HAS_BF16
+    precisions.push_back(PRECISION_BF16);
+    precisions.push_back(PRECISION_BF16_PURE);
+#endif
+    for (const char* name : {"mix", "zoo"}) {
+        for (Precision precision : precisions) {
+            INFO(name << ", " << precision_name(precision));
+            std::vector<real> grads[2];
+            for (int lazy = 0; lazy < 2; lazy++) {
+                FixtureRun run(fixture_dir(name), precision);
+                std::vector<real> poison(run.model.num_parameters, NAN), zeros(run.model.num_parameters, 0.0f);
+                model_from_host(&run.model, MODEL_GRADS, poison.data());
+                model_zero_grad(&run.model);
+                if (!lazy) model_from_host(&run.model, MODEL_GRADS, zeros.data());   // zeros in memory: added to
+                dataloader_next_batch(&run.loader);
+                model_forward_backward(&run.model, run.loader.inputs, run.loader.targets);
+                grads[lazy] = model_to_host(&run.model, MODEL_GRADS);
+            }
+            REQUIRE(grads[0].size() == grads[1].size());
+            size_t different = 0, first_different = 0;
+            for (size_t i = 0; i < grads[0].size(); i++) {
+                if (grads[1][i] == grads[0][i]) continue;   // == : a NaN left behind differs; -0 and +0 do not
+                if (different++ == 0) first_different = i;
+            }
+#if defined(MIXLN_CUDA) && !defined(MIXLN_CUDA_EMULATION)
+            // cuBLASLt: a written bf16 gradient (bf16-pure) comes from a bf16-output algorithm, an
+            // accumulated one from an fp32 product rounded by add_product_kernel (matmul.cuh): both
+            // the fp32 sum rounded once, but the sums' orders may differ, so up to one bf16 step
+            // apart (2^-8 relative, 4e-3); the fp32 outputs use one algorithm either way
+            double error = relative_error(grads[1].data(), std::vector<float>(grads[0].begin(), grads[0].end()).data(),
+                                          grads[0].size());
+            INFO("relative error " << error << ", " << different << " values differ");
+            CHECK(error < (precision == PRECISION_BF16_PURE ? 4e-3 : 1e-7));
+#else
+            INFO(different << " values differ, the first at " << first_different << ": written " << grads[1][first_different]
+                           << ", added " << grads[0][first_different]);
+            CHECK(different == 0);   // the same sums: to the bit
+#endif
+            double norm = 0.0;
+            for (real g : grads[1]) norm += (double)g * g;
+            CHECK(norm > 0.0);
+        }
+    }
+    // before any backward pass: the pending zeros are made real for whoever reads the gradients
+    FixtureRun run(fixture_dir("mix"));
+    std::vector<real> poison(run.model.num_parameters, NAN);
+    model_from_host(&run.model, MODEL_GRADS, poison.data());
+    model_zero_grad(&run.model);
+    CHECK(model_grad_norm(&run.model) == 0.0);
+    std::vector<real> grads = model_to_host(&run.model, MODEL_GRADS);
+    size_t nonzero = 0;
+    for (real g : grads) nonzero += g != 0.0f;   // NaN != 0 counts too
+    CHECK(nonzero == 0);
+}
+
 TEST_CASE(BACKEND ": per-layer gradient norms add up to the global norm", "[parity][layer-grads]") {
     std::string dir = fixture_dir("mix_half");
     FixtureRun run(dir);
