@@ -587,16 +587,18 @@ struct Model {
     void* acts_memory = nullptr;      // (activation_bytes) the activations (point_activations, model_activations)
     int* inputs = nullptr;            // (B, T) tokens of the last forward pass, in model memory
     int* targets = nullptr;           // (B, T) its targets, for backward
+    // host_*: the host side of every copy a step makes, page-locked on the GPU (model_host_alloc)
     real* host_losses = nullptr;      // (B, T) per-position losses copied to the host
+    int* host_inputs = nullptr;       // (B, T) the last forward pass's inputs, on the host
+    int* host_targets = nullptr;      // (B, T) its targets, on the host
     // the inputs' positions grouped by token (group_positions_by_token), for the embedding's
     // backward; made on the host when backward starts, from the forward pass's inputs (so forward
     // passes that only evaluate do not pay for it)
-    int* host_inputs = nullptr;           // (B*T) the last forward pass's inputs, on the host
     int* token_positions = nullptr;       // (B*T) in model memory
     int* token_group_starts = nullptr;    // (B*T + 1) in model memory
     int token_groups = 0;                 // groups (distinct input tokens) of the last backward pass
-    int* host_token_positions = nullptr;  // (B*T) host scratch
-    int* host_token_group_starts = nullptr;   // (B*T + 1) host scratch
+    int* host_token_positions = nullptr;  // (B*T)
+    int* host_token_group_starts = nullptr;   // (B*T + 1)
     int* host_token_counts = nullptr;     // (V + 1) host scratch
     double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
     bool backward_ready = false;      // a forward pass with targets ran and backward has not
@@ -615,6 +617,8 @@ struct Model {
     cudaStream_t stream = 0;
     float* norm_partials = nullptr;   // (GLOBAL_NORM_BLOCKS) on the GPU
     float* norm_squared = nullptr;    // (1) on the GPU
+    // recorded after the copies queued out of each set of host buffers (StagedCopies)
+    cudaEvent_t staged_copies_done[2] = {nullptr, nullptr};
 #endif
 };
 
@@ -673,6 +677,71 @@ inline void model_copy_in(const Model* model, void* dst, const void* src, size_t
 #endif
     (void)model;
     memcpy(dst, src, bytes);
+}
+
+// Host buffers that a step copies to the GPU (inputs, targets, token groups; StagedCopies) and
+// from it (losses). On the GPU they are page-locked: a copy out of pageable memory first waits for
+// all the GPU's queued work, so the host could not queue the backward pass (or the next step)
+// before the forward pass (or the update) had run; from page-locked memory the copy is queued
+// like a kernel and the host goes on.
+inline void* model_host_alloc(bool on_gpu, size_t bytes, const char* what) {
+#ifdef MIXLN_CUDA
+    if (on_gpu) {
+        void* p = nullptr;
+        cudaError_t error = cudaMallocHost(&p, bytes == 0 ? 1 : bytes);
+        if (error != cudaSuccess)
+            fail("could not allocate %zu bytes of page-locked host memory for %s: %s", bytes, what, cudaGetErrorString(error));
+        return p;
+    }
+#endif
+    (void)on_gpu;
+    return malloc_or_fail(bytes, what);
+}
+
+inline void model_host_release(bool on_gpu, void* p) {
+#ifdef MIXLN_CUDA
+    if (on_gpu) {
+        CUDA_CHECK(cudaFreeHost(p));
+        return;
+    }
+#endif
+    (void)on_gpu;
+    free(p);
+}
+
+// The two sets of host buffers whose copies to the model are queued (model_copy_in_queued): the
+// host fills a set, queues its copies and marks them (model_queued_copies_done); before it fills
+// the set again it waits for those copies (model_wait_queued_copies), which in training finished
+// long before (a whole pass later).
+enum StagedCopies { STAGED_INPUTS, STAGED_TOKEN_GROUPS };
+
+inline void model_wait_queued_copies(const Model* model, StagedCopies which) {
+#ifdef MIXLN_CUDA
+    if (model->on_gpu) CUDA_CHECK(cudaEventSynchronize(model->staged_copies_done[which]));
+#endif
+    (void)model;
+    (void)which;
+}
+
+// host memory from model_host_alloc -> model memory, queued on the GPU (the host must not rewrite
+// src before it is done: model_wait_queued_copies)
+inline void model_copy_in_queued(const Model* model, void* dst, const void* src, size_t bytes) {
+#ifdef MIXLN_CUDA
+    if (model->on_gpu) {
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, model->stream));
+        return;
+    }
+#endif
+    (void)model;
+    memcpy(dst, src, bytes);
+}
+
+inline void model_queued_copies_done(const Model* model, StagedCopies which) {
+#ifdef MIXLN_CUDA
+    if (model->on_gpu) CUDA_CHECK(cudaEventRecord(model->staged_copies_done[which], model->stream));
+#endif
+    (void)model;
+    (void)which;
 }
 
 // model memory -> host memory
@@ -848,17 +917,22 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T, b
     model_copy_in(model, rope_sin_table, rope_sin.data(), rope_sin.size() * sizeof(real));
     model->inputs = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "inputs");
     model->targets = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "targets");
-    model->host_losses = (real*)malloc_or_fail((size_t)B * T * sizeof(real), "losses");
+    model->host_losses = (real*)model_host_alloc(on_gpu, (size_t)B * T * sizeof(real), "losses");
     model->token_positions = (int*)model_alloc(on_gpu, (size_t)B * T * sizeof(int), "token positions");
     model->token_group_starts = (int*)model_alloc(on_gpu, ((size_t)B * T + 1) * sizeof(int), "token group starts");
-    model->host_inputs = (int*)malloc_or_fail((size_t)B * T * sizeof(int), "inputs");
-    model->host_token_positions = (int*)malloc_or_fail((size_t)B * T * sizeof(int), "token positions");
-    model->host_token_group_starts = (int*)malloc_or_fail(((size_t)B * T + 1) * sizeof(int), "token group starts");
+    model->host_inputs = (int*)model_host_alloc(on_gpu, (size_t)B * T * sizeof(int), "inputs");
+    model->host_targets = (int*)model_host_alloc(on_gpu, (size_t)B * T * sizeof(int), "targets");
+    model->host_token_positions = (int*)model_host_alloc(on_gpu, (size_t)B * T * sizeof(int), "token positions");
+    model->host_token_group_starts = (int*)model_host_alloc(on_gpu, ((size_t)B * T + 1) * sizeof(int), "token group starts");
     model->host_token_counts = (int*)malloc_or_fail(((size_t)config.vocab_size + 1) * sizeof(int), "token counts");
 #ifdef MIXLN_CUDA
     if (on_gpu) {
         model->norm_partials = (float*)model_alloc(true, GLOBAL_NORM_BLOCKS * sizeof(float), "gradient norm partials");
         model->norm_squared = (float*)model_alloc(true, sizeof(float), "gradient norm");
+        for (cudaEvent_t& event : model->staged_copies_done) {
+            CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventRecord(event, model->stream));   // nothing queued yet: done
+        }
     }
 #endif
 }
@@ -873,19 +947,22 @@ inline void model_free(Model* model) {
     model_release(on_gpu, model->acts_memory);
     model_release(on_gpu, model->inputs);
     model_release(on_gpu, model->targets);
-    free(model->host_losses);
     model_release(on_gpu, model->token_positions);
     model_release(on_gpu, model->token_group_starts);
-    free(model->host_inputs);
-    free(model->host_token_positions);
-    free(model->host_token_group_starts);
-    free(model->host_token_counts);
 #ifdef MIXLN_CUDA
     if (on_gpu) {
+        CUDA_CHECK(cudaStreamSynchronize(model->stream));   // no queued copy still reads the host buffers
         model_release(true, model->norm_partials);
         model_release(true, model->norm_squared);
+        for (cudaEvent_t event : model->staged_copies_done) CUDA_CHECK(cudaEventDestroy(event));
     }
 #endif
+    model_host_release(on_gpu, model->host_losses);
+    model_host_release(on_gpu, model->host_inputs);
+    model_host_release(on_gpu, model->host_targets);
+    model_host_release(on_gpu, model->host_token_positions);
+    model_host_release(on_gpu, model->host_token_group_starts);
+    free(model->host_token_counts);
     *model = Model();
 }
 
@@ -1179,11 +1256,16 @@ inline void model_forward_with(Model* model, const int* inputs, const int* targe
         if (inputs[i] < 0 || inputs[i] >= V) fail("input token %d at position %d is outside the vocabulary [0, %d)", inputs[i], i, V);
         if (targets && (targets[i] < 0 || targets[i] >= V)) fail("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
     }
-    model_copy_in(model, model->inputs, inputs, (size_t)BT * sizeof(int));
+    // through the page-locked host buffers, whose copies are queued (model_host_alloc); host_inputs
+    // is also what backward groups by token
+    model_wait_queued_copies(model, STAGED_INPUTS);
+    memcpy(model->host_inputs, inputs, (size_t)BT * sizeof(int));
+    model_copy_in_queued(model, model->inputs, model->host_inputs, (size_t)BT * sizeof(int));
     if (targets) {
-        model_copy_in(model, model->targets, targets, (size_t)BT * sizeof(int));
-        memcpy(model->host_inputs, inputs, (size_t)BT * sizeof(int));   // for backward's token groups
+        memcpy(model->host_targets, targets, (size_t)BT * sizeof(int));
+        model_copy_in_queued(model, model->targets, model->host_targets, (size_t)BT * sizeof(int));
     }
+    model_queued_copies_done(model, STAGED_INPUTS);
 #ifdef MIXLN_HAS_BF16
     if (model->precision != PRECISION_FP32)
         return model_forward_typed<bf16>(model, targets != nullptr, loss_gradient, loss_scale);
@@ -1375,12 +1457,14 @@ inline void model_backward_with(Model* model, float loss_scale, bool logits_hold
     if (!model->backward_ready) fail("model_backward needs a forward pass with targets (and no skipped layer) first");
     // for the embedding's backward: the forward pass's positions grouped by token
     const int BT = model->B * model->T;
+    model_wait_queued_copies(model, STAGED_TOKEN_GROUPS);
     model->token_groups = group_positions_by_token(model->host_token_positions, model->host_token_group_starts,
                                                    model->host_token_counts, model->host_inputs, BT,
                                                    model->config.vocab_size);
-    model_copy_in(model, model->token_positions, model->host_token_positions, (size_t)BT * sizeof(int));
-    model_copy_in(model, model->token_group_starts, model->host_token_group_starts,
-                  ((size_t)model->token_groups + 1) * sizeof(int));
+    model_copy_in_queued(model, model->token_positions, model->host_token_positions, (size_t)BT * sizeof(int));
+    model_copy_in_queued(model, model->token_group_starts, model->host_token_group_starts,
+                         ((size_t)model->token_groups + 1) * sizeof(int));
+    model_queued_copies_done(model, STAGED_TOKEN_GROUPS);
 #ifdef MIXLN_HAS_BF16
     if (model->precision == PRECISION_BF16) model_backward_typed<bf16, float>(model, loss_scale, logits_hold_gradient);
     if (model->precision == PRECISION_BF16_PURE)
