@@ -43,8 +43,10 @@ Gradient convention: the backward functions in layers/ accumulate (+=) into the 
 write, so a residual connection's gradient reaches both of its inputs by both branches
 accumulating into one buffer (see model_backward). The exceptions write (=) gradients that have
 one producer, where accumulating would only mean zeroing a buffer and reading the zeros back:
-the attention backward's dqkv, swiglu_backward's dgate_up, and a matmul's input gradient when its
-dinp_scale is 0. The weight gradients of the projections and the LM head, nearly all of the
+the attention backward's dqkv, swiglu_backward's dgate_up, a matmul's input gradient when its
+dinp_scale is 0, and a norm's input gradient when the norm's input reaches the loss through it
+alone (norm_backward with accumulate false: Post-LN's norms, Peri-LN's output norms, the final
+norm). No activation gradient is ever zeroed. The weight gradients of the projections and the LM head, nearly all of the
 gradient memory, are written the same way by the first backward pass after model_zero_grad
 (matmul_backward's dweight_scale 0), which therefore zeroes only the rest (model_zero_grad).
 
@@ -1034,17 +1036,18 @@ inline void norm_forward(Model* model, floatX* out, real* stats, const floatX* i
     }
 }
 
-// Accumulates the gradients of norm_forward's input (dinp) and parameters (dweight, dbias).
+// The gradients of norm_forward's input (dinp: accumulated, or written where accumulate is false)
+// and parameters (dweight, dbias: accumulated).
 template <typename floatX, typename gradX>
 inline void norm_backward(Model* model, floatX* dinp, gradX* dweight, gradX* dbias, const floatX* dout, const floatX* inp,
-                          const floatX* weight, const real* stats) {
+                          const floatX* weight, const real* stats, bool accumulate) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels;
     if (c.norm_type == NORM_LAYERNORM) {
-        LAYER(layernorm_backward, dinp, dweight, dbias, dout, inp, weight, stats + BT, stats, BT, C);
+        LAYER(layernorm_backward, dinp, dweight, dbias, dout, inp, weight, stats + BT, stats, BT, C, accumulate);
     } else {
         real* norm_scratch = model_activations<floatX>(model).norm_scratch;   // the CUDA kernel's partial sums
-        LAYER(rmsnorm_backward, dinp, dweight, norm_scratch, dout, inp, weight, stats, BT, C);
+        LAYER(rmsnorm_backward, dinp, dweight, norm_scratch, dout, inp, weight, stats, BT, C, accumulate);
     }
 }
 
@@ -1386,7 +1389,7 @@ inline void model_backward_typed(Model* model, float loss_scale, bool logits_hol
     const ParameterTensorsOf<floatX> p = model_weights<floatX>(model);
     const ParameterTensorsOf<gradX> g = model_grads<gradX>(model);
     const ActivationTensorsOf<floatX> a = model_activations<floatX>(model);
-    const size_t stream_size = (size_t)BT * C, stream_bytes = stream_size * sizeof(floatX);
+    const size_t stream_size = (size_t)BT * C;
 
     // loss = mean over positions, so each position's loss has gradient loss_scale/BT; the
     // logits turn into their gradient in place
@@ -1397,8 +1400,8 @@ inline void model_backward_typed(Model* model, float loss_scale, bool logits_hol
     const floatX* last_output = layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1);
     LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V, 0.0f,
           projection_grad_scale(model));   // dnorm written
-    model_zero(model, a.dresidual, stream_bytes);
-    norm_backward(model, a.dresidual, g.final_norm, g.final_norm_bias, a.dnorm, last_output, p.final_norm, a.final_norm_stats);
+    norm_backward(model, a.dresidual, g.final_norm, g.final_norm_bias, a.dnorm, last_output, p.final_norm,
+                  a.final_norm_stats, false);   // dresidual written
 
     // a.dresidual holds the gradient of layer l's output; each layer turns it into the
     // gradient of its input
@@ -1411,39 +1414,39 @@ inline void model_backward_typed(Model* model, float loss_scale, bool logits_hol
         LayerActivations<floatX> la = layer_activations(a, c, B, T, l);
         const floatX* layer_input = l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
         if (norm_after_residual(kind)) {
-            // y = N2(s2), s2 = a*h + mlp(h): dnorm = d(s2), then d(h) = a*d(s2) + the MLP path, in
-            // place: the MLP's last product adds its input gradient to a * dnorm (one rounding)
-            model_zero(model, a.dnorm, stream_bytes);
-            norm_backward(model, a.dnorm, gw.mlp_norm, gw.mlp_norm_bias, a.dresidual, la.mlp_resid, w.mlp_norm, la.mlp_norm_stats);
+            // y = N2(s2), s2 = a*h + mlp(h): dnorm = d(s2) (written), then d(h) = a*d(s2) + the MLP
+            // path, in place: the MLP's last product adds its input gradient to a * dnorm (one rounding)
+            norm_backward(model, a.dnorm, gw.mlp_norm, gw.mlp_norm_bias, a.dresidual, la.mlp_resid, w.mlp_norm,
+                          la.mlp_norm_stats, false);
             mlp_sublayer_backward(model, a, a.dnorm, stream_scale, a.dnorm, la.attn_norm, w, gw, la);
-            // h = N1(s1), s1 = a*x + attn(x): likewise, dresidual = d(s1) -> d(x)
-            model_zero(model, a.dresidual, stream_bytes);
-            norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, la.attn_resid, w.attn_norm, la.attn_norm_stats);
+            // h = N1(s1), s1 = a*x + attn(x): likewise, dresidual = d(s1) (written) -> d(x)
+            norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, la.attn_resid, w.attn_norm,
+                          la.attn_norm_stats, false);
             attention_sublayer_backward(model, a, a.dresidual, stream_scale, a.dresidual, layer_input, w, gw, la);
         } else {
             // y = h + N2o(m), m = mlp(s * N2(h)): the skip passes dresidual through; the branch
             // (N2o's backward for peri, the MLP, the scale s for lns, N2) adds onto it -> d(h)
             const floatX* dmlp_out = a.dresidual;   // gradient of down_proj's output
             if (peri) {
-                model_zero(model, a.dbranch, stream_bytes);
                 norm_backward(model, a.dbranch, gw.mlp_out_norm, gw.mlp_out_norm_bias, a.dresidual, la.mlp_branch,
-                              w.mlp_out_norm, la.mlp_out_norm_stats);
+                              w.mlp_out_norm, la.mlp_out_norm_stats, false);   // dbranch written
                 dmlp_out = a.dbranch;
             }
             mlp_sublayer_backward(model, a, a.dnorm, 0.0f, dmlp_out, la.mlp_norm, w, gw, la);   // dnorm written
             if (output_scale != 1.0f) LAYER(scale_forward, a.dnorm, a.dnorm, output_scale, stream_size);
-            norm_backward(model, a.dresidual, gw.mlp_norm, gw.mlp_norm_bias, a.dnorm, la.attn_resid, w.mlp_norm, la.mlp_norm_stats);
+            norm_backward(model, a.dresidual, gw.mlp_norm, gw.mlp_norm_bias, a.dnorm, la.attn_resid, w.mlp_norm,
+                          la.mlp_norm_stats, true);   // added onto the skip's gradient
             // h = x + N1o(o), o = attn(s * N1(x)): likewise -> d(x)
             const floatX* dattn_out = a.dresidual;   // gradient of o_proj's output
             if (peri) {
-                model_zero(model, a.dbranch, stream_bytes);
                 norm_backward(model, a.dbranch, gw.attn_out_norm, gw.attn_out_norm_bias, a.dresidual, la.attn_branch,
-                              w.attn_out_norm, la.attn_out_norm_stats);
+                              w.attn_out_norm, la.attn_out_norm_stats, false);   // dbranch written
                 dattn_out = a.dbranch;
             }
             attention_sublayer_backward(model, a, a.dnorm, 0.0f, dattn_out, la.attn_norm, w, gw, la);   // written
             if (output_scale != 1.0f) LAYER(scale_forward, a.dnorm, a.dnorm, output_scale, stream_size);
-            norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, layer_input, w.attn_norm, la.attn_norm_stats);
+            norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, layer_input, w.attn_norm,
+                          la.attn_norm_stats, true);
         }
     }
     LAYER(embedding_backward, g.embed_tokens, a.dresidual, model->inputs, model->token_positions,

@@ -62,11 +62,11 @@ inline void layernorm_forward_cpu(T* out, real* mean, real* rstd, const T* inp, 
     }
 }
 
-// dinp (N, C) +=, dweight (C) +=, dbias (C) +=; dout (N, C), inp (N, C), weight (C), mean (N) and
-// rstd (N) from forward
+// dinp (N, C) += (accumulate) or = (the old value never read, as in rmsnorm.cuh), dweight (C) +=,
+// dbias (C) +=; dout (N, C), inp (N, C), weight (C), mean (N) and rstd (N) from forward
 template <typename T, typename G>
 inline void layernorm_backward_cpu(T* dinp, G* dweight, G* dbias, const T* dout, const T* inp, const T* weight,
-                                   const real* mean, const real* rstd, int N, int C) {
+                                   const real* mean, const real* rstd, int N, int C, bool accumulate) {
     // input gradient: rows are independent
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
@@ -83,11 +83,12 @@ inline void layernorm_backward_cpu(T* dinp, G* dweight, G* dbias, const T* dout,
             sum_g_xhat += (double)g * ((to_real(x[c]) - mu) * r);
         }
         real mean_g = (real)(sum_g / C), mean_g_xhat = (real)(sum_g_xhat / C);
-        // accumulate: read, add in real, round once
+        // accumulate: read, add in real, round once (or write: round once)
         for (int c = 0; c < C; c++) {
             real xhat = (to_real(x[c]) - mu) * r;
             real grad = r * (std::fma(to_real(dy[c]), to_real(weight[c]), -mean_g) - xhat * mean_g_xhat);
-            dx[c] = from_real<T>(to_real(dx[c]) + grad);
+            real old = accumulate ? to_real(dx[c]) : real(0);
+            dx[c] = from_real<T>(old + grad);
         }
     }
     // weight and bias gradients: sums over rows, so parallelise over channels instead (rows in order)
@@ -136,10 +137,12 @@ static __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd
         out[(size_t)row * C + c] = from_float<T>((to_float(x[c]) - mu) * r * to_float(weight[c]) + to_float(bias[c]));
 }
 
-// input gradient, one warp per row; dinp accumulates: read, add in float, round once
+// input gradient, one warp per row; dinp accumulates: read, add in float, round once (accumulate
+// false: written, never read)
 template <typename T>
 static __global__ void layernorm_backward_input_kernel(T* dinp, const T* dout, const T* inp, const T* weight,
-                                                       const float* mean, const float* rstd, int N, int C) {
+                                                       const float* mean, const float* rstd, int N, int C,
+                                                       bool accumulate) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
@@ -158,7 +161,8 @@ static __global__ void layernorm_backward_input_kernel(T* dinp, const T* dout, c
     for (int c = lane; c < C; c += 32) {
         float xhat = (to_float(x[c]) - mu) * r;
         float grad = r * (fmaf(to_float(dy[c]), to_float(weight[c]), -mean_g) - xhat * mean_g_xhat);
-        dx[c] = from_float<T>(to_float(dx[c]) + grad);
+        float old = accumulate ? to_float(dx[c]) : 0.0f;
+        dx[c] = from_float<T>(old + grad);
     }
 }
 
@@ -198,10 +202,11 @@ inline void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, co
 
 template <typename T, typename G>
 inline void layernorm_backward(T* dinp, G* dweight, G* dbias, const T* dout, const T* inp, const T* weight,
-                               const float* mean, const float* rstd, int N, int C, cudaStream_t stream) {
+                               const float* mean, const float* rstd, int N, int C, bool accumulate,
+                               cudaStream_t stream) {
     const int block = 256;
     LAUNCH(layernorm_backward_input_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp,
-           weight, mean, rstd, N, C);
+           weight, mean, rstd, N, C, accumulate);
     auto weight_kernel = layernorm_backward_weight_kernel<T, G>;
     LAUNCH(weight_kernel, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream, dweight, dbias, dout, inp,
            mean, rstd, N, C);

@@ -22,7 +22,7 @@ which is all the residual add's backward would be (see residual.cuh).
 
 Backward, with xhat = x * rstd and g = dout * w:
     dw    += sum over rows of dout * xhat
-    dinp  += rstd * (g - xhat * mean(g * xhat))
+    dinp  += rstd * (g - xhat * mean(g * xhat))    (or = where accumulate is false, below)
 The CPU version is the reference the CUDA kernels are tested against.
 
 Storage: activations, their gradients and the weight are stored in T (float, double in the CPU's
@@ -36,7 +36,10 @@ double) from the values as stored, and rounded once where stored:
     add followed by rmsnorm_forward, for bf16 as for float);
   - backward: dinp and dweight accumulate as read, add in float, round once (dinp[i] =
     round(dinp[i] + value)); dweight's sum over rows is formed in float (double on the CPU) in a
-    fixed order, so the result is deterministic.
+    fixed order, so the result is deterministic. With accumulate false the backward writes dinp
+    (dinp[i] = round(value), the old value never read): the model passes it where the norm's
+    input gradient has no other term (a Post-LN layer's norms, the final norm, Peri-LN's output
+    norms), so the buffer needs no zeroing first and no read of the zeros.
 */
 #pragma once
 
@@ -100,12 +103,12 @@ inline void residual_rmsnorm_forward_cpu(T* sum, T* out, real* rstd, const T* x,
 // over their rows into one row of it (see rmsnorm_backward_vector_kernel).
 constexpr int RMSNORM_PARTIAL_BLOCKS = 512;
 
-// dinp (N, C) +=, dweight (C) +=; dout (N, C), inp (N, C), weight (C), rstd (N) from forward;
-// scratch (RMSNORM_PARTIAL_BLOCKS, C) is the CUDA kernels' (this reference sums the rows directly
-// and leaves it alone)
+// dinp (N, C) += (accumulate) or =, dweight (C) +=; dout (N, C), inp (N, C), weight (C), rstd (N)
+// from forward; scratch (RMSNORM_PARTIAL_BLOCKS, C) is the CUDA kernels' (this reference sums the
+// rows directly and leaves it alone)
 template <typename T, typename G>
 inline void rmsnorm_backward_cpu(T* dinp, G* dweight, real* scratch, const T* dout, const T* inp, const T* weight,
-                                 const real* rstd, int N, int C) {
+                                 const real* rstd, int N, int C, bool accumulate) {
     (void)scratch;
     // input gradient: rows are independent
     #pragma omp parallel for
@@ -118,10 +121,11 @@ inline void rmsnorm_backward_cpu(T* dinp, G* dweight, real* scratch, const T* do
         double dot = 0.0;
         for (int c = 0; c < C; c++) dot += (double)(to_real(dy[c]) * to_real(weight[c])) * (to_real(x[c]) * r);
         real mean_dot = (real)(dot / C);
-        // accumulate: read, add in real, round once
+        // accumulate: read, add in real, round once (or write: round once)
         for (int c = 0; c < C; c++) {
             real g = to_real(dy[c]) * to_real(weight[c]);
-            dx[c] = from_real<T>(to_real(dx[c]) + r * (g - to_real(x[c]) * r * mean_dot));
+            real old = accumulate ? to_real(dx[c]) : real(0);
+            dx[c] = from_real<T>(old + r * (g - to_real(x[c]) * r * mean_dot));
         }
     }
     // weight gradient: a sum over rows, so parallelise over channels instead (rows in order)
@@ -342,7 +346,8 @@ static __global__ void residual_rmsnorm_forward_vector_kernel(T* sum, T* out, fl
     rmsnorm_vector_output<T>(y, s, weight, ss, ws, r, chunks, groups, lane);
 }
 
-// Fallback input gradient, one warp per row; dinp accumulates: read, add in float, round once.
+// Fallback input gradient, one warp per row; dinp accumulates: read, add in float, round once
+// (accumulate false: written, never read).
 // Each lane takes its channels lane, lane + 32, ... in chunks of RMSNORM_CHUNK, issuing all of a
 // chunk's loads before using any (__restrict__ lets the compiler keep them ahead of the stores):
 // on an H200 the plain one-channel-at-a-time loop waited out each load's latency in turn and moved
@@ -352,7 +357,8 @@ constexpr int RMSNORM_CHUNK = 8;   // channels per lane per chunk
 template <typename T>
 static __global__ void rmsnorm_backward_input_kernel(T* __restrict__ dinp, const T* __restrict__ dout,
                                                      const T* __restrict__ inp, const T* __restrict__ weight,
-                                                     const float* __restrict__ rstd, int N, int C) {
+                                                     const float* __restrict__ rstd, int N, int C,
+                                                     bool accumulate) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
@@ -383,7 +389,7 @@ static __global__ void rmsnorm_backward_input_kernel(T* __restrict__ dinp, const
             int c = c0 + 32 * u;
             g[u] = c < C ? to_float(dy[c]) * to_float(weight[c]) : 0.0f;
             xs[u] = c < C ? to_float(x[c]) : 0.0f;
-            old[u] = c < C ? to_float(dx[c]) : 0.0f;
+            old[u] = accumulate && c < C ? to_float(dx[c]) : 0.0f;
         }
         KERNEL_UNROLL
         for (int u = 0; u < RMSNORM_CHUNK; u++) {
@@ -415,8 +421,9 @@ every paper config), so that the accumulators are registers. GROUPS = 0 is the i
 alone for any C, one row per warp, with the weight gradient left to the weight kernel below.
 
 The input gradient: the first pass loads a group's chunks of dout, weight and inp, and for the
-last group also dinp, all before the reduction; the second pass accumulates into dinp, the last
-group from registers, the others reloaded. The same expressions per element as the fallback.
+last group also dinp (when accumulating), all before the reduction; the second pass accumulates
+into (or writes) dinp, the last group from registers, the others reloaded. The same expressions
+per element as the fallback.
 */
 constexpr int RMSNORM_FUSED_MAX_GROUPS = 4;    // C up to 2048 takes the fused kernel
 constexpr int RMSNORM_BACKWARD_WARPS = 8;      // warps (rows at a time) per block of the row kernels
@@ -425,7 +432,8 @@ template <typename T, int GROUPS>
 static __global__ void __launch_bounds__(RMSNORM_BACKWARD_WARPS * 32)
     rmsnorm_backward_vector_kernel(T* __restrict__ dinp, float* __restrict__ dweight_partials,
                                    const T* __restrict__ dout, const T* __restrict__ inp,
-                                   const T* __restrict__ weight, const float* __restrict__ rstd, int N, int C) {
+                                   const T* __restrict__ weight, const float* __restrict__ rstd, int N, int C,
+                                   bool accumulate) {
     constexpr int VEC = RMSNORM_VEC<T>, U = RMSNORM_LANE_CHUNKS<T>, WARPS = RMSNORM_BACKWARD_WARPS;
     constexpr bool FUSED = GROUPS > 0;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -448,7 +456,7 @@ static __global__ void __launch_bounds__(RMSNORM_BACKWARD_WARPS * 32)
                     dys[u] = load_vector16(dy + k * VEC);
                     ws[u] = load_vector16(weight + k * VEC);
                     xs[u] = load_vector16(x + k * VEC);
-                    if (g == groups - 1) olds[u] = load_vector16(dx + k * VEC);
+                    if (accumulate && g == groups - 1) olds[u] = load_vector16(dx + k * VEC);
                 }
             }
             KERNEL_UNROLL
@@ -473,7 +481,7 @@ static __global__ void __launch_bounds__(RMSNORM_BACKWARD_WARPS * 32)
                     dys[u] = load_vector16(dy + k * VEC);
                     ws[u] = load_vector16(weight + k * VEC);
                     xs[u] = load_vector16(x + k * VEC);
-                    olds[u] = load_vector16(dx + k * VEC);
+                    if (accumulate) olds[u] = load_vector16(dx + k * VEC);
                 }
             }
             KERNEL_UNROLL
@@ -485,7 +493,8 @@ static __global__ void __launch_bounds__(RMSNORM_BACKWARD_WARPS * 32)
                 for (int e = 0; e < VEC; e++) {
                     float dye = to_float(dys[u].values[e]), xe = to_float(xs[u].values[e]);
                     float ge = dye * to_float(ws[u].values[e]);
-                    news.values[e] = from_float<T>(to_float(olds[u].values[e]) + r * (ge - xe * r * mean_dot));
+                    float old = accumulate ? to_float(olds[u].values[e]) : 0.0f;
+                    news.values[e] = from_float<T>(old + r * (ge - xe * r * mean_dot));
                     if constexpr (FUSED) dweight_sums[g][u][e] += dye * (xe * r);
                 }
                 store_vector16(dx + k * VEC, news);
@@ -670,10 +679,11 @@ inline void residual_rmsnorm_forward(T* sum, T* out, float* rstd, const T* x, fl
                weight, N, C, eps);
 }
 
-// scratch (RMSNORM_PARTIAL_BLOCKS, C): the fused kernel's partial sums of the weight gradient
+// scratch (RMSNORM_PARTIAL_BLOCKS, C): the fused kernel's partial sums of the weight gradient;
+// accumulate: dinp += (true) or = (false)
 template <typename T, typename G>
 inline void rmsnorm_backward(T* dinp, G* dweight, float* scratch, const T* dout, const T* inp, const T* weight,
-                             const float* rstd, int N, int C, cudaStream_t stream) {
+                             const float* rstd, int N, int C, bool accumulate, cudaStream_t stream) {
     const int block = RMSNORM_BACKWARD_WARPS * 32, row_blocks = ceil_div(N, RMSNORM_BACKWARD_WARPS);
     const bool vectors = rmsnorm_vectors_apply<T>(C, dinp, dout, inp, weight);
     const int groups = ceil_div(C / RMSNORM_VEC<T>, 32 * RMSNORM_LANE_CHUNKS<T>);
@@ -694,7 +704,7 @@ inline void rmsnorm_backward(T* dinp, G* dweight, float* scratch, const T* dout,
         const int blocks = std::min({row_blocks, std::max(multiprocessors * blocks_per_multiprocessor, 1),
                                      RMSNORM_PARTIAL_BLOCKS});
         LAUNCH(fused_kernels[groups - 1], dim3(blocks), dim3(block), 0, stream, dinp, scratch, dout, inp, weight, rstd,
-               N, C);
+               N, C, accumulate);
         LAUNCH(rmsnorm_weight_partials_kernel<G>, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream,
                dweight, (const float*)scratch, blocks, C);
         return;
@@ -702,10 +712,10 @@ inline void rmsnorm_backward(T* dinp, G* dweight, float* scratch, const T* dout,
     // otherwise the input gradient (16-byte path for any C, or the fallback), then the weight kernel
     if (vectors)
         LAUNCH(rmsnorm_backward_vector_kernel<T, 0>, dim3(row_blocks), dim3(block), 0, stream, dinp, (float*)nullptr,
-               dout, inp, weight, rstd, N, C);
+               dout, inp, weight, rstd, N, C, accumulate);
     else
         LAUNCH(rmsnorm_backward_input_kernel<T>, dim3(row_blocks), dim3(block), 0, stream, dinp, dout, inp, weight, rstd,
-               N, C);
+               N, C, accumulate);
     if (rmsnorm_vectors_apply<T>(C, dout, inp)) {
         auto weight_kernel = rmsnorm_backward_weight_vector_kernel<T, G>;
         LAUNCH(weight_kernel, dim3(ceil_div(C, RMSNORM_WEIGHT_CHANNELS)), dim3(RMSNORM_WEIGHT_THREADS), 0, stream,

@@ -93,23 +93,33 @@ TEST_CASE("embedding kernels match the CPU, repeated tokens included", "[kernels
 TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
     int shapes[][2] = {{1, 1}, {9, 33}, {130, 300}};   // rows not a multiple of the 8 per block
     for (auto& s : shapes) {
+      for (bool accumulate : {true, false}) {
         int N = s[0], C = s[1];
-        INFO("N " << N << " C " << C);
+        INFO("N " << N << " C " << C << " accumulate " << accumulate);
         auto inp = random_floats((size_t)N * C, 7), weight = random_floats(C, 8), dout = random_floats((size_t)N * C, 9);
-        auto dinp = random_floats((size_t)N * C, 10), dweight = random_floats(C, 11);   // backward accumulates
+        // dinp accumulates from known values, or is written over poison that must not be read
+        auto dinp = accumulate ? random_floats((size_t)N * C, 10) : std::vector<float>((size_t)N * C, NAN);
+        auto dweight = random_floats(C, 11);   // accumulates
         std::vector<float> out_cpu((size_t)N * C), rstd_cpu(N), dinp_cpu = dinp, dweight_cpu = dweight;
         rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, 1e-6f);
         rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), (float*)nullptr, dout.data(), inp.data(), weight.data(),
-                             rstd_cpu.data(), N, C);   // the CPU needs no scratch
+                             rstd_cpu.data(), N, C, accumulate);   // the CPU needs no scratch
         DeviceArray<float> d_inp(inp), d_weight(weight), d_dout(dout), d_out((size_t)N * C), d_rstd(N), d_dinp(dinp),
             d_dweight(dweight), d_scratch((size_t)RMSNORM_PARTIAL_BLOCKS * C);
         rmsnorm_forward(d_out.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, N, C, 1e-6f, 0);
         rmsnorm_backward(d_dinp.ptr, d_dweight.ptr, d_scratch.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_rstd.ptr, N, C,
-                         0);
+                         accumulate, 0);
         check_close(d_out.to_host(), out_cpu, "rmsnorm out");
         check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
-        check_close(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
+        // at C 1 the written dinp is 0 but for rounding (xhat = +-1 cancels g): measured against
+        // the size of the terms, rstd * dout * weight
+        double terms = 0.0;
+        for (int i = 0; i < N; i++)
+            for (int c = 0; c < C; c++)
+                terms = std::max(terms, fabs((double)rstd_cpu[i] * dout[(size_t)i * C + c] * weight[c]));
+        check_close(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp", 1e-5, terms);
         check_close(d_dweight.to_host(), dweight_cpu, "rmsnorm dweight");
+      }
     }
 }
 
@@ -154,24 +164,27 @@ TEST_CASE("layernorm kernels match the CPU", "[kernels]") {
     // the 8 per block and C not of the 32 lanes; C 384, the width of a small model
     int shapes[][2] = {{1, 1}, {37, 67}, {130, 384}};
     for (auto& s : shapes) {
+      for (bool accumulate : {true, false}) {
         int N = s[0], C = s[1];
-        INFO("N " << N << " C " << C);
+        INFO("N " << N << " C " << C << " accumulate " << accumulate);
         auto inp = random_floats((size_t)N * C, 40), weight = random_floats(C, 41), bias = random_floats(C, 42),
              dout = random_floats((size_t)N * C, 43);
         for (auto& x : inp) x += 10.0f;   // mean 10, spread 1: the mean subtraction matters
-        // backward accumulates: start the gradients from known non-zero values
-        auto dinp = random_floats((size_t)N * C, 44), dweight = random_floats(C, 45), dbias = random_floats(C, 46);
+        // backward accumulates: start the gradients from known non-zero values (dinp: or poison,
+        // written over without being read)
+        auto dinp = accumulate ? random_floats((size_t)N * C, 44) : std::vector<float>((size_t)N * C, NAN);
+        auto dweight = random_floats(C, 45), dbias = random_floats(C, 46);
         std::vector<float> out_cpu((size_t)N * C), mean_cpu(N), rstd_cpu(N), dinp_cpu = dinp, dweight_cpu = dweight,
                            dbias_cpu = dbias;
         layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), bias.data(),
                               N, C, 1e-5f);
         layernorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dbias_cpu.data(), dout.data(), inp.data(),
-                               weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C);
+                               weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C, accumulate);
         DeviceArray<float> d_inp(inp), d_weight(weight), d_bias(bias), d_dout(dout), d_out((size_t)N * C), d_mean(N),
             d_rstd(N), d_dinp(dinp), d_dweight(dweight), d_dbias(dbias);
         layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, 1e-5f, 0);
         layernorm_backward(d_dinp.ptr, d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_mean.ptr,
-                           d_rstd.ptr, N, C, 0);
+                           d_rstd.ptr, N, C, accumulate, 0);
         check_close(d_out.to_host(), out_cpu, "layernorm out");
         check_close(d_mean.to_host(), mean_cpu, "layernorm mean");
         // rstd to 1e-6: the two-pass variance gets 1e-7 here, a one-pass mean(x^2) - mean^2 1e-5
@@ -179,6 +192,7 @@ TEST_CASE("layernorm kernels match the CPU", "[kernels]") {
         check_close(d_dinp.to_host(), dinp_cpu, "layernorm dinp");
         check_close(d_dweight.to_host(), dweight_cpu, "layernorm dweight");
         check_close(d_dbias.to_host(), dbias_cpu, "layernorm dbias");
+      }
     }
 }
 

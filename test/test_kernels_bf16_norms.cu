@@ -125,12 +125,15 @@ struct OffsetArray {
 };
 
 // One RMSNorm forward and backward at (N, C), activations and weight stored in T, the weight
-// gradient in G, every T tensor `offset` elements past a 16-byte boundary.
+// gradient in G, every T tensor `offset` elements past a 16-byte boundary; dinp accumulated or
+// (accumulate false) written.
 template <typename T, typename G>
-static void check_rmsnorm(int N, int C, double dweight_tolerance, int offset = 0) {
+static void check_rmsnorm(int N, int C, double dweight_tolerance, int offset = 0, bool accumulate = true) {
     const size_t n = (size_t)N * C;
     auto inp = random_stored<T>(n, 7), weight = random_stored<T>(C, 8), dout = random_stored<T>(n, 9);
-    auto dinp = random_stored<T>(n, 10);   // backward accumulates: start from known non-zero values
+    // backward accumulates: start from known non-zero values; or writes over poison it must not read
+    auto dinp = random_stored<T>(n, 10);
+    if (!accumulate) std::fill(dinp.begin(), dinp.end(), from_real<T>(NAN));
     std::vector<G> dweight(C);
     {
         auto start = random_floats(C, 11);
@@ -141,7 +144,7 @@ static void check_rmsnorm(int N, int C, double dweight_tolerance, int offset = 0
     std::vector<G> dweight_cpu = dweight;
     rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, 1e-6f);
     rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), (float*)nullptr, dout.data(), inp.data(), weight.data(),
-                         rstd_cpu.data(), N, C);   // the CPU needs no scratch
+                         rstd_cpu.data(), N, C, accumulate);   // the CPU needs no scratch
 
     OffsetArray<T> d_inp(inp, offset), d_weight(weight, offset), d_dout(dout, offset), d_out(n, offset),
         d_dinp(dinp, offset);
@@ -149,7 +152,7 @@ static void check_rmsnorm(int N, int C, double dweight_tolerance, int offset = 0
     DeviceArray<G> d_dweight(dweight);
     rmsnorm_forward(d_out.ptr(), d_rstd.ptr, d_inp.ptr(), d_weight.ptr(), N, C, 1e-6f, 0);
     rmsnorm_backward(d_dinp.ptr(), d_dweight.ptr, d_scratch.ptr, d_dout.ptr(), d_inp.ptr(), d_weight.ptr(), d_rstd.ptr, N,
-                     C, 0);
+                     C, accumulate, 0);
     check_close_stored(d_out.to_host(), out_cpu, "rmsnorm out");
     check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
     check_close_stored(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
@@ -304,6 +307,9 @@ TEST_CASE("rmsnorm kernels match the CPU on their 16-byte path and off it, in fp
         check_rmsnorm<float, float>(s.N, s.C, 1e-5, s.offset);          // fp32 throughout: test_kernels.cu's tolerance
         check_rmsnorm<bf16, float>(s.N, s.C, 1e-5, s.offset);           // as in the bf16 case above
         check_rmsnorm<bf16, bf16>(s.N, s.C, 2 * BF16_STEP, s.offset);
+        // dinp written (accumulate false), on every path
+        check_rmsnorm<float, float>(s.N, s.C, 1e-5, s.offset, false);
+        check_rmsnorm<bf16, float>(s.N, s.C, 1e-5, s.offset, false);
     }
 }
 
@@ -327,13 +333,14 @@ TEST_CASE("residual_rmsnorm_forward kernel matches the CPU on its 16-byte path a
 
 // One LayerNorm forward and backward at (N, C) with the weight and bias gradients stored in G.
 template <typename G>
-static void check_layernorm_bf16(int N, int C, double gradient_tolerance) {
+static void check_layernorm_bf16(int N, int C, double gradient_tolerance, bool accumulate = true) {
     const size_t n = (size_t)N * C;
     // mean 10, spread 1: the mean subtraction matters (the +10 is rounded to bf16 with the rest)
     auto inp_float = random_floats(n, 40);
     for (auto& x : inp_float) x += 10.0f;
     auto inp = to_bf16(inp_float), weight = random_bf16(C, 41), bias = random_bf16(C, 42), dout = random_bf16(n, 43);
-    auto dinp = random_bf16(n, 44);   // backward accumulates: start from known non-zero values
+    // backward accumulates: start from known non-zero values; or writes over poison it must not read
+    auto dinp = accumulate ? random_bf16(n, 44) : to_bf16(std::vector<float>(n, NAN));
     std::vector<G> dweight(C), dbias(C);
     {
         auto start_w = random_floats(C, 45), start_b = random_floats(C, 46);
@@ -348,14 +355,14 @@ static void check_layernorm_bf16(int N, int C, double gradient_tolerance) {
     layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), bias.data(), N,
                           C, 1e-5f);
     layernorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dbias_cpu.data(), dout.data(), inp.data(),
-                           weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C);
+                           weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C, accumulate);
 
     DeviceArray<bf16> d_inp(inp), d_weight(weight), d_bias(bias), d_dout(dout), d_out(n), d_dinp(dinp);
     DeviceArray<float> d_mean(N), d_rstd(N);
     DeviceArray<G> d_dweight(dweight), d_dbias(dbias);
     layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, 1e-5f, 0);
     layernorm_backward(d_dinp.ptr, d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_mean.ptr,
-                       d_rstd.ptr, N, C, 0);
+                       d_rstd.ptr, N, C, accumulate, 0);
     check_close_bf16(d_out.to_host(), out_cpu, "layernorm out");
     check_close(d_mean.to_host(), mean_cpu, "layernorm mean");
     // rstd to 1e-6 as in the fp32 test: the two-pass variance, in float from the same inputs
@@ -383,5 +390,6 @@ TEST_CASE("layernorm kernels match the CPU in bf16, weight gradients in float an
         INFO("N " << N << " C " << C);
         check_layernorm_bf16<float>(N, C, 1e-5);          // G = float: float sums, the fp32 tolerance
         check_layernorm_bf16<bf16>(N, C, 2 * BF16_STEP);   // G = bf16: those sums rounded once, bf16's
+        check_layernorm_bf16<float>(N, C, 1e-5, false);     // dinp written
     }
 }

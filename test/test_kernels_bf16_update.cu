@@ -115,6 +115,21 @@ static std::vector<double> to_doubles(const std::vector<float>& v) {
     return std::vector<double>(v.begin(), v.end());
 }
 
+// The backward's two products alone (no old values), exactly: dout (N, OC) @ weight (OC, IC) and
+// dout^T @ inp (N, IC)
+static ExactProduct exact_dinp_product(const std::vector<float>& dout, const std::vector<float>& weight, int N, int IC,
+                                       int OC) {
+    return exact_product(
+        N, IC, OC, [&](int n, int k) { return dout[(size_t)n * OC + k]; },
+        [&](int k, int ic) { return weight[(size_t)k * IC + ic]; }, nullptr);
+}
+static ExactProduct exact_dweight_product(const std::vector<float>& dout, const std::vector<float>& inp, int N, int IC,
+                                          int OC) {
+    return exact_product(
+        OC, IC, N, [&](int oc, int k) { return dout[(size_t)k * OC + oc]; },
+        [&](int k, int ic) { return inp[(size_t)k * IC + ic]; }, nullptr);
+}
+
 // matmul_backward with both scales 0 into poisoned (NaN) gradients, on the CPU twin or through the
 // launcher (cuBLASLt on a GPU; the weight `offset` elements into its allocation): dinp (bf16),
 // dweight as bf16 (bf16-pure) and as fp32 (bf16).
@@ -212,12 +227,8 @@ TEST_CASE("matmul bf16 CPU twin equals the exact product rounded once", "[kernel
         // scales 0: the gradients written over poison that is never read (the launcher, here the
         // twin), against the products alone
         auto written = matmul_backward_written(dout, inp, weight, N, IC, OC, false);
-        auto exact_dinp_only = exact_product(
-            N, IC, OC, [&](int n, int k) { return dout_f[(size_t)n * OC + k]; },
-            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, nullptr);
-        auto exact_dweight_only = exact_product(
-            OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
-            [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, nullptr);
+        auto exact_dinp_only = exact_dinp_product(dout_f, weight_f, N, IC, OC);
+        auto exact_dweight_only = exact_dweight_product(dout_f, inp_f, N, IC, OC);
         check_matmul(to_floats(written.dinp), round_bf16(exact_dinp_only.value), exact_dinp_only.abs_sum, OC + 2, true,
                      "matmul dinp, written");
         check_matmul(to_floats(written.dweight), round_bf16(exact_dweight_only.value), exact_dweight_only.abs_sum, N + 2,
@@ -290,12 +301,8 @@ TEST_CASE("matmul (cuBLASLt) with bf16 matches the CPU", "[kernels][bf16][gpu-on
         // comes straight from cuBLASLt, not through the fp32 scratch
         auto written = matmul_backward_written(dout, inp, weight, N, IC, OC, false);
         auto launched = matmul_backward_written(dout, inp, weight, N, IC, OC, true, offset);
-        auto exact_dinp_only = exact_product(
-            N, IC, OC, [&](int n, int k) { return dout_f[(size_t)n * OC + k]; },
-            [&](int k, int ic) { return weight_f[(size_t)k * IC + ic]; }, nullptr);
-        auto exact_dweight_only = exact_product(
-            OC, IC, N, [&](int oc, int k) { return dout_f[(size_t)k * OC + oc]; },
-            [&](int k, int ic) { return inp_f[(size_t)k * IC + ic]; }, nullptr);
+        auto exact_dinp_only = exact_dinp_product(dout_f, weight_f, N, IC, OC);
+        auto exact_dweight_only = exact_dweight_product(dout_f, inp_f, N, IC, OC);
         check_matmul(to_floats(launched.dinp), to_doubles(to_floats(written.dinp)), exact_dinp_only.abs_sum,
                      4.0 * (OC + 1), true, "matmul dinp, written");
         check_matmul(to_floats(launched.dweight), to_doubles(to_floats(written.dweight)), exact_dweight_only.abs_sum,

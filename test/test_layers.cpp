@@ -159,7 +159,7 @@ TEST_CASE("LayerNorm forward matches a double computation and backward matches f
         // backward accumulates: start from known values and subtract them afterwards
         std::vector<real> dinp((size_t)N * C, 0.5f), dweight(C, -0.25f), dbias(C, 0.75f);
         layernorm_backward_cpu(dinp.data(), dweight.data(), dbias.data(), dout.data(), inp.data(), weight.data(),
-                               mean.data(), rstd.data(), N, C);
+                               mean.data(), rstd.data(), N, C, true);
 
         // loss = sum(out * dout), so dout is its gradient with respect to out; central differences in
         // double of the plain forward above, one parameter at a time
@@ -210,6 +210,40 @@ static void check_bitwise_equal(const std::vector<real>& ours, const std::vector
             INFO(what << ": element " << i << " of " << ours.size() << ": fused " << ours[i] << ", unfused " << expected[i]);
             REQUIRE(memcmp(&ours[i], &expected[i], sizeof(real)) == 0);
         }
+    }
+}
+
+// The norms' backward with accumulate false writes dinp where the model has nothing to add it to
+// (model_backward): the values of accumulating into zeros, to the bit, over poison (NaN) that it
+// must not read. The weight gradients accumulate either way.
+TEST_CASE("norm backwards that write dinp give the bits of accumulating into zeros", "[layers][cpu]") {
+    int shapes[][2] = {{1, 1}, {7, 33}, {40, 256}};   // (N, C)
+    for (auto& shape : shapes) {
+        int N = shape[0], C = shape[1];
+        INFO("N " << N << " C " << C);
+        std::vector<real> inp = random_vector((size_t)N * C, 61), weight = random_vector(C, 62),
+                          bias = random_vector(C, 63), dout = random_vector((size_t)N * C, 64);
+        std::vector<real> out((size_t)N * C), mean(N), rstd(N);
+        std::vector<real> added_dinp((size_t)N * C, 0.0f), written_dinp((size_t)N * C, NAN);
+        std::vector<real> added_dweight(C, 0.5f), written_dweight(C, 0.5f), added_dbias(C, 0.5f), written_dbias(C, 0.5f);
+        rmsnorm_forward_cpu(out.data(), rstd.data(), inp.data(), weight.data(), N, C, 1e-6f);
+        rmsnorm_backward_cpu(added_dinp.data(), added_dweight.data(), (real*)nullptr, dout.data(), inp.data(),
+                             weight.data(), rstd.data(), N, C, true);
+        rmsnorm_backward_cpu(written_dinp.data(), written_dweight.data(), (real*)nullptr, dout.data(), inp.data(),
+                             weight.data(), rstd.data(), N, C, false);
+        CHECK(added_dinp == written_dinp);   // element by element: NaN never equals, -0 == +0
+        CHECK(added_dweight == written_dweight);
+
+        std::fill(added_dinp.begin(), added_dinp.end(), 0.0f);
+        std::fill(written_dinp.begin(), written_dinp.end(), NAN);
+        layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(), bias.data(), N, C, 1e-5f);
+        layernorm_backward_cpu(added_dinp.data(), added_dweight.data(), added_dbias.data(), dout.data(), inp.data(),
+                               weight.data(), mean.data(), rstd.data(), N, C, true);
+        layernorm_backward_cpu(written_dinp.data(), written_dweight.data(), written_dbias.data(), dout.data(),
+                               inp.data(), weight.data(), mean.data(), rstd.data(), N, C, false);
+        CHECK(added_dinp == written_dinp);
+        CHECK(added_dweight == written_dweight);
+        CHECK(added_dbias == written_dbias);
     }
 }
 
