@@ -22,10 +22,11 @@ bf16); dweight is G (float, or bf16 in --precision bf16-pure). The arithmetic is
 which is what cuBLASLt computes with fp32 compute type, alpha = 1 and beta = 0, 1 or dinp_scale:
 D = round_D(alpha * sum + beta * C), in fp32 up to the final conversion to D's type. The CPU twin
 converts bf16 operands to real while it packs them (the packing copies them anyway, so this costs
-no extra pass), sums in real into a zeroed real buffer and rounds into the bf16 output. When the
-output type is real itself the GEMM accumulates straight into the output, as it always did (the
-old value is then where the sum starts rather than added at the end: a difference of fp32
-rounding only, and no copy on the fp32 path).
+no extra pass), sums in real into a real buffer and rounds into the bf16 output. When the output
+type is real itself the GEMM accumulates straight into the output, as it always did (the old
+value is then where the sum starts rather than added at the end: a difference of fp32 rounding
+only, and no copy on the fp32 path); with beta 0 the first block of K stores its sums instead of
+adding them to zeros, so the output is neither zeroed nor read.
 
 dinp_scale is 1 except where a residual stream scaled by DeepNorm's a meets its branch: there
 d(h) = a * d(s) + (the branch's input gradient), and passing a here sums the two in fp32 and
@@ -38,6 +39,7 @@ With beta 0 the old value is never read, NaN or not.
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -53,11 +55,11 @@ constexpr int GEMM_NR = 32;
 constexpr int GEMM_KC = 256;
 constexpr int GEMM_NC = 512;   // columns of B per cache block: a (KC, NC) fp32 block is 512 KB
 
-// The inner kernel: C tile (MR, NR) += A panel (MR, kc) @ B panel (kc, NR).
+// The inner kernel: C tile (MR, NR) += A panel (MR, kc) @ B panel (kc, NR), or = with store.
 // A panel is stored k-major (MR values per k), B panel k-major (NR values per k).
 // rows/cols < MR/NR at the edges of C: the full tile is computed, only the valid part stored.
 inline void gemm_tile_cpu(real* C, int ldc, const real* a_panel, const real* b_panel,
-                                 int kc, int rows, int cols) {
+                                 int kc, int rows, int cols, bool store) {
     real acc[GEMM_MR][GEMM_NR] = {};
     for (int k = 0; k < kc; k++) {
         const real* a = a_panel + (size_t)k * GEMM_MR;
@@ -67,7 +69,12 @@ inline void gemm_tile_cpu(real* C, int ldc, const real* a_panel, const real* b_p
         }
     }
     for (int m = 0; m < rows; m++) {
-        for (int n = 0; n < cols; n++) C[(size_t)m * ldc + n] += acc[m][n];
+        real* c_row = C + (size_t)m * ldc;
+        if (store) {
+            for (int n = 0; n < cols; n++) c_row[n] = acc[m][n];
+        } else {
+            for (int n = 0; n < cols; n++) c_row[n] += acc[m][n];
+        }
     }
 }
 
@@ -106,21 +113,46 @@ inline void gemm_pack_cpu(real* packed, const S* X, size_t x_row, size_t x_col,
     }
 }
 
-// C (M, N) += A (M, K) @ B (K, N). C is row-major with row stride N. Element (m, k) of A is
-// A[m * a_row + k * a_col]; element (k, n) of B is B[k * b_row + n * b_col]. A and B are stored as
-// S (converted to real when packed); C is real.
+// The GEMM's packing buffers: one workspace for the program, like cuBLASLt's below, grown to the
+// largest product on first use, page-aligned. Allocated per call from the heap they landed
+// wherever the heap had room, and that mattered: on a 2-core EPYC the same code ran a training step
+// 15% faster or slower depending on the heap's layout (dev/PERF.md, 2026-11-30), page-aligned at
+// the fast end every time. Not thread-safe: the model runs its products from one host thread.
+struct GemmWorkspace {
+    real* buffers[2] = {nullptr, nullptr};   // packed A, packed B
+    size_t capacities[2] = {0, 0};           // in values
+};
+
+// Buffer `which` of the workspace, with room for at least n values.
+inline real* gemm_workspace(int which, size_t n) {
+    static GemmWorkspace workspace;
+    if (n > workspace.capacities[which]) {
+        size_t bytes = (n * sizeof(real) + 4095) / 4096 * 4096;
+        free(workspace.buffers[which]);
+        workspace.buffers[which] = (real*)aligned_alloc(4096, bytes);
+        if (workspace.buffers[which] == nullptr) fail("out of memory allocating %zu bytes for the GEMM's packing", bytes);
+        workspace.capacities[which] = bytes / sizeof(real);
+    }
+    return workspace.buffers[which];
+}
+
+// C (M, N) += A (M, K) @ B (K, N), or C = A @ B with overwrite (the old C never read: the first
+// block of K stores its sums, the later ones add). C is row-major with row stride N. Element
+// (m, k) of A is A[m * a_row + k * a_col]; element (k, n) of B is B[k * b_row + n * b_col]. A and B
+// are stored as S (converted to real when packed); C is real.
 template <typename S>
 inline void gemm_accumulate_cpu(real* C, const S* A, size_t a_row, size_t a_col,
-                                const S* B, size_t b_row, size_t b_col, int M, int N, int K) {
+                                const S* B, size_t b_row, size_t b_col, int M, int N, int K, bool overwrite = false) {
+    if (overwrite && K == 0) memset(C, 0, (size_t)M * N * sizeof(real));   // no block of K to store
     int m_strips = (M + GEMM_MR - 1) / GEMM_MR;
     int n_panels = (N + GEMM_NR - 1) / GEMM_NR;
-    std::vector<real> a_packed((size_t)m_strips * GEMM_MR * GEMM_KC);   // (m_strips, KC, MR)
-    std::vector<real> b_packed((size_t)n_panels * GEMM_NR * GEMM_KC);   // (n_panels, KC, NR)
+    real* a_packed = gemm_workspace(0, (size_t)m_strips * GEMM_MR * GEMM_KC);   // (m_strips, KC, MR)
+    real* b_packed = gemm_workspace(1, (size_t)n_panels * GEMM_NR * GEMM_KC);   // (n_panels, KC, NR)
     for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
         int kc = std::min(GEMM_KC, K - k0);
         // B's columns play the role of rows in its panels: B^T has strides (b_col, b_row)
-        gemm_pack_cpu(a_packed.data(), A + (size_t)k0 * a_col, a_row, a_col, M, kc, GEMM_MR);
-        gemm_pack_cpu(b_packed.data(), B + (size_t)k0 * b_row, b_col, b_row, N, kc, GEMM_NR);
+        gemm_pack_cpu(a_packed, A + (size_t)k0 * a_col, a_row, a_col, M, kc, GEMM_MR);
+        gemm_pack_cpu(b_packed, B + (size_t)k0 * b_row, b_col, b_row, N, kc, GEMM_NR);
         // every (strip, panel) tile of C is independent. Panels go in blocks of GEMM_NC columns
         // so that one (kc, GEMM_NC) block of B stays in cache while every strip of A passes it.
         int panel_blocks = (n_panels + GEMM_NC / GEMM_NR - 1) / (GEMM_NC / GEMM_NR);
@@ -128,12 +160,12 @@ inline void gemm_accumulate_cpu(real* C, const S* A, size_t a_row, size_t a_col,
         for (int block = 0; block < panel_blocks; block++) {
             for (int strip = 0; strip < m_strips; strip++) {
                 int rows = std::min(GEMM_MR, M - strip * GEMM_MR);
-                const real* a_strip = a_packed.data() + (size_t)strip * kc * GEMM_MR;
+                const real* a_strip = a_packed + (size_t)strip * kc * GEMM_MR;
                 int p_end = std::min(n_panels, (block + 1) * (GEMM_NC / GEMM_NR));
                 for (int p = block * (GEMM_NC / GEMM_NR); p < p_end; p++) {
                     int cols = std::min(GEMM_NR, N - p * GEMM_NR);
                     gemm_tile_cpu(C + (size_t)strip * GEMM_MR * N + (size_t)p * GEMM_NR, N, a_strip,
-                                  b_packed.data() + (size_t)p * kc * GEMM_NR, kc, rows, cols);
+                                  b_packed + (size_t)p * kc * GEMM_NR, kc, rows, cols, overwrite && k0 == 0);
                 }
             }
         }
@@ -148,16 +180,14 @@ inline void gemm_store_cpu(Out* C, real beta, const S* A, size_t a_row, size_t a
                            const S* B, size_t b_row, size_t b_col, int M, int N, int K) {
     size_t count = (size_t)M * N;
     if constexpr (std::is_same_v<Out, real>) {
-        if (beta == 0) {
-            memset(C, 0, count * sizeof(real));
-        } else if (beta != 1) {
+        if (beta != 0 && beta != 1) {
             #pragma omp parallel for
             for (size_t i = 0; i < count; i++) C[i] *= beta;
         }
-        gemm_accumulate_cpu(C, A, a_row, a_col, B, b_row, b_col, M, N, K);
+        gemm_accumulate_cpu(C, A, a_row, a_col, B, b_row, b_col, M, N, K, beta == 0);   // beta 0: stored
     } else {
-        std::vector<real> product(count, real(0));   // (M, N)
-        gemm_accumulate_cpu(product.data(), A, a_row, a_col, B, b_row, b_col, M, N, K);
+        std::vector<real> product(count);   // (M, N)
+        gemm_accumulate_cpu(product.data(), A, a_row, a_col, B, b_row, b_col, M, N, K, true);
         // round once into the output, after adding the old value in real
         #pragma omp parallel for
         for (size_t i = 0; i < count; i++) {
