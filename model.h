@@ -1292,25 +1292,25 @@ inline bool is_projection_tensor(int index) {
     return index == 2 || index == 3 || index == 5 || index == 6 || index == 8;
 }
 
-// Zeroes the gradients, the projections' lazily (Model::projection_grads_pending): the next
-// backward pass writes those, and the zeroing here covers only the embedding's gradient (a sum
-// over each token's positions, for the tokens present) and the norms' (small), one call per run of
-// consecutive tensors. At LLaMA-71M that is a quarter of the gradient memory; at LLaMA-1B, 5%.
-inline void model_zero_grad(Model* model) {
+// Zeroes the gradients of the projection tensors (projections true) or of all the others.
+inline void model_zero_grad_tensors(const Model* model, bool projections) {
     size_t sizes[NUM_PARAMETER_TENSORS];
     parameter_sizes(sizes, model->config);
     const size_t value_bytes = param_bytes(model->precision);
-    char* grads = (char*)model->grads_memory;
-    size_t offset = 0, run_start = 0;   // in values: the run of tensors to zero is [run_start, offset)
-    for (int i = 0; i <= NUM_PARAMETER_TENSORS; i++) {
-        if (i < NUM_PARAMETER_TENSORS && !is_projection_tensor(i)) {
-            offset += sizes[i];
-            continue;
-        }
-        if (offset > run_start) model_zero(model, grads + run_start * value_bytes, (offset - run_start) * value_bytes);
-        if (i < NUM_PARAMETER_TENSORS) offset += sizes[i];
-        run_start = offset;
+    size_t offset = 0;   // in values
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        if (sizes[i] > 0 && is_projection_tensor(i) == projections)
+            model_zero(model, (char*)model->grads_memory + offset * value_bytes, sizes[i] * value_bytes);
+        offset += sizes[i];
     }
+}
+
+// Zeroes the gradients, the projections' lazily (Model::projection_grads_pending): the next
+// backward pass writes those, and the zeroing here covers only the embedding's gradient (a sum
+// over each token's positions, for the tokens present) and the norms' (small). At LLaMA-71M that
+// is a quarter of the gradient memory; at LLaMA-1B, 5%.
+inline void model_zero_grad(Model* model) {
+    model_zero_grad_tensors(model, false);
     model->projection_grads_pending = true;
 }
 
@@ -1322,14 +1322,7 @@ inline float projection_grad_scale(const Model* model) { return model->projectio
 // backward pass (model_grad_norm, model_update, model_to_host, ...). A no-op otherwise.
 inline void model_settle_grads(const Model* model) {
     if (!model->projection_grads_pending) return;
-    size_t sizes[NUM_PARAMETER_TENSORS];
-    parameter_sizes(sizes, model->config);
-    const size_t value_bytes = param_bytes(model->precision);
-    size_t offset = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        if (is_projection_tensor(i)) model_zero(model, (char*)model->grads_memory + offset * value_bytes, sizes[i] * value_bytes);
-        offset += sizes[i];
-    }
+    model_zero_grad_tensors(model, true);
     model->projection_grads_pending = false;
 }
 
