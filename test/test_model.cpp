@@ -389,7 +389,7 @@ TEST_CASE(BACKEND ": after model_zero_grad, the backward writes the projections'
             // apart (2^-8 relative, 4e-3); the fp32 outputs use one algorithm either way
             double error = relative_error(grads[1].data(), std::vector<float>(grads[0].begin(), grads[0].end()).data(),
                                           grads[0].size());
-            INFO("relative error " << error << ", " << different << " values differ");
+            INFO("relative error " << error << ", " << different << " values differ, the first at " << first_different);
             CHECK(error < (precision == PRECISION_BF16_PURE ? 4e-3 : 1e-7));
 #else
             INFO(different << " values differ, the first at " << first_different << ": written " << grads[1][first_different]
