@@ -11,7 +11,8 @@ a linear layer needs are the same GEMM with different strides:
                   dweight (OC, IC) = dweight_scale * dweight + dout^T (OC, N) @ inp  (N, IC)
 The GEMM copies blocks of A and B into small contiguous panels ("packing") so that the inner
 kernel reads memory in order and keeps a MR x NR tile of C in registers; this is the classic
-structure of fast CPU GEMMs, kept as plain loops that the compiler vectorises.
+structure of fast CPU GEMMs, kept as plain loops; only the inner kernel names its SIMD registers
+(GCC's vector extension), so that its tile stays in registers on any x86 target.
 
 Storage types. inp, weight, dout, out and dinp are T (float, double in the CPU-only fd build, or
 bf16); dweight is G (float, or bf16 in --precision bf16-pure). The arithmetic is always in real
@@ -48,32 +49,59 @@ With beta 0 the old value is never read, NaN or not.
 
 // ---- CPU reference
 
+// The inner kernel's registers. One SIMD register of real values is written with GCC's (and
+// Clang's) vector extension, not intrinsics: the width the target has (-march), 16 floats where
+// it has AVX-512, 8 with AVX2, 4 otherwise. The kernel keeps a tile of C of MR rows and two
+// registers' width in registers: 12 accumulators, plus the 2 values of B and the broadcast A,
+// fit AVX2's 16 registers (and AVX-512's 32). Plain loops over a float tile left this to the
+// auto-vectoriser, which got it right only where the tile happened to fit: on an AVX2 machine a
+// 6 x 32 float tile needs 24 registers, and 9 of them went to the stack and back every k
+// (dev/PERF.md, CPU 2026-11-30, fourth session: the GEMM ran 1.7x slower).
+#if defined(__AVX512F__)
+constexpr int GEMM_VEC_BYTES = 64;
+#elif defined(__AVX__)
+constexpr int GEMM_VEC_BYTES = 32;
+#else
+constexpr int GEMM_VEC_BYTES = 16;
+#endif
+typedef real gemm_vec __attribute__((vector_size(GEMM_VEC_BYTES)));   // GEMM_VEC values of real
+constexpr int GEMM_VEC = GEMM_VEC_BYTES / (int)sizeof(real);
+
 // Register tile of C held by the inner kernel, the depth of one packed block of K, and the
 // width of the block of B kept in cache.
 constexpr int GEMM_MR = 6;
-constexpr int GEMM_NR = 32;
+constexpr int GEMM_NR = 2 * GEMM_VEC;
 constexpr int GEMM_KC = 256;
 constexpr int GEMM_NC = 512;   // columns of B per cache block: a (KC, NC) fp32 block is 512 KB
 
 // The inner kernel: C tile (MR, NR) += A panel (MR, kc) @ B panel (kc, NR), or = with store.
 // A panel is stored k-major (MR values per k), B panel k-major (NR values per k).
 // rows/cols < MR/NR at the edges of C: the full tile is computed, only the valid part stored.
+// Each element of C is summed over k in order, whatever the tile's shape.
 inline void gemm_tile_cpu(real* C, int ldc, const real* a_panel, const real* b_panel,
                                  int kc, int rows, int cols, bool store) {
-    real acc[GEMM_MR][GEMM_NR] = {};
+    gemm_vec acc[GEMM_MR][2] = {};   // (MR, NR): row m is acc[m][0] then acc[m][1]
     for (int k = 0; k < kc; k++) {
+        // row k of the B panel, NR values, into two registers
+        gemm_vec b_left, b_right;
+        memcpy(&b_left, b_panel + (size_t)k * GEMM_NR, sizeof(gemm_vec));
+        memcpy(&b_right, b_panel + (size_t)k * GEMM_NR + GEMM_VEC, sizeof(gemm_vec));
+        // each row of the tile += its A value (broadcast) times that row of B
         const real* a = a_panel + (size_t)k * GEMM_MR;
-        const real* b = b_panel + (size_t)k * GEMM_NR;
         for (int m = 0; m < GEMM_MR; m++) {
-            for (int n = 0; n < GEMM_NR; n++) acc[m][n] += a[m] * b[n];
+            acc[m][0] += a[m] * b_left;
+            acc[m][1] += a[m] * b_right;
         }
     }
+    // store (or add) the valid part of the tile
     for (int m = 0; m < rows; m++) {
         real* c_row = C + (size_t)m * ldc;
+        real tile_row[GEMM_NR];
+        memcpy(tile_row, acc[m], sizeof(tile_row));
         if (store) {
-            for (int n = 0; n < cols; n++) c_row[n] = acc[m][n];
+            for (int n = 0; n < cols; n++) c_row[n] = tile_row[n];
         } else {
-            for (int n = 0; n < cols; n++) c_row[n] += acc[m][n];
+            for (int n = 0; n < cols; n++) c_row[n] += tile_row[n];
         }
     }
 }
