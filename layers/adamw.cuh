@@ -18,6 +18,11 @@ and v (the ones the float arithmetic produced), so with P = bf16 the three store
     m <- round(m'),  v <- round(v'),  p <- round(p * decay - step * (m' / (sqrt(v') / bc2 + eps)))
 With P = float the rounding is the identity and the arithmetic is the same, operation for
 operation, as the fp32-only version this replaced (the PyTorch comparison depends on it).
+The last line, p - step * (m / denom), is written as one fused multiply-add, fma(-step, m / denom,
+p): rounded once, as GCC compiled the old loop (it contracts a * b + c into an FMA where the
+target has one). Left as a product and a difference, the compiler may fuse either product into the
+subtraction, step * (m / denom) or the decay's p * decay, and once the loop is vectorised it took
+the other one: the same expression, other bits. fma names the one it fuses, on the GPU too.
 
 On the GPU both kernels move 16-byte vectors where the pointers are 16-byte aligned (the model's
 buffers are), the same expressions element by element, and take the elements past the last whole
@@ -60,10 +65,10 @@ inline void adamw_update_cpu(P* params, P* m, P* v, Copy* params_copy, const G* 
         real m_i = beta1 * to_real(m[i]) + (1 - beta1) * g;
         real v_i = beta2 * to_real(v[i]) + (1 - beta2) * g * g;
         real denom = sqrt(v_i) / (real)bias_correction2_sqrt + eps;
-        // three stores, each rounded once
+        // three stores, each rounded once; the step is one fused multiply-add (see the top)
         m[i] = from_real<P>(m_i);
         v[i] = from_real<P>(v_i);
-        params[i] = from_real<P>(p - step_size * (m_i / denom));
+        params[i] = from_real<P>(std::fma(-step_size, m_i / denom, p));
         // the copy, from the parameter as stored
         if (params_copy) params_copy[i] = from_real<Copy>(to_real(params[i]));
     }
@@ -94,7 +99,7 @@ __global__ void adamw_update_kernel(P* params, P* m, P* v, Copy* params_copy, co
     float v_i = beta2 * to_float(v[i]) + (1.0f - beta2) * g * g;
     m[i] = from_float<P>(m_i);
     v[i] = from_float<P>(v_i);
-    P stored = from_float<P>(p - step_size * (m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps)));
+    P stored = from_float<P>(fmaf(-step_size, m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps), p));
     params[i] = stored;
     if (params_copy) params_copy[i] = from_float<Copy>(to_float(stored));
 }
@@ -124,7 +129,7 @@ __global__ void adamw_update_vector_kernel(P* params, P* m, P* v, Copy* params_c
         float v_i = beta2 * to_float(vs.values[e]) + (1.0f - beta2) * g * g;
         ms.values[e] = from_float<P>(m_i);
         vs.values[e] = from_float<P>(v_i);
-        ps.values[e] = from_float<P>(p - step_size * (m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps)));
+        ps.values[e] = from_float<P>(fmaf(-step_size, m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps), p));
     }
     store_vector16(m + i, ms);
     store_vector16(v + i, vs);
