@@ -44,6 +44,12 @@ build/train_cpu: train.cu $(HEADERS)
 	@mkdir -p build
 	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@
 
+# the CPU kernels that a step's time hangs on (GEMM, AdamW, gradient norm), timed alone; built by
+# the tests so it keeps compiling. Run: OMP_NUM_THREADS=2 ./build/bench_cpu_kernels
+build/bench_cpu_kernels: dev/bench_cpu_kernels.cpp $(HEADERS)
+	@mkdir -p build
+	$(CXX) $(CXXFLAGS) dev/bench_cpu_kernels.cpp -o $@
+
 build/test_main.o: test/test_main.cpp
 	@mkdir -p build
 	$(CXX) -std=c++17 -O1 $(if $(CATCH_INCLUDE),-I$(CATCH_INCLUDE)) -c $< -o $@
@@ -91,7 +97,7 @@ build/fixtures/done: dev/reference.py dev/make_fixtures.py
 	$(PYTHON) dev/make_fixtures.py --out build/fixtures
 	@touch $@
 
-test: train build/train_cpu build/train_emu build/test_cpu build/test_fd build/test_emu $(GPU_TESTS) build/fixtures/done
+test: train build/train_cpu build/bench_cpu_kernels build/train_emu build/test_cpu build/test_fd build/test_emu $(GPU_TESTS) build/fixtures/done
 	$(PYTHON) dev/test_reference.py
 	$(PYTHON) dev/data/test_prepare.py
 	$(PYTHON) dev/test_sweep.py

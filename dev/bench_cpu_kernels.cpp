@@ -1,0 +1,94 @@
+/*
+CPU kernel microbenchmark: the three kernels that the CPU backend's step time hangs on, timed
+alone, so that a change to one of them can be measured without the noise of a whole step.
+    - the GEMM (matmul_forward_cpu, then matmul_backward_cpu's two products) at the linear layers'
+      shapes of the small config of dev/bench_cpu.py (B8 T128) and of LLaMA-71M (B2 T256), in
+      GFLOP/s (6 N IC OC flops per shape: the three products);
+    - AdamW over 71M fp32 parameters, in GB/s (28 bytes moved per parameter: p, m, v and the
+      gradient read, p, m, v written);
+    - the global gradient norm over 71M fp32 values, in GB/s.
+Each number is the best of several repetitions (the least disturbed by the rest of the machine),
+with OMP_NUM_THREADS threads. The checksum lines let two builds be compared for equal results.
+
+Build and run (repository root):
+    make build/bench_cpu_kernels && OMP_NUM_THREADS=2 ./build/bench_cpu_kernels
+*/
+#include <chrono>
+#include <cstdio>
+#include <vector>
+
+#include "../layers/adamw.cuh"
+#include "../layers/global_norm.cuh"
+#include "../layers/matmul.cuh"
+
+// milliseconds since start
+static double elapsed_ms(std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+// n values from a fixed linear congruential sequence, uniform in [-scale, scale)
+static std::vector<float> fixed_values(size_t n, uint32_t seed, float scale) {
+    std::vector<float> values(n);
+    uint32_t state = seed;
+    for (size_t i = 0; i < n; i++) {
+        state = state * 1664525u + 1013904223u;
+        values[i] = scale * ((float)(state >> 8) / (float)(1u << 24) * 2.0f - 1.0f);
+    }
+    return values;
+}
+
+int main() {
+    // ---- GEMM: (rows N, in IC, out OC) of q/k/v, o, gate/up, down and the LM head
+    struct Shape { const char* name; int N, IC, OC; };
+    const Shape shapes[] = {
+        {"small qkv", 1024, 256, 768},       {"small gate_up", 1024, 256, 1376},
+        {"small down", 1024, 688, 256},      {"small lm_head", 1024, 256, 8192},
+        {"71m qkv", 512, 512, 1536},         {"71m o", 512, 512, 512},
+        {"71m gate_up", 512, 512, 2736},     {"71m down", 512, 1368, 512},
+        {"71m lm_head", 512, 512, 32000},
+    };
+    printf("GEMM: forward + both backward products, best of 5\n");
+    double total_ms = 0, total_flops = 0, checksum = 0;
+    for (const Shape& s : shapes) {
+        std::vector<float> inp = fixed_values((size_t)s.N * s.IC, 1, 1.0f);
+        std::vector<float> weight = fixed_values((size_t)s.OC * s.IC, 2, 0.05f);
+        std::vector<float> dout = fixed_values((size_t)s.N * s.OC, 3, 1.0f);
+        std::vector<float> out((size_t)s.N * s.OC), dinp((size_t)s.N * s.IC), dweight((size_t)s.OC * s.IC);
+        double best = 1e30;
+        for (int repeat = 0; repeat < 5; repeat++) {
+            auto start = std::chrono::steady_clock::now();
+            matmul_forward_cpu(out.data(), inp.data(), weight.data(), s.N, s.IC, s.OC);
+            matmul_backward_cpu(dinp.data(), dweight.data(), dout.data(), inp.data(), weight.data(), s.N, s.IC, s.OC,
+                                0.0f, 0.0f);
+            double ms = elapsed_ms(start);
+            if (ms < best) best = ms;
+        }
+        double flops = 6.0 * s.N * s.IC * s.OC;
+        printf("  %-14s N %5d IC %5d OC %5d: %8.2f ms %7.1f GFLOP/s\n", s.name, s.N, s.IC, s.OC, best,
+               flops / best / 1e6);
+        total_ms += best;
+        total_flops += flops;
+        checksum += (double)out[out.size() / 3] + dinp[dinp.size() / 2] + dweight[dweight.size() / 5];
+    }
+    printf("  all shapes: %.1f ms, %.1f GFLOP/s (checksum %.9g)\n", total_ms, total_flops / total_ms / 1e6, checksum);
+
+    // ---- AdamW and the gradient norm over LLaMA-71M's parameter count
+    const size_t n = 71000000;
+    std::vector<float> params = fixed_values(n, 4, 0.05f), m(n, 0.0f), v(n, 0.0f), grads = fixed_values(n, 5, 0.01f);
+    double best_adamw = 1e30, best_norm = 1e30, norm = 0;
+    for (int step = 1; step <= 5; step++) {
+        auto start = std::chrono::steady_clock::now();
+        adamw_update_cpu(params.data(), m.data(), v.data(), NO_PARAMS_COPY, grads.data(), n, 1e-3f, 0.9f, 0.999f,
+                         1e-8f, 0.0f, step, 1.0f);
+        double ms = elapsed_ms(start);
+        if (ms < best_adamw) best_adamw = ms;
+        start = std::chrono::steady_clock::now();
+        norm = global_norm_cpu(grads.data(), n);
+        ms = elapsed_ms(start);
+        if (ms < best_norm) best_norm = ms;
+    }
+    printf("AdamW, %zu parameters: %.1f ms, %.1f GB/s (checksum %.9g)\n", n, best_adamw, 28.0 * n / best_adamw / 1e6,
+           (double)params[n / 3] + params[n / 7]);
+    printf("global norm, %zu values: %.1f ms, %.1f GB/s (norm %.17g)\n", n, best_norm, 4.0 * n / best_norm / 1e6, norm);
+    return 0;
+}
