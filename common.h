@@ -75,18 +75,27 @@ inline void* malloc_or_fail(size_t bytes, const char* what) {
 }
 
 // A small deterministic generator (splitmix64) so that a seed means the same weights everywhere.
+// Its state moves by one constant at every draw, so the state before the k-th draw from here is
+// state + k * SPLITMIX64_STEP, without making the draws before it.
+constexpr uint64_t SPLITMIX64_STEP = 0x9E3779B97F4A7C15ull;
 inline uint64_t random_u64(uint64_t* state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    uint64_t z = (*state += SPLITMIX64_STEP);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
 
-// normal(0, std) by Box-Muller, from two uniforms in (0, 1]
+// normal(0, std) by Box-Muller, from two uniforms in (0, 1]: value i takes draws 2i and 2i + 1.
+// The values are computed in parallel, each from its own place in the sequence, and are the same
+// bits as drawing them one after another (71M values took 2.2 s of one core, so a 1B model ~40 s).
 inline void fill_normal(real* out, size_t n, float std, uint64_t* state) {
+    const uint64_t start = *state;
+    #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
-        double u1 = ((random_u64(state) >> 11) + 1.0) / 9007199254740992.0;
-        double u2 = (random_u64(state) >> 11) / 9007199254740992.0;
+        uint64_t draw_state = start + 2 * i * SPLITMIX64_STEP;   // the state before draw 2i
+        double u1 = ((random_u64(&draw_state) >> 11) + 1.0) / 9007199254740992.0;
+        double u2 = (random_u64(&draw_state) >> 11) / 9007199254740992.0;
         out[i] = (real)(std * sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
     }
+    *state = start + 2 * n * SPLITMIX64_STEP;   // as if all 2n draws were made
 }
