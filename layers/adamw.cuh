@@ -18,11 +18,13 @@ and v (the ones the float arithmetic produced), so with P = bf16 the three store
     m <- round(m'),  v <- round(v'),  p <- round(p * decay - step * (m' / (sqrt(v') / bc2 + eps)))
 With P = float the rounding is the identity and the arithmetic is the same, operation for
 operation, as the fp32-only version this replaced (the PyTorch comparison depends on it).
-The last line, p - step * (m / denom), is written as one fused multiply-add, fma(-step, m / denom,
-p): rounded once, as GCC compiled the old loop (it contracts a * b + c into an FMA where the
-target has one). Left as a product and a difference, the compiler may fuse either product into the
-subtraction, step * (m / denom) or the decay's p * decay, and once the loop is vectorised it took
-the other one: the same expression, other bits. fma names the one it fuses, on the GPU too.
+Three of the lines are written as fused multiply-adds, each rounded once, as GCC compiled the old
+loop (it contracts a * b + c into an FMA where the target has one):
+    m' = fma(beta1, m, (1 - beta1) * g)      v' = fma(beta2, v, ((1 - beta2) * g) * g)
+    p  = fma(-step, m' / denom, p * decay)
+Left as sums of products, the compiler may fuse either product, and its choice moved with the
+code around it: vectorised, the update fused p * decay instead of step * (m' / denom), the same
+expression with other bits. fma names the product it fuses, in the CPU twin and the GPU kernels.
 
 On the GPU both kernels move 16-byte vectors where the pointers are 16-byte aligned (the model's
 buffers are), the same expressions element by element, and take the elements past the last whole
@@ -61,11 +63,11 @@ inline void adamw_update_cpu(P* params, P* m, P* v, Copy* params_copy, const G* 
         real g = to_real(grads[i]) * grad_scale;
         // decoupled weight decay
         real p = to_real(params[i]) * decay;
-        // new moments, unrounded: the update below uses these
-        real m_i = beta1 * to_real(m[i]) + (1 - beta1) * g;
-        real v_i = beta2 * to_real(v[i]) + (1 - beta2) * g * g;
+        // new moments, unrounded: the update below uses these (each a fused multiply-add: see the top)
+        real m_i = std::fma(beta1, to_real(m[i]), (1 - beta1) * g);
+        real v_i = std::fma(beta2, to_real(v[i]), (1 - beta2) * g * g);
         real denom = sqrt(v_i) / (real)bias_correction2_sqrt + eps;
-        // three stores, each rounded once; the step is one fused multiply-add (see the top)
+        // three stores, each rounded once
         m[i] = from_real<P>(m_i);
         v[i] = from_real<P>(v_i);
         params[i] = from_real<P>(std::fma(-step_size, m_i / denom, p));
@@ -95,8 +97,8 @@ __global__ void adamw_update_kernel(P* params, P* m, P* v, Copy* params_copy, co
     if (i >= n) return;
     float g = to_float(grads[i]) * grad_scale;
     float p = to_float(params[i]) * decay;
-    float m_i = beta1 * to_float(m[i]) + (1.0f - beta1) * g;
-    float v_i = beta2 * to_float(v[i]) + (1.0f - beta2) * g * g;
+    float m_i = fmaf(beta1, to_float(m[i]), (1.0f - beta1) * g);
+    float v_i = fmaf(beta2, to_float(v[i]), (1.0f - beta2) * g * g);
     m[i] = from_float<P>(m_i);
     v[i] = from_float<P>(v_i);
     P stored = from_float<P>(fmaf(-step_size, m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps), p));
@@ -125,8 +127,8 @@ __global__ void adamw_update_vector_kernel(P* params, P* m, P* v, Copy* params_c
     for (int e = 0; e < VEC; e++) {
         float g = to_float(gs.values[e]) * grad_scale;
         float p = to_float(ps.values[e]) * decay;
-        float m_i = beta1 * to_float(ms.values[e]) + (1.0f - beta1) * g;
-        float v_i = beta2 * to_float(vs.values[e]) + (1.0f - beta2) * g * g;
+        float m_i = fmaf(beta1, to_float(ms.values[e]), (1.0f - beta1) * g);
+        float v_i = fmaf(beta2, to_float(vs.values[e]), (1.0f - beta2) * g * g);
         ms.values[e] = from_float<P>(m_i);
         vs.values[e] = from_float<P>(v_i);
         ps.values[e] = from_float<P>(fmaf(-step_size, m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps), p));

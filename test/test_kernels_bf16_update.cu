@@ -335,7 +335,9 @@ TEST_CASE("adamw fp32 (P = G = float): the template keeps the fp32 arithmetic, a
             std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
             adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
                              ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
-            // the fp32-only loop this template replaced, verbatim: the same bits
+            // the fp32-only loop this template replaced, with the roundings gcc gave it spelled out (an
+            // fma where it contracted a * b + c; left to the compiler, its choice of product moved
+            // with the code around this loop): the same bits
             std::vector<float> params_old = params, m_old = m, v_old = v;
             {
                 double bias_correction1 = 1.0 - pow((double)ADAM_BETA1, t);
@@ -345,10 +347,10 @@ TEST_CASE("adamw fp32 (P = G = float): the template keeps the fp32 arithmetic, a
                 for (size_t i = 0; i < n; i++) {
                     real g = grads[i] * ADAM_GRAD_SCALE;
                     params_old[i] *= decay;
-                    m_old[i] = ADAM_BETA1 * m_old[i] + (1 - ADAM_BETA1) * g;
-                    v_old[i] = ADAM_BETA2 * v_old[i] + (1 - ADAM_BETA2) * g * g;
+                    m_old[i] = std::fma(ADAM_BETA1, m_old[i], (1 - ADAM_BETA1) * g);
+                    v_old[i] = std::fma(ADAM_BETA2, v_old[i], (1 - ADAM_BETA2) * g * g);
                     real denom = sqrt(v_old[i]) / (real)bias_correction2_sqrt + ADAM_EPS;
-                    params_old[i] -= step_size * (m_old[i] / denom);
+                    params_old[i] = std::fma(-step_size, m_old[i] / denom, params_old[i]);
                 }
             }
             CHECK(memcmp(params_old.data(), params_cpu.data(), n * sizeof(float)) == 0);
