@@ -74,6 +74,35 @@ inline void* malloc_or_fail(size_t bytes, const char* what) {
     return p;
 }
 
+// Bytes of memory the system can still give this process: /proc/meminfo's MemAvailable (free
+// memory plus the page cache it can drop) and SwapFree, bounded by a cgroup v2 limit where one is
+// set. 0 where none of it can be read (then nobody checks). Linux's malloc promises more than this
+// (overcommit), and the first touch of the excess gets the process killed without a message, so
+// what must fit is checked against this before it is allocated.
+inline size_t host_memory_available() {
+    size_t available = 0;
+    FILE* f = fopen("/proc/meminfo", "r");
+    if (f == nullptr) return 0;
+    char line[256];
+    while (fgets(line, sizeof(line), f) != nullptr) {
+        unsigned long long kib = 0;
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1 || sscanf(line, "SwapFree: %llu kB", &kib) == 1) {
+            available += (size_t)kib * 1024;
+        }
+    }
+    fclose(f);
+    unsigned long long limit = 0, current = 0;
+    FILE* max_file = fopen("/sys/fs/cgroup/memory.max", "r");   // "max" where there is no limit
+    FILE* current_file = fopen("/sys/fs/cgroup/memory.current", "r");
+    if (max_file != nullptr && current_file != nullptr && fscanf(max_file, "%llu", &limit) == 1 &&
+        fscanf(current_file, "%llu", &current) == 1 && limit > current && limit - current < available) {
+        available = (size_t)(limit - current);
+    }
+    if (max_file != nullptr) fclose(max_file);
+    if (current_file != nullptr) fclose(current_file);
+    return available;
+}
+
 // A small deterministic generator (splitmix64) so that a seed means the same weights everywhere.
 // Its state moves by one constant at every draw, so the state before the k-th draw from here is
 // state + k * SPLITMIX64_STEP, without making the draws before it.

@@ -879,6 +879,25 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T, b
     size_t n = num_parameters(config);
     model->num_parameters = n;
     const size_t param_buffer_bytes = n * param_bytes(precision);
+    size_t sizes[NUM_ACTIVATION_TENSORS];
+    activation_sizes(sizes, config, B, T, fused_attention);
+    ActivationTensorsOf<real> fp32_view;
+    model->activation_bytes = point_activations(&fp32_view, nullptr, sizes);
+#ifdef MIXLN_HAS_BF16
+    ActivationTensorsOf<bf16> bf16_view;
+    if (precision != PRECISION_FP32) model->activation_bytes = point_activations(&bf16_view, nullptr, sizes);
+#endif
+    // in host memory, the whole footprint is checked before any of it is allocated (common.h:
+    // host_memory_available); on the GPU, cudaMalloc refuses what does not fit
+    if (!on_gpu) {
+        const size_t state_bytes = 4 * param_buffer_bytes, available = host_memory_available();
+        if (available > 0 && state_bytes + model->activation_bytes > available) {
+            fail("the model needs %.2f GiB of memory (parameters, gradients and AdamW state %.2f GiB, activations "
+                 "%.2f GiB at B=%d, T=%d), but this machine has %.2f GiB available",
+                 (state_bytes + model->activation_bytes) / 1073741824.0, state_bytes / 1073741824.0,
+                 model->activation_bytes / 1073741824.0, B, T, available / 1073741824.0);
+        }
+    }
     model->params_memory = model_alloc(on_gpu, param_buffer_bytes, "parameters");
     model->grads_memory = model_alloc(on_gpu, param_buffer_bytes, "gradients");
     model->adam_m = model_alloc(on_gpu, param_buffer_bytes, "AdamW first moment");
@@ -892,16 +911,8 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T, b
         model_zero(model, model->weights_copy, n * storage_bytes(precision));
     }
 
-    size_t sizes[NUM_ACTIVATION_TENSORS];
-    activation_sizes(sizes, config, B, T, fused_attention);
-    ActivationTensorsOf<real> fp32_view;
-    model->activation_bytes = point_activations(&fp32_view, nullptr, sizes);
     real* rope_cos_table = nullptr;   // where the RoPE tables go, (T, hs/2) each
     real* rope_sin_table = nullptr;
-#ifdef MIXLN_HAS_BF16
-    ActivationTensorsOf<bf16> bf16_view;
-    if (precision != PRECISION_FP32) model->activation_bytes = point_activations(&bf16_view, nullptr, sizes);
-#endif
     model->acts_memory = model_alloc(on_gpu, model->activation_bytes, "activations");
     model_zero(model, model->acts_memory, model->activation_bytes);
     rope_cos_table = model_activations<real>(model).rope_cos;

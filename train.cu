@@ -174,6 +174,14 @@ static int parse_int(const char* flag, const char* text) {
     return (int)v;
 }
 
+// A model size or the sequence length: an integer of at least 1 (leaving the flag out is how to
+// keep the preset's value, so 0 is not a way to ask for it)
+static int parse_size(const char* flag, const char* text) {
+    int v = parse_int(flag, text);
+    if (v < 1) fail("%s must be at least 1, got %d", flag, v);
+    return v;
+}
+
 static float parse_float(const char* flag, const char* text) {
     char* end = nullptr;
     errno = 0;
@@ -210,12 +218,12 @@ static Args parse_args(int argc, char** argv) {
         const char* f = flag.c_str();
         a.given.push_back(flag);
         if (flag == "--model") { a.preset = v; a.preset_given = true; }
-        else if (flag == "--layers") a.layers = parse_int(f, v);
-        else if (flag == "--dim") a.dim = parse_int(f, v);
-        else if (flag == "--heads") a.heads = parse_int(f, v);
-        else if (flag == "--ffn") a.ffn = parse_int(f, v);
-        else if (flag == "--vocab") a.vocab = parse_int(f, v);
-        else if (flag == "--seq-len") a.seq_len = parse_int(f, v);
+        else if (flag == "--layers") a.layers = parse_size(f, v);
+        else if (flag == "--dim") a.dim = parse_size(f, v);
+        else if (flag == "--heads") a.heads = parse_size(f, v);
+        else if (flag == "--ffn") a.ffn = parse_size(f, v);
+        else if (flag == "--vocab") a.vocab = parse_size(f, v);
+        else if (flag == "--seq-len") a.seq_len = parse_size(f, v);
         else if (flag == "--norm") { a.norm = v; a.norm_given = true; }
         else if (flag == "--alpha") { a.alpha = parse_float(f, v); a.alpha_given = true; }
         else if (flag == "--norm-layers") a.norm_layers = v;
@@ -483,7 +491,7 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         if (flag == "--train-data") a->train_data = v;
         else if (flag == "--batch") a->batch = parse_int("--batch", v);
         else if (flag == "--grad-accum") a->grad_accum = parse_int("--grad-accum", v);
-        else if (flag == "--seq-len") a->seq_len = parse_int("--seq-len", v);
+        else if (flag == "--seq-len") a->seq_len = parse_size("--seq-len", v);
         else if (flag == "--steps") a->steps = parse_int("--steps", v);
         else if (flag == "--lr") a->lr = parse_float("--lr", v);
         else if (flag == "--warmup") a->warmup = parse_int("--warmup", v);

@@ -502,6 +502,22 @@ TEST_CASE("a heads count that does not divide the width is refused", "[cli]") {
     require_train_fails("--steps 0 --dim 30 --heads 4", "does not divide the width");
 }
 
+TEST_CASE("a model size or sequence length below 1 is refused, not taken as the preset's", "[cli]") {
+    for (const char* flag : {"--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len"}) {
+        require_train_fails(std::string("--steps 0 ") + flag + " 0", std::string(flag) + " must be at least 1, got 0");
+        require_train_fails(std::string("--steps 0 ") + flag + " -2", std::string(flag) + " must be at least 1, got -2");
+    }
+}
+
+// Each of its buffers alone would be refused by malloc too, but with another message: this one
+// names the total, its parts and what the machine has. (A model whose buffers are each within
+// Linux's overcommit but together past the memory was killed while its weights were drawn.)
+TEST_CASE("a model larger than the machine's memory is refused before anything is allocated", "[cli]") {
+    require_train_fails("--steps 0 --layers 1000 --dim 8192 --heads 64 --ffn 22016",
+                        "GiB of memory (parameters, gradients and AdamW state ");
+    require_train_fails("--steps 0 --layers 1000 --dim 8192 --heads 64 --ffn 22016", "but this machine has ");
+}
+
 TEST_CASE("alpha below 0 is refused", "[cli]") {
     require_train_fails("--steps 0 --alpha -0.1", "--alpha must be in [0, 1]");
 }
