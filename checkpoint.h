@@ -133,9 +133,15 @@ inline ModelConfig config_from_json(const std::string& text, const std::string& 
     if (config_int(root, "num_key_value_heads", path, false, c.num_heads) != c.num_heads) {
         fail("'%s': grouped-query attention (num_key_value_heads != num_attention_heads) is not supported", path.c_str());
     }
-    const JsonValue* tie = root.get("tie_word_embeddings");
-    if (tie != nullptr && tie->type == JsonValue::Bool && tie->boolean) {
-        fail("'%s': tied embeddings are not supported (the model has its own lm_head)", path.c_str());
+    // three switches, each false or absent: tied embeddings, and biases in the projections
+    const char* unsupported[3][2] = {{"tie_word_embeddings", "tied embeddings are not supported (the model has its own lm_head)"},
+                                     {"attention_bias", "biases in the attention projections are not supported"},
+                                     {"mlp_bias", "biases in the MLP projections are not supported"}};
+    for (const auto& [key, why] : unsupported) {
+        const JsonValue* value = root.get(key);
+        if (value == nullptr) continue;
+        if (value->type != JsonValue::Bool) fail("'%s': \"%s\" must be true or false", path.c_str(), key);
+        if (value->boolean) fail("'%s': %s", path.c_str(), why);
     }
     const JsonValue* act = root.get("hidden_act");
     if (act != nullptr && (act->type != JsonValue::String || act->string != "silu")) {

@@ -560,6 +560,36 @@ TEST_CASE("a corrupt config.json is refused", "[cli]") {
     require_train_fails("--steps 0 --init-from " + quote(tmp + "/bad"), "is not valid JSON");
 }
 
+// What the engine does not implement is refused, as dev/reference.py refuses it, rather than
+// loaded as if it were not there.
+TEST_CASE("a config.json asking for biases or tied embeddings is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_small_checkpoint(tmp + "/good");
+    const std::string config = read_file(tmp + "/good/config.json");
+    const std::string weights = read_file(tmp + "/good/model.safetensors");
+    struct Case {
+        const char* from;
+        const char* to;
+        const char* expected;
+    };
+    const Case cases[] = {
+        {"\"attention_bias\": false", "\"attention_bias\": true", "biases in the attention projections are not supported"},
+        {"\"mlp_bias\": false", "\"mlp_bias\": true", "biases in the MLP projections are not supported"},
+        {"\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true", "tied embeddings are not supported"},
+        {"\"mlp_bias\": false", "\"mlp_bias\": \"false\"", "\"mlp_bias\" must be true or false"},
+    };
+    int n = 0;
+    for (const Case& c : cases) {
+        size_t at = config.find(c.from);
+        REQUIRE(at != std::string::npos);
+        std::string dir = tmp + "/bad" + std::to_string(n++);
+        REQUIRE(mkdir(dir.c_str(), 0755) == 0);
+        write_file(dir + "/config.json", config.substr(0, at) + c.to + config.substr(at + strlen(c.from)));
+        write_file(dir + "/model.safetensors", weights);
+        require_train_fails("--steps 0 --init-from " + quote(dir), c.expected);
+    }
+}
+
 TEST_CASE("an unknown flag is refused", "[cli]") {
     require_train_fails("--steps 0 --bogus 1", "unknown flag '--bogus'");
 }
