@@ -887,16 +887,25 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T, b
     ActivationTensorsOf<bf16> bf16_view;
     if (precision != PRECISION_FP32) model->activation_bytes = point_activations(&bf16_view, nullptr, sizes);
 #endif
-    // in host memory, the whole footprint is checked before any of it is allocated (common.h:
-    // host_memory_available); on the GPU, cudaMalloc refuses what does not fit
-    if (!on_gpu) {
-        const size_t state_bytes = 4 * param_buffer_bytes, available = host_memory_available();
-        if (available > 0 && state_bytes + model->activation_bytes > available) {
-            fail("the model needs %.2f GiB of memory (parameters, gradients and AdamW state %.2f GiB, activations "
-                 "%.2f GiB at B=%d, T=%d), but this machine has %.2f GiB available",
-                 (state_bytes + model->activation_bytes) / 1073741824.0, state_bytes / 1073741824.0,
-                 model->activation_bytes / 1073741824.0, B, T, available / 1073741824.0);
-        }
+    // The whole footprint is checked before any of it is allocated, so that a model that does not
+    // fit is refused with its sizes: in host memory against what the system has available
+    // (host_memory_available: malloc would promise more), on the GPU against its free memory.
+    size_t state_bytes = 4 * param_buffer_bytes + (precision == PRECISION_BF16 ? n * storage_bytes(precision) : 0);
+    size_t available = 0;
+#ifdef MIXLN_CUDA
+    if (on_gpu) {
+        size_t total_bytes = 0;
+        CUDA_CHECK(cudaMemGetInfo(&available, &total_bytes));
+    }
+#endif
+    if (!on_gpu) available = host_memory_available();
+    if (available > 0 && state_bytes + model->activation_bytes > available) {
+        fail("the model needs %.2f GiB of %s memory (parameters, gradients and AdamW state%s %.2f GiB, activations "
+             "%.2f GiB at B=%d, T=%d), but %s %.2f GiB available",
+             (state_bytes + model->activation_bytes) / 1073741824.0, on_gpu ? "GPU" : "host",
+             precision == PRECISION_BF16 ? " with the bf16 weight copy" : "", state_bytes / 1073741824.0,
+             model->activation_bytes / 1073741824.0, B, T, on_gpu ? "the GPU has" : "this machine has",
+             available / 1073741824.0);
     }
     model->params_memory = model_alloc(on_gpu, param_buffer_bytes, "parameters");
     model->grads_memory = model_alloc(on_gpu, param_buffer_bytes, "gradients");

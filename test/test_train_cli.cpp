@@ -514,7 +514,7 @@ TEST_CASE("a model size or sequence length below 1 is refused, not taken as the 
 // Linux's overcommit but together past the memory was killed while its weights were drawn.)
 TEST_CASE("a model larger than the machine's memory is refused before anything is allocated", "[cli]") {
     require_train_fails("--steps 0 --layers 1000 --dim 8192 --heads 64 --ffn 22016",
-                        "GiB of memory (parameters, gradients and AdamW state ");
+                        "GiB of host memory (parameters, gradients and AdamW state ");
     require_train_fails("--steps 0 --layers 1000 --dim 8192 --heads 64 --ffn 22016", "but this machine has ");
 }
 
@@ -1016,6 +1016,22 @@ static Run train_emu_ok(const std::string& args) {
     INFO("train_emu " << args << "\n" << r.out << r.err);
     REQUIRE(r.exit_status == 0);
     return r;
+}
+
+// The same check on the GPU, against its free memory (the emulation's is the host's)
+TEST_CASE("a model larger than the GPU's free memory is refused before anything is allocated", "[cli][bf16]") {
+    if (!have_train_emu()) return;
+    const std::string big = " --steps 0 --layers 1000 --dim 8192 --heads 64 --ffn 22016";
+    for (const char* precision : {"fp32", "bf16", "bf16-pure"}) {
+        Run r = run_split(quote(env_or("MIXLN_TRAIN_EMU", "build/train_emu")) + " --device cuda --precision " +
+                          precision + big);
+        INFO("train_emu --precision " << precision << big << "\n" << r.out << r.err);
+        REQUIRE(r.exit_status == 1);
+        REQUIRE(r.err.find("GiB of GPU memory (parameters, gradients and AdamW state") != std::string::npos);
+        REQUIRE(r.err.find("but the GPU has ") != std::string::npos);
+        // bf16 keeps a bf16 copy of the weights beside the fp32 ones, and says so
+        REQUIRE((r.err.find("with the bf16 weight copy") != std::string::npos) == (std::string(precision) == "bf16"));
+    }
 }
 
 static std::vector<double> logged_train_losses(const std::string& log_path) {
