@@ -332,9 +332,33 @@ struct TrainingState {
 // DIR/training_state.safetensors, one file so that it is replaced atomically as a whole:
 //   tensors   params, adam_m, adam_v: (num_parameters,) F32 each, the flat buffers of model.h
 //             (bf16-pure's bf16 values are stored exactly as F32)
-//   metadata  format "mixln-training-state-1"; config (config.json text); step, adam_step,
+//   metadata  format "mixln-training-state-2"; config (config.json text); step, adam_step,
 //             shard_index, batch_index (decimal); settings (JSON); checksum (FNV-1a 64 over the
-//             three tensors' bytes in that order, hex)
+//             three tensors' bytes in that order, hex); metadata_checksum (FNV-1a 64 over the
+//             fields before it, below, hex)
+// The metadata decides as much of a resumed run as the tensors do (its schedule, its data
+// position, its settings), so it has a checksum of its own, checked before any of it is used.
+// Format 1 (before 2026-11-30) had none; such states still load.
+constexpr const char* TRAINING_STATE_FORMAT = "mixln-training-state-2";
+constexpr const char* TRAINING_STATE_FORMAT_1 = "mixln-training-state-1";
+constexpr const char* TRAINING_STATE_CHECKED_FIELDS[] = {"format",      "config",      "step",    "adam_step",
+                                                         "shard_index", "batch_index", "settings"};
+
+// FNV-1a 64 over each field in the order above: its key, a 0 byte, its value's length (8 bytes,
+// little-endian) and its value. value_of(key) returns the field's text.
+template <typename ValueOf>
+inline std::string training_state_metadata_checksum(ValueOf value_of) {
+    uint64_t hash = fnv1a64(nullptr, 0);
+    for (const char* key : TRAINING_STATE_CHECKED_FIELDS) {
+        std::string value = value_of(key);
+        uint64_t length = value.size();
+        hash = fnv1a64(key, strlen(key) + 1, hash);
+        hash = fnv1a64(&length, sizeof(length), hash);
+        hash = fnv1a64(value.data(), value.size(), hash);
+    }
+    return hex64(hash);
+}
+
 inline void training_state_save(const Model* model, const TrainingState& state, const std::string& dir) {
     make_directory(dir);
     int64_t n = (int64_t)model->num_parameters;
@@ -349,15 +373,21 @@ inline void training_state_save(const Model* model, const TrainingState& state, 
         entries.push_back({names[i], "F32", {n}, staging[i].data()});
         checksum = fnv1a64(staging[i].data(), staging[i].size() * sizeof(float), checksum);
     }
-    safetensors_write((dir + "/training_state.safetensors").c_str(), entries,
-                      {{"format", "mixln-training-state-1"},
-                       {"config", config_to_json(model->config)},
-                       {"step", std::to_string(state.step)},
-                       {"adam_step", std::to_string(model->adam_step)},
-                       {"shard_index", std::to_string(state.shard_index)},
-                       {"batch_index", std::to_string(state.batch_index)},
-                       {"settings", state.settings_json},
-                       {"checksum", hex64(checksum)}});
+    std::vector<std::pair<std::string, std::string>> metadata = {{"format", TRAINING_STATE_FORMAT},
+                                                                 {"config", config_to_json(model->config)},
+                                                                 {"step", std::to_string(state.step)},
+                                                                 {"adam_step", std::to_string(model->adam_step)},
+                                                                 {"shard_index", std::to_string(state.shard_index)},
+                                                                 {"batch_index", std::to_string(state.batch_index)},
+                                                                 {"settings", state.settings_json},
+                                                                 {"checksum", hex64(checksum)}};
+    std::string metadata_checksum = training_state_metadata_checksum([&](const char* key) {
+        for (const auto& [name, value] : metadata)
+            if (name == key) return value;
+        fail("training_state_save: no metadata field '%s'", key);
+    });
+    metadata.push_back({"metadata_checksum", metadata_checksum});
+    safetensors_write((dir + "/training_state.safetensors").c_str(), entries, metadata);
 }
 
 inline std::string training_state_path(const std::string& dir) { return dir + "/training_state.safetensors"; }
@@ -376,13 +406,28 @@ inline long long training_state_number(const SafeTensorsFile& file, const char* 
     return value;
 }
 
+// Opens DIR's training state and checks its format and, from format 2, its metadata checksum.
+inline void training_state_open(SafeTensorsFile* file, const std::string& dir) {
+    safetensors_open(file, training_state_path(dir).c_str());
+    std::string format = training_state_field(*file, "format");
+    if (format != TRAINING_STATE_FORMAT && format != TRAINING_STATE_FORMAT_1) {
+        fail("'%s' has an unknown format '%s'", file->path.c_str(), format.c_str());
+    }
+    if (format == TRAINING_STATE_FORMAT) {
+        std::string stored = training_state_field(*file, "metadata_checksum");
+        std::string computed =
+            training_state_metadata_checksum([&](const char* key) { return std::string(training_state_field(*file, key)); });
+        if (stored != computed) {
+            fail("'%s' is corrupted: its metadata checksum is %s but its metadata hashes to %s", file->path.c_str(),
+                 stored.c_str(), computed.c_str());
+        }
+    }
+}
+
 // The model config and the settings of a saved run, before the model exists.
 inline ModelConfig training_state_config(const std::string& dir, std::string* settings_json) {
     SafeTensorsFile file;
-    safetensors_open(&file, training_state_path(dir).c_str());
-    if (std::string(training_state_field(file, "format")) != "mixln-training-state-1") {
-        fail("'%s' has an unknown format '%s'", file.path.c_str(), training_state_field(file, "format"));
-    }
+    training_state_open(&file, dir);
     *settings_json = training_state_field(file, "settings");
     return config_from_json(training_state_field(file, "config"), file.path + " (config)");
 }
@@ -391,7 +436,7 @@ inline ModelConfig training_state_config(const std::string& dir, std::string* se
 // checking the checksum. Returns the schedule and data position.
 inline TrainingState training_state_load(Model* model, const std::string& dir) {
     SafeTensorsFile file;
-    safetensors_open(&file, training_state_path(dir).c_str());
+    training_state_open(&file, dir);
     const char* names[3] = {"params", "adam_m", "adam_v"};
     ModelBuffer targets[3] = {MODEL_PARAMS, MODEL_ADAM_M, MODEL_ADAM_V};
     std::vector<float> staging[3];

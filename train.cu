@@ -454,6 +454,16 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
     if (!json_parse(settings_json, &saved, &error) || saved.type != JsonValue::Object) {
         fail("the training state in '%s' has unreadable settings: %s", dir.c_str(), error.c_str());
     }
+    // every setting this program ever saved is in run_settings, so another one comes from a newer
+    // version, whose run this one cannot continue as it was meant
+    const std::vector<RunSetting> known = run_settings(*a);
+    for (const auto& member : saved.object) {
+        bool is_known = std::any_of(known.begin(), known.end(), [&](const RunSetting& s) { return member.first == s.flag; });
+        if (!is_known) {
+            fail("the training state in '%s' has a setting '%s' that this program does not know (saved by a newer "
+                 "version?)", dir.c_str(), member.first.c_str());
+        }
+    }
     std::vector<std::string> argv_like;
     for (const RunSetting& s : run_settings(*a)) {
         const JsonValue* v = saved.get(s.flag);

@@ -13,6 +13,7 @@ most of that is the three Python start-ups (importing torch).
 */
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -718,6 +719,85 @@ TEST_CASE("a corrupted training state is refused and left as it was", "[cli][res
     write_file(path, bytes);
     require_train_fails("--resume " + quote(tmp + "/run"), "is corrupted: its checksum is");
     CHECK(read_file(path) == bytes);
+}
+
+// Rewrites a run's training state through the engine's own writer: its tensors as they are, its
+// metadata as edit leaves the saved fields (in file order).
+template <typename Edit>
+static void rewrite_training_state(const std::string& run_dir, Edit edit) {
+    std::string path = run_dir + "/training_state.safetensors";
+    SafeTensorsFile file;
+    safetensors_open(&file, path.c_str());
+    std::vector<std::vector<float>> values;
+    std::vector<SafeTensorsEntry> entries;
+    for (const SafeTensor& t : file.tensors) values.push_back(read_tensor(file, t.name));
+    for (size_t i = 0; i < file.tensors.size(); i++)
+        entries.push_back({file.tensors[i].name, "F32", file.tensors[i].shape, values[i].data()});
+    std::vector<std::pair<std::string, std::string>> metadata = file.metadata;
+    edit(metadata);
+    safetensors_write(path.c_str(), entries, metadata);
+}
+
+static std::string& metadata_field(std::vector<std::pair<std::string, std::string>>& metadata, const std::string& key) {
+    for (auto& [name, value] : metadata)
+        if (name == key) return value;
+    FAIL("no metadata field " << key);
+    return metadata[0].second;
+}
+
+// The step, the data position and the settings decide as much of the continued run as the
+// tensors do: a change to any of them, which still parses, must not go unnoticed.
+TEST_CASE("a training state whose metadata was altered is refused", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(4) + " --out " + quote(tmp + "/run") + " --stop-at 2");
+    const std::string path = tmp + "/run/training_state.safetensors", original = read_file(path);
+    struct Change {
+        const char* key;
+        const char* from;
+        const char* to;
+    };
+    for (const Change& change : {Change{"step", "2", "3"}, Change{"batch_index", "2", "1"},
+                                 Change{"settings", "\"--lr\": \"0.00999999978\"", "\"--lr\": \"0.0199999996\""},
+                                 Change{"settings", "\"--val-every\"", "\"--val-evexy\""}}) {
+        INFO(change.key << ": " << change.from << " -> " << change.to);
+        write_file(path, original);
+        rewrite_training_state(tmp + "/run", [&](std::vector<std::pair<std::string, std::string>>& metadata) {
+            std::string& value = metadata_field(metadata, change.key);
+            size_t at = value.find(change.from);
+            REQUIRE(at != std::string::npos);
+            value.replace(at, strlen(change.from), change.to);
+        });
+        require_train_fails("--resume " + quote(tmp + "/run"), "is corrupted: its metadata checksum is");
+    }
+}
+
+// A state of format 1 (no metadata checksum, before 2026-11-30) resumes as format 2 does; a
+// setting this version does not know is refused even where the checksum holds.
+TEST_CASE("a format-1 training state still resumes, and an unknown setting is refused", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(4) + " --out " + quote(tmp + "/straight"));
+    train_ok(mix_run_args(4) + " --out " + quote(tmp + "/old") + " --stop-at 2");
+    REQUIRE(system(("cp -r " + quote(tmp + "/old") + " " + quote(tmp + "/newer")).c_str()) == 0);
+    rewrite_training_state(tmp + "/old", [](std::vector<std::pair<std::string, std::string>>& metadata) {
+        metadata_field(metadata, "format") = "mixln-training-state-1";
+        metadata.erase(std::remove_if(metadata.begin(), metadata.end(),
+                                      [](const auto& field) { return field.first == "metadata_checksum"; }),
+                       metadata.end());
+    });
+    train_ok("--resume " + quote(tmp + "/old"));
+    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/old/model.safetensors"));
+    // the resumed run writes format 2
+    SafeTensorsFile file;
+    safetensors_open(&file, (tmp + "/old/training_state.safetensors").c_str());
+    CHECK(std::string(safetensors_metadata(&file, "format")) == "mixln-training-state-2");
+
+    rewrite_training_state(tmp + "/newer", [](std::vector<std::pair<std::string, std::string>>& metadata) {
+        std::string& settings = metadata_field(metadata, "settings");
+        settings.insert(settings.size() - 1, ", \"--new-flag\": \"1\"");
+        metadata_field(metadata, "metadata_checksum") = training_state_metadata_checksum(
+            [&](const char* key) { return metadata_field(metadata, key); });
+    });
+    require_train_fails("--resume " + quote(tmp + "/newer"), "has a setting '--new-flag' that this program does not know");
 }
 
 TEST_CASE("a truncated training state is refused", "[cli][resume]") {
