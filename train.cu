@@ -519,6 +519,12 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
     return saved_device;
 }
 
+// Flushes the line just written to the log. A log that cannot be written (a full disk, a file
+// size limit) stops the run, naming the file, instead of losing its lines unseen.
+static void log_flush(FILE* log, const std::string& path) {
+    if (fflush(log) != 0 || ferror(log)) fail("cannot write '%s': %s", path.c_str(), strerror(errno));
+}
+
 // A resumed run's log keeps the entries up to the saved step (an interrupted run may have logged
 // steps past its last checkpoint, which are about to run again) and continues after them.
 static FILE* open_log(const std::string& dir, bool resuming, int resume_step) {
@@ -899,7 +905,7 @@ int main(int argc, char** argv) {
         printf("step %d | val loss %.4f | perplexity %.2f | %zu tokens\n", step, r.loss, exp(r.loss), r.tokens);
         if (log) {
             fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"tokens\": %zu}\n", step, r.loss, r.tokens);
-            fflush(log);
+            log_flush(log, args.out + "/log.jsonl");
         }
     };
 
@@ -944,7 +950,7 @@ int main(int argc, char** argv) {
         if (log) {
             fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.3f, \"tokens_per_second\": %.1f%s}\n",
                     step, train_loss, lr, grad_norm, seconds * 1000, tokens_per_second, layer_grads.c_str());
-            fflush(log);
+            log_flush(log, args.out + "/log.jsonl");
         }
         if (have_val && args.val_every > 0 && (step + 1) % args.val_every == 0 && step + 1 < args.steps) validate(step + 1);
         if (args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 && step + 1 < last_step) save_checkpoint(step + 1);

@@ -649,6 +649,21 @@ TEST_CASE("a failed run leaves an existing checkpoint intact", "[cli]") {
     CHECK(read_file(ckpt + "/config.json") == config);
 }
 
+// A full disk, played by a file size limit of 1 KiB (with SIGXFSZ ignored, a write past it fails
+// with EFBIG): the log reaches it after some 8 steps of 30, and the run stops there, naming the
+// log, rather than training on with its lines lost (and failing only at the checkpoint).
+TEST_CASE("a log that cannot be written stops the run, naming the file", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_shard(tmp + "/train.bin", random_tokens(SHARD_TOKENS, SMALL_VOCAB, 3));
+    std::string train = quote(env_or("MIXLN_TRAIN", "./train"));
+    Run r = run_split("trap '' XFSZ; ulimit -f 1; " + train + " --device cpu --steps 30 " + SMALL_MODEL + " " +
+                      SMALL_BATCH + " --train-data " + quote(tmp + "/train.bin") + " --out " + quote(tmp + "/run"));
+    INFO(r.out << r.err);
+    CHECK(r.exit_status == 1);
+    CHECK(r.err.find("cannot write '" + tmp + "/run/log.jsonl'") != std::string::npos);
+    CHECK(r.out.find("step 30/30") == std::string::npos);
+}
+
 TEST_CASE("--grad-accum below 1 is refused", "[cli]") {
     require_train_fails("--steps 0 --grad-accum 0", "--grad-accum must be at least 1, got 0");
 }
