@@ -20,6 +20,8 @@ survives a crash or a full disk mid-write.
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -226,6 +228,22 @@ inline void make_directory(const std::string& dir) {
     }
     struct stat st;
     if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) fail("'%s' is not a directory", dir.c_str());
+}
+
+// Claims the folder a run writes into for this process: an exclusive flock on the folder itself,
+// held until the process ends (the kernel lets go then, however it ends), which leaves no file
+// behind. A second run writing into the same folder would interleave its log with this one's and
+// race it for the checkpoint's temporary files, so it is refused. Where the file system has no
+// flock (some network ones), the run goes on unguarded.
+inline void claim_directory(const std::string& dir) {
+    int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) fail("cannot open directory '%s': %s", dir.c_str(), strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK) fail("'%s' is in use by another run writing into it; give this one another --out", dir.c_str());
+        close(fd);
+        return;
+    }
+    // fd stays open: the lock lives as long as it does
 }
 
 // Writes dir/model.safetensors (fp32) and dir/config.json. weights is a flat parameter buffer

@@ -886,6 +886,7 @@ int main(int argc, char** argv) {
     FILE* log = nullptr;
     if (!args.out.empty()) {
         make_directory(args.out);
+        claim_directory(args.out);
         log = open_log(args.out, resuming, state.step);
     }
     // the checkpoint: weights and config for users and other tools, and the training state

@@ -25,6 +25,8 @@ most of that is the three Python start-ups (importing torch).
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -662,6 +664,24 @@ TEST_CASE("a log that cannot be written stops the run, naming the file", "[cli]"
     CHECK(r.exit_status == 1);
     CHECK(r.err.find("cannot write '" + tmp + "/run/log.jsonl'") != std::string::npos);
     CHECK(r.out.find("step 30/30") == std::string::npos);
+}
+
+// The lock is an flock on the folder: this test holds it as another run would.
+TEST_CASE("a second run writing into a folder that a run is writing into is refused", "[cli]") {
+    std::string tmp = make_temp_dir();
+    write_shard(tmp + "/train.bin", random_tokens(SHARD_TOKENS, SMALL_VOCAB, 5));
+    const std::string args = "--steps 2 " + SMALL_MODEL + " " + SMALL_BATCH + " --train-data " + quote(tmp + "/train.bin") +
+                             " --out " + quote(tmp + "/run");
+    train_ok(args);
+    const std::string weights = read_file(tmp + "/run/model.safetensors"), log = read_file(tmp + "/run/log.jsonl");
+    int fd = open((tmp + "/run").c_str(), O_RDONLY | O_DIRECTORY);
+    REQUIRE(fd >= 0);
+    REQUIRE(flock(fd, LOCK_EX | LOCK_NB) == 0);
+    require_train_fails(args, "'" + tmp + "/run' is in use by another run writing into it");
+    CHECK(read_file(tmp + "/run/model.safetensors") == weights);   // nothing of the first run touched
+    CHECK(read_file(tmp + "/run/log.jsonl") == log);
+    close(fd);   // the first run ends: the folder is free again
+    train_ok(args);
 }
 
 TEST_CASE("--grad-accum below 1 is refused", "[cli]") {
