@@ -13,6 +13,7 @@ except in the emulation build, where the "GPU" is a test vehicle that only --dev
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <csignal>
 #include <cstring>
 #include <algorithm>
 #include <string>
@@ -153,6 +154,8 @@ static void print_help() {
     printf("  --checkpoint-every N   also write the checkpoint and training state every N steps (default 0: at the end)\n");
     printf("  --stop-at S            end the run after step S with a checkpoint, as a time-limited job would (default 0: off)\n");
     printf("  --resume DIR           continue the run saved in DIR bit for bit (its settings; --out defaults to DIR)\n");
+    printf("                         (SIGINT or SIGTERM during a run with --out: the checkpoint after the step under\n");
+    printf("                         way, then exit status 128 + the signal's number; --resume continues from there)\n");
     printf("  --eval-only            evaluate on --val-data and print {\"val_loss\": ..., \"tokens\": ...}\n");
     printf("  --analyze              on --val-data: angular distances between layers and the loss with each layer\n");
     printf("                         dropped, written to analysis.json in --out (default: the --init-from directory)\n");
@@ -553,6 +556,28 @@ static FILE* open_log(const std::string& dir, bool resuming, int resume_step) {
 }
 
 // ----------------------------------------------------------------------------
+// stopping on a signal
+//
+// SIGINT (Ctrl-C) or SIGTERM (what a cluster's scheduler sends a job some time before it kills
+// it) during a run with --out: the step under way finishes, the checkpoint and training state are
+// written as at --stop-at, and the program exits with status 128 + the signal's number; --resume
+// continues the run bit for bit. A second signal ends the program at once (SA_RESETHAND). The flag
+// is the program's one piece of global mutable state: a signal handler can reach nothing else.
+static volatile sig_atomic_t stop_signal_received = 0;
+
+static void on_stop_signal(int signal_number) { stop_signal_received = signal_number; }
+
+static void catch_stop_signals() {
+    struct sigaction action = {};
+    action.sa_handler = on_stop_signal;
+    action.sa_flags = SA_RESETHAND | SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    if (sigaction(SIGINT, &action, nullptr) != 0 || sigaction(SIGTERM, &action, nullptr) != 0) {
+        fail("cannot install the handlers of SIGINT and SIGTERM: %s", strerror(errno));
+    }
+}
+
+// ----------------------------------------------------------------------------
 // device
 
 // The device's peak rate for the run's matmul arithmetic, in FLOP/s, where it is known from the
@@ -915,6 +940,7 @@ int main(int argc, char** argv) {
     int last_step = args.stop_at > 0 && args.stop_at < args.steps ? args.stop_at : args.steps;
     const double peak = peak_flops(on_gpu, args.precision != "fp32"), flops_per_token = model_flops_per_token(config, T);
     double run_seconds = 0.0;   // for the time left
+    if (log) catch_stop_signals();   // with somewhere to write the checkpoint
     for (int step = state.step; step < last_step; step++) {
         auto start = std::chrono::steady_clock::now();
         // K micro-batches, each contributing 1/K of the gradient of the mean loss
@@ -955,10 +981,21 @@ int main(int argc, char** argv) {
         }
         if (have_val && args.val_every > 0 && (step + 1) % args.val_every == 0 && step + 1 < args.steps) validate(step + 1);
         if (args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 && step + 1 < last_step) save_checkpoint(step + 1);
+        if (stop_signal_received != 0 && step + 1 < last_step) {
+            save_checkpoint(step + 1);
+            int signal_number = stop_signal_received;
+            printf("stopped by %s after step %d of %d; --resume %s continues the run\n",
+                   signal_number == SIGINT ? "SIGINT" : "SIGTERM", step + 1, args.steps, args.out.c_str());
+            fclose(log);
+            if (have_train) dataloader_free(&train_loader);
+            if (have_val) dataloader_free(&val_loader);
+            model_free(&model);
+            return 128 + signal_number;
+        }
     }
     if (have_val && last_step == args.steps) validate(args.steps);
     save_checkpoint(last_step);
-    if (log) fclose(log);
+    if (log && fclose(log) != 0) fail("cannot write '%s/log.jsonl': %s", args.out.c_str(), strerror(errno));
     if (have_train) dataloader_free(&train_loader);
     if (have_val) dataloader_free(&val_loader);
     model_free(&model);

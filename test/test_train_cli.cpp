@@ -721,6 +721,42 @@ TEST_CASE("10 steps, then --resume for 10 more, is bitwise identical to 20 steps
     CHECK(train_loss_lines(tmp + "/straight/log.jsonl") == train_loss_lines(tmp + "/resumed/log.jsonl"));
 }
 
+// The signal arrives once the log shows 3 steps (of 4000 small ones: a second or more of run
+// left), from a shell that started the run in the background; the run's exit status comes back
+// in its last line.
+TEST_CASE("SIGINT or SIGTERM during a run: the checkpoint after the step under way, and --resume ends where a straight run does",
+          "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    write_shard(tmp + "/train.bin", random_tokens(SHARD_TOKENS, SMALL_VOCAB, 9));
+    const std::string args = "--device cpu --steps 4000 --lr 0.003 --warmup 10 " + SMALL_MODEL + " " + SMALL_BATCH +
+                             " --train-data " + quote(tmp + "/train.bin") + " --out ";
+    train_ok(args + quote(tmp + "/straight"));
+    const std::string train = quote(env_or("MIXLN_TRAIN", "./train"));
+    for (const char* signal_name : {"INT", "TERM"}) {
+        std::string run = tmp + "/" + signal_name, log = run + "/log.jsonl";
+        std::string script = train + " " + args + quote(run) + " & pid=$!; i=0; " +
+                             "while [ \"$(cat " + quote(log) + " 2>/dev/null | grep -c train_loss)\" -lt 3 ] && [ $i -lt 600 ]; " +
+                             "do sleep 0.05; i=$((i+1)); done; kill -" + signal_name + " $pid; wait $pid; echo \"exit status $?\"";
+        Run r = run_split(script);
+        INFO(signal_name << "\n" << r.out << r.err);
+        CHECK(r.out.find(std::string("exit status ") + (std::string(signal_name) == "INT" ? "130" : "143")) != std::string::npos);
+        size_t at = r.out.find(std::string("stopped by SIG") + signal_name + " after step ");
+        REQUIRE(at != std::string::npos);
+        int stopped_after = atoi(r.out.c_str() + at + strlen("stopped by SIG after step ") + strlen(signal_name));
+        CHECK(stopped_after >= 3);
+        CHECK(stopped_after < 4000);
+        // the state is at the step the run stopped after, and the log holds as many steps
+        SafeTensorsFile state;
+        safetensors_open(&state, (run + "/training_state.safetensors").c_str());
+        CHECK(std::string(safetensors_metadata(&state, "step")) == std::to_string(stopped_after));
+        CHECK((int)train_loss_lines(log).size() == stopped_after);
+        Run resumed = train_ok("--resume " + quote(run));
+        CHECK(resumed.out.find("at step " + std::to_string(stopped_after) + " of 4000") != std::string::npos);
+        CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(run + "/model.safetensors"));
+        CHECK(train_loss_lines(tmp + "/straight/log.jsonl") == train_loss_lines(log));
+    }
+}
+
 TEST_CASE("--checkpoint-every writes a training state that resumes", "[cli][resume]") {
     std::string tmp = make_temp_dir();
     std::string val = quote(fixture_dir("mix") + "/train.bin");
