@@ -909,6 +909,7 @@ int main(int argc, char** argv) {
     }
 
     FILE* log = nullptr;
+    const std::string log_path = args.out + "/log.jsonl";
     if (!args.out.empty()) {
         make_directory(args.out);
         claim_directory(args.out);
@@ -931,7 +932,7 @@ int main(int argc, char** argv) {
         printf("step %d | val loss %.4f | perplexity %.2f | %zu tokens\n", step, r.loss, exp(r.loss), r.tokens);
         if (log) {
             fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"tokens\": %zu}\n", step, r.loss, r.tokens);
-            log_flush(log, args.out + "/log.jsonl");
+            log_flush(log, log_path);
         }
     };
 
@@ -940,6 +941,7 @@ int main(int argc, char** argv) {
     int last_step = args.stop_at > 0 && args.stop_at < args.steps ? args.stop_at : args.steps;
     const double peak = peak_flops(on_gpu, args.precision != "fp32"), flops_per_token = model_flops_per_token(config, T);
     double run_seconds = 0.0;   // for the time left
+    int stopped_by = 0;   // the signal that ended the run early, if one did
     if (log) catch_stop_signals();   // with somewhere to write the checkpoint
     for (int step = state.step; step < last_step; step++) {
         auto start = std::chrono::steady_clock::now();
@@ -977,27 +979,25 @@ int main(int argc, char** argv) {
         if (log) {
             fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.3f, \"tokens_per_second\": %.1f%s}\n",
                     step, train_loss, lr, grad_norm, seconds * 1000, tokens_per_second, layer_grads.c_str());
-            log_flush(log, args.out + "/log.jsonl");
+            log_flush(log, log_path);
         }
         if (have_val && args.val_every > 0 && (step + 1) % args.val_every == 0 && step + 1 < args.steps) validate(step + 1);
         if (args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 && step + 1 < last_step) save_checkpoint(step + 1);
+        // a stop signal ends the run here as --stop-at would
         if (stop_signal_received != 0 && step + 1 < last_step) {
-            save_checkpoint(step + 1);
-            int signal_number = stop_signal_received;
-            printf("stopped by %s after step %d of %d; --resume %s continues the run\n",
-                   signal_number == SIGINT ? "SIGINT" : "SIGTERM", step + 1, args.steps, args.out.c_str());
-            fclose(log);
-            if (have_train) dataloader_free(&train_loader);
-            if (have_val) dataloader_free(&val_loader);
-            model_free(&model);
-            return 128 + signal_number;
+            stopped_by = stop_signal_received;
+            last_step = step + 1;
         }
     }
     if (have_val && last_step == args.steps) validate(args.steps);
     save_checkpoint(last_step);
-    if (log && fclose(log) != 0) fail("cannot write '%s/log.jsonl': %s", args.out.c_str(), strerror(errno));
+    if (stopped_by != 0) {
+        printf("stopped by %s after step %d of %d; --resume %s continues the run\n",
+               stopped_by == SIGINT ? "SIGINT" : "SIGTERM", last_step, args.steps, args.out.c_str());
+    }
+    if (log && fclose(log) != 0) fail("cannot write '%s': %s", log_path.c_str(), strerror(errno));
     if (have_train) dataloader_free(&train_loader);
     if (have_val) dataloader_free(&val_loader);
     model_free(&model);
-    return 0;
+    return stopped_by != 0 ? 128 + stopped_by : 0;
 }
