@@ -38,6 +38,13 @@ typedef float real;
 typedef __nv_bfloat16 bf16;
 #endif
 
+// Functions that the CPU reference and the CUDA kernels share (host and device code under nvcc)
+#ifdef __CUDACC__
+#define MIXLN_HOST_DEVICE __host__ __device__
+#else
+#define MIXLN_HOST_DEVICE
+#endif
+
 inline real to_real(float x) { return (real)x; }
 inline real to_real(double x) { return (real)x; }
 template <typename T>
@@ -107,12 +114,13 @@ inline size_t host_memory_available() {
 // Its state moves by one constant at every draw, so the state before the k-th draw from here is
 // state + k * SPLITMIX64_STEP, without making the draws before it.
 constexpr uint64_t SPLITMIX64_STEP = 0x9E3779B97F4A7C15ull;
-inline uint64_t random_u64(uint64_t* state) {
-    uint64_t z = (*state += SPLITMIX64_STEP);
+// splitmix64's output function: 64 well-mixed bits from a state
+MIXLN_HOST_DEVICE inline uint64_t splitmix64_mix(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
+inline uint64_t random_u64(uint64_t* state) { return splitmix64_mix(*state += SPLITMIX64_STEP); }
 
 // normal(0, std) by Box-Muller, from two uniforms in (0, 1]: value i takes draws 2i and 2i + 1.
 // The values are computed in parallel, each from its own place in the sequence, and are the same
@@ -128,3 +136,51 @@ inline void fill_normal(real* out, size_t n, float std, uint64_t* state) {
     }
     *state = start + 2 * n * SPLITMIX64_STEP;   // as if all 2n draws were made
 }
+
+// ---- stochastic rounding (--rounding stochastic: the weights and AdamW moments of bf16-pure)
+// Rounded to nearest, a bf16 weight near 1 (bf16 values there are 2^-7 apart) ignores every update
+// smaller than 2^-8, and a bf16 second moment ignores v's change of 0.1% a step at beta2 = 0.999.
+// Stochastic rounding goes to the upper neighbour with probability (x - lower) / (upper - lower):
+// on average the stored value is x, so small updates add up instead of vanishing. The random bits
+// are a pure function of (the run's seed, the optimizer step, the element's index in the flat
+// buffer), so a kernel and its CPU twin, any launch shape, and a resumed run round alike.
+enum Rounding { ROUND_NEAREST, ROUND_STOCHASTIC };
+
+// the key of optimizer step t (from 1) of a run with this seed
+inline uint64_t stochastic_rounding_key(uint64_t seed, int t) {
+    return splitmix64_mix(splitmix64_mix(seed ^ 0x5EED0F5A17D0C0DEull) + (uint64_t)t * SPLITMIX64_STEP);
+}
+
+// 64 random bits for element index of the step with this key: 16 for each of the update's stores
+MIXLN_HOST_DEVICE inline uint64_t stochastic_rounding_bits(uint64_t key, uint64_t index) {
+    return splitmix64_mix(key + (index + 1) * SPLITMIX64_STEP);
+}
+
+#ifdef MIXLN_HAS_BF16
+// x to bf16, stochastically: bf16 is the upper half of a float's bits, so adding 16 uniform random
+// bits to the lower half carries into the upper with probability (lower half) / 2^16, and the
+// lower half is then dropped. The magnitude rounds this way for either sign, so the rounding is
+// unbiased for negative values too; past the largest bf16 the carry gives infinity, as rounding
+// to nearest would. Infinities and NaN are rounded to nearest (a NaN's carry could reach the sign).
+MIXLN_HOST_DEVICE inline bf16 bf16_round_stochastic(float x, uint32_t random16) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof(bits));
+    if ((bits & 0x7F800000u) == 0x7F800000u) return __float2bfloat16_rn(x);
+    bits += random16 & 0xFFFFu;
+    __nv_bfloat16_raw raw;
+    raw.x = (unsigned short)(bits >> 16);
+    return bf16(raw);
+}
+#endif
+
+// x stored as T: a float as it is; a bf16 to nearest even, or stochastically with random16
+template <typename T>
+MIXLN_HOST_DEVICE inline T round_to(float x, Rounding rounding, uint32_t random16);
+template <>
+MIXLN_HOST_DEVICE inline float round_to<float>(float x, Rounding, uint32_t) { return x; }
+#ifdef MIXLN_HAS_BF16
+template <>
+MIXLN_HOST_DEVICE inline bf16 round_to<bf16>(float x, Rounding rounding, uint32_t random16) {
+    return rounding == ROUND_STOCHASTIC ? bf16_round_stochastic(x, random16) : __float2bfloat16_rn(x);
+}
+#endif

@@ -585,6 +585,8 @@ struct Model {
     void* adam_v = nullptr;           // AdamW second moment: fp32, bf16 in bf16-pure
     void* weights_copy = nullptr;     // bf16 only: the bf16 copy of params_memory the kernels read, else nullptr
     int adam_step = 0;                // updates done so far (t - 1 of the next update)
+    Rounding rounding = ROUND_NEAREST; // how AdamW's bf16 stores round (bf16-pure; layers/adamw.cuh)
+    uint64_t rounding_seed = 0;       // with ROUND_STOCHASTIC: the seed of its random bits (the run's --seed)
     size_t activation_bytes = 0;
     void* acts_memory = nullptr;      // (activation_bytes) the activations (point_activations, model_activations)
     int* inputs = nullptr;            // (B, T) tokens of the last forward pass, in model memory
@@ -1595,7 +1597,8 @@ inline void model_refresh_weights_copy(Model* model) {
 
 // One AdamW step over every parameter with the gradients multiplied by grad_scale: on the fp32
 // weights and moments (under bf16 writing the bf16 copy the kernels read in the same pass), or on
-// bf16 weights and moments under bf16-pure, computed in fp32 and rounded once per stored value.
+// bf16 weights and moments under bf16-pure, computed in fp32 and rounded once per stored value
+// (model->rounding: to nearest, or stochastically).
 inline void model_update(Model* model, float lr, float beta1, float beta2, float eps,
                          float weight_decay, float grad_scale) {
     model_settle_grads(model);
@@ -1604,18 +1607,20 @@ inline void model_update(Model* model, float lr, float beta1, float beta2, float
 #ifdef MIXLN_HAS_BF16
     if (model->precision == PRECISION_BF16_PURE) {
         LAYER(adamw_update, (bf16*)model->params_memory, (bf16*)model->adam_m, (bf16*)model->adam_v, NO_PARAMS_COPY,
-              (const bf16*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale);
+              (const bf16*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale,
+              model->rounding, model->rounding_seed);
         return;
     }
     if (model->precision == PRECISION_BF16) {
         LAYER(adamw_update, (real*)model->params_memory, (real*)model->adam_m, (real*)model->adam_v,
               (bf16*)model->weights_copy, (const real*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay,
-              model->adam_step, grad_scale);
+              model->adam_step, grad_scale, model->rounding, model->rounding_seed);
         return;
     }
 #endif
     LAYER(adamw_update, (real*)model->params_memory, (real*)model->adam_m, (real*)model->adam_v, NO_PARAMS_COPY,
-          (const real*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale);
+          (const real*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale,
+          model->rounding, model->rounding_seed);
 }
 
 // The paper's schedule (GaLore's): linear warmup from 0, then cosine from lr_max down to

@@ -74,12 +74,13 @@ struct Args {
     float min_lr_ratio = 0.1f;
     float weight_decay = 0.0f;
     float grad_clip = 0.0f;
-    unsigned long long seed = 1337;
+    int seed = 1337;               // the weights' initialisation; with --rounding stochastic also its random bits
     float embed_std = 0.02f;
     std::string device = "auto";
     std::string attention = "auto";     // auto (fused on the GPU) | simple | fused
     std::string rope = "auto";          // auto (inside the tensor-core attention where it runs) | separate
     std::string precision = "fp32";
+    std::string rounding = "nearest";   // nearest | stochastic (bf16-pure's AdamW stores)
     std::string init_from, out;
     bool eval_only = false;
     bool analyze = false;
@@ -134,7 +135,7 @@ static void print_help() {
     printf("  --min-lr-ratio R       final lr as a fraction of the peak (default %g)\n", d.min_lr_ratio);
     printf("  --weight-decay WD      decoupled weight decay (default %g)\n", d.weight_decay);
     printf("  --grad-clip G          clip the global gradient norm to G, 0 = off (default %g)\n", d.grad_clip);
-    printf("  --seed S               initialisation seed (default %llu)\n", d.seed);
+    printf("  --seed S               initialisation seed (default %d)\n", d.seed);
     printf("run:\n");
     printf("  --device auto|cpu|cuda where to run (default %s; auto: the GPU where one is usable, else the CPU;\n"
            "                         on --resume, auto continues on the device the run trained on)\n", d.device.c_str());
@@ -148,6 +149,9 @@ static void print_help() {
     printf("  --precision fp32|bf16|bf16-pure  number format (default %s). bf16: bf16 activations and weight copy,\n"
            "                         fp32 master weights, gradients and AdamW state; bf16-pure: all bf16, as the paper\n"
            "                         trained. GPU only; every kernel computes in fp32 (model.h: Precision)\n", d.precision.c_str());
+    printf("  --rounding nearest|stochastic  with bf16-pure: how AdamW rounds the bf16 weights and moments it stores;\n"
+           "                         stochastic keeps updates below half a bf16 step on average (default %s)\n",
+           d.rounding.c_str());
     printf("  --init-from DIR        start from a checkpoint's weights (its config.json sets the model)\n");
     printf("  --out DIR              write DIR/log.jsonl while training and the checkpoint at the end\n");
     printf("  --layer-grads-every N  log each layer's gradient norm every N steps (default 0: off)\n");
@@ -244,9 +248,10 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--min-lr-ratio") a.min_lr_ratio = parse_float(f, v);
         else if (flag == "--weight-decay") a.weight_decay = parse_float(f, v);
         else if (flag == "--grad-clip") a.grad_clip = parse_float(f, v);
-        else if (flag == "--seed") a.seed = (unsigned long long)parse_int(f, v);
+        else if (flag == "--seed") a.seed = parse_int(f, v);
         else if (flag == "--device") a.device = v;
         else if (flag == "--precision") a.precision = v;
+        else if (flag == "--rounding") a.rounding = v;
         else if (flag == "--attention") a.attention = v;
         else if (flag == "--rope") a.rope = v;
         else if (flag == "--init-from") a.init_from = v;
@@ -296,6 +301,9 @@ static Args parse_args(int argc, char** argv) {
     if (a.attention != "auto" && a.attention != "simple" && a.attention != "fused")
         fail("--attention must be auto, simple or fused, got '%s'", a.attention.c_str());
     if (a.rope != "auto" && a.rope != "separate") fail("--rope must be auto or separate, got '%s'", a.rope.c_str());
+    if (a.rounding != "nearest" && a.rounding != "stochastic") {
+        fail("--rounding must be nearest or stochastic, got '%s'", a.rounding.c_str());
+    }
     return a;
 }
 
@@ -430,6 +438,8 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--weight-decay", number_text(a.weight_decay), false},
             {"--grad-clip", number_text(a.grad_clip), false},
             {"--precision", a.precision, false},
+            {"--rounding", a.rounding, false},
+            {"--seed", std::to_string(a.seed), false},   // the weights come from the checkpoint; the rounding's bits do not
             {"--attention", a.attention, false},
             {"--device", a.device, true},   // where it trained (cpu or cuda); see choose_device
             {"--val-data", a.val_data, true},
@@ -470,14 +480,19 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
     std::vector<std::string> argv_like;
     for (const RunSetting& s : run_settings(*a)) {
         const JsonValue* v = saved.get(s.flag);
-        // states saved before --precision existed trained in fp32, and before --attention auto with
-        // the simple attention (the only one on the CPU, the default on the GPU)
-        JsonValue fp32, simple;
-        fp32.type = simple.type = JsonValue::String;
+        // states saved before --precision existed trained in fp32, before --attention auto with
+        // the simple attention (the only one on the CPU, the default on the GPU), and before
+        // --rounding rounded to nearest. Those states did not save the seed, which nothing after
+        // the initialisation read: the run goes on with the one given, or the default.
+        JsonValue fp32, simple, nearest;
+        fp32.type = simple.type = nearest.type = JsonValue::String;
         fp32.string = "fp32";
         simple.string = "simple";
+        nearest.string = "nearest";
         if (v == nullptr && std::string(s.flag) == "--precision") v = &fp32;
         if (v == nullptr && std::string(s.flag) == "--attention") v = &simple;
+        if (v == nullptr && std::string(s.flag) == "--rounding") v = &nearest;
+        if (v == nullptr && std::string(s.flag) == "--seed") continue;
         if (std::string(s.flag) == "--device") {
             if (v != nullptr && v->type == JsonValue::String) saved_device = v->string;
             continue;
@@ -486,8 +501,10 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         bool given = std::find(a->given.begin(), a->given.end(), s.flag) != a->given.end();
         // numbers compare as the floats they parse to (the text is %.9g, which round-trips)
         if (given && s.may_change) continue;   // the new value holds
+        // (the seed compares as text: an int past 2^24 has no exact float)
         bool numeric = std::string(s.flag) != "--train-data" && std::string(s.flag) != "--precision" &&
-                       std::string(s.flag) != "--attention";
+                       std::string(s.flag) != "--attention" && std::string(s.flag) != "--rounding" &&
+                       std::string(s.flag) != "--seed";
         bool same = numeric ? strtof(v->string.c_str(), nullptr) == strtof(s.value.c_str(), nullptr) : v->string == s.value;
         if (given && !same) {
             fail("--resume '%s': %s %s differs from the saved run's %s (a resumed run keeps its settings)", dir.c_str(),
@@ -512,6 +529,8 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         else if (flag == "--weight-decay") a->weight_decay = parse_float("--weight-decay", v);
         else if (flag == "--grad-clip") a->grad_clip = parse_float("--grad-clip", v);
         else if (flag == "--precision") a->precision = v;
+        else if (flag == "--rounding") a->rounding = v;
+        else if (flag == "--seed") a->seed = parse_int("--seed", v);
         else if (flag == "--attention") a->attention = v;
         else if (flag == "--val-data") a->val_data = v;
         else if (flag == "--val-every") a->val_every = parse_int("--val-every", v);
@@ -831,9 +850,15 @@ int main(int argc, char** argv) {
         fail("--precision %s runs on the GPU only (--device cuda); the CPU backend computes in fp32", args.precision.c_str());
     }
     if (args.attention == "fused" && !on_gpu) fail("--attention fused needs --device cuda (the CPU has one attention)");
+    if (args.rounding == "stochastic" && precision != PRECISION_BF16_PURE) {
+        fail("--rounding stochastic rounds bf16-pure's bf16 weights and AdamW moments; --precision %s keeps them in fp32",
+             args.precision.c_str());
+    }
     bool fused_attention = on_gpu && args.attention != "simple";   // auto: fused on the GPU
     model_build(&model, config, B, T, on_gpu, precision, fused_attention);
     model.rope_in_attention = args.rope == "auto";
+    model.rounding = args.rounding == "stochastic" ? ROUND_STOCHASTIC : ROUND_NEAREST;
+    model.rounding_seed = (uint64_t)args.seed;
     TrainingState state;
     if (resuming) {
         state = training_state_load(&model, args.resume);
@@ -854,9 +879,10 @@ int main(int argc, char** argv) {
     if (post_ln_layers > 0 && post_ln_layers < config.num_layers) {
         placement = "Mix-LN " + placement + " (alpha " + number_text_short(number_text(config.mixln_alpha)) + ")";
     }
-    printf("model: L=%d C=%d heads=%d F=%d V=%d | %s, %s, %s | %.2fM parameters\n", config.num_layers, config.channels,
-           config.num_heads, config.ffn_channels, config.vocab_size, placement.c_str(), norm_type_name(config.norm_type),
-           precision_name(precision), model.num_parameters / 1e6);
+    printf("model: L=%d C=%d heads=%d F=%d V=%d | %s, %s, %s%s | %.2fM parameters\n", config.num_layers,
+           config.channels, config.num_heads, config.ffn_channels, config.vocab_size, placement.c_str(),
+           norm_type_name(config.norm_type), precision_name(precision),
+           model.rounding == ROUND_STOCHASTIC ? " (stochastic rounding)" : "", model.num_parameters / 1e6);
     int head_size = config.channels / config.num_heads;
     if (!on_gpu) {
         printf("attention: the CPU's (probabilities stored)\n");

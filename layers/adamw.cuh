@@ -30,6 +30,14 @@ On the GPU both kernels move 16-byte vectors where the pointers are 16-byte alig
 buffers are), the same expressions element by element, and take the elements past the last whole
 vector one a thread.
 
+Rounding. Stores to bf16 (bf16-pure's weights and moments) round to nearest even, as PyTorch's
+bf16 training does, or, with rounding = ROUND_STOCHASTIC (--rounding stochastic), stochastically
+(common.h: bf16_round_stochastic): up or down with the probabilities that make the stored value
+right on average, so updates smaller than half a bf16 step are kept in expectation. Each element
+draws 64 random bits from (the run's seed, t, its index in the flat buffer), 16 for each of m, v
+and p, so the GPU kernels, the CPU twin and a resumed run round every value alike. fp32 stores are
+exact and ignore it.
+
 The bf16 copy of the weights. In --precision bf16 the kernels read a bf16 copy of the fp32 master
 weights, each weight rounded to nearest even (__float2bfloat16_rn). The update writes it as it
 goes (params_copy: each new parameter, as stored, rounded to Copy), so the step reads the master
@@ -41,23 +49,37 @@ twins) and on the GPU.
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "../common.h"
 
 // ---- CPU reference
 
+// x stored as P on the CPU: rounded to bf16 as rounding says (with random16), else as from_real
+template <typename P>
+inline P from_real_rounded(real x, Rounding rounding, uint32_t random16) {
+#ifdef MIXLN_HAS_BF16
+    if constexpr (std::is_same_v<P, bf16>) return round_to<bf16>((float)x, rounding, random16);
+#endif
+    (void)rounding;
+    (void)random16;
+    return from_real<P>(x);
+}
+
 // adamw_update's params_copy where there is none
 inline constexpr float* NO_PARAMS_COPY = nullptr;
 
 // params (n), m (n), v (n) updated in place; params_copy (n), unless null, = the new params
-// rounded to Copy; grads (n)
+// rounded to Copy; grads (n). rounding and rounding_seed: how bf16 stores round (see the top).
 template <typename P, typename Copy, typename G>
 inline void adamw_update_cpu(P* params, P* m, P* v, Copy* params_copy, const G* grads, size_t n, float lr,
-                             float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale) {
+                             float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale,
+                             Rounding rounding, uint64_t rounding_seed) {
     double bias_correction1 = 1.0 - pow((double)beta1, t);
     double bias_correction2_sqrt = sqrt(1.0 - pow((double)beta2, t));
     real step_size = (real)(lr / bias_correction1);
     real decay = (real)(1.0 - (double)lr * weight_decay);
+    const uint64_t rounding_key = stochastic_rounding_key(rounding_seed, t);
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
         real g = to_real(grads[i]) * grad_scale;
@@ -67,10 +89,11 @@ inline void adamw_update_cpu(P* params, P* m, P* v, Copy* params_copy, const G* 
         real m_i = std::fma(beta1, to_real(m[i]), (1 - beta1) * g);
         real v_i = std::fma(beta2, to_real(v[i]), (1 - beta2) * g * g);
         real denom = sqrt(v_i) / (real)bias_correction2_sqrt + eps;
-        // three stores, each rounded once
-        m[i] = from_real<P>(m_i);
-        v[i] = from_real<P>(v_i);
-        params[i] = from_real<P>(std::fma(-step_size, m_i / denom, p));
+        // three stores, each rounded once (stochastic rounding: 16 of the element's random bits each)
+        uint64_t random = rounding == ROUND_STOCHASTIC ? stochastic_rounding_bits(rounding_key, i) : 0;
+        m[i] = from_real_rounded<P>(m_i, rounding, (uint32_t)random);
+        v[i] = from_real_rounded<P>(v_i, rounding, (uint32_t)(random >> 16));
+        params[i] = from_real_rounded<P>(std::fma(-step_size, m_i / denom, p), rounding, (uint32_t)(random >> 32));
         // the copy, from the parameter as stored
         if (params_copy) params_copy[i] = from_real<Copy>(to_real(params[i]));
     }
@@ -88,20 +111,23 @@ inline void cast_copy_cpu(Out* out, const In* inp, size_t n) {
 
 // ---- CUDA kernels
 
-// one thread per parameter; the bias corrections are computed once on the host
+// one thread per parameter; the bias corrections and the rounding key are computed once on the
+// host. first_index: the index of params[0] in the whole buffer (the stochastic rounding's bits)
 template <typename P, typename Copy, typename G>
 __global__ void adamw_update_kernel(P* params, P* m, P* v, Copy* params_copy, const G* grads, size_t n, float decay,
                                     float beta1, float beta2, float eps, float step_size, float bias_correction2_sqrt,
-                                    float grad_scale) {
+                                    float grad_scale, Rounding rounding, uint64_t rounding_key, size_t first_index) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float g = to_float(grads[i]) * grad_scale;
     float p = to_float(params[i]) * decay;
     float m_i = fmaf(beta1, to_float(m[i]), (1.0f - beta1) * g);
     float v_i = fmaf(beta2, to_float(v[i]), (1.0f - beta2) * g * g);
-    m[i] = from_float<P>(m_i);
-    v[i] = from_float<P>(v_i);
-    P stored = from_float<P>(fmaf(-step_size, m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps), p));
+    uint64_t random = rounding == ROUND_STOCHASTIC ? stochastic_rounding_bits(rounding_key, first_index + i) : 0;
+    m[i] = round_to<P>(m_i, rounding, (uint32_t)random);
+    v[i] = round_to<P>(v_i, rounding, (uint32_t)(random >> 16));
+    P stored = round_to<P>(fmaf(-step_size, m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps), p), rounding,
+                           (uint32_t)(random >> 32));
     params[i] = stored;
     if (params_copy) params_copy[i] = from_float<Copy>(to_float(stored));
 }
@@ -116,7 +142,8 @@ __global__ void adamw_update_kernel(P* params, P* m, P* v, Copy* params_copy, co
 template <typename P, typename Copy, typename G>
 __global__ void adamw_update_vector_kernel(P* params, P* m, P* v, Copy* params_copy, const G* grads, size_t chunks,
                                            float decay, float beta1, float beta2, float eps, float step_size,
-                                           float bias_correction2_sqrt, float grad_scale) {
+                                           float bias_correction2_sqrt, float grad_scale, Rounding rounding,
+                                           uint64_t rounding_key) {
     constexpr int VEC = VECTOR16_SIZE<P>;
     static_assert(VECTOR16_SIZE<G> == VEC, "adamw_update_vector_kernel: P and G of one size");
     size_t chunk = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -129,9 +156,11 @@ __global__ void adamw_update_vector_kernel(P* params, P* m, P* v, Copy* params_c
         float p = to_float(ps.values[e]) * decay;
         float m_i = fmaf(beta1, to_float(ms.values[e]), (1.0f - beta1) * g);
         float v_i = fmaf(beta2, to_float(vs.values[e]), (1.0f - beta2) * g * g);
-        ms.values[e] = from_float<P>(m_i);
-        vs.values[e] = from_float<P>(v_i);
-        ps.values[e] = from_float<P>(fmaf(-step_size, m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps), p));
+        uint64_t random = rounding == ROUND_STOCHASTIC ? stochastic_rounding_bits(rounding_key, i + e) : 0;
+        ms.values[e] = round_to<P>(m_i, rounding, (uint32_t)random);
+        vs.values[e] = round_to<P>(v_i, rounding, (uint32_t)(random >> 16));
+        ps.values[e] = round_to<P>(fmaf(-step_size, m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps), p), rounding,
+                                   (uint32_t)(random >> 32));
     }
     store_vector16(m + i, ms);
     store_vector16(v + i, vs);
@@ -167,8 +196,10 @@ __global__ void cast_copy_vector_kernel(Out* out, const In* inp, size_t chunks) 
 
 template <typename P, typename Copy, typename G>
 inline void adamw_update(P* params, P* m, P* v, Copy* params_copy, const G* grads, size_t n, float lr, float beta1,
-                         float beta2, float eps, float weight_decay, int t, float grad_scale, cudaStream_t stream) {
+                         float beta2, float eps, float weight_decay, int t, float grad_scale, Rounding rounding,
+                         uint64_t rounding_seed, cudaStream_t stream) {
     if (n == 0) return;
+    const uint64_t rounding_key = stochastic_rounding_key(rounding_seed, t);
     double bias_correction1 = 1.0 - pow((double)beta1, t);
     double bias_correction2_sqrt = sqrt(1.0 - pow((double)beta2, t));
     const int block = 256;
@@ -183,7 +214,7 @@ inline void adamw_update(P* params, P* m, P* v, Copy* params_copy, const G* grad
             auto vector_kernel = adamw_update_vector_kernel<P, Copy, G>;
             LAUNCH(vector_kernel, dim3((unsigned)((chunks + block - 1) / block)), dim3(block), 0, stream, params, m, v,
                    params_copy, grads, chunks, decay, beta1, beta2, eps, step_size, (float)bias_correction2_sqrt,
-                   grad_scale);
+                   grad_scale, rounding, rounding_key);
             done = chunks * VECTOR16_SIZE<P>;
         }
     }
@@ -192,7 +223,7 @@ inline void adamw_update(P* params, P* m, P* v, Copy* params_copy, const G* grad
         size_t rest = n - done;
         LAUNCH(kernel, dim3((unsigned)((rest + block - 1) / block)), dim3(block), 0, stream, params + done, m + done,
                v + done, params_copy ? params_copy + done : nullptr, grads + done, rest, decay, beta1, beta2, eps,
-               step_size, (float)bias_correction2_sqrt, grad_scale);
+               step_size, (float)bias_correction2_sqrt, grad_scale, rounding, rounding_key, done);
     }
 }
 

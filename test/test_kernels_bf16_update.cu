@@ -334,7 +334,7 @@ TEST_CASE("adamw fp32 (P = G = float): the template keeps the fp32 arithmetic, a
                  grads = random_floats(n, 54);
             std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
             adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
             // the fp32-only loop this template replaced, with the roundings gcc gave it spelled out (an
             // fma where it contracted a * b + c; left to the compiler, its choice of product moved
             // with the code around this loop): the same bits
@@ -358,7 +358,7 @@ TEST_CASE("adamw fp32 (P = G = float): the template keeps the fp32 arithmetic, a
             CHECK(memcmp(v_old.data(), v_cpu.data(), n * sizeof(float)) == 0);
             DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
             adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
-                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
             check_close(d_params.to_host(), params_cpu, "adamw params");
             check_close(d_m.to_host(), m_cpu, "adamw m");
             check_close(d_v.to_host(), v_cpu, "adamw v");
@@ -377,13 +377,13 @@ TEST_CASE("adamw bf16-pure (P = G = bf16) kernel matches the CPU, rounding m, v 
                  grads = random_bf16(n, 64);
             std::vector<bf16> params_cpu = params, m_cpu = m, v_cpu = v;
             adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
             // the rounding points: the fp32 update (P = float) of the same values, then each of p, m,
             // v rounded once, is the bf16 update bit for bit. In particular p comes from the
             // unrounded new m and v: an update from the rounded ones would differ in many elements.
             auto params_f = to_floats(params), m_f = to_floats(m), v_f = to_floats(v);
             adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
             auto params_r = to_bf16(params_f), m_r = to_bf16(m_f), v_r = to_bf16(v_f);
             CHECK(memcmp(params_r.data(), params_cpu.data(), n * sizeof(bf16)) == 0);
             CHECK(memcmp(m_r.data(), m_cpu.data(), n * sizeof(bf16)) == 0);
@@ -391,10 +391,174 @@ TEST_CASE("adamw bf16-pure (P = G = bf16) kernel matches the CPU, rounding m, v 
 
             DeviceArray<bf16> d_params(params), d_m(m), d_v(v), d_grads(grads);
             adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
-                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
             check_close_bf16(d_params.to_host(), params_cpu, "adamw bf16 params");
             check_close_bf16(d_m.to_host(), m_cpu, "adamw bf16 m");
             check_close_bf16(d_v.to_host(), v_cpu, "adamw bf16 v");
+        }
+    }
+}
+
+// ---- stochastic rounding (--rounding stochastic)
+
+// Over all 2^16 values of its random bits, stochastic rounding goes up for exactly as many as the
+// dropped half of x's bits counts, so the average of the results is x itself, exactly (in double:
+// the sum of 2^16 bf16 values of one binade or two is exact). Every result is one of x's two bf16
+// neighbours. Infinities and NaN keep rounding to nearest.
+TEST_CASE("stochastic rounding to bf16: always a neighbour, and exactly unbiased over its random bits",
+          "[kernels][bf16]") {
+    const uint32_t inputs[] = {
+        0x3F800000u,   // 1: a bf16 value, never moves
+        0x3F80FFFFu,   // just below 1 + 2^-7: up for all but one of the 2^16 draws
+        0x3F800001u,   // just above 1: up for one draw
+        0x3F7FC123u,   // below 1, rounding up crosses into the next binade (1.0)
+        0xC06CCCCDu,   // -3.7: the magnitude rounds, the sign stays
+        0x00012345u,   // a subnormal float
+        0x3A83126Fu,   // 1e-3
+    };
+    for (uint32_t input : inputs) {
+        float x = float_from_bits(input);
+        INFO("x " << x << " (bits " << std::hex << input << std::dec << ")");
+        uint32_t lower = input & 0xFFFF0000u, upper = lower + 0x10000u;   // the neighbours' bits (magnitudes)
+        double sum = 0;
+        size_t ups = 0, not_neighbour = 0;
+        for (uint32_t r = 0; r < 65536; r++) {
+            uint32_t bits = (uint32_t)bf16_bits(bf16_round_stochastic(x, r)) << 16;
+            if (bits != lower && bits != upper) not_neighbour++;
+            ups += bits == upper && upper != lower;
+            sum += float_from_bits(bits);
+        }
+        CHECK(not_neighbour == 0);
+        CHECK(ups == (input & 0xFFFFu));
+        CHECK(sum == 65536.0 * (double)x);
+    }
+    // the largest bf16 (0x7F7F) and above: the carry goes to infinity, as rounding to nearest would
+    float above_max = float_from_bits(0x7F7F8000u);
+    CHECK(bf16_bits(bf16_round_stochastic(above_max, 0)) == 0x7F7F);
+    CHECK(bf16_bits(bf16_round_stochastic(above_max, 0x8000)) == 0x7F80);
+    CHECK(bf16_bits(bf16_round_stochastic(INFINITY, 0xFFFF)) == 0x7F80);
+    CHECK(bf16_bits(bf16_round_stochastic(-INFINITY, 0xFFFF)) == 0xFF80);
+    float nan_high = float_from_bits(0x7FFFFFFFu);   // a NaN whose carry would reach the sign bit
+    for (uint32_t r : {0u, 1u, 0xFFFFu}) CHECK(std::isnan(__bfloat162float(bf16_round_stochastic(nan_high, r))));
+    // round_to picks the rounding
+    CHECK(bf16_bits(round_to<bf16>(float_from_bits(0x3F80FFFFu), ROUND_NEAREST, 0xFFFF)) == 0x3F81);
+    CHECK(bf16_bits(round_to<bf16>(float_from_bits(0x3F80FFFFu), ROUND_STOCHASTIC, 0)) == 0x3F80);
+    CHECK(float_bits(round_to<float>(1.1f, ROUND_STOCHASTIC, 0xFFFF)) == float_bits(1.1f));
+}
+
+// The random bits: 16 for each of m, v and p from every element's 64. Over 2^16 elements each
+// field should fill 16 buckets evenly: chi-square with 15 degrees of freedom (99.99th percentile
+// 44.3). The hash is fixed, so this passes or fails the same way every time.
+TEST_CASE("stochastic rounding's random bits are spread evenly, and differ by step and seed", "[kernels][bf16]") {
+    const uint64_t key = stochastic_rounding_key(1337, 1);
+    for (int field = 0; field < 3; field++) {
+        INFO("field " << field);
+        std::vector<double> buckets(16, 0.0);
+        for (uint64_t i = 0; i < 65536; i++) buckets[(stochastic_rounding_bits(key, i) >> (16 * field + 12)) & 15]++;
+        double chi_square = 0;
+        for (double count : buckets) chi_square += (count - 4096.0) * (count - 4096.0) / 4096.0;
+        CHECK(chi_square < 44.3);
+    }
+    CHECK(stochastic_rounding_key(1337, 1) != stochastic_rounding_key(1337, 2));
+    CHECK(stochastic_rounding_key(1337, 1) != stochastic_rounding_key(1338, 1));
+    CHECK(stochastic_rounding_bits(key, 0) != stochastic_rounding_bits(key, 1));
+}
+
+// Each of the three stores is the fp32 update (the P = float twin on the same values) rounded
+// stochastically with the element's own bits, bit for bit; the kernels draw the same bits for the
+// same element, down the vector kernel and past it (n 263: 32 chunks of 8 and 7 elements), so
+// they must agree with the CPU on all but the rare element whose fp32 value differs in its last
+// bit right at its random threshold (none are expected; 1 in 1000 is allowed).
+TEST_CASE("adamw bf16-pure with stochastic rounding: each store rounds the fp32 update with its element's bits",
+          "[kernels][bf16]") {
+    const uint64_t seed = 99;
+    for (size_t n : {1, 263, 5000}) {
+        for (int t : {1, 7}) {
+            INFO("n " << n << " t " << t);
+            auto params = random_bf16(n, 91), m = random_bf16(n, 92, 0.1f), v = to_bf16(random_second_moment(n, 93)),
+                 grads = random_bf16(n, 94);
+            std::vector<bf16> params_cpu = params, m_cpu = m, v_cpu = v;
+            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed);
+            auto params_f = to_floats(params), m_f = to_floats(m), v_f = to_floats(v);
+            adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
+            const uint64_t key = stochastic_rounding_key(seed, t);
+            size_t wrong = 0, differs_from_nearest = 0;
+            for (size_t i = 0; i < n; i++) {
+                uint64_t random = stochastic_rounding_bits(key, i);
+                wrong += bf16_bits(m_cpu[i]) != bf16_bits(bf16_round_stochastic(m_f[i], (uint32_t)random));
+                wrong += bf16_bits(v_cpu[i]) != bf16_bits(bf16_round_stochastic(v_f[i], (uint32_t)(random >> 16)));
+                wrong += bf16_bits(params_cpu[i]) !=
+                         bf16_bits(bf16_round_stochastic(params_f[i], (uint32_t)(random >> 32)));
+                differs_from_nearest += bf16_bits(params_cpu[i]) != bf16_bits(__float2bfloat16_rn(params_f[i]));
+            }
+            CHECK(wrong == 0);
+            // a rounding that ignored its bits would round to nearest everywhere
+            if (n >= 263) CHECK(differs_from_nearest > n / 10);
+
+            DeviceArray<bf16> d_params(params), d_m(m), d_v(v), d_grads(grads);
+            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed, 0);
+            auto params_gpu = d_params.to_host(), m_gpu = d_m.to_host(), v_gpu = d_v.to_host();
+            check_close_bf16(params_gpu, params_cpu, "adamw bf16 params, stochastic");
+            check_close_bf16(m_gpu, m_cpu, "adamw bf16 m, stochastic");
+            check_close_bf16(v_gpu, v_cpu, "adamw bf16 v, stochastic");
+            size_t not_same = 0;
+            for (size_t i = 0; i < n; i++) {
+                not_same += bf16_bits(params_gpu[i]) != bf16_bits(params_cpu[i]);
+                not_same += bf16_bits(m_gpu[i]) != bf16_bits(m_cpu[i]);
+                not_same += bf16_bits(v_gpu[i]) != bf16_bits(v_cpu[i]);
+            }
+            CHECK(not_same <= 3 * n / 1000);
+        }
+    }
+}
+
+// What stochastic rounding is for. Weights at 1 (bf16 values just below 1 are 2^-8 apart), a
+// constant gradient, lr 1e-4: every update is some 1e-4, under half a step, so rounding to nearest
+// keeps every weight at 1 forever, while the fp32 update moves it by 64 x 1e-4 in 64 steps.
+// Stochastically rounded, the weights move on average as the fp32 one does: each store adds noise
+// of at most half a step (sd <= 2^-9), so after 64 steps one weight is within some 8 x 2^-9 =
+// 0.016 of its mean and the mean of 4096 weights within 0.016 / 64 = 0.00024 (sd) of the fp32
+// drift, 0.0064: a bound of 0.0016 is over 6 sd. The same on the CPU twin and the kernel.
+TEST_CASE("stochastic rounding keeps AdamW updates below half a bf16 step, which rounding to nearest loses",
+          "[kernels][bf16]") {
+    const size_t n = 4096;
+    const int steps = 64;
+    const float lr = 1e-4f;
+    std::vector<bf16> ones = to_bf16(std::vector<float>(n, 1.0f)), zeros = to_bf16(std::vector<float>(n, 0.0f));
+    std::vector<float> p_f(n, 1.0f), m_f(n, 0.0f), v_f(n, 0.0f), g_f(n, 0.5f);
+    std::vector<bf16> grads = to_bf16(g_f);
+    for (int t = 1; t <= steps; t++) {
+        adamw_update_cpu(p_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, g_f.data(), n, lr, ADAM_BETA1,
+                         ADAM_BETA2, ADAM_EPS, 0.0f, t, 1.0f, ROUND_NEAREST, 0);
+    }
+    const double fp32_drift = 1.0 - p_f[0];
+    REQUIRE(fabs(fp32_drift - steps * lr) < 0.1 * steps * lr);
+    auto mean = [](const std::vector<bf16>& values) {
+        double sum = 0;
+        for (bf16 x : values) sum += __bfloat162float(x);
+        return sum / values.size();
+    };
+    for (Rounding rounding : {ROUND_NEAREST, ROUND_STOCHASTIC}) {
+        INFO((rounding == ROUND_STOCHASTIC ? "stochastic" : "nearest"));
+        std::vector<bf16> p = ones, m = zeros, v = zeros;
+        DeviceArray<bf16> d_p(ones), d_m(zeros), d_v(zeros), d_g(grads);
+        for (int t = 1; t <= steps; t++) {
+            adamw_update_cpu(p.data(), m.data(), v.data(), NO_PARAMS_COPY, grads.data(), n, lr, ADAM_BETA1, ADAM_BETA2,
+                             ADAM_EPS, 0.0f, t, 1.0f, rounding, 5);
+            adamw_update(d_p.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_g.ptr, n, lr, ADAM_BETA1, ADAM_BETA2, ADAM_EPS,
+                         0.0f, t, 1.0f, rounding, 5, 0);
+        }
+        for (const std::vector<bf16>& result : {p, d_p.to_host()}) {
+            double drift = 1.0 - mean(result);
+            INFO("mean drift " << drift << ", fp32 " << fp32_drift);
+            if (rounding == ROUND_NEAREST) {
+                CHECK(drift == 0.0);
+            } else {
+                CHECK(fabs(drift - fp32_drift) < 0.0016);
+            }
         }
     }
 }
@@ -409,16 +573,16 @@ TEST_CASE("adamw (P = float, G = bf16) kernel matches the CPU", "[kernels][bf16]
             auto grads = random_bf16(n, 74);
             std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
             adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
             // the same as fp32 gradients holding the same values, bit for bit
             std::vector<float> params_f = params, m_f = m, v_f = v, grads_f = to_floats(grads);
             adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, grads_f.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
             CHECK(memcmp(params_f.data(), params_cpu.data(), n * sizeof(float)) == 0);
             DeviceArray<float> d_params(params), d_m(m), d_v(v);
             DeviceArray<bf16> d_grads(grads);
             adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
-                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, 0);
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
             check_close(d_params.to_host(), params_cpu, "adamw params");
             check_close(d_m.to_host(), m_cpu, "adamw m");
             check_close(d_v.to_host(), v_cpu, "adamw v");
@@ -438,14 +602,14 @@ TEST_CASE("adamw writes the bf16 weight copy that cast_copy would make, bit for 
         std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
         std::vector<bf16> copy_cpu(n), expected_cpu(n);
         adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), copy_cpu.data(), grads.data(), n, ADAM_LR,
-                         ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE);
+                         ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
         cast_copy_cpu(expected_cpu.data(), params_cpu.data(), n);
         CHECK(memcmp(copy_cpu.data(), expected_cpu.data(), n * sizeof(bf16)) == 0);
 
         DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
         DeviceArray<bf16> d_copy(n);   // poisoned: an element left unwritten fails
         adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_copy.ptr, d_grads.ptr, n, ADAM_LR, ADAM_BETA1, ADAM_BETA2,
-                     ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, 0);
+                     ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
         auto params_gpu = d_params.to_host(), copy_gpu_floats = to_floats(d_copy.to_host());
         check_close(params_gpu, params_cpu, "adamw params");
         std::vector<bf16> expected_gpu(n);

@@ -842,8 +842,8 @@ TEST_CASE("a training state whose metadata was altered is refused", "[cli][resum
     }
 }
 
-// A state of format 1 (no metadata checksum, before 2026-11-30) resumes as format 2 does; a
-// setting this version does not know is refused even where the checksum holds.
+// A state of format 1 (no metadata checksum, no --rounding or --seed, before 2026-11-30) resumes as
+// format 2 does; a setting this version does not know is refused even where the checksum holds.
 TEST_CASE("a format-1 training state still resumes, and an unknown setting is refused", "[cli][resume]") {
     std::string tmp = make_temp_dir();
     train_ok(mix_run_args(4) + " --out " + quote(tmp + "/straight"));
@@ -851,6 +851,13 @@ TEST_CASE("a format-1 training state still resumes, and an unknown setting is re
     REQUIRE(system(("cp -r " + quote(tmp + "/old") + " " + quote(tmp + "/newer")).c_str()) == 0);
     rewrite_training_state(tmp + "/old", [](std::vector<std::pair<std::string, std::string>>& metadata) {
         metadata_field(metadata, "format") = "mixln-training-state-1";
+        // nor did they save the rounding and the seed (added 2026-11-30 with --rounding)
+        std::string& settings = metadata_field(metadata, "settings");
+        for (const char* saved : {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", "}) {
+            size_t at = settings.find(saved);
+            REQUIRE(at != std::string::npos);
+            settings.erase(at, strlen(saved));
+        }
         metadata.erase(std::remove_if(metadata.begin(), metadata.end(),
                                       [](const auto& field) { return field.first == "metadata_checksum"; }),
                        metadata.end());
@@ -1268,6 +1275,59 @@ TEST_CASE("a bf16-pure run stopped and resumed ends bitwise where a straight run
         INFO(name);
         CHECK(not_bf16 == 0);
     }
+}
+
+// --rounding stochastic: bf16-pure's weights and moments rounded stochastically by AdamW. The
+// kernels are checked in test_kernels_bf16_update.cu; here the program: the flag, what it refuses,
+// a run that differs from rounding to nearest, the same bits on a second run, and a resume that
+// draws the same random bits as a straight run (they come from the seed, which the state saves).
+TEST_CASE("--rounding stochastic trains bf16-pure, deterministically, and resumes bit for bit", "[cli][bf16][resume]") {
+    require_train_fails("--steps 0 --rounding up", "--rounding must be nearest or stochastic, got 'up'");
+    require_train_fails(mix_run_args(1) + " --rounding stochastic",
+                        "--rounding stochastic rounds bf16-pure's bf16 weights and AdamW moments; --precision fp32 "
+                        "keeps them in fp32");
+    if (!have_train_emu()) return;
+    Run bf16 = run_split(quote(env_or("MIXLN_TRAIN_EMU", "build/train_emu")) + " --device cuda " + mix_run_args(1) +
+                         " --precision bf16 --rounding stochastic");
+    CHECK(bf16.exit_status == 1);
+    CHECK(bf16.err.find("--precision bf16 keeps them in fp32") != std::string::npos);
+
+    std::string tmp = make_temp_dir();
+    std::string args = mix_run_args(6) + " --precision bf16-pure --seed 7 --out ";
+    train_emu_ok(args + quote(tmp + "/nearest"));
+    Run straight = train_emu_ok(args + quote(tmp + "/straight") + " --rounding stochastic");
+    CHECK(straight.out.find("bf16-pure (stochastic rounding)") != std::string::npos);
+    train_emu_ok(args + quote(tmp + "/again") + " --rounding stochastic");
+    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/again/model.safetensors"));
+    // the first loss comes before any update; the later ones follow weights rounded otherwise
+    std::vector<double> nearest = logged_train_losses(tmp + "/nearest/log.jsonl"),
+                        stochastic = logged_train_losses(tmp + "/straight/log.jsonl");
+    REQUIRE(nearest.size() == 6);
+    REQUIRE(stochastic.size() == 6);
+    CHECK(nearest[0] == stochastic[0]);
+    CHECK(nearest[5] != stochastic[5]);
+    CHECK(read_file(tmp + "/straight/model.safetensors") != read_file(tmp + "/nearest/model.safetensors"));
+    // another seed draws other bits
+    train_emu_ok(mix_run_args(6) + " --precision bf16-pure --seed 8 --rounding stochastic --out " + quote(tmp + "/seed8"));
+    CHECK(read_file(tmp + "/straight/model.safetensors") != read_file(tmp + "/seed8/model.safetensors"));
+
+    // stopped and resumed with no flags: the rounding and its seed come back with the state
+    train_emu_ok(args + quote(tmp + "/resumed") + " --rounding stochastic --stop-at 3");
+    Run resumed = train_emu_ok("--resume " + quote(tmp + "/resumed"));
+    CHECK(resumed.out.find("(stochastic rounding)") != std::string::npos);
+    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/resumed/model.safetensors"));
+    CHECK(read_file(tmp + "/straight/training_state.safetensors") ==
+          read_file(tmp + "/resumed/training_state.safetensors"));
+    // a resumed run keeps its settings: another seed or rounding is refused, not silently ignored
+    train_emu_ok(args + quote(tmp + "/refused") + " --rounding stochastic --stop-at 3");
+    Run other_seed = run_split(quote(env_or("MIXLN_TRAIN_EMU", "build/train_emu")) + " --device cuda --resume " +
+                               quote(tmp + "/refused") + " --seed 8");
+    CHECK(other_seed.exit_status == 1);
+    CHECK(other_seed.err.find("--seed 8 differs from the saved run's 7") != std::string::npos);
+    Run other_rounding = run_split(quote(env_or("MIXLN_TRAIN_EMU", "build/train_emu")) + " --device cuda --resume " +
+                                   quote(tmp + "/refused") + " --rounding nearest");
+    CHECK(other_rounding.exit_status == 1);
+    CHECK(other_rounding.err.find("--rounding nearest differs from the saved run's stochastic") != std::string::npos);
 }
 
 TEST_CASE("--sample and --analyze run on bf16 activations", "[cli][bf16]") {
