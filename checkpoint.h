@@ -4,7 +4,7 @@ that a checkpoint written here loads into the PyTorch reference (dev/reference.p
 
 config.json carries the LlamaConfig keys (hidden_size, intermediate_size, num_hidden_layers,
 num_attention_heads, vocab_size, rms_norm_eps, rope_theta, max_position_embeddings, ...) plus the
-placement: `norm_layers` (one of pre, post, peri, deepnorm, lns per layer) and `norm_type`
+placement: `norm_layers` (one of pre, post, peri, deepnorm, lns, hybrid per layer) and `norm_type`
 (rmsnorm or layernorm), and for a Mix-LN placement also the official code's `post_ln_layers` and
 `mixln_alpha`. A config without any of these is a stock LLaMA: pure Pre-LN with RMSNorm.
 model.safetensors holds fp32 tensors under the names model_named_tensors() gives, linear weights

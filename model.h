@@ -11,17 +11,21 @@ Architecture (LLaMA, no biases, untied LM head):
         peri      h = x + N1o(Attn(N1(x)))         y = h + N2o(MLP(N2(h)))     (Sandwich / Peri-LN)
         deepnorm  h = N1(a*x + Attn(x))            y = N2(a*h + MLP(h))        a = (2L)^(1/4)
         lns       as pre, each norm's output times 1/sqrt(l+1)                 (LayerNorm Scaling)
+        hybrid    h = x + Attn_qkv(x)              y = N2(h + MLP(h))          (HybridNorm)
+                  Attn_qkv normalises q, k and v each (Nq, Nk, Nv, over C) before RoPE
     logits = lm_head(final_norm(x)); loss = mean cross-entropy
 Mix-LN is the list post x floor(alpha*L), then pre: alpha = 0 is pure Pre-LN, 1 pure Post-LN,
 0.25 the paper's best. N is RMSNorm (the paper's) or LayerNorm with a bias (norm_type). The
 final norm is applied in every mode (a pure Post-LN model normalises twice at the end, as the
 paper's code does).
 
-The five kinds come in two shapes, and the code below follows them:
+The five kinds before hybrid come in two shapes, and the code below follows them:
   - the norm after the residual add (post, deepnorm): the stream itself is normalised, and the
     residual is scaled by a (1 for post) before the add;
   - the norm on the branch (pre, lns, peri): the stream passes by untouched; the sublayer's input
     is normalised (and scaled by 1/sqrt(l+1) for lns), and for peri its output is normalised too.
+hybrid takes the first shape's MLP sublayer, and an attention sublayer with no norm on the stream
+at all: the norms sit on q, k and v (qkv_norm_forward).
 
 Memory, as in llm.c: all parameters live in one flat buffer with a struct of pointers into it; the
 gradients and the two AdamW moments are flat buffers of the same layout; every activation the
@@ -72,6 +76,7 @@ nvcc builds and in the emulated test build (cuda_common.h); a g++ build is CPU-o
 #include "layers/global_norm.cuh"
 #include "layers/layernorm.cuh"
 #include "layers/matmul.cuh"
+#include "layers/qkv_planes.cuh"
 #include "layers/residual.cuh"
 #include "layers/rmsnorm.cuh"
 #include "layers/rope.cuh"
@@ -85,10 +90,10 @@ nvcc builds and in the emulated test build (cuda_common.h); a g++ build is CPU-o
 // configuration
 
 // Where a layer's norms sit (see the top of this file).
-enum NormKind { NORM_PRE, NORM_POST, NORM_PERI, NORM_DEEPNORM, NORM_LNS };
-constexpr int NUM_NORM_KINDS = 5;
+enum NormKind { NORM_PRE, NORM_POST, NORM_PERI, NORM_DEEPNORM, NORM_LNS, NORM_HYBRID };
+constexpr int NUM_NORM_KINDS = 6;
 inline const char* norm_kind_name(NormKind kind) {
-    static const char* names[NUM_NORM_KINDS] = {"pre", "post", "peri", "deepnorm", "lns"};
+    static const char* names[NUM_NORM_KINDS] = {"pre", "post", "peri", "deepnorm", "lns", "hybrid"};
     return names[kind];
 }
 
@@ -158,7 +163,7 @@ inline std::vector<NormKind> parse_norm_layers(const std::string& text, const ch
             if (word == norm_kind_name((NormKind)k)) found = k;
         }
         if (found < 0) {
-            fail("%s: unknown norm placement '%s' in layer %zu (kinds: pre, post, peri, deepnorm, lns)", what,
+            fail("%s: unknown norm placement '%s' in layer %zu (kinds: pre, post, peri, deepnorm, lns, hybrid)", what,
                  word.c_str(), kinds.size());
         }
         kinds.push_back((NormKind)found);
@@ -174,8 +179,13 @@ inline std::string norm_layers_text(const std::vector<NormKind>& kinds) {
     return text;
 }
 
-// The two shapes a layer can have (see the top of this file).
+// The two shapes a layer can have (see the top of this file); hybrid has the first one's MLP
+// sublayer and neither one's attention sublayer.
 inline bool norm_after_residual(NormKind kind) { return kind == NORM_POST || kind == NORM_DEEPNORM; }
+
+// Whether layer kind's attention sublayer reads the stream as it comes, unnormalised: post and
+// deepnorm (their norm comes after the add), and hybrid (its norms are on q, k and v).
+inline bool attention_takes_stream(NormKind kind) { return norm_after_residual(kind) || kind == NORM_HYBRID; }
 
 // DeepNorm's residual scale a = (2L)^(1/4): the stream is multiplied by a before each add.
 inline float deepnorm_residual_scale(int num_layers) { return (float)pow(2.0 * num_layers, 0.25); }
@@ -198,6 +208,15 @@ inline int peri_index(const ModelConfig& c, int l) {
     return index;
 }
 inline int num_peri_layers(const ModelConfig& c) { return peri_index(c, c.num_layers); }
+
+// Likewise HybridNorm layers own three norms on q, k and v (QKV-Norm), one (3, C) row per hybrid
+// layer (and its activations one slot per hybrid layer).
+inline int hybrid_index(const ModelConfig& c, int l) {
+    int index = 0;
+    for (int i = 0; i < l; i++) index += c.norm_layers[i] == NORM_HYBRID;
+    return index;
+}
+inline int num_hybrid_layers(const ModelConfig& c) { return hybrid_index(c, c.num_layers); }
 
 // Refuses configurations the kernels cannot run, with a message naming the problem.
 inline void model_config_check(const ModelConfig& c) {
@@ -255,13 +274,16 @@ struct ParameterTensorsOf {
     W* attn_out_norm_bias; // (P, C)      LayerNorm only
     W* mlp_out_norm_bias;  // (P, C)      LayerNorm only
     W* final_norm_bias;    // (C)         LayerNorm only: model.norm.bias
+    W* qkv_norm;           // (H, 3, C)   QKV-Norm of each of the H hybrid layers: self_attn.{q,k,v}_norm.weight
+    W* qkv_norm_bias;      // (H, 3, C)   LayerNorm only
 };
 // The fp32 (CPU: real) view of the parameters: init, checkpoints, analyses.
 typedef ParameterTensorsOf<real> ParameterTensors;
-constexpr int NUM_PARAMETER_TENSORS = 16;
+constexpr int NUM_PARAMETER_TENSORS = 18;
 
 inline void parameter_sizes(size_t sizes[NUM_PARAMETER_TENSORS], const ModelConfig& c) {
-    size_t V = c.vocab_size, C = c.channels, L = c.num_layers, F = c.ffn_channels, P = num_peri_layers(c);
+    size_t V = c.vocab_size, C = c.channels, L = c.num_layers, F = c.ffn_channels, P = num_peri_layers(c),
+           H = num_hybrid_layers(c);
     size_t bias = c.norm_type == NORM_LAYERNORM ? 1 : 0;
     sizes[0] = V * C;
     sizes[1] = L * C;
@@ -279,6 +301,8 @@ inline void parameter_sizes(size_t sizes[NUM_PARAMETER_TENSORS], const ModelConf
     sizes[13] = bias * P * C;
     sizes[14] = bias * P * C;
     sizes[15] = bias * C;
+    sizes[16] = H * 3 * C;
+    sizes[17] = bias * H * 3 * C;
 }
 
 inline size_t num_parameters(const ModelConfig& c) {
@@ -299,7 +323,7 @@ inline void point_parameters(ParameterTensorsOf<W>* t, W* memory, const ModelCon
         &t->embed_tokens,  &t->attn_norm,     &t->qkv_proj,       &t->o_proj,         &t->mlp_norm,
         &t->gate_up_proj,  &t->down_proj,     &t->final_norm,     &t->lm_head,        &t->attn_out_norm,
         &t->mlp_out_norm,  &t->attn_norm_bias, &t->mlp_norm_bias, &t->attn_out_norm_bias,
-        &t->mlp_out_norm_bias, &t->final_norm_bias};
+        &t->mlp_out_norm_bias, &t->final_norm_bias, &t->qkv_norm, &t->qkv_norm_bias};
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         *members[i] = sizes[i] ? memory : nullptr;
         memory += sizes[i];
@@ -309,8 +333,10 @@ inline void point_parameters(ParameterTensorsOf<W>* t, W* memory, const ModelCon
 // One layer's slices of the parameter (or gradient) tensors; nullptr where the layer has none.
 template <typename W>
 struct LayerWeightsOf {
-    W* attn_norm;          // (C)
-    W* attn_norm_bias;     // (C)  LayerNorm
+    W* attn_norm;          // (C)  all but hybrid (whose row of the tensor is unused)
+    W* attn_norm_bias;     // (C)  LayerNorm, all but hybrid
+    W* qkv_norm;           // (3, C)  hybrid: the q, k and v norms' weights
+    W* qkv_norm_bias;      // (3, C)  hybrid, LayerNorm
     W* attn_out_norm;      // (C)  peri
     W* attn_out_norm_bias; // (C)  peri, LayerNorm
     W* qkv_proj;           // (3C, C)
@@ -328,13 +354,15 @@ typedef LayerWeightsOf<real> LayerWeights;
 template <typename W>
 inline LayerWeightsOf<W> layer_weights(const ParameterTensorsOf<W>& t, const ModelConfig& c, int l) {
     size_t C = c.channels, F = c.ffn_channels;
-    bool peri = c.norm_layers[l] == NORM_PERI;
-    size_t p = peri ? (size_t)peri_index(c, l) : 0;
+    bool peri = c.norm_layers[l] == NORM_PERI, hybrid = c.norm_layers[l] == NORM_HYBRID;
+    size_t p = peri ? (size_t)peri_index(c, l) : 0, h = hybrid ? (size_t)hybrid_index(c, l) : 0;
     // a slice of an optional tensor, nullptr when the tensor or the layer has none
     auto row = [](W* tensor, bool present, size_t offset) { return tensor && present ? tensor + offset : nullptr; };
     LayerWeightsOf<W> w;
-    w.attn_norm = t.attn_norm + l * C;
-    w.attn_norm_bias = row(t.attn_norm_bias, true, l * C);
+    w.attn_norm = row(t.attn_norm, !hybrid, l * C);
+    w.attn_norm_bias = row(t.attn_norm_bias, !hybrid, l * C);
+    w.qkv_norm = row(t.qkv_norm, hybrid, h * 3 * C);
+    w.qkv_norm_bias = row(t.qkv_norm_bias, hybrid, h * 3 * C);
     w.attn_out_norm = row(t.attn_out_norm, peri, p * C);
     w.attn_out_norm_bias = row(t.attn_out_norm_bias, peri, p * C);
     w.qkv_proj = t.qkv_proj + l * 3 * C * C;
@@ -361,7 +389,9 @@ struct NamedTensor {
 //   post, deepnorm  N1 post_attention_layernorm   N2 post_feedforward_layernorm
 //   peri            N1 input_layernorm, N1o post_attention_layernorm,
 //                   N2 pre_feedforward_layernorm, N2o post_feedforward_layernorm
-// Under LayerNorm each norm has a ".bias" beside its ".weight".
+//   hybrid          self_attn.q_norm, k_norm, v_norm (OLMo-2's names), N2 post_feedforward_layernorm
+// Under LayerNorm each norm has a ".bias" beside its ".weight". (A hybrid layer has no N1: its row
+// of the N1 tensor is in no checkpoint and in no computation.)
 inline std::vector<NamedTensor> model_named_tensors(const ModelConfig& c) {
     size_t sizes[NUM_PARAMETER_TENSORS];
     parameter_sizes(sizes, c);
@@ -383,18 +413,24 @@ inline std::vector<NamedTensor> model_named_tensors(const ModelConfig& c) {
     for (int l = 0; l < c.num_layers; l++) {
         NormKind kind = c.norm_layers[l];
         size_t p = kind == NORM_PERI ? (size_t)peri_index(c, l) : 0;
+        size_t h = kind == NORM_HYBRID ? (size_t)hybrid_index(c, l) : 0;
         std::string prefix = "model.layers." + std::to_string(l) + ".";
         const char* attn_norm_name = norm_after_residual(kind) ? "post_attention_layernorm" : "input_layernorm";
-        const char* mlp_norm_name = norm_after_residual(kind) ? "post_feedforward_layernorm"
+        const char* mlp_norm_name = norm_after_residual(kind) || kind == NORM_HYBRID ? "post_feedforward_layernorm"
                                     : kind == NORM_PERI       ? "pre_feedforward_layernorm"
                                                               : "post_attention_layernorm";
         size_t qkv = offsets[2] + (size_t)l * 3 * C * C;
         size_t gate_up = offsets[5] + (size_t)l * 2 * F * C;
-        add_norm(prefix + attn_norm_name, 1, 11, l);
+        if (kind != NORM_HYBRID) add_norm(prefix + attn_norm_name, 1, 11, l);
         tensors.push_back({prefix + "self_attn.q_proj.weight", qkv, {C, C}});
         tensors.push_back({prefix + "self_attn.k_proj.weight", qkv + (size_t)C * C, {C, C}});
         tensors.push_back({prefix + "self_attn.v_proj.weight", qkv + (size_t)2 * C * C, {C, C}});
         tensors.push_back({prefix + "self_attn.o_proj.weight", offsets[3] + (size_t)l * C * C, {C, C}});
+        if (kind == NORM_HYBRID) {   // row s of this layer's (3, C) block: q, k, v
+            add_norm(prefix + "self_attn.q_norm", 16, 17, h * 3);
+            add_norm(prefix + "self_attn.k_norm", 16, 17, h * 3 + 1);
+            add_norm(prefix + "self_attn.v_norm", 16, 17, h * 3 + 2);
+        }
         if (kind == NORM_PERI) add_norm(prefix + "post_attention_layernorm", 9, 13, p);
         add_norm(prefix + mlp_norm_name, 4, 12, l);
         tensors.push_back({prefix + "mlp.gate_proj.weight", gate_up, {F, C}});
@@ -453,8 +489,14 @@ struct ActivationTensorsOf {
     real*   norm_scratch;        // (RMSNORM_PARTIAL_BLOCKS, C) RMSNorm backward: the CUDA kernel's per-block weight-gradient sums
     floatX* dgate_up;            // (B, T, 2F)
     floatX* dswiglu;             // (B, T, F)
+    // HybridNorm's QKV-Norm (H hybrid layers; empty without them)
+    floatX* qkv_normed;          // (H, B, T, 3C)    the normalised q, k, v: the attention's input (RoPE as in qkv)
+    real*   qkv_norm_stats;      // (H, 3, S, B, T)  the q, k and v norms' statistics
+    floatX* qkv_planes;          // (3, B, T, C)     scratch: q, k, v of qkv as three (B*T, C) blocks (qkv_planes.cuh)
+    floatX* qkv_planes_normed;   // (3, B, T, C)     scratch: their norms' outputs, and in backward those outputs' gradient
+    floatX* dqkv_planes;         // (3, B, T, C)     scratch: the gradient of the norms' inputs
 };
-constexpr int NUM_ACTIVATION_TENSORS = 33;
+constexpr int NUM_ACTIVATION_TENSORS = 38;
 
 // values per row of a norm's statistics: rstd, and the mean under LayerNorm
 inline size_t norm_stats_per_row(const ModelConfig& c) { return c.norm_type == NORM_LAYERNORM ? 2 : 1; }
@@ -465,7 +507,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
                              bool fused_attention) {
     size_t L = c.num_layers, C = c.channels, NH = c.num_heads, F = c.ffn_channels, V = c.vocab_size,
            BT = (size_t)B * T, half = c.channels / c.num_heads / 2, P = num_peri_layers(c),
-           S = norm_stats_per_row(c);
+           H = num_hybrid_layers(c), S = norm_stats_per_row(c);
     size_t s[NUM_ACTIVATION_TENSORS] = {
         BT * C,                                   // embedded
         L * BT * C, L * S * BT,                   // attn_norm, attn_norm_stats
@@ -486,6 +528,9 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
         B * NH * T * (fused_attention ? 1 : T),   // datt_scratch
         c.norm_type == NORM_LAYERNORM ? 0 : (size_t)RMSNORM_PARTIAL_BLOCKS * C,   // norm_scratch
         BT * 2 * F, BT * F,                       // dgate_up, dswiglu
+        H * BT * 3 * C, H * 3 * S * BT,           // qkv_normed, qkv_norm_stats
+        H ? BT * 3 * C : 0, H ? BT * 3 * C : 0,   // qkv_planes, qkv_planes_normed
+        H ? BT * 3 * C : 0,                       // dqkv_planes
     };
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) sizes[i] = s[i];
 }
@@ -512,6 +557,8 @@ inline size_t point_activations(ActivationTensorsOf<floatX>* a, void* memory, co
     place(a->rope_sin);
     place(a->dresidual), place(a->dnorm), place(a->dbranch), place(a->datty), place(a->dqkv);
     place(a->datt_scratch), place(a->norm_scratch), place(a->dgate_up), place(a->dswiglu);
+    place(a->qkv_normed), place(a->qkv_norm_stats), place(a->qkv_planes), place(a->qkv_planes_normed);
+    place(a->dqkv_planes);
     return offset;
 }
 
@@ -534,13 +581,15 @@ struct LayerActivations {
     real*   attn_out_norm_stats; // (S, B, T)  peri
     floatX* mlp_branch;          // (B, T, C)  peri
     real*   mlp_out_norm_stats;  // (S, B, T)  peri
+    floatX* qkv_normed;          // (B, T, 3C)    hybrid: the attention reads these instead of qkv
+    real*   qkv_norm_stats;      // (3, S, B, T)  hybrid
 };
 
 template <typename floatX>
 inline LayerActivations<floatX> layer_activations(const ActivationTensorsOf<floatX>& a, const ModelConfig& c, int B, int T, int l) {
     size_t BT = (size_t)B * T, C = c.channels, F = c.ffn_channels, NH = c.num_heads, S = norm_stats_per_row(c);
-    bool peri = c.norm_layers[l] == NORM_PERI;
-    size_t p = peri ? (size_t)peri_index(c, l) : 0;
+    bool peri = c.norm_layers[l] == NORM_PERI, hybrid = c.norm_layers[l] == NORM_HYBRID;
+    size_t p = peri ? (size_t)peri_index(c, l) : 0, h = hybrid ? (size_t)hybrid_index(c, l) : 0;
     LayerActivations<floatX> la;
     la.attn_norm = a.attn_norm + l * BT * C;
     la.attn_norm_stats = a.attn_norm_stats + l * S * BT;
@@ -558,14 +607,21 @@ inline LayerActivations<floatX> layer_activations(const ActivationTensorsOf<floa
     la.attn_out_norm_stats = peri ? a.attn_out_norm_stats + p * S * BT : nullptr;
     la.mlp_branch = peri ? a.mlp_branch + p * BT * C : nullptr;
     la.mlp_out_norm_stats = peri ? a.mlp_out_norm_stats + p * S * BT : nullptr;
+    la.qkv_normed = hybrid ? a.qkv_normed + h * BT * 3 * C : nullptr;
+    la.qkv_norm_stats = hybrid ? a.qkv_norm_stats + h * 3 * S * BT : nullptr;
     return la;
 }
 
-// What layer l hands to the next layer: post and deepnorm end on the norm N2, the branch-norm
-// kinds on the residual add.
+// The q, k and v the attention reads: the normalised ones in a hybrid layer, else the projection's
+template <typename floatX>
+inline floatX* attention_qkv(const LayerActivations<floatX>& la) { return la.qkv_normed ? la.qkv_normed : la.qkv; }
+
+// What layer l hands to the next layer: post, deepnorm and hybrid end on the norm N2, the
+// branch-norm kinds on the residual add.
 template <typename floatX>
 inline const floatX* layer_output(const LayerActivations<floatX>& la, const ModelConfig& c, int l) {
-    return norm_after_residual(c.norm_layers[l]) ? la.mlp_norm : la.mlp_resid;
+    NormKind kind = c.norm_layers[l];
+    return norm_after_residual(kind) || kind == NORM_HYBRID ? la.mlp_norm : la.mlp_resid;
 }
 
 // ----------------------------------------------------------------------------
@@ -996,9 +1052,11 @@ inline void model_free(Model* model) {
 //   - deepnorm layers get DeepNet's init, xavier-normal std = gain * sqrt(2 / (fan_in + fan_out)),
 //     gain 1 for q and k, gain b = (8L)^(-1/4) for v, o, gate, up and down;
 //   - scaled_init: o_proj and down_proj get std 0.02 / sqrt(2L) in the branch-norm layers
-//     (pre, lns, peri), the paper's "scaled init".
+//     (pre, lns, peri: scaled_init_kind), the paper's "scaled init".
 // The generator is drawn tensor by tensor in layout order and layer by layer within a tensor, so a
 // seed gives the same weights whatever the per-layer stds.
+inline bool scaled_init_kind(NormKind kind) { return kind == NORM_PRE || kind == NORM_LNS || kind == NORM_PERI; }
+
 inline void model_init_weights(Model* model, uint64_t seed, float embed_std, bool scaled_init = false) {
     const ModelConfig& c = model->config;
     std::vector<real> host(model->num_parameters);
@@ -1021,7 +1079,7 @@ inline void model_init_weights(Model* model, uint64_t seed, float embed_std, boo
     }
     for (size_t l = 0; l < L; l++) {
         NormKind kind = c.norm_layers[l];
-        float std = kind == NORM_DEEPNORM ? xavier_std(deepnorm_gain, C, C) : norm_after_residual(kind) ? 0.02f : output_std;
+        float std = kind == NORM_DEEPNORM ? xavier_std(deepnorm_gain, C, C) : scaled_init_kind(kind) ? output_std : 0.02f;
         fill_normal(p.o_proj + l * C * C, C * C, std, &state);
     }
     for (size_t i = 0; i < sizes[4]; i++) p.mlp_norm[i] = 1;
@@ -1031,14 +1089,15 @@ inline void model_init_weights(Model* model, uint64_t seed, float embed_std, boo
     }
     for (size_t l = 0; l < L; l++) {
         NormKind kind = c.norm_layers[l];
-        float std = kind == NORM_DEEPNORM ? xavier_std(deepnorm_gain, F, C) : norm_after_residual(kind) ? 0.02f : output_std;
+        float std = kind == NORM_DEEPNORM ? xavier_std(deepnorm_gain, F, C) : scaled_init_kind(kind) ? output_std : 0.02f;
         fill_normal(p.down_proj + l * C * F, C * F, std, &state);
     }
     for (size_t i = 0; i < sizes[7]; i++) p.final_norm[i] = 1;
     fill_normal(p.lm_head, sizes[8], 0.02f, &state);
     for (size_t i = 0; i < sizes[9]; i++) p.attn_out_norm[i] = 1;
     for (size_t i = 0; i < sizes[10]; i++) p.mlp_out_norm[i] = 1;
-    // sizes[11..15]: the LayerNorm biases, 0 as the buffer already is
+    // sizes[11..15] and [17]: the LayerNorm biases, 0 as the buffer already is
+    for (size_t i = 0; i < sizes[16]; i++) p.qkv_norm[i] = 1;
     model_from_host(model, MODEL_PARAMS, host.data());
 }
 
@@ -1071,6 +1130,42 @@ inline void norm_backward(Model* model, floatX* dinp, gradX* dweight, gradX* dbi
         real* norm_scratch = model_activations<floatX>(model).norm_scratch;   // the CUDA kernel's partial sums
         LAYER(rmsnorm_backward, dinp, dweight, norm_scratch, dout, inp, weight, stats, BT, C, accumulate);
     }
+}
+
+// HybridNorm's QKV-Norm: q, k and v of the layer's qkv (B, T, 3C) each through a norm of its own
+// (rows 0, 1 and 2 of the layer's (3, C) weights and biases) into qkv_normed (B, T, 3C), the
+// attention's input: taken apart into three (B*T, C) blocks, normalised by the model's norm
+// kernels, put side by side again (layers/qkv_planes.cuh).
+template <typename floatX>
+inline void qkv_norm_forward(Model* model, const ActivationTensorsOf<floatX>& a, const LayerActivations<floatX>& la,
+                             const LayerWeightsOf<floatX>& w) {
+    const ModelConfig& c = model->config;
+    const int BT = model->B * model->T, C = c.channels;
+    const size_t plane = (size_t)BT * C, stats = norm_stats_per_row(c) * BT;   // one block's values, statistics
+    LAYER(qkv_to_planes, a.qkv_planes, la.qkv, BT, C);
+    for (int s = 0; s < 3; s++) {   // q, k, v
+        norm_forward(model, a.qkv_planes_normed + s * plane, la.qkv_norm_stats + s * stats, a.qkv_planes + s * plane,
+                     w.qkv_norm + s * C, w.qkv_norm_bias ? w.qkv_norm_bias + s * C : nullptr);
+    }
+    LAYER(qkv_from_planes, la.qkv_normed, a.qkv_planes_normed, BT, C);
+}
+
+// Its backward: a.dqkv (B, T, 3C), the gradient of qkv_normed, becomes the gradient of qkv in
+// place (written); the norms' weight (and bias) gradients are accumulated.
+template <typename floatX, typename gradX>
+inline void qkv_norm_backward(Model* model, const ActivationTensorsOf<floatX>& a, const LayerActivations<floatX>& la,
+                              const LayerWeightsOf<floatX>& w, const LayerWeightsOf<gradX>& g) {
+    const ModelConfig& c = model->config;
+    const int BT = model->B * model->T, C = c.channels;
+    const size_t plane = (size_t)BT * C, stats = norm_stats_per_row(c) * BT;
+    LAYER(qkv_to_planes, a.qkv_planes, la.qkv, BT, C);             // the norms' inputs, as in the forward
+    LAYER(qkv_to_planes, a.qkv_planes_normed, a.dqkv, BT, C);      // their outputs' gradient
+    for (int s = 0; s < 3; s++) {
+        norm_backward(model, a.dqkv_planes + s * plane, g.qkv_norm + s * C, g.qkv_norm_bias ? g.qkv_norm_bias + s * C : nullptr,
+                      a.qkv_planes_normed + s * plane, a.qkv_planes + s * plane, w.qkv_norm + s * C,
+                      la.qkv_norm_stats + s * stats, false);       // the inputs' gradient written
+    }
+    LAYER(qkv_from_planes, a.dqkv, a.dqkv_planes, BT, C);
 }
 
 // out = x_scale * x + branch: a skip connection (x_scale is DeepNorm's a, else 1). out may alias
@@ -1112,8 +1207,8 @@ struct NormTarget {
 
 // The norm that first reads the stream y = h + MLP(...) a branch-norm layer l outputs, if one
 // does: the N1 of the next layer that runs (the skipped layer, if any, is passed over) when that
-// layer normalises its input, or the final norm after the last layer. A post or deepnorm layer
-// takes y as it is: false.
+// layer normalises its input, or the final norm after the last layer. A post, deepnorm or hybrid
+// layer takes y as it is: false.
 template <typename floatX>
 inline bool next_stream_norm(const Model* model, const ActivationTensorsOf<floatX>& a, const ParameterTensorsOf<floatX>& p,
                              int l, NormTarget<floatX>* norm) {
@@ -1124,7 +1219,7 @@ inline bool next_stream_norm(const Model* model, const ActivationTensorsOf<float
         *norm = {a.final_norm, a.final_norm_stats, p.final_norm, p.final_norm_bias};
         return true;
     }
-    if (norm_after_residual(c.norm_layers[next])) return false;
+    if (attention_takes_stream(c.norm_layers[next])) return false;
     LayerActivations<floatX> la = layer_activations(a, c, model->B, model->T, next);
     LayerWeightsOf<floatX> w = layer_weights(p, c, next);
     *norm = {la.attn_norm, la.attn_norm_stats, w.attn_norm, w.attn_norm_bias};
@@ -1177,19 +1272,22 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
         if (l == model->skip_layer) continue;   // its input goes straight on to the next layer
         const NormKind kind = c.norm_layers[l];
         const bool after_residual = norm_after_residual(kind);
-        const bool peri = kind == NORM_PERI;
+        const bool peri = kind == NORM_PERI, hybrid = kind == NORM_HYBRID;
         const float output_scale = norm_output_scale(c, l), stream_scale = residual_scale(c, l);
         LayerWeightsOf<floatX> w = layer_weights(p, c, l);
         LayerActivations<floatX> la = layer_activations(a, c, B, T, l);
 
-        // attention sublayer: a branch norm normalises its input; post/deepnorm take the stream as it is
+        // attention sublayer: a branch norm normalises its input; post/deepnorm/hybrid take the
+        // stream as it is (hybrid normalises q, k and v instead)
         const floatX* attn_input = residual;
-        if (!after_residual) {
+        if (!attention_takes_stream(kind)) {
             if (!stream_normed) norm_forward(model, la.attn_norm, la.attn_norm_stats, residual, w.attn_norm, w.attn_norm_bias);
             if (output_scale != 1.0f) LAYER(scale_forward, la.attn_norm, la.attn_norm, output_scale, stream_size);
             attn_input = la.attn_norm;
         }
         LAYER(matmul_forward, la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
+        if (hybrid) qkv_norm_forward(model, a, la, w);   // QKV-Norm: the attention reads qkv_normed
+        floatX* qkv = attention_qkv(la);
         // RoPE on q and k, then the attention: the fused attention applies RoPE itself (the
         // tensor-core kernels as they load q and k, leaving qkv unrotated; attention.cuh) unless
         // rope_in_attention is off
@@ -1198,15 +1296,15 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
             const real* rope_cos = a.rope_cos;   // the tables the attention applies, or none
             const real* rope_sin = a.rope_sin;
             if (!model->rope_in_attention) {
-                LAYER(rope_forward, la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
+                LAYER(rope_forward, qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
                 rope_cos = rope_sin = nullptr;
             }
-            attention_forward_fused(la.atty, la.lse, la.qkv, rope_cos, rope_sin, B, T, NH, hs, model->stream);
+            attention_forward_fused(la.atty, la.lse, qkv, rope_cos, rope_sin, B, T, NH, hs, model->stream);
         } else
 #endif
         {
-            LAYER(rope_forward, la.qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
-            LAYER(attention_forward, la.atty, la.att, la.qkv, B, T, NH, hs);
+            LAYER(rope_forward, qkv, a.rope_cos, a.rope_sin, B, T, NH, hs);
+            LAYER(attention_forward, la.atty, la.att, qkv, B, T, NH, hs);
         }
         if (peri) {   // the attention's output is normalised before the add: N1o(o_proj(...))
             LAYER(matmul_forward, la.attn_branch, la.atty, w.o_proj, BT, C, C);
@@ -1225,6 +1323,10 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
                                   la.attn_resid, w.attn_norm, w.attn_norm_bias);
             mlp_stream = la.attn_norm;
             mlp_input = la.attn_norm;
+        } else if (hybrid) {   // h = x + attn, no norm: the MLP reads the stream as it is
+            residual_add(model, la.attn_resid, residual, 1.0f, la.attn_resid);
+            mlp_stream = la.attn_resid;
+            mlp_input = la.attn_resid;
         } else {
             residual_norm_forward(model, la.attn_resid, la.mlp_norm, la.mlp_norm_stats, residual, stream_scale,
                                   la.attn_resid, w.mlp_norm, w.mlp_norm_bias);
@@ -1240,11 +1342,11 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
         } else {
             LAYER(matmul_forward, la.mlp_resid, la.swiglu, w.down_proj, BT, F, C);
         }
-        // the MLP's residual add: y = N2(a*h + mlp) for post/deepnorm; for the branch norms
+        // the MLP's residual add: y = N2(a*h + mlp) for post/deepnorm/hybrid; for the branch norms
         // y = h + mlp, fused with the next norm that reads y where there is one
         NormTarget<floatX> next;
         stream_normed = false;
-        if (after_residual) {
+        if (after_residual || hybrid) {
             residual_norm_forward(model, la.mlp_resid, la.mlp_norm, la.mlp_norm_stats, mlp_stream, stream_scale,
                                   la.mlp_resid, w.mlp_norm, w.mlp_norm_bias);
         } else if (next_stream_norm(model, a, p, l, &next)) {
@@ -1364,15 +1466,17 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
 #ifdef MIXLN_CUDA
     if (model->on_gpu && model->fused_attention) {
         bool inside = model->rope_in_attention;
-        attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, la.qkv, la.atty, la.lse, inside ? a.rope_cos : nullptr,
-                                 inside ? a.rope_sin : nullptr, B, T, NH, C / NH, model->stream);
+        attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, attention_qkv(la), la.atty, la.lse,
+                                 inside ? a.rope_cos : nullptr, inside ? a.rope_sin : nullptr, B, T, NH, C / NH,
+                                 model->stream);
         if (!inside) LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
     } else
 #endif
     {
-        LAYER(attention_backward, a.dqkv, a.datt_scratch, a.datty, la.qkv, la.att, B, T, NH, C / NH);
+        LAYER(attention_backward, a.dqkv, a.datt_scratch, a.datty, attention_qkv(la), la.att, B, T, NH, C / NH);
         LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
     }
+    if (la.qkv_normed) qkv_norm_backward(model, a, la, w, g);   // hybrid: through QKV-Norm to qkv
     LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C, dinp_scale, dweight_scale);
 }
 
@@ -1438,6 +1542,16 @@ inline void model_backward_typed(Model* model, float loss_scale, bool logits_hol
             norm_backward(model, a.dresidual, gw.attn_norm, gw.attn_norm_bias, a.dnorm, la.attn_resid, w.attn_norm,
                           la.attn_norm_stats, false);
             attention_sublayer_backward(model, a, a.dresidual, stream_scale, a.dresidual, layer_input, w, gw, la);
+        } else if (kind == NORM_HYBRID) {
+            // y = N2(s2), s2 = h + mlp(h): dnorm = d(s2) (written), then d(h) = d(s2) + the MLP
+            // path, in place, as for post
+            norm_backward(model, a.dnorm, gw.mlp_norm, gw.mlp_norm_bias, a.dresidual, la.mlp_resid, w.mlp_norm,
+                          la.mlp_norm_stats, false);
+            mlp_sublayer_backward(model, a, a.dnorm, 1.0f, a.dnorm, la.attn_resid, w, gw, la);
+            // h = x + attn(x), QKV-Norm inside: d(x) = d(h) + the attention path, in place, and
+            // into dresidual for the layer below
+            attention_sublayer_backward(model, a, a.dnorm, 1.0f, a.dnorm, layer_input, w, gw, la);
+            LAYER(cast_copy, a.dresidual, (const floatX*)a.dnorm, stream_size);
         } else {
             // y = h + N2o(m), m = mlp(s * N2(h)): the skip passes dresidual through; the branch
             // (N2o's backward for peri, the MLP, the scale s for lns, N2) adds onto it -> d(h)
@@ -1543,8 +1657,8 @@ inline double model_grad_norm(const Model* model) {
     return sqrt(grads_norm_squared(model, (const real*)model->grads_memory, model->num_parameters));
 }
 
-// L2 norm of the gradient of each decoder layer's parameters taken together (its norms and
-// six projections), the paper's per-layer gradient diagnostic. (L) values.
+// L2 norm of the gradient of each decoder layer's parameters taken together (its norms, QKV-Norm's
+// in a hybrid layer, and six projections), the paper's per-layer gradient diagnostic. (L) values.
 template <typename gradX>
 inline std::vector<double> model_layer_grad_norms_typed(const Model* model) {
     model_settle_grads(model);
@@ -1554,12 +1668,13 @@ inline std::vector<double> model_layer_grad_norms_typed(const Model* model) {
     std::vector<double> norms;
     for (int l = 0; l < c.num_layers; l++) {
         LayerWeightsOf<gradX> g = layer_weights(grads, c, l);
-        const gradX* slices[12] = {g.attn_norm,    g.attn_norm_bias, g.attn_out_norm,    g.attn_out_norm_bias,
+        const gradX* slices[14] = {g.attn_norm,    g.attn_norm_bias, g.attn_out_norm,    g.attn_out_norm_bias,
                                    g.qkv_proj,     g.o_proj,         g.mlp_norm,         g.mlp_norm_bias,
-                                   g.mlp_out_norm, g.mlp_out_norm_bias, g.gate_up_proj,  g.down_proj};
-        size_t sizes[12] = {C, C, C, C, 3 * C * C, C * C, C, C, C, C, 2 * F * C, C * F};
+                                   g.mlp_out_norm, g.mlp_out_norm_bias, g.gate_up_proj,  g.down_proj,
+                                   g.qkv_norm,     g.qkv_norm_bias};
+        size_t sizes[14] = {C, C, C, C, 3 * C * C, C * C, C, C, C, C, 2 * F * C, C * F, 3 * C, 3 * C};
         double sum_squares = 0.0;
-        for (int i = 0; i < 12; i++) {
+        for (int i = 0; i < 14; i++) {
             if (slices[i] == nullptr) continue;   // a norm or bias this layer does not have
             sum_squares += grads_norm_squared(model, slices[i], sizes[i]);
         }

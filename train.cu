@@ -55,7 +55,7 @@ static const Preset PRESETS[] = {
 struct Args {
     std::string preset = "tiny";
     int layers = 0, dim = 0, heads = 0, ffn = 0, vocab = 0, seq_len = 0;   // 0: from the preset
-    std::string norm = "mix";      // pre | post | mix | peri | deepnorm | lns: the same kind in every layer, or Mix-LN
+    std::string norm = "mix";      // pre | post | mix | peri | deepnorm | lns | hybrid: the same kind in every layer, or Mix-LN
     float alpha = 0.25f;
     std::string norm_layers;       // one kind per layer, comma-separated (instead of --norm)
     bool lns = false;              // LayerNorm Scaling in every pre layer
@@ -111,7 +111,8 @@ static void print_help() {
     printf("  --ffn F                SwiGLU intermediate size (default: preset)\n");
     printf("  --vocab V              vocabulary size; every token id must be below it (default: preset)\n");
     printf("  --seq-len T            sequence length (default: preset)\n");
-    printf("norm placement (per layer: pre, post, peri = Sandwich/Peri-LN, deepnorm, lns = Pre-LN with LayerNorm Scaling):\n");
+    printf("norm placement (per layer: pre, post, peri = Sandwich/Peri-LN, deepnorm, lns = Pre-LN with LayerNorm Scaling,\n"
+           "                hybrid = HybridNorm: norms on q, k and v, Post-LN around the MLP):\n");
     printf("  --norm KIND|mix        the same kind in every layer, or mix: Mix-LN (default %s)\n", d.norm.c_str());
     printf("  --alpha A              with --norm mix: floor(A*L) leading Post-LN layers, the rest Pre-LN, A in [0, 1] (default %g)\n", d.alpha);
     printf("  --norm-layers LIST     one kind per layer, e.g. post,post,pre,peri (instead of --norm)\n");
@@ -267,8 +268,9 @@ static Args parse_args(int argc, char** argv) {
         else fail("unknown flag '%s' (see --help)", f);
     }
     // values that are wrong whatever the model
-    if (a.norm != "pre" && a.norm != "post" && a.norm != "mix" && a.norm != "peri" && a.norm != "deepnorm" && a.norm != "lns") {
-        fail("--norm must be pre, post, mix, peri, deepnorm or lns, got '%s'", a.norm.c_str());
+    if (a.norm != "pre" && a.norm != "post" && a.norm != "mix" && a.norm != "peri" && a.norm != "deepnorm" && a.norm != "lns" &&
+        a.norm != "hybrid") {
+        fail("--norm must be pre, post, mix, peri, deepnorm, lns or hybrid, got '%s'", a.norm.c_str());
     }
     if (!a.norm_layers.empty() && (a.norm_given || a.alpha_given)) fail("--norm-layers replaces --norm and --alpha: give one or the other");
     if (a.norm_layers.empty() && a.lns && a.norm != "pre" && a.norm != "mix") {

@@ -4,8 +4,9 @@ Generate the fixtures the C++ parity tests compare against (at test time; never 
     /usr/bin/python3 dev/make_fixtures.py --out DIR [--cases pre,post,mix,...] [--fp64-drift]
 
 Cases (CASES below): Mix-LN by alpha (pre, post, mix, mix_half) and by an explicit per-layer list
-of norm kinds (peri, deepnorm, lns, and zoo: one layer of each kind, with LayerNorm), all in fp32;
-and the bf16 cases (mix_bf16, mix_bf16_pure, zoo_bf16): the mix and zoo cases (same checkpoint,
+of norm kinds (peri, deepnorm, lns, zoo: one layer of each kind, with LayerNorm, and hybrid,
+hybrid_ln: HybridNorm layers beside others), all in fp32;
+and the bf16 cases (mix_bf16, mix_bf16_pure, zoo_bf16, hybrid_bf16): the mix, zoo and hybrid cases (same checkpoint,
 data and hyperparameters) computed by the reference's emulation of --precision bf16 / bf16-pure;
 mix_bf16_tc is mix_bf16 with 3 heads of 16 channels (the others have 4 of 12) and the emulation
 of the engine's tensor-core attention.
@@ -59,12 +60,18 @@ CASES = {
     "lns":      dict(L=4, norm_layers=["lns"] * 4,      seed=1007, weight_decay=0.0, grad_clip=0.0),
     "zoo":      dict(L=5, norm_layers=["post", "deepnorm", "peri", "lns", "pre"], norm_type="layernorm",
                      seed=1008, weight_decay=0.1, grad_clip=0.0),
+    # HybridNorm beside the kinds it meets at its edges: a pre layer after a hybrid one normalises
+    # the hybrid's output, a hybrid layer after a pre one takes the stream as it is
+    "hybrid":   dict(L=4, norm_layers=["hybrid", "pre", "hybrid", "post"], seed=1009, weight_decay=0.0, grad_clip=0.0),
+    "hybrid_ln": dict(L=3, norm_layers=["peri", "hybrid", "hybrid"], norm_type="layernorm", seed=1010,
+                      weight_decay=0.1, grad_clip=0.0),
 }
 # bf16 emulation (reference.py, "Precision"): an fp32 case with a "precision" key. Same seed, so
 # the same checkpoint and tokens as the case they copy.
 CASES["mix_bf16"] = dict(CASES["mix"], precision="bf16")
 CASES["mix_bf16_pure"] = dict(CASES["mix"], precision="bf16-pure")
 CASES["zoo_bf16"] = dict(CASES["zoo"], precision="bf16")
+CASES["hybrid_bf16"] = dict(CASES["hybrid"], precision="bf16")
 # mix_bf16 with 3 heads of 16 channels instead of 4 of 12 (a head size that is a multiple of 16,
 # which sends the engine's fused attention in bf16 to its tensor-core kernels), emulating that
 # attention: P and dS rounded to bf16 before their products (reference.py, _TensorCoreAttention).

@@ -7,7 +7,8 @@ Everything is plain fp32 PyTorch, readable top to bottom:
 
   file formats   safetensors (tiny reader/writer), llm.c token shards, config.json
   model          LLaMA with a norm placement per layer (`norm_layers`): pre, post, peri (Sandwich),
-                 deepnorm, lns (LayerNorm Scaling); Mix-LN is [post]*floor(alpha*L) + [pre]*rest.
+                 deepnorm, lns (LayerNorm Scaling), hybrid (HybridNorm); Mix-LN is
+                 [post]*floor(alpha*L) + [pre]*rest.
                  Norms are RMSNorm or LayerNorm (`norm_type`); equations in DecoderLayer
   precision      fp32 (default) or an emulation of the engine's --precision bf16 / bf16-pure:
                  fp32 tensors rounded to bf16 values wherever the engine stores bf16 (store,
@@ -19,7 +20,8 @@ Everything is plain fp32 PyTorch, readable top to bottom:
                  eval take --precision fp32|bf16|bf16-pure
 
 Parameter names are exactly the Hugging Face LLaMA names (Gemma-2's for the four norms of a peri
-layer; `<norm>.bias` beside each weight with LayerNorm), with Linear weights stored
+layer, OLMo-2's `self_attn.q_norm` / `k_norm` (and `v_norm`) for a hybrid layer's QKV norms;
+`<norm>.bias` beside each weight with LayerNorm), with Linear weights stored
 (out_features, in_features), so a checkpoint written here is read by the C++ engine and back.
 config.json always holds `norm_layers` and `norm_type`, and `post_ln_layers` / `mixln_alpha`
 where the list has the Mix-LN form.
@@ -164,7 +166,7 @@ def shard_load(path):
 # [post]*floor(alpha*L) + [pre]*(L - that), for which `post_ln_layers` / `mixln_alpha` remain the
 # shorthand. `norm_type` says what every norm (the layers' and the final one) is.
 
-NORM_KINDS = ("pre", "post", "peri", "deepnorm", "lns")
+NORM_KINDS = ("pre", "post", "peri", "deepnorm", "lns", "hybrid")
 NORM_TYPES = ("rmsnorm", "layernorm")
 
 
@@ -625,7 +627,9 @@ class Attention(nn.Module):
     # (bf16 only; see _TensorCoreAttention)
     tensor_core = False
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, qkv_norm=False):
+        """qkv_norm: HybridNorm's QKV-Norm, a norm of its own (cfg.norm_type, over all C
+        channels, before the heads are split and before RoPE) on each of q, k and v."""
         super().__init__()
         C = cfg.hidden_size
         self.NH = cfg.num_attention_heads
@@ -635,13 +639,21 @@ class Attention(nn.Module):
         self.k_proj = Linear(C, C)
         self.v_proj = Linear(C, C)
         self.o_proj = Linear(C, C)
+        self.qkv_norm = qkv_norm
+        if qkv_norm:
+            self.q_norm = make_norm(cfg)
+            self.k_norm = make_norm(cfg)
+            self.v_norm = make_norm(cfg)
 
     def forward(self, x):  # x (B, T, C)
         B, T, C = x.shape
         NH, hs = self.NH, self.hs
-        q = self.q_proj(x).view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
-        k = self.k_proj(x).view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
-        v = self.v_proj(x).view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, C) each
+        if self.qkv_norm:
+            q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
+        q = q.view(B, T, NH, hs).transpose(1, 2)               # (B, NH, T, hs)
+        k = k.view(B, T, NH, hs).transpose(1, 2)               # (B, NH, T, hs)
+        v = v.view(B, T, NH, hs).transpose(1, 2)               # (B, NH, T, hs)
         cos, sin = rope_cos_sin(T, hs, self.theta)             # (T, hs), broadcast over B, NH
         cos, sin = cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)  # no-op on the CPU in fp32
         q = store(q * cos + rotate_half(q) * sin)              # RoPE, stored
@@ -703,6 +715,11 @@ class DecoderLayer(nn.Module):
                  names as post
       lns:       h = x + Attn(s*N1(x))          y = h + MLP(s*N2(h))           s = 1/sqrt(l+1)
                  names as pre  (LayerNorm Scaling)
+      hybrid:    h = x + Attn_qkvnorm(x)        y = N2(h + MLP(h))             (HybridNorm)
+                 Attn_qkvnorm: q, k and v each normalised (Nq, Nk, Nv over C channels) before
+                 RoPE and the attention; no norm on the attention's input or after its add.
+                 Nq/Nk/Nv self_attn.q_norm, k_norm, v_norm (OLMo-2's names), N2
+                 post_feedforward_layernorm
 
     Norms are registered in the order N1, (N1o,) N2, (N2o,) after self_attn and mlp, so
     named_parameters() (and the order init draws in) is fixed per kind.
@@ -722,9 +739,11 @@ class DecoderLayer(nn.Module):
         # that they change the numbers
         self.deepnorm_alpha = deepnorm_alpha(cfg.num_hidden_layers) if kind == "deepnorm" else 1.0
         self.lns_scale = lns_scale(layer_idx) if kind == "lns" else 1.0
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, qkv_norm=kind == "hybrid")
         self.mlp = MLP(cfg)
-        if kind in ("pre", "lns"):
+        if kind == "hybrid":
+            self.post_feedforward_layernorm = make_norm(cfg)  # N2, after the MLP residual add
+        elif kind in ("pre", "lns"):
             self.input_layernorm = make_norm(cfg)             # N1, before attention
             self.post_attention_layernorm = make_norm(cfg)    # N2, before the MLP
         elif kind in ("post", "deepnorm"):
@@ -751,6 +770,10 @@ class DecoderLayer(nn.Module):
             # h = x + N1o(Attn(N1(x)));  y = h + N2o(MLP(N2(h)))
             h = store(x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x))))
             return store(h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))))
+        if kind == "hybrid":
+            # h = x + Attn_qkvnorm(x);  y = N2(h + MLP(h))
+            h = store(x + self.self_attn(x))
+            return self.post_feedforward_layernorm(store(h + self.mlp(h)))
         if kind == "post":
             # h = N1(x + Attn(x));  y = N2(h + MLP(h))
             h = self.post_attention_layernorm(store(x + self.self_attn(x)))
@@ -799,14 +822,22 @@ class MixLNForCausalLM(nn.Module):
         return logits, loss
 
 
+QKV_NORM_NAMES = ("q_norm", "k_norm", "v_norm")
+
+
 def is_norm_weight(name):
-    """A norm's weight (starts at 1): every layer norm's and the final norm's."""
-    return name.endswith("layernorm.weight") or name == "model.norm.weight"
+    """A norm's weight (starts at 1): every layer norm's (a hybrid layer's QKV norms too) and the
+    final norm's."""
+    parts = name.split(".")
+    return name.endswith("layernorm.weight") or name == "model.norm.weight" or (
+        parts[-1] == "weight" and parts[-2] in QKV_NORM_NAMES)
 
 
 def is_norm_bias(name):
     """A norm's bias (starts at 0; LayerNorm only)."""
-    return name.endswith("layernorm.bias") or name == "model.norm.bias"
+    parts = name.split(".")
+    return name.endswith("layernorm.bias") or name == "model.norm.bias" or (
+        parts[-1] == "bias" and parts[-2] in QKV_NORM_NAMES)
 
 
 def is_norm_param(name):

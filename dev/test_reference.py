@@ -17,6 +17,7 @@ the optimizer state per mode, the bf16-pure AdamW step, and the CLI flag.
 """
 
 import math
+import operator
 import os
 import sys
 import tempfile
@@ -191,7 +192,7 @@ def test_train_matches_cli_semantics():
 #
 # Written from the contract, not from reference.py: the kinds, their norm names and equations.
 
-KINDS = ("pre", "post", "peri", "deepnorm", "lns")
+KINDS = ("pre", "post", "peri", "deepnorm", "lns", "hybrid")
 ZOO = ["post", "deepnorm", "peri", "lns", "pre"]  # one layer of each kind
 KIND_NORMS = {  # a layer's norms by kind, as N1, (N1o,) N2, (N2o)
     "pre":      ["input_layernorm", "post_attention_layernorm"],
@@ -200,6 +201,8 @@ KIND_NORMS = {  # a layer's norms by kind, as N1, (N1o,) N2, (N2o)
     "deepnorm": ["post_attention_layernorm", "post_feedforward_layernorm"],
     "peri":     ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm"],
+    # HybridNorm: QKV-Norm inside the attention (OLMo-2's names), N2 after the MLP residual add
+    "hybrid":   ["self_attn.q_norm", "self_attn.k_norm", "self_attn.v_norm", "post_feedforward_layernorm"],
 }
 
 
@@ -266,7 +269,10 @@ def test_layernorm_matches_torch():
 def layer_by_equation(layer, kind, x, l, L):
     """The contract's equations for one layer, from its submodules by name."""
     A, M = layer.self_attn, layer.mlp
-    n1, *rest = [getattr(layer, name) for name in KIND_NORMS[kind]]
+    n1, *rest = [operator.attrgetter(name)(layer) for name in KIND_NORMS[kind]]
+    if kind == "hybrid":  # the QKV norms are inside A: see spec_forward
+        h = x + A(x)
+        return rest[-1](h + M(h))
     if kind == "pre":
         h = x + A(n1(x))
         return h + M(rest[0](h))
@@ -795,10 +801,13 @@ def spec_forward(model, tokens, r):
     def linear(x, name):  # the matmul's output is stored
         return r(x @ P[name + ".weight"].t())
 
-    def attn(a, pre):
+    def attn(a, pre, qkv_norm=False):
         B, T, C = a.shape
         hs = C // NH
-        q, k, v = (linear(a, pre + p).view(B, T, NH, hs).transpose(1, 2) for p in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (linear(a, pre + p) for p in ("q_proj", "k_proj", "v_proj"))
+        if qkv_norm:  # HybridNorm: each of q, k, v normalised over its C channels, before RoPE
+            q, k, v = norm(q, pre + "q_norm"), norm(k, pre + "k_norm"), norm(v, pre + "v_norm")
+        q, k, v = (t.view(B, T, NH, hs).transpose(1, 2) for t in (q, k, v))
         cos, sin = ref.rope_cos_sin(T, hs, cfg.rope_theta)
         half = lambda t: torch.cat([-t[..., hs // 2:], t[..., :hs // 2]], dim=-1)  # noqa: E731
         q, k = r(q * cos + half(q) * sin), r(k * cos + half(k) * sin)           # RoPE, stored
@@ -814,9 +823,12 @@ def spec_forward(model, tokens, r):
     for l, kind in enumerate(cfg.norm_layers):
         pre = f"model.layers.{l}."
         n1, *rest = [pre + name for name in KIND_NORMS[kind]]
-        A = lambda a: attn(a, pre + "self_attn.")  # noqa: E731
+        A = lambda a: attn(a, pre + "self_attn.", kind == "hybrid")  # noqa: E731
         M = lambda m: mlp(m, pre + "mlp.")         # noqa: E731
-        if kind == "pre":
+        if kind == "hybrid":
+            h = r(x + A(x))
+            x = norm(r(h + M(h)), rest[-1])
+        elif kind == "pre":
             h = r(x + A(norm(x, n1)))
             x = r(h + M(norm(h, rest[0])))
         elif kind == "lns":

@@ -299,14 +299,15 @@ def test_failed_run_makes_the_sweep_fail():
 def test_dry_run_passes_placements_and_flags_through():
     out = os.path.join(tmp(), "dry")
     extra = ["--norm-type", "layernorm", "--scaled-init", "--lns"]
-    stdout, _ = sweep("--out", out, "--placements", "pre,peri,deepnorm,lns,mix,mix:0.75,list:post/post/pre/pre",
+    stdout, _ = sweep("--out", out, "--placements", "pre,peri,deepnorm,lns,hybrid,mix,mix:0.75,list:post/hybrid/pre/pre",
                       "--alphas", "0.25,0.5", "--seeds", "4", "--dry-run",
                       common=["--layers", "4", "--train-data", "x.bin"] + extra)
     assert not os.path.exists(out), "a dry run created the output directory"
     cmds = [l for l in stdout.splitlines() if not l.startswith("#")]
     want = {"pre": "--norm pre", "peri": "--norm peri", "deepnorm": "--norm deepnorm", "lns": "--norm lns",
+            "hybrid": "--norm hybrid",
             "mix-0.25": "--norm mix --alpha 0.25", "mix-0.5": "--norm mix --alpha 0.5",
-            "mix-0.75": "--norm mix --alpha 0.75", "list-post2-pre2": "--norm-layers post,post,pre,pre"}
+            "mix-0.75": "--norm mix --alpha 0.75", "list-post1-hybrid1-pre2": "--norm-layers post,hybrid,pre,pre"}
     assert len(cmds) == len(want), stdout
     for label, flags in want.items():
         line = f"{TRAIN} --layers 4 --train-data x.bin {' '.join(extra)} {flags} --seed 4 --out {out}/{label}-s4"

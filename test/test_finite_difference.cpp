@@ -90,6 +90,11 @@ TEST_CASE("Post-LN gradients match finite differences in fp64", "[fd]") { check_
 TEST_CASE("Peri-LN gradients match finite differences in fp64", "[fd]") { check_gradients("peri,peri,peri"); }
 TEST_CASE("DeepNorm gradients match finite differences in fp64", "[fd]") { check_gradients("deepnorm,deepnorm,deepnorm"); }
 TEST_CASE("LayerNorm Scaling gradients match finite differences in fp64", "[fd]") { check_gradients("lns,lns,lns"); }
+TEST_CASE("HybridNorm gradients match finite differences in fp64", "[fd]") {
+    check_gradients("hybrid,hybrid,hybrid");
+    check_gradients("pre,hybrid,post");   // a pre layer feeding a hybrid one, a hybrid feeding a post one
+    check_gradients("hybrid,peri,hybrid", NORM_LAYERNORM);
+}
 TEST_CASE("Mixed placements with LayerNorm match finite differences in fp64", "[fd]") {
     check_gradients("peri,deepnorm,lns", NORM_LAYERNORM);
     check_gradients("post,pre,peri", NORM_LAYERNORM);

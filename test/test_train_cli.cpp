@@ -1081,6 +1081,36 @@ TEST_CASE("a layer of every kind under LayerNorm: Gemma-2 norm names, biases, an
     CHECK(has("model.norm.bias"));
 }
 
+// HybridNorm: QKV-Norm under OLMo-2's names, the MLP's norm as post's N2, no N1
+TEST_CASE("HybridNorm layers: q/k/v norm names, no N1, and the reference's loss, both ways", "[cli][placement]") {
+    std::string tmp = make_temp_dir();
+    std::string ckpt = tmp + "/ckpt";
+    train_ok("--steps 0 --out " + quote(ckpt) + " --layers 3 " + PLACEMENT_MODEL +
+             " --norm-layers hybrid,pre,hybrid --norm-type layernorm --seed 5");
+    std::string shard = tmp + "/val.bin";
+    write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 6));
+    require_evals_agree(ckpt, shard);
+    CHECK(config_norm_layers(ckpt) == std::vector<std::string>{"hybrid", "pre", "hybrid"});
+    SafeTensorsFile file;
+    safetensors_open(&file, (ckpt + "/model.safetensors").c_str());
+    auto has = [&](const std::string& name) { return safetensors_find(&file, name) != nullptr; };
+    for (const char* layer : {"model.layers.0.", "model.layers.2."}) {
+        for (const char* norm : {"self_attn.q_norm", "self_attn.k_norm", "self_attn.v_norm", "post_feedforward_layernorm"}) {
+            CHECK(has(std::string(layer) + norm + ".weight"));
+            CHECK(has(std::string(layer) + norm + ".bias"));
+        }
+        CHECK(!has(std::string(layer) + "input_layernorm.weight"));
+        CHECK(!has(std::string(layer) + "post_attention_layernorm.weight"));
+    }
+    CHECK(has("model.layers.1.input_layernorm.weight"));
+    CHECK(!has("model.layers.1.self_attn.q_norm.weight"));
+    // a checkpoint the reference wrote (its own init) loads, and the two agree on its loss
+    std::string from_reference = tmp + "/from_reference";
+    reference_ok("init --out " + quote(from_reference) + " --vocab 61 --dim 32 --layers 3 --heads 4 --ffn 72 --seq-len 16" +
+                 " --alpha 0 --norm-layers hybrid,hybrid,post --seed 13");
+    require_evals_agree(from_reference, shard);
+}
+
 TEST_CASE("a Peri-LN checkpoint written by the PyTorch reference loads into train", "[cli][placement]") {
     std::string tmp = make_temp_dir();
     std::string ckpt = tmp + "/ckpt";
@@ -1095,7 +1125,7 @@ TEST_CASE("a Peri-LN checkpoint written by the PyTorch reference loads into trai
 
 TEST_CASE("--norm KIND puts that kind in every layer, and --lns turns the pre layers into lns", "[cli][placement]") {
     std::string tmp = make_temp_dir();
-    for (const char* kind : {"peri", "deepnorm", "lns", "pre", "post"}) {
+    for (const char* kind : {"peri", "deepnorm", "lns", "pre", "post", "hybrid"}) {
         train_ok("--steps 0 --out " + quote(tmp + "/" + kind) + " --layers 3 " + PLACEMENT_MODEL + " --norm " + kind);
         CHECK(config_norm_layers(tmp + "/" + kind) == std::vector<std::string>(3, kind));
     }
@@ -1111,7 +1141,7 @@ TEST_CASE("bad norm placements are refused, naming the problem", "[cli][placemen
     require_train_fails("--steps 0" + model + " --norm-layers pre,sandwich,post", "unknown norm placement 'sandwich' in layer 1");
     require_train_fails("--steps 0" + model + " --norm-layers pre,,post", "unknown norm placement '' in layer 1");
     require_train_fails("--steps 0" + model + " --norm pre --norm-layers pre,pre,pre", "--norm-layers replaces --norm and --alpha");
-    require_train_fails("--steps 0" + model + " --norm sandwich", "--norm must be pre, post, mix, peri, deepnorm or lns");
+    require_train_fails("--steps 0" + model + " --norm sandwich", "--norm must be pre, post, mix, peri, deepnorm, lns or hybrid");
     require_train_fails("--steps 0" + model + " --norm post --lns", "--lns scales the pre layers, but --norm post has none");
     require_train_fails("--steps 0" + model + " --norm-layers post,peri,post --lns", "--lns scales the pre layers, but the placement has none");
     require_train_fails("--steps 0" + model + " --norm-type batchnorm", "--norm-type must be rmsnorm or layernorm");
