@@ -110,12 +110,13 @@ run_step racecheck 150 "${SAN[@]}" --tool racecheck ./train "${TINY[@]}" --atten
 # the tensor-core attention (bf16, the tiny model's head size 16) shares tiles and per-warp
 # buffers in shared memory: racecheck it
 run_step racecheck_bf16_fused 150 "${SAN[@]}" --tool racecheck ./train "${TINY[@]}" --attention fused --precision bf16
-# the other placements' kernels (LayerNorm, the scaled adds, the peri norms) under memcheck too
-run_step memcheck_zoo 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" \
-    --norm-layers post,deepnorm,peri,lns --norm-type layernorm --attention fused
+# the other placements' kernels (LayerNorm, the scaled adds, the peri norms, HybridNorm's QKV planes)
+# under memcheck too
+run_step memcheck_zoo 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --layers 5 \
+    --norm-layers post,deepnorm,peri,lns,hybrid --norm-type layernorm --attention fused
 # the bf16 instantiations of every kernel, and cuBLASLt's bf16 products
-run_step memcheck_bf16 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" \
-    --norm-layers post,deepnorm,peri,lns --norm-type layernorm --precision bf16 --attention simple
+run_step memcheck_bf16 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --layers 5 \
+    --norm-layers post,deepnorm,peri,lns,hybrid --norm-type layernorm --precision bf16 --attention simple
 # (with stochastic rounding: its AdamW path draws random bits per element)
 run_step memcheck_bf16_pure 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --attention fused --precision bf16-pure \
     --rounding stochastic
