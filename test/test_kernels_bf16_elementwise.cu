@@ -306,13 +306,20 @@ static void check_qkv_planes(const std::vector<T>& qkv, int N, int C) {
     qkv_from_planes_cpu(back.data(), planes.data(), N, C);
     CHECK(memcmp(back.data(), qkv.data(), n * sizeof(T)) == 0);
 
-    DeviceArray<T> d_qkv(qkv), d_planes(n), d_back(n);   // outputs poisoned
-    qkv_to_planes(d_planes.ptr, d_qkv.ptr, N, C, 0);
-    std::vector<T> planes_gpu = d_planes.to_host();
-    CHECK(memcmp(planes_gpu.data(), planes.data(), n * sizeof(T)) == 0);
-    qkv_from_planes(d_back.ptr, d_planes.ptr, N, C, 0);
-    std::vector<T> back_gpu = d_back.to_host();
-    CHECK(memcmp(back_gpu.data(), qkv.data(), n * sizeof(T)) == 0);
+    // on 16-byte aligned buffers (the vector kernel where C allows), then one element off them
+    // (the one-element kernel whatever C is)
+    for (int offset : {0, 1}) {
+        INFO("offset " << offset);
+        std::vector<T> shifted(offset + n);
+        std::copy(qkv.begin(), qkv.end(), shifted.begin() + offset);
+        DeviceArray<T> d_qkv(shifted), d_planes(offset + n), d_back(offset + n);   // outputs poisoned
+        qkv_to_planes(d_planes.ptr + offset, d_qkv.ptr + offset, N, C, 0);
+        std::vector<T> planes_gpu = d_planes.to_host();
+        CHECK(memcmp(planes_gpu.data() + offset, planes.data(), n * sizeof(T)) == 0);
+        qkv_from_planes(d_back.ptr + offset, d_planes.ptr + offset, N, C, 0);
+        std::vector<T> back_gpu = d_back.to_host();
+        CHECK(memcmp(back_gpu.data() + offset, qkv.data(), n * sizeof(T)) == 0);
+    }
 }
 
 TEST_CASE("qkv_to_planes and qkv_from_planes move every element where it belongs, fp32 and bf16", "[kernels][bf16]") {
