@@ -76,7 +76,6 @@ nvcc builds and in the emulated test build (cuda_common.h); a g++ build is CPU-o
 #include "layers/global_norm.cuh"
 #include "layers/layernorm.cuh"
 #include "layers/matmul.cuh"
-#include "layers/qkv_planes.cuh"
 #include "layers/residual.cuh"
 #include "layers/rmsnorm.cuh"
 #include "layers/rope.cuh"
@@ -492,11 +491,9 @@ struct ActivationTensorsOf {
     // HybridNorm's QKV-Norm (H hybrid layers; empty without them)
     floatX* qkv_normed;          // (H, B, T, 3C)    the normalised q, k, v: the attention's input (RoPE as in qkv)
     real*   qkv_norm_stats;      // (H, 3, S, B, T)  the q, k and v norms' statistics
-    floatX* qkv_planes;          // (3, B, T, C)     scratch: q, k, v of qkv as three (B*T, C) blocks (qkv_planes.cuh)
-    floatX* qkv_planes_normed;   // (3, B, T, C)     scratch: their norms' outputs, and in backward those outputs' gradient
-    floatX* dqkv_planes;         // (3, B, T, C)     scratch: the gradient of the norms' inputs
+    floatX* dqkv_normed;         // (B, T, 3C)       backward scratch: the gradient of a layer's qkv_normed
 };
-constexpr int NUM_ACTIVATION_TENSORS = 38;
+constexpr int NUM_ACTIVATION_TENSORS = 36;
 
 // values per row of a norm's statistics: rstd, and the mean under LayerNorm
 inline size_t norm_stats_per_row(const ModelConfig& c) { return c.norm_type == NORM_LAYERNORM ? 2 : 1; }
@@ -529,8 +526,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
         c.norm_type == NORM_LAYERNORM ? 0 : (size_t)RMSNORM_PARTIAL_BLOCKS * C,   // norm_scratch
         BT * 2 * F, BT * F,                       // dgate_up, dswiglu
         H * BT * 3 * C, H * 3 * S * BT,           // qkv_normed, qkv_norm_stats
-        H ? BT * 3 * C : 0, H ? BT * 3 * C : 0,   // qkv_planes, qkv_planes_normed
-        H ? BT * 3 * C : 0,                       // dqkv_planes
+        H ? BT * 3 * C : 0,                       // dqkv_normed
     };
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) sizes[i] = s[i];
 }
@@ -557,8 +553,7 @@ inline size_t point_activations(ActivationTensorsOf<floatX>* a, void* memory, co
     place(a->rope_sin);
     place(a->dresidual), place(a->dnorm), place(a->dbranch), place(a->datty), place(a->dqkv);
     place(a->datt_scratch), place(a->norm_scratch), place(a->dgate_up), place(a->dswiglu);
-    place(a->qkv_normed), place(a->qkv_norm_stats), place(a->qkv_planes), place(a->qkv_planes_normed);
-    place(a->dqkv_planes);
+    place(a->qkv_normed), place(a->qkv_norm_stats), place(a->dqkv_normed);
     return offset;
 }
 
@@ -1104,68 +1099,76 @@ inline void model_init_weights(Model* model, uint64_t seed, float embed_std, boo
 // ----------------------------------------------------------------------------
 // forward
 
-// The model's norm, RMSNorm or LayerNorm, over its (B*T, C) rows: out = N(inp), with the row
-// statistics saved into stats (S, B, T). bias is used under LayerNorm only.
+// The model's norm, RMSNorm or LayerNorm, over B*T rows of C values `stride` apart in out and inp:
+// out = N(inp), with the row statistics saved into stats (S, B, T). bias is used under LayerNorm only.
 template <typename floatX>
-inline void norm_forward(Model* model, floatX* out, real* stats, const floatX* inp, const floatX* weight, const floatX* bias) {
+inline void norm_forward_strided(Model* model, floatX* out, real* stats, const floatX* inp, const floatX* weight,
+                                 const floatX* bias, int stride) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels;
     if (c.norm_type == NORM_LAYERNORM) {
-        LAYER(layernorm_forward, out, stats + BT, stats, inp, weight, bias, BT, C, c.rms_norm_eps);
+        LAYER(layernorm_forward, out, stats + BT, stats, inp, weight, bias, BT, C, stride, c.rms_norm_eps);
     } else {
-        LAYER(rmsnorm_forward, out, stats, inp, weight, BT, C, c.rms_norm_eps);
+        LAYER(rmsnorm_forward, out, stats, inp, weight, BT, C, stride, c.rms_norm_eps);
     }
 }
 
-// The gradients of norm_forward's input (dinp: accumulated, or written where accumulate is false)
-// and parameters (dweight, dbias: accumulated).
+// ... over the residual stream's packed (B*T, C) rows: every norm but QKV-Norm's
+template <typename floatX>
+inline void norm_forward(Model* model, floatX* out, real* stats, const floatX* inp, const floatX* weight, const floatX* bias) {
+    norm_forward_strided(model, out, stats, inp, weight, bias, model->config.channels);
+}
+
+// The gradients of norm_forward_strided's input (dinp: accumulated, or written where accumulate is
+// false; rows `stride` apart, like dout and inp) and parameters (dweight, dbias: accumulated).
 template <typename floatX, typename gradX>
-inline void norm_backward(Model* model, floatX* dinp, gradX* dweight, gradX* dbias, const floatX* dout, const floatX* inp,
-                          const floatX* weight, const real* stats, bool accumulate) {
+inline void norm_backward_strided(Model* model, floatX* dinp, gradX* dweight, gradX* dbias, const floatX* dout,
+                                  const floatX* inp, const floatX* weight, const real* stats, bool accumulate, int stride) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels;
     if (c.norm_type == NORM_LAYERNORM) {
-        LAYER(layernorm_backward, dinp, dweight, dbias, dout, inp, weight, stats + BT, stats, BT, C, accumulate);
+        LAYER(layernorm_backward, dinp, dweight, dbias, dout, inp, weight, stats + BT, stats, BT, C, stride, accumulate);
     } else {
         real* norm_scratch = model_activations<floatX>(model).norm_scratch;   // the CUDA kernel's partial sums
-        LAYER(rmsnorm_backward, dinp, dweight, norm_scratch, dout, inp, weight, stats, BT, C, accumulate);
+        LAYER(rmsnorm_backward, dinp, dweight, norm_scratch, dout, inp, weight, stats, BT, C, stride, accumulate);
     }
+}
+
+// ... and of norm_forward's
+template <typename floatX, typename gradX>
+inline void norm_backward(Model* model, floatX* dinp, gradX* dweight, gradX* dbias, const floatX* dout, const floatX* inp,
+                          const floatX* weight, const real* stats, bool accumulate) {
+    norm_backward_strided(model, dinp, dweight, dbias, dout, inp, weight, stats, accumulate, model->config.channels);
 }
 
 // HybridNorm's QKV-Norm: q, k and v of the layer's qkv (B, T, 3C) each through a norm of its own
 // (rows 0, 1 and 2 of the layer's (3, C) weights and biases) into qkv_normed (B, T, 3C), the
-// attention's input: taken apart into three (B*T, C) blocks, normalised by the model's norm
-// kernels, put side by side again (layers/qkv_planes.cuh).
+// attention's input. q, k and v are the three C-wide column blocks of qkv's rows, so each is B*T
+// rows of C values 3C apart, and the norm kernels take them where they lie (row stride 3C).
 template <typename floatX>
-inline void qkv_norm_forward(Model* model, const ActivationTensorsOf<floatX>& a, const LayerActivations<floatX>& la,
-                             const LayerWeightsOf<floatX>& w) {
+inline void qkv_norm_forward(Model* model, const LayerActivations<floatX>& la, const LayerWeightsOf<floatX>& w) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels;
-    const size_t plane = (size_t)BT * C, stats = norm_stats_per_row(c) * BT;   // one block's values, statistics
-    LAYER(qkv_to_planes, a.qkv_planes, la.qkv, BT, C);
+    const size_t stats = norm_stats_per_row(c) * BT;   // one norm's statistics
     for (int s = 0; s < 3; s++) {   // q, k, v
-        norm_forward(model, a.qkv_planes_normed + s * plane, la.qkv_norm_stats + s * stats, a.qkv_planes + s * plane,
-                     w.qkv_norm + s * C, w.qkv_norm_bias ? w.qkv_norm_bias + s * C : nullptr);
+        norm_forward_strided(model, la.qkv_normed + s * C, la.qkv_norm_stats + s * stats, la.qkv + s * C,
+                             w.qkv_norm + s * C, w.qkv_norm_bias ? w.qkv_norm_bias + s * C : nullptr, 3 * C);
     }
-    LAYER(qkv_from_planes, la.qkv_normed, a.qkv_planes_normed, BT, C);
 }
 
-// Its backward: a.dqkv (B, T, 3C), the gradient of qkv_normed, becomes the gradient of qkv in
-// place (written); the norms' weight (and bias) gradients are accumulated.
+// Its backward: dqkv_normed (B, T, 3C), the gradient of qkv_normed, into a.dqkv (B, T, 3C), the
+// gradient of qkv (written); the norms' weight (and bias) gradients are accumulated.
 template <typename floatX, typename gradX>
 inline void qkv_norm_backward(Model* model, const ActivationTensorsOf<floatX>& a, const LayerActivations<floatX>& la,
                               const LayerWeightsOf<floatX>& w, const LayerWeightsOf<gradX>& g) {
     const ModelConfig& c = model->config;
     const int BT = model->B * model->T, C = c.channels;
-    const size_t plane = (size_t)BT * C, stats = norm_stats_per_row(c) * BT;
-    LAYER(qkv_to_planes, a.qkv_planes, la.qkv, BT, C);             // the norms' inputs, as in the forward
-    LAYER(qkv_to_planes, a.qkv_planes_normed, a.dqkv, BT, C);      // their outputs' gradient
+    const size_t stats = norm_stats_per_row(c) * BT;
     for (int s = 0; s < 3; s++) {
-        norm_backward(model, a.dqkv_planes + s * plane, g.qkv_norm + s * C, g.qkv_norm_bias ? g.qkv_norm_bias + s * C : nullptr,
-                      a.qkv_planes_normed + s * plane, a.qkv_planes + s * plane, w.qkv_norm + s * C,
-                      la.qkv_norm_stats + s * stats, false);       // the inputs' gradient written
+        norm_backward_strided(model, a.dqkv + s * C, g.qkv_norm + s * C, g.qkv_norm_bias ? g.qkv_norm_bias + s * C : nullptr,
+                              a.dqkv_normed + s * C, la.qkv + s * C, w.qkv_norm + s * C, la.qkv_norm_stats + s * stats,
+                              false, 3 * C);   // the inputs' gradient written
     }
-    LAYER(qkv_from_planes, a.dqkv, a.dqkv_planes, BT, C);
 }
 
 // out = x_scale * x + branch: a skip connection (x_scale is DeepNorm's a, else 1). out may alias
@@ -1286,7 +1289,7 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
             attn_input = la.attn_norm;
         }
         LAYER(matmul_forward, la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
-        if (hybrid) qkv_norm_forward(model, a, la, w);   // QKV-Norm: the attention reads qkv_normed
+        if (hybrid) qkv_norm_forward(model, la, w);   // QKV-Norm: the attention reads qkv_normed
         floatX* qkv = attention_qkv(la);
         // RoPE on q and k, then the attention: the fused attention applies RoPE itself (the
         // tensor-core kernels as they load q and k, leaving qkv unrotated; attention.cuh) unless
@@ -1462,21 +1465,23 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
     const float dweight_scale = projection_grad_scale(model);
     LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 0.0f, dweight_scale);   // datty written
+    // the gradient of the attention's input: qkv's, or in a hybrid layer qkv_normed's (QKV-Norm's backward follows)
+    floatX* dqkv_attention = la.qkv_normed ? a.dqkv_normed : a.dqkv;
     // the attention's backward, then RoPE's: the fused attention does both (as in the forward)
 #ifdef MIXLN_CUDA
     if (model->on_gpu && model->fused_attention) {
         bool inside = model->rope_in_attention;
-        attention_backward_fused(a.dqkv, a.datt_scratch, a.datty, attention_qkv(la), la.atty, la.lse,
+        attention_backward_fused(dqkv_attention, a.datt_scratch, a.datty, attention_qkv(la), la.atty, la.lse,
                                  inside ? a.rope_cos : nullptr, inside ? a.rope_sin : nullptr, B, T, NH, C / NH,
                                  model->stream);
-        if (!inside) LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
+        if (!inside) LAYER(rope_backward, dqkv_attention, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
     } else
 #endif
     {
-        LAYER(attention_backward, a.dqkv, a.datt_scratch, a.datty, attention_qkv(la), la.att, B, T, NH, C / NH);
-        LAYER(rope_backward, a.dqkv, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
+        LAYER(attention_backward, dqkv_attention, a.datt_scratch, a.datty, attention_qkv(la), la.att, B, T, NH, C / NH);
+        LAYER(rope_backward, dqkv_attention, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
     }
-    if (la.qkv_normed) qkv_norm_backward(model, a, la, w, g);   // hybrid: through QKV-Norm to qkv
+    if (la.qkv_normed) qkv_norm_backward(model, a, la, w, g);   // hybrid: through QKV-Norm into a.dqkv
     LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C, dinp_scale, dweight_scale);
 }
 

@@ -110,7 +110,7 @@ run_step racecheck 150 "${SAN[@]}" --tool racecheck ./train "${TINY[@]}" --atten
 # the tensor-core attention (bf16, the tiny model's head size 16) shares tiles and per-warp
 # buffers in shared memory: racecheck it
 run_step racecheck_bf16_fused 150 "${SAN[@]}" --tool racecheck ./train "${TINY[@]}" --attention fused --precision bf16
-# the other placements' kernels (LayerNorm, the scaled adds, the peri norms, HybridNorm's QKV planes)
+# the other placements' kernels (LayerNorm, the scaled adds, the peri norms, HybridNorm's strided QKV norms)
 # under memcheck too
 run_step memcheck_zoo 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --layers 5 \
     --norm-layers post,deepnorm,peri,lns,hybrid --norm-type layernorm --attention fused

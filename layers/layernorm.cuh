@@ -4,7 +4,9 @@ variance (the mean of squared deviations), one row of C values at a time.
 
 RMSNorm (rmsnorm.cuh) is what LLaMA and Mix-LN use; LayerNorm is here for the other norm
 placements to compare against (the original Post-LN Transformer, DeepNorm), which were defined
-with it. Like RMSNorm, the kernels do not know where they sit: model.h decides.
+with it. Like RMSNorm, the kernels do not know where they sit: model.h decides. Like RMSNorm's,
+they take a row stride (rows of C values `stride` apart, the elements between untouched), for
+HybridNorm's norms on q, k and v inside qkv's rows.
 
 The variance is computed in two passes (the mean first, then the mean of squared deviations),
 never as mean(x^2) - mean^2, which cancels catastrophically when |mean| is large next to the
@@ -35,14 +37,15 @@ are deterministic.
 
 // ---- CPU reference
 
-// out (N, C), mean (N) and rstd (N) saved for backward, inp (N, C), weight (C), bias (C)
+// out (N, C), mean (N) and rstd (N) saved for backward, inp (N, C), weight (C), bias (C); the
+// rows of out and inp `stride` elements apart (stride >= C)
 template <typename T>
 inline void layernorm_forward_cpu(T* out, real* mean, real* rstd, const T* inp, const T* weight, const T* bias, int N,
-                                  int C, float eps) {
+                                  int C, int stride, float eps) {
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
-        const T* x = inp + (size_t)i * C;
-        T* y = out + (size_t)i * C;
+        const T* x = inp + (size_t)i * stride;
+        T* y = out + (size_t)i * stride;
         // both moments accumulated in double so the reference is the accurate side
         double sum = 0.0;
         for (int c = 0; c < C; c++) sum += to_real(x[c]);
@@ -63,16 +66,17 @@ inline void layernorm_forward_cpu(T* out, real* mean, real* rstd, const T* inp, 
 }
 
 // dinp (N, C) += (accumulate) or = (the old value never read, as in rmsnorm.cuh), dweight (C) +=,
-// dbias (C) +=; dout (N, C), inp (N, C), weight (C), mean (N) and rstd (N) from forward
+// dbias (C) +=; dout (N, C), inp (N, C), weight (C), mean (N) and rstd (N) from forward; rows
+// `stride` apart in dinp, dout and inp
 template <typename T, typename G>
 inline void layernorm_backward_cpu(T* dinp, G* dweight, G* dbias, const T* dout, const T* inp, const T* weight,
-                                   const real* mean, const real* rstd, int N, int C, bool accumulate) {
+                                   const real* mean, const real* rstd, int N, int C, int stride, bool accumulate) {
     // input gradient: rows are independent
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
-        const T* x = inp + (size_t)i * C;
-        const T* dy = dout + (size_t)i * C;
-        T* dx = dinp + (size_t)i * C;
+        const T* x = inp + (size_t)i * stride;
+        const T* dy = dout + (size_t)i * stride;
+        T* dx = dinp + (size_t)i * stride;
         real mu = mean[i], r = rstd[i];
         // mean(g) is the part of the gradient along the all-ones direction (the mean subtraction),
         // mean(g * xhat) the part along xhat (the division by the standard deviation)
@@ -96,8 +100,8 @@ inline void layernorm_backward_cpu(T* dinp, G* dweight, G* dbias, const T* dout,
     for (int c = 0; c < C; c++) {
         double sum_dy_xhat = 0.0, sum_dy = 0.0;
         for (int i = 0; i < N; i++) {
-            real dy = to_real(dout[(size_t)i * C + c]);
-            sum_dy_xhat += (double)dy * ((to_real(inp[(size_t)i * C + c]) - mean[i]) * rstd[i]);
+            real dy = to_real(dout[(size_t)i * stride + c]);
+            sum_dy_xhat += (double)dy * ((to_real(inp[(size_t)i * stride + c]) - mean[i]) * rstd[i]);
             sum_dy += dy;
         }
         dweight[c] = from_real<G>(to_real(dweight[c]) + (real)sum_dy_xhat);
@@ -115,11 +119,11 @@ inline void layernorm_backward_cpu(T* dinp, G* dweight, G* dbias, const T* dout,
 // Rows past N belong to whole warps, which return together (no block barrier follows).
 template <typename T>
 static __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
-                                                const T* bias, int N, int C, float eps) {
+                                                const T* bias, int N, int C, int stride, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const T* x = inp + (size_t)row * C;
+    const T* x = inp + (size_t)row * stride;
     float sum = 0.0f;
     for (int c = lane; c < C; c += 32) sum += to_float(x[c]);
     float mu = warp_reduce_sum(sum) / C;
@@ -134,7 +138,7 @@ static __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd
         rstd[row] = r;
     }
     for (int c = lane; c < C; c += 32)
-        out[(size_t)row * C + c] = from_float<T>((to_float(x[c]) - mu) * r * to_float(weight[c]) + to_float(bias[c]));
+        out[(size_t)row * stride + c] = from_float<T>((to_float(x[c]) - mu) * r * to_float(weight[c]) + to_float(bias[c]));
 }
 
 // input gradient, one warp per row; dinp accumulates: read, add in float, round once (accumulate
@@ -142,13 +146,13 @@ static __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd
 template <typename T>
 static __global__ void layernorm_backward_input_kernel(T* dinp, const T* dout, const T* inp, const T* weight,
                                                        const float* mean, const float* rstd, int N, int C,
-                                                       bool accumulate) {
+                                                       int stride, bool accumulate) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const T* x = inp + (size_t)row * C;
-    const T* dy = dout + (size_t)row * C;
-    T* dx = dinp + (size_t)row * C;
+    const T* x = inp + (size_t)row * stride;
+    const T* dy = dout + (size_t)row * stride;
+    T* dx = dinp + (size_t)row * stride;
     float mu = mean[row], r = rstd[row];
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
     for (int c = lane; c < C; c += 32) {
@@ -172,14 +176,14 @@ static __global__ void layernorm_backward_input_kernel(T* dinp, const T* dout, c
 template <typename T, typename G>
 static __global__ void __launch_bounds__(COLUMN_THREADS)
     layernorm_backward_weight_kernel(G* dweight, G* dbias, const T* dout, const T* inp, const float* mean,
-                                     const float* rstd, int N, int C) {
+                                     const float* rstd, int N, int C, int stride) {
     __shared__ float partials[COLUMN_THREADS];
     int c = blockIdx.x * COLUMN_CHANNELS + threadIdx.x % COLUMN_CHANNELS, group = threadIdx.x / COLUMN_CHANNELS;
     float sum_dy_xhat = 0.0f, sum_dy = 0.0f;
     if (c < C)
         for (int i = group; i < N; i += COLUMN_ROW_GROUPS) {
-            float dy = to_float(dout[(size_t)i * C + c]);
-            sum_dy_xhat += dy * ((to_float(inp[(size_t)i * C + c]) - mean[i]) * rstd[i]);
+            float dy = to_float(dout[(size_t)i * stride + c]);
+            sum_dy_xhat += dy * ((to_float(inp[(size_t)i * stride + c]) - mean[i]) * rstd[i]);
             sum_dy += dy;
         }
     sum_dy_xhat = column_reduce(sum_dy_xhat, partials);
@@ -192,23 +196,25 @@ static __global__ void __launch_bounds__(COLUMN_THREADS)
 
 // ---- launchers
 
+// rows of C values `stride` elements apart in out and inp (stride >= C)
 template <typename T>
 inline void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias, int N,
-                              int C, float eps, cudaStream_t stream) {
+                              int C, int stride, float eps, cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
     LAUNCH(layernorm_forward_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, out, mean, rstd, inp,
-           weight, bias, N, C, eps);
+           weight, bias, N, C, stride, eps);
 }
 
+// rows `stride` apart in dinp, dout and inp, as in the forward
 template <typename T, typename G>
 inline void layernorm_backward(T* dinp, G* dweight, G* dbias, const T* dout, const T* inp, const T* weight,
-                               const float* mean, const float* rstd, int N, int C, bool accumulate,
+                               const float* mean, const float* rstd, int N, int C, int stride, bool accumulate,
                                cudaStream_t stream) {
     const int block = 256;
     LAUNCH(layernorm_backward_input_kernel<T>, dim3(ceil_div(N, block / 32)), dim3(block), 0, stream, dinp, dout, inp,
-           weight, mean, rstd, N, C, accumulate);
+           weight, mean, rstd, N, C, stride, accumulate);
     auto weight_kernel = layernorm_backward_weight_kernel<T, G>;
     LAUNCH(weight_kernel, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream, dweight, dbias, dout, inp,
-           mean, rstd, N, C);
+           mean, rstd, N, C, stride);
 }
 #endif

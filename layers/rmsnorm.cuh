@@ -6,6 +6,10 @@ Every decoder layer owns two of these and a final one sits before the LM head. P
 normalise the residual stream before each sublayer; Post-LN layers normalise the sum after the
 residual add. The kernels are the same either way: model.h decides where they are called.
 
+The rows need not be packed: rmsnorm_forward and rmsnorm_backward take a row stride (stride >= C;
+the elements between rows are neither read nor written), so that HybridNorm's QKV-Norm (model.h)
+normalises q, k and v where they lie in qkv's (B, T, 3C) rows, stride 3C, with no copies.
+
 Fused with the residual add: residual_rmsnorm_forward computes sum = x_scale * x + branch and
 out = RMSNorm(sum) in one pass over each row, instead of residual_forward writing the sum and
 rmsnorm_forward reading it back. Almost every residual add in the model is followed by a norm of
@@ -50,13 +54,14 @@ double) from the values as stored, and rounded once where stored:
 
 // ---- CPU reference
 
-// out (N, C), rstd (N) saved for backward, inp (N, C), weight (C)
+// out (N, C), rstd (N) saved for backward, inp (N, C), weight (C); the rows of out and inp are
+// `stride` elements apart (stride >= C; C where they are packed, 3C for one of q, k, v in qkv)
 template <typename T>
-inline void rmsnorm_forward_cpu(T* out, real* rstd, const T* inp, const T* weight, int N, int C, float eps) {
+inline void rmsnorm_forward_cpu(T* out, real* rstd, const T* inp, const T* weight, int N, int C, int stride, float eps) {
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
-        const T* x = inp + (size_t)i * C;
-        T* y = out + (size_t)i * C;
+        const T* x = inp + (size_t)i * stride;
+        T* y = out + (size_t)i * stride;
         // mean of squares, accumulated in double so the reference is the accurate side
         double sum_squares = 0.0;
         for (int c = 0; c < C; c++) {
@@ -104,18 +109,19 @@ inline void residual_rmsnorm_forward_cpu(T* sum, T* out, real* rstd, const T* x,
 constexpr int RMSNORM_PARTIAL_BLOCKS = 512;
 
 // dinp (N, C) += (accumulate) or =, dweight (C) +=; dout (N, C), inp (N, C), weight (C), rstd (N)
-// from forward; scratch (RMSNORM_PARTIAL_BLOCKS, C) is the CUDA kernels' (this reference sums the
-// rows directly and leaves it alone)
+// from forward; the rows of dinp, dout and inp `stride` apart, as in the forward; scratch
+// (RMSNORM_PARTIAL_BLOCKS, C) is the CUDA kernels' (this reference sums the rows directly and
+// leaves it alone)
 template <typename T, typename G>
 inline void rmsnorm_backward_cpu(T* dinp, G* dweight, real* scratch, const T* dout, const T* inp, const T* weight,
-                                 const real* rstd, int N, int C, bool accumulate) {
+                                 const real* rstd, int N, int C, int stride, bool accumulate) {
     (void)scratch;
     // input gradient: rows are independent
     #pragma omp parallel for
     for (int i = 0; i < N; i++) {
-        const T* x = inp + (size_t)i * C;
-        const T* dy = dout + (size_t)i * C;
-        T* dx = dinp + (size_t)i * C;
+        const T* x = inp + (size_t)i * stride;
+        const T* dy = dout + (size_t)i * stride;
+        T* dx = dinp + (size_t)i * stride;
         real r = rstd[i];
         // mean over the row of g * xhat, the part of the gradient along x itself
         double dot = 0.0;
@@ -133,7 +139,7 @@ inline void rmsnorm_backward_cpu(T* dinp, G* dweight, real* scratch, const T* do
     for (int c = 0; c < C; c++) {
         double sum = 0.0;
         for (int i = 0; i < N; i++)
-            sum += (double)to_real(dout[(size_t)i * C + c]) * (to_real(inp[(size_t)i * C + c]) * rstd[i]);
+            sum += (double)to_real(dout[(size_t)i * stride + c]) * (to_real(inp[(size_t)i * stride + c]) * rstd[i]);
         dweight[c] = from_real<G>(to_real(dweight[c]) + (real)sum);
     }
 }
@@ -179,11 +185,11 @@ constexpr int RMSNORM_LANE_CHUNKS = 512 / 32 / RMSNORM_VEC<T>;
 // squares. Rows past N belong to whole warps, which return together (no block barrier follows).
 template <typename T>
 static __global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp, const T* weight, int N, int C,
-                                              float eps) {
+                                              int stride, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const T* x = inp + (size_t)row * C;
+    const T* x = inp + (size_t)row * stride;
     float sum_squares = 0.0f;
     for (int c = lane; c < C; c += 32) {
         float xc = to_float(x[c]);
@@ -193,7 +199,7 @@ static __global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp,
     float r = 1.0f / sqrtf(sum_squares / C + eps);
     if (lane == 0) rstd[row] = r;
     for (int c = lane; c < C; c += 32)
-        out[(size_t)row * C + c] = from_float<T>(to_float(weight[c]) * (to_float(x[c]) * r));
+        out[(size_t)row * stride + c] = from_float<T>(to_float(weight[c]) * (to_float(x[c]) * r));
 }
 
 // Pass 2 of the forward row kernels' 16-byte path, for one lane of the row's warp: y = weight *
@@ -231,13 +237,13 @@ __device__ __forceinline__ void rmsnorm_vector_output(T* y, const T* x, const T*
 // k * VEC ..), the last group's inp and weight kept from the first pass for the second.
 template <typename T>
 static __global__ void rmsnorm_forward_vector_kernel(T* out, float* rstd, const T* inp, const T* weight, int N, int C,
-                                                     float eps) {
+                                                     int stride, float eps) {
     constexpr int VEC = RMSNORM_VEC<T>, U = RMSNORM_LANE_CHUNKS<T>;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const T* x = inp + (size_t)row * C;
-    T* y = out + (size_t)row * C;
+    const T* x = inp + (size_t)row * stride;
+    T* y = out + (size_t)row * stride;
     const int chunks = C / VEC, groups = (chunks + 32 * U - 1) / (32 * U);
     Vector16<T> xs[U] = {}, ws[U] = {};
     // pass 1: the sum of squares, group by group, each group's loads first (and the last group's weight)
@@ -357,14 +363,14 @@ constexpr int RMSNORM_CHUNK = 8;   // channels per lane per chunk
 template <typename T>
 static __global__ void rmsnorm_backward_input_kernel(T* __restrict__ dinp, const T* __restrict__ dout,
                                                      const T* __restrict__ inp, const T* __restrict__ weight,
-                                                     const float* __restrict__ rstd, int N, int C,
+                                                     const float* __restrict__ rstd, int N, int C, int stride,
                                                      bool accumulate) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const T* x = inp + (size_t)row * C;
-    const T* dy = dout + (size_t)row * C;
-    T* dx = dinp + (size_t)row * C;
+    const T* x = inp + (size_t)row * stride;
+    const T* dy = dout + (size_t)row * stride;
+    T* dx = dinp + (size_t)row * stride;
     float r = rstd[row];
     // mean over the channels of g * xhat, g = dout * w
     float dot = 0.0f;
@@ -433,7 +439,7 @@ static __global__ void __launch_bounds__(RMSNORM_BACKWARD_WARPS * 32)
     rmsnorm_backward_vector_kernel(T* __restrict__ dinp, float* __restrict__ dweight_partials,
                                    const T* __restrict__ dout, const T* __restrict__ inp,
                                    const T* __restrict__ weight, const float* __restrict__ rstd, int N, int C,
-                                   bool accumulate) {
+                                   int stride, bool accumulate) {
     constexpr int VEC = RMSNORM_VEC<T>, U = RMSNORM_LANE_CHUNKS<T>, WARPS = RMSNORM_BACKWARD_WARPS;
     constexpr bool FUSED = GROUPS > 0;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -441,9 +447,9 @@ static __global__ void __launch_bounds__(RMSNORM_BACKWARD_WARPS * 32)
     // the weight gradient's sums over this warp's rows, of the lane's channels (chunk (g * U + u) * 32 + lane)
     float dweight_sums[FUSED ? GROUPS : 1][U][VEC] = {};
     for (int row = blockIdx.x * WARPS + warp; row < N; row += gridDim.x * WARPS) {
-        const T* x = inp + (size_t)row * C;
-        const T* dy = dout + (size_t)row * C;
-        T* dx = dinp + (size_t)row * C;
+        const T* x = inp + (size_t)row * stride;
+        const T* dy = dout + (size_t)row * stride;
+        T* dx = dinp + (size_t)row * stride;
         float r = rstd[row];
         Vector16<T> dys[U] = {}, ws[U] = {}, xs[U] = {}, olds[U] = {};
         // pass 1: mean over the channels of g * xhat, g = dout * w
@@ -571,7 +577,7 @@ constexpr int RMSNORM_WEIGHT_THREADS = 1024;    // threads per block of the vect
 template <typename T, typename G>
 static __global__ void __launch_bounds__(COLUMN_THREADS)
     rmsnorm_backward_weight_kernel(G* dweight, const T* __restrict__ dout, const T* __restrict__ inp,
-                                   const float* __restrict__ rstd, int N, int C) {
+                                   const float* __restrict__ rstd, int N, int C, int stride) {
     __shared__ float partials[COLUMN_THREADS];
     int c = blockIdx.x * COLUMN_CHANNELS + threadIdx.x % COLUMN_CHANNELS, group = threadIdx.x / COLUMN_CHANNELS;
     float sum = 0.0f;
@@ -582,8 +588,8 @@ static __global__ void __launch_bounds__(COLUMN_THREADS)
             KERNEL_UNROLL
             for (int u = 0; u < RMSNORM_WEIGHT_ROWS; u++) {
                 int i = i0 + u * COLUMN_ROW_GROUPS;
-                dy[u] = i < N ? to_float(dout[(size_t)i * C + c]) : 0.0f;
-                x[u] = i < N ? to_float(inp[(size_t)i * C + c]) : 0.0f;
+                dy[u] = i < N ? to_float(dout[(size_t)i * stride + c]) : 0.0f;
+                x[u] = i < N ? to_float(inp[(size_t)i * stride + c]) : 0.0f;
                 r[u] = i < N ? rstd[i] : 0.0f;
             }
             KERNEL_UNROLL
@@ -599,7 +605,7 @@ static __global__ void __launch_bounds__(COLUMN_THREADS)
 template <typename T, typename G>
 static __global__ void __launch_bounds__(RMSNORM_WEIGHT_THREADS)
     rmsnorm_backward_weight_vector_kernel(G* dweight, const T* __restrict__ dout, const T* __restrict__ inp,
-                                          const float* __restrict__ rstd, int N, int C) {
+                                          const float* __restrict__ rstd, int N, int C, int stride) {
     constexpr int VEC = RMSNORM_VEC<T>, PARTS = RMSNORM_WEIGHT_CHANNELS / VEC, GROUPS = RMSNORM_WEIGHT_THREADS / PARTS;
     constexpr int ROWS = RMSNORM_WEIGHT_ROWS, WARPS = RMSNORM_WEIGHT_THREADS / 32;
     __shared__ float partials[WARPS][RMSNORM_WEIGHT_CHANNELS];
@@ -615,8 +621,8 @@ static __global__ void __launch_bounds__(RMSNORM_WEIGHT_THREADS)
             for (int u = 0; u < ROWS; u++) {
                 int i = i0 + u * GROUPS;
                 if (i < N) {
-                    dys[u] = load_vector16(dout + (size_t)i * C + c0);
-                    xs[u] = load_vector16(inp + (size_t)i * C + c0);
+                    dys[u] = load_vector16(dout + (size_t)i * stride + c0);
+                    xs[u] = load_vector16(inp + (size_t)i * stride + c0);
                     r[u] = rstd[i];
                 }
             }
@@ -647,23 +653,25 @@ static __global__ void __launch_bounds__(RMSNORM_WEIGHT_THREADS)
 
 // ---- launchers
 
-// Whether the 16-byte kernels apply: C a multiple of the chunk and every pointer 16-byte aligned,
-// so that every row of every tensor is whole aligned chunks.
+// Whether the 16-byte kernels apply: C and the row stride multiples of the chunk and every
+// pointer 16-byte aligned, so that every row of every tensor is whole aligned chunks.
 template <typename T, typename... Pointers>
-inline bool rmsnorm_vectors_apply(int C, const Pointers*... pointers) {
+inline bool rmsnorm_vectors_apply(int C, int stride, const Pointers*... pointers) {
     uintptr_t addresses = (reinterpret_cast<uintptr_t>(pointers) | ...);
-    return C % RMSNORM_VEC<T> == 0 && addresses % 16 == 0;
+    return C % RMSNORM_VEC<T> == 0 && stride % RMSNORM_VEC<T> == 0 && addresses % 16 == 0;
 }
 
+// rows of C values `stride` elements apart in out and inp (stride >= C; the elements between
+// rows are neither read nor written)
 template <typename T>
-inline void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, int C, float eps,
+inline void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, int C, int stride, float eps,
                             cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
     dim3 grid(ceil_div(N, block / 32));
-    if (rmsnorm_vectors_apply<T>(C, out, inp, weight))
-        LAUNCH(rmsnorm_forward_vector_kernel<T>, grid, dim3(block), 0, stream, out, rstd, inp, weight, N, C, eps);
+    if (rmsnorm_vectors_apply<T>(C, stride, out, inp, weight))
+        LAUNCH(rmsnorm_forward_vector_kernel<T>, grid, dim3(block), 0, stream, out, rstd, inp, weight, N, C, stride, eps);
     else
-        LAUNCH(rmsnorm_forward_kernel<T>, grid, dim3(block), 0, stream, out, rstd, inp, weight, N, C, eps);
+        LAUNCH(rmsnorm_forward_kernel<T>, grid, dim3(block), 0, stream, out, rstd, inp, weight, N, C, stride, eps);
 }
 
 template <typename T>
@@ -671,7 +679,7 @@ inline void residual_rmsnorm_forward(T* sum, T* out, float* rstd, const T* x, fl
                                      const T* weight, int N, int C, float eps, cudaStream_t stream) {
     const int block = 256;   // 8 rows per block
     dim3 grid(ceil_div(N, block / 32));
-    if (rmsnorm_vectors_apply<T>(C, sum, out, x, branch, weight))
+    if (rmsnorm_vectors_apply<T>(C, C, sum, out, x, branch, weight))
         LAUNCH(residual_rmsnorm_forward_vector_kernel<T>, grid, dim3(block), 0, stream, sum, out, rstd, x, x_scale,
                branch, weight, N, C, eps);
     else
@@ -680,12 +688,12 @@ inline void residual_rmsnorm_forward(T* sum, T* out, float* rstd, const T* x, fl
 }
 
 // scratch (RMSNORM_PARTIAL_BLOCKS, C): the fused kernel's partial sums of the weight gradient;
-// accumulate: dinp += (true) or = (false)
+// accumulate: dinp += (true) or = (false); rows `stride` apart in dinp, dout and inp, as in the forward
 template <typename T, typename G>
 inline void rmsnorm_backward(T* dinp, G* dweight, float* scratch, const T* dout, const T* inp, const T* weight,
-                             const float* rstd, int N, int C, bool accumulate, cudaStream_t stream) {
+                             const float* rstd, int N, int C, int stride, bool accumulate, cudaStream_t stream) {
     const int block = RMSNORM_BACKWARD_WARPS * 32, row_blocks = ceil_div(N, RMSNORM_BACKWARD_WARPS);
-    const bool vectors = rmsnorm_vectors_apply<T>(C, dinp, dout, inp, weight);
+    const bool vectors = rmsnorm_vectors_apply<T>(C, stride, dinp, dout, inp, weight);
     const int groups = ceil_div(C / RMSNORM_VEC<T>, 32 * RMSNORM_LANE_CHUNKS<T>);
     if (vectors && groups >= 1 && groups <= RMSNORM_FUSED_MAX_GROUPS) {
         // the fused kernel (up to RMSNORM_PARTIAL_BLOCKS blocks, each walking its rows), then the blocks' sums
@@ -704,7 +712,7 @@ inline void rmsnorm_backward(T* dinp, G* dweight, float* scratch, const T* dout,
         const int blocks = std::min({row_blocks, std::max(multiprocessors * blocks_per_multiprocessor, 1),
                                      RMSNORM_PARTIAL_BLOCKS});
         LAUNCH(fused_kernels[groups - 1], dim3(blocks), dim3(block), 0, stream, dinp, scratch, dout, inp, weight, rstd,
-               N, C, accumulate);
+               N, C, stride, accumulate);
         LAUNCH(rmsnorm_weight_partials_kernel<G>, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream,
                dweight, (const float*)scratch, blocks, C);
         return;
@@ -712,18 +720,18 @@ inline void rmsnorm_backward(T* dinp, G* dweight, float* scratch, const T* dout,
     // otherwise the input gradient (16-byte path for any C, or the fallback), then the weight kernel
     if (vectors)
         LAUNCH(rmsnorm_backward_vector_kernel<T, 0>, dim3(row_blocks), dim3(block), 0, stream, dinp, (float*)nullptr,
-               dout, inp, weight, rstd, N, C, accumulate);
+               dout, inp, weight, rstd, N, C, stride, accumulate);
     else
         LAUNCH(rmsnorm_backward_input_kernel<T>, dim3(row_blocks), dim3(block), 0, stream, dinp, dout, inp, weight, rstd,
-               N, C, accumulate);
-    if (rmsnorm_vectors_apply<T>(C, dout, inp)) {
+               N, C, stride, accumulate);
+    if (rmsnorm_vectors_apply<T>(C, stride, dout, inp)) {
         auto weight_kernel = rmsnorm_backward_weight_vector_kernel<T, G>;
         LAUNCH(weight_kernel, dim3(ceil_div(C, RMSNORM_WEIGHT_CHANNELS)), dim3(RMSNORM_WEIGHT_THREADS), 0, stream,
-               dweight, dout, inp, rstd, N, C);
+               dweight, dout, inp, rstd, N, C, stride);
     } else {
         auto weight_kernel = rmsnorm_backward_weight_kernel<T, G>;
         LAUNCH(weight_kernel, dim3(ceil_div(C, COLUMN_CHANNELS)), dim3(COLUMN_THREADS), 0, stream, dweight, dout, inp,
-               rstd, N, C);
+               rstd, N, C, stride);
     }
 }
 #endif

@@ -101,13 +101,13 @@ TEST_CASE("rmsnorm kernels match the CPU", "[kernels]") {
         auto dinp = accumulate ? random_floats((size_t)N * C, 10) : std::vector<float>((size_t)N * C, NAN);
         auto dweight = random_floats(C, 11);   // accumulates
         std::vector<float> out_cpu((size_t)N * C), rstd_cpu(N), dinp_cpu = dinp, dweight_cpu = dweight;
-        rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, 1e-6f);
+        rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, C, 1e-6f);
         rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), (float*)nullptr, dout.data(), inp.data(), weight.data(),
-                             rstd_cpu.data(), N, C, accumulate);   // the CPU needs no scratch
+                             rstd_cpu.data(), N, C, C, accumulate);   // the CPU needs no scratch
         DeviceArray<float> d_inp(inp), d_weight(weight), d_dout(dout), d_out((size_t)N * C), d_rstd(N), d_dinp(dinp),
             d_dweight(dweight), d_scratch((size_t)RMSNORM_PARTIAL_BLOCKS * C);
-        rmsnorm_forward(d_out.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, N, C, 1e-6f, 0);
-        rmsnorm_backward(d_dinp.ptr, d_dweight.ptr, d_scratch.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_rstd.ptr, N, C,
+        rmsnorm_forward(d_out.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, N, C, C, 1e-6f, 0);
+        rmsnorm_backward(d_dinp.ptr, d_dweight.ptr, d_scratch.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_rstd.ptr, N, C, C,
                          accumulate, 0);
         check_close(d_out.to_host(), out_cpu, "rmsnorm out");
         check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
@@ -177,14 +177,14 @@ TEST_CASE("layernorm kernels match the CPU", "[kernels]") {
         std::vector<float> out_cpu((size_t)N * C), mean_cpu(N), rstd_cpu(N), dinp_cpu = dinp, dweight_cpu = dweight,
                            dbias_cpu = dbias;
         layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), bias.data(),
-                              N, C, 1e-5f);
+                              N, C, C, 1e-5f);
         layernorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dbias_cpu.data(), dout.data(), inp.data(),
-                               weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C, accumulate);
+                               weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C, C, accumulate);
         DeviceArray<float> d_inp(inp), d_weight(weight), d_bias(bias), d_dout(dout), d_out((size_t)N * C), d_mean(N),
             d_rstd(N), d_dinp(dinp), d_dweight(dweight), d_dbias(dbias);
-        layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, 1e-5f, 0);
+        layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, C, 1e-5f, 0);
         layernorm_backward(d_dinp.ptr, d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_mean.ptr,
-                           d_rstd.ptr, N, C, accumulate, 0);
+                           d_rstd.ptr, N, C, C, accumulate, 0);
         check_close(d_out.to_host(), out_cpu, "layernorm out");
         check_close(d_mean.to_host(), mean_cpu, "layernorm mean");
         // rstd to 1e-6: the two-pass variance gets 1e-7 here, a one-pass mean(x^2) - mean^2 1e-5

@@ -12,13 +12,11 @@ CUDA) or nvcc (a real GPU).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "kernel_test_util.h"
 #include "../layers/crossentropy.cuh"
 #include "../layers/embedding.cuh"
-#include "../layers/qkv_planes.cuh"
 #include "../layers/rope.cuh"
 #include "../layers/swiglu.cuh"
 
@@ -284,50 +282,5 @@ TEST_CASE("crossentropy kernels with bf16 logits match the CPU, in place", "[ker
         check_equal(d_fused_losses.to_host(), d_losses.to_host(), "crossentropy fused losses");
         check_equal(d_fused_stats.to_host(), d_stats.to_host(), "crossentropy fused stats");
         check_equal(d_fused.to_host(), d_logits.to_host(), "crossentropy fused dlogits");
-    }
-}
-
-// ---- QKV planes (HybridNorm's QKV-Norm): a permutation, so every element must arrive bit for bit
-
-// The CPU twins against the definition planes[s][n][c] = qkv[n][s*C + c], then each kernel against
-// its twin over poisoned outputs, in fp32 and bf16, at shapes that fill no block evenly; and a
-// round trip is the identity.
-template <typename T>
-static void check_qkv_planes(const std::vector<T>& qkv, int N, int C) {
-    const size_t n = (size_t)N * 3 * C;
-    std::vector<T> planes(n), back(n);
-    qkv_to_planes_cpu(planes.data(), qkv.data(), N, C);
-    size_t misplaced = 0;
-    for (int r = 0; r < N; r++)
-        for (int s = 0; s < 3; s++)
-            for (int c = 0; c < C; c++)
-                misplaced += memcmp(&planes[((size_t)s * N + r) * C + c], &qkv[(size_t)r * 3 * C + s * C + c], sizeof(T)) != 0;
-    CHECK(misplaced == 0);
-    qkv_from_planes_cpu(back.data(), planes.data(), N, C);
-    CHECK(memcmp(back.data(), qkv.data(), n * sizeof(T)) == 0);
-
-    // on 16-byte aligned buffers (the vector kernel where C allows), then one element off them
-    // (the one-element kernel whatever C is)
-    for (int offset : {0, 1}) {
-        INFO("offset " << offset);
-        std::vector<T> shifted(offset + n);
-        std::copy(qkv.begin(), qkv.end(), shifted.begin() + offset);
-        DeviceArray<T> d_qkv(shifted), d_planes(offset + n), d_back(offset + n);   // outputs poisoned
-        qkv_to_planes(d_planes.ptr + offset, d_qkv.ptr + offset, N, C, 0);
-        std::vector<T> planes_gpu = d_planes.to_host();
-        CHECK(memcmp(planes_gpu.data() + offset, planes.data(), n * sizeof(T)) == 0);
-        qkv_from_planes(d_back.ptr + offset, d_planes.ptr + offset, N, C, 0);
-        std::vector<T> back_gpu = d_back.to_host();
-        CHECK(memcmp(back_gpu.data() + offset, qkv.data(), n * sizeof(T)) == 0);
-    }
-}
-
-TEST_CASE("qkv_to_planes and qkv_from_planes move every element where it belongs, fp32 and bf16", "[kernels][bf16]") {
-    const int shapes[][2] = {{1, 1}, {5, 7}, {33, 48}, {97, 130}};
-    for (const auto& shape : shapes) {
-        const int N = shape[0], C = shape[1];
-        INFO("N " << N << " C " << C);
-        check_qkv_planes(random_floats((size_t)N * 3 * C, 401), N, C);
-        check_qkv_planes(random_bf16((size_t)N * 3 * C, 402), N, C);
     }
 }

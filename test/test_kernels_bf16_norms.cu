@@ -13,7 +13,8 @@ emulation, or nvcc for a GPU.
 
 The RMSNorm kernels have a 16-byte path and a fallback (rmsnorm.cuh); the shapes here run both,
 and the last RMSNorm cases run them in fp32 as well as in bf16 (the same checks at fp32's
-tolerances).
+tolerances). The last case runs both norms over rows with a stride (HybridNorm's q, k and v inside
+qkv's rows), in fp32 and bf16.
 */
 #include <cstring>
 #include <type_traits>
@@ -142,17 +143,17 @@ static void check_rmsnorm(int N, int C, double dweight_tolerance, int offset = 0
     std::vector<T> out_cpu(n), dinp_cpu = dinp;
     std::vector<float> rstd_cpu(N);
     std::vector<G> dweight_cpu = dweight;
-    rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, 1e-6f);
+    rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, C, 1e-6f);
     rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), (float*)nullptr, dout.data(), inp.data(), weight.data(),
-                         rstd_cpu.data(), N, C, accumulate);   // the CPU needs no scratch
+                         rstd_cpu.data(), N, C, C, accumulate);   // the CPU needs no scratch
 
     OffsetArray<T> d_inp(inp, offset), d_weight(weight, offset), d_dout(dout, offset), d_out(n, offset),
         d_dinp(dinp, offset);
     DeviceArray<float> d_rstd(N), d_scratch((size_t)RMSNORM_PARTIAL_BLOCKS * C);   // scratch poisoned like the outputs
     DeviceArray<G> d_dweight(dweight);
-    rmsnorm_forward(d_out.ptr(), d_rstd.ptr, d_inp.ptr(), d_weight.ptr(), N, C, 1e-6f, 0);
+    rmsnorm_forward(d_out.ptr(), d_rstd.ptr, d_inp.ptr(), d_weight.ptr(), N, C, C, 1e-6f, 0);
     rmsnorm_backward(d_dinp.ptr(), d_dweight.ptr, d_scratch.ptr, d_dout.ptr(), d_inp.ptr(), d_weight.ptr(), d_rstd.ptr, N,
-                     C, accumulate, 0);
+                     C, C, accumulate, 0);
     check_close_stored(d_out.to_host(), out_cpu, "rmsnorm out");
     check_close(d_rstd.to_host(), rstd_cpu, "rmsnorm rstd");
     check_close_stored(d_dinp.to_host(), dinp_cpu, "rmsnorm dinp");
@@ -219,7 +220,7 @@ static void check_residual_rmsnorm(int N, int C, float x_scale) {
         // at C = 1, far above 1e-5.
         std::vector<T> out_of_sum(n);
         std::vector<float> rstd_of_sum(N);
-        rmsnorm_forward_cpu(out_of_sum.data(), rstd_of_sum.data(), sum_gpu.data(), weight.data(), N, C, 1e-6f);
+        rmsnorm_forward_cpu(out_of_sum.data(), rstd_of_sum.data(), sum_gpu.data(), weight.data(), N, C, C, 1e-6f);
         check_close(run.rstd.to_host(), rstd_of_sum, "residual_rmsnorm rstd, of the stored sum");
         check_close_stored(run.out.to_host(), out_of_sum, "residual_rmsnorm out, of the stored sum");
     }
@@ -253,7 +254,7 @@ TEST_CASE("residual_rmsnorm_forward_cpu in bf16 is bitwise the residual add foll
             } else {
                 residual_forward_cpu(sum_ref.data(), x.data(), branch.data(), n);
             }
-            rmsnorm_forward_cpu(out_ref.data(), rstd_ref.data(), sum_ref.data(), weight.data(), N, C, 1e-6f);
+            rmsnorm_forward_cpu(out_ref.data(), rstd_ref.data(), sum_ref.data(), weight.data(), N, C, C, 1e-6f);
             // fused: into a separate sum, then in place over x and over branch
             std::vector<bf16> sum(n), out(n), x_in_place = x, branch_in_place = branch;
             std::vector<float> rstd(N);
@@ -353,16 +354,16 @@ static void check_layernorm_bf16(int N, int C, double gradient_tolerance, bool a
     std::vector<float> mean_cpu(N), rstd_cpu(N);
     std::vector<G> dweight_cpu = dweight, dbias_cpu = dbias;
     layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), bias.data(), N,
-                          C, 1e-5f);
+                          C, C, 1e-5f);
     layernorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dbias_cpu.data(), dout.data(), inp.data(),
-                           weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C, accumulate);
+                           weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C, C, accumulate);
 
     DeviceArray<bf16> d_inp(inp), d_weight(weight), d_bias(bias), d_dout(dout), d_out(n), d_dinp(dinp);
     DeviceArray<float> d_mean(N), d_rstd(N);
     DeviceArray<G> d_dweight(dweight), d_dbias(dbias);
-    layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, 1e-5f, 0);
+    layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, C, 1e-5f, 0);
     layernorm_backward(d_dinp.ptr, d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_mean.ptr,
-                       d_rstd.ptr, N, C, accumulate, 0);
+                       d_rstd.ptr, N, C, C, accumulate, 0);
     check_close_bf16(d_out.to_host(), out_cpu, "layernorm out");
     check_close(d_mean.to_host(), mean_cpu, "layernorm mean");
     // rstd to 1e-6 as in the fp32 test: the two-pass variance, in float from the same inputs
@@ -391,5 +392,72 @@ TEST_CASE("layernorm kernels match the CPU in bf16, weight gradients in float an
         check_layernorm_bf16<float>(N, C, 1e-5);          // G = float: float sums, the fp32 tolerance
         check_layernorm_bf16<bf16>(N, C, 2 * BF16_STEP);   // G = bf16: those sums rounded once, bf16's
         check_layernorm_bf16<float>(N, C, 1e-5, false);     // dinp written
+    }
+}
+
+// ---- rows with a stride (HybridNorm's q, k and v, each C of the 3C values of a row of qkv)
+
+// RMSNorm and LayerNorm forward and backward over N rows of C values `stride` elements apart,
+// against their CPU twins given the same stride; weight gradients in float. Every tensor, out and
+// dinp included, starts as random values between the rows as well as in them, so a kernel that
+// writes between the rows, or leaves an element of a row unwritten, fails the comparison of the
+// whole arrays.
+template <typename T>
+static void check_norms_strided(int N, int C, int stride, bool accumulate) {
+    const size_t n = (size_t)(N - 1) * stride + C;   // the last row ends the arrays
+    auto inp = random_stored<T>(n, 60), dout = random_stored<T>(n, 61), weight = random_stored<T>(C, 62);
+    auto bias = random_stored<T>(C, 63), out = random_stored<T>(n, 64), dinp = random_stored<T>(n, 65);
+    const std::vector<float> dweight_start = random_floats(C, 66), dbias_start = random_floats(C, 67);
+    {
+        INFO("rmsnorm");
+        std::vector<T> out_cpu = out, dinp_cpu = dinp;
+        std::vector<float> rstd_cpu(N), dweight_cpu = dweight_start;
+        rmsnorm_forward_cpu(out_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), N, C, stride, 1e-6f);
+        rmsnorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), (float*)nullptr, dout.data(), inp.data(),
+                             weight.data(), rstd_cpu.data(), N, C, stride, accumulate);
+        DeviceArray<T> d_inp(inp), d_dout(dout), d_weight(weight), d_out(out), d_dinp(dinp);
+        DeviceArray<float> d_rstd(N), d_scratch((size_t)RMSNORM_PARTIAL_BLOCKS * C), d_dweight(dweight_start);
+        rmsnorm_forward(d_out.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, N, C, stride, 1e-6f, 0);
+        rmsnorm_backward(d_dinp.ptr, d_dweight.ptr, d_scratch.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_rstd.ptr, N, C,
+                         stride, accumulate, 0);
+        check_close_stored(d_out.to_host(), out_cpu, "strided rmsnorm out");
+        check_close(d_rstd.to_host(), rstd_cpu, "strided rmsnorm rstd");
+        check_close_stored(d_dinp.to_host(), dinp_cpu, "strided rmsnorm dinp");
+        check_close(d_dweight.to_host(), dweight_cpu, "strided rmsnorm dweight", 1e-5);
+    }
+    {
+        INFO("layernorm");
+        std::vector<T> out_cpu = out, dinp_cpu = dinp;
+        std::vector<float> mean_cpu(N), rstd_cpu(N), dweight_cpu = dweight_start, dbias_cpu = dbias_start;
+        layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), inp.data(), weight.data(), bias.data(),
+                              N, C, stride, 1e-5f);
+        layernorm_backward_cpu(dinp_cpu.data(), dweight_cpu.data(), dbias_cpu.data(), dout.data(), inp.data(),
+                               weight.data(), mean_cpu.data(), rstd_cpu.data(), N, C, stride, accumulate);
+        DeviceArray<T> d_inp(inp), d_dout(dout), d_weight(weight), d_bias(bias), d_out(out), d_dinp(dinp);
+        DeviceArray<float> d_mean(N), d_rstd(N), d_dweight(dweight_start), d_dbias(dbias_start);
+        layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, stride, 1e-5f, 0);
+        layernorm_backward(d_dinp.ptr, d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, d_weight.ptr, d_mean.ptr,
+                           d_rstd.ptr, N, C, stride, accumulate, 0);
+        check_close_stored(d_out.to_host(), out_cpu, "strided layernorm out");
+        check_close(d_mean.to_host(), mean_cpu, "strided layernorm mean");
+        check_close(d_rstd.to_host(), rstd_cpu, "strided layernorm rstd", 1e-6);
+        check_close_stored(d_dinp.to_host(), dinp_cpu, "strided layernorm dinp");
+        check_close(d_dweight.to_host(), dweight_cpu, "strided layernorm dweight", 1e-5);
+        check_close(d_dbias.to_host(), dbias_cpu, "strided layernorm dbias", 1e-5);
+    }
+}
+
+TEST_CASE("norm kernels over rows with a stride match the CPU and leave the elements between rows alone",
+          "[kernels][bf16]") {
+    // (N, C, stride): q, k or v of qkv at C 512 (RMSNorm's fused 16-byte backward) and C 40 (16-byte,
+    // small rows), at C 2056 (the 16-byte input gradient and weight vector kernel); the fallback at
+    // odd C and where C is whole 16-byte chunks but the stride is not; and packed rows
+    const int shapes[][3] = {{67, 512, 1536}, {33, 40, 120}, {21, 2056, 6168}, {37, 13, 39}, {29, 16, 21}, {9, 24, 24}};
+    for (const auto& s : shapes) {
+        for (bool accumulate : {true, false}) {
+            INFO("N " << s[0] << " C " << s[1] << " stride " << s[2] << " accumulate " << accumulate);
+            check_norms_strided<float>(s[0], s[1], s[2], accumulate);
+            check_norms_strided<bf16>(s[0], s[1], s[2], accumulate);
+        }
     }
 }

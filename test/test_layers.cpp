@@ -144,7 +144,7 @@ TEST_CASE("LayerNorm forward matches a double computation and backward matches f
                           dout = random_vector((size_t)N * C, 8);
         for (auto& x : inp) x += 3.0f;   // a mean well away from zero, so its subtraction matters
         std::vector<real> out((size_t)N * C, NAN), mean(N, NAN), rstd(N, NAN);   // poisoned: every element must be written
-        layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(), bias.data(), N, C, eps);
+        layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(), bias.data(), N, C, C, eps);
 
         std::vector<double> x64(inp.begin(), inp.end()), w64(weight.begin(), weight.end()),
                             b64(bias.begin(), bias.end()), out_ref((size_t)N * C), mean_ref(N), rstd_ref(N);
@@ -159,7 +159,7 @@ TEST_CASE("LayerNorm forward matches a double computation and backward matches f
         // backward accumulates: start from known values and subtract them afterwards
         std::vector<real> dinp((size_t)N * C, 0.5f), dweight(C, -0.25f), dbias(C, 0.75f);
         layernorm_backward_cpu(dinp.data(), dweight.data(), dbias.data(), dout.data(), inp.data(), weight.data(),
-                               mean.data(), rstd.data(), N, C, true);
+                               mean.data(), rstd.data(), N, C, C, true);
 
         // loss = sum(out * dout), so dout is its gradient with respect to out; central differences in
         // double of the plain forward above, one parameter at a time
@@ -226,24 +226,88 @@ TEST_CASE("norm backwards that write dinp give the bits of accumulating into zer
         std::vector<real> out((size_t)N * C), mean(N), rstd(N);
         std::vector<real> added_dinp((size_t)N * C, 0.0f), written_dinp((size_t)N * C, NAN);
         std::vector<real> added_dweight(C, 0.5f), written_dweight(C, 0.5f), added_dbias(C, 0.5f), written_dbias(C, 0.5f);
-        rmsnorm_forward_cpu(out.data(), rstd.data(), inp.data(), weight.data(), N, C, 1e-6f);
+        rmsnorm_forward_cpu(out.data(), rstd.data(), inp.data(), weight.data(), N, C, C, 1e-6f);
         rmsnorm_backward_cpu(added_dinp.data(), added_dweight.data(), (real*)nullptr, dout.data(), inp.data(),
-                             weight.data(), rstd.data(), N, C, true);
+                             weight.data(), rstd.data(), N, C, C, true);
         rmsnorm_backward_cpu(written_dinp.data(), written_dweight.data(), (real*)nullptr, dout.data(), inp.data(),
-                             weight.data(), rstd.data(), N, C, false);
+                             weight.data(), rstd.data(), N, C, C, false);
         CHECK(added_dinp == written_dinp);   // element by element: NaN never equals, -0 == +0
         CHECK(added_dweight == written_dweight);
 
         std::fill(added_dinp.begin(), added_dinp.end(), 0.0f);
         std::fill(written_dinp.begin(), written_dinp.end(), NAN);
-        layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(), bias.data(), N, C, 1e-5f);
+        layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(), bias.data(), N, C, C, 1e-5f);
         layernorm_backward_cpu(added_dinp.data(), added_dweight.data(), added_dbias.data(), dout.data(), inp.data(),
-                               weight.data(), mean.data(), rstd.data(), N, C, true);
+                               weight.data(), mean.data(), rstd.data(), N, C, C, true);
         layernorm_backward_cpu(written_dinp.data(), written_dweight.data(), written_dbias.data(), dout.data(),
-                               inp.data(), weight.data(), mean.data(), rstd.data(), N, C, false);
+                               inp.data(), weight.data(), mean.data(), rstd.data(), N, C, C, false);
         CHECK(added_dinp == written_dinp);
         CHECK(added_dweight == written_dweight);
         CHECK(added_dbias == written_dbias);
+    }
+}
+
+// HybridNorm normalises q, k and v where they lie in qkv's rows: C values of every 3C. The norms
+// over rows `stride` apart must give, to the bit, what they give over the same rows packed, and
+// leave every element between the rows as it was (here NaN, which no comparison lets through).
+TEST_CASE("norms over rows with a stride give the bits of the packed rows and touch nothing between them",
+          "[layers][cpu]") {
+    const int shapes[][3] = {{1, 1, 3}, {7, 33, 99}, {40, 256, 768}, {5, 16, 21}};   // (N, C, stride)
+    for (auto& shape : shapes) {
+        const int N = shape[0], C = shape[1], stride = shape[2];
+        INFO("N " << N << " C " << C << " stride " << stride);
+        const size_t n = (size_t)N * stride, packed = (size_t)N * C;
+        std::vector<real> inp = random_vector(n, 71), dout = random_vector(n, 72), weight = random_vector(C, 73),
+                          bias = random_vector(C, 74);
+        // the packed copies of the strided rows, and the strided rows put back (NaN between them)
+        auto pack = [&](const std::vector<real>& strided) {
+            std::vector<real> rows(packed);
+            for (int i = 0; i < N; i++)
+                std::copy_n(strided.begin() + (size_t)i * stride, C, rows.begin() + (size_t)i * C);
+            return rows;
+        };
+        auto unpack = [&](const std::vector<real>& rows) {
+            std::vector<real> strided(n, NAN);
+            for (int i = 0; i < N; i++)
+                std::copy_n(rows.begin() + (size_t)i * C, C, strided.begin() + (size_t)i * stride);
+            return strided;
+        };
+        const std::vector<real> inp_packed = pack(inp), dout_packed = pack(dout);
+        for (bool accumulate : {true, false}) {
+            INFO("accumulate " << accumulate);
+            const std::vector<real> dinp_start = unpack(random_vector(packed, 75));
+            std::vector<real> out(n, NAN), dinp = dinp_start, mean(N), rstd(N), dweight(C, 0.5f), dbias(C, 0.5f);
+            std::vector<real> out_packed(packed), dinp_packed = pack(dinp_start), mean_packed(N), rstd_packed(N),
+                dweight_packed(C, 0.5f), dbias_packed(C, 0.5f);
+            rmsnorm_forward_cpu(out.data(), rstd.data(), inp.data(), weight.data(), N, C, stride, 1e-6f);
+            rmsnorm_backward_cpu(dinp.data(), dweight.data(), (real*)nullptr, dout.data(), inp.data(), weight.data(),
+                                 rstd.data(), N, C, stride, accumulate);
+            rmsnorm_forward_cpu(out_packed.data(), rstd_packed.data(), inp_packed.data(), weight.data(), N, C, C, 1e-6f);
+            rmsnorm_backward_cpu(dinp_packed.data(), dweight_packed.data(), (real*)nullptr, dout_packed.data(),
+                                 inp_packed.data(), weight.data(), rstd_packed.data(), N, C, C, accumulate);
+            check_bitwise_equal(out, unpack(out_packed), "rmsnorm out");
+            check_bitwise_equal(rstd, rstd_packed, "rmsnorm rstd");
+            check_bitwise_equal(dinp, unpack(dinp_packed), "rmsnorm dinp");
+            check_bitwise_equal(dweight, dweight_packed, "rmsnorm dweight");
+
+            std::fill(out.begin(), out.end(), NAN);
+            dinp = dinp_start, dinp_packed = pack(dinp_start);
+            layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(), bias.data(), N, C,
+                                  stride, 1e-5f);
+            layernorm_backward_cpu(dinp.data(), dweight.data(), dbias.data(), dout.data(), inp.data(), weight.data(),
+                                   mean.data(), rstd.data(), N, C, stride, accumulate);
+            layernorm_forward_cpu(out_packed.data(), mean_packed.data(), rstd_packed.data(), inp_packed.data(),
+                                  weight.data(), bias.data(), N, C, C, 1e-5f);
+            layernorm_backward_cpu(dinp_packed.data(), dweight_packed.data(), dbias_packed.data(), dout_packed.data(),
+                                   inp_packed.data(), weight.data(), mean_packed.data(), rstd_packed.data(), N, C, C,
+                                   accumulate);
+            check_bitwise_equal(out, unpack(out_packed), "layernorm out");
+            check_bitwise_equal(mean, mean_packed, "layernorm mean");
+            check_bitwise_equal(rstd, rstd_packed, "layernorm rstd");
+            check_bitwise_equal(dinp, unpack(dinp_packed), "layernorm dinp");
+            check_bitwise_equal(dweight, dweight_packed, "layernorm dweight");
+            check_bitwise_equal(dbias, dbias_packed, "layernorm dbias");
+        }
     }
 }
 
@@ -264,7 +328,7 @@ TEST_CASE("residual_rmsnorm_forward is bitwise the residual add followed by rmsn
             } else {
                 residual_forward_cpu(sum_ref.data(), x.data(), branch.data(), n);
             }
-            rmsnorm_forward_cpu(out_ref.data(), rstd_ref.data(), sum_ref.data(), weight.data(), N, C, 1e-6f);
+            rmsnorm_forward_cpu(out_ref.data(), rstd_ref.data(), sum_ref.data(), weight.data(), N, C, C, 1e-6f);
 
             // fused, into a separate sum, then in place over x and over branch; outputs poisoned
             std::vector<real> sum(n, NAN), out(n, NAN), rstd(N, NAN);
