@@ -13,6 +13,7 @@ Architecture (LLaMA, no biases, untied LM head):
         lns       as pre, each norm's output times 1/sqrt(l+1)                 (LayerNorm Scaling)
         hybrid    h = x + Attn_qkv(x)              y = N2(h + MLP(h))          (HybridNorm)
                   Attn_qkv normalises q, k and v each (Nq, Nk, Nv, over C) before RoPE
+        preqkv    h = x + Attn_qkv(N1(x))          y = h + MLP(N2(h))          (HybridNorm*'s first layer)
     logits = lm_head(final_norm(x)); loss = mean cross-entropy
 Mix-LN is the list post x floor(alpha*L), then pre: alpha = 0 is pure Pre-LN, 1 pure Post-LN,
 0.25 the paper's best. N is RMSNorm (the paper's) or LayerNorm with a bias (norm_type). The
@@ -25,7 +26,8 @@ The five kinds before hybrid come in two shapes, and the code below follows them
   - the norm on the branch (pre, lns, peri): the stream passes by untouched; the sublayer's input
     is normalised (and scaled by 1/sqrt(l+1) for lns), and for peri its output is normalised too.
 hybrid takes the first shape's MLP sublayer, and an attention sublayer with no norm on the stream
-at all: the norms sit on q, k and v (qkv_norm_forward).
+at all: the norms sit on q, k and v (qkv_norm_forward). preqkv is pre with hybrid's norms on q, k
+and v added (has_qkv_norm): the first layer of HybridNorm* (--norm hybridstar).
 
 Memory, as in llm.c: all parameters live in one flat buffer with a struct of pointers into it; the
 gradients and the two AdamW moments are flat buffers of the same layout; every activation the
@@ -89,10 +91,10 @@ nvcc builds and in the emulated test build (cuda_common.h); a g++ build is CPU-o
 // configuration
 
 // Where a layer's norms sit (see the top of this file).
-enum NormKind { NORM_PRE, NORM_POST, NORM_PERI, NORM_DEEPNORM, NORM_LNS, NORM_HYBRID };
-constexpr int NUM_NORM_KINDS = 6;
+enum NormKind { NORM_PRE, NORM_POST, NORM_PERI, NORM_DEEPNORM, NORM_LNS, NORM_HYBRID, NORM_PREQKV };
+constexpr int NUM_NORM_KINDS = 7;
 inline const char* norm_kind_name(NormKind kind) {
-    static const char* names[NUM_NORM_KINDS] = {"pre", "post", "peri", "deepnorm", "lns", "hybrid"};
+    static const char* names[NUM_NORM_KINDS] = {"pre", "post", "peri", "deepnorm", "lns", "hybrid", "preqkv"};
     return names[kind];
 }
 
@@ -162,7 +164,7 @@ inline std::vector<NormKind> parse_norm_layers(const std::string& text, const ch
             if (word == norm_kind_name((NormKind)k)) found = k;
         }
         if (found < 0) {
-            fail("%s: unknown norm placement '%s' in layer %zu (kinds: pre, post, peri, deepnorm, lns, hybrid)", what,
+            fail("%s: unknown norm placement '%s' in layer %zu (kinds: pre, post, peri, deepnorm, lns, hybrid, preqkv)", what,
                  word.c_str(), kinds.size());
         }
         kinds.push_back((NormKind)found);
@@ -208,14 +210,15 @@ inline int peri_index(const ModelConfig& c, int l) {
 }
 inline int num_peri_layers(const ModelConfig& c) { return peri_index(c, c.num_layers); }
 
-// Likewise HybridNorm layers own three norms on q, k and v (QKV-Norm), one (3, C) row per hybrid
-// layer (and its activations one slot per hybrid layer).
-inline int hybrid_index(const ModelConfig& c, int l) {
+// Likewise the layers with norms on q, k and v (QKV-Norm: hybrid, and preqkv) own three more norms,
+// one (3, C) row per such layer (and their activations one slot per such layer).
+inline bool has_qkv_norm(NormKind kind) { return kind == NORM_HYBRID || kind == NORM_PREQKV; }
+inline int qkv_norm_index(const ModelConfig& c, int l) {
     int index = 0;
-    for (int i = 0; i < l; i++) index += c.norm_layers[i] == NORM_HYBRID;
+    for (int i = 0; i < l; i++) index += has_qkv_norm(c.norm_layers[i]);
     return index;
 }
-inline int num_hybrid_layers(const ModelConfig& c) { return hybrid_index(c, c.num_layers); }
+inline int num_qkv_norm_layers(const ModelConfig& c) { return qkv_norm_index(c, c.num_layers); }
 
 // Refuses configurations the kernels cannot run, with a message naming the problem.
 inline void model_config_check(const ModelConfig& c) {
@@ -273,7 +276,7 @@ struct ParameterTensorsOf {
     W* attn_out_norm_bias; // (P, C)      LayerNorm only
     W* mlp_out_norm_bias;  // (P, C)      LayerNorm only
     W* final_norm_bias;    // (C)         LayerNorm only: model.norm.bias
-    W* qkv_norm;           // (H, 3, C)   QKV-Norm of each of the H hybrid layers: self_attn.{q,k,v}_norm.weight
+    W* qkv_norm;           // (H, 3, C)   QKV-Norm of each of the H hybrid and preqkv layers: self_attn.{q,k,v}_norm.weight
     W* qkv_norm_bias;      // (H, 3, C)   LayerNorm only
 };
 // The fp32 (CPU: real) view of the parameters: init, checkpoints, analyses.
@@ -282,7 +285,7 @@ constexpr int NUM_PARAMETER_TENSORS = 18;
 
 inline void parameter_sizes(size_t sizes[NUM_PARAMETER_TENSORS], const ModelConfig& c) {
     size_t V = c.vocab_size, C = c.channels, L = c.num_layers, F = c.ffn_channels, P = num_peri_layers(c),
-           H = num_hybrid_layers(c);
+           H = num_qkv_norm_layers(c);
     size_t bias = c.norm_type == NORM_LAYERNORM ? 1 : 0;
     sizes[0] = V * C;
     sizes[1] = L * C;
@@ -334,8 +337,8 @@ template <typename W>
 struct LayerWeightsOf {
     W* attn_norm;          // (C)  all but hybrid (whose row of the tensor is unused)
     W* attn_norm_bias;     // (C)  LayerNorm, all but hybrid
-    W* qkv_norm;           // (3, C)  hybrid: the q, k and v norms' weights
-    W* qkv_norm_bias;      // (3, C)  hybrid, LayerNorm
+    W* qkv_norm;           // (3, C)  hybrid, preqkv: the q, k and v norms' weights
+    W* qkv_norm_bias;      // (3, C)  hybrid, preqkv, LayerNorm
     W* attn_out_norm;      // (C)  peri
     W* attn_out_norm_bias; // (C)  peri, LayerNorm
     W* qkv_proj;           // (3C, C)
@@ -353,15 +356,16 @@ typedef LayerWeightsOf<real> LayerWeights;
 template <typename W>
 inline LayerWeightsOf<W> layer_weights(const ParameterTensorsOf<W>& t, const ModelConfig& c, int l) {
     size_t C = c.channels, F = c.ffn_channels;
-    bool peri = c.norm_layers[l] == NORM_PERI, hybrid = c.norm_layers[l] == NORM_HYBRID;
-    size_t p = peri ? (size_t)peri_index(c, l) : 0, h = hybrid ? (size_t)hybrid_index(c, l) : 0;
+    bool peri = c.norm_layers[l] == NORM_PERI, hybrid = c.norm_layers[l] == NORM_HYBRID,
+         qkv_norm = has_qkv_norm(c.norm_layers[l]);
+    size_t p = peri ? (size_t)peri_index(c, l) : 0, h = qkv_norm ? (size_t)qkv_norm_index(c, l) : 0;
     // a slice of an optional tensor, nullptr when the tensor or the layer has none
     auto row = [](W* tensor, bool present, size_t offset) { return tensor && present ? tensor + offset : nullptr; };
     LayerWeightsOf<W> w;
     w.attn_norm = row(t.attn_norm, !hybrid, l * C);
     w.attn_norm_bias = row(t.attn_norm_bias, !hybrid, l * C);
-    w.qkv_norm = row(t.qkv_norm, hybrid, h * 3 * C);
-    w.qkv_norm_bias = row(t.qkv_norm_bias, hybrid, h * 3 * C);
+    w.qkv_norm = row(t.qkv_norm, qkv_norm, h * 3 * C);
+    w.qkv_norm_bias = row(t.qkv_norm_bias, qkv_norm, h * 3 * C);
     w.attn_out_norm = row(t.attn_out_norm, peri, p * C);
     w.attn_out_norm_bias = row(t.attn_out_norm_bias, peri, p * C);
     w.qkv_proj = t.qkv_proj + l * 3 * C * C;
@@ -389,6 +393,7 @@ struct NamedTensor {
 //   peri            N1 input_layernorm, N1o post_attention_layernorm,
 //                   N2 pre_feedforward_layernorm, N2o post_feedforward_layernorm
 //   hybrid          self_attn.q_norm, k_norm, v_norm (OLMo-2's names), N2 post_feedforward_layernorm
+//   preqkv          as pre, and self_attn.q_norm, k_norm, v_norm
 // Under LayerNorm each norm has a ".bias" beside its ".weight". (A hybrid layer has no N1: its row
 // of the N1 tensor is in no checkpoint and in no computation.)
 inline std::vector<NamedTensor> model_named_tensors(const ModelConfig& c) {
@@ -412,7 +417,7 @@ inline std::vector<NamedTensor> model_named_tensors(const ModelConfig& c) {
     for (int l = 0; l < c.num_layers; l++) {
         NormKind kind = c.norm_layers[l];
         size_t p = kind == NORM_PERI ? (size_t)peri_index(c, l) : 0;
-        size_t h = kind == NORM_HYBRID ? (size_t)hybrid_index(c, l) : 0;
+        size_t h = has_qkv_norm(kind) ? (size_t)qkv_norm_index(c, l) : 0;
         std::string prefix = "model.layers." + std::to_string(l) + ".";
         const char* attn_norm_name = norm_after_residual(kind) ? "post_attention_layernorm" : "input_layernorm";
         const char* mlp_norm_name = norm_after_residual(kind) || kind == NORM_HYBRID ? "post_feedforward_layernorm"
@@ -425,7 +430,7 @@ inline std::vector<NamedTensor> model_named_tensors(const ModelConfig& c) {
         tensors.push_back({prefix + "self_attn.k_proj.weight", qkv + (size_t)C * C, {C, C}});
         tensors.push_back({prefix + "self_attn.v_proj.weight", qkv + (size_t)2 * C * C, {C, C}});
         tensors.push_back({prefix + "self_attn.o_proj.weight", offsets[3] + (size_t)l * C * C, {C, C}});
-        if (kind == NORM_HYBRID) {   // row s of this layer's (3, C) block: q, k, v
+        if (has_qkv_norm(kind)) {   // row s of this layer's (3, C) block: q, k, v
             add_norm(prefix + "self_attn.q_norm", 16, 17, h * 3);
             add_norm(prefix + "self_attn.k_norm", 16, 17, h * 3 + 1);
             add_norm(prefix + "self_attn.v_norm", 16, 17, h * 3 + 2);
@@ -488,7 +493,7 @@ struct ActivationTensorsOf {
     real*   norm_scratch;        // (RMSNORM_PARTIAL_BLOCKS, C) RMSNorm backward: the CUDA kernel's per-block weight-gradient sums
     floatX* dgate_up;            // (B, T, 2F)
     floatX* dswiglu;             // (B, T, F)
-    // HybridNorm's QKV-Norm (H hybrid layers; empty without them)
+    // QKV-Norm (H hybrid and preqkv layers; empty without them)
     floatX* qkv_normed;          // (H, B, T, 3C)    the normalised q, k, v: the attention's input (RoPE as in qkv)
     real*   qkv_norm_stats;      // (H, 3, S, B, T)  the q, k and v norms' statistics
     floatX* dqkv_normed;         // (B, T, 3C)       backward scratch: the gradient of a layer's qkv_normed
@@ -504,7 +509,7 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
                              bool fused_attention) {
     size_t L = c.num_layers, C = c.channels, NH = c.num_heads, F = c.ffn_channels, V = c.vocab_size,
            BT = (size_t)B * T, half = c.channels / c.num_heads / 2, P = num_peri_layers(c),
-           H = num_hybrid_layers(c), S = norm_stats_per_row(c);
+           H = num_qkv_norm_layers(c), S = norm_stats_per_row(c);
     size_t s[NUM_ACTIVATION_TENSORS] = {
         BT * C,                                   // embedded
         L * BT * C, L * S * BT,                   // attn_norm, attn_norm_stats
@@ -576,15 +581,15 @@ struct LayerActivations {
     real*   attn_out_norm_stats; // (S, B, T)  peri
     floatX* mlp_branch;          // (B, T, C)  peri
     real*   mlp_out_norm_stats;  // (S, B, T)  peri
-    floatX* qkv_normed;          // (B, T, 3C)    hybrid: the attention reads these instead of qkv
-    real*   qkv_norm_stats;      // (3, S, B, T)  hybrid
+    floatX* qkv_normed;          // (B, T, 3C)    hybrid, preqkv: the attention reads these instead of qkv
+    real*   qkv_norm_stats;      // (3, S, B, T)  hybrid, preqkv
 };
 
 template <typename floatX>
 inline LayerActivations<floatX> layer_activations(const ActivationTensorsOf<floatX>& a, const ModelConfig& c, int B, int T, int l) {
     size_t BT = (size_t)B * T, C = c.channels, F = c.ffn_channels, NH = c.num_heads, S = norm_stats_per_row(c);
-    bool peri = c.norm_layers[l] == NORM_PERI, hybrid = c.norm_layers[l] == NORM_HYBRID;
-    size_t p = peri ? (size_t)peri_index(c, l) : 0, h = hybrid ? (size_t)hybrid_index(c, l) : 0;
+    bool peri = c.norm_layers[l] == NORM_PERI, qkv_norm = has_qkv_norm(c.norm_layers[l]);
+    size_t p = peri ? (size_t)peri_index(c, l) : 0, h = qkv_norm ? (size_t)qkv_norm_index(c, l) : 0;
     LayerActivations<floatX> la;
     la.attn_norm = a.attn_norm + l * BT * C;
     la.attn_norm_stats = a.attn_norm_stats + l * S * BT;
@@ -602,12 +607,12 @@ inline LayerActivations<floatX> layer_activations(const ActivationTensorsOf<floa
     la.attn_out_norm_stats = peri ? a.attn_out_norm_stats + p * S * BT : nullptr;
     la.mlp_branch = peri ? a.mlp_branch + p * BT * C : nullptr;
     la.mlp_out_norm_stats = peri ? a.mlp_out_norm_stats + p * S * BT : nullptr;
-    la.qkv_normed = hybrid ? a.qkv_normed + h * BT * 3 * C : nullptr;
-    la.qkv_norm_stats = hybrid ? a.qkv_norm_stats + h * 3 * S * BT : nullptr;
+    la.qkv_normed = qkv_norm ? a.qkv_normed + h * BT * 3 * C : nullptr;
+    la.qkv_norm_stats = qkv_norm ? a.qkv_norm_stats + h * 3 * S * BT : nullptr;
     return la;
 }
 
-// The q, k and v the attention reads: the normalised ones in a hybrid layer, else the projection's
+// The q, k and v the attention reads: the normalised ones in a hybrid or preqkv layer, else the projection's
 template <typename floatX>
 inline floatX* attention_qkv(const LayerActivations<floatX>& la) { return la.qkv_normed ? la.qkv_normed : la.qkv; }
 
@@ -1047,10 +1052,12 @@ inline void model_free(Model* model) {
 //   - deepnorm layers get DeepNet's init, xavier-normal std = gain * sqrt(2 / (fan_in + fan_out)),
 //     gain 1 for q and k, gain b = (8L)^(-1/4) for v, o, gate, up and down;
 //   - scaled_init: o_proj and down_proj get std 0.02 / sqrt(2L) in the branch-norm layers
-//     (pre, lns, peri: scaled_init_kind), the paper's "scaled init".
+//     (pre, lns, peri, preqkv: scaled_init_kind), the paper's "scaled init".
 // The generator is drawn tensor by tensor in layout order and layer by layer within a tensor, so a
 // seed gives the same weights whatever the per-layer stds.
-inline bool scaled_init_kind(NormKind kind) { return kind == NORM_PRE || kind == NORM_LNS || kind == NORM_PERI; }
+inline bool scaled_init_kind(NormKind kind) {
+    return kind == NORM_PRE || kind == NORM_LNS || kind == NORM_PERI || kind == NORM_PREQKV;
+}
 
 inline void model_init_weights(Model* model, uint64_t seed, float embed_std, bool scaled_init = false) {
     const ModelConfig& c = model->config;
@@ -1275,7 +1282,7 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
         if (l == model->skip_layer) continue;   // its input goes straight on to the next layer
         const NormKind kind = c.norm_layers[l];
         const bool after_residual = norm_after_residual(kind);
-        const bool peri = kind == NORM_PERI, hybrid = kind == NORM_HYBRID;
+        const bool peri = kind == NORM_PERI, hybrid = kind == NORM_HYBRID, qkv_norm = has_qkv_norm(kind);
         const float output_scale = norm_output_scale(c, l), stream_scale = residual_scale(c, l);
         LayerWeightsOf<floatX> w = layer_weights(p, c, l);
         LayerActivations<floatX> la = layer_activations(a, c, B, T, l);
@@ -1289,7 +1296,7 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
             attn_input = la.attn_norm;
         }
         LAYER(matmul_forward, la.qkv, attn_input, w.qkv_proj, BT, C, 3 * C);
-        if (hybrid) qkv_norm_forward(model, la, w);   // QKV-Norm: the attention reads qkv_normed
+        if (qkv_norm) qkv_norm_forward(model, la, w);   // QKV-Norm: the attention reads qkv_normed
         floatX* qkv = attention_qkv(la);
         // RoPE on q and k, then the attention: the fused attention applies RoPE itself (the
         // tensor-core kernels as they load q and k, leaving qkv unrotated; attention.cuh) unless
@@ -1465,7 +1472,7 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
     const int B = model->B, T = model->T, C = c.channels, NH = c.num_heads, BT = B * T;
     const float dweight_scale = projection_grad_scale(model);
     LAYER(matmul_backward, a.datty, g.o_proj, dout, la.atty, w.o_proj, BT, C, C, 0.0f, dweight_scale);   // datty written
-    // the gradient of the attention's input: qkv's, or in a hybrid layer qkv_normed's (QKV-Norm's backward follows)
+    // the gradient of the attention's input: qkv's, or with QKV-Norm qkv_normed's (QKV-Norm's backward follows)
     floatX* dqkv_attention = la.qkv_normed ? a.dqkv_normed : a.dqkv;
     // the attention's backward, then RoPE's: the fused attention does both (as in the forward)
 #ifdef MIXLN_CUDA
@@ -1481,7 +1488,7 @@ inline void attention_sublayer_backward(Model* model, const ActivationTensorsOf<
         LAYER(attention_backward, dqkv_attention, a.datt_scratch, a.datty, attention_qkv(la), la.att, B, T, NH, C / NH);
         LAYER(rope_backward, dqkv_attention, a.rope_cos, a.rope_sin, B, T, NH, C / NH);
     }
-    if (la.qkv_normed) qkv_norm_backward(model, a, la, w, g);   // hybrid: through QKV-Norm into a.dqkv
+    if (la.qkv_normed) qkv_norm_backward(model, a, la, w, g);   // hybrid, preqkv: through QKV-Norm into a.dqkv
     LAYER(matmul_backward, dinp, g.qkv_proj, a.dqkv, attn_input, w.qkv_proj, BT, C, 3 * C, dinp_scale, dweight_scale);
 }
 
@@ -1663,7 +1670,7 @@ inline double model_grad_norm(const Model* model) {
 }
 
 // L2 norm of the gradient of each decoder layer's parameters taken together (its norms, QKV-Norm's
-// in a hybrid layer, and six projections), the paper's per-layer gradient diagnostic. (L) values.
+// in a hybrid or preqkv layer, and six projections), the paper's per-layer gradient diagnostic. (L) values.
 template <typename gradX>
 inline std::vector<double> model_layer_grad_norms_typed(const Model* model) {
     model_settle_grads(model);

@@ -55,7 +55,7 @@ static const Preset PRESETS[] = {
 struct Args {
     std::string preset = "tiny";
     int layers = 0, dim = 0, heads = 0, ffn = 0, vocab = 0, seq_len = 0;   // 0: from the preset
-    std::string norm = "mix";      // pre | post | mix | peri | deepnorm | lns | hybrid: the same kind in every layer, or Mix-LN
+    std::string norm = "mix";      // a kind (pre, post, peri, ...): the same in every layer; or mix (Mix-LN), hybridstar
     float alpha = 0.25f;
     std::string norm_layers;       // one kind per layer, comma-separated (instead of --norm)
     bool lns = false;              // LayerNorm Scaling in every pre layer
@@ -112,8 +112,9 @@ static void print_help() {
     printf("  --vocab V              vocabulary size; every token id must be below it (default: preset)\n");
     printf("  --seq-len T            sequence length (default: preset)\n");
     printf("norm placement (per layer: pre, post, peri = Sandwich/Peri-LN, deepnorm, lns = Pre-LN with LayerNorm Scaling,\n"
-           "                hybrid = HybridNorm: norms on q, k and v, Post-LN around the MLP):\n");
-    printf("  --norm KIND|mix        the same kind in every layer, or mix: Mix-LN (default %s)\n", d.norm.c_str());
+           "                hybrid = HybridNorm: norms on q, k and v, Post-LN around the MLP, preqkv = pre with norms on q, k, v):\n");
+    printf("  --norm KIND|mix|hybridstar  the same kind in every layer, or mix: Mix-LN, or hybridstar: HybridNorm*\n"
+           "                         (preqkv, then hybrid) (default %s)\n", d.norm.c_str());
     printf("  --alpha A              with --norm mix: floor(A*L) leading Post-LN layers, the rest Pre-LN, A in [0, 1] (default %g)\n", d.alpha);
     printf("  --norm-layers LIST     one kind per layer, e.g. post,post,pre,peri (instead of --norm)\n");
     printf("  --lns                  LayerNorm Scaling in every pre layer: each norm's output times 1/sqrt(l+1)\n");
@@ -121,7 +122,7 @@ static void print_help() {
     printf("initialisation (linear weights normal(0, 0.02); deepnorm layers get DeepNet's init):\n");
     printf("  --embed-std S          std of the embedding init (default %g)\n", d.embed_std);
     printf("  --scaled-embed         embedding std sqrt(2/5) = 0.632, as the paper's code once used\n");
-    printf("  --scaled-init          o_proj and down_proj std 0.02/sqrt(2L) in pre, lns and peri layers\n");
+    printf("  --scaled-init          o_proj and down_proj std 0.02/sqrt(2L) in pre, lns, peri and preqkv layers\n");
     printf("data:\n");
     printf("  --train-data PATTERN   llm.c token shards (glob), read in order\n");
     printf("  --val-data PATTERN     validation shards (default: none)\n");
@@ -269,8 +270,8 @@ static Args parse_args(int argc, char** argv) {
     }
     // values that are wrong whatever the model
     if (a.norm != "pre" && a.norm != "post" && a.norm != "mix" && a.norm != "peri" && a.norm != "deepnorm" && a.norm != "lns" &&
-        a.norm != "hybrid") {
-        fail("--norm must be pre, post, mix, peri, deepnorm, lns or hybrid, got '%s'", a.norm.c_str());
+        a.norm != "hybrid" && a.norm != "preqkv" && a.norm != "hybridstar") {
+        fail("--norm must be pre, post, mix, peri, deepnorm, lns, hybrid, preqkv or hybridstar, got '%s'", a.norm.c_str());
     }
     if (!a.norm_layers.empty() && (a.norm_given || a.alpha_given)) fail("--norm-layers replaces --norm and --alpha: give one or the other");
     if (a.norm_layers.empty() && a.lns && a.norm != "pre" && a.norm != "mix") {
@@ -322,6 +323,10 @@ static std::vector<NormKind> norm_layers_from_flags(const Args& a, int L, float*
     } else if (a.norm == "mix") {
         *alpha = a.alpha;
         kinds = mixln_norm_layers(post_ln_layers_for(a.alpha, L), L);
+    } else if (a.norm == "hybridstar") {
+        // HybridNorm*: the first layer Pre-LN with the norms on q, k and v kept, the rest HybridNorm
+        kinds.assign(L, NORM_HYBRID);
+        kinds[0] = NORM_PREQKV;
     } else {
         kinds = parse_norm_layers(a.norm, "--norm");
         kinds.assign(L, kinds[0]);

@@ -112,11 +112,11 @@ run_step racecheck 150 "${SAN[@]}" --tool racecheck ./train "${TINY[@]}" --atten
 run_step racecheck_bf16_fused 150 "${SAN[@]}" --tool racecheck ./train "${TINY[@]}" --attention fused --precision bf16
 # the other placements' kernels (LayerNorm, the scaled adds, the peri norms, HybridNorm's strided QKV norms)
 # under memcheck too
-run_step memcheck_zoo 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --layers 5 \
-    --norm-layers post,deepnorm,peri,lns,hybrid --norm-type layernorm --attention fused
+run_step memcheck_zoo 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --layers 6 \
+    --norm-layers post,deepnorm,peri,lns,hybrid,preqkv --norm-type layernorm --attention fused
 # the bf16 instantiations of every kernel, and cuBLASLt's bf16 products
-run_step memcheck_bf16 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --layers 5 \
-    --norm-layers post,deepnorm,peri,lns,hybrid --norm-type layernorm --precision bf16 --attention simple
+run_step memcheck_bf16 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --layers 6 \
+    --norm-layers post,deepnorm,peri,lns,hybrid,preqkv --norm-type layernorm --precision bf16 --attention simple
 # (with stochastic rounding: its AdamW path draws random bits per element)
 run_step memcheck_bf16_pure 150 "${SAN[@]}" --tool memcheck ./train "${TINY[@]}" --attention fused --precision bf16-pure \
     --rounding stochastic

@@ -5,7 +5,7 @@ Generate the fixtures the C++ parity tests compare against (at test time; never 
 
 Cases (CASES below): Mix-LN by alpha (pre, post, mix, mix_half) and by an explicit per-layer list
 of norm kinds (peri, deepnorm, lns, zoo: one layer of each kind, with LayerNorm, and hybrid,
-hybrid_ln: HybridNorm layers beside others), all in fp32;
+hybrid_ln: HybridNorm layers beside others, preqkv: HybridNorm*'s first layer), all in fp32;
 and the bf16 cases (mix_bf16, mix_bf16_pure, zoo_bf16, hybrid_bf16): the mix, zoo and hybrid cases (same checkpoint,
 data and hyperparameters) computed by the reference's emulation of --precision bf16 / bf16-pure;
 mix_bf16_tc is mix_bf16 with 3 heads of 16 channels (the others have 4 of 12) and the emulation
@@ -65,6 +65,11 @@ CASES = {
     "hybrid":   dict(L=4, norm_layers=["hybrid", "pre", "hybrid", "post"], seed=1009, weight_decay=0.0, grad_clip=0.0),
     "hybrid_ln": dict(L=3, norm_layers=["peri", "hybrid", "hybrid"], norm_type="layernorm", seed=1010,
                       weight_decay=0.1, grad_clip=0.0),
+    # preqkv (HybridNorm*'s first layer: pre with QKV-Norm) first, as in HybridNorm*; after a hybrid
+    # layer, whose output it normalises with its own N1; and before a pre layer, whose N1 it runs
+    # fused with its last residual add
+    "preqkv":   dict(L=4, norm_layers=["preqkv", "hybrid", "preqkv", "pre"], seed=1011, weight_decay=0.0,
+                     grad_clip=0.0),
 }
 # bf16 emulation (reference.py, "Precision"): an fp32 case with a "precision" key. Same seed, so
 # the same checkpoint and tokens as the case they copy.

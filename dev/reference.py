@@ -7,7 +7,8 @@ Everything is plain fp32 PyTorch, readable top to bottom:
 
   file formats   safetensors (tiny reader/writer), llm.c token shards, config.json
   model          LLaMA with a norm placement per layer (`norm_layers`): pre, post, peri (Sandwich),
-                 deepnorm, lns (LayerNorm Scaling), hybrid (HybridNorm); Mix-LN is
+                 deepnorm, lns (LayerNorm Scaling), hybrid (HybridNorm), preqkv (pre with
+                 HybridNorm's q, k, v norms: HybridNorm*'s first layer); Mix-LN is
                  [post]*floor(alpha*L) + [pre]*rest.
                  Norms are RMSNorm or LayerNorm (`norm_type`); equations in DecoderLayer
   precision      fp32 (default) or an emulation of the engine's --precision bf16 / bf16-pure:
@@ -20,7 +21,7 @@ Everything is plain fp32 PyTorch, readable top to bottom:
                  eval take --precision fp32|bf16|bf16-pure
 
 Parameter names are exactly the Hugging Face LLaMA names (Gemma-2's for the four norms of a peri
-layer, OLMo-2's `self_attn.q_norm` / `k_norm` (and `v_norm`) for a hybrid layer's QKV norms;
+layer, OLMo-2's `self_attn.q_norm` / `k_norm` (and `v_norm`) for the QKV norms of a hybrid or preqkv layer;
 `<norm>.bias` beside each weight with LayerNorm), with Linear weights stored
 (out_features, in_features), so a checkpoint written here is read by the C++ engine and back.
 config.json always holds `norm_layers` and `norm_type`, and `post_ln_layers` / `mixln_alpha`
@@ -166,7 +167,7 @@ def shard_load(path):
 # [post]*floor(alpha*L) + [pre]*(L - that), for which `post_ln_layers` / `mixln_alpha` remain the
 # shorthand. `norm_type` says what every norm (the layers' and the final one) is.
 
-NORM_KINDS = ("pre", "post", "peri", "deepnorm", "lns", "hybrid")
+NORM_KINDS = ("pre", "post", "peri", "deepnorm", "lns", "hybrid", "preqkv")
 NORM_TYPES = ("rmsnorm", "layernorm")
 
 
@@ -720,6 +721,8 @@ class DecoderLayer(nn.Module):
                  RoPE and the attention; no norm on the attention's input or after its add.
                  Nq/Nk/Nv self_attn.q_norm, k_norm, v_norm (OLMo-2's names), N2
                  post_feedforward_layernorm
+      preqkv:    h = x + Attn_qkvnorm(N1(x))    y = h + MLP(N2(h))             (HybridNorm*'s first layer)
+                 names as pre, and the QKV norms as hybrid's
 
     Norms are registered in the order N1, (N1o,) N2, (N2o,) after self_attn and mlp, so
     named_parameters() (and the order init draws in) is fixed per kind.
@@ -739,11 +742,11 @@ class DecoderLayer(nn.Module):
         # that they change the numbers
         self.deepnorm_alpha = deepnorm_alpha(cfg.num_hidden_layers) if kind == "deepnorm" else 1.0
         self.lns_scale = lns_scale(layer_idx) if kind == "lns" else 1.0
-        self.self_attn = Attention(cfg, qkv_norm=kind == "hybrid")
+        self.self_attn = Attention(cfg, qkv_norm=kind in ("hybrid", "preqkv"))
         self.mlp = MLP(cfg)
         if kind == "hybrid":
             self.post_feedforward_layernorm = make_norm(cfg)  # N2, after the MLP residual add
-        elif kind in ("pre", "lns"):
+        elif kind in ("pre", "lns", "preqkv"):
             self.input_layernorm = make_norm(cfg)             # N1, before attention
             self.post_attention_layernorm = make_norm(cfg)    # N2, before the MLP
         elif kind in ("post", "deepnorm"):
@@ -757,8 +760,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x):  # x (B, T, C) -> (B, T, C)
         kind = self.kind
-        if kind == "pre":
-            # h = x + Attn(N1(x));  y = h + MLP(N2(h))
+        if kind in ("pre", "preqkv"):
+            # h = x + Attn(N1(x));  y = h + MLP(N2(h))  (preqkv: Attn normalises q, k and v too)
             h = store(x + self.self_attn(self.input_layernorm(x)))
             return store(h + self.mlp(self.post_attention_layernorm(h)))
         if kind == "lns":
@@ -826,7 +829,7 @@ QKV_NORM_NAMES = ("q_norm", "k_norm", "v_norm")
 
 
 def is_norm_weight(name):
-    """A norm's weight (starts at 1): every layer norm's (a hybrid layer's QKV norms too) and the
+    """A norm's weight (starts at 1): every layer norm's (the QKV norms too) and the
     final norm's."""
     parts = name.split(".")
     return name.endswith("layernorm.weight") or name == "model.norm.weight" or (
@@ -850,7 +853,7 @@ def linear_init_std(cfg, name, shape, scaled_init=False):
       0.02 by default (and always for lm_head);
       deepnorm layers: DeepNet's xavier normal, gain * sqrt(2 / (fan_in + fan_out)), gain 1 for
         q_proj and k_proj, b = (8L)^(-1/4) for v_proj, o_proj, gate_proj, up_proj, down_proj;
-      scaled_init: o_proj and down_proj of pre, lns and peri layers 0.02 / sqrt(2L)."""
+      scaled_init: o_proj and down_proj of pre, lns, peri and preqkv layers 0.02 / sqrt(2L)."""
     parts = name.split(".")
     if parts[:2] != ["model", "layers"]:
         return 0.02
@@ -861,7 +864,7 @@ def linear_init_std(cfg, name, shape, scaled_init=False):
         fan_out, fan_in = shape
         gain = 1.0 if proj in ("q_proj", "k_proj") else deepnorm_beta(L)
         return gain * math.sqrt(2.0 / (fan_in + fan_out))
-    if scaled_init and kind in ("pre", "lns", "peri") and proj in ("o_proj", "down_proj"):
+    if scaled_init and kind in ("pre", "lns", "peri", "preqkv") and proj in ("o_proj", "down_proj"):
         return 0.02 / math.sqrt(2.0 * L)
     return 0.02
 

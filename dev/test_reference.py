@@ -192,7 +192,7 @@ def test_train_matches_cli_semantics():
 #
 # Written from the contract, not from reference.py: the kinds, their norm names and equations.
 
-KINDS = ("pre", "post", "peri", "deepnorm", "lns", "hybrid")
+KINDS = ("pre", "post", "peri", "deepnorm", "lns", "hybrid", "preqkv")
 ZOO = ["post", "deepnorm", "peri", "lns", "pre"]  # one layer of each kind
 KIND_NORMS = {  # a layer's norms by kind, as N1, (N1o,) N2, (N2o)
     "pre":      ["input_layernorm", "post_attention_layernorm"],
@@ -203,6 +203,9 @@ KIND_NORMS = {  # a layer's norms by kind, as N1, (N1o,) N2, (N2o)
                  "post_feedforward_layernorm"],
     # HybridNorm: QKV-Norm inside the attention (OLMo-2's names), N2 after the MLP residual add
     "hybrid":   ["self_attn.q_norm", "self_attn.k_norm", "self_attn.v_norm", "post_feedforward_layernorm"],
+    # HybridNorm*'s first layer: pre's N1 and N2, and hybrid's QKV-Norm inside the attention
+    "preqkv":   ["input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm",
+                 "self_attn.v_norm"],
 }
 
 
@@ -273,7 +276,7 @@ def layer_by_equation(layer, kind, x, l, L):
     if kind == "hybrid":  # the QKV norms are inside A: see spec_forward
         h = x + A(x)
         return rest[-1](h + M(h))
-    if kind == "pre":
+    if kind in ("pre", "preqkv"):  # (preqkv: A normalises q, k and v too)
         h = x + A(n1(x))
         return h + M(rest[0](h))
     if kind == "post":
@@ -376,9 +379,10 @@ def test_checkpoint_names_per_kind():
             assert len(norm_names) == (2 * len(KIND_NORMS[kind]) + 1) * len(suffixes)
             assert all(ref.is_norm_weight(n) == n.endswith(".weight") for n in norm_names)
             assert all(ref.is_norm_bias(n) == n.endswith(".bias") for n in norm_names)
-            # layer 0's norms are registered N1, (N1o,) N2, (N2o)
+            # layer 0's norms are registered N1, (N1o,) N2, (N2o), after the QKV norms inside self_attn
             layer0 = [n[len("model.layers.0."):] for n in norm_names if n.startswith("model.layers.0.")]
-            assert layer0 == [f"{norm}.{s}" for norm in KIND_NORMS[kind] for s in suffixes], layer0
+            order = sorted(KIND_NORMS[kind], key=lambda norm: not norm.startswith("self_attn."))  # stable
+            assert layer0 == [f"{norm}.{s}" for norm in order for s in suffixes], layer0
     assert not ref.is_norm_param("model.layers.0.self_attn.q_proj.weight") and not ref.is_norm_param("lm_head.weight")
 
 
@@ -823,12 +827,12 @@ def spec_forward(model, tokens, r):
     for l, kind in enumerate(cfg.norm_layers):
         pre = f"model.layers.{l}."
         n1, *rest = [pre + name for name in KIND_NORMS[kind]]
-        A = lambda a: attn(a, pre + "self_attn.", kind == "hybrid")  # noqa: E731
+        A = lambda a: attn(a, pre + "self_attn.", kind in ("hybrid", "preqkv"))  # noqa: E731
         M = lambda m: mlp(m, pre + "mlp.")         # noqa: E731
         if kind == "hybrid":
             h = r(x + A(x))
             x = norm(r(h + M(h)), rest[-1])
-        elif kind == "pre":
+        elif kind in ("pre", "preqkv"):
             h = r(x + A(norm(x, n1)))
             x = r(h + M(norm(h, rest[0])))
         elif kind == "lns":

@@ -95,6 +95,10 @@ TEST_CASE("HybridNorm gradients match finite differences in fp64", "[fd]") {
     check_gradients("pre,hybrid,post");   // a pre layer feeding a hybrid one, a hybrid feeding a post one
     check_gradients("hybrid,peri,hybrid", NORM_LAYERNORM);
 }
+TEST_CASE("HybridNorm* (preqkv, then hybrid) gradients match finite differences in fp64", "[fd]") {
+    check_gradients("preqkv,hybrid,hybrid");
+    check_gradients("hybrid,preqkv,pre", NORM_LAYERNORM);   // preqkv after a hybrid layer, before a pre one
+}
 TEST_CASE("Mixed placements with LayerNorm match finite differences in fp64", "[fd]") {
     check_gradients("peri,deepnorm,lns", NORM_LAYERNORM);
     check_gradients("post,pre,peri", NORM_LAYERNORM);

@@ -263,12 +263,20 @@ TEST_CASE(BACKEND ": HybridNorm (QKV-Norm, Post-LN MLP) beside pre and post laye
 TEST_CASE(BACKEND ": HybridNorm with LayerNorm and weight decay, after a peri layer, matches PyTorch", "[parity]") {
     check_case("hybrid_ln", 5e-5, false, "peri,hybrid,hybrid", NORM_LAYERNORM);
 }
+// HybridNorm*'s first layer (preqkv: pre with QKV-Norm) at the start, after a hybrid layer and
+// before a pre one
+TEST_CASE(BACKEND ": preqkv (Pre-LN with QKV-Norm, HybridNorm*'s first layer) matches PyTorch", "[parity]") {
+    check_case("preqkv", 5e-6, false, "preqkv,hybrid,preqkv,pre");
+}
 #ifdef MIXLN_CUDA
 TEST_CASE(BACKEND ": with the fused attention kernels, Mix-LN alpha 0.25 matches PyTorch", "[parity][fused]") {
     check_case("mix", 5e-6, true);
 }
 TEST_CASE(BACKEND ": with the fused attention kernels, HybridNorm matches PyTorch", "[parity][fused]") {
     check_case("hybrid", 5e-6, true, "hybrid,pre,hybrid,post");
+}
+TEST_CASE(BACKEND ": with the fused attention kernels, preqkv matches PyTorch", "[parity][fused]") {
+    check_case("preqkv", 5e-6, true, "preqkv,hybrid,preqkv,pre");
 }
 #endif
 

@@ -1111,6 +1111,34 @@ TEST_CASE("HybridNorm layers: q/k/v norm names, no N1, and the reference's loss,
     require_evals_agree(from_reference, shard);
 }
 
+// HybridNorm* (--norm hybridstar): a preqkv layer first, pre's N1 and N2 names and the q/k/v norms,
+// then hybrid layers
+TEST_CASE("--norm hybridstar: a preqkv layer, then hybrid ones, and the reference's loss, both ways", "[cli][placement]") {
+    std::string tmp = make_temp_dir();
+    std::string ckpt = tmp + "/ckpt";
+    Run r = train_ok("--steps 0 --out " + quote(ckpt) + " --layers 3 " + PLACEMENT_MODEL + " --norm hybridstar --seed 7");
+    CHECK(r.out.find("preqkv x1, hybrid x2") != std::string::npos);
+    CHECK(config_norm_layers(ckpt) == std::vector<std::string>{"preqkv", "hybrid", "hybrid"});
+    std::string shard = tmp + "/val.bin";
+    write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 8));
+    require_evals_agree(ckpt, shard);
+    SafeTensorsFile file;
+    safetensors_open(&file, (ckpt + "/model.safetensors").c_str());
+    auto has = [&](const std::string& name) { return safetensors_find(&file, name) != nullptr; };
+    for (const char* norm : {"input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm",
+                             "self_attn.v_norm"}) {
+        CHECK(has(std::string("model.layers.0.") + norm + ".weight"));
+    }
+    CHECK(!has("model.layers.0.post_feedforward_layernorm.weight"));
+    CHECK(!has("model.layers.1.input_layernorm.weight"));
+    CHECK(has("model.layers.1.self_attn.q_norm.weight"));
+    // the reference's own preqkv checkpoint, under LayerNorm, loads and agrees
+    std::string from_reference = tmp + "/from_reference";
+    reference_ok("init --out " + quote(from_reference) + " --vocab 61 --dim 32 --layers 3 --heads 4 --ffn 72 --seq-len 16" +
+                 " --alpha 0 --norm-layers preqkv,hybrid,preqkv --norm-type layernorm --seed 14");
+    require_evals_agree(from_reference, shard);
+}
+
 TEST_CASE("a Peri-LN checkpoint written by the PyTorch reference loads into train", "[cli][placement]") {
     std::string tmp = make_temp_dir();
     std::string ckpt = tmp + "/ckpt";
@@ -1125,7 +1153,7 @@ TEST_CASE("a Peri-LN checkpoint written by the PyTorch reference loads into trai
 
 TEST_CASE("--norm KIND puts that kind in every layer, and --lns turns the pre layers into lns", "[cli][placement]") {
     std::string tmp = make_temp_dir();
-    for (const char* kind : {"peri", "deepnorm", "lns", "pre", "post", "hybrid"}) {
+    for (const char* kind : {"peri", "deepnorm", "lns", "pre", "post", "hybrid", "preqkv"}) {
         train_ok("--steps 0 --out " + quote(tmp + "/" + kind) + " --layers 3 " + PLACEMENT_MODEL + " --norm " + kind);
         CHECK(config_norm_layers(tmp + "/" + kind) == std::vector<std::string>(3, kind));
     }
@@ -1141,7 +1169,8 @@ TEST_CASE("bad norm placements are refused, naming the problem", "[cli][placemen
     require_train_fails("--steps 0" + model + " --norm-layers pre,sandwich,post", "unknown norm placement 'sandwich' in layer 1");
     require_train_fails("--steps 0" + model + " --norm-layers pre,,post", "unknown norm placement '' in layer 1");
     require_train_fails("--steps 0" + model + " --norm pre --norm-layers pre,pre,pre", "--norm-layers replaces --norm and --alpha");
-    require_train_fails("--steps 0" + model + " --norm sandwich", "--norm must be pre, post, mix, peri, deepnorm, lns or hybrid");
+    require_train_fails("--steps 0" + model + " --norm sandwich",
+                        "--norm must be pre, post, mix, peri, deepnorm, lns, hybrid, preqkv or hybridstar");
     require_train_fails("--steps 0" + model + " --norm post --lns", "--lns scales the pre layers, but --norm post has none");
     require_train_fails("--steps 0" + model + " --norm-layers post,peri,post --lns", "--lns scales the pre layers, but the placement has none");
     require_train_fails("--steps 0" + model + " --norm-type batchnorm", "--norm-type must be rmsnorm or layernorm");
