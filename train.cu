@@ -113,8 +113,8 @@ static void print_help() {
     printf("  --seq-len T            sequence length (default: preset)\n");
     printf("norm placement (per layer: pre, post, peri = Sandwich/Peri-LN, deepnorm, lns = Pre-LN with LayerNorm Scaling,\n"
            "                hybrid = HybridNorm: norms on q, k and v, Post-LN around the MLP, preqkv = pre with norms on q, k, v):\n");
-    printf("  --norm KIND|mix|hybridstar  the same kind in every layer, or mix: Mix-LN, or hybridstar: HybridNorm*\n"
-           "                         (preqkv, then hybrid) (default %s)\n", d.norm.c_str());
+    printf("  --norm KIND|mix        the same kind in every layer, or mix: Mix-LN (default %s), or hybridstar:\n"
+           "                         HybridNorm* (preqkv, then hybrid)\n", d.norm.c_str());
     printf("  --alpha A              with --norm mix: floor(A*L) leading Post-LN layers, the rest Pre-LN, A in [0, 1] (default %g)\n", d.alpha);
     printf("  --norm-layers LIST     one kind per layer, e.g. post,post,pre,peri (instead of --norm)\n");
     printf("  --lns                  LayerNorm Scaling in every pre layer: each norm's output times 1/sqrt(l+1)\n");
