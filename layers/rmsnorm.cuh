@@ -161,10 +161,11 @@ warp's request carries 64 bytes, and on an H200 the input gradient took ~50 us f
 one warp load moves 512 contiguous bytes, and issues all its loads of a group of chunks before
 using any.
 
-The 16-byte path applies when the rows are whole aligned chunks: C a multiple of RMSNORM_VEC and
-every row pointer 16-byte aligned (rmsnorm_vectors_apply; cudaMalloc's pointers are, and the
-model's tensors start at multiples of C from them). Otherwise the launcher takes the original
-channel-strided kernel, kept as the fallback (odd C, C = 13, a pointer into the middle of a row).
+The 16-byte path applies when the rows are whole aligned chunks: C and the row stride multiples
+of RMSNORM_VEC and every row pointer 16-byte aligned (rmsnorm_vectors_apply; cudaMalloc's pointers
+are, and the model's tensors, and q, k and v inside qkv, start at multiples of C from them).
+Otherwise the launcher takes the original channel-strided kernel, kept as the fallback (odd C,
+C = 13, a pointer into the middle of a row).
 The math per element is the same on both; the row sums (of squares, of g * xhat) add each lane's
 channels in a different order, so they differ from the fallback's in the last float bits.
 
