@@ -1172,6 +1172,9 @@ TEST_CASE("bad norm placements are refused, naming the problem", "[cli][placemen
     require_train_fails("--steps 0" + model + " --norm sandwich",
                         "--norm must be pre, post, mix, peri, deepnorm, lns, hybrid, preqkv or hybridstar");
     require_train_fails("--steps 0" + model + " --norm post --lns", "--lns scales the pre layers, but --norm post has none");
+    // HybridNorm* has no pre layer for --lns to scale (preqkv is not pre), and no alpha
+    require_train_fails("--steps 0" + model + " --norm hybridstar --lns", "--lns scales the pre layers, but --norm hybridstar has none");
+    require_train_fails("--steps 0" + model + " --norm hybridstar --alpha 0.5", "--alpha applies to --norm mix only (got --norm hybridstar)");
     require_train_fails("--steps 0" + model + " --norm-layers post,peri,post --lns", "--lns scales the pre layers, but the placement has none");
     require_train_fails("--steps 0" + model + " --norm-type batchnorm", "--norm-type must be rmsnorm or layernorm");
     require_train_fails("--steps 0" + model + " --scaled-embed --embed-std 0.1", "give it or --embed-std, not both");
