@@ -73,6 +73,8 @@ struct Args {
     int warmup = 0;
     float min_lr_ratio = 0.1f;
     float weight_decay = 0.0f;
+    float beta1 = 0.9f, beta2 = 0.999f;   // AdamW's moment decays (the paper's; HybridNorm used 0.9/0.95)
+    float adam_eps = 1e-8f;
     float grad_clip = 0.0f;
     int seed = 1337;               // the weights' initialisation; with --rounding stochastic also its random bits
     float embed_std = 0.02f;
@@ -128,7 +130,7 @@ static void print_help() {
     printf("  --val-data PATTERN     validation shards (default: none)\n");
     printf("  --val-batches K        validate on the first K batches (default 0: every whole window)\n");
     printf("  --val-every N          also validate every N steps (default 0: only at the end)\n");
-    printf("optimisation (AdamW, betas 0.9/0.999, eps 1e-8; warmup then cosine to lr*min-lr-ratio):\n");
+    printf("optimisation (AdamW; warmup then cosine to lr*min-lr-ratio):\n");
     printf("  --batch B              sequences per micro-batch (default %d)\n", d.batch);
     printf("  --grad-accum K         micro-batches per optimizer step: a global batch of K*B sequences (default %d)\n", d.grad_accum);
     printf("  --steps N              optimizer steps (default %d)\n", d.steps);
@@ -136,6 +138,9 @@ static void print_help() {
     printf("  --warmup W             linear warmup steps (default %d)\n", d.warmup);
     printf("  --min-lr-ratio R       final lr as a fraction of the peak (default %g)\n", d.min_lr_ratio);
     printf("  --weight-decay WD      decoupled weight decay (default %g)\n", d.weight_decay);
+    printf("  --beta1 B1             AdamW's first-moment decay, in [0, 1) (default %g)\n", d.beta1);
+    printf("  --beta2 B2             AdamW's second-moment decay, in [0, 1) (default %g)\n", d.beta2);
+    printf("  --adam-eps E           AdamW's epsilon, added to sqrt of the second moment, positive (default %g)\n", d.adam_eps);
     printf("  --grad-clip G          clip the global gradient norm to G, 0 = off (default %g)\n", d.grad_clip);
     printf("  --seed S               initialisation seed (default %d)\n", d.seed);
     printf("run:\n");
@@ -249,6 +254,9 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--warmup") a.warmup = parse_int(f, v);
         else if (flag == "--min-lr-ratio") a.min_lr_ratio = parse_float(f, v);
         else if (flag == "--weight-decay") a.weight_decay = parse_float(f, v);
+        else if (flag == "--beta1") a.beta1 = parse_float(f, v);
+        else if (flag == "--beta2") a.beta2 = parse_float(f, v);
+        else if (flag == "--adam-eps") a.adam_eps = parse_float(f, v);
         else if (flag == "--grad-clip") a.grad_clip = parse_float(f, v);
         else if (flag == "--seed") a.seed = parse_int(f, v);
         else if (flag == "--device") a.device = v;
@@ -295,6 +303,11 @@ static Args parse_args(int argc, char** argv) {
     if (!(a.lr >= 0.0f)) fail("--lr must be at least 0, got %g", a.lr);
     if (!(a.min_lr_ratio >= 0.0f && a.min_lr_ratio <= 1.0f)) fail("--min-lr-ratio must be in [0, 1], got %g", a.min_lr_ratio);
     if (!(a.weight_decay >= 0.0f)) fail("--weight-decay must be at least 0, got %g", a.weight_decay);
+    // beta 1 would freeze a moment at 0 and divide the bias correction by 0
+    if (!(a.beta1 >= 0.0f && a.beta1 < 1.0f)) fail("--beta1 must be in [0, 1), got %g", a.beta1);
+    if (!(a.beta2 >= 0.0f && a.beta2 < 1.0f)) fail("--beta2 must be in [0, 1), got %g", a.beta2);
+    // eps 0 divides 0 by 0 wherever a gradient has been 0 so far
+    if (!(a.adam_eps > 0.0f)) fail("--adam-eps must be positive, got %g", a.adam_eps);
     if (!(a.grad_clip >= 0.0f)) fail("--grad-clip must be at least 0, got %g", a.grad_clip);
     if (!(a.embed_std > 0.0f)) fail("--embed-std must be positive, got %g", a.embed_std);
     if (a.device != "auto" && a.device != "cpu" && a.device != "cuda") fail("--device must be auto, cpu or cuda, got '%s'", a.device.c_str());
@@ -443,6 +456,9 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--warmup", std::to_string(a.warmup), false},
             {"--min-lr-ratio", number_text(a.min_lr_ratio), false},
             {"--weight-decay", number_text(a.weight_decay), false},
+            {"--beta1", number_text(a.beta1), false},
+            {"--beta2", number_text(a.beta2), false},
+            {"--adam-eps", number_text(a.adam_eps), false},
             {"--grad-clip", number_text(a.grad_clip), false},
             {"--precision", a.precision, false},
             {"--rounding", a.rounding, false},
@@ -487,18 +503,22 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
     std::vector<std::string> argv_like;
     for (const RunSetting& s : run_settings(*a)) {
         const JsonValue* v = saved.get(s.flag);
-        // states saved before --precision existed trained in fp32, before --attention auto with
-        // the simple attention (the only one on the CPU, the default on the GPU), and before
-        // --rounding rounded to nearest. Those states did not save the seed, which nothing after
+        // A state saved before a setting existed trained with what the program did then: fp32
+        // before --precision, the simple attention (the only one on the CPU, the default on the
+        // GPU) before --attention, nearest rounding before --rounding, AdamW's betas 0.9/0.999
+        // and eps 1e-8 before their flags. Those states did not save the seed, which nothing after
         // the initialisation read: the run goes on with the one given, or the default.
-        JsonValue fp32, simple, nearest;
-        fp32.type = simple.type = nearest.type = JsonValue::String;
-        fp32.string = "fp32";
-        simple.string = "simple";
-        nearest.string = "nearest";
-        if (v == nullptr && std::string(s.flag) == "--precision") v = &fp32;
-        if (v == nullptr && std::string(s.flag) == "--attention") v = &simple;
-        if (v == nullptr && std::string(s.flag) == "--rounding") v = &nearest;
+        static const std::pair<const char*, const char*> before_saved[] = {
+            {"--precision", "fp32"}, {"--attention", "simple"}, {"--rounding", "nearest"},
+            {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"}};
+        JsonValue old_default;
+        old_default.type = JsonValue::String;
+        for (const auto& entry : before_saved) {
+            if (v == nullptr && std::string(s.flag) == entry.first) {
+                old_default.string = entry.second;
+                v = &old_default;
+            }
+        }
         if (v == nullptr && std::string(s.flag) == "--seed") continue;
         if (std::string(s.flag) == "--device") {
             if (v != nullptr && v->type == JsonValue::String) saved_device = v->string;
@@ -534,6 +554,9 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         else if (flag == "--warmup") a->warmup = parse_int("--warmup", v);
         else if (flag == "--min-lr-ratio") a->min_lr_ratio = parse_float("--min-lr-ratio", v);
         else if (flag == "--weight-decay") a->weight_decay = parse_float("--weight-decay", v);
+        else if (flag == "--beta1") a->beta1 = parse_float("--beta1", v);
+        else if (flag == "--beta2") a->beta2 = parse_float("--beta2", v);
+        else if (flag == "--adam-eps") a->adam_eps = parse_float("--adam-eps", v);
         else if (flag == "--grad-clip") a->grad_clip = parse_float("--grad-clip", v);
         else if (flag == "--precision") a->precision = v;
         else if (flag == "--rounding") a->rounding = v;
@@ -995,7 +1018,8 @@ int main(int argc, char** argv) {
         }
         if (!std::isfinite(grad_norm)) fail("the gradient norm is not finite at step %d; stopping", step);
         float lr = learning_rate(step, args.lr, args.warmup, args.steps, args.min_lr_ratio);
-        model_update(&model, lr, 0.9f, 0.999f, 1e-8f, args.weight_decay, grad_clip_scale(grad_norm, args.grad_clip));
+        model_update(&model, lr, args.beta1, args.beta2, args.adam_eps, args.weight_decay,
+                     grad_clip_scale(grad_norm, args.grad_clip));
         double seconds = seconds_since(start);
         double tokens_per_second = (double)K * B * T / seconds;
         run_seconds += seconds;

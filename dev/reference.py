@@ -1007,7 +1007,7 @@ class BF16PureAdamW:
             p.copy_(round_bf16(p2))
 
 
-def make_optimizer(params, lr, weight_decay):
+def make_optimizer(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
     # AdamW as torch 1.13 implements it, applied to every parameter (norm weights and biases and
     # the embedding included):
     #   p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
@@ -1016,8 +1016,8 @@ def make_optimizer(params, lr, weight_decay):
     # fp32 and bf16 (fp32 master weights and moments): torch's own AdamW. bf16-pure: the same
     # arithmetic with everything rounded to bf16 as stored (BF16PureAdamW).
     if _precision == "bf16-pure":
-        return BF16PureAdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+        return BF16PureAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def train_step(model, opt, params, x, y, lr, grad_clip):
@@ -1044,7 +1044,8 @@ def round_parameters_(model):
             p.copy_(round_bf16(p))
 
 
-def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, grad_clip):
+def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, grad_clip,
+          betas=(0.9, 0.999), eps=1e-8):
     """Train in place for `steps` steps walking batches 0, 1, ... of `tokens` (wrapping to 0), in
     the current precision (using_precision). -> list of (train_loss, lr, grad_norm) per step.
     bf16-pure first rounds the parameters to bf16, as the engine's load does."""
@@ -1052,7 +1053,7 @@ def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, gr
     if _precision == "bf16-pure":
         round_parameters_(model)
     params = [p for _, p in model.named_parameters()]
-    opt = make_optimizer(params, lr, weight_decay)
+    opt = make_optimizer(params, lr, weight_decay, betas, eps)
     nb = num_batches(len(tokens), B, T)
     if nb < 1:
         raise ValueError(f"shard of {len(tokens)} tokens holds no whole batch of {B}x{T}")
@@ -1209,7 +1210,7 @@ def cmd_train(a):
     model = load_checkpoint(a.ckpt)
     with using_precision(a.precision):
         log = train(model, shard_load(a.data), a.batch, a.seq_len, a.steps, a.lr, a.warmup,
-                    a.min_lr_ratio, a.weight_decay, a.grad_clip)
+                    a.min_lr_ratio, a.weight_decay, a.grad_clip, (a.beta1, a.beta2), a.adam_eps)
     save_checkpoint(model, a.out)
     lines = [json.dumps({"step": s, "train_loss": l, "lr": lr, "grad_norm": g}) for s, (l, lr, g) in enumerate(log)]
     with open(os.path.join(a.out, "log.jsonl"), "w") as f:
@@ -1311,6 +1312,9 @@ def main(argv=None):
     q.add_argument("--min-lr-ratio", type=float, default=0.1)
     q.add_argument("--weight-decay", type=float, default=0.0)
     q.add_argument("--grad-clip", type=float, default=0.0)
+    q.add_argument("--beta1", type=float, default=0.9, help="AdamW's first-moment decay (default 0.9)")
+    q.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay (default 0.999)")
+    q.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW's epsilon (default 1e-8)")
     q.add_argument("--out", required=True)
     precision_arg(q)
     q.set_defaults(fn=cmd_train)

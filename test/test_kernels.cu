@@ -268,17 +268,21 @@ TEST_CASE("crossentropy kernels match the CPU", "[kernels]") {
 }
 
 TEST_CASE("adamw kernel matches the CPU", "[kernels]") {
+    // the paper's betas and eps, and HybridNorm's betas with a larger eps (--beta1/--beta2/--adam-eps)
+    const float settings[2][3] = {{0.9f, 0.999f, 1e-8f}, {0.8f, 0.95f, 1e-6f}};
+    for (const auto& setting : settings)
     for (size_t n : {1, 257, 5000}) {
         for (int t : {1, 7}) {   // the first step and a later one: bias corrections differ
-            INFO("n " << n << " t " << t);
+            const float beta1 = setting[0], beta2 = setting[1], eps = setting[2];
+            INFO("n " << n << " t " << t << " beta1 " << beta1 << " beta2 " << beta2 << " eps " << eps);
             auto params = random_floats(n, 18), m = random_floats(n, 19, 0.1f), grads = random_floats(n, 21);
             auto v = random_floats(n, 20, 0.1f);
             for (auto& x : v) x = x * x;   // a second moment is non-negative
             std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
-            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, 1e-2f, 0.9f,
-                             0.999f, 1e-8f, 0.1f, t, 0.5f, ROUND_NEAREST, 0);
+            adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, 1e-2f, beta1,
+                             beta2, eps, 0.1f, t, 0.5f, ROUND_NEAREST, 0);
             DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
-            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.1f,
+            adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, 1e-2f, beta1, beta2, eps, 0.1f,
                          t, 0.5f, ROUND_NEAREST, 0, 0);
             check_close(d_params.to_host(), params_cpu, "adamw params");
             check_close(d_m.to_host(), m_cpu, "adamw m");

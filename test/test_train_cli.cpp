@@ -312,6 +312,50 @@ TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]
     }
 }
 
+// HybridNorm's AdamW setting (betas 0.9/0.95) with a first beta and an eps of our own, so that each
+// flag changes the run: the reference's train subcommand and ./train, from the same checkpoint.
+TEST_CASE("AdamW with --beta1 --beta2 --adam-eps: train follows the PyTorch reference with the same settings", "[cli]") {
+    std::string dir = fixture_dir("mix");
+    std::string tmp = make_temp_dir();
+    const std::string data = "--batch 3 --seq-len 24 --steps 8 --lr 0.01 --warmup 2 --weight-decay 0.1";
+    const std::string adam = "--beta1 0.8 --beta2 0.95 --adam-eps 1e-6";
+    train_ok("--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") + " " + data + " " + adam +
+             " --out " + quote(tmp + "/ours"));
+    train_ok("--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") + " " + data +
+             " --out " + quote(tmp + "/defaults"));
+    reference_ok("train --ckpt " + quote(dir) + " --data " + quote(dir + "/train.bin") + " " + data + " " + adam +
+                 " --out " + quote(tmp + "/theirs"));
+    std::vector<JsonValue> ours = read_jsonl(tmp + "/ours/log.jsonl"), theirs = read_jsonl(tmp + "/theirs/log.jsonl"),
+                           defaults = read_jsonl(tmp + "/defaults/log.jsonl");
+    REQUIRE(ours.size() == 8);
+    REQUIRE(theirs.size() == 8);
+    REQUIRE(defaults.size() == 8);
+    double largest_change = 0;
+    for (int s = 0; s < 8; s++) {
+        double loss = number(ours[s], "train_loss"), reference_loss = number(theirs[s], "train_loss");
+        INFO("step " << s);
+        CAPTURE(loss, reference_loss, number(defaults[s], "train_loss"));
+        // the 10-step test's bound: 1e-5 relative, plus the log's 6 decimals
+        CHECK(std::fabs(loss - reference_loss) <= 1e-5 * std::fabs(reference_loss) + 1e-6);
+        largest_change = std::max(largest_change, std::fabs(number(defaults[s], "train_loss") - reference_loss));
+    }
+    // the flags took effect: with the default betas the losses part from these by far more than the bound
+    CHECK(largest_change > 1e-3);
+    // and the weights after the run
+    ModelConfig config = checkpoint_read_config(dir);
+    size_t n = num_parameters(config);
+    std::vector<real> weights(n), reference(n);
+    safetensors_load_named(weights.data(), config, tmp + "/ours/model.safetensors", "", false);
+    safetensors_load_named(reference.data(), config, tmp + "/theirs/model.safetensors", "", false);
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < n; i++) {
+        diff += ((double)weights[i] - reference[i]) * ((double)weights[i] - reference[i]);
+        norm += (double)reference[i] * reference[i];
+    }
+    CAPTURE(std::sqrt(diff / norm));
+    CHECK(std::sqrt(diff / norm) < 5e-6);   // the 10-step test's per-tensor bound, over all weights
+}
+
 TEST_CASE("a checkpoint written by train loads into the PyTorch reference with the same loss", "[cli]") {
     std::string tmp = make_temp_dir();
     std::string ckpt = tmp + "/ckpt";
@@ -414,7 +458,7 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
     const char* flags[] = {
         "--model", "--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len", "--norm", "--alpha",
         "--train-data", "--val-data", "--val-batches", "--val-every", "--batch", "--steps", "--lr", "--warmup",
-        "--min-lr-ratio", "--weight-decay", "--grad-clip", "--seed", "--device", "--attention", "--rope", "--precision",
+        "--min-lr-ratio", "--weight-decay", "--beta1", "--beta2", "--adam-eps", "--grad-clip", "--seed", "--device", "--attention", "--rope", "--precision",
         "--init-from", "--out", "--eval-only", "--embed-std",
     };
     for (const char* flag : flags) {
@@ -426,6 +470,7 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
         {"--model", "(default tiny)"}, {"--norm", "(default mix)"}, {"--alpha", "(default 0.25)"},
         {"--batch", "(default 8)"}, {"--steps", "(default 100)"}, {"--lr", "(default 0.001)"},
         {"--seed", "(default 1337)"}, {"--device", "(default auto"}, {"--precision", "(default fp32"},
+        {"--beta1", "(default 0.9)"}, {"--beta2", "(default 0.999)"}, {"--adam-eps", "(default 1e-08)"},
     };
     std::stringstream in(r.out);
     std::string line;
@@ -779,6 +824,22 @@ TEST_CASE("--resume refuses a setting that differs from the saved run", "[cli][r
     // and so is the attention (on the GPU, simple and fused round differently)
     require_train_fails("--resume " + quote(tmp + "/run") + " --attention simple",
                         "--attention simple differs from the saved run's auto");
+    // and AdamW's settings
+    require_train_fails("--resume " + quote(tmp + "/run") + " --beta2 0.95", "--beta2 0.95 differs from the saved run's 0.999");
+}
+
+TEST_CASE("--resume keeps AdamW's betas and eps: stopped and resumed equals straight", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    const std::string adam = " --beta1 0.85 --beta2 0.95 --adam-eps 1e-7";
+    train_ok(mix_run_args(6) + adam + " --out " + quote(tmp + "/straight"));
+    train_ok(mix_run_args(6) + adam + " --out " + quote(tmp + "/resumed") + " --stop-at 3");
+    train_ok("--resume " + quote(tmp + "/resumed"));   // not given again: the saved ones hold
+    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/resumed/model.safetensors"));
+    CHECK(train_loss_lines(tmp + "/straight/log.jsonl") == train_loss_lines(tmp + "/resumed/log.jsonl"));
+    // given again, the same values are accepted
+    train_ok(mix_run_args(6) + adam + " --out " + quote(tmp + "/again") + " --stop-at 3");
+    train_ok("--resume " + quote(tmp + "/again") + adam);
+    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/again/model.safetensors"));
 }
 
 TEST_CASE("a corrupted training state is refused and left as it was", "[cli][resume]") {
@@ -853,7 +914,9 @@ TEST_CASE("a format-1 training state still resumes, and an unknown setting is re
         metadata_field(metadata, "format") = "mixln-training-state-1";
         // nor did they save the rounding and the seed (added 2026-11-30 with --rounding)
         std::string& settings = metadata_field(metadata, "settings");
-        for (const char* saved : {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", "}) {
+        // nor AdamW's betas and eps (added 2026-11-30 with their flags)
+        for (const char* saved : {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", ", "\"--beta1\": \"0.899999976\", ",
+                                  "\"--beta2\": \"0.999000013\", ", "\"--adam-eps\": \"9.99999994e-09\", "}) {
             size_t at = settings.find(saved);
             REQUIRE(at != std::string::npos);
             settings.erase(at, strlen(saved));
@@ -1033,6 +1096,16 @@ TEST_CASE("negative counts for the new run flags are refused", "[cli]") {
     require_train_fails("--steps 0 --layer-grads-every -1", "--layer-grads-every must be at least 0");
     require_train_fails("--steps 0 --sample -2", "--sample and --top-k must be at least 0");
     require_train_fails("--steps 0 --top-k -1", "--sample and --top-k must be at least 0");
+}
+
+TEST_CASE("AdamW betas outside [0, 1) and an eps that is not positive are refused", "[cli]") {
+    require_train_fails("--steps 0 --beta1 1", "--beta1 must be in [0, 1), got 1");
+    require_train_fails("--steps 0 --beta1 -0.1", "--beta1 must be in [0, 1), got -0.1");
+    require_train_fails("--steps 0 --beta2 1.5", "--beta2 must be in [0, 1), got 1.5");
+    require_train_fails("--steps 0 --beta2 nan", "--beta2 expects a number, got 'nan'");
+    require_train_fails("--steps 0 --adam-eps 0", "--adam-eps must be positive, got 0");
+    require_train_fails("--steps 0 --adam-eps -1e-8", "--adam-eps must be positive, got -1e-08");
+    require_train_fails("--steps 0 --adam-eps x", "--adam-eps expects a number, got 'x'");
 }
 
 // ---- norm placements beyond Mix-LN
