@@ -4,7 +4,8 @@
 #   2. run every GPU test: each kernel against its CPU twin (fp32 and bf16), the whole model
 #      against the PyTorch fixtures (fp32, and bf16 against the reference's bf16 emulation),
 #      determinism
-#   3. time training steps of LLaMA-71M on the GPU in fp32 and bf16 with both attentions
+#   3. time training steps of LLaMA-71M on the GPU in fp32 and bf16 with both attentions (and
+#      HybridNorm's step in bf16)
 #   4. the engine against PyTorch on the same GPU (dev/bench_gpu.py), after a per-kernel profile
 #      of the bf16 step (dev/profile_kernels.py, where ncu is installed)
 #   5. compute-sanitizer memcheck and racecheck over tiny training runs (every placement kind
@@ -82,6 +83,10 @@ grep -E '^step (9|10)/10' "$logs/train_71m_bf16_fused_rope_separate.log" || true
 run_step rope_same_losses 10 bash -c "diff <(grep -oE '^step [0-9]+/10 \| loss [0-9.]+ .*grad norm [0-9.]+' \
     '$logs/train_71m_bf16_fused.log') <(grep -oE '^step [0-9]+/10 \| loss [0-9.]+ .*grad norm [0-9.]+' \
     '$logs/train_71m_bf16_fused_rope_separate.log') && grep -q '^step 10/10' '$logs/train_71m_bf16_fused.log'"
+# HybridNorm's step against Mix-LN's (the default placement, with as many norms as Pre-LN): its
+# QKV norms over strided rows, predicted in dev/PERF.md at +0.5 to 1 ms a step
+run_step train_71m_bf16_hybrid 120 ./train "${RUN_71M[@]}" --precision bf16 --attention fused --norm hybrid
+grep -E '^step (9|10)/10' "$logs/train_71m_bf16_hybrid.log" || true
 run_step train_71m_fused 120 ./train "${RUN_71M[@]}" --attention fused
 grep -E '^step (9|10)/10' "$logs/train_71m_fused.log" || true
 run_step train_71m_bf16 120 ./train "${RUN_71M[@]}" --precision bf16 --attention simple
