@@ -242,6 +242,23 @@ static void require_evals_agree(const std::string& ckpt, const std::string& shar
     CHECK(number(ours, "tokens") == 6 * 2 * 16);   // SHARD_TOKENS holds 6 whole windows of 2x16
 }
 
+// The tensors a checkpoint holds, to ask which norms a placement wrote.
+struct CheckpointTensors {
+    SafeTensorsFile file;
+    explicit CheckpointTensors(const std::string& ckpt) { safetensors_open(&file, (ckpt + "/model.safetensors").c_str()); }
+    bool has(const std::string& name) const { return safetensors_find(&file, name) != nullptr; }
+};
+
+// A checkpoint the PyTorch reference initialised with its own code (the small model's sizes, the
+// given layers and extra reference flags): train loads it and agrees with the reference on its
+// loss over the shard.
+static void require_reference_checkpoint_agrees(const std::string& dir, int layers, const std::string& reference_flags,
+                                               const std::string& shard) {
+    reference_ok("init --out " + quote(dir) + " --vocab 61 --dim 32 --heads 4 --ffn 72 --seq-len 16 --layers " +
+                 std::to_string(layers) + " " + reference_flags);
+    require_evals_agree(dir, shard);
+}
+
 // ---- agreement with PyTorch
 
 TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]") {
@@ -370,26 +387,22 @@ TEST_CASE("a checkpoint written by train loads into the PyTorch reference with t
     CHECK(number(config, "post_ln_layers") == 1);
     CHECK(number(config, "num_hidden_layers") == 3);
     // a layer's norms are named after where they sit (model.h, model_named_tensors)
-    SafeTensorsFile file;
-    safetensors_open(&file, (ckpt + "/model.safetensors").c_str());
-    auto has = [&](const std::string& name) { return safetensors_find(&file, name) != nullptr; };
-    CHECK(has("model.layers.0.post_attention_layernorm.weight"));    // Post-LN: after attention
-    CHECK(has("model.layers.0.post_feedforward_layernorm.weight"));  // Post-LN: after the MLP
-    CHECK(!has("model.layers.0.input_layernorm.weight"));
-    CHECK(has("model.layers.1.input_layernorm.weight"));             // Pre-LN: before attention
-    CHECK(has("model.layers.1.post_attention_layernorm.weight"));    // Pre-LN: before the MLP
-    CHECK(!has("model.layers.1.post_feedforward_layernorm.weight"));
+    CheckpointTensors tensors(ckpt);
+    CHECK(tensors.has("model.layers.0.post_attention_layernorm.weight"));    // Post-LN: after attention
+    CHECK(tensors.has("model.layers.0.post_feedforward_layernorm.weight"));  // Post-LN: after the MLP
+    CHECK(!tensors.has("model.layers.0.input_layernorm.weight"));
+    CHECK(tensors.has("model.layers.1.input_layernorm.weight"));             // Pre-LN: before attention
+    CHECK(tensors.has("model.layers.1.post_attention_layernorm.weight"));    // Pre-LN: before the MLP
+    CHECK(!tensors.has("model.layers.1.post_feedforward_layernorm.weight"));
 }
 
 TEST_CASE("a checkpoint written by the PyTorch reference loads into train", "[cli]") {
     std::string tmp = make_temp_dir();
     std::string ckpt = tmp + "/ckpt";
     // pure Post-LN: alpha 1 makes both layers Post-LN
-    reference_ok("init --out " + quote(ckpt) +
-                 " --vocab 61 --dim 32 --layers 2 --heads 4 --ffn 72 --seq-len 16 --alpha 1 --seed 11");
     std::string shard = tmp + "/val.bin";
     write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 2));
-    require_evals_agree(ckpt, shard);
+    require_reference_checkpoint_agrees(ckpt, 2, "--alpha 1 --seed 11", shard);
     // and train reads the placement from config.json, which --norm post agrees with
     Run r = train_ok("--steps 0 --norm post --init-from " + quote(ckpt));
     CHECK(r.out.find("post x2, rmsnorm") != std::string::npos);
@@ -1135,23 +1148,21 @@ TEST_CASE("a layer of every kind under LayerNorm: Gemma-2 norm names, biases, an
     REQUIRE(config.get("norm_type") != nullptr);
     CHECK(config.get("norm_type")->string == "layernorm");
     CHECK(config.get("post_ln_layers") == nullptr);   // not a Mix-LN list: the shorthand would mislead
-    SafeTensorsFile file;
-    safetensors_open(&file, (ckpt + "/model.safetensors").c_str());
-    auto has = [&](const std::string& name) { return safetensors_find(&file, name) != nullptr; };
+    CheckpointTensors tensors(ckpt);
     // the peri layer: four norms, Gemma-2 names
     for (const char* norm : {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                              "post_feedforward_layernorm"}) {
-        CHECK(has(std::string("model.layers.2.") + norm + ".weight"));
-        CHECK(has(std::string("model.layers.2.") + norm + ".bias"));
+        CHECK(tensors.has(std::string("model.layers.2.") + norm + ".weight"));
+        CHECK(tensors.has(std::string("model.layers.2.") + norm + ".bias"));
     }
     // deepnorm is named as post, lns as pre
-    CHECK(has("model.layers.1.post_attention_layernorm.weight"));
-    CHECK(has("model.layers.1.post_feedforward_layernorm.bias"));
-    CHECK(!has("model.layers.1.input_layernorm.weight"));
-    CHECK(has("model.layers.3.input_layernorm.weight"));
-    CHECK(has("model.layers.3.post_attention_layernorm.bias"));
-    CHECK(!has("model.layers.3.pre_feedforward_layernorm.weight"));
-    CHECK(has("model.norm.bias"));
+    CHECK(tensors.has("model.layers.1.post_attention_layernorm.weight"));
+    CHECK(tensors.has("model.layers.1.post_feedforward_layernorm.bias"));
+    CHECK(!tensors.has("model.layers.1.input_layernorm.weight"));
+    CHECK(tensors.has("model.layers.3.input_layernorm.weight"));
+    CHECK(tensors.has("model.layers.3.post_attention_layernorm.bias"));
+    CHECK(!tensors.has("model.layers.3.pre_feedforward_layernorm.weight"));
+    CHECK(tensors.has("model.norm.bias"));
 }
 
 // HybridNorm: QKV-Norm under OLMo-2's names, the MLP's norm as post's N2, no N1
@@ -1164,24 +1175,20 @@ TEST_CASE("HybridNorm layers: q/k/v norm names, no N1, and the reference's loss,
     write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 6));
     require_evals_agree(ckpt, shard);
     CHECK(config_norm_layers(ckpt) == std::vector<std::string>{"hybrid", "pre", "hybrid"});
-    SafeTensorsFile file;
-    safetensors_open(&file, (ckpt + "/model.safetensors").c_str());
-    auto has = [&](const std::string& name) { return safetensors_find(&file, name) != nullptr; };
+    CheckpointTensors tensors(ckpt);
     for (const char* layer : {"model.layers.0.", "model.layers.2."}) {
         for (const char* norm : {"self_attn.q_norm", "self_attn.k_norm", "self_attn.v_norm", "post_feedforward_layernorm"}) {
-            CHECK(has(std::string(layer) + norm + ".weight"));
-            CHECK(has(std::string(layer) + norm + ".bias"));
+            CHECK(tensors.has(std::string(layer) + norm + ".weight"));
+            CHECK(tensors.has(std::string(layer) + norm + ".bias"));
         }
-        CHECK(!has(std::string(layer) + "input_layernorm.weight"));
-        CHECK(!has(std::string(layer) + "post_attention_layernorm.weight"));
+        CHECK(!tensors.has(std::string(layer) + "input_layernorm.weight"));
+        CHECK(!tensors.has(std::string(layer) + "post_attention_layernorm.weight"));
     }
-    CHECK(has("model.layers.1.input_layernorm.weight"));
-    CHECK(!has("model.layers.1.self_attn.q_norm.weight"));
+    CHECK(tensors.has("model.layers.1.input_layernorm.weight"));
+    CHECK(!tensors.has("model.layers.1.self_attn.q_norm.weight"));
     // a checkpoint the reference wrote (its own init) loads, and the two agree on its loss
-    std::string from_reference = tmp + "/from_reference";
-    reference_ok("init --out " + quote(from_reference) + " --vocab 61 --dim 32 --layers 3 --heads 4 --ffn 72 --seq-len 16" +
-                 " --alpha 0 --norm-layers hybrid,hybrid,post --seed 13");
-    require_evals_agree(from_reference, shard);
+    require_reference_checkpoint_agrees(tmp + "/from_reference", 3, "--alpha 0 --norm-layers hybrid,hybrid,post --seed 13",
+                                        shard);
 }
 
 // HybridNorm* (--norm hybridstar): a preqkv layer first, pre's N1 and N2 names and the q/k/v norms,
@@ -1195,31 +1202,25 @@ TEST_CASE("--norm hybridstar: a preqkv layer, then hybrid ones, and the referenc
     std::string shard = tmp + "/val.bin";
     write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 8));
     require_evals_agree(ckpt, shard);
-    SafeTensorsFile file;
-    safetensors_open(&file, (ckpt + "/model.safetensors").c_str());
-    auto has = [&](const std::string& name) { return safetensors_find(&file, name) != nullptr; };
+    CheckpointTensors tensors(ckpt);
     for (const char* norm : {"input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm",
                              "self_attn.v_norm"}) {
-        CHECK(has(std::string("model.layers.0.") + norm + ".weight"));
+        CHECK(tensors.has(std::string("model.layers.0.") + norm + ".weight"));
     }
-    CHECK(!has("model.layers.0.post_feedforward_layernorm.weight"));
-    CHECK(!has("model.layers.1.input_layernorm.weight"));
-    CHECK(has("model.layers.1.self_attn.q_norm.weight"));
+    CHECK(!tensors.has("model.layers.0.post_feedforward_layernorm.weight"));
+    CHECK(!tensors.has("model.layers.1.input_layernorm.weight"));
+    CHECK(tensors.has("model.layers.1.self_attn.q_norm.weight"));
     // the reference's own preqkv checkpoint, under LayerNorm, loads and agrees
-    std::string from_reference = tmp + "/from_reference";
-    reference_ok("init --out " + quote(from_reference) + " --vocab 61 --dim 32 --layers 3 --heads 4 --ffn 72 --seq-len 16" +
-                 " --alpha 0 --norm-layers preqkv,hybrid,preqkv --norm-type layernorm --seed 14");
-    require_evals_agree(from_reference, shard);
+    require_reference_checkpoint_agrees(tmp + "/from_reference", 3,
+                                        "--alpha 0 --norm-layers preqkv,hybrid,preqkv --norm-type layernorm --seed 14", shard);
 }
 
 TEST_CASE("a Peri-LN checkpoint written by the PyTorch reference loads into train", "[cli][placement]") {
     std::string tmp = make_temp_dir();
     std::string ckpt = tmp + "/ckpt";
-    reference_ok("init --out " + quote(ckpt) + " --vocab 61 --dim 32 --layers 3 --heads 4 --ffn 72 --seq-len 16" +
-                 " --alpha 0 --norm-layers peri,deepnorm,lns --seed 12");
     std::string shard = tmp + "/val.bin";
     write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 5));
-    require_evals_agree(ckpt, shard);
+    require_reference_checkpoint_agrees(ckpt, 3, "--alpha 0 --norm-layers peri,deepnorm,lns --seed 12", shard);
     Run r = train_ok("--steps 0 --norm-layers peri,deepnorm,lns --init-from " + quote(ckpt));
     CHECK(r.out.find("peri x1, deepnorm x1, lns x1, rmsnorm") != std::string::npos);
 }
