@@ -7,8 +7,13 @@ The paper's layer diagnostics, run on a trained model and validation data (./tra
       in between barely change the representation (the deep Pre-LN layers, in the paper).
   layer_drop[l]: the validation loss with layer l skipped, its input passed straight to the next
       layer; next to the full model's loss it says how much the model relies on that layer.
+  hidden_rms[l], for l = 0..L: the root mean square of h_l over every token and channel, the
+      residual stream's scale at each layer boundary. Pre-LN lets it grow with depth (each layer
+      adds its unnormalised branch), which is what shrinks the deep layers' share of it; a Post-LN
+      layer's output is its norm's output, of the scale of the norm's weight.
 
-Cosines are computed in double from the fp32 hidden states; arccos of a value clamped to [-1, 1].
+Cosines and sums of squares are computed in double from the fp32 hidden states; arccos of a value
+clamped to [-1, 1].
 dev/reference.py's `analyze` implements the same definitions independently; the tests compare.
 */
 #pragma once
@@ -26,6 +31,7 @@ struct Analysis {
     size_t tokens = 0;                                  // target tokens evaluated
     std::vector<std::vector<double>> angular_distance;  // [l][n-1], a triangle
     std::vector<double> layer_drop_loss;                // [l] loss with layer l skipped
+    std::vector<double> hidden_rms;                     // [l] for l = 0..L: RMS of h_l
 };
 
 // Runs the diagnostics over the first max_batches whole windows of the loader (all if 0).
@@ -38,27 +44,35 @@ inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches)
     result.angular_distance.assign(L, {});
     for (int l = 0; l < L; l++) result.angular_distance[l].assign(L - l, 0.0);
     result.layer_drop_loss.assign(L, 0.0);
-    std::vector<float> states((size_t)(L + 1) * C);   // (L+1, C) h_0 .. h_L of one sequence's last token
+    result.hidden_rms.assign(L + 1, 0.0);   // sums of squares until the end
+    std::vector<float> states((size_t)B * (L + 1) * C);   // (B, L+1, C) h_0 .. h_L of each sequence's last token
     dataloader_reset(loader);
     for (size_t batch = 0; batch < batches; batch++) {
         dataloader_next_batch(loader);
         model->skip_layer = -1;
         model_forward(model, loader->inputs, loader->targets);
         result.val_loss += model->mean_loss;
-        for (int b = 0; b < B; b++) {
-            // gather the last token's hidden state at every layer boundary
-            size_t row = ((size_t)b * T + T - 1) * C;
-            for (int l = 0; l <= L; l++) {
-                auto stream = [&](const auto& a) {   // h_l in either storage type
-                    return l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
-                };
-                std::vector<real> host = model_activations_to_host(model, stream, row, C);
-                for (int i = 0; i < C; i++) states[(size_t)l * C + i] = (float)host[i];
+        for (int l = 0; l <= L; l++) {
+            // h_l of the whole batch, in either storage type
+            auto stream = [&](const auto& a) {
+                return l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
+            };
+            std::vector<real> h = model_activations_to_host(model, stream, 0, (size_t)B * T * C);   // (B, T, C)
+            // its sum of squares, for the RMS
+            double sum_squares = 0;
+            for (real v : h) sum_squares += (double)v * v;
+            result.hidden_rms[l] += sum_squares;
+            // the last token of each sequence, for the angular distances
+            for (int b = 0; b < B; b++) {
+                const real* last = &h[((size_t)b * T + T - 1) * C];
+                for (int i = 0; i < C; i++) states[((size_t)b * (L + 1) + l) * C + i] = (float)last[i];
             }
+        }
+        for (int b = 0; b < B; b++) {
             for (int l = 0; l < L; l++) {
                 for (int n = 1; l + n <= L; n++) {
-                    const float* x = &states[(size_t)l * C];
-                    const float* y = &states[(size_t)(l + n) * C];
+                    const float* x = &states[((size_t)b * (L + 1) + l) * C];
+                    const float* y = &states[((size_t)b * (L + 1) + l + n) * C];
                     double dot = 0, xx = 0, yy = 0;
                     for (int i = 0; i < C; i++) {
                         dot += (double)x[i] * y[i];
@@ -86,6 +100,7 @@ inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches)
     for (auto& row : result.angular_distance) {
         for (double& d : row) d /= (double)batches * B;
     }
+    for (double& rms : result.hidden_rms) rms = sqrt(rms / ((double)batches * B * T * C));
     result.tokens = batches * (size_t)B * T;
     return result;
 }
@@ -103,7 +118,9 @@ inline std::string analysis_to_json(const Analysis& a) {
         for (size_t n = 0; n < a.angular_distance[l].size(); n++) json += (n ? ", " : "") + number(a.angular_distance[l][n]);
         json += "]";
     }
-    json += "\n  ],\n  \"layer_drop\": [";
+    json += "\n  ],\n  \"hidden_rms\": [";
+    for (size_t l = 0; l < a.hidden_rms.size(); l++) json += (l ? ", " : "") + number(a.hidden_rms[l]);
+    json += "],\n  \"layer_drop\": [";
     for (size_t l = 0; l < a.layer_drop_loss.size(); l++) {
         json += std::string(l ? ",\n    " : "\n    ") + "{\"layer\": " + std::to_string(l) + ", \"val_loss\": " +
                 number(a.layer_drop_loss[l]) + "}";

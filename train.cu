@@ -168,8 +168,9 @@ static void print_help() {
     printf("                         (SIGINT or SIGTERM during a run with --out: the checkpoint after the step under\n");
     printf("                         way, then exit status 128 + the signal's number; --resume continues from there)\n");
     printf("  --eval-only            evaluate on --val-data and print {\"val_loss\": ..., \"tokens\": ...}\n");
-    printf("  --analyze              on --val-data: angular distances between layers and the loss with each layer\n");
-    printf("                         dropped, written to analysis.json in --out (default: the --init-from directory)\n");
+    printf("  --analyze              on --val-data: angular distances between layers, the loss with each layer\n");
+    printf("                         dropped and the hidden states' RMS at every layer boundary, written to\n");
+    printf("                         analysis.json in --out (default: the --init-from directory)\n");
     printf("  --sample N             generate N tokens from the model (--init-from) and print their ids as JSON;\n");
     printf("                         dev/sample.py turns text into --prompt-ids and the ids back into text\n");
     printf("  --prompt-ids LIST      comma-separated token ids to continue (default: token 0)\n");
@@ -951,6 +952,8 @@ int main(int argc, char** argv) {
         write_file_atomic(dir + "/analysis.json", analysis_to_json(analysis));
         printf("val loss %.4f over %zu tokens; with one layer dropped:", analysis.val_loss, analysis.tokens);
         for (double loss : analysis.layer_drop_loss) printf(" %.4f", loss);
+        printf("\nhidden-state RMS at the layer boundaries (embeddings first):");
+        for (double rms : analysis.hidden_rms) printf(" %.4g", rms);
         printf("\nanalysis written to %s/analysis.json\n", dir.c_str());
         dataloader_free(&val_loader);
         model_free(&model);

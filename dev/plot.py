@@ -5,6 +5,7 @@ Figures from training logs and layer analyses, as PNG files (matplotlib, Agg bac
   grads    per-layer gradient norms (layer_grad_norms in the log) at one step
   angular  the angular-distance heatmap over (layer l, distance n), as in the Mix-LN paper
   drop     the loss increase when each layer is removed, several models side by side
+  rms      the hidden states' RMS at every layer boundary, several models on one plot
 
 and, as functions for dev/sweep, the figures of a sweep over placements and seeds
 (sweep_loss_curves, sweep_ppl_vs_alpha).
@@ -14,6 +15,7 @@ and, as functions for dev/sweep, the figures of a sweep over placements and seed
     python3 dev/reference.py analyze --ckpt runs/mix --data data/val.bin --batch 8 --seq-len 256 --out runs/mix/analysis.json
     python3 dev/plot.py angular --out angular.png runs/mix/analysis.json
     python3 dev/plot.py drop --out drop.png runs/pre/analysis.json runs/mix/analysis.json
+    python3 dev/plot.py rms --out rms.png runs/pre/analysis.json runs/mix/analysis.json --logy
 
 Inputs: log.jsonl as ./train writes it (training lines: step, train_loss, lr, grad_norm and
 optionally layer_grad_norms; validation lines: step, val_loss, tokens), and the JSON of
@@ -122,8 +124,8 @@ def layer_grads_at(path, train, step):
 
 
 def read_analysis(path, need):
-    """analysis JSON -> dict, checked: `need` names the parts the caller uses
-    ("angular_distance" and/or "layer_drop"); val_loss must be a number when layer_drop is used."""
+    """analysis JSON -> dict, checked: `need` names the parts the caller uses ("angular_distance",
+    "layer_drop", "hidden_rms"); val_loss must be a number when layer_drop is used."""
     try:
         d = json.loads(read_text(path))
     except ValueError:
@@ -153,6 +155,13 @@ def read_analysis(path, need):
         layers = sorted(e["layer"] for e in drops)
         if layers != list(range(len(drops))):
             fail(f"{path}: layer_drop layers are {layers}, expected 0..{len(drops) - 1} once each")
+    if "hidden_rms" in need:
+        rms = d.get("hidden_rms")
+        if not isinstance(rms, list) or len(rms) < 2:
+            fail(f"{path}: hidden_rms missing or not a list of L+1 numbers (an analysis written before "
+                 f"2026-11-30 has none: run --analyze again)")
+        if not all(is_number(v) and math.isfinite(v) and v > 0 for v in rms):
+            fail(f"{path}: hidden_rms holds a value that is not a positive finite number")
     return d
 
 
@@ -280,6 +289,28 @@ def cmd_drop(a):
     ax.set_ylabel("val loss without the layer - full model val loss")
     ax.set_title(a.title or "Loss increase when one layer is removed")
     ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    save(fig, a.out)
+
+
+def cmd_rms(a):
+    models = [read_analysis(p, ["hidden_rms"]) for p in a.analyses]
+    labels = labels_for(a.analyses, a.labels)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    L = 0
+    for d, label in zip(models, labels):
+        rms = d["hidden_rms"]
+        L = max(L, len(rms) - 1)
+        ax.plot(range(len(rms)), rms, marker="o", markersize=4, label=label)
+    ax.set_xticks(range(0, L + 1, max(1, math.ceil((L + 1) / 16))))
+    ax.set_xlabel("layer boundary l (0: the embeddings, l: the output of layer l-1)")
+    ax.set_ylabel("RMS of the hidden state h_l")
+    if a.logy:
+        ax.set_yscale("log")
+    ax.set_title(a.title or "Hidden-state scale at every layer boundary")
+    ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     save(fig, a.out)
@@ -434,7 +465,7 @@ def sweep_ppl_vs_alpha(points, out, title=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="mixln figures: loss curves, per-layer gradient norms, "
-                                            "angular distances, layer-drop losses (PNG)")
+                                            "angular distances, layer-drop losses, hidden-state RMS (PNG)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(q):
@@ -465,6 +496,13 @@ def main(argv=None):
     q.add_argument("analyses", nargs="+", metavar="ANALYSIS.json")
     q.add_argument("--labels", default=None, help="a,b,...: one per file (default: the directory names)")
     q.set_defaults(fn=cmd_drop)
+
+    q = sub.add_parser("rms", help="hidden-state RMS at every layer boundary, several models on one plot")
+    common(q)
+    q.add_argument("analyses", nargs="+", metavar="ANALYSIS.json")
+    q.add_argument("--labels", default=None, help="a,b,...: one per file (default: the directory names)")
+    q.add_argument("--logy", action="store_true", help="logarithmic y axis")
+    q.set_defaults(fn=cmd_rms)
 
     a = p.parse_args(argv)
     a.fn(a)

@@ -1131,7 +1131,8 @@ def analyze(model, tokens, B, T, max_batches=0):
       {"val_loss": full-model mean token loss, "tokens": target tokens,
        "angular_distance": rows l = 0..L-1, row l holding n = 1..L-l (a ragged triangle):
            mean over every sequence of arccos(cos_sim(h_l, h_{l+n})) / pi at its last token,
-       "layer_drop": [{"layer": l, "val_loss": mean token loss with layer l skipped}, ...]}"""
+       "layer_drop": [{"layer": l, "val_loss": mean token loss with layer l skipped}, ...],
+       "hidden_rms": l = 0..L: sqrt(mean of h_l^2 over every token and channel)}"""
     if max_batches < 0:
         raise ValueError(f"max_batches must be >= 0 (0 means all), got {max_batches}")
     model.eval()
@@ -1145,6 +1146,7 @@ def analyze(model, tokens, B, T, max_batches=0):
     full = 0.0
     dropped = [0.0] * L
     dist = [np.zeros(L - l) for l in range(L)]  # dist[l][n-1]: sum over sequences
+    squares = [0.0] * (L + 1)                    # squares[l]: sum of h_l^2 over every element
     for k in range(nb):
         x, y = batch(tokens, k, B, T)
         hs = layer_states(model, x)              # L+1 tensors (B, T, C)
@@ -1152,12 +1154,15 @@ def analyze(model, tokens, B, T, max_batches=0):
         for l in range(L):
             for n in range(1, L - l + 1):
                 dist[l][n - 1] += float(angular_distance(last[l], last[l + n]).sum())
+        for l in range(L + 1):
+            squares[l] += float(hs[l].double().square().sum())
         full += float(_token_loss(logits_from(model, hs[L], L), y))
         for l in range(L):
             dropped[l] += float(_token_loss(logits_from(model, hs[l], l + 1), y))
     return {"val_loss": full / nb, "tokens": nb * B * T,
             "angular_distance": [[float(s) / (nb * B) for s in row] for row in dist],
-            "layer_drop": [{"layer": l, "val_loss": dropped[l] / nb} for l in range(L)]}
+            "layer_drop": [{"layer": l, "val_loss": dropped[l] / nb} for l in range(L)],
+            "hidden_rms": [math.sqrt(s / (nb * B * T * model.config.hidden_size)) for s in squares]}
 
 
 # -----------------------------------------------------------------------------

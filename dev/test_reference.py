@@ -641,6 +641,15 @@ def test_analyze_shapes_ranges_and_loss():
     assert [e["layer"] for e in res["layer_drop"]] == list(range(L))
     for e in res["layer_drop"]:
         assert abs(e["val_loss"] - res["val_loss"]) > 1e-4, f"skipping layer {e['layer']} did not change the loss"
+    rms = res["hidden_rms"]
+    assert len(rms) == L + 1 and all(v > 0 for v in rms), rms
+    # layer 0 is Post-LN: its output is its last RMSNorm's. With that norm's weight 1 (tiny_model's
+    # are 1 + noise) every token's output has RMS 1, up to the norm's eps (1e-6 against mean
+    # squares of order 1e-2 here: 1e-4 relative at most)
+    with torch.no_grad():
+        model.model.layers[0].post_feedforward_layernorm.weight.fill_(1.0)
+    rms = ref.analyze(model, toks, B, T)["hidden_rms"]
+    assert abs(rms[1] - 1.0) < 1e-3, rms
     # --batches K: only the first K windows
     one = ref.analyze(model, toks, B, T, max_batches=1)
     assert one["tokens"] == B * T and abs(one["val_loss"] - ref.evaluate(model, toks, B, T, 1)[0]) < 1e-12
@@ -653,22 +662,25 @@ def test_analyze_shapes_ranges_and_loss():
 
 def test_analyze_matches_hooks_and_removed_layers():
     # Independent of layer_states/logits_from: layer inputs captured by forward pre-hooks during the
-    # model's own forward, distances in numpy; a dropped layer by replacing it with nn.Identity.
+    # model's own forward, distances and RMS in numpy; a dropped layer by replacing it with nn.Identity.
     import copy
     L, B, T = 3, 2, 6
     model = analysis_model(L=L, seed=1)
     toks = random_tokens(2 * B * T + 1, 11, 9).numpy()
     res = ref.analyze(model, toks, B, T)
     captured = []
-    handles = [layer.register_forward_pre_hook(lambda m, inp: captured.append(inp[0][:, -1, :].clone()))
+    handles = [layer.register_forward_pre_hook(lambda m, inp: captured.append(inp[0].clone()))
                for layer in model.model.layers]
-    handles.append(model.model.norm.register_forward_pre_hook(lambda m, inp: captured.append(inp[0][:, -1, :].clone())))
+    handles.append(model.model.norm.register_forward_pre_hook(lambda m, inp: captured.append(inp[0].clone())))
     sums = np.zeros((L, L))
+    squares = np.zeros(L + 1)
     with torch.no_grad():
         for k in range(2):
             captured.clear()
             model(ref.batch(toks, k, B, T)[0])
-            hs = [c.double().numpy() for c in captured]  # h_0 .. h_L, each (B, C)
+            for l, c in enumerate(captured):  # h_0 .. h_L, each (B, T, C)
+                squares[l] += (c.double().numpy() ** 2).sum()
+            hs = [c[:, -1, :].double().numpy() for c in captured]  # the last tokens, each (B, C)
             for l in range(L):
                 for n in range(1, L - l + 1):
                     a, b = hs[l], hs[l + n]
@@ -680,6 +692,11 @@ def test_analyze_matches_hooks_and_removed_layers():
         for n in range(1, L - l + 1):
             # 1e-9: float64 rounding of two ways of taking the same norms; the inputs are identical fp32
             assert abs(res["angular_distance"][l][n - 1] - sums[l, n - 1] / (2 * B)) < 1e-9, (l, n)
+    C = model.config.hidden_size
+    for l in range(L + 1):
+        # 1e-12 relative: float64 sums of the same fp32 squares in two orders
+        want = math.sqrt(squares[l] / (2 * B * T * C))
+        assert abs(res["hidden_rms"][l] - want) < 1e-12 * want, (l, res["hidden_rms"][l], want)
     for l in range(L):
         cut = copy.deepcopy(model)
         cut.model.layers[l] = torch.nn.Identity()
@@ -702,6 +719,7 @@ def test_analyze_identity_pre_ln_layer():
         res = ref.analyze(model, toks, B, T)
         assert abs(res["layer_drop"][l]["val_loss"] - res["val_loss"]) < 1e-6, (l, res)  # 1e-6: the brief's bound
         assert res["angular_distance"][l][0] == 0.0, "an identity layer moves nothing"
+        assert res["hidden_rms"][l + 1] == res["hidden_rms"][l], "nor changes the stream's scale"
         others = [e for e in res["layer_drop"] if e["layer"] != l]
         assert all(abs(e["val_loss"] - res["val_loss"]) > 1e-4 for e in others)
 
@@ -724,7 +742,7 @@ def test_analyze_cli():
         with open(out) as f:
             written = json.load(f)
     assert printed == written
-    assert set(written) == {"val_loss", "tokens", "angular_distance", "layer_drop"}
+    assert set(written) == {"val_loss", "tokens", "angular_distance", "layer_drop", "hidden_rms"}
     assert written["tokens"] == 2 * 2 * 6
     want = ref.analyze(model, random_tokens(3 * 2 * 6 + 1, 11, 11).numpy(), 2, 6, max_batches=2)
     assert abs(written["val_loss"] - want["val_loss"]) < 1e-12  # the checkpoint is fp32, read back exactly
@@ -1221,7 +1239,8 @@ def write_synthetic_runs(d, L=4):
         with open(os.path.join(d, name, "analysis.json"), "w") as f:
             json.dump({"val_loss": 3.0, "tokens": 96,
                        "angular_distance": [[0.1 * n + 0.01 * l for n in range(1, L - l + 1)] for l in range(L)],
-                       "layer_drop": [{"layer": l, "val_loss": 3.0 + 0.1 / (l + 1) + 0.05 * i} for l in range(L)]}, f)
+                       "layer_drop": [{"layer": l, "val_loss": 3.0 + 0.1 / (l + 1) + 0.05 * i} for l in range(L)],
+                       "hidden_rms": [0.02 + (1 + i) * l for l in range(L + 1)]}, f)
 
 
 def test_plot_bad_input():
@@ -1238,6 +1257,9 @@ def test_plot_bad_input():
         ragged = os.path.join(d, "ragged.json")
         with open(ragged, "w") as f:
             json.dump({"angular_distance": [[0.1, 0.2], [0.3, 0.4]]}, f)  # row 1 must hold 1 entry
+        negative = os.path.join(d, "negative.json")
+        with open(negative, "w") as f:
+            json.dump({"hidden_rms": [0.02, -1.0, 2.0]}, f)
         log, analysis = os.path.join(d, "pre", "log.jsonl"), os.path.join(d, "pre", "analysis.json")
         cases = [(("loss", "--out", png, os.path.join(d, "missing.jsonl")), "No such file"),
                  (("loss", "--out", png, empty), "no training or validation lines"),
@@ -1246,7 +1268,9 @@ def test_plot_bad_input():
                  (("grads", "--out", png, log, "--step", "3"), "no layer_grad_norms at step 3"),
                  (("angular", "--out", png, ragged), "row 1 has 2 entries, expected 1"),
                  (("angular", "--out", png, log), "not valid JSON"),
-                 (("drop", "--out", png, ragged), "val_loss missing")]
+                 (("drop", "--out", png, ragged), "val_loss missing"),
+                 (("rms", "--out", png, ragged), "hidden_rms missing"),
+                 (("rms", "--out", png, negative), "not a positive finite number")]
         for args, want in cases:
             r = run_plot(*args)
             assert r.returncode == 1 and "error: " in r.stderr and want in r.stderr, (args, r.returncode, r.stderr)
@@ -1273,7 +1297,8 @@ if HAVE_MATPLOTLIB:  # defined (and counted) only when matplotlib is there: skip
                     "grads_one.png": ("grads", logs[0], "--step", "5"),
                     "grads_two.png": ("grads", *logs),
                     "angular.png": ("angular", analyses[1]),
-                    "drop.png": ("drop", *analyses)}
+                    "drop.png": ("drop", *analyses),
+                    "rms.png": ("rms", *analyses, "--logy")}
             for name, args in runs.items():
                 out = os.path.join(d, name)
                 r = run_plot(args[0], "--out", out, *args[1:])

@@ -1018,7 +1018,8 @@ static JsonValue read_json_file(const std::string& path) {
     return value;
 }
 
-TEST_CASE("--analyze gives the PyTorch reference's angular distances and layer-drop losses", "[cli][analyze]") {
+TEST_CASE("--analyze gives the PyTorch reference's angular distances, layer-drop losses and hidden-state RMS",
+          "[cli][analyze]") {
     std::string tmp = make_temp_dir();
     std::string dir = fixture_dir("mix_half");   // 6 layers, 3 of them Post-LN
     train_ok("--init-from " + quote(dir) + " --analyze --val-data " + quote(dir + "/train.bin") +
@@ -1052,6 +1053,23 @@ TEST_CASE("--analyze gives the PyTorch reference's angular distances and layer-d
         CHECK(ours_drop.array[l].get("layer")->number == l);
         CHECK(fabs(ours_drop.array[l].get("val_loss")->number - theirs_drop.array[l].get("val_loss")->number) < 1e-6);
     }
+    const JsonValue& ours_rms = *ours.get("hidden_rms");
+    const JsonValue& theirs_rms = *theirs.get("hidden_rms");
+    REQUIRE(ours_rms.array.size() == 7);   // h_0 .. h_6
+    REQUIRE(theirs_rms.array.size() == 7);
+    for (size_t l = 0; l < 7; l++) {
+        INFO("hidden-state RMS at boundary " << l);
+        double rms = ours_rms.array[l].number, reference_rms = theirs_rms.array[l].number;
+        CAPTURE(rms, reference_rms);
+        // the hidden states agree to ~1e-7 relative (the parity tests' activations); their RMS,
+        // summed in double on both sides, to as much: 1e-6 leaves room
+        CHECK(fabs(rms - reference_rms) <= 1e-6 * reference_rms);
+    }
+    // the first three layers are Post-LN: their outputs are their norms', of the scale of the norm
+    // weights (the fixture's are 1 + noise of std 0.1, so RMS near 1), where the Pre-LN layers pass
+    // on the embeddings' scale (std 0.02) plus their branches
+    CHECK(fabs(ours_rms.array[1].number - 1.0) < 0.2);
+    CHECK(ours_rms.array[0].number < 0.1);
 }
 
 TEST_CASE("--analyze without --val-data is refused", "[cli][analyze]") {
@@ -1484,5 +1502,13 @@ TEST_CASE("--sample and --analyze run on bf16 activations", "[cli][bf16]") {
     for (size_t l = 0; l < 4; l++) {
         double a = number(bf16.get("layer_drop")->array[l], "val_loss"), b = number(fp32.get("layer_drop")->array[l], "val_loss");
         CHECK(fabs(a - b) <= 1e-3 * b);
+    }
+    REQUIRE(bf16.get("hidden_rms")->array.size() == 5);
+    for (size_t l = 0; l < 5; l++) {
+        double a = bf16.get("hidden_rms")->array[l].number, b = fp32.get("hidden_rms")->array[l].number;
+        INFO("hidden-state RMS at boundary " << l << ": bf16 " << a << ", fp32 " << b);
+        // every bf16 hidden state is its fp32 value (itself a little off after bf16 layers) rounded
+        // to 8 bits: within 2^-9 relative each, so the RMS too; 2^-8 for the drift of the layers before
+        CHECK(fabs(a - b) <= b / 256);
     }
 }
