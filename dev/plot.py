@@ -193,6 +193,15 @@ def save(fig, out):
 # Figures
 
 
+def finish(fig, ax, title, out, grid_axis="both"):
+    """Title, a light grid, the legend, then write the PNG."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    ax.legend()
+    fig.tight_layout()
+    save(fig, out)
+
+
 def cmd_loss(a):
     runs = [read_log(p) for p in a.logs]
     labels = labels_for(a.logs, a.labels)
@@ -209,11 +218,7 @@ def cmd_loss(a):
                     color=color, markeredgecolor="black", markeredgewidth=0.5, label=f"{label} val")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(a.title or "Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save(fig, a.out)
+    finish(fig, ax, a.title or "Training loss", a.out)
 
 
 def cmd_grads(a):
@@ -287,11 +292,7 @@ def cmd_drop(a):
     ax.set_xticks(range(0, L, max(1, math.ceil(L / 16))))
     ax.set_xlabel("layer removed")
     ax.set_ylabel("val loss without the layer - full model val loss")
-    ax.set_title(a.title or "Loss increase when one layer is removed")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend()
-    fig.tight_layout()
-    save(fig, a.out)
+    finish(fig, ax, a.title or "Loss increase when one layer is removed", a.out, grid_axis="y")
 
 
 def cmd_rms(a):
@@ -309,11 +310,7 @@ def cmd_rms(a):
     ax.set_ylabel("RMS of the hidden state h_l")
     if a.logy:
         ax.set_yscale("log")
-    ax.set_title(a.title or "Hidden-state scale at every layer boundary")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save(fig, a.out)
+    finish(fig, ax, a.title or "Hidden-state scale at every layer boundary", a.out)
 
 
 # -----------------------------------------------------------------------------
