@@ -1750,16 +1750,34 @@ inline void model_update(Model* model, float lr, float beta1, float beta2, float
           model->rounding, model->rounding_seed);
 }
 
-// The paper's schedule (GaLore's): linear warmup from 0, then cosine from lr_max down to
-// lr_max * min_lr_ratio at step total_steps. step counts from 0.
-inline float learning_rate(int step, float lr_max, int warmup, int total_steps, float min_lr_ratio) {
+// The learning-rate schedules (train's --lr-schedule). Every one starts with a linear warmup from 0
+// over `warmup` steps (so with warmup > 0 step 0 has lr 0), then:
+//   cosine    the paper's (GaLore's): cosine from lr_max down to lr_max * min_lr_ratio
+//   linear    a straight line from lr_max down to lr_max * min_lr_ratio
+//   constant  lr_max to the end (min_lr_ratio unused)
+//   wsd       warmup-stable-decay: lr_max until the last decay_steps steps, then a straight line
+//             down to lr_max * min_lr_ratio
+// The decays reach lr_max * min_lr_ratio at step total_steps, one after the last step (GaLore's
+// convention), so the last step's lr is a little above it. step counts from 0.
+enum LrSchedule { LR_COSINE, LR_LINEAR, LR_CONSTANT, LR_WSD };
+
+inline float learning_rate(int step, float lr_max, int warmup, int total_steps, float min_lr_ratio,
+                           LrSchedule schedule = LR_COSINE, int decay_steps = 0) {
     double f;
     if (step < warmup) {
+        // warmup: s / W
         f = (double)step / (warmup > 1 ? warmup : 1);
+    } else if (schedule == LR_CONSTANT || (schedule == LR_WSD && step < total_steps - decay_steps)) {
+        // constant, or wsd's stable phase
+        f = 1.0;
     } else {
-        int decay_steps = total_steps - warmup;
-        double progress = (double)(step - warmup) / (decay_steps > 1 ? decay_steps : 1);
-        f = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + cos(M_PI * progress));
+        // the decay starts after the warmup, or (wsd) decay_steps before the end
+        int decay_start = schedule == LR_WSD && total_steps - decay_steps > warmup ? total_steps - decay_steps : warmup;
+        int decay_length = total_steps - decay_start;
+        // progress through the decay, 0 at its start and 1 at step total_steps
+        double progress = (double)(step - decay_start) / (decay_length > 1 ? decay_length : 1);
+        double remaining = schedule == LR_COSINE ? 0.5 * (1.0 + cos(M_PI * progress)) : 1.0 - progress;
+        f = min_lr_ratio + (1.0 - min_lr_ratio) * remaining;
     }
     return (float)(lr_max * f);
 }

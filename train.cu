@@ -72,6 +72,8 @@ struct Args {
     float lr = 1e-3f;
     int warmup = 0;
     float min_lr_ratio = 0.1f;
+    std::string lr_schedule = "cosine";   // cosine | linear | constant | wsd (model.h: learning_rate)
+    float decay_frac = 0.2f;              // wsd: the share of the steps spent decaying
     float weight_decay = 0.0f;
     float beta1 = 0.9f, beta2 = 0.999f;   // AdamW's moment decays (the paper's; HybridNorm used 0.9/0.95)
     float adam_eps = 1e-8f;
@@ -130,13 +132,17 @@ static void print_help() {
     printf("  --val-data PATTERN     validation shards (default: none)\n");
     printf("  --val-batches K        validate on the first K batches (default 0: every whole window)\n");
     printf("  --val-every N          also validate every N steps (default 0: only at the end)\n");
-    printf("optimisation (AdamW; warmup then cosine to lr*min-lr-ratio):\n");
+    printf("optimisation (AdamW; a linear warmup, then the schedule):\n");
     printf("  --batch B              sequences per micro-batch (default %d)\n", d.batch);
     printf("  --grad-accum K         micro-batches per optimizer step: a global batch of K*B sequences (default %d)\n", d.grad_accum);
     printf("  --steps N              optimizer steps (default %d)\n", d.steps);
     printf("  --lr LR                peak learning rate (default %g)\n", d.lr);
     printf("  --warmup W             linear warmup steps (default %d)\n", d.warmup);
     printf("  --min-lr-ratio R       final lr as a fraction of the peak (default %g)\n", d.min_lr_ratio);
+    printf("  --lr-schedule S        after the warmup: cosine|linear|constant|wsd (default %s); cosine (the paper's)\n"
+           "                         and linear fall to lr*min-lr-ratio at the end, wsd holds lr and then falls\n"
+           "                         linearly over the last --decay-frac of the steps\n", d.lr_schedule.c_str());
+    printf("  --decay-frac F         with wsd: the share of --steps spent decaying, in (0, 1] (default %g)\n", d.decay_frac);
     printf("  --weight-decay WD      decoupled weight decay (default %g)\n", d.weight_decay);
     printf("  --beta1 B1             AdamW's first-moment decay, in [0, 1) (default %g)\n", d.beta1);
     printf("  --beta2 B2             AdamW's second-moment decay, in [0, 1) (default %g)\n", d.beta2);
@@ -254,6 +260,8 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--lr") a.lr = parse_float(f, v);
         else if (flag == "--warmup") a.warmup = parse_int(f, v);
         else if (flag == "--min-lr-ratio") a.min_lr_ratio = parse_float(f, v);
+        else if (flag == "--lr-schedule") a.lr_schedule = v;
+        else if (flag == "--decay-frac") a.decay_frac = parse_float(f, v);
         else if (flag == "--weight-decay") a.weight_decay = parse_float(f, v);
         else if (flag == "--beta1") a.beta1 = parse_float(f, v);
         else if (flag == "--beta2") a.beta2 = parse_float(f, v);
@@ -303,6 +311,10 @@ static Args parse_args(int argc, char** argv) {
     if (!a.resume.empty() && !a.init_from.empty()) fail("--resume and --init-from exclude each other");
     if (!(a.lr >= 0.0f)) fail("--lr must be at least 0, got %g", a.lr);
     if (!(a.min_lr_ratio >= 0.0f && a.min_lr_ratio <= 1.0f)) fail("--min-lr-ratio must be in [0, 1], got %g", a.min_lr_ratio);
+    if (a.lr_schedule != "cosine" && a.lr_schedule != "linear" && a.lr_schedule != "constant" && a.lr_schedule != "wsd") {
+        fail("--lr-schedule must be cosine, linear, constant or wsd, got '%s'", a.lr_schedule.c_str());
+    }
+    if (!(a.decay_frac > 0.0f && a.decay_frac <= 1.0f)) fail("--decay-frac must be in (0, 1], got %g", a.decay_frac);
     if (!(a.weight_decay >= 0.0f)) fail("--weight-decay must be at least 0, got %g", a.weight_decay);
     // beta 1 would freeze a moment at 0 and divide the bias correction by 0
     if (!(a.beta1 >= 0.0f && a.beta1 < 1.0f)) fail("--beta1 must be in [0, 1), got %g", a.beta1);
@@ -456,6 +468,8 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--lr", number_text(a.lr), false},
             {"--warmup", std::to_string(a.warmup), false},
             {"--min-lr-ratio", number_text(a.min_lr_ratio), false},
+            {"--lr-schedule", a.lr_schedule, false},
+            {"--decay-frac", number_text(a.decay_frac), false},
             {"--weight-decay", number_text(a.weight_decay), false},
             {"--beta1", number_text(a.beta1), false},
             {"--beta2", number_text(a.beta2), false},
@@ -507,11 +521,12 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // A state saved before a setting existed trained with what the program did then: fp32
         // before --precision, the simple attention (the only one on the CPU, the default on the
         // GPU) before --attention, nearest rounding before --rounding, AdamW's betas 0.9/0.999
-        // and eps 1e-8 before their flags. Those states did not save the seed, which nothing after
+        // and eps 1e-8 before their flags, the cosine before --lr-schedule. Those states did not save the seed, which nothing after
         // the initialisation read: the run goes on with the one given, or the default.
         static const std::pair<const char*, const char*> before_saved[] = {
             {"--precision", "fp32"}, {"--attention", "simple"}, {"--rounding", "nearest"},
-            {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"}};
+            {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"},
+            {"--lr-schedule", "cosine"}, {"--decay-frac", "0.2"}};
         JsonValue old_default;
         old_default.type = JsonValue::String;
         for (const auto& entry : before_saved) {
@@ -532,7 +547,7 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // (the seed compares as text: an int past 2^24 has no exact float)
         bool numeric = std::string(s.flag) != "--train-data" && std::string(s.flag) != "--precision" &&
                        std::string(s.flag) != "--attention" && std::string(s.flag) != "--rounding" &&
-                       std::string(s.flag) != "--seed";
+                       std::string(s.flag) != "--lr-schedule" && std::string(s.flag) != "--seed";
         bool same = numeric ? strtof(v->string.c_str(), nullptr) == strtof(s.value.c_str(), nullptr) : v->string == s.value;
         if (given && !same) {
             fail("--resume '%s': %s %s differs from the saved run's %s (a resumed run keeps its settings)", dir.c_str(),
@@ -554,6 +569,8 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         else if (flag == "--lr") a->lr = parse_float("--lr", v);
         else if (flag == "--warmup") a->warmup = parse_int("--warmup", v);
         else if (flag == "--min-lr-ratio") a->min_lr_ratio = parse_float("--min-lr-ratio", v);
+        else if (flag == "--lr-schedule") a->lr_schedule = v;
+        else if (flag == "--decay-frac") a->decay_frac = parse_float("--decay-frac", v);
         else if (flag == "--weight-decay") a->weight_decay = parse_float("--weight-decay", v);
         else if (flag == "--beta1") a->beta1 = parse_float("--beta1", v);
         else if (flag == "--beta2") a->beta2 = parse_float("--beta2", v);
@@ -868,6 +885,20 @@ int main(int argc, char** argv) {
     if (args.analyze) args.eval_only = true;   // no training either
     bool training = !args.eval_only;
     if (training && args.steps > 0 && args.train_data.empty()) fail("--train-data is required to train (or use --eval-only)");
+    // the schedule: wsd's decay is a whole number of steps after the warmup
+    LrSchedule lr_schedule = args.lr_schedule == "linear" ? LR_LINEAR : args.lr_schedule == "constant" ? LR_CONSTANT
+                           : args.lr_schedule == "wsd" ? LR_WSD : LR_COSINE;
+    bool decay_frac_given = std::find(args.given.begin(), args.given.end(), "--decay-frac") != args.given.end();
+    if (decay_frac_given && lr_schedule != LR_WSD) fail("--decay-frac applies to --lr-schedule wsd only (got %s)", args.lr_schedule.c_str());
+    int decay_steps = 0;
+    if (lr_schedule == LR_WSD && training && args.steps > 0) {
+        decay_steps = (int)lround((double)args.decay_frac * args.steps);
+        if (decay_steps < 1) fail("--decay-frac %g of %d steps leaves no step to decay in", args.decay_frac, args.steps);
+        if (args.warmup + decay_steps > args.steps) {
+            fail("--lr-schedule wsd: the warmup (%d steps) and the decay (%d, --decay-frac %g) do not fit in --steps %d",
+                 args.warmup, decay_steps, args.decay_frac, args.steps);
+        }
+    }
     if (args.eval_only && args.val_data.empty() && args.sample == 0) fail("--eval-only needs --val-data");
     DataLoader train_loader, val_loader;
     bool have_train = training && args.steps > 0;
@@ -1020,7 +1051,7 @@ int main(int argc, char** argv) {
             layer_grads = ", \"layer_grad_norms\": [" + layer_grads + "]";
         }
         if (!std::isfinite(grad_norm)) fail("the gradient norm is not finite at step %d; stopping", step);
-        float lr = learning_rate(step, args.lr, args.warmup, args.steps, args.min_lr_ratio);
+        float lr = learning_rate(step, args.lr, args.warmup, args.steps, args.min_lr_ratio, lr_schedule, decay_steps);
         model_update(&model, lr, args.beta1, args.beta2, args.adam_eps, args.weight_decay,
                      grad_clip_scale(grad_norm, args.grad_clip));
         double seconds = seconds_since(start);

@@ -14,7 +14,7 @@ Everything is plain fp32 PyTorch, readable top to bottom:
   precision      fp32 (default) or an emulation of the engine's --precision bf16 / bf16-pure:
                  fp32 tensors rounded to bf16 values wherever the engine stores bf16 (store,
                  read_weight; see "Precision" below)
-  training       AdamW + GaLore's warmup/cosine schedule + optional gradient clipping
+  training       AdamW + GaLore's warmup/cosine schedule (or linear, constant, wsd) + optional gradient clipping
   analysis       angular distance between layer inputs, loss with one layer dropped
   CLI            init / eval / analyze / train / bench  (run with --help); init and bench take
                  --alpha A or --norm-layers post,pre,..., --norm-type, --scaled-init; train and
@@ -938,14 +938,36 @@ def batch(tokens, k, B, T):
     return buf[:-1].view(B, T), buf[1:].view(B, T)
 
 
-def lr_lambda(step, warmup, total, min_lr_ratio):
-    """GaLore's schedule as a factor of lr_max: linear warmup from 0, then cosine to min_lr_ratio.
+def lr_lambda(step, warmup, total, min_lr_ratio, schedule="cosine", decay_steps=0):
+    """The learning rate at `step` as a factor of lr_max: linear warmup from 0 over `warmup` steps,
+    then by `schedule`:
+      cosine    GaLore's (the paper's): cosine from 1 to min_lr_ratio at step `total`
+      linear    a straight line from 1 to min_lr_ratio at step `total`
+      constant  1
+      wsd       1, then over the last `decay_steps` steps a straight line to min_lr_ratio at `total`
     Step 0 with warmup > 0 gives 0 (lr 0 on the first step): intended, it is what GaLore does."""
     s = step
     if s < warmup:
         return s / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "wsd":
+        start = max(warmup, total - decay_steps)
+        if s < start:
+            return 1.0
+        return min_lr_ratio + (1 - min_lr_ratio) * (1 - (s - start) / max(1, total - start))
     p = (s - warmup) / max(1, total - warmup)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return min_lr_ratio + (1 - min_lr_ratio) * (1 - p)
+    if schedule == "cosine":
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def wsd_decay_steps(decay_frac, steps):
+    """wsd's decay length as train computes it: the fraction parsed as a float32, times the steps,
+    rounded half away from zero."""
+    return math.floor(float(np.float32(decay_frac)) * steps + 0.5)
 
 
 def grad_norm_of(params):
@@ -1045,7 +1067,7 @@ def round_parameters_(model):
 
 
 def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, grad_clip,
-          betas=(0.9, 0.999), eps=1e-8):
+          betas=(0.9, 0.999), eps=1e-8, schedule="cosine", decay_steps=0):
     """Train in place for `steps` steps walking batches 0, 1, ... of `tokens` (wrapping to 0), in
     the current precision (using_precision). -> list of (train_loss, lr, grad_norm) per step.
     bf16-pure first rounds the parameters to bf16, as the engine's load does."""
@@ -1059,7 +1081,7 @@ def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, gr
         raise ValueError(f"shard of {len(tokens)} tokens holds no whole batch of {B}x{T}")
     log = []
     for s in range(steps):
-        lr_s = lr * lr_lambda(s, warmup, steps, min_lr_ratio)
+        lr_s = lr * lr_lambda(s, warmup, steps, min_lr_ratio, schedule, decay_steps)
         x, y = batch(tokens, s % nb, B, T)
         loss, gnorm = train_step(model, opt, params, x, y, lr_s, grad_clip)
         log.append((loss, lr_s, gnorm))
@@ -1215,7 +1237,8 @@ def cmd_train(a):
     model = load_checkpoint(a.ckpt)
     with using_precision(a.precision):
         log = train(model, shard_load(a.data), a.batch, a.seq_len, a.steps, a.lr, a.warmup,
-                    a.min_lr_ratio, a.weight_decay, a.grad_clip, (a.beta1, a.beta2), a.adam_eps)
+                    a.min_lr_ratio, a.weight_decay, a.grad_clip, (a.beta1, a.beta2), a.adam_eps,
+                    a.lr_schedule, wsd_decay_steps(a.decay_frac, a.steps))
     save_checkpoint(model, a.out)
     lines = [json.dumps({"step": s, "train_loss": l, "lr": lr, "grad_norm": g}) for s, (l, lr, g) in enumerate(log)]
     with open(os.path.join(a.out, "log.jsonl"), "w") as f:
@@ -1315,6 +1338,8 @@ def main(argv=None):
     q.add_argument("--lr", type=float, required=True)
     q.add_argument("--warmup", type=int, default=0)
     q.add_argument("--min-lr-ratio", type=float, default=0.1)
+    q.add_argument("--lr-schedule", choices=["cosine", "linear", "constant", "wsd"], default="cosine")
+    q.add_argument("--decay-frac", type=float, default=0.2, help="wsd: the share of the steps spent decaying")
     q.add_argument("--weight-decay", type=float, default=0.0)
     q.add_argument("--grad-clip", type=float, default=0.0)
     q.add_argument("--beta1", type=float, default=0.9, help="AdamW's first-moment decay (default 0.9)")

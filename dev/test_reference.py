@@ -142,6 +142,24 @@ def test_lr_schedule():
     fs = [ref.lr_lambda(s, warmup, total, r) for s in range(warmup, total + 1)]
     assert all(a >= b for a, b in zip(fs, fs[1:])), "cosine part must not increase"
     assert ref.lr_lambda(0, 0, 10, r) == 1.0  # no warmup: full lr from step 0
+    # the other schedules share the warmup; linear and wsd decay in a straight line to r at `total`
+    for schedule in ("linear", "constant", "wsd"):
+        assert ref.lr_lambda(1, warmup, total, r, schedule, 4) == 1 / 3
+        assert ref.lr_lambda(warmup, warmup, total, r, schedule, 4) == 1.0
+    assert abs(ref.lr_lambda(total, warmup, total, r, "linear") - r) < 1e-12
+    assert abs(ref.lr_lambda(6, warmup, total, r, "linear") - (r + (1 - r) * 4 / 7)) < 1e-12
+    assert all(ref.lr_lambda(s, warmup, total, r, "constant") == 1.0 for s in range(warmup, total + 1))
+    # wsd with 4 decay steps: the peak through step 6, then 3/4, 2/4, 1/4 of the way down, r at 10
+    wsd = [ref.lr_lambda(s, warmup, total, r, "wsd", 4) for s in range(total + 1)]
+    assert wsd[warmup:7] == [1.0] * 4
+    for s, left in zip(range(7, 11), (0.75, 0.5, 0.25, 0.0)):
+        assert abs(wsd[s] - (r + (1 - r) * left)) < 1e-12, (s, wsd[s])
+    # a decay that fills everything after the warmup is the linear schedule
+    assert all(ref.lr_lambda(s, warmup, total, r, "wsd", total - warmup) == ref.lr_lambda(s, warmup, total, r, "linear")
+               for s in range(total + 1))
+    # the decay's length as train rounds it: float32 fraction, half away from zero
+    assert ref.wsd_decay_steps(0.2, 10) == 2 and ref.wsd_decay_steps(0.25, 10) == 3
+    assert ref.wsd_decay_steps(0.35, 10) == 3   # 0.35 in float32 is 0.3499999940...
 
 
 def test_batches():

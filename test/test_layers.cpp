@@ -2,8 +2,8 @@
 Layer-level checks of the CPU kernels that have edge cases the model-level parity tests might
 not reach: the blocked GEMM at shapes that are not multiples of its tiles (MR = 6 rows,
 NR = 32 columns, KC = 256 deep), against plain triple loops in double; LayerNorm, against a plain
-double computation and finite differences; and the fused residual add + RMSNorm, bitwise against
-the unfused pair it replaces in the model.
+double computation and finite differences; the fused residual add + RMSNorm, bitwise against
+the unfused pair it replaces in the model; and the learning-rate schedules at their boundaries.
 */
 #include <catch2/catch.hpp>
 
@@ -354,4 +354,40 @@ TEST_CASE("residual_rmsnorm_forward is bitwise the residual add followed by rmsn
             check_bitwise_equal(rstd, rstd_ref, "rstd, sum into branch");
         }
     }
+}
+
+TEST_CASE("learning_rate: every schedule's warmup, stable phase and decay, step by step", "[layers][cpu][schedule]") {
+    // lr_max 1, warmup 2, 10 steps, down to 0.1; wsd decays over the last 4 steps
+    const int warmup = 2, total = 10, wsd_decay = 4;
+    const double r = 0.1f;   // the float train passes, as a double
+    auto lr = [&](int step, LrSchedule schedule) { return learning_rate(step, 1.0f, warmup, total, 0.1f, schedule, wsd_decay); };
+    std::vector<double> cosine, linear, constant, wsd;
+    for (int s = 0; s < total; s++) {
+        // warmup: s / W for all four
+        double warm = (double)s / warmup;
+        // the decays run from the end of the warmup (wsd: from step total - 4) to step total
+        double p = (double)(s - warmup) / (total - warmup), q = (double)(s - (total - wsd_decay)) / wsd_decay;
+        cosine.push_back(s < warmup ? warm : r + (1 - r) * 0.5 * (1 + cos(M_PI * p)));
+        linear.push_back(s < warmup ? warm : r + (1 - r) * (1 - p));
+        constant.push_back(s < warmup ? warm : 1.0);
+        wsd.push_back(s < warmup ? warm : s < total - wsd_decay ? 1.0 : r + (1 - r) * (1 - q));
+    }
+    for (int s = 0; s < total; s++) {
+        INFO("step " << s);
+        CHECK(lr(s, LR_COSINE) == Approx(cosine[s]).epsilon(1e-7).margin(1e-12));
+        CHECK(lr(s, LR_LINEAR) == Approx(linear[s]).epsilon(1e-7).margin(1e-12));
+        CHECK(lr(s, LR_CONSTANT) == Approx(constant[s]).epsilon(1e-7).margin(1e-12));
+        CHECK(lr(s, LR_WSD) == Approx(wsd[s]).epsilon(1e-7).margin(1e-12));
+        // the paper's cosine is the default; wsd whose decay fills everything after the warmup is linear
+        CHECK(learning_rate(s, 1.0f, warmup, total, 0.1f) == lr(s, LR_COSINE));
+        CHECK(learning_rate(s, 1.0f, warmup, total, 0.1f, LR_WSD, total - warmup) == lr(s, LR_LINEAR));
+    }
+    // the landmarks, by hand: step 0 has lr 0; the stable phase holds the peak exactly; the last
+    // step sits one step of the decay above the floor
+    CHECK(lr(0, LR_WSD) == 0.0f);
+    CHECK(lr(1, LR_WSD) == 0.5f);
+    for (int s = warmup; s <= total - wsd_decay; s++) CHECK(lr(s, LR_WSD) == 1.0f);
+    CHECK(lr(total - 1, LR_WSD) == Approx(0.1 + 0.9 / 4).epsilon(1e-7));
+    CHECK(lr(total - 1, LR_LINEAR) == Approx(0.1 + 0.9 / 8).epsilon(1e-7));
+    CHECK(lr(6, LR_COSINE) == Approx(0.55).epsilon(1e-7));   // halfway through the cosine
 }

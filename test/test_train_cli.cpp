@@ -373,6 +373,58 @@ TEST_CASE("AdamW with --beta1 --beta2 --adam-eps: train follows the PyTorch refe
     CHECK(std::sqrt(diff / norm) < 5e-6);   // the 10-step test's per-tensor bound, over all weights
 }
 
+// Each schedule besides the cosine (which the 10-step test covers), with a warmup, against the
+// reference's train: the lr of every step, the losses and the weights after. wsd at --decay-frac
+// 0.3 of 10 steps decays over the last 3.
+TEST_CASE("--lr-schedule linear, constant and wsd: train follows the PyTorch reference's schedule", "[cli][schedule]") {
+    std::string dir = fixture_dir("mix");
+    const std::string data = "--batch 3 --seq-len 24 --steps 10 --lr 0.01 --warmup 2 --min-lr-ratio 0.2";
+    for (const std::string schedule : {"linear", "constant", "wsd"}) {
+        INFO("--lr-schedule " << schedule);
+        std::string tmp = make_temp_dir();
+        std::string flags = "--lr-schedule " + schedule + (schedule == "wsd" ? " --decay-frac 0.3" : "");
+        train_ok("--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") + " " + data + " " + flags +
+                 " --out " + quote(tmp + "/ours"));
+        reference_ok("train --ckpt " + quote(dir) + " --data " + quote(dir + "/train.bin") + " " + data + " " + flags +
+                     " --out " + quote(tmp + "/theirs"));
+        std::vector<JsonValue> ours = read_jsonl(tmp + "/ours/log.jsonl"), theirs = read_jsonl(tmp + "/theirs/log.jsonl");
+        REQUIRE(ours.size() == 10);
+        REQUIRE(theirs.size() == 10);
+        for (int s = 0; s < 10; s++) {
+            INFO("step " << s);
+            double lr = number(ours[s], "lr"), reference_lr = number(theirs[s], "lr");
+            double loss = number(ours[s], "train_loss"), reference_loss = number(theirs[s], "train_loss");
+            CAPTURE(lr, reference_lr, loss, reference_loss);
+            // the log's lr is a float printed to 6 significant digits
+            CHECK(std::fabs(lr - reference_lr) <= 1e-6 * reference_lr + 1e-12);
+            CHECK(std::fabs(loss - reference_loss) <= 1e-5 * std::fabs(reference_loss) + 1e-6);
+        }
+        // the shape itself, beyond agreeing: the peak after the warmup, then per schedule
+        CHECK(number(ours[0], "lr") == 0.0);
+        CHECK(number(ours[2], "lr") == Approx(0.01));
+        if (schedule == "constant") CHECK(number(ours[9], "lr") == Approx(0.01));
+        if (schedule == "linear") CHECK(number(ours[9], "lr") == Approx(0.01 * (0.2 + 0.8 / 8)));
+        if (schedule == "wsd") {
+            CHECK(number(ours[6], "lr") == Approx(0.01));   // the stable phase ends at step 10 - 3
+            CHECK(number(ours[7], "lr") == Approx(0.01));   // the decay's first step, progress 0
+            CHECK(number(ours[8], "lr") == Approx(0.01 * (0.2 + 0.8 * 2 / 3)));
+            CHECK(number(ours[9], "lr") == Approx(0.01 * (0.2 + 0.8 / 3)));
+        }
+        ModelConfig config = checkpoint_read_config(dir);
+        size_t n = num_parameters(config);
+        std::vector<real> weights(n), reference(n);
+        safetensors_load_named(weights.data(), config, tmp + "/ours/model.safetensors", "", false);
+        safetensors_load_named(reference.data(), config, tmp + "/theirs/model.safetensors", "", false);
+        double diff = 0, norm = 0;
+        for (size_t i = 0; i < n; i++) {
+            diff += ((double)weights[i] - reference[i]) * ((double)weights[i] - reference[i]);
+            norm += (double)reference[i] * reference[i];
+        }
+        CAPTURE(std::sqrt(diff / norm));
+        CHECK(std::sqrt(diff / norm) < 5e-6);   // the 10-step test's per-tensor bound, over all weights
+    }
+}
+
 TEST_CASE("a checkpoint written by train loads into the PyTorch reference with the same loss", "[cli]") {
     std::string tmp = make_temp_dir();
     std::string ckpt = tmp + "/ckpt";
@@ -471,7 +523,8 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
     const char* flags[] = {
         "--model", "--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len", "--norm", "--alpha",
         "--train-data", "--val-data", "--val-batches", "--val-every", "--batch", "--steps", "--lr", "--warmup",
-        "--min-lr-ratio", "--weight-decay", "--beta1", "--beta2", "--adam-eps", "--grad-clip", "--seed", "--device", "--attention", "--rope", "--precision",
+        "--min-lr-ratio", "--lr-schedule", "--decay-frac", "--weight-decay", "--beta1", "--beta2", "--adam-eps", "--grad-clip",
+        "--seed", "--device", "--attention", "--rope", "--precision",
         "--init-from", "--out", "--eval-only", "--embed-std",
     };
     for (const char* flag : flags) {
@@ -484,6 +537,7 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
         {"--batch", "(default 8)"}, {"--steps", "(default 100)"}, {"--lr", "(default 0.001)"},
         {"--seed", "(default 1337)"}, {"--device", "(default auto"}, {"--precision", "(default fp32"},
         {"--beta1", "(default 0.9)"}, {"--beta2", "(default 0.999)"}, {"--adam-eps", "(default 1e-08)"},
+        {"--lr-schedule", "(default cosine)"}, {"--decay-frac", "(default 0.2)"},
     };
     std::stringstream in(r.out);
     std::string line;
@@ -855,6 +909,23 @@ TEST_CASE("--resume keeps AdamW's betas and eps: stopped and resumed equals stra
     CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/again/model.safetensors"));
 }
 
+TEST_CASE("--resume keeps the schedule: a wsd run stopped inside its decay and resumed equals straight",
+          "[cli][resume][schedule]") {
+    std::string tmp = make_temp_dir();
+    const std::string schedule = " --lr-schedule wsd --decay-frac 0.5";   // 8 steps: the decay is steps 4 to 7
+    train_ok(mix_run_args(8) + schedule + " --out " + quote(tmp + "/straight"));
+    train_ok(mix_run_args(8) + schedule + " --out " + quote(tmp + "/resumed") + " --stop-at 5");
+    train_ok("--resume " + quote(tmp + "/resumed"));
+    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/resumed/model.safetensors"));
+    CHECK(train_loss_lines(tmp + "/straight/log.jsonl") == train_loss_lines(tmp + "/resumed/log.jsonl"));
+    // a different schedule or decay is refused
+    train_ok(mix_run_args(8) + schedule + " --out " + quote(tmp + "/again") + " --stop-at 5");
+    require_train_fails("--resume " + quote(tmp + "/again") + " --lr-schedule cosine",
+                        "--lr-schedule cosine differs from the saved run's wsd");
+    require_train_fails("--resume " + quote(tmp + "/again") + " --decay-frac 0.25",
+                        "--decay-frac 0.25 differs from the saved run's 0.5");
+}
+
 TEST_CASE("a corrupted training state is refused and left as it was", "[cli][resume]") {
     std::string tmp = make_temp_dir();
     train_ok(mix_run_args(4) + " --out " + quote(tmp + "/run") + " --stop-at 2");
@@ -927,9 +998,11 @@ TEST_CASE("a format-1 training state still resumes, and an unknown setting is re
         metadata_field(metadata, "format") = "mixln-training-state-1";
         // nor did they save the rounding and the seed (added 2026-11-30 with --rounding)
         std::string& settings = metadata_field(metadata, "settings");
-        // nor AdamW's betas and eps (added 2026-11-30 with their flags)
+        // nor AdamW's betas and eps (added 2026-11-30 with their flags), nor the schedule (added
+        // 2026-11-30 with --lr-schedule)
         for (const char* saved : {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", ", "\"--beta1\": \"0.899999976\", ",
-                                  "\"--beta2\": \"0.999000013\", ", "\"--adam-eps\": \"9.99999994e-09\", "}) {
+                                  "\"--beta2\": \"0.999000013\", ", "\"--adam-eps\": \"9.99999994e-09\", ",
+                                  "\"--lr-schedule\": \"cosine\", ", "\"--decay-frac\": \"0.200000003\", "}) {
             size_t at = settings.find(saved);
             REQUIRE(at != std::string::npos);
             settings.erase(at, strlen(saved));
@@ -1127,6 +1200,23 @@ TEST_CASE("negative counts for the new run flags are refused", "[cli]") {
     require_train_fails("--steps 0 --layer-grads-every -1", "--layer-grads-every must be at least 0");
     require_train_fails("--steps 0 --sample -2", "--sample and --top-k must be at least 0");
     require_train_fails("--steps 0 --top-k -1", "--sample and --top-k must be at least 0");
+}
+
+TEST_CASE("an unknown schedule, a decay fraction outside (0, 1] and a wsd decay that does not fit are refused",
+          "[cli][schedule]") {
+    require_train_fails("--steps 0 --lr-schedule step", "--lr-schedule must be cosine, linear, constant or wsd, got 'step'");
+    require_train_fails("--steps 0 --lr-schedule wsd --decay-frac 0", "--decay-frac must be in (0, 1], got 0");
+    require_train_fails("--steps 0 --lr-schedule wsd --decay-frac 1.5", "--decay-frac must be in (0, 1], got 1.5");
+    require_train_fails("--steps 0 --lr-schedule wsd --decay-frac x", "--decay-frac expects a number, got 'x'");
+    // the fraction means nothing to the other schedules
+    require_train_fails("--steps 0 --decay-frac 0.3", "--decay-frac applies to --lr-schedule wsd only (got cosine)");
+    require_train_fails("--steps 0 --lr-schedule linear --decay-frac 0.3", "--decay-frac applies to --lr-schedule wsd only (got linear)");
+    // with training data: 0.01 of 10 steps rounds to no step; a decay of 8 after a warmup of 3 needs 11
+    std::string dir = fixture_dir("mix");
+    std::string data = "--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") + " --batch 3 --seq-len 24";
+    require_train_fails(data + " --steps 10 --lr-schedule wsd --decay-frac 0.01", "--decay-frac 0.01 of 10 steps leaves no step to decay in");
+    require_train_fails(data + " --steps 10 --warmup 3 --lr-schedule wsd --decay-frac 0.8",
+                        "--lr-schedule wsd: the warmup (3 steps) and the decay (8, --decay-frac 0.8) do not fit in --steps 10");
 }
 
 TEST_CASE("AdamW betas outside [0, 1) and an eps that is not positive are refused", "[cli]") {
