@@ -8,7 +8,7 @@ Figures from training logs and layer analyses, as PNG files (matplotlib, Agg bac
   rms      the hidden states' RMS at every layer boundary, several models on one plot
 
 and, as functions for dev/sweep, the figures of a sweep over placements and seeds
-(sweep_loss_curves, sweep_ppl_vs_alpha).
+(sweep_loss_curves, sweep_ppl_vs_alpha, and with --analyze sweep_hidden_rms, sweep_layer_drop).
 
     python3 dev/plot.py loss --out loss.png runs/pre/log.jsonl runs/post/log.jsonl runs/mix/log.jsonl
     python3 dev/plot.py grads --out grads.png runs/pre/log.jsonl runs/mix/log.jsonl --step 0
@@ -455,6 +455,69 @@ def sweep_ppl_vs_alpha(points, out, title=None):
     ax.set_title(title or "Mix-LN: validation perplexity vs alpha")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, out)
+    plt.close(fig)
+
+
+def sweep_hidden_rms(groups, out, title=None):
+    """The hidden state's RMS at every layer boundary, one line per placement: the mean over its
+    seeds, a band from min to max. groups: [{"label": str, "rms": [[h_0..h_L] per run]}, ...].
+    A logarithmic axis when the values span more than a factor of 20."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    values, L = [], 0
+    for i, g in enumerate(groups):
+        color = f"C{i % 10}"
+        n = len(g["rms"])
+        steps, mean, lo, hi = _over_seeds([list(enumerate(rms)) for rms in g["rms"]])
+        if not steps:
+            continue
+        L = max(L, steps[-1])
+        ax.plot(steps, mean, "-o", color=color, markersize=4, label=f"{g['label']} ({n} seed{'s' if n != 1 else ''})")
+        if n > 1:
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+        values += [v for v in lo + hi if v > 0]
+    if values and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xticks(range(0, L + 1, max(1, math.ceil((L + 1) / 16))))
+    ax.set_xlabel("layer boundary l (0: the embeddings, l: the output of layer l-1)")
+    ax.set_ylabel("RMS of the hidden state h_l")
+    ax.set_title((title + ": " if title else "") + "hidden-state RMS (mean over seeds, band: min..max)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, out)
+    plt.close(fig)
+
+
+def sweep_layer_drop(groups, out, title=None):
+    """The validation loss's rise with each layer dropped, bars side by side per layer, one colour
+    per placement: the mean over its seeds, a whisker from min to max.
+    groups: [{"label": str, "rises": [[rise of layer 0..L-1] per run]}, ...]."""
+    plt = pyplot()
+    L = max((len(r) for g in groups for r in g["rises"]), default=1)
+    fig, ax = plt.subplots(figsize=(max(8, 0.25 * L * len(groups)), 5))
+    width = 0.8 / max(1, len(groups))
+    for i, g in enumerate(groups):
+        n = len(g["rises"])
+        layers, mean, lo, hi = _over_seeds([list(enumerate(r)) for r in g["rises"]])
+        if not layers:
+            continue
+        xs = [l - 0.4 + width * (i + 0.5) for l in layers]
+        whiskers = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]] if n > 1 else None
+        ax.bar(xs, mean, width=width, yerr=whiskers, capsize=2, color=f"C{i % 10}",
+               label=f"{g['label']} ({n} seed{'s' if n != 1 else ''})")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(0, L, max(1, math.ceil(L / 16))))
+    ax.set_xlabel("layer removed")
+    ax.set_ylabel("val loss without the layer - full model val loss")
+    ax.set_title((title + ": " if title else "") + "loss rise with one layer removed (mean over seeds, whiskers: min..max)",
+                 fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    if groups:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, out)
     plt.close(fig)

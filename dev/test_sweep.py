@@ -5,8 +5,8 @@ Tests of dev/sweep, the experiment runner (16 to 30 s on 2 cores, measured 2026-
 
 Runs the real ./train (built with `make train` if missing) through dev/sweep on a tiny model and a
 tiny shard of random tokens, and checks the tables, the figures, reuse of finished runs,
---report-only, --dry-run, diverged and failed runs, and bad input; and, on synthetic logs, the
-numbers the sweep collects. Needs matplotlib for the figures (python3-matplotlib on Debian).
+--report-only, --dry-run, diverged and failed runs, --analyze, and bad input; and, on synthetic
+logs, the numbers the sweep collects. Needs matplotlib for the figures (python3-matplotlib on Debian).
 """
 
 import csv
@@ -337,6 +337,104 @@ def test_bad_input():
                         "--"] + common, capture_output=True, text=True)
     assert r.returncode != 0 and "no_train" in r.stderr and "make train" in r.stderr, r.stderr
     assert not os.path.exists(out)
+
+
+# -----------------------------------------------------------------------------
+# --analyze: ./train --analyze on every finished run, and the report's layer section
+
+
+def test_analyze_adds_the_layers_to_a_finished_sweep():
+    ensure_train()
+    out = os.path.join(tmp(), "analyze")
+    args = ["--out", out, "--placements", "pre,mix:0.5", "--seeds", "1,2", "--jobs", "2"]
+    runs = ["pre-s1", "pre-s2", "mix-0.5-s1", "mix-0.5-s2"]
+    sweep(*args, common=data_args())
+    assert not os.path.exists(os.path.join(out, "layers.csv"))
+    # the same sweep with --analyze: nothing is trained again, every run is analysed
+    stdout, _ = sweep(*args, "--analyze", common=data_args())
+    assert stdout.count("(reused)") == 4 and "training" not in stdout, stdout
+    assert stdout.count("[analysis ") == 4, stdout
+    L = 2
+    analyses = {}
+    for run in runs:
+        r = result(out, run)
+        assert r["analysis"]["status"] == "ok", r["analysis"]
+        cmd = r["analysis"]["command"]
+        # the checkpoint, and the flags that say what to evaluate; none of training's
+        assert cmd[:4] == [TRAIN, "--analyze", "--init-from", os.path.join(out, run)], cmd
+        assert "--val-data" in cmd and "--batch" in cmd and "--seq-len" in cmd, cmd
+        assert "--train-data" not in cmd and "--lr" not in cmd and "--steps" not in cmd, cmd
+        with open(os.path.join(out, run, "analysis.json")) as f:
+            analyses[run] = json.load(f)
+        # the analysis evaluates the run's final checkpoint on the validation data the run
+        # validated on at its last step: the same loss
+        assert abs(analyses[run]["val_loss"] - r["val_loss"]) < 1e-5, (analyses[run]["val_loss"], r["val_loss"])
+    with open(os.path.join(out, "layers.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(runs) * (L + 1)
+    for row in rows:
+        d, l = analyses[row["run"]], int(row["boundary"])
+        assert float(row["hidden_rms"]) == d["hidden_rms"][l]
+        if l < L:
+            drop = d["layer_drop"][l]["val_loss"]
+            assert float(row["drop_val_loss"]) == drop
+            assert abs(float(row["drop_increase"]) - (drop - d["val_loss"])) < 1e-8
+            assert float(row["angular_distance_next"]) == d["angular_distance"][l][0]
+        else:
+            assert row["layer"] == "" and row["drop_increase"] == ""
+    # Pre-LN's stream grows from the embeddings' scale; Mix-LN's Post-LN layer 0 ends in a norm
+    # with weights near 1, so h_1 sits near RMS 1
+    for run in runs:
+        rms = analyses[run]["hidden_rms"]
+        assert rms[0] < 0.1 and rms[L] > rms[0], (run, rms)
+        if run.startswith("mix"):
+            assert 0.8 < rms[1] < 1.25, (run, rms)
+    # results.md: the layer table, its means over the two seeds
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    assert "## Layers (`--analyze`)" in md
+    for label, pair in (("pre", ("pre-s1", "pre-s2")), ("mix-0.5", ("mix-0.5-s1", "mix-0.5-s2"))):
+        line = [l for l in md.splitlines() if l.startswith(f"| {label} | 2 | {L} |")]
+        assert len(line) == 1, md
+        cells = [c.strip() for c in line[0].strip("|").split("|")]
+        assert cells[3] == f"{sum(analyses[r]['val_loss'] for r in pair) / 2:.4f}", cells
+        assert cells[4] == f"{sum(analyses[r]['hidden_rms'][0] for r in pair) / 2:.3f}", cells
+        assert cells[7] == f"{sum(analyses[r]['hidden_rms'][L] for r in pair) / 2:.3f}", cells
+    for name in ("hidden_rms.png", "layer_drop.png"):
+        assert is_png(os.path.join(out, name)), name
+    # again: the analyses are reused, not redone
+    stamp = os.path.getmtime(os.path.join(out, "pre-s1", "analysis.json"))
+    stdout, _ = sweep(*args, "--analyze", common=data_args())
+    assert stdout.count("(reused)") == 8, stdout
+    assert os.path.getmtime(os.path.join(out, "pre-s1", "analysis.json")) == stamp
+    # --report-only keeps the section
+    sweep("--out", out, "--report-only")
+    with open(os.path.join(out, "results.md")) as f:
+        assert "## Layers (`--analyze`)" in f.read()
+    # an analysis that fails (its checkpoint gone) makes the sweep fail, names the run, and the
+    # report says so; the other runs' analyses stay
+    os.remove(os.path.join(out, "pre-s1", "analysis.json"))
+    os.remove(os.path.join(out, "pre-s1", "model.safetensors"))
+    stdout, stderr = sweep(*args, "--analyze", common=data_args(), expect=1)
+    assert "pre-s1: FAILED" in stdout and "model.safetensors" in stdout, stdout
+    assert "the analysis of 1 run failed" in stderr and "pre-s1" in stderr, stderr
+    assert result(out, "pre-s1")["analysis"]["status"] == "failed"
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    assert "- pre-s1: the analysis failed" in md and f"| pre | 1 | {L} |" in md, md
+
+
+def test_analyze_dry_run_and_bad_input():
+    out = os.path.join(tmp(), "analyze_dry")
+    common = ["--layers", "2", "--train-data", "x.bin", "--val-data", "v.bin", "--val-batches", "3", "--batch", "4",
+              "--lr", "1e-3"]
+    stdout, _ = sweep("--out", out, "--placements", "pre", "--analyze", "--dry-run", common=common)
+    want = f"# {TRAIN} --analyze --init-from {out}/pre-s1 --val-data v.bin --val-batches 3 --batch 4"
+    assert want in stdout.splitlines(), stdout
+    assert not os.path.exists(out)
+    _, stderr = sweep("--out", out, "--placements", "pre", "--analyze", common=["--layers", "2", "--train-data", "x.bin"],
+                      expect=None)
+    assert "--analyze evaluates on the validation data: give --val-data after --" in stderr, stderr
 
 
 # -----------------------------------------------------------------------------
