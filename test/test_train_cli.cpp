@@ -329,6 +329,21 @@ TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]
     }
 }
 
+// ||ours - theirs|| / ||theirs|| over every weight of two checkpoints of the model in config_dir.
+static double weights_relative_difference(const std::string& config_dir, const std::string& ours, const std::string& theirs) {
+    ModelConfig config = checkpoint_read_config(config_dir);
+    size_t n = num_parameters(config);
+    std::vector<real> weights(n), reference(n);
+    safetensors_load_named(weights.data(), config, ours + "/model.safetensors", "", false);
+    safetensors_load_named(reference.data(), config, theirs + "/model.safetensors", "", false);
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < n; i++) {
+        diff += ((double)weights[i] - reference[i]) * ((double)weights[i] - reference[i]);
+        norm += (double)reference[i] * reference[i];
+    }
+    return std::sqrt(diff / norm);   // (CHECK(... < bound) prints the value)
+}
+
 // HybridNorm's AdamW setting (betas 0.9/0.95) with a first beta and an eps of our own, so that each
 // flag changes the run: the reference's train subcommand and ./train, from the same checkpoint.
 TEST_CASE("AdamW with --beta1 --beta2 --adam-eps: train follows the PyTorch reference with the same settings", "[cli]") {
@@ -358,19 +373,8 @@ TEST_CASE("AdamW with --beta1 --beta2 --adam-eps: train follows the PyTorch refe
     }
     // the flags took effect: with the default betas the losses part from these by far more than the bound
     CHECK(largest_change > 1e-3);
-    // and the weights after the run
-    ModelConfig config = checkpoint_read_config(dir);
-    size_t n = num_parameters(config);
-    std::vector<real> weights(n), reference(n);
-    safetensors_load_named(weights.data(), config, tmp + "/ours/model.safetensors", "", false);
-    safetensors_load_named(reference.data(), config, tmp + "/theirs/model.safetensors", "", false);
-    double diff = 0, norm = 0;
-    for (size_t i = 0; i < n; i++) {
-        diff += ((double)weights[i] - reference[i]) * ((double)weights[i] - reference[i]);
-        norm += (double)reference[i] * reference[i];
-    }
-    CAPTURE(std::sqrt(diff / norm));
-    CHECK(std::sqrt(diff / norm) < 5e-6);   // the 10-step test's per-tensor bound, over all weights
+    // and the weights after the run: the 10-step test's per-tensor bound, over all weights
+    CHECK(weights_relative_difference(dir, tmp + "/ours", tmp + "/theirs") < 5e-6);
 }
 
 // Each schedule besides the cosine (which the 10-step test covers), with a warmup, against the
@@ -410,18 +414,7 @@ TEST_CASE("--lr-schedule linear, constant and wsd: train follows the PyTorch ref
             CHECK(number(ours[8], "lr") == Approx(0.01 * (0.2 + 0.8 * 2 / 3)));
             CHECK(number(ours[9], "lr") == Approx(0.01 * (0.2 + 0.8 / 3)));
         }
-        ModelConfig config = checkpoint_read_config(dir);
-        size_t n = num_parameters(config);
-        std::vector<real> weights(n), reference(n);
-        safetensors_load_named(weights.data(), config, tmp + "/ours/model.safetensors", "", false);
-        safetensors_load_named(reference.data(), config, tmp + "/theirs/model.safetensors", "", false);
-        double diff = 0, norm = 0;
-        for (size_t i = 0; i < n; i++) {
-            diff += ((double)weights[i] - reference[i]) * ((double)weights[i] - reference[i]);
-            norm += (double)reference[i] * reference[i];
-        }
-        CAPTURE(std::sqrt(diff / norm));
-        CHECK(std::sqrt(diff / norm) < 5e-6);   // the 10-step test's per-tensor bound, over all weights
+        CHECK(weights_relative_difference(dir, tmp + "/ours", tmp + "/theirs") < 5e-6);
     }
 }
 
