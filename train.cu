@@ -97,6 +97,8 @@ struct Args {
     int stop_at = 0;           // 0: run all steps
     std::string resume;
     std::vector<std::string> given;   // the flags that were on the command line
+    // --resume: the schedule's flags given anew, with the saved run's values (check_schedule_change)
+    std::vector<std::pair<std::string, std::string>> saved_schedule;
 };
 
 static void print_help() {
@@ -170,7 +172,9 @@ static void print_help() {
     printf("  --layer-grads-every N  log each layer's gradient norm every N steps (default 0: off)\n");
     printf("  --checkpoint-every N   also write the checkpoint and training state every N steps (default 0: at the end)\n");
     printf("  --stop-at S            end the run after step S with a checkpoint, as a time-limited job would (default 0: off)\n");
-    printf("  --resume DIR           continue the run saved in DIR bit for bit (its settings; --out defaults to DIR)\n");
+    printf("  --resume DIR           continue the run saved in DIR bit for bit (its settings; --out defaults to DIR).\n"
+           "                         --steps, --lr-schedule, --decay-frac and --min-lr-ratio may change where the steps\n"
+           "                         taken keep their lr: a wsd run's stable phase, branched with --out BRANCH --steps N\n");
     printf("                         (SIGINT or SIGTERM during a run with --out: the checkpoint after the step under\n");
     printf("                         way, then exit status 128 + the signal's number; --resume continues from there)\n");
     printf("  --eval-only            evaluate on --val-data and print {\"val_loss\": ..., \"tokens\": ...}\n");
@@ -495,6 +499,46 @@ static std::string settings_to_json(const Args& a) {
     return json + "}";
 }
 
+// The flags that shape the learning-rate schedule after the warmup.
+static bool is_schedule_flag(const std::string& flag) {
+    return flag == "--steps" || flag == "--lr-schedule" || flag == "--decay-frac" || flag == "--min-lr-ratio";
+}
+
+// The learning rate of step `step` under the flags' schedule (model.h: learning_rate); wsd's decay
+// is round(decay_frac * steps) steps.
+static float schedule_lr(const Args& a, int step) {
+    LrSchedule kind = a.lr_schedule == "linear" ? LR_LINEAR : a.lr_schedule == "constant" ? LR_CONSTANT
+                    : a.lr_schedule == "wsd" ? LR_WSD : LR_COSINE;
+    int decay_steps = kind == LR_WSD ? (int)lround((double)a.decay_frac * a.steps) : 0;
+    return learning_rate(step, a.lr, a.warmup, a.steps, a.min_lr_ratio, kind, decay_steps);
+}
+
+// --resume with a new --steps, --lr-schedule, --decay-frac or --min-lr-ratio: allowed where every
+// step already taken keeps the learning rate it trained with, so that the resumed run is the run
+// the new flags would have trained from the start (a wsd or constant run's stable phase, extended
+// or branched into a decay of its own). Anything else would rewrite the past, and is refused.
+static void check_schedule_change(const Args& a, int steps_taken) {
+    if (a.saved_schedule.empty()) return;
+    Args saved = a;
+    std::string changes;
+    for (const auto& [flag, value] : a.saved_schedule) {
+        const char* v = value.c_str();
+        if (flag == "--steps") saved.steps = parse_int("--steps", v);
+        else if (flag == "--lr-schedule") saved.lr_schedule = value;
+        else if (flag == "--decay-frac") saved.decay_frac = parse_float("--decay-frac", v);
+        else if (flag == "--min-lr-ratio") saved.min_lr_ratio = parse_float("--min-lr-ratio", v);
+        changes += (changes.empty() ? "" : ", ") + flag;
+    }
+    for (int step = 0; step < steps_taken; step++) {
+        float trained = schedule_lr(saved, step), now = schedule_lr(a, step);
+        if (trained != now) {
+            fail("--resume '%s': with the new %s, step %d (of the %d already taken) would have lr %g instead of the %g it "
+                 "trained with; a resumed run may change the schedule only where the steps taken keep theirs (a wsd "
+                 "or constant run's stable phase)", a.resume.c_str(), changes.c_str(), step, steps_taken, now, trained);
+        }
+    }
+}
+
 // --resume: the run continues with its saved settings; a flag given again must say the same.
 // Returns the device the run trained on ("cpu" or "cuda"; "" in a state saved before it was
 // recorded), which choose_device weighs against --device.
@@ -521,8 +565,9 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // A state saved before a setting existed trained with what the program did then: fp32
         // before --precision, the simple attention (the only one on the CPU, the default on the
         // GPU) before --attention, nearest rounding before --rounding, AdamW's betas 0.9/0.999
-        // and eps 1e-8 before their flags, the cosine before --lr-schedule. Those states did not save the seed, which nothing after
-        // the initialisation read: the run goes on with the one given, or the default.
+        // and eps 1e-8 before their flags, the cosine before --lr-schedule. Those states did not
+        // save the seed, which nothing after the initialisation read: the run goes on with the
+        // one given, or the default.
         static const std::pair<const char*, const char*> before_saved[] = {
             {"--precision", "fp32"}, {"--attention", "simple"}, {"--rounding", "nearest"},
             {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"},
@@ -544,6 +589,12 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         bool given = std::find(a->given.begin(), a->given.end(), s.flag) != a->given.end();
         // numbers compare as the floats they parse to (the text is %.9g, which round-trips)
         if (given && s.may_change) continue;   // the new value holds
+        // the schedule may change where the steps already taken keep their learning rates, which
+        // main checks once it knows the saved step (check_schedule_change)
+        if (given && is_schedule_flag(s.flag)) {
+            a->saved_schedule.push_back({s.flag, v->string});
+            continue;
+        }
         // (the seed compares as text: an int past 2^24 has no exact float)
         bool numeric = std::string(s.flag) != "--train-data" && std::string(s.flag) != "--precision" &&
                        std::string(s.flag) != "--attention" && std::string(s.flag) != "--rounding" &&
@@ -596,15 +647,17 @@ static void log_flush(FILE* log, const std::string& path) {
 }
 
 // A resumed run's log keeps the entries up to the saved step (an interrupted run may have logged
-// steps past its last checkpoint, which are about to run again) and continues after them.
-static FILE* open_log(const std::string& dir, bool resuming, int resume_step) {
-    std::string path = dir + "/log.jsonl";
+// steps past its last checkpoint, which are about to run again) and continues after them. They
+// come from the log in resumed_from ("" when not resuming), which a branch (--out elsewhere)
+// copies and leaves as it was.
+static FILE* open_log(const std::string& dir, const std::string& resumed_from, int resume_step) {
+    std::string path = dir + "/log.jsonl", old_path = resumed_from + "/log.jsonl";
     std::string kept;
-    if (resuming) {
-        FILE* old = fopen(path.c_str(), "rb");
+    if (!resumed_from.empty()) {
+        FILE* old = fopen(old_path.c_str(), "rb");
         if (old != nullptr) {
             fclose(old);
-            std::string text = read_text_file(path), line;
+            std::string text = read_text_file(old_path), line;
             for (size_t i = 0; i < text.size(); i = text.find('\n', i) + 1) {
                 size_t end = text.find('\n', i);
                 if (end == std::string::npos) break;   // a torn last line is dropped
@@ -886,13 +939,10 @@ int main(int argc, char** argv) {
     bool training = !args.eval_only;
     if (training && args.steps > 0 && args.train_data.empty()) fail("--train-data is required to train (or use --eval-only)");
     // the schedule: wsd's decay is a whole number of steps after the warmup
-    LrSchedule lr_schedule = args.lr_schedule == "linear" ? LR_LINEAR : args.lr_schedule == "constant" ? LR_CONSTANT
-                           : args.lr_schedule == "wsd" ? LR_WSD : LR_COSINE;
     bool decay_frac_given = std::find(args.given.begin(), args.given.end(), "--decay-frac") != args.given.end();
-    if (decay_frac_given && lr_schedule != LR_WSD) fail("--decay-frac applies to --lr-schedule wsd only (got %s)", args.lr_schedule.c_str());
-    int decay_steps = 0;
-    if (lr_schedule == LR_WSD && training && args.steps > 0) {
-        decay_steps = (int)lround((double)args.decay_frac * args.steps);
+    if (decay_frac_given && args.lr_schedule != "wsd") fail("--decay-frac applies to --lr-schedule wsd only (got %s)", args.lr_schedule.c_str());
+    if (args.lr_schedule == "wsd" && training && args.steps > 0) {
+        int decay_steps = (int)lround((double)args.decay_frac * args.steps);
         if (decay_steps < 1) fail("--decay-frac %g of %d steps leaves no step to decay in", args.decay_frac, args.steps);
         if (args.warmup + decay_steps > args.steps) {
             fail("--lr-schedule wsd: the warmup (%d steps) and the decay (%d, --decay-frac %g) do not fit in --steps %d",
@@ -925,6 +975,7 @@ int main(int argc, char** argv) {
     if (resuming) {
         state = training_state_load(&model, args.resume);
         if (state.step > args.steps) fail("the saved run in '%s' is at step %d, past its %d steps", args.resume.c_str(), state.step, args.steps);
+        check_schedule_change(args, state.step);
         if (have_train) {
             if (state.shard_index >= (int)train_loader.shard_paths.size()) fail("the saved data position is past the shards of %s", args.train_data.c_str());
             train_loader.shard_index = state.shard_index;
@@ -1003,7 +1054,7 @@ int main(int argc, char** argv) {
     if (!args.out.empty()) {
         make_directory(args.out);
         claim_directory(args.out);
-        log = open_log(args.out, resuming, state.step);
+        log = open_log(args.out, resuming ? args.resume : "", state.step);
     }
     // the checkpoint: weights and config for users and other tools, and the training state
     auto save_checkpoint = [&](int next_step) {
@@ -1051,7 +1102,7 @@ int main(int argc, char** argv) {
             layer_grads = ", \"layer_grad_norms\": [" + layer_grads + "]";
         }
         if (!std::isfinite(grad_norm)) fail("the gradient norm is not finite at step %d; stopping", step);
-        float lr = learning_rate(step, args.lr, args.warmup, args.steps, args.min_lr_ratio, lr_schedule, decay_steps);
+        float lr = schedule_lr(args, step);
         model_update(&model, lr, args.beta1, args.beta2, args.adam_eps, args.weight_decay,
                      grad_clip_scale(grad_norm, args.grad_clip));
         double seconds = seconds_since(start);

@@ -905,18 +905,55 @@ TEST_CASE("--resume keeps AdamW's betas and eps: stopped and resumed equals stra
 TEST_CASE("--resume keeps the schedule: a wsd run stopped inside its decay and resumed equals straight",
           "[cli][resume][schedule]") {
     std::string tmp = make_temp_dir();
-    const std::string schedule = " --lr-schedule wsd --decay-frac 0.5";   // 8 steps: the decay is steps 4 to 7
+    // warmup 3 (mix_run_args), 8 steps, decay-frac 0.5: the peak at step 3, the decay steps 4 to 7
+    const std::string schedule = " --lr-schedule wsd --decay-frac 0.5";
     train_ok(mix_run_args(8) + schedule + " --out " + quote(tmp + "/straight"));
     train_ok(mix_run_args(8) + schedule + " --out " + quote(tmp + "/resumed") + " --stop-at 5");
     train_ok("--resume " + quote(tmp + "/resumed"));
     CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/resumed/model.safetensors"));
     CHECK(train_loss_lines(tmp + "/straight/log.jsonl") == train_loss_lines(tmp + "/resumed/log.jsonl"));
-    // a different schedule or decay is refused
+    // a schedule that would give a step already taken (0 to 4) another lr is refused: the cosine
+    // and a decay over the last 5 steps both start decaying at step 4, where the run had its peak
     train_ok(mix_run_args(8) + schedule + " --out " + quote(tmp + "/again") + " --stop-at 5");
     require_train_fails("--resume " + quote(tmp + "/again") + " --lr-schedule cosine",
-                        "--lr-schedule cosine differs from the saved run's wsd");
-    require_train_fails("--resume " + quote(tmp + "/again") + " --decay-frac 0.25",
-                        "--decay-frac 0.25 differs from the saved run's 0.5");
+                        "with the new --lr-schedule, step 4 (of the 5 already taken) would have lr 0.00914058 instead of "
+                        "the 0.01 it trained with");
+    require_train_fails("--resume " + quote(tmp + "/again") + " --decay-frac 0.625",
+                        "with the new --decay-frac, step 4 (of the 5 already taken) would have lr");
+    // so is a cosine run made longer after it began to decay
+    train_ok(mix_run_args(8) + " --out " + quote(tmp + "/cosine") + " --stop-at 5");
+    require_train_fails("--resume " + quote(tmp + "/cosine") + " --steps 12", "with the new --steps, step 4");
+    // and the other settings still may not change at all
+    require_train_fails("--resume " + quote(tmp + "/again") + " --warmup 2", "--warmup 2 differs from the saved run's 3");
+}
+
+TEST_CASE("a wsd run's stable phase, branched into a decay of its own, is the straight run of the branch's length",
+          "[cli][resume][schedule]") {
+    std::string tmp = make_temp_dir();
+    // the straight run: 8 steps, the peak from step 3, decaying over steps 6 and 7
+    const std::string short_run = " --lr-schedule wsd --steps 8 --decay-frac 0.25";
+    train_ok(mix_run_args(8) + short_run + " --out " + quote(tmp + "/straight"));
+    // a 16-step wsd run (decay over steps 12 to 15) and a constant one, each stopped after step 5
+    // of their stable phase, then branched into the short run's decay in folders of their own
+    train_ok(mix_run_args(16) + " --lr-schedule wsd --decay-frac 0.25 --out " + quote(tmp + "/long") + " --stop-at 6");
+    train_ok(mix_run_args(40) + " --lr-schedule constant --out " + quote(tmp + "/constant") + " --stop-at 6");
+    std::string long_model = read_file(tmp + "/long/model.safetensors"), long_log = read_file(tmp + "/long/log.jsonl");
+    std::string long_state = read_file(tmp + "/long/training_state.safetensors");
+    Run branch = train_ok("--resume " + quote(tmp + "/long") + " --out " + quote(tmp + "/branch") + " --steps 8");
+    CHECK(branch.out.find("at step 6 of 8") != std::string::npos);
+    train_ok("--resume " + quote(tmp + "/constant") + " --out " + quote(tmp + "/from_constant") + short_run);
+    for (const char* run : {"/branch", "/from_constant"}) {
+        INFO(run);
+        CHECK(read_file(tmp + run + "/model.safetensors") == read_file(tmp + "/straight/model.safetensors"));
+        // the branch's log holds the steps it inherited, then its own
+        CHECK(train_loss_lines(tmp + run + "/log.jsonl") == train_loss_lines(tmp + "/straight/log.jsonl"));
+    }
+    // the run branched from is left as it was, and still continues to its own end
+    CHECK(read_file(tmp + "/long/model.safetensors") == long_model);
+    CHECK(read_file(tmp + "/long/log.jsonl") == long_log);
+    CHECK(read_file(tmp + "/long/training_state.safetensors") == long_state);
+    train_ok("--resume " + quote(tmp + "/long"));
+    CHECK(train_loss_lines(tmp + "/long/log.jsonl").size() == 16);
 }
 
 TEST_CASE("a corrupted training state is refused and left as it was", "[cli][resume]") {
