@@ -504,13 +504,14 @@ static bool is_schedule_flag(const std::string& flag) {
     return flag == "--steps" || flag == "--lr-schedule" || flag == "--decay-frac" || flag == "--min-lr-ratio";
 }
 
-// The learning rate of step `step` under the flags' schedule (model.h: learning_rate); wsd's decay
-// is round(decay_frac * steps) steps.
+// wsd's decay: the last round(decay_frac * steps) steps.
+static int wsd_decay_steps(const Args& a) { return (int)lround((double)a.decay_frac * a.steps); }
+
+// The learning rate of step `step` under the flags' schedule (model.h: learning_rate).
 static float schedule_lr(const Args& a, int step) {
     LrSchedule kind = a.lr_schedule == "linear" ? LR_LINEAR : a.lr_schedule == "constant" ? LR_CONSTANT
                     : a.lr_schedule == "wsd" ? LR_WSD : LR_COSINE;
-    int decay_steps = kind == LR_WSD ? (int)lround((double)a.decay_frac * a.steps) : 0;
-    return learning_rate(step, a.lr, a.warmup, a.steps, a.min_lr_ratio, kind, decay_steps);
+    return learning_rate(step, a.lr, a.warmup, a.steps, a.min_lr_ratio, kind, kind == LR_WSD ? wsd_decay_steps(a) : 0);
 }
 
 // --resume with a new --steps, --lr-schedule, --decay-frac or --min-lr-ratio: allowed where every
@@ -942,7 +943,7 @@ int main(int argc, char** argv) {
     bool decay_frac_given = std::find(args.given.begin(), args.given.end(), "--decay-frac") != args.given.end();
     if (decay_frac_given && args.lr_schedule != "wsd") fail("--decay-frac applies to --lr-schedule wsd only (got %s)", args.lr_schedule.c_str());
     if (args.lr_schedule == "wsd" && training && args.steps > 0) {
-        int decay_steps = (int)lround((double)args.decay_frac * args.steps);
+        int decay_steps = wsd_decay_steps(args);
         if (decay_steps < 1) fail("--decay-frac %g of %d steps leaves no step to decay in", args.decay_frac, args.steps);
         if (args.warmup + decay_steps > args.steps) {
             fail("--lr-schedule wsd: the warmup (%d steps) and the decay (%d, --decay-frac %g) do not fit in --steps %d",
