@@ -342,7 +342,8 @@ inline void checkpoint_save_model(const Model* model, const std::string& dir) {
 // with (a JSON object, checked against the command line on resume).
 struct TrainingState {
     int step = 0;               // the next optimizer step to run
-    int shard_index = 0;        // the data loader's position
+    int data_epoch = 0;         // the data loader's position: passes over the data completed,
+    int shard_index = 0;        // and the next visit of this one
     size_t batch_index = 0;
     std::string settings_json;
 };
@@ -350,24 +351,29 @@ struct TrainingState {
 // DIR/training_state.safetensors, one file so that it is replaced atomically as a whole:
 //   tensors   params, adam_m, adam_v: (num_parameters,) F32 each, the flat buffers of model.h
 //             (bf16-pure's bf16 values are stored exactly as F32)
-//   metadata  format "mixln-training-state-2"; config (config.json text); step, adam_step,
-//             shard_index, batch_index (decimal); settings (JSON); checksum (FNV-1a 64 over the
-//             three tensors' bytes in that order, hex); metadata_checksum (FNV-1a 64 over the
-//             fields before it, below, hex)
+//   metadata  format "mixln-training-state-3"; config (config.json text); step, adam_step,
+//             data_epoch, shard_index, batch_index (decimal); settings (JSON); checksum (FNV-1a 64
+//             over the three tensors' bytes in that order, hex); metadata_checksum (FNV-1a 64
+//             over the fields before it, below, hex)
 // The metadata decides as much of a resumed run as the tensors do (its schedule, its data
 // position, its settings), so it has a checksum of its own, checked before any of it is used.
-// Format 1 (before 2026-11-30) had none; such states still load.
-constexpr const char* TRAINING_STATE_FORMAT = "mixln-training-state-2";
+// Format 1 (before 2026-11-30) had none; format 2 (before --data-order) had no data_epoch, which
+// only a shuffled order needs. Both still load, with data_epoch 0.
+constexpr const char* TRAINING_STATE_FORMAT = "mixln-training-state-3";
+constexpr const char* TRAINING_STATE_FORMAT_2 = "mixln-training-state-2";
 constexpr const char* TRAINING_STATE_FORMAT_1 = "mixln-training-state-1";
-constexpr const char* TRAINING_STATE_CHECKED_FIELDS[] = {"format",      "config",      "step",    "adam_step",
-                                                         "shard_index", "batch_index", "settings"};
+const std::vector<const char*> TRAINING_STATE_CHECKED_FIELDS = {"format",     "config",      "step",        "adam_step",
+                                                                "data_epoch", "shard_index", "batch_index", "settings"};
+const std::vector<const char*> TRAINING_STATE_2_CHECKED_FIELDS = {"format",      "config",      "step",    "adam_step",
+                                                                  "shard_index", "batch_index", "settings"};
 
 // FNV-1a 64 over each field in the order above: its key, a 0 byte, its value's length (8 bytes,
 // little-endian) and its value. value_of(key) returns the field's text.
 template <typename ValueOf>
-inline std::string training_state_metadata_checksum(ValueOf value_of) {
+inline std::string training_state_metadata_checksum(ValueOf value_of,
+                                                     const std::vector<const char*>& fields = TRAINING_STATE_CHECKED_FIELDS) {
     uint64_t hash = fnv1a64(nullptr, 0);
-    for (const char* key : TRAINING_STATE_CHECKED_FIELDS) {
+    for (const char* key : fields) {
         std::string value = value_of(key);
         uint64_t length = value.size();
         hash = fnv1a64(key, strlen(key) + 1, hash);
@@ -395,6 +401,7 @@ inline void training_state_save(const Model* model, const TrainingState& state, 
                                                                  {"config", config_to_json(model->config)},
                                                                  {"step", std::to_string(state.step)},
                                                                  {"adam_step", std::to_string(model->adam_step)},
+                                                                 {"data_epoch", std::to_string(state.data_epoch)},
                                                                  {"shard_index", std::to_string(state.shard_index)},
                                                                  {"batch_index", std::to_string(state.batch_index)},
                                                                  {"settings", state.settings_json},
@@ -428,13 +435,14 @@ inline long long training_state_number(const SafeTensorsFile& file, const char* 
 inline void training_state_open(SafeTensorsFile* file, const std::string& dir) {
     safetensors_open(file, training_state_path(dir).c_str());
     std::string format = training_state_field(*file, "format");
-    if (format != TRAINING_STATE_FORMAT && format != TRAINING_STATE_FORMAT_1) {
+    if (format != TRAINING_STATE_FORMAT && format != TRAINING_STATE_FORMAT_2 && format != TRAINING_STATE_FORMAT_1) {
         fail("'%s' has an unknown format '%s'", file->path.c_str(), format.c_str());
     }
-    if (format == TRAINING_STATE_FORMAT) {
+    if (format != TRAINING_STATE_FORMAT_1) {
         std::string stored = training_state_field(*file, "metadata_checksum");
-        std::string computed =
-            training_state_metadata_checksum([&](const char* key) { return std::string(training_state_field(*file, key)); });
+        std::string computed = training_state_metadata_checksum(
+            [&](const char* key) { return std::string(training_state_field(*file, key)); },
+            format == TRAINING_STATE_FORMAT ? TRAINING_STATE_CHECKED_FIELDS : TRAINING_STATE_2_CHECKED_FIELDS);
         if (stored != computed) {
             fail("'%s' is corrupted: its metadata checksum is %s but its metadata hashes to %s", file->path.c_str(),
                  stored.c_str(), computed.c_str());
@@ -481,6 +489,8 @@ inline TrainingState training_state_load(Model* model, const std::string& dir) {
     model->adam_step = (int)training_state_number(file, "adam_step");
     TrainingState state;
     state.step = (int)training_state_number(file, "step");
+    std::string format = training_state_field(file, "format");
+    state.data_epoch = format == TRAINING_STATE_FORMAT ? (int)training_state_number(file, "data_epoch") : 0;
     state.shard_index = (int)training_state_number(file, "shard_index");
     state.batch_index = (size_t)training_state_number(file, "batch_index");
     state.settings_json = training_state_field(file, "settings");

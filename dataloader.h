@@ -10,8 +10,14 @@ A glob pattern names the shards; they are read in sorted name order.
 Batch k of a shard is the window of B*T+1 tokens starting at k*B*T: inputs are its first B*T
 tokens, targets the same window shifted by one. A shard holds (ntok - 1) / (B*T) whole batches;
 a trailing partial window is skipped. After the last batch of a shard comes the next shard, and
-after the last shard the loader wraps around to shard 0, batch 0. Order is fixed (no shuffling),
-so (shard_index, batch_index) is the whole position and a resumed run can restore it.
+after the last shard the loader wraps around to shard 0, batch 0: one pass over the data is an
+epoch. In order, (shard_index, batch_index) is the whole position and a resumed run restores it.
+
+Shuffled (train's --data-order shuffled): every epoch visits the same batches, of all shards
+together, in an order of its own, a Fisher-Yates shuffle driven by splitmix64 from (shuffle_seed,
+epoch) alone. (shard_index, batch_index) then counts the visits of the epoch, and visit k reads
+batch order[k] (batches numbered through the shards in order). So (epoch, shard_index,
+batch_index) is still the whole position, and a resumed run draws the same order again.
 
 Each batch is read with fseek/fread: shards can be gigabytes, and a batch is a few KB to MB.
 Everything that can be checked cheaply is checked at init (header, and every shard's file size
@@ -49,8 +55,14 @@ struct DataLoader {
     std::vector<size_t> shard_tokens;         // token count of each shard
     std::vector<int> shard_token_bytes;       // 2 or 4
     // position of the next batch; public so a resumed run can save and restore it
-    int shard_index = 0;      // shard the next batch comes from
-    size_t batch_index = 0;   // batch within that shard: it takes tokens [batch_index*B*T, batch_index*B*T + B*T + 1)
+    int epoch = 0;            // passes over the data completed
+    int shard_index = 0;      // shard the next batch comes from (shuffled: the next visit, counted
+    size_t batch_index = 0;   // as if in order); batch within that shard: it takes tokens
+                              // [batch_index*B*T, batch_index*B*T + B*T + 1)
+    bool shuffled = false;    // --data-order shuffled
+    uint64_t shuffle_seed = 0;
+    std::vector<size_t> order;   // shuffled: the batches of epoch order_epoch, in visiting order
+    int order_epoch = -1;
     int* inputs = nullptr;    // (B, T) token ids
     int* targets = nullptr;   // (B, T) the next token after each input
     // one shard is open at a time; switching shards closes it and opens the next
@@ -129,8 +141,23 @@ inline size_t dataloader_shard_batches(const DataLoader* loader, int shard) {
 // ---- API
 
 inline void dataloader_reset(DataLoader* loader) {
+    loader->epoch = 0;
     loader->shard_index = 0;
     loader->batch_index = 0;
+}
+
+// The shuffled order of an epoch's n batches: Fisher-Yates (for i from n-1 down to 1, swap i with
+// j = r mod (i+1)), r from splitmix64 started at mix(mix(seed ^ C) + epoch * STEP), so epochs draw
+// unrelated sequences. (The modulo's bias is below n / 2^64.) dev/reference.py draws the same.
+inline void dataloader_shuffled_order(std::vector<size_t>* order, size_t n, uint64_t seed, int epoch) {
+    order->resize(n);
+    for (size_t i = 0; i < n; i++) (*order)[i] = i;
+    uint64_t state = splitmix64_mix(splitmix64_mix(seed ^ 0xDA7A0DE5EED5ull) + (uint64_t)epoch * SPLITMIX64_STEP);
+    for (size_t i = n; i > 1; i--) {
+        // position i-1 swaps with one of 0..i-1
+        size_t j = (size_t)(random_u64(&state) % (uint64_t)i);
+        std::swap((*order)[i - 1], (*order)[j]);
+    }
 }
 
 inline void dataloader_init(DataLoader* loader, const char* pattern, int B, int T, int vocab_size) {
@@ -182,6 +209,19 @@ inline void dataloader_next_batch(DataLoader* loader) {
         fail("dataloader: batch_index %zu is out of range for '%s' (%zu batches)", loader->batch_index,
              loader->shard_paths[shard].c_str(), dataloader_shard_batches(loader, shard));
     }
+    size_t batch = loader->batch_index;
+    if (loader->shuffled) {
+        // visit k of the epoch reads batch order[k], numbered through the shards
+        if (loader->order_epoch != loader->epoch) {
+            dataloader_shuffled_order(&loader->order, dataloader_num_batches(loader), loader->shuffle_seed, loader->epoch);
+            loader->order_epoch = loader->epoch;
+        }
+        size_t visit = loader->batch_index;
+        for (int s = 0; s < shard; s++) visit += dataloader_shard_batches(loader, s);
+        batch = loader->order[visit];
+        shard = 0;
+        while (batch >= dataloader_shard_batches(loader, shard)) batch -= dataloader_shard_batches(loader, shard++);
+    }
     const char* path = loader->shard_paths[shard].c_str();
     if (loader->file_shard != shard) {
         if (loader->file != nullptr) fclose(loader->file);
@@ -191,7 +231,7 @@ inline void dataloader_next_batch(DataLoader* loader) {
 
     size_t BT = (size_t)loader->B * loader->T;
     int token_bytes = loader->shard_token_bytes[shard];
-    size_t first_token = loader->batch_index * BT;
+    size_t first_token = batch * BT;
     off_t offset = (off_t)DATALOADER_HEADER_BYTES + (off_t)(first_token * token_bytes);
     if (fseeko(loader->file, offset, SEEK_SET) != 0) fail("cannot seek in '%s': %s", path, strerror(errno));
     size_t got = fread(loader->read_buffer, token_bytes, BT + 1, loader->file);
@@ -214,10 +254,12 @@ inline void dataloader_next_batch(DataLoader* loader) {
         if (i > 0) loader->targets[i - 1] = (int)token;
     }
 
+    // the next visit; after the last shard's last batch, the next epoch
     loader->batch_index++;
-    if (loader->batch_index >= dataloader_shard_batches(loader, shard)) {
+    if (loader->batch_index >= dataloader_shard_batches(loader, loader->shard_index)) {
         loader->batch_index = 0;
-        loader->shard_index = (shard + 1) % (int)loader->shard_paths.size();
+        loader->shard_index = (loader->shard_index + 1) % (int)loader->shard_paths.size();
+        if (loader->shard_index == 0) loader->epoch++;
     }
 }
 

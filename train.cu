@@ -64,6 +64,8 @@ struct Args {
     bool alpha_given = false, norm_given = false, preset_given = false, norm_type_given = false,
          embed_std_given = false, scaled_embed = false;
     std::string train_data, val_data;
+    std::string data_order = "sequential";   // sequential | shuffled (dataloader.h)
+    int data_seed = 1;                       // shuffled: the order's seed, apart from --seed
     int val_batches = 0;       // 0: every whole window of the validation data
     int val_every = 0;         // 0: validate only at the end
     int batch = 8;
@@ -131,6 +133,10 @@ static void print_help() {
     printf("  --scaled-init          o_proj and down_proj std 0.02/sqrt(2L) in pre, lns, peri and preqkv layers\n");
     printf("data:\n");
     printf("  --train-data PATTERN   llm.c token shards (glob), read in order\n");
+    printf("  --data-order O         sequential: the training batches in the shards' order, every pass alike;\n"
+           "                         shuffled: every pass in an order of its own, drawn from --data-seed (default %s)\n",
+           d.data_order.c_str());
+    printf("  --data-seed S          with shuffled: the seed of the order, apart from --seed (default %d)\n", d.data_seed);
     printf("  --val-data PATTERN     validation shards (default: none)\n");
     printf("  --val-batches K        validate on the first K batches (default 0: every whole window)\n");
     printf("  --val-every N          also validate every N steps (default 0: only at the end)\n");
@@ -256,6 +262,8 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--embed-std") { a.embed_std = parse_float(f, v); a.embed_std_given = true; }
         else if (flag == "--train-data") a.train_data = v;
         else if (flag == "--val-data") a.val_data = v;
+        else if (flag == "--data-order") a.data_order = v;
+        else if (flag == "--data-seed") a.data_seed = parse_int(f, v);
         else if (flag == "--val-batches") a.val_batches = parse_int(f, v);
         else if (flag == "--val-every") a.val_every = parse_int(f, v);
         else if (flag == "--batch") a.batch = parse_int(f, v);
@@ -303,6 +311,10 @@ static Args parse_args(int argc, char** argv) {
     if (a.scaled_embed) a.embed_std = sqrtf(0.4f);
     if (a.alpha_given && a.norm != "mix") fail("--alpha applies to --norm mix only (got --norm %s)", a.norm.c_str());
     if (!(a.alpha >= 0.0f && a.alpha <= 1.0f)) fail("--alpha must be in [0, 1], got %g", a.alpha);
+    if (a.data_order != "sequential" && a.data_order != "shuffled") {
+        fail("--data-order must be sequential or shuffled, got '%s'", a.data_order.c_str());
+    }
+    if (a.data_seed < 0) fail("--data-seed must be at least 0, got %d", a.data_seed);
     if (a.batch < 1) fail("--batch must be at least 1, got %d", a.batch);
     if (a.grad_accum < 1) fail("--grad-accum must be at least 1, got %d", a.grad_accum);
     if (a.steps < 0) fail("--steps must be at least 0, got %d", a.steps);
@@ -465,6 +477,8 @@ static std::string number_text_short(const std::string& text) {
 static std::vector<RunSetting> run_settings(const Args& a) {
     // what decides the result must stay; what only watches the run may change
     return {{"--train-data", a.train_data, false},
+            {"--data-order", a.data_order, false},
+            {"--data-seed", std::to_string(a.data_seed), false},
             {"--batch", std::to_string(a.batch), false},
             {"--grad-accum", std::to_string(a.grad_accum), false},
             {"--seq-len", std::to_string(a.seq_len), false},
@@ -566,13 +580,13 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // A state saved before a setting existed trained with what the program did then: fp32
         // before --precision, the simple attention (the only one on the CPU, the default on the
         // GPU) before --attention, nearest rounding before --rounding, AdamW's betas 0.9/0.999
-        // and eps 1e-8 before their flags, the cosine before --lr-schedule. Those states did not
-        // save the seed, which nothing after the initialisation read: the run goes on with the
+        // and eps 1e-8 before their flags, the cosine before --lr-schedule, the data in order
+        // before --data-order. Those states did not save the seed, which nothing after the initialisation read: the run goes on with the
         // one given, or the default.
         static const std::pair<const char*, const char*> before_saved[] = {
             {"--precision", "fp32"}, {"--attention", "simple"}, {"--rounding", "nearest"},
             {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"},
-            {"--lr-schedule", "cosine"}, {"--decay-frac", "0.2"}};
+            {"--lr-schedule", "cosine"}, {"--decay-frac", "0.2"}, {"--data-order", "sequential"}, {"--data-seed", "1"}};
         JsonValue old_default;
         old_default.type = JsonValue::String;
         for (const auto& entry : before_saved) {
@@ -599,7 +613,8 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // (the seed compares as text: an int past 2^24 has no exact float)
         bool numeric = std::string(s.flag) != "--train-data" && std::string(s.flag) != "--precision" &&
                        std::string(s.flag) != "--attention" && std::string(s.flag) != "--rounding" &&
-                       std::string(s.flag) != "--lr-schedule" && std::string(s.flag) != "--seed";
+                       std::string(s.flag) != "--lr-schedule" && std::string(s.flag) != "--data-order" &&
+                       std::string(s.flag) != "--seed" && std::string(s.flag) != "--data-seed";
         bool same = numeric ? strtof(v->string.c_str(), nullptr) == strtof(s.value.c_str(), nullptr) : v->string == s.value;
         if (given && !same) {
             fail("--resume '%s': %s %s differs from the saved run's %s (a resumed run keeps its settings)", dir.c_str(),
@@ -614,6 +629,8 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         const std::string& flag = argv_like[i];
         const char* v = argv_like[i + 1].c_str();
         if (flag == "--train-data") a->train_data = v;
+        else if (flag == "--data-order") a->data_order = v;
+        else if (flag == "--data-seed") a->data_seed = parse_int("--data-seed", v);
         else if (flag == "--batch") a->batch = parse_int("--batch", v);
         else if (flag == "--grad-accum") a->grad_accum = parse_int("--grad-accum", v);
         else if (flag == "--seq-len") a->seq_len = parse_size("--seq-len", v);
@@ -939,6 +956,8 @@ int main(int argc, char** argv) {
     if (args.analyze) args.eval_only = true;   // no training either
     bool training = !args.eval_only;
     if (training && args.steps > 0 && args.train_data.empty()) fail("--train-data is required to train (or use --eval-only)");
+    bool data_seed_given = std::find(args.given.begin(), args.given.end(), "--data-seed") != args.given.end();
+    if (data_seed_given && args.data_order != "shuffled") fail("--data-seed applies to --data-order shuffled only");
     // the schedule: wsd's decay is a whole number of steps after the warmup
     bool decay_frac_given = std::find(args.given.begin(), args.given.end(), "--decay-frac") != args.given.end();
     if (decay_frac_given && args.lr_schedule != "wsd") fail("--decay-frac applies to --lr-schedule wsd only (got %s)", args.lr_schedule.c_str());
@@ -954,7 +973,11 @@ int main(int argc, char** argv) {
     DataLoader train_loader, val_loader;
     bool have_train = training && args.steps > 0;
     bool have_val = !args.val_data.empty();
-    if (have_train) dataloader_init(&train_loader, args.train_data.c_str(), B, T, config.vocab_size);
+    if (have_train) {
+        dataloader_init(&train_loader, args.train_data.c_str(), B, T, config.vocab_size);
+        train_loader.shuffled = args.data_order == "shuffled";
+        train_loader.shuffle_seed = (uint64_t)args.data_seed;
+    }
     if (have_val) dataloader_init(&val_loader, args.val_data.c_str(), B, T, config.vocab_size);
 
     Model model;
@@ -981,6 +1004,7 @@ int main(int argc, char** argv) {
             if (state.shard_index >= (int)train_loader.shard_paths.size()) fail("the saved data position is past the shards of %s", args.train_data.c_str());
             train_loader.shard_index = state.shard_index;
             train_loader.batch_index = state.batch_index;
+            train_loader.epoch = state.data_epoch;
         }
         printf("resuming %s at step %d of %d\n", args.resume.c_str(), state.step, args.steps);
     } else if (!args.init_from.empty()) {
@@ -1063,6 +1087,7 @@ int main(int argc, char** argv) {
         checkpoint_save_model(&model, args.out);
         TrainingState now;
         now.step = next_step;
+        now.data_epoch = have_train ? train_loader.epoch : 0;
         now.shard_index = have_train ? train_loader.shard_index : 0;
         now.batch_index = have_train ? train_loader.batch_index : 0;
         now.settings_json = settings_to_json(args);

@@ -938,6 +938,30 @@ def batch(tokens, k, B, T):
     return buf[:-1].view(B, T), buf[1:].view(B, T)
 
 
+MASK64 = (1 << 64) - 1
+SPLITMIX64_STEP = 0x9E3779B97F4A7C15
+
+
+def splitmix64_mix(z):
+    """splitmix64's output function on a 64-bit integer."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def shuffled_order(n, seed, epoch):
+    """The batch order of one epoch under train's --data-order shuffled: a Fisher-Yates shuffle of
+    0..n-1 (position i-1, from the end, swaps with r mod i), r the successive splitmix64 draws from
+    the state mix(mix(seed ^ 0xDA7A0DE5EED5) + epoch * STEP)."""
+    order = list(range(n))
+    state = splitmix64_mix((splitmix64_mix(seed ^ 0xDA7A0DE5EED5) + epoch * SPLITMIX64_STEP) & MASK64)
+    for i in range(n, 1, -1):
+        state = (state + SPLITMIX64_STEP) & MASK64
+        j = splitmix64_mix(state) % i
+        order[i - 1], order[j] = order[j], order[i - 1]
+    return order
+
+
 def lr_lambda(step, warmup, total, min_lr_ratio, schedule="cosine", decay_steps=0):
     """The learning rate at `step` as a factor of lr_max: linear warmup from 0 over `warmup` steps,
     then by `schedule`:
@@ -1067,10 +1091,11 @@ def round_parameters_(model):
 
 
 def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, grad_clip,
-          betas=(0.9, 0.999), eps=1e-8, schedule="cosine", decay_steps=0):
-    """Train in place for `steps` steps walking batches 0, 1, ... of `tokens` (wrapping to 0), in
-    the current precision (using_precision). -> list of (train_loss, lr, grad_norm) per step.
-    bf16-pure first rounds the parameters to bf16, as the engine's load does."""
+          betas=(0.9, 0.999), eps=1e-8, schedule="cosine", decay_steps=0, shuffle_seed=None):
+    """Train in place for `steps` steps walking batches 0, 1, ... of `tokens` (wrapping to 0), or
+    with shuffle_seed each pass in its shuffled_order, in the current precision (using_precision).
+    -> list of (train_loss, lr, grad_norm) per step. bf16-pure first rounds the parameters to
+    bf16, as the engine's load does."""
     model.train()
     if _precision == "bf16-pure":
         round_parameters_(model)
@@ -1082,7 +1107,8 @@ def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, gr
     log = []
     for s in range(steps):
         lr_s = lr * lr_lambda(s, warmup, steps, min_lr_ratio, schedule, decay_steps)
-        x, y = batch(tokens, s % nb, B, T)
+        k = s % nb if shuffle_seed is None else shuffled_order(nb, shuffle_seed, s // nb)[s % nb]
+        x, y = batch(tokens, k, B, T)
         loss, gnorm = train_step(model, opt, params, x, y, lr_s, grad_clip)
         log.append((loss, lr_s, gnorm))
     return log
@@ -1238,7 +1264,8 @@ def cmd_train(a):
     with using_precision(a.precision):
         log = train(model, shard_load(a.data), a.batch, a.seq_len, a.steps, a.lr, a.warmup,
                     a.min_lr_ratio, a.weight_decay, a.grad_clip, (a.beta1, a.beta2), a.adam_eps,
-                    a.lr_schedule, wsd_decay_steps(a.decay_frac, a.steps))
+                    a.lr_schedule, wsd_decay_steps(a.decay_frac, a.steps),
+                    a.data_seed if a.data_order == "shuffled" else None)
     save_checkpoint(model, a.out)
     lines = [json.dumps({"step": s, "train_loss": l, "lr": lr, "grad_norm": g}) for s, (l, lr, g) in enumerate(log)]
     with open(os.path.join(a.out, "log.jsonl"), "w") as f:
@@ -1339,6 +1366,8 @@ def main(argv=None):
     q.add_argument("--warmup", type=int, default=0)
     q.add_argument("--min-lr-ratio", type=float, default=0.1)
     q.add_argument("--lr-schedule", choices=["cosine", "linear", "constant", "wsd"], default="cosine")
+    q.add_argument("--data-order", choices=["sequential", "shuffled"], default="sequential")
+    q.add_argument("--data-seed", type=int, default=1, help="shuffled: the order's seed")
     q.add_argument("--decay-frac", type=float, default=0.2, help="wsd: the share of the steps spent decaying")
     q.add_argument("--weight-decay", type=float, default=0.0)
     q.add_argument("--grad-clip", type=float, default=0.0)

@@ -162,6 +162,18 @@ def test_lr_schedule():
     assert ref.wsd_decay_steps(0.35, 10) == 3   # 0.35 in float32 is 0.3499999940...
 
 
+def test_shuffled_order():
+    # train's --data-order shuffled: a permutation per epoch, a function of (seed, epoch) only
+    orders = [ref.shuffled_order(10, 5, e) for e in range(3)]
+    assert all(sorted(o) == list(range(10)) for o in orders)
+    assert orders[0] != orders[1] != orders[2] and orders[0] != list(range(10))
+    assert ref.shuffled_order(10, 5, 1) == orders[1] and ref.shuffled_order(10, 6, 1) != orders[1]
+    assert ref.shuffled_order(1, 5, 0) == [0] and ref.shuffled_order(0, 5, 0) == []
+    # splitmix64's output function, against the reference values of its published C code (state 0
+    # advanced once: the first output of a generator seeded with 0)
+    assert ref.splitmix64_mix(ref.SPLITMIX64_STEP) == 0xE220A8397B1DCDAF
+
+
 def test_batches():
     toks = np.arange(2 * 3 * 4 + 5)  # 29 tokens, B*T = 12 -> 2 whole batches
     assert ref.num_batches(len(toks), 3, 4) == 2

@@ -361,3 +361,78 @@ TEST_CASE("vocab_size below 1 fails", "[dataloader]") {
     REQUIRE_FAILS_WITH("vocab_size must be at least 1, got 0",
                        dataloader_init(&loader, (dir + "/a.bin").c_str(), 1, 1, 0));
 }
+
+// ---- shuffled order (--data-order shuffled)
+
+// Which batch the loader just read, as its global number: each batch of a shard of `sequence(n,
+// start)` tokens begins with start + k*B*T, so the first input names the shard and the batch.
+static int global_batch(const DataLoader& loader, const std::vector<uint32_t>& starts, const std::vector<int>& offsets) {
+    for (size_t s = starts.size(); s-- > 0;) {
+        if ((uint32_t)loader.inputs[0] >= starts[s]) return offsets[s] + (int)((loader.inputs[0] - starts[s]) / (loader.B * loader.T));
+    }
+    return -1;
+}
+
+TEST_CASE("shuffled: every epoch visits each batch of every shard once, in an order of its own that the position restores",
+          "[dataloader]") {
+    std::string dir = make_temp_dir();
+    const int B = 1, T = 4;
+    // shards of 3 and 5 batches: global batches 0-2 and 3-7
+    write_shard(dir + "/s0.bin", 2, sequence(13, 0));
+    write_shard(dir + "/s1.bin", 2, sequence(21, 1000));
+    const std::vector<uint32_t> starts = {0, 1000};
+    const std::vector<int> offsets = {0, 3};
+    const int N = 8;
+    auto epochs_of = [&](uint64_t seed, int epochs) {
+        DataLoader loader;
+        dataloader_init(&loader, (dir + "/s*.bin").c_str(), B, T, 2000);
+        loader.shuffled = true;
+        loader.shuffle_seed = seed;
+        std::vector<std::vector<int>> orders(epochs);
+        for (int e = 0; e < epochs; e++) {
+            REQUIRE(loader.epoch == e);
+            for (int k = 0; k < N; k++) {
+                dataloader_next_batch(&loader);
+                int g = global_batch(loader, starts, offsets);
+                // the window read is the whole batch g, from its shard
+                require_window(loader, sequence(g < 3 ? 13 : 21, g < 3 ? 0 : 1000), (size_t)(g < 3 ? g : g - 3) * B * T);
+                orders[e].push_back(g);
+            }
+        }
+        REQUIRE(loader.epoch == epochs);
+        dataloader_free(&loader);
+        return orders;
+    };
+    std::vector<std::vector<int>> orders = epochs_of(7, 3);
+    std::vector<int> in_order = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (const auto& order : orders) {
+        std::vector<int> sorted = order;
+        std::sort(sorted.begin(), sorted.end());
+        CHECK(sorted == in_order);   // a permutation: each batch once
+        CHECK(order != in_order);    // (8! orders: the chance of drawing this one is 1/40320)
+    }
+    CHECK(orders[0] != orders[1]);
+    CHECK(orders[1] != orders[2]);
+    // the order is a function of the seed and the epoch: the same again, another with another seed
+    CHECK(epochs_of(7, 3) == orders);
+    CHECK(epochs_of(8, 1)[0] != orders[0]);
+    // it is dataloader_shuffled_order's
+    std::vector<size_t> drawn;
+    dataloader_shuffled_order(&drawn, N, 7, 1);
+    CHECK(std::vector<int>(drawn.begin(), drawn.end()) == orders[1]);
+    // a loader put at (epoch 1, visit 5: shard 1, batch 2), as a resumed run is, reads on from there
+    DataLoader resumed;
+    dataloader_init(&resumed, (dir + "/s*.bin").c_str(), B, T, 2000);
+    resumed.shuffled = true;
+    resumed.shuffle_seed = 7;
+    resumed.epoch = 1;
+    resumed.shard_index = 1;
+    resumed.batch_index = 2;
+    std::vector<int> rest;
+    for (int k = 5; k < N + 2; k++) {
+        dataloader_next_batch(&resumed);
+        rest.push_back(global_batch(resumed, starts, offsets));
+    }
+    CHECK(rest == std::vector<int>{orders[1][5], orders[1][6], orders[1][7], orders[2][0], orders[2][1]});
+    dataloader_free(&resumed);
+}

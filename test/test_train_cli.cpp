@@ -515,7 +515,8 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
     Run r = train_ok("--help");
     const char* flags[] = {
         "--model", "--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len", "--norm", "--alpha",
-        "--train-data", "--val-data", "--val-batches", "--val-every", "--batch", "--steps", "--lr", "--warmup",
+        "--train-data", "--data-order", "--data-seed", "--val-data", "--val-batches", "--val-every", "--batch", "--steps",
+        "--lr", "--warmup",
         "--min-lr-ratio", "--lr-schedule", "--decay-frac", "--weight-decay", "--beta1", "--beta2", "--adam-eps", "--grad-clip",
         "--seed", "--device", "--attention", "--rope", "--precision",
         "--init-from", "--out", "--eval-only", "--embed-std",
@@ -530,7 +531,7 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
         {"--batch", "(default 8)"}, {"--steps", "(default 100)"}, {"--lr", "(default 0.001)"},
         {"--seed", "(default 1337)"}, {"--device", "(default auto"}, {"--precision", "(default fp32"},
         {"--beta1", "(default 0.9)"}, {"--beta2", "(default 0.999)"}, {"--adam-eps", "(default 1e-08)"},
-        {"--lr-schedule", "(default cosine)"}, {"--decay-frac", "(default 0.2)"},
+        {"--lr-schedule", "(default cosine)"}, {"--decay-frac", "(default 0.2)"}, {"--data-seed", "(default 1)"},
     };
     std::stringstream in(r.out);
     std::string line;
@@ -956,6 +957,60 @@ TEST_CASE("a wsd run's stable phase, branched into a decay of its own, is the st
     CHECK(train_loss_lines(tmp + "/long/log.jsonl").size() == 16);
 }
 
+// The fixture's shard holds 10 batches of 3 x 24: 14 steps are an epoch and 4 visits of the next.
+TEST_CASE("--data-order shuffled: train reads the batches in the PyTorch reference's shuffled order", "[cli][shuffle]") {
+    std::string dir = fixture_dir("mix");
+    std::string tmp = make_temp_dir();
+    const std::string data = "--batch 3 --seq-len 24 --steps 14 --lr 0.01 --warmup 2";
+    const std::string order = " --data-order shuffled --data-seed 5";
+    train_ok("--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") + " " + data + order +
+             " --out " + quote(tmp + "/ours"));
+    train_ok("--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") + " " + data +
+             " --out " + quote(tmp + "/sequential"));
+    reference_ok("train --ckpt " + quote(dir) + " --data " + quote(dir + "/train.bin") + " " + data + order +
+                 " --out " + quote(tmp + "/theirs"));
+    std::vector<JsonValue> ours = read_jsonl(tmp + "/ours/log.jsonl"), theirs = read_jsonl(tmp + "/theirs/log.jsonl"),
+                           sequential = read_jsonl(tmp + "/sequential/log.jsonl");
+    REQUIRE(ours.size() == 14);
+    REQUIRE(theirs.size() == 14);
+    int steps_unlike_sequential = 0;
+    for (int s = 0; s < 14; s++) {
+        INFO("step " << s);
+        double loss = number(ours[s], "train_loss"), reference_loss = number(theirs[s], "train_loss");
+        CAPTURE(loss, reference_loss, number(sequential[s], "train_loss"));
+        CHECK(std::fabs(loss - reference_loss) <= 1e-5 * std::fabs(reference_loss) + 1e-6);
+        steps_unlike_sequential += std::fabs(number(sequential[s], "train_loss") - reference_loss) > 1e-3;
+    }
+    // another batch from the first step on: step 0's loss already differs unless the shuffle put
+    // batch 0 first (1 in 10), so most steps must
+    CHECK(steps_unlike_sequential >= 10);
+    CHECK(weights_relative_difference(dir, tmp + "/ours", tmp + "/theirs") < 5e-6);
+}
+
+TEST_CASE("--data-order shuffled: a run stopped in its second epoch and resumed equals straight", "[cli][resume][shuffle]") {
+    std::string tmp = make_temp_dir();
+    const std::string order = " --data-order shuffled --data-seed 3";
+    train_ok(mix_run_args(16) + order + " --out " + quote(tmp + "/straight"));
+    train_ok(mix_run_args(16) + order + " --out " + quote(tmp + "/resumed") + " --stop-at 13");
+    SafeTensorsFile file;
+    safetensors_open(&file, (tmp + "/resumed/training_state.safetensors").c_str());
+    CHECK(std::string(safetensors_metadata(&file, "data_epoch")) == "1");   // 10 batches an epoch
+    CHECK(std::string(safetensors_metadata(&file, "batch_index")) == "3");
+    train_ok("--resume " + quote(tmp + "/resumed"));
+    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/resumed/model.safetensors"));
+    CHECK(train_loss_lines(tmp + "/straight/log.jsonl") == train_loss_lines(tmp + "/resumed/log.jsonl"));
+    // the order is part of the run
+    require_train_fails("--resume " + quote(tmp + "/resumed") + " --data-seed 4", "--data-seed 4 differs from the saved run's 3");
+    require_train_fails("--resume " + quote(tmp + "/resumed") + " --data-order sequential",
+                        "--data-order sequential differs from the saved run's shuffled");
+}
+
+TEST_CASE("an unknown data order, a negative data seed and a data seed without shuffling are refused", "[cli][shuffle]") {
+    require_train_fails("--steps 0 --data-order random", "--data-order must be sequential or shuffled, got 'random'");
+    require_train_fails("--steps 0 --data-order shuffled --data-seed -1", "--data-seed must be at least 0, got -1");
+    require_train_fails("--steps 0 --data-seed 2", "--data-seed applies to --data-order shuffled only");
+}
+
 TEST_CASE("a corrupted training state is refused and left as it was", "[cli][resume]") {
     std::string tmp = make_temp_dir();
     train_ok(mix_run_args(4) + " --out " + quote(tmp + "/run") + " --stop-at 2");
@@ -1002,7 +1057,7 @@ TEST_CASE("a training state whose metadata was altered is refused", "[cli][resum
         const char* from;
         const char* to;
     };
-    for (const Change& change : {Change{"step", "2", "3"}, Change{"batch_index", "2", "1"},
+    for (const Change& change : {Change{"step", "2", "3"}, Change{"batch_index", "2", "1"}, Change{"data_epoch", "0", "1"},
                                  Change{"settings", "\"--lr\": \"0.00999999978\"", "\"--lr\": \"0.0199999996\""},
                                  Change{"settings", "\"--val-every\"", "\"--val-evexy\""}}) {
         INFO(change.key << ": " << change.from << " -> " << change.to);
@@ -1017,36 +1072,57 @@ TEST_CASE("a training state whose metadata was altered is refused", "[cli][resum
     }
 }
 
-// A state of format 1 (no metadata checksum, no --rounding or --seed, before 2026-11-30) resumes as
-// format 2 does; a setting this version does not know is refused even where the checksum holds.
-TEST_CASE("a format-1 training state still resumes, and an unknown setting is refused", "[cli][resume]") {
+// States of format 1 (no metadata checksum, no --rounding or --seed, before 2026-11-30) and 2 (no
+// data_epoch, before --data-order) resume as format 3 does; a setting this version does not know
+// is refused even where the checksum holds.
+TEST_CASE("format-1 and format-2 training states still resume, and an unknown setting is refused", "[cli][resume]") {
     std::string tmp = make_temp_dir();
     train_ok(mix_run_args(4) + " --out " + quote(tmp + "/straight"));
     train_ok(mix_run_args(4) + " --out " + quote(tmp + "/old") + " --stop-at 2");
     REQUIRE(system(("cp -r " + quote(tmp + "/old") + " " + quote(tmp + "/newer")).c_str()) == 0);
-    rewrite_training_state(tmp + "/old", [](std::vector<std::pair<std::string, std::string>>& metadata) {
-        metadata_field(metadata, "format") = "mixln-training-state-1";
-        // nor did they save the rounding and the seed (added 2026-11-30 with --rounding)
+    REQUIRE(system(("cp -r " + quote(tmp + "/old") + " " + quote(tmp + "/format2")).c_str()) == 0);
+    // what the settings of each format lacked: format 2 the data order (added 2026-11-30 with
+    // --data-order); format 1 also the rounding and the seed (added with --rounding), AdamW's
+    // betas and eps (with their flags) and the schedule (with --lr-schedule)
+    const std::vector<const char*> format2_lacks = {"\"--data-order\": \"sequential\", ", "\"--data-seed\": \"1\", "};
+    std::vector<const char*> format1_lacks = {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", ",
+                                              "\"--beta1\": \"0.899999976\", ", "\"--beta2\": \"0.999000013\", ",
+                                              "\"--adam-eps\": \"9.99999994e-09\", ", "\"--lr-schedule\": \"cosine\", ",
+                                              "\"--decay-frac\": \"0.200000003\", "};
+    format1_lacks.insert(format1_lacks.end(), format2_lacks.begin(), format2_lacks.end());
+    auto erase = [](std::vector<std::pair<std::string, std::string>>& metadata, const std::vector<const char*>& lacks) {
         std::string& settings = metadata_field(metadata, "settings");
-        // nor AdamW's betas and eps (added 2026-11-30 with their flags), nor the schedule (added
-        // 2026-11-30 with --lr-schedule)
-        for (const char* saved : {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", ", "\"--beta1\": \"0.899999976\", ",
-                                  "\"--beta2\": \"0.999000013\", ", "\"--adam-eps\": \"9.99999994e-09\", ",
-                                  "\"--lr-schedule\": \"cosine\", ", "\"--decay-frac\": \"0.200000003\", "}) {
+        for (const char* saved : lacks) {
             size_t at = settings.find(saved);
             REQUIRE(at != std::string::npos);
             settings.erase(at, strlen(saved));
         }
         metadata.erase(std::remove_if(metadata.begin(), metadata.end(),
-                                      [](const auto& field) { return field.first == "metadata_checksum"; }),
+                                      [](const auto& field) {
+                                          return field.first == "metadata_checksum" || field.first == "data_epoch";
+                                      }),
                        metadata.end());
+    };
+    rewrite_training_state(tmp + "/old", [&](std::vector<std::pair<std::string, std::string>>& metadata) {
+        metadata_field(metadata, "format") = "mixln-training-state-1";
+        erase(metadata, format1_lacks);
     });
-    train_ok("--resume " + quote(tmp + "/old"));
-    CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/old/model.safetensors"));
-    // the resumed run writes format 2
-    SafeTensorsFile file;
-    safetensors_open(&file, (tmp + "/old/training_state.safetensors").c_str());
-    CHECK(std::string(safetensors_metadata(&file, "format")) == "mixln-training-state-2");
+    rewrite_training_state(tmp + "/format2", [&](std::vector<std::pair<std::string, std::string>>& metadata) {
+        metadata_field(metadata, "format") = "mixln-training-state-2";
+        erase(metadata, format2_lacks);
+        metadata.push_back({"metadata_checksum", training_state_metadata_checksum(
+                                                     [&](const char* key) { return metadata_field(metadata, key); },
+                                                     TRAINING_STATE_2_CHECKED_FIELDS)});
+    });
+    for (const char* run : {"/old", "/format2"}) {
+        INFO(run);
+        train_ok("--resume " + quote(tmp + run));
+        CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + run + "/model.safetensors"));
+        // the resumed run writes format 3
+        SafeTensorsFile file;
+        safetensors_open(&file, (tmp + run + "/training_state.safetensors").c_str());
+        CHECK(std::string(safetensors_metadata(&file, "format")) == "mixln-training-state-3");
+    }
 
     rewrite_training_state(tmp + "/newer", [](std::vector<std::pair<std::string, std::string>>& metadata) {
         std::string& settings = metadata_field(metadata, "settings");
