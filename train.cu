@@ -132,7 +132,7 @@ static void print_help() {
     printf("  --scaled-embed         embedding std sqrt(2/5) = 0.632, as the paper's code once used\n");
     printf("  --scaled-init          o_proj and down_proj std 0.02/sqrt(2L) in pre, lns, peri and preqkv layers\n");
     printf("data:\n");
-    printf("  --train-data PATTERN   llm.c token shards (glob), read in order\n");
+    printf("  --train-data PATTERN   llm.c token shards (glob), in sorted name order\n");
     printf("  --data-order O         sequential: the training batches in the shards' order, every pass alike;\n"
            "                         shuffled: every pass in an order of its own, drawn from --data-seed (default %s)\n",
            d.data_order.c_str());
@@ -581,8 +581,8 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // before --precision, the simple attention (the only one on the CPU, the default on the
         // GPU) before --attention, nearest rounding before --rounding, AdamW's betas 0.9/0.999
         // and eps 1e-8 before their flags, the cosine before --lr-schedule, the data in order
-        // before --data-order. Those states did not save the seed, which nothing after the initialisation read: the run goes on with the
-        // one given, or the default.
+        // before --data-order. Those states did not save the seed, which nothing after the
+        // initialisation read: the run goes on with the one given, or the default.
         static const std::pair<const char*, const char*> before_saved[] = {
             {"--precision", "fp32"}, {"--attention", "simple"}, {"--rounding", "nearest"},
             {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"},
