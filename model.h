@@ -1757,26 +1757,31 @@ inline void model_update(Model* model, float lr, float beta1, float beta2, float
 //   constant  lr_max to the end (min_lr_ratio unused)
 //   wsd       warmup-stable-decay: lr_max until the last decay_steps steps, then a straight line
 //             down to lr_max * min_lr_ratio
+//   wsd-sqrt  as wsd, its decay 1 - sqrt(progress) of the way down (Hagele et al., 2024: a
+//             cooldown that leaves the peak faster and lands more gently)
 // The decays reach lr_max * min_lr_ratio at step total_steps, one after the last step (GaLore's
 // convention), so the last step's lr is a little above it. step counts from 0.
-enum LrSchedule { LR_COSINE, LR_LINEAR, LR_CONSTANT, LR_WSD };
+enum LrSchedule { LR_COSINE, LR_LINEAR, LR_CONSTANT, LR_WSD, LR_WSD_SQRT };
 
 inline float learning_rate(int step, float lr_max, int warmup, int total_steps, float min_lr_ratio,
                            LrSchedule schedule = LR_COSINE, int decay_steps = 0) {
+    bool is_wsd = schedule == LR_WSD || schedule == LR_WSD_SQRT;
     double f;
     if (step < warmup) {
         // warmup: s / W
         f = (double)step / (warmup > 1 ? warmup : 1);
-    } else if (schedule == LR_CONSTANT || (schedule == LR_WSD && step < total_steps - decay_steps)) {
+    } else if (schedule == LR_CONSTANT || (is_wsd && step < total_steps - decay_steps)) {
         // constant, or wsd's stable phase
         f = 1.0;
     } else {
         // the decay starts after the warmup, or (wsd) decay_steps before the end
-        int decay_start = schedule == LR_WSD && total_steps - decay_steps > warmup ? total_steps - decay_steps : warmup;
+        int decay_start = is_wsd && total_steps - decay_steps > warmup ? total_steps - decay_steps : warmup;
         int decay_length = total_steps - decay_start;
         // progress through the decay, 0 at its start and 1 at step total_steps
         double progress = (double)(step - decay_start) / (decay_length > 1 ? decay_length : 1);
-        double remaining = schedule == LR_COSINE ? 0.5 * (1.0 + cos(M_PI * progress)) : 1.0 - progress;
+        double remaining = schedule == LR_COSINE     ? 0.5 * (1.0 + cos(M_PI * progress))
+                           : schedule == LR_WSD_SQRT ? 1.0 - sqrt(progress)
+                                                     : 1.0 - progress;
         f = min_lr_ratio + (1.0 - min_lr_ratio) * remaining;
     }
     return (float)(lr_max * f);

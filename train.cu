@@ -74,7 +74,7 @@ struct Args {
     float lr = 1e-3f;
     int warmup = 0;
     float min_lr_ratio = 0.1f;
-    std::string lr_schedule = "cosine";   // cosine | linear | constant | wsd (model.h: learning_rate)
+    std::string lr_schedule = "cosine";   // cosine | linear | constant | wsd | wsd-sqrt (model.h: learning_rate)
     float decay_frac = 0.2f;              // wsd: the share of the steps spent decaying
     float weight_decay = 0.0f;
     float beta1 = 0.9f, beta2 = 0.999f;   // AdamW's moment decays (the paper's; HybridNorm used 0.9/0.95)
@@ -147,10 +147,12 @@ static void print_help() {
     printf("  --lr LR                peak learning rate (default %g)\n", d.lr);
     printf("  --warmup W             linear warmup steps (default %d)\n", d.warmup);
     printf("  --min-lr-ratio R       final lr as a fraction of the peak (default %g)\n", d.min_lr_ratio);
-    printf("  --lr-schedule S        after the warmup: cosine|linear|constant|wsd (default %s); cosine (the paper's)\n"
-           "                         and linear fall to lr*min-lr-ratio at the end, wsd holds lr and then falls\n"
-           "                         linearly over the last --decay-frac of the steps\n", d.lr_schedule.c_str());
-    printf("  --decay-frac F         with wsd: the share of --steps spent decaying, in (0, 1] (default %g)\n", d.decay_frac);
+    printf("  --lr-schedule S        after the warmup: cosine|linear|constant|wsd|wsd-sqrt (default %s); cosine (the\n"
+           "                         paper's) and linear fall to lr*min-lr-ratio at the end, wsd holds lr and then falls\n"
+           "                         linearly over the last --decay-frac of the steps, wsd-sqrt as 1 - sqrt(progress)\n",
+           d.lr_schedule.c_str());
+    printf("  --decay-frac F         with wsd or wsd-sqrt: the share of --steps spent decaying, in (0, 1] (default %g)\n",
+           d.decay_frac);
     printf("  --weight-decay WD      decoupled weight decay (default %g)\n", d.weight_decay);
     printf("  --beta1 B1             AdamW's first-moment decay, in [0, 1) (default %g)\n", d.beta1);
     printf("  --beta2 B2             AdamW's second-moment decay, in [0, 1) (default %g)\n", d.beta2);
@@ -327,8 +329,9 @@ static Args parse_args(int argc, char** argv) {
     if (!a.resume.empty() && !a.init_from.empty()) fail("--resume and --init-from exclude each other");
     if (!(a.lr >= 0.0f)) fail("--lr must be at least 0, got %g", a.lr);
     if (!(a.min_lr_ratio >= 0.0f && a.min_lr_ratio <= 1.0f)) fail("--min-lr-ratio must be in [0, 1], got %g", a.min_lr_ratio);
-    if (a.lr_schedule != "cosine" && a.lr_schedule != "linear" && a.lr_schedule != "constant" && a.lr_schedule != "wsd") {
-        fail("--lr-schedule must be cosine, linear, constant or wsd, got '%s'", a.lr_schedule.c_str());
+    if (a.lr_schedule != "cosine" && a.lr_schedule != "linear" && a.lr_schedule != "constant" && a.lr_schedule != "wsd" &&
+        a.lr_schedule != "wsd-sqrt") {
+        fail("--lr-schedule must be cosine, linear, constant, wsd or wsd-sqrt, got '%s'", a.lr_schedule.c_str());
     }
     if (!(a.decay_frac > 0.0f && a.decay_frac <= 1.0f)) fail("--decay-frac must be in (0, 1], got %g", a.decay_frac);
     if (!(a.weight_decay >= 0.0f)) fail("--weight-decay must be at least 0, got %g", a.weight_decay);
@@ -524,8 +527,8 @@ static int wsd_decay_steps(const Args& a) { return (int)lround((double)a.decay_f
 // The learning rate of step `step` under the flags' schedule (model.h: learning_rate).
 static float schedule_lr(const Args& a, int step) {
     LrSchedule kind = a.lr_schedule == "linear" ? LR_LINEAR : a.lr_schedule == "constant" ? LR_CONSTANT
-                    : a.lr_schedule == "wsd" ? LR_WSD : LR_COSINE;
-    return learning_rate(step, a.lr, a.warmup, a.steps, a.min_lr_ratio, kind, kind == LR_WSD ? wsd_decay_steps(a) : 0);
+                    : a.lr_schedule == "wsd" ? LR_WSD : a.lr_schedule == "wsd-sqrt" ? LR_WSD_SQRT : LR_COSINE;
+    return learning_rate(step, a.lr, a.warmup, a.steps, a.min_lr_ratio, kind, wsd_decay_steps(a));
 }
 
 // --resume with a new --steps, --lr-schedule, --decay-frac or --min-lr-ratio: allowed where every
@@ -960,8 +963,9 @@ int main(int argc, char** argv) {
     if (data_seed_given && args.data_order != "shuffled") fail("--data-seed applies to --data-order shuffled only");
     // the schedule: wsd's decay is a whole number of steps after the warmup
     bool decay_frac_given = std::find(args.given.begin(), args.given.end(), "--decay-frac") != args.given.end();
-    if (decay_frac_given && args.lr_schedule != "wsd") fail("--decay-frac applies to --lr-schedule wsd only (got %s)", args.lr_schedule.c_str());
-    if (args.lr_schedule == "wsd" && training && args.steps > 0) {
+    bool wsd = args.lr_schedule == "wsd" || args.lr_schedule == "wsd-sqrt";
+    if (decay_frac_given && !wsd) fail("--decay-frac applies to --lr-schedule wsd and wsd-sqrt only (got %s)", args.lr_schedule.c_str());
+    if (wsd && training && args.steps > 0) {
         int decay_steps = wsd_decay_steps(args);
         if (decay_steps < 1) fail("--decay-frac %g of %d steps leaves no step to decay in", args.decay_frac, args.steps);
         if (args.warmup + decay_steps > args.steps) {

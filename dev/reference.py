@@ -969,17 +969,19 @@ def lr_lambda(step, warmup, total, min_lr_ratio, schedule="cosine", decay_steps=
       linear    a straight line from 1 to min_lr_ratio at step `total`
       constant  1
       wsd       1, then over the last `decay_steps` steps a straight line to min_lr_ratio at `total`
+      wsd-sqrt  as wsd, the decay 1 - sqrt(p) of the way from 1 to min_lr_ratio (p from 0 to 1)
     Step 0 with warmup > 0 gives 0 (lr 0 on the first step): intended, it is what GaLore does."""
     s = step
     if s < warmup:
         return s / max(1, warmup)
     if schedule == "constant":
         return 1.0
-    if schedule == "wsd":
+    if schedule in ("wsd", "wsd-sqrt"):
         start = max(warmup, total - decay_steps)
         if s < start:
             return 1.0
-        return min_lr_ratio + (1 - min_lr_ratio) * (1 - (s - start) / max(1, total - start))
+        p = (s - start) / max(1, total - start)
+        return min_lr_ratio + (1 - min_lr_ratio) * (1 - (math.sqrt(p) if schedule == "wsd-sqrt" else p))
     p = (s - warmup) / max(1, total - warmup)
     if schedule == "linear":
         return min_lr_ratio + (1 - min_lr_ratio) * (1 - p)
@@ -1365,7 +1367,7 @@ def main(argv=None):
     q.add_argument("--lr", type=float, required=True)
     q.add_argument("--warmup", type=int, default=0)
     q.add_argument("--min-lr-ratio", type=float, default=0.1)
-    q.add_argument("--lr-schedule", choices=["cosine", "linear", "constant", "wsd"], default="cosine")
+    q.add_argument("--lr-schedule", choices=["cosine", "linear", "constant", "wsd", "wsd-sqrt"], default="cosine")
     q.add_argument("--data-order", choices=["sequential", "shuffled"], default="sequential")
     q.add_argument("--data-seed", type=int, default=1, help="shuffled: the order's seed")
     q.add_argument("--decay-frac", type=float, default=0.2, help="wsd: the share of the steps spent decaying")

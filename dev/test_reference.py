@@ -154,6 +154,9 @@ def test_lr_schedule():
     assert wsd[warmup:7] == [1.0] * 4
     for s, left in zip(range(7, 11), (0.75, 0.5, 0.25, 0.0)):
         assert abs(wsd[s] - (r + (1 - r) * left)) < 1e-12, (s, wsd[s])
+    # wsd-sqrt: 1 - sqrt of the way: a quarter into the decay, halfway down
+    sq = [ref.lr_lambda(s, warmup, total, r, "wsd-sqrt", 4) for s in range(total + 1)]
+    assert sq[warmup:7] == [1.0] * 4 and abs(sq[7] - (r + (1 - r) * 0.5)) < 1e-12 and abs(sq[10] - r) < 1e-12
     # a decay that fills everything after the warmup is the linear schedule
     assert all(ref.lr_lambda(s, warmup, total, r, "wsd", total - warmup) == ref.lr_lambda(s, warmup, total, r, "linear")
                for s in range(total + 1))

@@ -361,7 +361,7 @@ TEST_CASE("learning_rate: every schedule's warmup, stable phase and decay, step 
     const int warmup = 2, total = 10, wsd_decay = 4;
     const double r = 0.1f;   // the float train passes, as a double
     auto lr = [&](int step, LrSchedule schedule) { return learning_rate(step, 1.0f, warmup, total, 0.1f, schedule, wsd_decay); };
-    std::vector<double> cosine, linear, constant, wsd;
+    std::vector<double> cosine, linear, constant, wsd, wsd_sqrt;
     for (int s = 0; s < total; s++) {
         // warmup: s / W for all four
         double warm = (double)s / warmup;
@@ -371,6 +371,7 @@ TEST_CASE("learning_rate: every schedule's warmup, stable phase and decay, step 
         linear.push_back(s < warmup ? warm : r + (1 - r) * (1 - p));
         constant.push_back(s < warmup ? warm : 1.0);
         wsd.push_back(s < warmup ? warm : s < total - wsd_decay ? 1.0 : r + (1 - r) * (1 - q));
+        wsd_sqrt.push_back(s < warmup ? warm : s < total - wsd_decay ? 1.0 : r + (1 - r) * (1 - sqrt(q)));
     }
     for (int s = 0; s < total; s++) {
         INFO("step " << s);
@@ -378,6 +379,7 @@ TEST_CASE("learning_rate: every schedule's warmup, stable phase and decay, step 
         CHECK(lr(s, LR_LINEAR) == Approx(linear[s]).epsilon(1e-7).margin(1e-12));
         CHECK(lr(s, LR_CONSTANT) == Approx(constant[s]).epsilon(1e-7).margin(1e-12));
         CHECK(lr(s, LR_WSD) == Approx(wsd[s]).epsilon(1e-7).margin(1e-12));
+        CHECK(lr(s, LR_WSD_SQRT) == Approx(wsd_sqrt[s]).epsilon(1e-7).margin(1e-12));
         // the paper's cosine is the default; wsd whose decay fills everything after the warmup is linear
         CHECK(learning_rate(s, 1.0f, warmup, total, 0.1f) == lr(s, LR_COSINE));
         CHECK(learning_rate(s, 1.0f, warmup, total, 0.1f, LR_WSD, total - warmup) == lr(s, LR_LINEAR));
@@ -388,6 +390,8 @@ TEST_CASE("learning_rate: every schedule's warmup, stable phase and decay, step 
     CHECK(lr(1, LR_WSD) == 0.5f);
     for (int s = warmup; s <= total - wsd_decay; s++) CHECK(lr(s, LR_WSD) == 1.0f);
     CHECK(lr(total - 1, LR_WSD) == Approx(0.1 + 0.9 / 4).epsilon(1e-7));
+    CHECK(lr(total - 1, LR_WSD_SQRT) == Approx(0.1 + 0.9 * (1 - sqrt(0.75))).epsilon(1e-7));   // below wsd's
+    CHECK(lr(total - 3, LR_WSD_SQRT) == Approx(0.1 + 0.9 * 0.5).epsilon(1e-7));   // a quarter in: halfway down
     CHECK(lr(total - 1, LR_LINEAR) == Approx(0.1 + 0.9 / 8).epsilon(1e-7));
     CHECK(lr(6, LR_COSINE) == Approx(0.55).epsilon(1e-7));   // halfway through the cosine
 }

@@ -378,15 +378,15 @@ TEST_CASE("AdamW with --beta1 --beta2 --adam-eps: train follows the PyTorch refe
 }
 
 // Each schedule besides the cosine (which the 10-step test covers), with a warmup, against the
-// reference's train: the lr of every step, the losses and the weights after. wsd at --decay-frac
-// 0.3 of 10 steps decays over the last 3.
-TEST_CASE("--lr-schedule linear, constant and wsd: train follows the PyTorch reference's schedule", "[cli][schedule]") {
+// reference's train: the lr of every step, the losses and the weights after. wsd and wsd-sqrt at
+// --decay-frac 0.3 of 10 steps decay over the last 3.
+TEST_CASE("--lr-schedule linear, constant, wsd and wsd-sqrt: train follows the PyTorch reference's schedule", "[cli][schedule]") {
     std::string dir = fixture_dir("mix");
     const std::string data = "--batch 3 --seq-len 24 --steps 10 --lr 0.01 --warmup 2 --min-lr-ratio 0.2";
-    for (const std::string schedule : {"linear", "constant", "wsd"}) {
+    for (const std::string schedule : {"linear", "constant", "wsd", "wsd-sqrt"}) {
         INFO("--lr-schedule " << schedule);
         std::string tmp = make_temp_dir();
-        std::string flags = "--lr-schedule " + schedule + (schedule == "wsd" ? " --decay-frac 0.3" : "");
+        std::string flags = "--lr-schedule " + schedule + (schedule.rfind("wsd", 0) == 0 ? " --decay-frac 0.3" : "");
         train_ok("--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") + " " + data + " " + flags +
                  " --out " + quote(tmp + "/ours"));
         reference_ok("train --ckpt " + quote(dir) + " --data " + quote(dir + "/train.bin") + " " + data + " " + flags +
@@ -413,6 +413,11 @@ TEST_CASE("--lr-schedule linear, constant and wsd: train follows the PyTorch ref
             CHECK(number(ours[7], "lr") == Approx(0.01));   // the decay's first step, progress 0
             CHECK(number(ours[8], "lr") == Approx(0.01 * (0.2 + 0.8 * 2 / 3)));
             CHECK(number(ours[9], "lr") == Approx(0.01 * (0.2 + 0.8 / 3)));
+        }
+        if (schedule == "wsd-sqrt") {
+            CHECK(number(ours[7], "lr") == Approx(0.01));
+            CHECK(number(ours[8], "lr") == Approx(0.01 * (0.2 + 0.8 * (1 - std::sqrt(1.0 / 3)))));
+            CHECK(number(ours[9], "lr") == Approx(0.01 * (0.2 + 0.8 * (1 - std::sqrt(2.0 / 3)))));
         }
         CHECK(weights_relative_difference(dir, tmp + "/ours", tmp + "/theirs") < 5e-6);
     }
@@ -1310,13 +1315,14 @@ TEST_CASE("negative counts for the new run flags are refused", "[cli]") {
 
 TEST_CASE("an unknown schedule, a decay fraction outside (0, 1] and a wsd decay that does not fit are refused",
           "[cli][schedule]") {
-    require_train_fails("--steps 0 --lr-schedule step", "--lr-schedule must be cosine, linear, constant or wsd, got 'step'");
+    require_train_fails("--steps 0 --lr-schedule step", "--lr-schedule must be cosine, linear, constant, wsd or wsd-sqrt, got 'step'");
     require_train_fails("--steps 0 --lr-schedule wsd --decay-frac 0", "--decay-frac must be in (0, 1], got 0");
     require_train_fails("--steps 0 --lr-schedule wsd --decay-frac 1.5", "--decay-frac must be in (0, 1], got 1.5");
     require_train_fails("--steps 0 --lr-schedule wsd --decay-frac x", "--decay-frac expects a number, got 'x'");
     // the fraction means nothing to the other schedules
-    require_train_fails("--steps 0 --decay-frac 0.3", "--decay-frac applies to --lr-schedule wsd only (got cosine)");
-    require_train_fails("--steps 0 --lr-schedule linear --decay-frac 0.3", "--decay-frac applies to --lr-schedule wsd only (got linear)");
+    require_train_fails("--steps 0 --decay-frac 0.3", "--decay-frac applies to --lr-schedule wsd and wsd-sqrt only (got cosine)");
+    require_train_fails("--steps 0 --lr-schedule linear --decay-frac 0.3",
+                        "--decay-frac applies to --lr-schedule wsd and wsd-sqrt only (got linear)");
     // with training data: 0.01 of 10 steps rounds to no step; a decay of 8 after a warmup of 3 needs 11
     std::string dir = fixture_dir("mix");
     std::string data = "--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") + " --batch 3 --seq-len 24";
