@@ -123,45 +123,54 @@ def layer_grads_at(path, train, step):
     return d["step"], norms
 
 
+def check_analysis(d, need):
+    """Raises ValueError naming what is wrong with an analysis object d (the JSON of --analyze or of
+    reference.py analyze) in the parts `need` names ("angular_distance", "layer_drop",
+    "hidden_rms"); val_loss must be a number when layer_drop is used. dev/sweep checks with it too."""
+    if not isinstance(d, dict):
+        raise ValueError("expected a JSON object (the output of reference.py analyze)")
+    if "angular_distance" in need:
+        rows = d.get("angular_distance")
+        if not isinstance(rows, list) or not rows:
+            raise ValueError("angular_distance missing or not a non-empty list of rows")
+        L = len(rows)
+        for l, row in enumerate(rows):
+            if not isinstance(row, list) or not all(is_number(v) for v in row):
+                raise ValueError(f"angular_distance row {l} is not a list of numbers")
+            if len(row) != L - l:
+                raise ValueError(f"angular_distance row {l} has {len(row)} entries, expected {L - l} "
+                                 f"(row l holds n = 1..L-l, L = {L})")
+    if "layer_drop" in need:
+        if not is_number(d.get("val_loss")):
+            raise ValueError("val_loss missing or not a number")
+        drops = d.get("layer_drop")
+        if not isinstance(drops, list) or not drops:
+            raise ValueError("layer_drop missing or not a non-empty list")
+        for i, e in enumerate(drops):
+            if not (isinstance(e, dict) and isinstance(e.get("layer"), int) and is_number(e.get("val_loss"))):
+                raise ValueError(f"layer_drop entry {i} is not {{\"layer\": int, \"val_loss\": number}}")
+        layers = sorted(e["layer"] for e in drops)
+        if layers != list(range(len(drops))):
+            raise ValueError(f"layer_drop layers are {layers}, expected 0..{len(drops) - 1} once each")
+    if "hidden_rms" in need:
+        rms = d.get("hidden_rms")
+        if not isinstance(rms, list) or len(rms) < 2:
+            raise ValueError("hidden_rms missing or not a list of L+1 numbers (an analysis written before "
+                             "2026-11-30 has none: run --analyze again)")
+        if not all(is_number(v) and math.isfinite(v) and v > 0 for v in rms):
+            raise ValueError("hidden_rms holds a value that is not a positive finite number")
+
+
 def read_analysis(path, need):
-    """analysis JSON -> dict, checked: `need` names the parts the caller uses ("angular_distance",
-    "layer_drop", "hidden_rms"); val_loss must be a number when layer_drop is used."""
+    """analysis JSON -> dict, checked by check_analysis; bad input stops with its message."""
     try:
         d = json.loads(read_text(path))
     except ValueError:
         fail(f"{path}: not valid JSON (expected one JSON object, the output of reference.py analyze)")
-    if not isinstance(d, dict):
-        fail(f"{path}: expected a JSON object (the output of reference.py analyze)")
-    if "angular_distance" in need:
-        rows = d.get("angular_distance")
-        if not isinstance(rows, list) or not rows:
-            fail(f"{path}: angular_distance missing or not a non-empty list of rows")
-        L = len(rows)
-        for l, row in enumerate(rows):
-            if not isinstance(row, list) or not all(is_number(v) for v in row):
-                fail(f"{path}: angular_distance row {l} is not a list of numbers")
-            if len(row) != L - l:
-                fail(f"{path}: angular_distance row {l} has {len(row)} entries, expected {L - l} "
-                     f"(row l holds n = 1..L-l, L = {L})")
-    if "layer_drop" in need:
-        if not is_number(d.get("val_loss")):
-            fail(f"{path}: val_loss missing or not a number")
-        drops = d.get("layer_drop")
-        if not isinstance(drops, list) or not drops:
-            fail(f"{path}: layer_drop missing or not a non-empty list")
-        for i, e in enumerate(drops):
-            if not (isinstance(e, dict) and isinstance(e.get("layer"), int) and is_number(e.get("val_loss"))):
-                fail(f"{path}: layer_drop entry {i} is not {{\"layer\": int, \"val_loss\": number}}")
-        layers = sorted(e["layer"] for e in drops)
-        if layers != list(range(len(drops))):
-            fail(f"{path}: layer_drop layers are {layers}, expected 0..{len(drops) - 1} once each")
-    if "hidden_rms" in need:
-        rms = d.get("hidden_rms")
-        if not isinstance(rms, list) or len(rms) < 2:
-            fail(f"{path}: hidden_rms missing or not a list of L+1 numbers (an analysis written before "
-                 f"2026-11-30 has none: run --analyze again)")
-        if not all(is_number(v) and math.isfinite(v) and v > 0 for v in rms):
-            fail(f"{path}: hidden_rms holds a value that is not a positive finite number")
+    try:
+        check_analysis(d, need)
+    except ValueError as e:
+        fail(f"{path}: {e}")
     return d
 
 
