@@ -95,6 +95,7 @@ struct Args {
     float temperature = 1.0f;
     int top_k = 0;                 // 0: the whole vocabulary
     int checkpoint_every = 0;  // 0: a checkpoint at the end only
+    int keep_every = 0;        // 0: no snapshots kept along the way
     int layer_grads_every = 0; // 0: no per-layer gradient norms in the log
     int stop_at = 0;           // 0: run all steps
     std::string resume;
@@ -179,6 +180,8 @@ static void print_help() {
     printf("  --out DIR              write DIR/log.jsonl while training and the checkpoint at the end\n");
     printf("  --layer-grads-every N  log each layer's gradient norm every N steps (default 0: off)\n");
     printf("  --checkpoint-every N   also write the checkpoint and training state every N steps (default 0: at the end)\n");
+    printf("  --keep-every N         also keep a snapshot every N steps in OUT/step_NNNNNN: the checkpoint, training\n"
+           "                         state and log so far, to evaluate, analyze or branch from later (default 0: off)\n");
     printf("  --stop-at S            end the run after step S with a checkpoint, as a time-limited job would (default 0: off)\n");
     printf("  --resume DIR           continue the run saved in DIR bit for bit (its settings; --out defaults to DIR).\n"
            "                         --steps, --lr-schedule, --decay-frac and --min-lr-ratio may change where the steps\n"
@@ -290,6 +293,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--init-from") a.init_from = v;
         else if (flag == "--out") a.out = v;
         else if (flag == "--checkpoint-every") a.checkpoint_every = parse_int(f, v);
+        else if (flag == "--keep-every") a.keep_every = parse_int(f, v);
         else if (flag == "--sample") a.sample = parse_int(f, v);
         else if (flag == "--prompt-ids") a.prompt_ids = v;
         else if (flag == "--temperature") a.temperature = parse_float(f, v);
@@ -323,6 +327,7 @@ static Args parse_args(int argc, char** argv) {
     if (a.warmup < 0) fail("--warmup must be at least 0, got %d", a.warmup);
     if (a.val_batches < 0 || a.val_every < 0) fail("--val-batches and --val-every must be at least 0");
     if (a.checkpoint_every < 0 || a.stop_at < 0) fail("--checkpoint-every and --stop-at must be at least 0");
+    if (a.keep_every < 0) fail("--keep-every must be at least 0, got %d", a.keep_every);
     if (a.layer_grads_every < 0) fail("--layer-grads-every must be at least 0");
     if (a.sample < 0 || a.top_k < 0) fail("--sample and --top-k must be at least 0");
     if (!(a.temperature > 0.0f)) fail("--temperature must be positive, got %g", a.temperature);
@@ -505,6 +510,7 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--val-every", std::to_string(a.val_every), true},
             {"--val-batches", std::to_string(a.val_batches), true},
             {"--checkpoint-every", std::to_string(a.checkpoint_every), true},
+            {"--keep-every", std::to_string(a.keep_every), true},
             {"--layer-grads-every", std::to_string(a.layer_grads_every), true}};
 }
 
@@ -584,12 +590,14 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // before --precision, the simple attention (the only one on the CPU, the default on the
         // GPU) before --attention, nearest rounding before --rounding, AdamW's betas 0.9/0.999
         // and eps 1e-8 before their flags, the cosine before --lr-schedule, the data in order
-        // before --data-order. Those states did not save the seed, which nothing after the
-        // initialisation read: the run goes on with the one given, or the default.
+        // before --data-order, no snapshots before --keep-every. Those states did not save the
+        // seed, which nothing after the initialisation read: the run goes on with the one given,
+        // or the default.
         static const std::pair<const char*, const char*> before_saved[] = {
             {"--precision", "fp32"}, {"--attention", "simple"}, {"--rounding", "nearest"},
             {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"},
-            {"--lr-schedule", "cosine"}, {"--decay-frac", "0.2"}, {"--data-order", "sequential"}, {"--data-seed", "1"}};
+            {"--lr-schedule", "cosine"}, {"--decay-frac", "0.2"}, {"--data-order", "sequential"}, {"--data-seed", "1"},
+            {"--keep-every", "0"}};
         JsonValue old_default;
         old_default.type = JsonValue::String;
         for (const auto& entry : before_saved) {
@@ -636,7 +644,8 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         else if (flag == "--data-seed") a->data_seed = parse_int("--data-seed", v);
         else if (flag == "--batch") a->batch = parse_int("--batch", v);
         else if (flag == "--grad-accum") a->grad_accum = parse_int("--grad-accum", v);
-        else if (flag == "--seq-len") a->seq_len = parse_size("--seq-len", v);
+        // (states saved before 2026-11-30 hold 0 for a run given no --seq-len: the model's)
+        else if (flag == "--seq-len") a->seq_len = argv_like[i + 1] == "0" ? 0 : parse_size("--seq-len", v);
         else if (flag == "--steps") a->steps = parse_int("--steps", v);
         else if (flag == "--lr") a->lr = parse_float("--lr", v);
         else if (flag == "--warmup") a->warmup = parse_int("--warmup", v);
@@ -656,6 +665,7 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         else if (flag == "--val-every") a->val_every = parse_int("--val-every", v);
         else if (flag == "--val-batches") a->val_batches = parse_int("--val-batches", v);
         else if (flag == "--checkpoint-every") a->checkpoint_every = parse_int("--checkpoint-every", v);
+        else if (flag == "--keep-every") a->keep_every = parse_int("--keep-every", v);
         else if (flag == "--layer-grads-every") a->layer_grads_every = parse_int("--layer-grads-every", v);
     }
     return saved_device;
@@ -694,6 +704,29 @@ static FILE* open_log(const std::string& dir, const std::string& resumed_from, i
     }
     write_file_atomic(path, kept);
     return fopen_or_fail(path.c_str(), "a");
+}
+
+// --keep-every: the snapshot of step s is the folder step_<s, at least 6 digits> in the run's
+// folder, which sorts in step order up to a million steps.
+static std::string kept_snapshot_name(int step) {
+    char name[32];
+    snprintf(name, sizeof(name), "step_%06d", step);
+    return name;
+}
+
+// Whether dir is a snapshot a run kept: a folder named as kept_snapshot_name names them, in a
+// folder with a run's log.
+static bool is_kept_snapshot(std::string dir) {
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    size_t slash = dir.rfind('/');
+    std::string name = slash == std::string::npos ? dir : dir.substr(slash + 1);
+    std::string parent = slash == std::string::npos ? "." : slash == 0 ? "/" : dir.substr(0, slash);
+    if (name.size() < 6 || name.compare(0, 5, "step_") != 0) return false;
+    for (size_t i = 5; i < name.size(); i++) {
+        if (name[i] < '0' || name[i] > '9') return false;
+    }
+    struct stat st;
+    return stat((parent + "/log.jsonl").c_str(), &st) == 0;
 }
 
 // ----------------------------------------------------------------------------
@@ -925,6 +958,12 @@ int main(int argc, char** argv) {
         config = training_state_config(args.resume, &settings);
         check_flags_match_checkpoint(args, config, args.resume);
         saved_device = apply_saved_settings(&args, settings, args.resume);
+        // a snapshot is kept as it was: the run resumed from it goes elsewhere, even back into
+        // the run's own folder (--out RUN, after a crash that left no training state there)
+        if (args.out.empty() && is_kept_snapshot(args.resume)) {
+            fail("--resume '%s': that is a snapshot kept by --keep-every; give the resumed run a folder of its own with "
+                 "--out (a branch, or the run's folder to continue the run itself)", args.resume.c_str());
+        }
         if (args.out.empty()) args.out = args.resume;
     } else if (!args.init_from.empty()) {
         config = checkpoint_read_config(args.init_from);
@@ -937,6 +976,7 @@ int main(int argc, char** argv) {
     int T = args.seq_len ? args.seq_len : config.max_seq_len;
     if (T < 1) fail("--seq-len must be at least 1, got %d", T);
     if (T > config.max_seq_len) fail("--seq-len %d exceeds the checkpoint's max_position_embeddings %d", T, config.max_seq_len);
+    args.seq_len = T;   // what the training state records
     int B = args.batch;
 
     // the data, checked before any big allocation so that bad input fails fast
@@ -959,6 +999,7 @@ int main(int argc, char** argv) {
     if (args.analyze) args.eval_only = true;   // no training either
     bool training = !args.eval_only;
     if (training && args.steps > 0 && args.train_data.empty()) fail("--train-data is required to train (or use --eval-only)");
+    if (training && args.keep_every > 0 && args.out.empty()) fail("--keep-every keeps its snapshots in the run's folder: give --out DIR");
     bool data_seed_given = std::find(args.given.begin(), args.given.end(), "--data-seed") != args.given.end();
     if (data_seed_given && args.data_order != "shuffled") fail("--data-seed applies to --data-order shuffled only");
     // the schedule: wsd's decay is a whole number of steps after the warmup
@@ -1086,17 +1127,41 @@ int main(int argc, char** argv) {
         log = open_log(args.out, resuming ? args.resume : "", state.step);
     }
     // the checkpoint: weights and config for users and other tools, and the training state
-    auto save_checkpoint = [&](int next_step) {
-        if (args.out.empty()) return;
-        checkpoint_save_model(&model, args.out);
+    auto write_checkpoint = [&](const std::string& dir, int next_step) {
+        checkpoint_save_model(&model, dir);
         TrainingState now;
         now.step = next_step;
         now.data_epoch = have_train ? train_loader.epoch : 0;
         now.shard_index = have_train ? train_loader.shard_index : 0;
         now.batch_index = have_train ? train_loader.batch_index : 0;
         now.settings_json = settings_to_json(args);
-        training_state_save(&model, now, args.out);
+        training_state_save(&model, now, dir);
+    };
+    auto save_checkpoint = [&](int next_step) {
+        if (args.out.empty()) return;
+        write_checkpoint(args.out, next_step);
         printf("checkpoint written to %s (step %d)\n", args.out.c_str(), next_step);
+    };
+    // --keep-every: a snapshot is a run folder of its own (checkpoint, training state and the log
+    // so far), which --init-from, --eval-only, --analyze and --resume --out take as they take the
+    // run's. One left by an earlier pass over the same step (a run resumed from before it) is
+    // replaced, its training state first: a snapshot cut short leaves no state to resume from
+    // beside weights of another step.
+    int kept_step = -1;
+    if (training && args.keep_every > 0) {
+        printf("keeping a snapshot every %d steps in %s/step_NNNNNN (%.1f MiB each)\n", args.keep_every, args.out.c_str(),
+               16.0 * model.num_parameters / 1048576.0);
+    }
+    auto keep_snapshot = [&](int next_step) {
+        if (args.keep_every <= 0 || next_step % args.keep_every != 0 || next_step == kept_step) return;
+        std::string dir = args.out + "/" + kept_snapshot_name(next_step);
+        make_directory(dir);
+        std::string old_state = dir + "/training_state.safetensors";
+        if (unlink(old_state.c_str()) != 0 && errno != ENOENT) fail("cannot remove '%s': %s", old_state.c_str(), strerror(errno));
+        write_file_atomic(dir + "/log.jsonl", read_text_file(log_path));
+        write_checkpoint(dir, next_step);
+        kept_step = next_step;
+        printf("snapshot kept in %s (step %d)\n", dir.c_str(), next_step);
     };
     auto validate = [&](int step) {
         EvalResult r = evaluate(&model, &val_loader, args.val_batches);
@@ -1155,6 +1220,7 @@ int main(int argc, char** argv) {
         }
         if (have_val && args.val_every > 0 && (step + 1) % args.val_every == 0 && step + 1 < args.steps) validate(step + 1);
         if (args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 && step + 1 < last_step) save_checkpoint(step + 1);
+        if (step + 1 < last_step) keep_snapshot(step + 1);
         // a stop signal ends the run here as --stop-at would
         if (stop_signal_received != 0 && step + 1 < last_step) {
             stopped_by = stop_signal_received;
@@ -1163,6 +1229,7 @@ int main(int argc, char** argv) {
     }
     if (have_val && last_step == args.steps) validate(args.steps);
     save_checkpoint(last_step);
+    if (last_step > state.step) keep_snapshot(last_step);   // with the last validation in its log
     if (stopped_by != 0) {
         printf("stopped by %s after step %d of %d; --resume %s continues the run\n",
                stopped_by == SIGINT ? "SIGINT" : "SIGTERM", last_step, args.steps, args.out.c_str());

@@ -962,6 +962,76 @@ TEST_CASE("a wsd run's stable phase, branched into a decay of its own, is the st
     CHECK(train_loss_lines(tmp + "/long/log.jsonl").size() == 16);
 }
 
+TEST_CASE("--keep-every keeps snapshots that are the run at their step: they resume, branch and continue the run",
+          "[cli][resume][keep]") {
+    std::string tmp = make_temp_dir();
+    const std::string val = " --val-data " + quote(fixture_dir("mix") + "/train.bin") + " --val-batches 2 --val-every 3";
+    const std::string keep = " --keep-every 3" + val;
+    Run run = train_ok(mix_run_args(8) + keep + " --out " + quote(tmp + "/run"));
+    CHECK(run.out.find("keeping a snapshot every 3 steps in " + tmp + "/run/step_NNNNNN") != std::string::npos);
+    // steps 3 and 6; 8 is no multiple of 3
+    const std::string snap3 = tmp + "/run/step_000003", snap6 = tmp + "/run/step_000006";
+    for (const std::string& snap : {snap3, snap6}) {
+        for (const char* file : {"/model.safetensors", "/config.json", "/training_state.safetensors", "/log.jsonl"}) {
+            CHECK(file_exists(snap + file));
+        }
+    }
+    CHECK(!file_exists(tmp + "/run/step_000008/model.safetensors"));
+    // a snapshot is the checkpoint a run stopped at its step writes, to the byte
+    train_ok(mix_run_args(8) + keep + " --out " + quote(tmp + "/stopped") + " --stop-at 3");
+    for (const char* file : {"/model.safetensors", "/config.json", "/training_state.safetensors"}) {
+        INFO(file);
+        CHECK(read_file(snap3 + file) == read_file(tmp + "/stopped" + file));
+    }
+    // its log is the run's up to the step: 3 steps, then the validation at step 3
+    std::vector<std::string> run_lines = train_loss_lines(tmp + "/run/log.jsonl");
+    REQUIRE(run_lines.size() == 8);
+    CHECK(train_loss_lines(snap3 + "/log.jsonl") == std::vector<std::string>(run_lines.begin(), run_lines.begin() + 3));
+    std::string snap3_log = read_file(snap3 + "/log.jsonl"), run_log = read_file(tmp + "/run/log.jsonl");
+    size_t val3 = run_log.find("{\"step\": 3, \"val_loss\"");
+    REQUIRE(val3 != std::string::npos);
+    std::string val3_line = run_log.substr(val3, run_log.find('\n', val3) + 1 - val3);
+    CHECK(snap3_log.size() > val3_line.size());
+    CHECK(snap3_log.substr(snap3_log.size() - val3_line.size()) == val3_line);
+
+    // resumed in place it would stop being what it was: refused, and left as it was
+    const std::string snap3_state = read_file(snap3 + "/training_state.safetensors");
+    require_train_fails("--resume " + quote(snap3 + "/"), "that is a snapshot kept by --keep-every; give the resumed run a "
+                                                           "folder of its own with --out");
+    // branched into a folder of its own it ends where the run did, and keeps its own snapshots
+    Run branch = train_ok("--resume " + quote(snap3) + " --out " + quote(tmp + "/branch"));
+    CHECK(branch.out.find("at step 3 of 8") != std::string::npos);
+    CHECK(read_file(tmp + "/branch/model.safetensors") == read_file(tmp + "/run/model.safetensors"));
+    CHECK(train_loss_lines(tmp + "/branch/log.jsonl") == run_lines);
+    CHECK(read_file(tmp + "/branch/step_000006/training_state.safetensors") == read_file(snap6 + "/training_state.safetensors"));
+    CHECK(!file_exists(tmp + "/branch/step_000003/model.safetensors"));
+    CHECK(read_file(snap3 + "/training_state.safetensors") == snap3_state);
+
+    // a run that lost its last state (killed outright) continues from a snapshot in its own
+    // folder, replacing the snapshots after it: the same run again
+    const std::string run_model = read_file(tmp + "/run/model.safetensors"), snap6_state = read_file(snap6 + "/training_state.safetensors");
+    REQUIRE(unlink((tmp + "/run/training_state.safetensors").c_str()) == 0);
+    REQUIRE(unlink((tmp + "/run/model.safetensors").c_str()) == 0);
+    write_file(snap6 + "/training_state.safetensors", "not a training state");
+    train_ok("--resume " + quote(snap3) + " --out " + quote(tmp + "/run"));
+    CHECK(read_file(tmp + "/run/model.safetensors") == run_model);
+    CHECK(read_file(snap6 + "/training_state.safetensors") == snap6_state);
+    CHECK(train_loss_lines(tmp + "/run/log.jsonl") == run_lines);
+
+    // the snapshot's weights load as any checkpoint's: the loss of the run's validation at step 6
+    Run eval = train_ok("--eval-only --init-from " + quote(snap6) + val + " --batch 3 --seq-len 24");
+    std::string snap6_log = read_file(snap6 + "/log.jsonl");
+    size_t at = snap6_log.find("{\"step\": 6, \"val_loss\": ");
+    REQUIRE(at != std::string::npos);
+    double logged = atof(snap6_log.c_str() + at + strlen("{\"step\": 6, \"val_loss\": "));
+    size_t eval_at = eval.out.find("\"val_loss\": ");
+    REQUIRE(eval_at != std::string::npos);
+    CHECK(std::fabs(atof(eval.out.c_str() + eval_at + strlen("\"val_loss\": ")) - logged) < 1e-6);
+
+    require_train_fails("--steps 0 --keep-every -1", "--keep-every must be at least 0, got -1");
+    require_train_fails(mix_run_args(4) + " --keep-every 2", "--keep-every keeps its snapshots in the run's folder: give --out DIR");
+}
+
 // The fixture's shard holds 10 batches of 3 x 24: 14 steps are an epoch and 4 visits of the next.
 TEST_CASE("--data-order shuffled: train reads the batches in the PyTorch reference's shuffled order", "[cli][shuffle]") {
     std::string dir = fixture_dir("mix");
@@ -1089,7 +1159,9 @@ TEST_CASE("format-1 and format-2 training states still resume, and an unknown se
     // what the settings of each format lacked: format 2 the data order (added 2026-11-30 with
     // --data-order); format 1 also the rounding and the seed (added with --rounding), AdamW's
     // betas and eps (with their flags) and the schedule (with --lr-schedule)
-    const std::vector<const char*> format2_lacks = {"\"--data-order\": \"sequential\", ", "\"--data-seed\": \"1\", "};
+    // (format 3 lacked --keep-every until it came, the same day)
+    const std::vector<const char*> format2_lacks = {"\"--data-order\": \"sequential\", ", "\"--data-seed\": \"1\", ",
+                                                    "\"--keep-every\": \"0\", "};
     std::vector<const char*> format1_lacks = {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", ",
                                               "\"--beta1\": \"0.899999976\", ", "\"--beta2\": \"0.999000013\", ",
                                               "\"--adam-eps\": \"9.99999994e-09\", ", "\"--lr-schedule\": \"cosine\", ",
@@ -1136,6 +1208,31 @@ TEST_CASE("format-1 and format-2 training states still resume, and an unknown se
             [&](const char* key) { return metadata_field(metadata, key); });
     });
     require_train_fails("--resume " + quote(tmp + "/newer"), "has a setting '--new-flag' that this program does not know");
+}
+
+// Until 2026-11-30 a run given no --seq-len saved 0 for it (the model's length), which --resume
+// then refused as a sequence length below 1: such runs could not be resumed.
+TEST_CASE("a run given no --seq-len resumes, and so does a state that saved 0 for it", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    std::string dir = fixture_dir("mix");
+    const std::string args = "--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") +
+                             " --batch 3 --lr 0.01 --warmup 3 --grad-clip 0.5 --steps 4 --out ";   // mix_run_args but the length: the fixture's 24
+    train_ok(mix_run_args(4) + " --out " + quote(tmp + "/straight"));
+    train_ok(args + quote(tmp + "/resumed") + " --stop-at 2");
+    train_ok(args + quote(tmp + "/old") + " --stop-at 2");
+    rewrite_training_state(tmp + "/old", [](std::vector<std::pair<std::string, std::string>>& metadata) {
+        std::string& settings = metadata_field(metadata, "settings");
+        size_t at = settings.find("\"--seq-len\": \"24\"");
+        REQUIRE(at != std::string::npos);
+        settings.replace(at, strlen("\"--seq-len\": \"24\""), "\"--seq-len\": \"0\"");
+        metadata_field(metadata, "metadata_checksum") = training_state_metadata_checksum(
+            [&](const char* key) { return metadata_field(metadata, key); });
+    });
+    for (const char* run : {"/resumed", "/old"}) {
+        INFO(run);
+        train_ok("--resume " + quote(tmp + run));
+        CHECK(read_file(tmp + run + "/model.safetensors") == read_file(tmp + "/straight/model.safetensors"));
+    }
 }
 
 TEST_CASE("a truncated training state is refused", "[cli][resume]") {
