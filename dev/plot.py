@@ -6,6 +6,8 @@ Figures from training logs and layer analyses, as PNG files (matplotlib, Agg bac
   angular  the angular-distance heatmap over (layer l, distance n), as in the Mix-LN paper
   drop     the loss increase when each layer is removed, several models side by side
   rms      the hidden states' RMS at every layer boundary, several models on one plot
+  drop-steps  each layer's layer-drop loss over training, from the analyses of the snapshots
+           that ./train --keep-every keeps (RUN/step_NNNNNN), one panel per run
 
 and, as functions for dev/sweep, the figures of a sweep over placements and seeds
 (sweep_loss_curves, sweep_ppl_vs_alpha, and with --analyze sweep_hidden_rms, sweep_layer_drop).
@@ -16,6 +18,8 @@ and, as functions for dev/sweep, the figures of a sweep over placements and seed
     python3 dev/plot.py angular --out angular.png runs/mix/analysis.json
     python3 dev/plot.py drop --out drop.png runs/pre/analysis.json runs/mix/analysis.json
     python3 dev/plot.py rms --out rms.png runs/pre/analysis.json runs/mix/analysis.json --logy
+    for d in runs/pre/step_* runs/mix/step_*; do ./train --analyze --init-from $d --val-data data/val.bin; done
+    python3 dev/plot.py drop-steps --out drop_steps.png runs/pre runs/mix
 
 Inputs: log.jsonl as ./train writes it (training lines: step, train_loss, lr, grad_norm and
 optionally layer_grad_norms; validation lines: step, val_loss, tokens), and the JSON of
@@ -322,6 +326,60 @@ def cmd_rms(a):
     finish(fig, ax, a.title or "Hidden-state scale at every layer boundary", a.out)
 
 
+def snapshot_analyses(run):
+    """[(step, analysis)] of a run's snapshots (run/step_NNNNNN/analysis.json, as ./train
+    --keep-every and --analyze write them), in step order. A snapshot not analysed yet is left out
+    with a note; a run with no analysed snapshot at all stops."""
+    if not os.path.isdir(run):
+        fail(f"{run}: not a directory (expected a run folder with step_NNNNNN snapshots, from ./train --keep-every)")
+    found, missing = [], []
+    for name in sorted(os.listdir(run)):
+        if not (name.startswith("step_") and name[5:].isdigit() and os.path.isdir(os.path.join(run, name))):
+            continue
+        path = os.path.join(run, name, "analysis.json")
+        if os.path.exists(path):
+            found.append((int(name[5:]), read_analysis(path, ["layer_drop"])))
+        else:
+            missing.append(name)
+    if missing:
+        print(f"note: {run}: {len(missing)} snapshot(s) not analysed, left out: {', '.join(missing)}", file=sys.stderr)
+    if not found:
+        fail(f"{run}: no analysed snapshot (run/step_NNNNNN/analysis.json); make them with "
+             f"./train --analyze --init-from {os.path.join(run, 'step_NNNNNN')} --val-data ...")
+    found.sort(key=lambda e: e[0])
+    layers = {len(d["layer_drop"]) for _, d in found}
+    if len(layers) != 1:
+        fail(f"{run}: the snapshots' analyses disagree on the number of layers ({sorted(layers)})")
+    return found
+
+
+def cmd_drop_steps(a):
+    runs = [snapshot_analyses(r) for r in a.runs]
+    labels = labels_for([os.path.join(r, "log.jsonl") for r in a.runs], a.labels)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.5), sharey=True, squeeze=False)
+    for ax, snapshots, label in zip(axes[0], runs, labels):
+        steps = [step for step, _ in snapshots]
+        L = len(snapshots[0][1]["layer_drop"])
+        colors = plt.get_cmap("viridis")
+        for layer in range(L):
+            increase = [next(e["val_loss"] for e in d["layer_drop"] if e["layer"] == layer) - d["val_loss"]
+                        for _, d in snapshots]
+            ax.plot(steps, increase, marker="o", markersize=3, color=colors(layer / max(1, L - 1)),
+                    label=f"layer {layer}" if L <= 12 or layer in (0, L // 2, L - 1) else None)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        if a.logy:
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("val loss without the layer - full model val loss")
+    fig.suptitle(a.title or "Loss increase when one layer is removed, over training")
+    fig.tight_layout()
+    save(fig, a.out)
+
+
 # -----------------------------------------------------------------------------
 # Figures of a sweep (dev/sweep): several placements, several seeds each. The caller has read and
 # checked the logs; these take plain lists and draw.
@@ -572,6 +630,13 @@ def main(argv=None):
     q.add_argument("--labels", default=None, help="a,b,...: one per file (default: the directory names)")
     q.add_argument("--logy", action="store_true", help="logarithmic y axis")
     q.set_defaults(fn=cmd_rms)
+
+    q = sub.add_parser("drop-steps", help="each layer's layer-drop loss over training, from a run's analysed snapshots")
+    common(q)
+    q.add_argument("runs", nargs="+", metavar="RUN", help="run folders with step_NNNNNN/analysis.json")
+    q.add_argument("--labels", default=None, help="a,b,...: one per run (default: the run folder names)")
+    q.add_argument("--logy", action="store_true", help="symmetric-log y axis (linear within 1e-3 of 0)")
+    q.set_defaults(fn=cmd_drop_steps)
 
     a = p.parse_args(argv)
     a.fn(a)

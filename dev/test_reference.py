@@ -1276,6 +1276,22 @@ def write_synthetic_runs(d, L=4):
                        "hidden_rms": [0.02 + (1 + i) * l for l in range(L + 1)]}, f)
 
 
+def write_synthetic_snapshots(d, L=4):
+    """d/{pre,mix}/step_{000050,000100,000150}/analysis.json, as ./train --keep-every and --analyze
+    leave them (step_000150 of mix not analysed), for plot.py drop-steps."""
+    import json
+    for i, name in enumerate(("pre", "mix")):
+        for step in (50, 100, 150):
+            snap = os.path.join(d, name, f"step_{step:06d}")
+            os.makedirs(snap)
+            if name == "mix" and step == 150:
+                continue
+            with open(os.path.join(snap, "analysis.json"), "w") as f:
+                json.dump({"val_loss": 5.0 - step / 100, "tokens": 96,
+                           "layer_drop": [{"layer": l, "val_loss": 5.0 - step / 100 + 0.1 * step / (100 * (l + 1)) - 0.01 * i}
+                                          for l in range(L)]}, f)
+
+
 def test_plot_bad_input():
     # Inputs are checked before matplotlib is imported, so this runs with or without it.
     import json
@@ -1304,6 +1320,16 @@ def test_plot_bad_input():
                  (("drop", "--out", png, ragged), "val_loss missing"),
                  (("rms", "--out", png, ragged), "hidden_rms missing"),
                  (("rms", "--out", png, negative), "not a positive finite number")]
+        # drop-steps: run folders of analysed snapshots
+        os.makedirs(os.path.join(d, "unanalysed", "step_000010"))
+        os.makedirs(os.path.join(d, "deeper", "step_000010"))
+        os.makedirs(os.path.join(d, "deeper", "step_000020"))
+        for step, L in ((10, 2), (20, 3)):
+            with open(os.path.join(d, "deeper", f"step_{step:06d}", "analysis.json"), "w") as f:
+                json.dump({"val_loss": 3.0, "layer_drop": [{"layer": l, "val_loss": 3.1} for l in range(L)]}, f)
+        cases += [(("drop-steps", "--out", png, os.path.join(d, "nowhere")), "not a directory"),
+                  (("drop-steps", "--out", png, os.path.join(d, "unanalysed")), "no analysed snapshot"),
+                  (("drop-steps", "--out", png, os.path.join(d, "deeper")), "disagree on the number of layers ([2, 3])")]
         for args, want in cases:
             r = run_plot(*args)
             assert r.returncode == 1 and "error: " in r.stderr and want in r.stderr, (args, r.returncode, r.stderr)
@@ -1338,6 +1364,15 @@ if HAVE_MATPLOTLIB:  # defined (and counted) only when matplotlib is there: skip
                 assert r.returncode == 0, (args, r.stderr)
                 with open(out, "rb") as f:
                     assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+        with tempfile.TemporaryDirectory() as d:
+            write_synthetic_snapshots(d)
+            out = os.path.join(d, "drop_steps.png")
+            r = run_plot("drop-steps", "--out", out, os.path.join(d, "pre"), os.path.join(d, "mix"), "--logy")
+            assert r.returncode == 0, r.stderr
+            # the snapshot without an analysis is named, not drawn
+            assert "mix: 1 snapshot(s) not analysed, left out: step_000150" in r.stderr, r.stderr
+            with open(out, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n", "drop_steps.png is not a PNG"
 
 
 def _have_transformers():
