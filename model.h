@@ -307,6 +307,16 @@ inline void parameter_sizes(size_t sizes[NUM_PARAMETER_TENSORS], const ModelConf
     sizes[17] = bias * H * 3 * C;
 }
 
+// Which parameters AdamW's weight decay shrinks (train's --weight-decay-on): every one, as
+// torch.optim.AdamW over model.parameters() does (the Mix-LN code), or only the matrices (the
+// embedding, the linear layers and the head), leaving the norms' weights and biases alone, as
+// GPT-2's and LLaMA's successors mostly train: a decayed norm weight is a decayed scale of the
+// stream, which in a Post-LN layer is the stream's whole scale.
+enum WeightDecayScope { DECAY_ALL, DECAY_MATRICES };
+
+// Whether tensor i of parameter_sizes' order is a matrix (else a norm's weights or biases).
+inline bool parameter_tensor_is_matrix(int i) { return i == 0 || i == 2 || i == 3 || i == 5 || i == 6 || i == 8; }
+
 inline size_t num_parameters(const ModelConfig& c) {
     size_t sizes[NUM_PARAMETER_TENSORS];
     parameter_sizes(sizes, c);
@@ -643,6 +653,7 @@ struct Model {
     int adam_step = 0;                // updates done so far (t - 1 of the next update)
     Rounding rounding = ROUND_NEAREST; // how AdamW's bf16 stores round (bf16-pure; layers/adamw.cuh)
     uint64_t rounding_seed = 0;       // with ROUND_STOCHASTIC: the seed of its random bits (the run's --seed)
+    WeightDecayScope weight_decay_scope = DECAY_ALL;   // what AdamW's weight decay applies to (model_update)
     size_t activation_bytes = 0;
     void* acts_memory = nullptr;      // (activation_bytes) the activations (point_activations, model_activations)
     int* inputs = nullptr;            // (B, T) tokens of the last forward pass, in model memory
@@ -1725,29 +1736,51 @@ inline void model_refresh_weights_copy(Model* model) {
 // One AdamW step over every parameter with the gradients multiplied by grad_scale: on the fp32
 // weights and moments (under bf16 writing the bf16 copy the kernels read in the same pass), or on
 // bf16 weights and moments under bf16-pure, computed in fp32 and rounded once per stored value
-// (model->rounding: to nearest, or stochastically).
+// (model->rounding: to nearest, or stochastically). Weight decay applies as
+// model->weight_decay_scope says: with DECAY_MATRICES one update per run of matrices or of norm
+// tensors in the flat buffer (the norms' with weight decay 0), which is the same arithmetic
+// element by element, the stochastic rounding's bits included (first_index).
 inline void model_update(Model* model, float lr, float beta1, float beta2, float eps,
                          float weight_decay, float grad_scale) {
     model_settle_grads(model);
     model->adam_step += 1;
-    const size_t n = model->num_parameters;
+    // elements [first, first + n) of the four buffers, with their weight decay
+    auto update = [&](size_t first, size_t n, float decay) {
 #ifdef MIXLN_HAS_BF16
-    if (model->precision == PRECISION_BF16_PURE) {
-        LAYER(adamw_update, (bf16*)model->params_memory, (bf16*)model->adam_m, (bf16*)model->adam_v, NO_PARAMS_COPY,
-              (const bf16*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale,
-              model->rounding, model->rounding_seed);
-        return;
-    }
-    if (model->precision == PRECISION_BF16) {
-        LAYER(adamw_update, (real*)model->params_memory, (real*)model->adam_m, (real*)model->adam_v,
-              (bf16*)model->weights_copy, (const real*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay,
-              model->adam_step, grad_scale, model->rounding, model->rounding_seed);
-        return;
-    }
+        if (model->precision == PRECISION_BF16_PURE) {
+            LAYER(adamw_update, (bf16*)model->params_memory + first, (bf16*)model->adam_m + first,
+                  (bf16*)model->adam_v + first, NO_PARAMS_COPY, (const bf16*)model->grads_memory + first, n, lr, beta1,
+                  beta2, eps, decay, model->adam_step, grad_scale, model->rounding, model->rounding_seed, first);
+            return;
+        }
+        if (model->precision == PRECISION_BF16) {
+            LAYER(adamw_update, (real*)model->params_memory + first, (real*)model->adam_m + first,
+                  (real*)model->adam_v + first, (bf16*)model->weights_copy + first,
+                  (const real*)model->grads_memory + first, n, lr, beta1, beta2, eps, decay, model->adam_step,
+                  grad_scale, model->rounding, model->rounding_seed, first);
+            return;
+        }
 #endif
-    LAYER(adamw_update, (real*)model->params_memory, (real*)model->adam_m, (real*)model->adam_v, NO_PARAMS_COPY,
-          (const real*)model->grads_memory, n, lr, beta1, beta2, eps, weight_decay, model->adam_step, grad_scale,
-          model->rounding, model->rounding_seed);
+        LAYER(adamw_update, (real*)model->params_memory + first, (real*)model->adam_m + first,
+              (real*)model->adam_v + first, NO_PARAMS_COPY, (const real*)model->grads_memory + first, n, lr, beta1,
+              beta2, eps, decay, model->adam_step, grad_scale, model->rounding, model->rounding_seed, first);
+    };
+    if (weight_decay == 0.0f || model->weight_decay_scope == DECAY_ALL) {
+        update(0, model->num_parameters, weight_decay);
+        return;
+    }
+    // runs of neighbouring tensors of one kind, in buffer order
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    parameter_sizes(sizes, model->config);
+    size_t run_start = 0, offset = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        offset += sizes[i];
+        bool run_ends = i + 1 == NUM_PARAMETER_TENSORS || parameter_tensor_is_matrix(i + 1) != parameter_tensor_is_matrix(i);
+        if (run_ends && offset > run_start) {
+            update(run_start, offset - run_start, parameter_tensor_is_matrix(i) ? weight_decay : 0.0f);
+            run_start = offset;
+        }
+    }
 }
 
 // The learning-rate schedules (train's --lr-schedule). Every one starts with a linear warmup from 0

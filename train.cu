@@ -77,6 +77,7 @@ struct Args {
     std::string lr_schedule = "cosine";   // cosine | linear | constant | wsd | wsd-sqrt (model.h: learning_rate)
     float decay_frac = 0.2f;              // wsd: the share of the steps spent decaying
     float weight_decay = 0.0f;
+    std::string weight_decay_on = "matrices";   // matrices | all (model.h: WeightDecayScope)
     float beta1 = 0.9f, beta2 = 0.999f;   // AdamW's moment decays (the paper's; HybridNorm used 0.9/0.95)
     float adam_eps = 1e-8f;
     float grad_clip = 0.0f;
@@ -155,6 +156,9 @@ static void print_help() {
     printf("  --decay-frac F         with wsd or wsd-sqrt: the share of --steps spent decaying, in (0, 1] (default %g)\n",
            d.decay_frac);
     printf("  --weight-decay WD      decoupled weight decay (default %g)\n", d.weight_decay);
+    printf("  --weight-decay-on S    what the weight decay shrinks (default %s): matrices, the embedding, linear\n"
+           "                         layers and head, not the norms' weights and biases; all: every parameter, as\n"
+           "                         the Mix-LN code's AdamW does\n", d.weight_decay_on.c_str());
     printf("  --beta1 B1             AdamW's first-moment decay, in [0, 1) (default %g)\n", d.beta1);
     printf("  --beta2 B2             AdamW's second-moment decay, in [0, 1) (default %g)\n", d.beta2);
     printf("  --adam-eps E           AdamW's epsilon, added to sqrt of the second moment, positive (default %g)\n", d.adam_eps);
@@ -280,6 +284,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--lr-schedule") a.lr_schedule = v;
         else if (flag == "--decay-frac") a.decay_frac = parse_float(f, v);
         else if (flag == "--weight-decay") a.weight_decay = parse_float(f, v);
+        else if (flag == "--weight-decay-on") a.weight_decay_on = v;
         else if (flag == "--beta1") a.beta1 = parse_float(f, v);
         else if (flag == "--beta2") a.beta2 = parse_float(f, v);
         else if (flag == "--adam-eps") a.adam_eps = parse_float(f, v);
@@ -340,6 +345,9 @@ static Args parse_args(int argc, char** argv) {
     }
     if (!(a.decay_frac > 0.0f && a.decay_frac <= 1.0f)) fail("--decay-frac must be in (0, 1], got %g", a.decay_frac);
     if (!(a.weight_decay >= 0.0f)) fail("--weight-decay must be at least 0, got %g", a.weight_decay);
+    if (a.weight_decay_on != "matrices" && a.weight_decay_on != "all") {
+        fail("--weight-decay-on must be matrices or all, got '%s'", a.weight_decay_on.c_str());
+    }
     // beta 1 would freeze a moment at 0 and divide the bias correction by 0
     if (!(a.beta1 >= 0.0f && a.beta1 < 1.0f)) fail("--beta1 must be in [0, 1), got %g", a.beta1);
     if (!(a.beta2 >= 0.0f && a.beta2 < 1.0f)) fail("--beta2 must be in [0, 1), got %g", a.beta2);
@@ -497,6 +505,7 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--lr-schedule", a.lr_schedule, false},
             {"--decay-frac", number_text(a.decay_frac), false},
             {"--weight-decay", number_text(a.weight_decay), false},
+            {"--weight-decay-on", a.weight_decay_on, false},
             {"--beta1", number_text(a.beta1), false},
             {"--beta2", number_text(a.beta2), false},
             {"--adam-eps", number_text(a.adam_eps), false},
@@ -590,14 +599,14 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // before --precision, the simple attention (the only one on the CPU, the default on the
         // GPU) before --attention, nearest rounding before --rounding, AdamW's betas 0.9/0.999
         // and eps 1e-8 before their flags, the cosine before --lr-schedule, the data in order
-        // before --data-order, no snapshots before --keep-every. Those states did not save the
-        // seed, which nothing after the initialisation read: the run goes on with the one given,
-        // or the default.
+        // before --data-order, no snapshots before --keep-every, weight decay on every parameter
+        // before --weight-decay-on. Those states did not save the seed, which nothing after the
+        // initialisation read: the run goes on with the one given, or the default.
         static const std::pair<const char*, const char*> before_saved[] = {
             {"--precision", "fp32"}, {"--attention", "simple"}, {"--rounding", "nearest"},
             {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"},
             {"--lr-schedule", "cosine"}, {"--decay-frac", "0.2"}, {"--data-order", "sequential"}, {"--data-seed", "1"},
-            {"--keep-every", "0"}};
+            {"--keep-every", "0"}, {"--weight-decay-on", "all"}};
         JsonValue old_default;
         old_default.type = JsonValue::String;
         for (const auto& entry : before_saved) {
@@ -625,6 +634,7 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         bool numeric = std::string(s.flag) != "--train-data" && std::string(s.flag) != "--precision" &&
                        std::string(s.flag) != "--attention" && std::string(s.flag) != "--rounding" &&
                        std::string(s.flag) != "--lr-schedule" && std::string(s.flag) != "--data-order" &&
+                       std::string(s.flag) != "--weight-decay-on" &&
                        std::string(s.flag) != "--seed" && std::string(s.flag) != "--data-seed";
         bool same = numeric ? strtof(v->string.c_str(), nullptr) == strtof(s.value.c_str(), nullptr) : v->string == s.value;
         if (given && !same) {
@@ -653,6 +663,7 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         else if (flag == "--lr-schedule") a->lr_schedule = v;
         else if (flag == "--decay-frac") a->decay_frac = parse_float("--decay-frac", v);
         else if (flag == "--weight-decay") a->weight_decay = parse_float("--weight-decay", v);
+        else if (flag == "--weight-decay-on") a->weight_decay_on = v;
         else if (flag == "--beta1") a->beta1 = parse_float("--beta1", v);
         else if (flag == "--beta2") a->beta2 = parse_float("--beta2", v);
         else if (flag == "--adam-eps") a->adam_eps = parse_float("--adam-eps", v);
@@ -1040,6 +1051,7 @@ int main(int argc, char** argv) {
     model.rope_in_attention = args.rope == "auto";
     model.rounding = args.rounding == "stochastic" ? ROUND_STOCHASTIC : ROUND_NEAREST;
     model.rounding_seed = (uint64_t)args.seed;
+    model.weight_decay_scope = args.weight_decay_on == "all" ? DECAY_ALL : DECAY_MATRICES;
     TrainingState state;
     if (resuming) {
         state = training_state_load(&model, args.resume);

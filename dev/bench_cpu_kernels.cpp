@@ -79,7 +79,7 @@ int main() {
     for (int step = 1; step <= 5; step++) {
         auto start = std::chrono::steady_clock::now();
         adamw_update_cpu(params.data(), m.data(), v.data(), NO_PARAMS_COPY, grads.data(), n, 1e-3f, 0.9f, 0.999f,
-                         1e-8f, 0.0f, step, 1.0f, ROUND_NEAREST, 0);
+                         1e-8f, 0.0f, step, 1.0f, ROUND_NEAREST, 0, 0);
         double ms = elapsed_ms(start);
         if (ms < best_adamw) best_adamw = ms;
         start = std::chrono::steady_clock::now();

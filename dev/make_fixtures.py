@@ -46,7 +46,8 @@ STEPS, LR, WARMUP, MIN_LR_RATIO = 10, 1e-2, 3, 0.1
 
 # name -> layers, the norm placement, seed, weight_decay, grad_clip. The placement is either
 # alpha (Mix-LN: floor(alpha*L) Post-LN layers, the rest Pre-LN) or norm_layers (one kind per
-# layer), with norm_type (default rmsnorm).
+# layer), with norm_type (default rmsnorm). weight_decay_on: what the weight decay applies to
+# (reference.py make_optimizer; default "all", every parameter, as the cases were first made).
 CASES = {
     "pre":      dict(L=4, alpha=0.0,  seed=1001, weight_decay=0.0, grad_clip=0.0),
     "post":     dict(L=4, alpha=1.0,  seed=1002, weight_decay=0.0, grad_clip=0.0),
@@ -58,8 +59,9 @@ CASES = {
     "peri":     dict(L=4, norm_layers=["peri"] * 4,     seed=1005, weight_decay=0.0, grad_clip=0.0),
     "deepnorm": dict(L=4, norm_layers=["deepnorm"] * 4, seed=1006, weight_decay=0.0, grad_clip=0.0),
     "lns":      dict(L=4, norm_layers=["lns"] * 4,      seed=1007, weight_decay=0.0, grad_clip=0.0),
+    # weight decay on the matrices only: the norms' weights and biases (LayerNorm) are left alone
     "zoo":      dict(L=5, norm_layers=["post", "deepnorm", "peri", "lns", "pre"], norm_type="layernorm",
-                     seed=1008, weight_decay=0.1, grad_clip=0.0),
+                     seed=1008, weight_decay=0.1, weight_decay_on="matrices", grad_clip=0.0),
     # HybridNorm beside the kinds it meets at its edges: a pre layer after a hybrid one normalises
     # the hybrid's output, a hybrid layer after a pre one takes the stream as it is
     "hybrid":   dict(L=4, norm_layers=["hybrid", "pre", "hybrid", "post"], seed=1009, weight_decay=0.0, grad_clip=0.0),
@@ -94,6 +96,12 @@ def case_config(spec):
                            norm_layers=spec.get("norm_layers"), norm_type=spec.get("norm_type", "rmsnorm"))
 
 
+def reference_train(model, train_args):
+    """ref.train on a case's train_args: the positional arguments, then weight_decay_on."""
+    *args, weight_decay_on = train_args
+    return ref.train(model, *args, weight_decay_on=weight_decay_on)
+
+
 def check_scales_matter(name, d, tokens, train_args, log):
     """For each layer kind with a constant of its own (deepnorm's a = (2L)^(1/4) on the residual,
     lns's 1/sqrt(l+1) on the norm outputs), the same 10 steps with that constant set to 1 must
@@ -107,7 +115,7 @@ def check_scales_matter(name, d, tokens, train_args, log):
             continue  # 1/sqrt(0 + 1) = 1: nothing to check
         for layer in layers:
             setattr(layer, attr, 1.0)
-        unscaled = ref.train(model, *train_args)
+        unscaled = reference_train(model, train_args)
         diff = max(abs(a[0] - b[0]) for a, b in zip(log, unscaled))
         assert diff > 1e-4, f"{name}: {kind} with its scale set to 1 changed the train losses by only {diff:.2e}"
 
@@ -131,7 +139,7 @@ def run_reference(d, tokens, train_args):
 
     # 10 training steps from the same initial weights.
     model = ref.load_checkpoint(d)
-    log = ref.train(model, *train_args)
+    log = reference_train(model, train_args)
     fx["train_loss"] = torch.tensor([l for l, _, _ in log], dtype=torch.float32)
     fx["lr"] = torch.tensor([lr for _, lr, _ in log], dtype=torch.float32)
     fx["grad_norm"] = torch.tensor([g for _, _, g in log], dtype=torch.float32)
@@ -183,7 +191,8 @@ def make_case(out, name, spec, fp64_drift):
     tokens = ref.shard_load(os.path.join(d, "train.bin"))  # use exactly what the C++ side reads
 
     hp = dict(batch=B, seq_len=T, steps=STEPS, lr=LR, warmup=WARMUP, min_lr_ratio=MIN_LR_RATIO,
-              weight_decay=spec["weight_decay"], grad_clip=spec["grad_clip"])
+              weight_decay=spec["weight_decay"], weight_decay_on=spec.get("weight_decay_on", "all"),
+              grad_clip=spec["grad_clip"])
     precision = spec.get("precision", "fp32")
     if precision != "fp32":  # recorded only where it is not the default, so fp32 cases stay as they were
         hp["precision"] = precision
@@ -195,7 +204,8 @@ def make_case(out, name, spec, fp64_drift):
 
     # Forward + backward of batch 0 at the initial weights, from the checkpoint as written, and
     # 10 training steps from the same initial weights, in the case's precision.
-    train_args = (tokens, B, T, STEPS, LR, WARMUP, MIN_LR_RATIO, spec["weight_decay"], spec["grad_clip"])
+    train_args = (tokens, B, T, STEPS, LR, WARMUP, MIN_LR_RATIO, spec["weight_decay"], spec["grad_clip"],
+                  spec.get("weight_decay_on", "all"))
     ref.Attention.tensor_core = spec.get("attention") == "tensor-core"
     with ref.using_precision(precision):
         fx, log, loss, model = run_reference(d, tokens, train_args)
@@ -205,9 +215,19 @@ def make_case(out, name, spec, fp64_drift):
             # case would not test it.
             assert any(g > spec["grad_clip"] for _, _, g in log), f"{name}: grad_clip never engaged"
             unclipped = ref.load_checkpoint(d)
-            ref.train(unclipped, *train_args[:-1], 0.0)
+            reference_train(unclipped, train_args[:-2] + (0.0, train_args[-1]))
             diff = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), unclipped.parameters()))
             assert diff > 1e-4, f"{name}: clipping changed the final weights by only {diff:.2e}"
+
+        if spec["weight_decay"] > 0 and train_args[-1] == "matrices":
+            # Every norm weight and bias must end elsewhere when decayed too, or the case would
+            # not test which parameters the decay skips
+            decayed_all = ref.load_checkpoint(d)
+            reference_train(decayed_all, train_args[:-1] + ("all",))
+            for (pname, p), q in zip(model.named_parameters(), decayed_all.parameters()):
+                diff = float((p - q).abs().max())
+                if p.dim() < 2:
+                    assert diff > 1e-4, f"{name}: decaying {pname} too changed it by only {diff:.2e}"
 
         check_scales_matter(name, d, tokens, train_args, log)
 
@@ -243,7 +263,7 @@ def make_case(out, name, spec, fp64_drift):
 
     if fp64_drift and precision == "fp32":  # (a bf16 case compares with fp32 above instead)
         m64 = ref.load_checkpoint(d).double()
-        log64 = ref.train(m64, *train_args)
+        log64 = reference_train(m64, train_args)
         dl = max(abs(a[0] - b[0]) for a, b in zip(log, log64))
         dw = max(float((p.double() - q).abs().max()) for p, q in zip(model.parameters(), m64.parameters()))
         dn = max(abs(a[2] - b[2]) / b[2] for a, b in zip(log, log64))

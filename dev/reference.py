@@ -1024,13 +1024,17 @@ class BF16PureAdamW:
     Each step reads p, m, v, g (g: the bf16 gradient, times the clipping factor when clipping
     scaled it), computes adamw_math in fp32, and stores round(m'), round(v'), round(p'') (p''
     computed from the unrounded m', v'). Just enough of torch.optim's interface for train_step:
-    param_groups[0]["lr"], zero_grad, step."""
+    params as a list of tensors or of groups ({"params": [...]}, optionally "weight_decay"), as
+    torch.optim takes them; param_groups with "lr" and "weight_decay", zero_grad, step."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        self.params = list(params)
-        self.param_groups = [{"lr": lr}]
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = [{"params": list(g["params"]), "lr": lr, "weight_decay": g.get("weight_decay", weight_decay)}
+                             for g in groups]
+        self.params = [p for g in self.param_groups for p in g["params"]]
         self.beta1, self.beta2 = betas
-        self.eps, self.weight_decay = eps, weight_decay
+        self.eps = eps
         self.t = 0
         self.m = [torch.zeros_like(p) for p in self.params]  # bf16 values (0 is one)
         self.v = [torch.zeros_like(p) for p in self.params]
@@ -1045,24 +1049,34 @@ class BF16PureAdamW:
     @torch.no_grad()
     def step(self):
         self.t += 1  # counts every step, as torch's AdamW and the engine do
-        lr = self.param_groups[0]["lr"]
-        for p, m, v in zip(self.params, self.m, self.v):
+        group_of = [g for g in self.param_groups for _ in g["params"]]
+        for p, m, v, g in zip(self.params, self.m, self.v, group_of):
             if p.grad is None:
                 continue
-            p2, m2, v2 = adamw_math(p, m, v, p.grad, lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.t)
+            p2, m2, v2 = adamw_math(p, m, v, p.grad, g["lr"], self.beta1, self.beta2, self.eps, g["weight_decay"], self.t)
             m.copy_(round_bf16(m2))
             v.copy_(round_bf16(v2))
             p.copy_(round_bf16(p2))
 
 
-def make_optimizer(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-    # AdamW as torch 1.13 implements it, applied to every parameter (norm weights and biases and
-    # the embedding included):
+def make_optimizer(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, weight_decay_on="matrices"):
+    # AdamW as torch 1.13 implements it:
     #   p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
     #   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)      with t = 1, 2, ...
-    # (t counts every step, including step 0 with lr 0.)
+    # (t counts every step, including step 0 with lr 0.) The weight decay applies to every
+    # parameter with weight_decay_on="all" (torch.optim.AdamW over model.parameters(), as the
+    # Mix-LN code builds it), or with "matrices" (./train's default) to the parameters of two
+    # dimensions only, the embedding, the linear layers and the head: the norms' weights and
+    # biases, one dimension each, get weight decay 0 (p *= 1 exactly).
     # fp32 and bf16 (fp32 master weights and moments): torch's own AdamW. bf16-pure: the same
     # arithmetic with everything rounded to bf16 as stored (BF16PureAdamW).
+    if weight_decay_on not in ("matrices", "all"):
+        raise ValueError(f"weight_decay_on must be matrices or all, got {weight_decay_on!r}")
+    params = list(params)
+    if weight_decay_on == "matrices":
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        params = [g for g in groups if g["params"]]
     if _precision == "bf16-pure":
         return BF16PureAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -1093,7 +1107,8 @@ def round_parameters_(model):
 
 
 def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, grad_clip,
-          betas=(0.9, 0.999), eps=1e-8, schedule="cosine", decay_steps=0, shuffle_seed=None):
+          betas=(0.9, 0.999), eps=1e-8, schedule="cosine", decay_steps=0, shuffle_seed=None,
+          weight_decay_on="matrices"):
     """Train in place for `steps` steps walking batches 0, 1, ... of `tokens` (wrapping to 0), or
     with shuffle_seed each pass in its shuffled_order, in the current precision (using_precision).
     -> list of (train_loss, lr, grad_norm) per step. bf16-pure first rounds the parameters to
@@ -1102,7 +1117,7 @@ def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, gr
     if _precision == "bf16-pure":
         round_parameters_(model)
     params = [p for _, p in model.named_parameters()]
-    opt = make_optimizer(params, lr, weight_decay, betas, eps)
+    opt = make_optimizer(params, lr, weight_decay, betas, eps, weight_decay_on)
     nb = num_batches(len(tokens), B, T)
     if nb < 1:
         raise ValueError(f"shard of {len(tokens)} tokens holds no whole batch of {B}x{T}")
@@ -1267,7 +1282,7 @@ def cmd_train(a):
         log = train(model, shard_load(a.data), a.batch, a.seq_len, a.steps, a.lr, a.warmup,
                     a.min_lr_ratio, a.weight_decay, a.grad_clip, (a.beta1, a.beta2), a.adam_eps,
                     a.lr_schedule, wsd_decay_steps(a.decay_frac, a.steps),
-                    a.data_seed if a.data_order == "shuffled" else None)
+                    a.data_seed if a.data_order == "shuffled" else None, a.weight_decay_on)
     save_checkpoint(model, a.out)
     lines = [json.dumps({"step": s, "train_loss": l, "lr": lr, "grad_norm": g}) for s, (l, lr, g) in enumerate(log)]
     with open(os.path.join(a.out, "log.jsonl"), "w") as f:
@@ -1372,6 +1387,8 @@ def main(argv=None):
     q.add_argument("--data-seed", type=int, default=1, help="shuffled: the order's seed")
     q.add_argument("--decay-frac", type=float, default=0.2, help="wsd: the share of the steps spent decaying")
     q.add_argument("--weight-decay", type=float, default=0.0)
+    q.add_argument("--weight-decay-on", choices=["matrices", "all"], default="matrices",
+                   help="matrices: the 2-D parameters only, not the norms' weights and biases; all: every one")
     q.add_argument("--grad-clip", type=float, default=0.0)
     q.add_argument("--beta1", type=float, default=0.9, help="AdamW's first-moment decay (default 0.9)")
     q.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay (default 0.999)")

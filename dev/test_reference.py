@@ -1157,6 +1157,39 @@ def test_adamw_math_is_torchs_adamw():
         assert torch.equal(opt.state[p]["exp_avg_sq"], v), t
 
 
+def test_weight_decay_on_matrices_or_all():
+    # One step with zero gradients and fresh moments moves nothing but the weight decay (m' = v' =
+    # 0, so p'' = p (1 - lr wd) exactly): with "matrices" the 2-D parameters (embedding, linear
+    # layers, head) shrink and every norm weight and bias (all 1-D) stays, with "all" everything
+    # shrinks; the same with torch's AdamW (fp32) and BF16PureAdamW (bf16-pure).
+    lr, wd = 0.1, 0.5
+    for precision in ("fp32", "bf16-pure"):
+        for scope in ("matrices", "all"):
+            model = tiny_model(L=3, seed=57, norm_layers=["post", "peri", "hybrid"], norm_type="layernorm")
+            with ref.using_precision(precision):
+                if precision == "bf16-pure":
+                    ref.round_parameters_(model)
+                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+                params = list(model.parameters())
+                opt = ref.make_optimizer(params, lr, wd, weight_decay_on=scope)
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                opt.step()
+            shrunk = 0
+            for n, p in model.named_parameters():
+                want = before[n] * (1 - lr * wd) if p.dim() >= 2 or scope == "all" else before[n]
+                if precision == "bf16-pure":
+                    want = ref.round_bf16(want)
+                assert torch.equal(p.detach(), want), (precision, scope, n)
+                shrunk += p.dim() < 2 and not torch.equal(p.detach(), before[n])
+            assert shrunk > 0 if scope == "all" else shrunk == 0, (precision, scope, shrunk)
+    try:
+        ref.make_optimizer([torch.zeros(2, requires_grad=True)], lr, wd, weight_decay_on="norms")
+        raise AssertionError("weight_decay_on='norms' was accepted")
+    except ValueError as e:
+        assert "matrices or all" in str(e)
+
+
 def test_bf16_pure_adamw_step():
     # The engine's bf16-pure update: read p, m, v, g as bf16 values and, in float32,
     #   p' = p (1 - lr wd);  m' = b1 m + (1 - b1) g;  v' = b2 v + (1 - b2) g^2

@@ -6,7 +6,11 @@ against the PyTorch reference agree to fp32 rounding:
     v  = beta2 * v + (1 - beta2) * g^2
     p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 t counts from 1. grad_scale multiplies every gradient on the way in (global norm clipping).
-Weight decay applies to every parameter; the paper trains with 0.
+Weight decay applies to every element of the call; the model calls once for the whole buffer, or
+(train's --weight-decay-on matrices, the default) once per run of tensors, with weight_decay 0 for
+the norms' weights and biases (model.h: model_update). The paper trains with weight decay 0.
+first_index is the index of params[0] in the model's flat buffer, which only the stochastic
+rounding reads: a buffer updated in pieces rounds as it would in one call.
 
 Storage types. The parameters and both moments are P, the gradients G:
     P = float, G = float   fp32, and --precision bf16 (fp32 master weights, gradients, Adam state)
@@ -70,11 +74,12 @@ inline P from_real_rounded(real x, Rounding rounding, uint32_t random16) {
 inline constexpr float* NO_PARAMS_COPY = nullptr;
 
 // params (n), m (n), v (n) updated in place; params_copy (n), unless null, = the new params
-// rounded to Copy; grads (n). rounding and rounding_seed: how bf16 stores round (see the top).
+// rounded to Copy; grads (n). rounding and rounding_seed: how bf16 stores round; first_index: the
+// index of params[0] in the whole buffer (see the top).
 template <typename P, typename Copy, typename G>
 inline void adamw_update_cpu(P* params, P* m, P* v, Copy* params_copy, const G* grads, size_t n, float lr,
                              float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale,
-                             Rounding rounding, uint64_t rounding_seed) {
+                             Rounding rounding, uint64_t rounding_seed, size_t first_index) {
     double bias_correction1 = 1.0 - pow((double)beta1, t);
     double bias_correction2_sqrt = sqrt(1.0 - pow((double)beta2, t));
     real step_size = (real)(lr / bias_correction1);
@@ -90,7 +95,7 @@ inline void adamw_update_cpu(P* params, P* m, P* v, Copy* params_copy, const G* 
         real v_i = std::fma(beta2, to_real(v[i]), (1 - beta2) * g * g);
         real denom = sqrt(v_i) / (real)bias_correction2_sqrt + eps;
         // three stores, each rounded once (stochastic rounding: 16 of the element's random bits each)
-        uint64_t random = rounding == ROUND_STOCHASTIC ? stochastic_rounding_bits(rounding_key, i) : 0;
+        uint64_t random = rounding == ROUND_STOCHASTIC ? stochastic_rounding_bits(rounding_key, first_index + i) : 0;
         m[i] = from_real_rounded<P>(m_i, rounding, (uint32_t)random);
         v[i] = from_real_rounded<P>(v_i, rounding, (uint32_t)(random >> 16));
         params[i] = from_real_rounded<P>(std::fma(-step_size, m_i / denom, p), rounding, (uint32_t)(random >> 32));
@@ -143,7 +148,7 @@ template <typename P, typename Copy, typename G>
 __global__ void adamw_update_vector_kernel(P* params, P* m, P* v, Copy* params_copy, const G* grads, size_t chunks,
                                            float decay, float beta1, float beta2, float eps, float step_size,
                                            float bias_correction2_sqrt, float grad_scale, Rounding rounding,
-                                           uint64_t rounding_key) {
+                                           uint64_t rounding_key, size_t first_index) {
     constexpr int VEC = VECTOR16_SIZE<P>;
     static_assert(VECTOR16_SIZE<G> == VEC, "adamw_update_vector_kernel: P and G of one size");
     size_t chunk = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -156,7 +161,7 @@ __global__ void adamw_update_vector_kernel(P* params, P* m, P* v, Copy* params_c
         float p = to_float(ps.values[e]) * decay;
         float m_i = fmaf(beta1, to_float(ms.values[e]), (1.0f - beta1) * g);
         float v_i = fmaf(beta2, to_float(vs.values[e]), (1.0f - beta2) * g * g);
-        uint64_t random = rounding == ROUND_STOCHASTIC ? stochastic_rounding_bits(rounding_key, i + e) : 0;
+        uint64_t random = rounding == ROUND_STOCHASTIC ? stochastic_rounding_bits(rounding_key, first_index + i + e) : 0;
         ms.values[e] = round_to<P>(m_i, rounding, (uint32_t)random);
         vs.values[e] = round_to<P>(v_i, rounding, (uint32_t)(random >> 16));
         ps.values[e] = round_to<P>(fmaf(-step_size, m_i / (sqrtf(v_i) / bias_correction2_sqrt + eps), p), rounding,
@@ -197,7 +202,7 @@ __global__ void cast_copy_vector_kernel(Out* out, const In* inp, size_t chunks) 
 template <typename P, typename Copy, typename G>
 inline void adamw_update(P* params, P* m, P* v, Copy* params_copy, const G* grads, size_t n, float lr, float beta1,
                          float beta2, float eps, float weight_decay, int t, float grad_scale, Rounding rounding,
-                         uint64_t rounding_seed, cudaStream_t stream) {
+                         uint64_t rounding_seed, size_t first_index, cudaStream_t stream) {
     if (n == 0) return;
     const uint64_t rounding_key = stochastic_rounding_key(rounding_seed, t);
     double bias_correction1 = 1.0 - pow((double)beta1, t);
@@ -214,7 +219,7 @@ inline void adamw_update(P* params, P* m, P* v, Copy* params_copy, const G* grad
             auto vector_kernel = adamw_update_vector_kernel<P, Copy, G>;
             LAUNCH(vector_kernel, dim3((unsigned)((chunks + block - 1) / block)), dim3(block), 0, stream, params, m, v,
                    params_copy, grads, chunks, decay, beta1, beta2, eps, step_size, (float)bias_correction2_sqrt,
-                   grad_scale, rounding, rounding_key);
+                   grad_scale, rounding, rounding_key, first_index);
             done = chunks * VECTOR16_SIZE<P>;
         }
     }
@@ -223,7 +228,7 @@ inline void adamw_update(P* params, P* m, P* v, Copy* params_copy, const G* grad
         size_t rest = n - done;
         LAUNCH(kernel, dim3((unsigned)((rest + block - 1) / block)), dim3(block), 0, stream, params + done, m + done,
                v + done, params_copy ? params_copy + done : nullptr, grads + done, rest, decay, beta1, beta2, eps,
-               step_size, (float)bias_correction2_sqrt, grad_scale, rounding, rounding_key, done);
+               step_size, (float)bias_correction2_sqrt, grad_scale, rounding, rounding_key, first_index + done);
     }
 }
 

@@ -280,10 +280,10 @@ TEST_CASE("adamw kernel matches the CPU", "[kernels]") {
             for (auto& x : v) x = x * x;   // a second moment is non-negative
             std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
             adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, 1e-2f, beta1,
-                             beta2, eps, 0.1f, t, 0.5f, ROUND_NEAREST, 0);
+                             beta2, eps, 0.1f, t, 0.5f, ROUND_NEAREST, 0, 0);
             DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
             adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, 1e-2f, beta1, beta2, eps, 0.1f,
-                         t, 0.5f, ROUND_NEAREST, 0, 0);
+                         t, 0.5f, ROUND_NEAREST, 0, 0, 0);
             check_close(d_params.to_host(), params_cpu, "adamw params");
             check_close(d_m.to_host(), m_cpu, "adamw m");
             check_close(d_v.to_host(), v_cpu, "adamw v");

@@ -334,7 +334,7 @@ TEST_CASE("adamw fp32 (P = G = float): the template keeps the fp32 arithmetic, a
                  grads = random_floats(n, 54);
             std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
             adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
             // the fp32-only loop this template replaced, with the roundings gcc gave it spelled out (an
             // fma where it contracted a * b + c; left to the compiler, its choice of product moved
             // with the code around this loop): the same bits
@@ -358,7 +358,7 @@ TEST_CASE("adamw fp32 (P = G = float): the template keeps the fp32 arithmetic, a
             CHECK(memcmp(v_old.data(), v_cpu.data(), n * sizeof(float)) == 0);
             DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
             adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
-                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0, 0);
             check_close(d_params.to_host(), params_cpu, "adamw params");
             check_close(d_m.to_host(), m_cpu, "adamw m");
             check_close(d_v.to_host(), v_cpu, "adamw v");
@@ -377,13 +377,13 @@ TEST_CASE("adamw bf16-pure (P = G = bf16) kernel matches the CPU, rounding m, v 
                  grads = random_bf16(n, 64);
             std::vector<bf16> params_cpu = params, m_cpu = m, v_cpu = v;
             adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
             // the rounding points: the fp32 update (P = float) of the same values, then each of p, m,
             // v rounded once, is the bf16 update bit for bit. In particular p comes from the
             // unrounded new m and v: an update from the rounded ones would differ in many elements.
             auto params_f = to_floats(params), m_f = to_floats(m), v_f = to_floats(v);
             adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
             auto params_r = to_bf16(params_f), m_r = to_bf16(m_f), v_r = to_bf16(v_f);
             CHECK(memcmp(params_r.data(), params_cpu.data(), n * sizeof(bf16)) == 0);
             CHECK(memcmp(m_r.data(), m_cpu.data(), n * sizeof(bf16)) == 0);
@@ -391,7 +391,7 @@ TEST_CASE("adamw bf16-pure (P = G = bf16) kernel matches the CPU, rounding m, v 
 
             DeviceArray<bf16> d_params(params), d_m(m), d_v(v), d_grads(grads);
             adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
-                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0, 0);
             check_close_bf16(d_params.to_host(), params_cpu, "adamw bf16 params");
             check_close_bf16(d_m.to_host(), m_cpu, "adamw bf16 m");
             check_close_bf16(d_v.to_host(), v_cpu, "adamw bf16 v");
@@ -479,10 +479,10 @@ TEST_CASE("adamw bf16-pure with stochastic rounding: each store rounds the fp32 
                  grads = random_bf16(n, 94);
             std::vector<bf16> params_cpu = params, m_cpu = m, v_cpu = v;
             adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed, 0);
             auto params_f = to_floats(params), m_f = to_floats(m), v_f = to_floats(v);
             adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
             const uint64_t key = stochastic_rounding_key(seed, t);
             size_t wrong = 0, differs_from_nearest = 0;
             for (size_t i = 0; i < n; i++) {
@@ -499,7 +499,7 @@ TEST_CASE("adamw bf16-pure with stochastic rounding: each store rounds the fp32 
 
             DeviceArray<bf16> d_params(params), d_m(m), d_v(v), d_grads(grads);
             adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
-                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed, 0);
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed, 0, 0);
             auto params_gpu = d_params.to_host(), m_gpu = d_m.to_host(), v_gpu = d_v.to_host();
             check_close_bf16(params_gpu, params_cpu, "adamw bf16 params, stochastic");
             check_close_bf16(m_gpu, m_cpu, "adamw bf16 m, stochastic");
@@ -513,6 +513,56 @@ TEST_CASE("adamw bf16-pure with stochastic rounding: each store rounds the fp32 
             CHECK(not_same <= 3 * n / 1000);
         }
     }
+}
+
+// The model updates its buffer in pieces where weight decay skips the norms (model.h:
+// model_update), each piece with first_index, the index of its first element in the whole
+// buffer, from which stochastic rounding draws its bits: the pieces must give the whole update's
+// bits, on the CPU and on the GPU, through the vector kernel and, where a piece starts off a
+// 16-byte boundary (1003), the one-element kernel.
+TEST_CASE("adamw in pieces with first_index is the update of the whole buffer, stochastic rounding included",
+          "[kernels][bf16]") {
+    const size_t n = 5000;
+    const size_t cuts[] = {0, 1000, 1003, 2048, n};
+    const uint64_t seed = 31;
+    auto params = random_bf16(n, 95), m = random_bf16(n, 96, 0.1f), v = to_bf16(random_second_moment(n, 97)),
+         grads = random_bf16(n, 98);
+    std::vector<bf16> whole_p = params, whole_m = m, whole_v = v, piece_p = params, piece_m = m, piece_v = v;
+    adamw_update_cpu(whole_p.data(), whole_m.data(), whole_v.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR, ADAM_BETA1,
+                     ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed, 0);
+    for (int k = 0; k + 1 < 5; k++) {
+        size_t first = cuts[k], count = cuts[k + 1] - cuts[k];
+        adamw_update_cpu(piece_p.data() + first, piece_m.data() + first, piece_v.data() + first, NO_PARAMS_COPY,
+                         grads.data() + first, count, ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3,
+                         ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed, first);
+    }
+    CHECK(memcmp(whole_p.data(), piece_p.data(), n * sizeof(bf16)) == 0);
+    CHECK(memcmp(whole_m.data(), piece_m.data(), n * sizeof(bf16)) == 0);
+    CHECK(memcmp(whole_v.data(), piece_v.data(), n * sizeof(bf16)) == 0);
+    // (the index matters: the pieces each from index 0 round otherwise)
+    std::vector<bf16> from_zero = params, m_zero = m, v_zero = v;
+    for (int k = 0; k + 1 < 5; k++) {
+        size_t first = cuts[k], count = cuts[k + 1] - cuts[k];
+        adamw_update_cpu(from_zero.data() + first, m_zero.data() + first, v_zero.data() + first, NO_PARAMS_COPY,
+                         grads.data() + first, count, ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3,
+                         ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed, 0);
+    }
+    CHECK(memcmp(whole_p.data(), from_zero.data(), n * sizeof(bf16)) != 0);
+
+    DeviceArray<bf16> d_whole_p(params), d_whole_m(m), d_whole_v(v), d_p(params), d_m(m), d_v(v), d_grads(grads);
+    adamw_update(d_whole_p.ptr, d_whole_m.ptr, d_whole_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
+                 ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed, 0, 0);
+    for (int k = 0; k + 1 < 5; k++) {
+        size_t first = cuts[k], count = cuts[k + 1] - cuts[k];
+        adamw_update(d_p.ptr + first, d_m.ptr + first, d_v.ptr + first, NO_PARAMS_COPY, d_grads.ptr + first, count,
+                     ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, ROUND_STOCHASTIC, seed,
+                     first, 0);
+    }
+    auto gpu_whole_p = d_whole_p.to_host(), gpu_p = d_p.to_host(), gpu_m = d_m.to_host(), gpu_whole_m = d_whole_m.to_host();
+    auto gpu_v = d_v.to_host(), gpu_whole_v = d_whole_v.to_host();
+    CHECK(memcmp(gpu_whole_p.data(), gpu_p.data(), n * sizeof(bf16)) == 0);
+    CHECK(memcmp(gpu_whole_m.data(), gpu_m.data(), n * sizeof(bf16)) == 0);
+    CHECK(memcmp(gpu_whole_v.data(), gpu_v.data(), n * sizeof(bf16)) == 0);
 }
 
 // What stochastic rounding is for. Weights at 1 (bf16 values just below 1 are 2^-8 apart), a
@@ -532,7 +582,7 @@ TEST_CASE("stochastic rounding keeps AdamW updates below half a bf16 step, which
     std::vector<bf16> grads = to_bf16(g_f);
     for (int t = 1; t <= steps; t++) {
         adamw_update_cpu(p_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, g_f.data(), n, lr, ADAM_BETA1,
-                         ADAM_BETA2, ADAM_EPS, 0.0f, t, 1.0f, ROUND_NEAREST, 0);
+                         ADAM_BETA2, ADAM_EPS, 0.0f, t, 1.0f, ROUND_NEAREST, 0, 0);
     }
     const double fp32_drift = 1.0 - p_f[0];
     REQUIRE(fabs(fp32_drift - steps * lr) < 0.1 * steps * lr);
@@ -547,9 +597,9 @@ TEST_CASE("stochastic rounding keeps AdamW updates below half a bf16 step, which
         DeviceArray<bf16> d_p(ones), d_m(zeros), d_v(zeros), d_g(grads);
         for (int t = 1; t <= steps; t++) {
             adamw_update_cpu(p.data(), m.data(), v.data(), NO_PARAMS_COPY, grads.data(), n, lr, ADAM_BETA1, ADAM_BETA2,
-                             ADAM_EPS, 0.0f, t, 1.0f, rounding, 5);
+                             ADAM_EPS, 0.0f, t, 1.0f, rounding, 5, 0);
             adamw_update(d_p.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_g.ptr, n, lr, ADAM_BETA1, ADAM_BETA2, ADAM_EPS,
-                         0.0f, t, 1.0f, rounding, 5, 0);
+                         0.0f, t, 1.0f, rounding, 5, 0, 0);
         }
         for (const std::vector<bf16>& result : {p, d_p.to_host()}) {
             double drift = 1.0 - mean(result);
@@ -573,16 +623,16 @@ TEST_CASE("adamw (P = float, G = bf16) kernel matches the CPU", "[kernels][bf16]
             auto grads = random_bf16(n, 74);
             std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
             adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), NO_PARAMS_COPY, grads.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
             // the same as fp32 gradients holding the same values, bit for bit
             std::vector<float> params_f = params, m_f = m, v_f = v, grads_f = to_floats(grads);
             adamw_update_cpu(params_f.data(), m_f.data(), v_f.data(), NO_PARAMS_COPY, grads_f.data(), n, ADAM_LR,
-                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
+                             ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
             CHECK(memcmp(params_f.data(), params_cpu.data(), n * sizeof(float)) == 0);
             DeviceArray<float> d_params(params), d_m(m), d_v(v);
             DeviceArray<bf16> d_grads(grads);
             adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, NO_PARAMS_COPY, d_grads.ptr, n, ADAM_LR, ADAM_BETA1,
-                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
+                         ADAM_BETA2, ADAM_EPS, ADAM_DECAY, t, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0, 0);
             check_close(d_params.to_host(), params_cpu, "adamw params");
             check_close(d_m.to_host(), m_cpu, "adamw m");
             check_close(d_v.to_host(), v_cpu, "adamw v");
@@ -602,14 +652,14 @@ TEST_CASE("adamw writes the bf16 weight copy that cast_copy would make, bit for 
         std::vector<float> params_cpu = params, m_cpu = m, v_cpu = v;
         std::vector<bf16> copy_cpu(n), expected_cpu(n);
         adamw_update_cpu(params_cpu.data(), m_cpu.data(), v_cpu.data(), copy_cpu.data(), grads.data(), n, ADAM_LR,
-                         ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, ROUND_NEAREST, 0);
+                         ADAM_BETA1, ADAM_BETA2, ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
         cast_copy_cpu(expected_cpu.data(), params_cpu.data(), n);
         CHECK(memcmp(copy_cpu.data(), expected_cpu.data(), n * sizeof(bf16)) == 0);
 
         DeviceArray<float> d_params(params), d_m(m), d_v(v), d_grads(grads);
         DeviceArray<bf16> d_copy(n);   // poisoned: an element left unwritten fails
         adamw_update(d_params.ptr, d_m.ptr, d_v.ptr, d_copy.ptr, d_grads.ptr, n, ADAM_LR, ADAM_BETA1, ADAM_BETA2,
-                     ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0);
+                     ADAM_EPS, ADAM_DECAY, 3, ADAM_GRAD_SCALE, ROUND_NEAREST, 0, 0, 0);
         auto params_gpu = d_params.to_host(), copy_gpu_floats = to_floats(d_copy.to_host());
         check_close(params_gpu, params_cpu, "adamw params");
         std::vector<bf16> expected_gpu(n);

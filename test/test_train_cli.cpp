@@ -274,6 +274,7 @@ TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]
                        " --warmup " + std::to_string((int)number(hp, "warmup")) +
                        " --min-lr-ratio " + num(number(hp, "min_lr_ratio")) +
                        " --weight-decay " + num(number(hp, "weight_decay")) +
+                       " --weight-decay-on " + hp.get("weight_decay_on")->string +
                        " --grad-clip " + num(number(hp, "grad_clip")) + " --out " + quote(out);
     train_ok(args);
 
@@ -375,6 +376,47 @@ TEST_CASE("AdamW with --beta1 --beta2 --adam-eps: train follows the PyTorch refe
     CHECK(largest_change > 1e-3);
     // and the weights after the run: the 10-step test's per-tensor bound, over all weights
     CHECK(weights_relative_difference(dir, tmp + "/ours", tmp + "/theirs") < 5e-6);
+}
+
+// --weight-decay-on matrices (the default) and all against the reference's train with the same
+// setting: the losses and the weights after. The two differ where they should: the norms' weights
+// and biases (a LayerNorm fixture has both) end at other values.
+TEST_CASE("--weight-decay-on matrices and all: train follows the PyTorch reference with each", "[cli][decay]") {
+    std::string dir = fixture_dir("zoo");
+    std::string tmp = make_temp_dir();
+    const std::string data = "--batch 3 --seq-len 24 --steps 8 --lr 0.01 --warmup 2 --weight-decay 0.5";
+    for (const char* scope : {"matrices", "all"}) {
+        INFO(scope);
+        const std::string flags = data + " --weight-decay-on " + scope;
+        train_ok("--init-from " + quote(dir) + " --train-data " + quote(dir + "/train.bin") + " " + flags + " --out " +
+                 quote(tmp + "/ours_" + scope));
+        reference_ok("train --ckpt " + quote(dir) + " --data " + quote(dir + "/train.bin") + " " + flags + " --out " +
+                     quote(tmp + "/theirs_" + scope));
+        std::vector<JsonValue> ours = read_jsonl(tmp + "/ours_" + scope + "/log.jsonl"),
+                               theirs = read_jsonl(tmp + "/theirs_" + scope + "/log.jsonl");
+        REQUIRE(ours.size() == 8);
+        REQUIRE(theirs.size() == 8);
+        for (int s = 0; s < 8; s++) {
+            double loss = number(ours[s], "train_loss"), reference_loss = number(theirs[s], "train_loss");
+            INFO("step " << s);
+            CHECK(std::fabs(loss - reference_loss) <= 1e-5 * std::fabs(reference_loss) + 1e-6);
+        }
+        CHECK(weights_relative_difference(dir, tmp + "/ours_" + scope, tmp + "/theirs_" + scope) < 5e-6);
+    }
+    // the norms' weights and biases: decayed under all only; each tensor's largest difference
+    // between the two runs was 3.7e-3 (a bias) to 2.6e-2 (a weight), measured 2026-11-30
+    ModelConfig config = checkpoint_read_config(dir);
+    std::vector<real> matrices(num_parameters(config)), all(num_parameters(config));
+    safetensors_load_named(matrices.data(), config, tmp + "/ours_matrices/model.safetensors", "", false);
+    safetensors_load_named(all.data(), config, tmp + "/ours_all/model.safetensors", "", false);
+    for (const NamedTensor& t : model_named_tensors(config)) {
+        if (t.shape.size() != 1) continue;
+        double largest = 0;
+        for (size_t i = t.offset; i < t.offset + (size_t)t.shape[0]; i++) largest = std::max(largest, std::fabs((double)matrices[i] - all[i]));
+        INFO(t.name);
+        CHECK(largest > 1e-3);
+    }
+    require_train_fails("--steps 0 --weight-decay-on norms", "--weight-decay-on must be matrices or all, got 'norms'");
 }
 
 // Each schedule besides the cosine (which the 10-step test covers), with a warmup, against the
@@ -522,9 +564,9 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
         "--model", "--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len", "--norm", "--alpha",
         "--train-data", "--data-order", "--data-seed", "--val-data", "--val-batches", "--val-every", "--batch", "--steps",
         "--lr", "--warmup",
-        "--min-lr-ratio", "--lr-schedule", "--decay-frac", "--weight-decay", "--beta1", "--beta2", "--adam-eps", "--grad-clip",
-        "--seed", "--device", "--attention", "--rope", "--precision",
-        "--init-from", "--out", "--eval-only", "--embed-std",
+        "--min-lr-ratio", "--lr-schedule", "--decay-frac", "--weight-decay", "--weight-decay-on", "--beta1", "--beta2",
+        "--adam-eps", "--grad-clip", "--seed", "--device", "--attention", "--rope", "--precision",
+        "--init-from", "--out", "--eval-only", "--embed-std", "--checkpoint-every", "--keep-every", "--stop-at", "--resume",
     };
     for (const char* flag : flags) {
         INFO("flag " << flag);
@@ -537,6 +579,7 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
         {"--seed", "(default 1337)"}, {"--device", "(default auto"}, {"--precision", "(default fp32"},
         {"--beta1", "(default 0.9)"}, {"--beta2", "(default 0.999)"}, {"--adam-eps", "(default 1e-08)"},
         {"--lr-schedule", "(default cosine)"}, {"--decay-frac", "(default 0.2)"}, {"--data-seed", "(default 1)"},
+        {"--weight-decay-on", "(default matrices)"},
     };
     std::stringstream in(r.out);
     std::string line;
@@ -892,6 +935,8 @@ TEST_CASE("--resume refuses a setting that differs from the saved run", "[cli][r
                         "--attention simple differs from the saved run's auto");
     // and AdamW's settings
     require_train_fails("--resume " + quote(tmp + "/run") + " --beta2 0.95", "--beta2 0.95 differs from the saved run's 0.999");
+    require_train_fails("--resume " + quote(tmp + "/run") + " --weight-decay-on all",
+                        "--weight-decay-on all differs from the saved run's matrices");
 }
 
 TEST_CASE("--resume keeps AdamW's betas and eps: stopped and resumed equals straight", "[cli][resume]") {
@@ -1159,9 +1204,10 @@ TEST_CASE("format-1 and format-2 training states still resume, and an unknown se
     // what the settings of each format lacked: format 2 the data order (added 2026-11-30 with
     // --data-order); format 1 also the rounding and the seed (added with --rounding), AdamW's
     // betas and eps (with their flags) and the schedule (with --lr-schedule)
-    // (format 3 lacked --keep-every until it came, the same day)
+    // (format 3 lacked --keep-every and --weight-decay-on until they came, the same day; a state
+    // without the latter decayed every parameter, which at weight decay 0 is no difference)
     const std::vector<const char*> format2_lacks = {"\"--data-order\": \"sequential\", ", "\"--data-seed\": \"1\", ",
-                                                    "\"--keep-every\": \"0\", "};
+                                                    "\"--keep-every\": \"0\", ", "\"--weight-decay-on\": \"matrices\", "};
     std::vector<const char*> format1_lacks = {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", ",
                                               "\"--beta1\": \"0.899999976\", ", "\"--beta2\": \"0.999000013\", ",
                                               "\"--adam-eps\": \"9.99999994e-09\", ", "\"--lr-schedule\": \"cosine\", ",
