@@ -373,7 +373,7 @@ def cmd_drop_steps(a):
         ax.set_xlabel("step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2 if L > 6 else 1)
     axes[0][0].set_ylabel("val loss without the layer - full model val loss")
     fig.suptitle(a.title or "Loss increase when one layer is removed, over training")
     fig.tight_layout()
