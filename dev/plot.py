@@ -356,28 +356,14 @@ def snapshot_analyses(run):
 def cmd_drop_steps(a):
     runs = [snapshot_analyses(r) for r in a.runs]
     labels = labels_for([os.path.join(r, "log.jsonl") for r in a.runs], a.labels)
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.5), sharey=True, squeeze=False)
-    for ax, snapshots, label in zip(axes[0], runs, labels):
-        steps = [step for step, _ in snapshots]
-        L = len(snapshots[0][1]["layer_drop"])
-        colors = plt.get_cmap("viridis")
-        for layer in range(L):
-            increase = [next(e["val_loss"] for e in d["layer_drop"] if e["layer"] == layer) - d["val_loss"]
-                        for _, d in snapshots]
-            ax.plot(steps, increase, marker="o", markersize=3, color=colors(layer / max(1, L - 1)),
-                    label=f"layer {layer}" if L <= 12 or layer in (0, L // 2, L - 1) else None)
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        if a.logy:
-            ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_xlabel("step")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2 if L > 6 else 1)
-    axes[0][0].set_ylabel("val loss without the layer - full model val loss")
-    fig.suptitle(a.title or "Loss increase when one layer is removed, over training")
-    fig.tight_layout()
-    save(fig, a.out)
+    groups = []
+    for snapshots, label in zip(runs, labels):
+        series = []
+        for step, d in snapshots:
+            drops = sorted(d["layer_drop"], key=lambda e: e["layer"])
+            series.append((step, [e["val_loss"] - d["val_loss"] for e in drops]))
+        groups.append({"label": label, "runs": [series]})
+    sweep_drop_steps(groups, a.out, title=a.title, logy=a.logy)
 
 
 # -----------------------------------------------------------------------------
@@ -585,6 +571,38 @@ def sweep_layer_drop(groups, out, title=None):
     ax.grid(alpha=0.3, axis="y")
     if groups:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, out)
+    plt.close(fig)
+
+
+def sweep_drop_steps(groups, out, title=None, logy=False):
+    """Each layer's layer-drop loss (the validation loss's rise with the layer removed) against the
+    training step, a panel per placement, a line per layer (viridis, layer 0 dark): the mean over
+    the runs analysed at each step. groups: [{"label": str, "runs": [[(step, [rise of layer
+    0..L-1]), ...] per run]}, ...], every run of a group as deep as the others."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.5), sharey=True,
+                             squeeze=False)
+    colors = plt.get_cmap("viridis")
+    for ax, g in zip(axes[0], groups):
+        L = max((len(rises) for series in g["runs"] for _, rises in series), default=0)
+        for layer in range(L):
+            curves = [[(step, rises[layer]) for step, rises in series if layer < len(rises)] for series in g["runs"]]
+            steps, mean, _, _ = _over_seeds(curves)
+            ax.plot(steps, mean, marker="o", markersize=3, color=colors(layer / max(1, L - 1)),
+                    label=f"layer {layer}" if L <= 12 or layer in (0, L // 2, L - 1) else None)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        if logy:
+            ax.set_yscale("symlog", linthresh=1e-3)
+        n = len(g["runs"])
+        ax.set_xlabel("step")
+        ax.set_title(g["label"] + (f" (mean of {n} runs)" if n > 1 else ""))
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=7, ncol=2 if L > 6 else 1)
+    axes[0][0].set_ylabel("val loss without the layer - full model val loss")
+    fig.suptitle(title or "Loss increase when one layer is removed, over training")
     fig.tight_layout()
     save(fig, out)
     plt.close(fig)

@@ -424,6 +424,98 @@ def test_analyze_adds_the_layers_to_a_finished_sweep():
     assert "- pre-s1: the analysis failed" in md and f"| pre | 1 | {L} |" in md, md
 
 
+def test_analyze_follows_the_snapshots_over_training():
+    ensure_train()
+    out = os.path.join(tmp(), "snapshots")
+    # 6 steps, a snapshot every 2: step_000002, step_000004, and step_000006 at the last step,
+    # which holds the final checkpoint's weights and is not analysed again
+    args = ["--out", out, "--placements", "pre,mix:0.5", "--seeds", "1,2", "--jobs", "2", "--analyze"]
+    common = data_args() + ["--keep-every", "2"]
+    stdout, _ = sweep(*args, common=common)
+    runs = ["pre-s1", "pre-s2", "mix-0.5-s1", "mix-0.5-s2"]
+    assert stdout.count("[analysis ") == 4 * 3, stdout
+    L = 2
+    analyses = {}
+    for run in runs:
+        r = result(out, run)
+        assert sorted(r["snapshot_analyses"]) == ["step_000002", "step_000004"], r.get("snapshot_analyses")
+        for name, record in r["snapshot_analyses"].items():
+            assert record["status"] == "ok", record
+            snapshot = os.path.join(out, run, name)
+            assert record["command"][:4] == [TRAIN, "--analyze", "--init-from", snapshot], record["command"]
+            with open(os.path.join(snapshot, "analysis.json")) as f:
+                analyses[(run, int(name[5:]))] = json.load(f)
+            assert os.path.isfile(os.path.join(snapshot, "analyze.log"))
+        assert not os.path.exists(os.path.join(out, run, "step_000006", "analysis.json"))
+        with open(os.path.join(out, run, "analysis.json")) as f:
+            analyses[(run, 6)] = json.load(f)
+        # each snapshot's validation loss is the one the run logged at that step (it validates
+        # every 3 steps: compare at the steps both have) and the analyses differ over training
+        val = {d["step"]: d["val_loss"] for d in map(json.loads, open(os.path.join(out, run, "log.jsonl")))
+               if "val_loss" in d}
+        assert abs(analyses[(run, 6)]["val_loss"] - val[6]) < 1e-5, (analyses[(run, 6)], val)
+        assert analyses[(run, 2)]["val_loss"] != analyses[(run, 4)]["val_loss"] != analyses[(run, 6)]["val_loss"]
+    # layers_over_training.csv: a row per run, step and boundary, the numbers of each analysis.json
+    with open(os.path.join(out, "layers_over_training.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(runs) * 3 * (L + 1), len(rows)
+    assert {(row["run"], int(row["step"])) for row in rows} == set(analyses)
+    for row in rows:
+        d, l = analyses[(row["run"], int(row["step"]))], int(row["boundary"])
+        assert float(row["hidden_rms"]) == d["hidden_rms"][l]
+        if l < L:
+            assert float(row["drop_val_loss"]) == d["layer_drop"][l]["val_loss"]
+            assert abs(float(row["drop_increase"]) - (d["layer_drop"][l]["val_loss"] - d["val_loss"])) < 1e-8
+            assert float(row["angular_distance_next"]) == d["angular_distance"][l][0]
+    # results.md: a row per placement and step, the means over the two seeds
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    assert "## Layers over training (`--keep-every` snapshots)" in md, md
+    md = md.split("## Layers over training")[1]
+    for label, pair in (("pre", ("pre-s1", "pre-s2")), ("mix-0.5", ("mix-0.5-s1", "mix-0.5-s2"))):
+        for step in (2, 4, 6):
+            line = [l for l in md.splitlines() if l.startswith(f"| {label} | {step} | 2 |")]
+            assert len(line) == 1, (label, step, md)
+            cells = [c.strip() for c in line[0].strip("|").split("|")]
+            ds = [analyses[(run, step)] for run in pair]
+            assert cells[3] == f"{sum(d['val_loss'] for d in ds) / 2:.4f}", cells
+            assert cells[6] == f"{sum(d['hidden_rms'][1] for d in ds) / 2:.3f}", cells
+            assert cells[7] == f"{sum(d['hidden_rms'][L] for d in ds) / 2:.3f}", cells
+            rises = [sum(d["layer_drop"][l]["val_loss"] - d["val_loss"] for d in ds) / 2 for l in range(L)]
+            worst = max(range(L), key=lambda l: rises[l])
+            assert cells[4] == f"{rises[worst]:+.3f} ({worst})", (cells, rises)
+    assert is_png(os.path.join(out, "drop_steps.png"))
+    # again: every analysis is reused
+    stamp = os.path.getmtime(os.path.join(out, "pre-s1", "step_000002", "analysis.json"))
+    stdout, _ = sweep(*args, common=common)
+    assert stdout.count("(reused)") == 4 + 12, stdout
+    assert not any(line.startswith("training ") for line in stdout.splitlines()), stdout
+    assert os.path.getmtime(os.path.join(out, "pre-s1", "step_000002", "analysis.json")) == stamp
+    # a snapshot whose analysis fails (its weights gone) makes the sweep fail and is named; the
+    # report keeps the rest of the run's steps and says which one is missing
+    os.remove(os.path.join(out, "mix-0.5-s2", "step_000004", "analysis.json"))
+    os.remove(os.path.join(out, "mix-0.5-s2", "step_000004", "model.safetensors"))
+    stdout, stderr = sweep(*args, common=common, expect=1)
+    assert "mix-0.5-s2/step_000004: FAILED" in stdout, stdout
+    assert "the analysis of 1 snapshot failed" in stderr and "mix-0.5-s2/step_000004" in stderr, stderr
+    assert result(out, "mix-0.5-s2")["snapshot_analyses"]["step_000004"]["status"] == "failed"
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    assert "- mix-0.5-s2/step_000004: the analysis failed" in md, md
+    md = md.split("## Layers over training")[1]
+    assert "| mix-0.5 | 4 | 1 |" in md and "| mix-0.5 | 2 | 2 |" in md, md
+    # retraining a run clears its old snapshots: a failed run is rerun from scratch
+    r = result(out, "pre-s2")
+    r["status"] = "failed"
+    with open(os.path.join(out, "pre-s2", "result.json"), "w") as f:
+        json.dump(r, f)
+    os.makedirs(os.path.join(out, "pre-s2", "step_000005"))
+    sweep(*args, common=common, expect=1)   # mix-0.5-s2/step_000004 still fails
+    assert sorted(n for n in os.listdir(os.path.join(out, "pre-s2")) if n.startswith("step_")) == \
+        ["step_000002", "step_000004", "step_000006"]
+    assert result(out, "pre-s2")["snapshot_analyses"]["step_000002"]["status"] == "ok"
+
+
 def test_analyze_dry_run_and_bad_input():
     out = os.path.join(tmp(), "analyze_dry")
     common = ["--layers", "2", "--train-data", "x.bin", "--val-data", "v.bin", "--val-batches", "3", "--batch", "4",
@@ -431,6 +523,10 @@ def test_analyze_dry_run_and_bad_input():
     stdout, _ = sweep("--out", out, "--placements", "pre", "--analyze", "--dry-run", common=common)
     want = f"# {TRAIN} --analyze --init-from {out}/pre-s1 --val-data v.bin --val-batches 3 --batch 4"
     assert want in stdout.splitlines(), stdout
+    assert "snapshot" not in stdout, stdout
+    stdout, _ = sweep("--out", out, "--placements", "pre", "--analyze", "--dry-run", common=common + ["--keep-every", "5"])
+    assert f"# {TRAIN} --analyze --init-from {out}/<run>/step_NNNNNN --val-data v.bin --val-batches 3 --batch 4" \
+        in stdout.splitlines(), stdout
     assert not os.path.exists(out)
     _, stderr = sweep("--out", out, "--placements", "pre", "--analyze", common=["--layers", "2", "--train-data", "x.bin"],
                       expect=None)
