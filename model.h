@@ -679,6 +679,9 @@ struct Model {
     // gradients before then zeroes them in memory first (model_settle_grads).
     mutable bool projection_grads_pending = false;
     int skip_layer = -1;              // layer left out of the forward pass (layer-drop analysis), -1: none
+    int resume_layer = 0;             // the forward pass starts at this layer, from the output an earlier pass left in
+                                      // the layer before's activations (layer-drop analysis; model_forward_typed), 0: from
+                                      // the embedding
     bool fused_attention = false;     // on the GPU: the fused (flash-style) attention kernels (tensor cores in bf16,
                                       // head size % 16 == 0); fixed by model_build, which sizes the activations for it
     bool rope_in_attention = true;    // with the fused attention: it applies RoPE itself where it can (the tensor-core
@@ -1286,10 +1289,19 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
     const ParameterTensorsOf<floatX> p = model_weights<floatX>(model);
     const ActivationTensorsOf<floatX> a = model_activations<floatX>(model);
 
-    LAYER(embedding_forward, a.embedded, model->inputs, p.embed_tokens, BT, C);
-    const floatX* residual = a.embedded;   // (B, T, C) the stream entering layer l
+    // resume_layer > 0: layers 0 .. resume_layer-1 are taken as they are, from an earlier pass over
+    // the same inputs (the layer-drop analysis runs the layers before a dropped one only once). The
+    // pass begins with the stream the layer before left; a branch norm of it that the earlier pass
+    // ran fused with its add runs alone here, to the same bits (residual_rmsnorm_forward_cpu)
+    const int first_layer = model->resume_layer;
+    if (first_layer < 0 || first_layer > c.num_layers || (model->skip_layer >= 0 && first_layer > model->skip_layer))
+        fail("resume_layer %d: must be in [0, %d] and not after the skipped layer %d", first_layer, c.num_layers,
+             model->skip_layer);
+    if (first_layer == 0) LAYER(embedding_forward, a.embedded, model->inputs, p.embed_tokens, BT, C);
+    const floatX* residual = first_layer == 0 ? a.embedded   // (B, T, C) the stream entering layer l
+                                              : layer_output(layer_activations(a, c, B, T, first_layer - 1), c, first_layer - 1);
     bool stream_normed = false;          // its next norm (layer l's N1, or the final norm) already ran, fused with its add
-    for (int l = 0; l < c.num_layers; l++) {
+    for (int l = first_layer; l < c.num_layers; l++) {
         if (l == model->skip_layer) continue;   // its input goes straight on to the next layer
         const NormKind kind = c.norm_layers[l];
         const bool after_residual = norm_after_residual(kind);
@@ -1383,7 +1395,8 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
     if (!stream_normed) norm_forward(model, a.final_norm, a.final_norm_stats, residual, p.final_norm, p.final_norm_bias);
     LAYER(matmul_forward, a.logits, a.final_norm, p.lm_head, BT, C, V);
     model->mean_loss = -1.0;
-    model->backward_ready = with_targets && model->skip_layer < 0;   // a skipped layer's activations are stale
+    // a skipped layer's activations are stale, and those before a resumed pass another pass's
+    model->backward_ready = with_targets && model->skip_layer < 0 && first_layer == 0;
     if (with_targets && loss_gradient) {
         // loss = mean over positions: each position's loss has gradient loss_scale / BT. The
         // losses are read after the backward pass is queued (model_backward_typed), so that the

@@ -580,6 +580,61 @@ TEST_CASE(BACKEND ": a skipped layer gives the loss of the model built without i
     }
 }
 
+// The layer-drop analysis runs the layers before a dropped one once (analysis.h): the pass
+// without layer l resumes at layer l-1 from what the earlier passes left in the activations.
+// Checked against whole passes, in the analysis's order and in every kind of layer: the same
+// kernels on the same numbers (a branch norm that the whole pass fuses with the add before it
+// runs alone, to the same bits), so the same logits and loss to the bit.
+TEST_CASE(BACKEND ": the layer-drop passes resumed from earlier passes' activations equal whole passes", "[parity][skip]") {
+    for (NormType type : {NORM_RMSNORM, NORM_LAYERNORM}) {
+        ModelConfig c = small_config(61, 32, 4, 72, 16, "pre,post,peri,pre,deepnorm,lns,hybrid,preqkv,pre", type);
+        const int B = 2, T = 16, L = c.num_layers, BT = B * T;
+        INFO(norm_type_name(type));
+        Model model;
+        model_build(&model, c, B, T, ON_GPU);
+        model_init_weights(&model, 5, 0.02f);
+        uint64_t state = 6;
+        std::vector<int> inputs(BT), targets(BT);
+        for (int i = 0; i < BT; i++) {
+            inputs[i] = (int)(random_u64(&state) % c.vocab_size);
+            targets[i] = (int)(random_u64(&state) % c.vocab_size);
+        }
+        auto logits = [&]() {
+            auto pick = [](const auto& a) { return a.logits; };
+            return model_activations_to_host(&model, pick, 0, (size_t)BT * c.vocab_size);
+        };
+        // whole passes without each layer
+        std::vector<double> whole_loss(L);
+        std::vector<std::vector<real>> whole_logits(L);
+        for (int l = 0; l < L; l++) {
+            model.skip_layer = l;
+            model_forward(&model, inputs.data(), targets.data());
+            whole_loss[l] = model.mean_loss;
+            whole_logits[l] = logits();
+        }
+        // the analysis's order: the full pass, then each layer left out, resumed
+        model.skip_layer = -1;
+        model_forward(&model, inputs.data(), targets.data());
+        const double full_loss = model.mean_loss;
+        for (int l = 0; l < L; l++) {
+            INFO("layer " << l << " skipped, resumed at layer " << (l >= 1 ? l - 1 : 0));
+            model.skip_layer = l;
+            model.resume_layer = l >= 1 ? l - 1 : 0;
+            model_forward(&model, inputs.data(), targets.data());
+            CHECK(model.mean_loss == whole_loss[l]);
+            CHECK(model.mean_loss != full_loss);   // the layer was left out
+            std::vector<real> resumed = logits();
+            size_t differ = 0;
+            for (size_t i = 0; i < resumed.size(); i++) differ += resumed[i] != whole_logits[l][i];
+            CHECK(differ == 0);
+            CHECK_FALSE(model.backward_ready);
+        }
+        model.skip_layer = -1;
+        model.resume_layer = 0;
+        model_free(&model);
+    }
+}
+
 // ---- initialisation
 
 // Root mean square of n values: the sample std of a zero-mean normal draw.
