@@ -584,14 +584,19 @@ TEST_CASE(BACKEND ": a skipped layer gives the loss of the model built without i
 // without layer l resumes at layer l-1 from what the earlier passes left in the activations.
 // Checked against whole passes, in the analysis's order and in every kind of layer: the same
 // kernels on the same numbers (a branch norm that the whole pass fuses with the add before it
-// runs alone, to the same bits), so the same logits and loss to the bit.
+// runs alone, to the same bits), so the same logits and loss to the bit, in every precision.
 TEST_CASE(BACKEND ": the layer-drop passes resumed from earlier passes' activations equal whole passes", "[parity][skip]") {
+    std::vector<Precision> precisions = {PRECISION_FP32};
+#ifdef MIXLN_HAS_BF16
+    precisions.push_back(PRECISION_BF16);
+#endif
+    for (Precision precision : precisions)
     for (NormType type : {NORM_RMSNORM, NORM_LAYERNORM}) {
         ModelConfig c = small_config(61, 32, 4, 72, 16, "pre,post,peri,pre,deepnorm,lns,hybrid,preqkv,pre", type);
         const int B = 2, T = 16, L = c.num_layers, BT = B * T;
-        INFO(norm_type_name(type));
+        INFO(norm_type_name(type) << ", " << precision_name(precision));
         Model model;
-        model_build(&model, c, B, T, ON_GPU);
+        model_build(&model, c, B, T, ON_GPU, precision, ON_GPU);   // the GPU's default attention: fused
         model_init_weights(&model, 5, 0.02f);
         uint64_t state = 6;
         std::vector<int> inputs(BT), targets(BT);
