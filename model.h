@@ -108,7 +108,8 @@ inline const char* norm_type_name(NormType type) { return type == NORM_LAYERNORM
 //              (the copy is refreshed from the master weights after every update)
 //   bf16-pure  as bf16, and the weights themselves, their gradients and the AdamW moments are
 //              bf16 too (no fp32 copy anywhere): how the paper trained (model.to(bfloat16))
-// Every bf16 value is rounded to nearest even from the fp32 it was computed as.
+// Every bf16 value is rounded to nearest even from the fp32 it was computed as, but for what
+// bf16-pure's AdamW stores under --rounding stochastic (Rounding in common.h, model_update).
 enum Precision { PRECISION_FP32, PRECISION_BF16, PRECISION_BF16_PURE };
 inline const char* precision_name(Precision precision) {
     return precision == PRECISION_BF16 ? "bf16" : precision == PRECISION_BF16_PURE ? "bf16-pure" : "fp32";
