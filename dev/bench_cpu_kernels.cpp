@@ -6,7 +6,10 @@ alone, so that a change to one of them can be measured without the noise of a wh
       GFLOP/s (6 N IC OC flops per shape: the three products);
     - AdamW over 71M fp32 parameters, in GB/s (28 bytes moved per parameter: p, m, v and the
       gradient read, p, m, v written);
-    - the global gradient norm over 71M fp32 values, in GB/s.
+    - the global gradient norm over 71M fp32 values, in GB/s;
+    - the attention (attention_forward_cpu, then attention_backward_cpu) at the shapes of the
+      12 x 128 model of EXPERIMENTS.md (B16 T128, 4 heads of 32) and of LLaMA-71M (B2 T256, 8 heads
+      of 64), in ms per layer.
 Each number is the best of several repetitions (the least disturbed by the rest of the machine),
 with OMP_NUM_THREADS threads. The checksum lines let two builds be compared for equal results.
 
@@ -18,6 +21,7 @@ Build and run (repository root):
 #include <vector>
 
 #include "../layers/adamw.cuh"
+#include "../layers/attention.cuh"
 #include "../layers/global_norm.cuh"
 #include "../layers/matmul.cuh"
 
@@ -90,5 +94,31 @@ int main() {
     printf("AdamW, %zu parameters: %.1f ms, %.1f GB/s (checksum %.9g)\n", n, best_adamw, 28.0 * n / best_adamw / 1e6,
            (double)params[n / 3] + params[n / 7]);
     printf("global norm, %zu values: %.1f ms, %.1f GB/s (norm %.17g)\n", n, best_norm, 4.0 * n / best_norm / 1e6, norm);
+
+    // ---- attention: forward and backward of one layer
+    struct AttentionShape { const char* name; int B, T, NH, hs; };
+    const AttentionShape attention_shapes[] = {{"12x128", 16, 128, 4, 32}, {"71m", 2, 256, 8, 64}};
+    printf("attention: forward + backward of one layer, best of 5\n");
+    for (const AttentionShape& s : attention_shapes) {
+        const int C = s.NH * s.hs;
+        std::vector<float> qkv = fixed_values((size_t)s.B * s.T * 3 * C, 6, 1.0f);
+        std::vector<float> dout = fixed_values((size_t)s.B * s.T * C, 7, 1.0f);
+        std::vector<float> out((size_t)s.B * s.T * C), dqkv((size_t)s.B * s.T * 3 * C);
+        std::vector<float> att((size_t)s.B * s.NH * s.T * s.T), scratch(att.size());
+        double best_forward = 1e30, best_backward = 1e30;
+        for (int repeat = 0; repeat < 5; repeat++) {
+            auto start = std::chrono::steady_clock::now();
+            attention_forward_cpu(out.data(), att.data(), qkv.data(), s.B, s.T, s.NH, s.hs);
+            double ms = elapsed_ms(start);
+            if (ms < best_forward) best_forward = ms;
+            start = std::chrono::steady_clock::now();
+            attention_backward_cpu(dqkv.data(), scratch.data(), dout.data(), qkv.data(), att.data(), s.B, s.T, s.NH, s.hs);
+            ms = elapsed_ms(start);
+            if (ms < best_backward) best_backward = ms;
+        }
+        printf("  %-7s B %2d T %3d NH %d hs %2d: forward %6.2f ms, backward %6.2f ms (checksum %.9g)\n", s.name, s.B,
+               s.T, s.NH, s.hs, best_forward, best_backward,
+               (double)out[out.size() / 3] + dqkv[dqkv.size() / 2] + dqkv[dqkv.size() / 5 + 7]);
+    }
     return 0;
 }

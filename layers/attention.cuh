@@ -45,51 +45,92 @@ att * datt in float (see the fused section's comment for the size of that).
 #include "rope.cuh"
 
 // ---- CPU reference
+//
+// Both passes work on one (b, h) head at a time, and their sums over keys and channels run a
+// block of ATTN_CPU_BLOCK outputs at once: the block's partial sums stay in one vector register
+// (16 floats under AVX-512) for the whole sum and are stored once. (A plain loop, scores[t2] +=
+// q[i] k[t2][i] for each i, or y[i] += p v[t2][i] for each t2, reads back and stores the same
+// sums at every term: each term then waits for the store of the one before.) So the head's keys
+// and values are first copied into per-thread tables laid out for the block's loads: transposed,
+// (hs, T) (a channel's values for consecutive keys side by side), or per key, (T, hs); both padded
+// with zeros to whole blocks, whose extra sums are never used. Every sum still runs over its
+// terms in order. dev/bench_cpu_kernels.cpp times the two passes (dev/PERF.md).
+constexpr int ATTN_CPU_BLOCK = 16;
+
+inline int attn_cpu_padded(int n) { return (n + ATTN_CPU_BLOCK - 1) / ATTN_CPU_BLOCK * ATTN_CPU_BLOCK; }
+
+// table (n_pad, m_pad) zero-padded from rows of the head: table[r][c] = x[c][r] (transposed,
+// rows r < m: channels, columns c < n: positions) or table[r][c] = x[r][c] (rows: positions);
+// x's position p, channel i is src[p * row_stride + i]
+template <typename floatX>
+inline void attn_cpu_table(real* table, const floatX* src, size_t row_stride, int positions, int channels, bool transposed) {
+    int width = transposed ? attn_cpu_padded(positions) : attn_cpu_padded(channels);
+    int rows = transposed ? channels : positions;
+    std::fill(table, table + (size_t)rows * width, (real)0);
+    for (int p = 0; p < positions; p++) {
+        for (int i = 0; i < channels; i++) {
+            real v = to_real(src[p * row_stride + i]);
+            if (transposed) table[(size_t)i * width + p] = v;
+            else table[(size_t)p * width + i] = v;
+        }
+    }
+}
 
 // out (B, T, C) attention output before o_proj; att (B, NH, T, T) softmax probabilities (real
 // whatever floatX is); qkv (B, T, 3C)
 template <typename floatX>
 inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int B, int T, int NH, int head_size) {
-    int C = NH * head_size;
+    const int C = NH * head_size, BLOCK = ATTN_CPU_BLOCK;
+    const int T_pad = attn_cpu_padded(T), hs_pad = attn_cpu_padded(head_size);
     real scale = 1 / sqrt((real)head_size);
     #pragma omp parallel
     {
-        std::vector<real> scores(T), y(head_size);   // per thread: one row's scores, one position's output
-        #pragma omp for collapse(3)
+        // per thread: the head's keys transposed (hs, T_pad), its values (T, hs_pad), one query
+        std::vector<real> keys_t((size_t)head_size * T_pad), values((size_t)T * hs_pad), q(head_size);
+        #pragma omp for collapse(2)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < NH; h++) {
+                const floatX* head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;   // q of position 0
+                attn_cpu_table(keys_t.data(), head + C, 3 * (size_t)C, T, head_size, true);
+                attn_cpu_table(values.data(), head + 2 * C, 3 * (size_t)C, T, head_size, false);
                 for (int t = 0; t < T; t++) {
-                    const floatX* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
-                    real* att_row = att + (((size_t)b * NH + h) * T + t) * T;
-                    // scaled scores against keys 0..t, and their maximum for a stable softmax
+                    for (int i = 0; i < head_size; i++) q[i] = to_real(head[(size_t)t * 3 * C + i]);
+                    real* att_row = att + (((size_t)b * NH + h) * T + t) * T;   // the scores, then the probabilities
+                    // scaled scores q . k against keys 0..t, a block of keys at a time, and their
+                    // maximum for a stable softmax
                     real max_score = -INFINITY;
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        const floatX* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
-                        real score = 0;
-                        #pragma omp simd reduction(+ : score)
-                        for (int i = 0; i < head_size; i++) score += to_real(q[i]) * to_real(k[i]);
-                        score *= scale;
-                        scores[t2] = score;
-                        if (score > max_score) max_score = score;
+                    for (int t0 = 0; t0 <= t; t0 += BLOCK) {
+                        real sums[BLOCK] = {};
+                        for (int i = 0; i < head_size; i++) {
+                            const real* k = &keys_t[(size_t)i * T_pad + t0];
+                            #pragma omp simd
+                            for (int j = 0; j < BLOCK; j++) sums[j] += q[i] * k[j];
+                        }
+                        for (int j = 0; j < BLOCK && t0 + j <= t; j++) {
+                            att_row[t0 + j] = sums[j] * scale;
+                            if (att_row[t0 + j] > max_score) max_score = att_row[t0 + j];
+                        }
                     }
-                    // softmax over 0..t into att; the masked future gets probability 0
+                    // softmax over 0..t in place; the masked future gets probability 0
                     real sum = 0;
                     for (int t2 = 0; t2 <= t; t2++) {
-                        scores[t2] = std::exp(scores[t2] - max_score);
-                        sum += scores[t2];
+                        att_row[t2] = std::exp(att_row[t2] - max_score);
+                        sum += att_row[t2];
                     }
-                    for (int t2 = 0; t2 <= t; t2++) att_row[t2] = scores[t2] / sum;
+                    for (int t2 = 0; t2 <= t; t2++) att_row[t2] = att_row[t2] / sum;
                     for (int t2 = t + 1; t2 < T; t2++) att_row[t2] = 0;
-                    // weighted sum of the values, rounded once into out
-                    for (int i = 0; i < head_size; i++) y[i] = 0;
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        const floatX* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
-                        real p = att_row[t2];
-                        #pragma omp simd
-                        for (int i = 0; i < head_size; i++) y[i] += p * to_real(v[i]);
-                    }
+                    // weighted sum of the values, a block of channels at a time, rounded once into out
                     floatX* out_row = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
-                    for (int i = 0; i < head_size; i++) out_row[i] = from_real<floatX>(y[i]);
+                    for (int i0 = 0; i0 < head_size; i0 += BLOCK) {
+                        real sums[BLOCK] = {};
+                        for (int t2 = 0; t2 <= t; t2++) {
+                            real p = att_row[t2];
+                            const real* v = &values[(size_t)t2 * hs_pad + i0];
+                            #pragma omp simd
+                            for (int j = 0; j < BLOCK; j++) sums[j] += p * v[j];
+                        }
+                        for (int j = 0; j < BLOCK && i0 + j < head_size; j++) out_row[i0 + j] = from_real<floatX>(sums[j]);
+                    }
                 }
             }
         }
@@ -101,48 +142,70 @@ inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int
 template <typename floatX>
 inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* dout, const floatX* qkv,
                                    const real* att, int B, int T, int NH, int head_size) {
-    int C = NH * head_size;
+    const int C = NH * head_size, BLOCK = ATTN_CPU_BLOCK;
+    const int T_pad = attn_cpu_padded(T), hs_pad = attn_cpu_padded(head_size);
     real scale = 1 / sqrt((real)head_size);
     #pragma omp parallel
     {
         // per thread: the head's gradients (T, 3, hs), [dq | dk | dv] per position, summed here and
-        // written to dqkv once at the end of the head
-        std::vector<real> grad((size_t)T * 3 * head_size);
+        // written to dqkv once at the end of the head; its values transposed (hs, T_pad) and keys
+        // (T, hs_pad); one position's q and dy
+        std::vector<real> grad((size_t)T * 3 * head_size), values_t((size_t)head_size * T_pad),
+            keys((size_t)T * hs_pad), q(head_size), dy(head_size);
         #pragma omp for collapse(2)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < NH; h++) {
                 real* datt = scratch + ((size_t)b * NH + h) * T * T;   // (T) one row at a time
+                const floatX* head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;   // q of position 0
+                attn_cpu_table(values_t.data(), head + 2 * C, 3 * (size_t)C, T, head_size, true);
+                attn_cpu_table(keys.data(), head + C, 3 * (size_t)C, T, head_size, false);
                 std::fill(grad.begin(), grad.end(), (real)0);
                 for (int t = 0; t < T; t++) {
                     const real* att_row = att + (((size_t)b * NH + h) * T + t) * T;
-                    const floatX* dy = dout + ((size_t)b * T + t) * C + (size_t)h * head_size;
-                    const floatX* q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * head_size;
+                    for (int i = 0; i < head_size; i++) {
+                        q[i] = to_real(head[(size_t)t * 3 * C + i]);
+                        dy[i] = to_real(dout[((size_t)b * T + t) * C + (size_t)h * head_size + i]);
+                    }
                     real* dq = grad.data() + (size_t)t * 3 * head_size;
-                    // through y = att v: gradients of the probabilities and of the values
+                    // through y = att v: the gradients of the probabilities, datt[t2] = v[t2] . dy,
+                    // a block of keys at a time ...
+                    for (int t0 = 0; t0 <= t; t0 += BLOCK) {
+                        real sums[BLOCK] = {};
+                        for (int i = 0; i < head_size; i++) {
+                            const real* v = &values_t[(size_t)i * T_pad + t0];
+                            #pragma omp simd
+                            for (int j = 0; j < BLOCK; j++) sums[j] += v[j] * dy[i];
+                        }
+                        for (int j = 0; j < BLOCK && t0 + j <= t; j++) datt[t0 + j] = sums[j];
+                    }
+                    // ... and of the values, dv[t2] += att[t2] dy
                     real weighted = 0;   // sum_j att[j] * datt[j]
                     for (int t2 = 0; t2 <= t; t2++) {
-                        const floatX* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + (size_t)h * head_size;
                         real* dv = grad.data() + ((size_t)t2 * 3 + 2) * head_size;
                         real p = att_row[t2];
-                        real d = 0;
-                        #pragma omp simd reduction(+ : d)
-                        for (int i = 0; i < head_size; i++) {
-                            d += to_real(v[i]) * to_real(dy[i]);
-                            dv[i] += p * to_real(dy[i]);
-                        }
-                        datt[t2] = d;
-                        weighted += p * d;
-                    }
-                    // through the softmax, then the scaled dot products q . k
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        real dscore = att_row[t2] * (datt[t2] - weighted) * scale;
-                        const floatX* k = qkv + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * head_size;
-                        real* dk = grad.data() + ((size_t)t2 * 3 + 1) * head_size;
                         #pragma omp simd
-                        for (int i = 0; i < head_size; i++) {
-                            dq[i] += dscore * to_real(k[i]);
-                            dk[i] += dscore * to_real(q[i]);
+                        for (int i = 0; i < head_size; i++) dv[i] += p * dy[i];
+                        weighted += p * datt[t2];
+                    }
+                    // through the softmax: the gradients of the scaled scores, in place of datt
+                    for (int t2 = 0; t2 <= t; t2++) datt[t2] = att_row[t2] * (datt[t2] - weighted) * scale;
+                    // then the dot products q . k: dq = sum_t2 dscore[t2] k[t2], a block of channels at a time ...
+                    for (int i0 = 0; i0 < head_size; i0 += BLOCK) {
+                        real sums[BLOCK] = {};
+                        for (int t2 = 0; t2 <= t; t2++) {
+                            real dscore = datt[t2];
+                            const real* k = &keys[(size_t)t2 * hs_pad + i0];
+                            #pragma omp simd
+                            for (int j = 0; j < BLOCK; j++) sums[j] += dscore * k[j];
                         }
+                        for (int j = 0; j < BLOCK && i0 + j < head_size; j++) dq[i0 + j] = sums[j];
+                    }
+                    // ... and dk[t2] += dscore[t2] q
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        real* dk = grad.data() + ((size_t)t2 * 3 + 1) * head_size;
+                        real dscore = datt[t2];
+                        #pragma omp simd
+                        for (int i = 0; i < head_size; i++) dk[i] += dscore * q[i];
                     }
                 }
                 // the head's totals into dqkv, one rounding each
