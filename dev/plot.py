@@ -328,8 +328,10 @@ def cmd_rms(a):
 
 def snapshot_analyses(run):
     """[(step, analysis)] of a run's snapshots (run/step_NNNNNN/analysis.json, as ./train
-    --keep-every and --analyze write them), in step order. A snapshot not analysed yet is left out
-    with a note; a run with no analysed snapshot at all stops."""
+    --keep-every and --analyze write them), in step order, and of its final checkpoint
+    (run/analysis.json, at the step its log.jsonl ends on) where no analysed snapshot is of that
+    step. A snapshot not analysed yet is left out with a note; a run with no analysed snapshot at
+    all stops."""
     if not os.path.isdir(run):
         fail(f"{run}: not a directory (expected a run folder with step_NNNNNN snapshots, from ./train --keep-every)")
     found, missing = [], []
@@ -346,6 +348,12 @@ def snapshot_analyses(run):
     if not found:
         fail(f"{run}: no analysed snapshot (run/step_NNNNNN/analysis.json); make them with "
              f"./train --analyze --init-from {os.path.join(run, 'step_NNNNNN')} --val-data ...")
+    final, log = os.path.join(run, "analysis.json"), os.path.join(run, "log.jsonl")
+    if os.path.exists(final) and os.path.exists(log):
+        train, _ = read_log(log)
+        last = int(max(d["step"] for d in train)) + 1 if train else None   # the steps taken
+        if last is not None and all(step != last for step, _ in found):
+            found.append((last, read_analysis(final, ["layer_drop"])))
     found.sort(key=lambda e: e[0])
     layers = {len(d["layer_drop"]) for _, d in found}
     if len(layers) != 1:

@@ -1406,6 +1406,27 @@ if HAVE_MATPLOTLIB:  # defined (and counted) only when matplotlib is there: skip
             assert "mix: 1 snapshot(s) not analysed, left out: step_000150" in r.stderr, r.stderr
             with open(out, "rb") as f:
                 assert f.read(8) == b"\x89PNG\r\n\x1a\n", "drop_steps.png is not a PNG"
+            # a run's final checkpoint, analysed in its folder, stands at the step its log ends on
+            # (200 steps taken: 0..199), after its snapshots; where an analysed snapshot is of
+            # that step, the snapshot's analysis is the one drawn
+            import json
+            import plot   # dev/, on the path since the reference's import
+            for name, steps in (("pre", 200), ("mix", 150)):
+                with open(os.path.join(d, name, "log.jsonl"), "w") as f:
+                    for s in range(steps):
+                        f.write(json.dumps({"step": s, "train_loss": 5.0}) + "\n")
+                with open(os.path.join(d, name, "analysis.json"), "w") as f:
+                    json.dump({"val_loss": 2.5, "tokens": 96,
+                               "layer_drop": [{"layer": l, "val_loss": 2.6} for l in range(4)]}, f)
+            pre = plot.snapshot_analyses(os.path.join(d, "pre"))
+            assert [step for step, _ in pre] == [50, 100, 150, 200] and pre[-1][1]["val_loss"] == 2.5, pre
+            mix = plot.snapshot_analyses(os.path.join(d, "mix"))   # step_000150 not analysed: the final one
+            assert [step for step, _ in mix] == [50, 100, 150] and mix[-1][1]["val_loss"] == 2.5, mix
+            with open(os.path.join(d, "pre", "log.jsonl"), "w") as f:   # a run that ended at its last snapshot
+                for s in range(150):
+                    f.write(json.dumps({"step": s, "train_loss": 5.0}) + "\n")
+            pre = plot.snapshot_analyses(os.path.join(d, "pre"))
+            assert [step for step, _ in pre] == [50, 100, 150] and pre[-1][1]["val_loss"] == 5.0 - 1.5, pre
 
 
 def _have_transformers():
