@@ -59,6 +59,22 @@ constexpr int ATTN_CPU_BLOCK = 16;
 
 inline int attn_cpu_padded(int n) { return (n + ATTN_CPU_BLOCK - 1) / ATTN_CPU_BLOCK * ATTN_CPU_BLOCK; }
 
+// out[c] = sum over r < rows, in order, of weights[r] * table[r][c], for c < cols; table (rows,
+// width), width a whole number of blocks. Every sum of the two passes is one of these: the scores
+// (weights q, table the keys transposed), y (the probabilities, the values), datt (dy, the values
+// transposed) and dq (the score gradients, the keys).
+inline void attn_cpu_weighted_rows(real* out, const real* weights, const real* table, int rows, int cols, int width) {
+    for (int c0 = 0; c0 < cols; c0 += ATTN_CPU_BLOCK) {
+        real sums[ATTN_CPU_BLOCK] = {};   // one vector register
+        for (int r = 0; r < rows; r++) {
+            const real* row = &table[(size_t)r * width + c0];
+            #pragma omp simd
+            for (int j = 0; j < ATTN_CPU_BLOCK; j++) sums[j] += weights[r] * row[j];
+        }
+        for (int j = 0; j < ATTN_CPU_BLOCK && c0 + j < cols; j++) out[c0 + j] = sums[j];
+    }
+}
+
 // table (n_pad, m_pad) zero-padded from rows of the head: table[r][c] = x[c][r] (transposed,
 // rows r < m: channels, columns c < n: positions) or table[r][c] = x[r][c] (rows: positions);
 // x's position p, channel i is src[p * row_stride + i]
@@ -80,13 +96,13 @@ inline void attn_cpu_table(real* table, const floatX* src, size_t row_stride, in
 // whatever floatX is); qkv (B, T, 3C)
 template <typename floatX>
 inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int B, int T, int NH, int head_size) {
-    const int C = NH * head_size, BLOCK = ATTN_CPU_BLOCK;
+    const int C = NH * head_size;
     const int T_pad = attn_cpu_padded(T), hs_pad = attn_cpu_padded(head_size);
     real scale = 1 / sqrt((real)head_size);
     #pragma omp parallel
     {
-        // per thread: the head's keys transposed (hs, T_pad), its values (T, hs_pad), one query
-        std::vector<real> keys_t((size_t)head_size * T_pad), values((size_t)T * hs_pad), q(head_size);
+        // per thread: the head's keys transposed (hs, T_pad), its values (T, hs_pad), one query, one output
+        std::vector<real> keys_t((size_t)head_size * T_pad), values((size_t)T * hs_pad), q(head_size), y(head_size);
         #pragma omp for collapse(2)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < NH; h++) {
@@ -96,20 +112,12 @@ inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int
                 for (int t = 0; t < T; t++) {
                     for (int i = 0; i < head_size; i++) q[i] = to_real(head[(size_t)t * 3 * C + i]);
                     real* att_row = att + (((size_t)b * NH + h) * T + t) * T;   // the scores, then the probabilities
-                    // scaled scores q . k against keys 0..t, a block of keys at a time, and their
-                    // maximum for a stable softmax
+                    // scaled scores q . k against keys 0..t, and their maximum for a stable softmax
+                    attn_cpu_weighted_rows(att_row, q.data(), keys_t.data(), head_size, t + 1, T_pad);
                     real max_score = -INFINITY;
-                    for (int t0 = 0; t0 <= t; t0 += BLOCK) {
-                        real sums[BLOCK] = {};
-                        for (int i = 0; i < head_size; i++) {
-                            const real* k = &keys_t[(size_t)i * T_pad + t0];
-                            #pragma omp simd
-                            for (int j = 0; j < BLOCK; j++) sums[j] += q[i] * k[j];
-                        }
-                        for (int j = 0; j < BLOCK && t0 + j <= t; j++) {
-                            att_row[t0 + j] = sums[j] * scale;
-                            if (att_row[t0 + j] > max_score) max_score = att_row[t0 + j];
-                        }
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        att_row[t2] *= scale;
+                        if (att_row[t2] > max_score) max_score = att_row[t2];
                     }
                     // softmax over 0..t in place; the masked future gets probability 0
                     real sum = 0;
@@ -119,18 +127,10 @@ inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int
                     }
                     for (int t2 = 0; t2 <= t; t2++) att_row[t2] = att_row[t2] / sum;
                     for (int t2 = t + 1; t2 < T; t2++) att_row[t2] = 0;
-                    // weighted sum of the values, a block of channels at a time, rounded once into out
+                    // weighted sum of the values, rounded once into out
+                    attn_cpu_weighted_rows(y.data(), att_row, values.data(), t + 1, head_size, hs_pad);
                     floatX* out_row = out + ((size_t)b * T + t) * C + (size_t)h * head_size;
-                    for (int i0 = 0; i0 < head_size; i0 += BLOCK) {
-                        real sums[BLOCK] = {};
-                        for (int t2 = 0; t2 <= t; t2++) {
-                            real p = att_row[t2];
-                            const real* v = &values[(size_t)t2 * hs_pad + i0];
-                            #pragma omp simd
-                            for (int j = 0; j < BLOCK; j++) sums[j] += p * v[j];
-                        }
-                        for (int j = 0; j < BLOCK && i0 + j < head_size; j++) out_row[i0 + j] = from_real<floatX>(sums[j]);
-                    }
+                    for (int i = 0; i < head_size; i++) out_row[i] = from_real<floatX>(y[i]);
                 }
             }
         }
@@ -142,7 +142,7 @@ inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int
 template <typename floatX>
 inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* dout, const floatX* qkv,
                                    const real* att, int B, int T, int NH, int head_size) {
-    const int C = NH * head_size, BLOCK = ATTN_CPU_BLOCK;
+    const int C = NH * head_size;
     const int T_pad = attn_cpu_padded(T), hs_pad = attn_cpu_padded(head_size);
     real scale = 1 / sqrt((real)head_size);
     #pragma omp parallel
@@ -167,17 +167,8 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
                         dy[i] = to_real(dout[((size_t)b * T + t) * C + (size_t)h * head_size + i]);
                     }
                     real* dq = grad.data() + (size_t)t * 3 * head_size;
-                    // through y = att v: the gradients of the probabilities, datt[t2] = v[t2] . dy,
-                    // a block of keys at a time ...
-                    for (int t0 = 0; t0 <= t; t0 += BLOCK) {
-                        real sums[BLOCK] = {};
-                        for (int i = 0; i < head_size; i++) {
-                            const real* v = &values_t[(size_t)i * T_pad + t0];
-                            #pragma omp simd
-                            for (int j = 0; j < BLOCK; j++) sums[j] += v[j] * dy[i];
-                        }
-                        for (int j = 0; j < BLOCK && t0 + j <= t; j++) datt[t0 + j] = sums[j];
-                    }
+                    // through y = att v: the gradients of the probabilities, datt[t2] = v[t2] . dy ...
+                    attn_cpu_weighted_rows(datt, dy.data(), values_t.data(), head_size, t + 1, T_pad);
                     // ... and of the values, dv[t2] += att[t2] dy
                     real weighted = 0;   // sum_j att[j] * datt[j]
                     for (int t2 = 0; t2 <= t; t2++) {
@@ -189,17 +180,8 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
                     }
                     // through the softmax: the gradients of the scaled scores, in place of datt
                     for (int t2 = 0; t2 <= t; t2++) datt[t2] = att_row[t2] * (datt[t2] - weighted) * scale;
-                    // then the dot products q . k: dq = sum_t2 dscore[t2] k[t2], a block of channels at a time ...
-                    for (int i0 = 0; i0 < head_size; i0 += BLOCK) {
-                        real sums[BLOCK] = {};
-                        for (int t2 = 0; t2 <= t; t2++) {
-                            real dscore = datt[t2];
-                            const real* k = &keys[(size_t)t2 * hs_pad + i0];
-                            #pragma omp simd
-                            for (int j = 0; j < BLOCK; j++) sums[j] += dscore * k[j];
-                        }
-                        for (int j = 0; j < BLOCK && i0 + j < head_size; j++) dq[i0 + j] = sums[j];
-                    }
+                    // then the dot products q . k: dq = sum_t2 dscore[t2] k[t2] ...
+                    attn_cpu_weighted_rows(dq, datt, keys.data(), t + 1, head_size, hs_pad);
                     // ... and dk[t2] += dscore[t2] q
                     for (int t2 = 0; t2 <= t; t2++) {
                         real* dk = grad.data() + ((size_t)t2 * 3 + 1) * head_size;
