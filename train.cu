@@ -97,6 +97,7 @@ struct Args {
     int top_k = 0;                 // 0: the whole vocabulary
     int checkpoint_every = 0;  // 0: a checkpoint at the end only
     int keep_every = 0;        // 0: no snapshots kept along the way
+    std::string keep_what = "full";   // full | weights: what a --keep-every snapshot holds
     int layer_grads_every = 0; // 0: no per-layer gradient norms in the log
     int stop_at = 0;           // 0: run all steps
     std::string resume;
@@ -186,6 +187,9 @@ static void print_help() {
     printf("  --checkpoint-every N   also write the checkpoint and training state every N steps (default 0: at the end)\n");
     printf("  --keep-every N         also keep a snapshot every N steps in OUT/step_NNNNNN: the checkpoint, training\n"
            "                         state and log so far, to evaluate, analyze or branch from later (default 0: off)\n");
+    printf("  --keep-what full|weights  what a snapshot holds (default %s): full, 16 bytes a parameter, resumes and\n"
+           "                         branches; weights, the checkpoint and log in 4 bytes a parameter, evaluates,\n"
+           "                         analyzes, samples and starts runs (--init-from) but cannot be resumed\n", d.keep_what.c_str());
     printf("  --stop-at S            end the run after step S with a checkpoint, as a time-limited job would (default 0: off)\n");
     printf("  --resume DIR           continue the run saved in DIR bit for bit (its settings; --out defaults to DIR).\n"
            "                         --steps, --lr-schedule, --decay-frac and --min-lr-ratio may change where the steps\n"
@@ -299,6 +303,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--out") a.out = v;
         else if (flag == "--checkpoint-every") a.checkpoint_every = parse_int(f, v);
         else if (flag == "--keep-every") a.keep_every = parse_int(f, v);
+        else if (flag == "--keep-what") a.keep_what = v;
         else if (flag == "--sample") a.sample = parse_int(f, v);
         else if (flag == "--prompt-ids") a.prompt_ids = v;
         else if (flag == "--temperature") a.temperature = parse_float(f, v);
@@ -333,6 +338,7 @@ static Args parse_args(int argc, char** argv) {
     if (a.val_batches < 0 || a.val_every < 0) fail("--val-batches and --val-every must be at least 0");
     if (a.checkpoint_every < 0 || a.stop_at < 0) fail("--checkpoint-every and --stop-at must be at least 0");
     if (a.keep_every < 0) fail("--keep-every must be at least 0, got %d", a.keep_every);
+    if (a.keep_what != "full" && a.keep_what != "weights") fail("--keep-what must be full or weights, got '%s'", a.keep_what.c_str());
     if (a.layer_grads_every < 0) fail("--layer-grads-every must be at least 0");
     if (a.sample < 0 || a.top_k < 0) fail("--sample and --top-k must be at least 0");
     if (!(a.temperature > 0.0f)) fail("--temperature must be positive, got %g", a.temperature);
@@ -520,6 +526,7 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--val-batches", std::to_string(a.val_batches), true},
             {"--checkpoint-every", std::to_string(a.checkpoint_every), true},
             {"--keep-every", std::to_string(a.keep_every), true},
+            {"--keep-what", a.keep_what, true},
             {"--layer-grads-every", std::to_string(a.layer_grads_every), true}};
 }
 
@@ -599,14 +606,15 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // before --precision, the simple attention (the only one on the CPU, the default on the
         // GPU) before --attention, nearest rounding before --rounding, AdamW's betas 0.9/0.999
         // and eps 1e-8 before their flags, the cosine before --lr-schedule, the data in order
-        // before --data-order, no snapshots before --keep-every, weight decay on every parameter
-        // before --weight-decay-on. Those states did not save the seed, which nothing after the
-        // initialisation read: the run goes on with the one given, or the default.
+        // before --data-order, no snapshots before --keep-every (and full ones before
+        // --keep-what), weight decay on every parameter before --weight-decay-on. Those states
+        // did not save the seed, which nothing after the initialisation read: the run goes on
+        // with the one given, or the default.
         static const std::pair<const char*, const char*> before_saved[] = {
             {"--precision", "fp32"}, {"--attention", "simple"}, {"--rounding", "nearest"},
             {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"},
             {"--lr-schedule", "cosine"}, {"--decay-frac", "0.2"}, {"--data-order", "sequential"}, {"--data-seed", "1"},
-            {"--keep-every", "0"}, {"--weight-decay-on", "all"}};
+            {"--keep-every", "0"}, {"--keep-what", "full"}, {"--weight-decay-on", "all"}};
         JsonValue old_default;
         old_default.type = JsonValue::String;
         for (const auto& entry : before_saved) {
@@ -634,7 +642,7 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         bool numeric = std::string(s.flag) != "--train-data" && std::string(s.flag) != "--precision" &&
                        std::string(s.flag) != "--attention" && std::string(s.flag) != "--rounding" &&
                        std::string(s.flag) != "--lr-schedule" && std::string(s.flag) != "--data-order" &&
-                       std::string(s.flag) != "--weight-decay-on" &&
+                       std::string(s.flag) != "--weight-decay-on" && std::string(s.flag) != "--keep-what" &&
                        std::string(s.flag) != "--seed" && std::string(s.flag) != "--data-seed";
         bool same = numeric ? strtof(v->string.c_str(), nullptr) == strtof(s.value.c_str(), nullptr) : v->string == s.value;
         if (given && !same) {
@@ -677,6 +685,7 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         else if (flag == "--val-batches") a->val_batches = parse_int("--val-batches", v);
         else if (flag == "--checkpoint-every") a->checkpoint_every = parse_int("--checkpoint-every", v);
         else if (flag == "--keep-every") a->keep_every = parse_int("--keep-every", v);
+        else if (flag == "--keep-what") a->keep_what = v;
         else if (flag == "--layer-grads-every") a->layer_grads_every = parse_int("--layer-grads-every", v);
     }
     return saved_device;
@@ -965,6 +974,14 @@ int main(int argc, char** argv) {
     bool resuming = !args.resume.empty();
     std::string saved_device;
     if (resuming) {
+        // a folder with weights but no training state (a --keep-what weights snapshot, a
+        // checkpoint from elsewhere) cannot continue a run, but can start one
+        struct stat st;
+        if (stat(training_state_path(args.resume).c_str(), &st) != 0 && stat((args.resume + "/model.safetensors").c_str(), &st) == 0) {
+            fail("--resume '%s': it holds a model's weights but no training state (%s), so no run to continue%s; "
+                 "--init-from '%s' starts a new run from its weights", args.resume.c_str(), "training_state.safetensors",
+                 is_kept_snapshot(args.resume) ? " (a snapshot kept with --keep-what weights?)" : "", args.resume.c_str());
+        }
         std::string settings;
         config = training_state_config(args.resume, &settings);
         check_flags_match_checkpoint(args, config, args.resume);
@@ -1158,11 +1175,14 @@ int main(int argc, char** argv) {
     // so far), which --init-from, --eval-only, --analyze and --resume --out take as they take the
     // run's. One left by an earlier pass over the same step (a run resumed from before it) is
     // replaced, its training state first: a snapshot cut short leaves no state to resume from
-    // beside weights of another step.
+    // beside weights of another step. With --keep-what weights a snapshot is the checkpoint and
+    // the log only (a quarter of the bytes), for everything but --resume.
     int kept_step = -1;
+    const bool keep_weights_only = args.keep_what == "weights";
     if (training && args.keep_every > 0) {
-        printf("keeping a snapshot every %d steps in %s/step_NNNNNN (%.1f MiB each)\n", args.keep_every, args.out.c_str(),
-               16.0 * model.num_parameters / 1048576.0);
+        printf("keeping a snapshot every %d steps in %s/step_NNNNNN (%s, %.1f MiB each)\n", args.keep_every, args.out.c_str(),
+               keep_weights_only ? "weights and log" : "weights, training state and log",
+               (keep_weights_only ? 4.0 : 16.0) * model.num_parameters / 1048576.0);
     }
     auto keep_snapshot = [&](int next_step) {
         if (args.keep_every <= 0 || next_step % args.keep_every != 0 || next_step == kept_step) return;
@@ -1171,7 +1191,8 @@ int main(int argc, char** argv) {
         std::string old_state = dir + "/training_state.safetensors";
         if (unlink(old_state.c_str()) != 0 && errno != ENOENT) fail("cannot remove '%s': %s", old_state.c_str(), strerror(errno));
         write_file_atomic(dir + "/log.jsonl", read_text_file(log_path));
-        write_checkpoint(dir, next_step);
+        if (keep_weights_only) checkpoint_save_model(&model, dir);
+        else write_checkpoint(dir, next_step);
         kept_step = next_step;
         printf("snapshot kept in %s (step %d)\n", dir.c_str(), next_step);
     };

@@ -428,9 +428,10 @@ def test_analyze_follows_the_snapshots_over_training():
     ensure_train()
     out = os.path.join(tmp(), "snapshots")
     # 6 steps, a snapshot every 2: step_000002, step_000004, and step_000006 at the last step,
-    # which holds the final checkpoint's weights and is not analysed again
+    # which holds the final checkpoint's weights and is not analysed again; the snapshots hold
+    # the weights only (--keep-what weights), all the analysis reads
     args = ["--out", out, "--placements", "pre,mix:0.5", "--seeds", "1,2", "--jobs", "2", "--analyze"]
-    common = data_args() + ["--keep-every", "2"]
+    common = data_args() + ["--keep-every", "2", "--keep-what", "weights"]
     stdout, _ = sweep(*args, common=common)
     runs = ["pre-s1", "pre-s2", "mix-0.5-s1", "mix-0.5-s2"]
     assert stdout.count("[analysis ") == 4 * 3, stdout
@@ -446,6 +447,7 @@ def test_analyze_follows_the_snapshots_over_training():
             with open(os.path.join(snapshot, "analysis.json")) as f:
                 analyses[(run, int(name[5:]))] = json.load(f)
             assert os.path.isfile(os.path.join(snapshot, "analyze.log"))
+            assert not os.path.exists(os.path.join(snapshot, "training_state.safetensors"))
         assert not os.path.exists(os.path.join(out, run, "step_000006", "analysis.json"))
         with open(os.path.join(out, run, "analysis.json")) as f:
             analyses[(run, 6)] = json.load(f)

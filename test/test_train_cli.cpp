@@ -566,7 +566,8 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
         "--lr", "--warmup",
         "--min-lr-ratio", "--lr-schedule", "--decay-frac", "--weight-decay", "--weight-decay-on", "--beta1", "--beta2",
         "--adam-eps", "--grad-clip", "--seed", "--device", "--attention", "--rope", "--precision",
-        "--init-from", "--out", "--eval-only", "--embed-std", "--checkpoint-every", "--keep-every", "--stop-at", "--resume",
+        "--init-from", "--out", "--eval-only", "--embed-std", "--checkpoint-every", "--keep-every", "--keep-what", "--stop-at",
+        "--resume",
     };
     for (const char* flag : flags) {
         INFO("flag " << flag);
@@ -579,7 +580,7 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
         {"--seed", "(default 1337)"}, {"--device", "(default auto"}, {"--precision", "(default fp32"},
         {"--beta1", "(default 0.9)"}, {"--beta2", "(default 0.999)"}, {"--adam-eps", "(default 1e-08)"},
         {"--lr-schedule", "(default cosine)"}, {"--decay-frac", "(default 0.2)"}, {"--data-seed", "(default 1)"},
-        {"--weight-decay-on", "(default matrices)"},
+        {"--weight-decay-on", "(default matrices)"}, {"--keep-what", "(default full)"},
     };
     std::stringstream in(r.out);
     std::string line;
@@ -1192,6 +1193,61 @@ TEST_CASE("a training state whose metadata was altered is refused", "[cli][resum
     }
 }
 
+// --keep-what weights: the snapshots hold what --init-from reads (the same bytes as a full
+// snapshot's checkpoint) and the log, a quarter of the bytes, and --resume of one is refused with
+// the way to use it instead.
+TEST_CASE("--keep-what weights keeps the checkpoint and log of each snapshot, not the training state", "[cli][resume][keep]") {
+    std::string tmp = make_temp_dir();
+    const std::string val = " --val-data " + quote(fixture_dir("mix") + "/train.bin") + " --val-batches 2 --val-every 3";
+    const std::string keep = " --keep-every 3" + val;
+    Run run = train_ok(mix_run_args(8) + keep + " --keep-what weights --stop-at 4 --out " + quote(tmp + "/run"));
+    CHECK(run.out.find("keeping a snapshot every 3 steps in " + tmp + "/run/step_NNNNNN (weights and log, ") != std::string::npos);
+    const std::string snap3 = tmp + "/run/step_000003", snap6 = tmp + "/run/step_000006";
+    for (const char* file : {"/model.safetensors", "/config.json", "/log.jsonl"}) CHECK(file_exists(snap3 + file));
+    CHECK(!file_exists(snap3 + "/training_state.safetensors"));
+    // the run's own folder keeps its whole state
+    CHECK(file_exists(tmp + "/run/training_state.safetensors"));
+    // the weights are a full snapshot's, to the byte
+    Run full = train_ok(mix_run_args(8) + keep + " --stop-at 3 --out " + quote(tmp + "/full"));
+    CHECK(full.out.find("(weights, training state and log, ") != std::string::npos);
+    for (const char* file : {"/model.safetensors", "/config.json"}) {
+        INFO(file);
+        CHECK(read_file(snap3 + file) == read_file(tmp + "/full/step_000003" + file));
+    }
+    CHECK(train_loss_lines(snap3 + "/log.jsonl") == train_loss_lines(tmp + "/full/step_000003/log.jsonl"));
+    // nothing to resume: refused either way, naming what to do, and the snapshot left as it was
+    const std::string snap3_model = read_file(snap3 + "/model.safetensors");
+    for (const std::string& out : {std::string(""), " --out " + quote(tmp + "/branch")}) {
+        require_train_fails("--resume " + quote(snap3) + out,
+                            "it holds a model's weights but no training state (training_state.safetensors), so no run to "
+                            "continue (a snapshot kept with --keep-what weights?); --init-from '" + snap3 + "' starts a new "
+                            "run from its weights");
+    }
+    CHECK(read_file(snap3 + "/model.safetensors") == snap3_model);
+    CHECK(!file_exists(tmp + "/branch/log.jsonl"));
+    // the setting is kept on --resume: the run's snapshot at 6 holds weights only too
+    train_ok("--resume " + quote(tmp + "/run"));
+    CHECK(file_exists(snap6 + "/model.safetensors"));
+    CHECK(!file_exists(snap6 + "/training_state.safetensors"));
+    // and its weights evaluate as the run did at step 6
+    Run eval = train_ok("--eval-only --init-from " + quote(snap6) + val + " --batch 3 --seq-len 24");
+    std::string snap6_log = read_file(snap6 + "/log.jsonl");
+    size_t at = snap6_log.find("{\"step\": 6, \"val_loss\": ");
+    REQUIRE(at != std::string::npos);
+    double logged = atof(snap6_log.c_str() + at + strlen("{\"step\": 6, \"val_loss\": "));
+    size_t eval_at = eval.out.find("\"val_loss\": ");
+    REQUIRE(eval_at != std::string::npos);
+    CHECK(std::fabs(atof(eval.out.c_str() + eval_at + strlen("\"val_loss\": ")) - logged) < 1e-6);
+    // it may change on --resume (it only watches the run): the full run goes on keeping weights
+    train_ok("--resume " + quote(tmp + "/full") + " --keep-what weights");
+    CHECK(file_exists(tmp + "/full/step_000006/model.safetensors"));
+    CHECK(!file_exists(tmp + "/full/step_000006/training_state.safetensors"));
+    CHECK(file_exists(tmp + "/full/step_000003/training_state.safetensors"));
+    CHECK(read_file(tmp + "/full/model.safetensors") == read_file(tmp + "/run/model.safetensors"));
+
+    require_train_fails("--steps 0 --keep-what optimizer", "--keep-what must be full or weights, got 'optimizer'");
+}
+
 // States of format 1 (no metadata checksum, no --rounding or --seed, before 2026-11-30) and 2 (no
 // data_epoch, before --data-order) resume as format 3 does; a setting this version does not know
 // is refused even where the checksum holds.
@@ -1204,10 +1260,12 @@ TEST_CASE("format-1 and format-2 training states still resume, and an unknown se
     // what the settings of each format lacked: format 2 the data order (added 2026-11-30 with
     // --data-order); format 1 also the rounding and the seed (added with --rounding), AdamW's
     // betas and eps (with their flags) and the schedule (with --lr-schedule)
-    // (format 3 lacked --keep-every and --weight-decay-on until they came, the same day; a state
-    // without the latter decayed every parameter, which at weight decay 0 is no difference)
+    // (format 3 lacked --keep-every and --weight-decay-on until they came, the same day, and
+    // --keep-what until 2026-12-01; a state without --weight-decay-on decayed every parameter,
+    // which at weight decay 0 is no difference)
     const std::vector<const char*> format2_lacks = {"\"--data-order\": \"sequential\", ", "\"--data-seed\": \"1\", ",
-                                                    "\"--keep-every\": \"0\", ", "\"--weight-decay-on\": \"matrices\", "};
+                                                    "\"--keep-every\": \"0\", ", "\"--keep-what\": \"full\", ",
+                                                    "\"--weight-decay-on\": \"matrices\", "};
     std::vector<const char*> format1_lacks = {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", ",
                                               "\"--beta1\": \"0.899999976\", ", "\"--beta2\": \"0.999000013\", ",
                                               "\"--adam-eps\": \"9.99999994e-09\", ", "\"--lr-schedule\": \"cosine\", ",
