@@ -4,6 +4,7 @@ Data preparation: text -> llm.c token shards for ./train, with the tokenizer sav
     python3 dev/data/prepare.py --corpus kjv --out data/kjv                       # UTF-8 bytes
     python3 dev/data/prepare.py --corpus kjv --tokenizer bpe --vocab-size 4096 --out data/kjv-bpe
     python3 dev/data/prepare.py a.txt b.txt --tokenizer hf:/path/to/t5-base --out data/t5
+    python3 dev/data/prepare.py c4/c4-train.0000[0-7]-of-01024.json.gz --tokenizer hf:/path/to/t5-base --out data/c4
     python3 dev/data/prepare.py decode --data data/kjv val_000000.bin --count 200
 
 Output folder: train_000000.bin, train_000001.bin, ..., val_000000.bin, ... (llm.c shards, written
@@ -11,7 +12,11 @@ by dev/reference.py's shard_save: uint16 ids when the vocabulary has at most 655
 uint32), tokenizer.json (except for bytes) and meta.json (tokenizer, vocab size, separator id,
 token counts, sources, split). Earlier shards, tokenizer.json and meta.json there are replaced.
 
-Documents: each input file is one document, and so is each book of the KJV. The document
+Documents: each text file is one document, and so is each book of the KJV. A JSON Lines file
+(.jsonl or .json, plain or gzip-compressed .gz, as C4's files come) holds one document a record:
+one JSON object per line, its text in the field --text-field names ("text" by default); blank
+lines and empty texts are skipped, and a line that is not such an object stops the run with its
+number. Such a file is read once for its size before anything is written. The document
 separator <|endoftext|> goes before every document (as llm.c does with GPT-2's), unless
 --no-separator: id 256 for bytes (vocab 257), a special token of the trained BPE (id 0), the
 tokenizer's own end-of-text token for hf:/gpt2: (the first of <|endoftext|>, <|end_of_text|>, </s>,
@@ -54,6 +59,7 @@ decode back to the same text.
 import argparse
 import base64
 import glob
+import gzip
 import json
 import math
 import os
@@ -62,6 +68,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -74,6 +81,7 @@ PIECE_BYTES = 1 << 20          # documents are read and tokenized in pieces of a
 BATCH_PIECES = 16              # pieces tokenized together (in parallel by the tokenizers library)
 MAX_SHARD_TOKENS = 2**31 - 1   # the shard header holds the count as an int32
 HF_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")   # read as JSON Lines, a document a record
 
 
 def reference():
@@ -126,27 +134,35 @@ class Progress:
 
 
 # -----------------------------------------------------------------------------
-# documents: a name, a UTF-8 size, and pieces of bytes that end at line ends (but the last)
+# sources of documents: a name, a UTF-8 size, how many documents, and pieces of bytes that end at
+# line ends (but a document's last), each with whether it starts a document
 
 
 class Document:
-    def __init__(self, name, nbytes, pieces):
-        self.name, self.nbytes, self._pieces = name, nbytes, pieces
+    def __init__(self, name, nbytes, pieces, count=1):
+        self.name, self.nbytes, self._pieces, self.count = name, nbytes, pieces, count
 
     def pieces(self):
+        """-> (starts a document, bytes) for every piece in order"""
         return self._pieces()
+
+
+def line_pieces(data):
+    """data in pieces of about PIECE_BYTES that end at a line end (or data's end)"""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start + PIECE_BYTES)
+        end = len(data) if end == -1 else end + 1
+        yield data[start:end]
+        start = end
 
 
 def text_document(name, text):
     data = text.encode("utf-8")
 
     def pieces():
-        start = 0
-        while start < len(data):
-            end = data.find(b"\n", start + PIECE_BYTES)
-            end = len(data) if end == -1 else end + 1
-            yield data[start:end]
-            start = end
+        for i, piece in enumerate(line_pieces(data)):
+            yield i == 0, piece
     return Document(name, len(data), pieces)
 
 
@@ -168,11 +184,68 @@ def file_document(path):
                 buf.append(line)
                 size += len(line)
                 if size >= PIECE_BYTES:
-                    yield check_utf8(b"".join(buf), path, offset)
+                    yield offset == 0, check_utf8(b"".join(buf), path, offset)
                     offset, buf, size = offset + size, [], 0
         if buf:
-            yield check_utf8(b"".join(buf), path, offset)
+            yield offset == 0, check_utf8(b"".join(buf), path, offset)
     return Document(path, nbytes, pieces)
+
+
+def is_jsonl(path):
+    return path.endswith(JSONL_SUFFIXES)
+
+
+def jsonl_texts(path, field):
+    """Yields the UTF-8 bytes of `field` in each record of a JSON Lines file (gzip-compressed when
+    its name ends in .gz): one JSON object per line; blank lines and empty texts are skipped."""
+    opener = gzip.open if path.endswith(".gz") else open
+    number = 0
+    try:
+        with opener(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"'{path}' line {number}"
+                try:
+                    record = json.loads(line)
+                except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
+                    raise DataError(f"{where} is not JSON ({e}); .jsonl and .json inputs are JSON Lines, "
+                                    f"one object per line") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{where} is a JSON {type(record).__name__}, not an object with a "
+                                    f"\"{field}\" field")
+                text = record.get(field)
+                if not isinstance(text, str):
+                    raise DataError(f"{where} has no string field \"{field}\" (--text-field names the field "
+                                    f"that holds the text)")
+                try:
+                    data = text.encode("utf-8")
+                except UnicodeEncodeError:   # a lone surrogate escape, \ud800 say
+                    raise DataError(f"{where}: its \"{field}\" is not valid Unicode (a lone surrogate)") from None
+                if data:
+                    yield data
+    except (OSError, EOFError, zlib.error) as e:   # gzip.BadGzipFile is an OSError
+        after = f" after line {number}" if number else ""
+        raise DataError(f"cannot read '{path}'{after}: {e}") from None
+
+
+def jsonl_document(path, field):
+    """Every record of a JSON Lines file, each a document. Read once here for the size (and to
+    stop on a bad line before any work), and again when tokenized."""
+    if not os.path.exists(path):
+        raise DataError(f"input file not found: '{path}'")
+    if os.path.isdir(path):
+        raise DataError(f"'{path}' is a directory, not a JSON Lines file")
+    nbytes = count = 0
+    for data in jsonl_texts(path, field):
+        nbytes += len(data)
+        count += 1
+
+    def pieces():
+        for data in jsonl_texts(path, field):
+            for i, piece in enumerate(line_pieces(data)):
+                yield i == 0, piece
+    return Document(path, nbytes, pieces, count)
 
 
 def check_utf8(data, path, offset):
@@ -262,8 +335,7 @@ def split_pieces(docs, boundary):
     byte `boundary` of the concatenated documents is "val", the rest "train"."""
     pos, in_val = 0, False
     for doc in docs:
-        first = True
-        for piece in doc.pieces():
+        for first, piece in doc.pieces():
             n = len(piece)
             if not in_val and pos >= boundary:
                 in_val = True   # a piece starts at a line start
@@ -272,11 +344,11 @@ def split_pieces(docs, boundary):
                 if nl != -1 and nl + 1 < n:
                     yield "train", first, piece[:nl + 1]
                     yield "val", False, piece[nl + 1:]
-                    in_val, first, pos = True, False, pos + n
+                    in_val, pos = True, pos + n
                     continue
                 # else the next line start is the next piece's start, or there is none
             yield ("val" if in_val else "train"), first, piece
-            first, pos = False, pos + n
+            pos += n
 
 
 # -----------------------------------------------------------------------------
@@ -544,7 +616,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_prepare_args(argv):
     p = ArgumentParser(prog="prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="*", help="UTF-8 text files, one document each")
+    p.add_argument("files", nargs="*", help="UTF-8 text files, one document each, or JSON Lines files "
+                   "(.jsonl, .json, either .gz), one document a record")
+    p.add_argument("--text-field", default="text",
+                   help="JSON Lines: the field of each record that holds its text (default text)")
     p.add_argument("--corpus", choices=["kjv"], help="kjv: the King James Bible (Debian bible-kjv-text)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", default="bytes", help="bytes | bpe | hf:PATH | gpt2:PATH (default bytes)")
@@ -582,8 +657,13 @@ def prepare(argv):
         sources.append({"corpus": "kjv", "package": "bible-kjv-text", "version": kjv_version(),
                         "documents": len(books), "bytes": sum(d.nbytes for d in docs)})
     for path in args.files:
-        docs.append(file_document(path))
-        sources.append({"path": os.path.abspath(path), "bytes": docs[-1].nbytes})
+        if is_jsonl(path):
+            docs.append(jsonl_document(path, args.text_field))
+            sources.append({"path": os.path.abspath(path), "format": "jsonl", "field": args.text_field,
+                            "documents": docs[-1].count, "bytes": docs[-1].nbytes})
+        else:
+            docs.append(file_document(path))
+            sources.append({"path": os.path.abspath(path), "bytes": docs[-1].nbytes})
     total_bytes = sum(d.nbytes for d in docs)
     if total_bytes == 0:
         raise DataError(f"the corpus is empty (no text in {', '.join(d.name for d in docs)})")
@@ -633,7 +713,7 @@ def prepare(argv):
         "split": "val is the end of the corpus: from the first line start at or after "
                  "(1 - val_fraction) of its UTF-8 bytes",
         "sources": sources,
-        "documents": len(docs),
+        "documents": sum(d.count for d in docs),
         "bytes": split_bytes,
         "tokens": {s: w.total for s, w in writers.items()},
         "shards": {s: w.names for s, w in writers.items()},

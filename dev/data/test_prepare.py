@@ -12,6 +12,7 @@ else (or with DATA_TEST_BUNDLED_TEXT=1) a public-domain speech bundled here. Nee
 
 import base64
 import glob
+import gzip
 import importlib.util
 import json
 import os
@@ -410,6 +411,70 @@ def test_bad_inputs_stop_with_an_error_and_status_1():
         expect_error(["--out", out], "no input", d)
         expect_error([good], "--out", d)   # argparse's own errors are `error: ...`, status 1 too
         expect_error(["decode", "--data", out, "train_000000.bin"], "not found", d)
+
+
+def test_jsonl_records_are_documents_plain_and_gzipped():
+    # records as C4 ships them (text, timestamp, url), one with lines and non-ASCII, one whose text
+    # is empty (skipped), a blank line; the second file gzip-compressed, with its text elsewhere
+    texts = [sample_text()[:3000], TRICKY, "short\nrecord\n", "no final newline", sample_text()[3000:9000]]
+    with tempfile.TemporaryDirectory() as d:
+        plain = os.path.join(d, "c4-train.00000-of-01024.json")
+        with open(plain, "w", encoding="utf-8") as f:
+            for i, t in enumerate(texts[:3]):
+                f.write(json.dumps({"text": t, "timestamp": "2019-04-25T12:57:54Z", "url": f"https://x/{i}"}) + "\n")
+            f.write("\n" + json.dumps({"text": "", "url": "empty"}) + "\n")
+        gz = os.path.join(d, "more.jsonl.gz")
+        with gzip.open(gz, "wt", encoding="utf-8") as f:
+            for t in texts[3:]:
+                f.write(json.dumps({"body": t, "text": 7}, ensure_ascii=False) + "\n")
+        out = os.path.join(d, "out")
+        # a file's records take their text from --text-field: "text" in one file, "body" in the other
+        expect_error([plain, gz, "--out", out], "has no string field \"text\"", d)
+        prepare_ok(plain, "--out", out, "--val-fraction", "0")
+        train_text, val_text = decoded_splits(out)
+        assert val_text == "" and train_text == "".join(SEPARATOR + t for t in texts[:3])
+        m = meta(out)
+        assert m["documents"] == 3
+        assert m["sources"] == [{"path": os.path.abspath(plain), "format": "jsonl", "field": "text", "documents": 3,
+                                 "bytes": sum(len(t.encode()) for t in texts[:3])}]
+        out_gz = os.path.join(d, "out_gz")
+        prepare_ok(gz, "--out", out_gz, "--text-field", "body", "--val-fraction", "0.3")
+        train_text, val_text = decoded_splits(out_gz)
+        # val: from the first line start at or after 70% of the bytes, inside the second record
+        assert train_text + val_text == "".join(SEPARATOR + t for t in texts[3:])
+        assert val_text and texts[4].endswith(val_text) and train_text.endswith("\n")
+        assert meta(out_gz)["documents"] == 2
+        # a trained BPE reads the records the same way, and gives the text back
+        out_bpe = os.path.join(d, "out_bpe")
+        prepare_ok(gz, "--out", out_bpe, "--text-field", "body", "--tokenizer", "bpe", "--vocab-size", "300",
+                   "--val-fraction", "0")
+        assert decoded_splits(out_bpe)[0] == "".join(SEPARATOR + t for t in texts[3:])
+
+
+def test_bad_jsonl_inputs_name_the_file_and_line():
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out")
+        good = json.dumps({"text": sample_text()})
+
+        def jsonl(name, *lines):
+            return write(os.path.join(d, name), "".join(line + "\n" for line in lines))
+        expect_error([jsonl("a.jsonl", good, "{\"text\": \"cut"), "--out", out], "'" + os.path.join(d, "a.jsonl") + "' line 2 is not JSON", d)
+        expect_error([jsonl("b.json", "[", good, "]"), "--out", out], "line 1 is not JSON", d)
+        expect_error([jsonl("c.jsonl", good, "[1, 2]"), "--out", out], "line 2 is a JSON list, not an object", d)
+        expect_error([jsonl("d.jsonl", good, "{\"txt\": \"x\"}"), "--out", out], "line 2 has no string field \"text\"", d)
+        expect_error([jsonl("e.jsonl", good, "{\"text\": \"\\ud800\"}"), "--out", out], "line 2: its \"text\" is not valid Unicode", d)
+        expect_error([jsonl("f.jsonl", "", "{\"text\": \"\"}"), "--out", out], "the corpus is empty", d)
+        with open(os.path.join(d, "g.jsonl.gz"), "wb") as f:
+            f.write(b"not gzip at all\n")
+        expect_error([os.path.join(d, "g.jsonl.gz"), "--out", out], "cannot read '" + os.path.join(d, "g.jsonl.gz") + "'", d)
+        data = gzip.compress((good + "\n").encode() * 3)
+        with open(os.path.join(d, "h.jsonl.gz"), "wb") as f:
+            f.write(data[:len(data) // 2])   # cut short
+        expect_error([os.path.join(d, "h.jsonl.gz"), "--out", out], "cannot read", d)
+        expect_error([os.path.join(d, "missing.jsonl"), "--out", out], "not found", d)
+        os.mkdir(os.path.join(d, "dir.jsonl"))
+        expect_error([os.path.join(d, "dir.jsonl"), "--out", out], "is a directory", d)
+        assert not os.path.exists(out) or not glob.glob(os.path.join(out, "*.bin"))
 
 
 def test_train_learns_from_prepared_bytes():
