@@ -110,6 +110,11 @@ inline size_t host_memory_available() {
     return available;
 }
 
+// The target of a position that is not trained on or scored: padding after a document's end, and
+// a row's last position, when the data holds one document per row (train's --pad-id). The
+// cross-entropy gives it loss 0 and no gradient, and the mean loss is over the other positions.
+constexpr int IGNORED_TARGET = -1;
+
 // A small deterministic generator (splitmix64) so that a seed means the same weights everywhere.
 // Its state moves by one constant at every draw, so the state before the k-th draw from here is
 // state + k * SPLITMIX64_STEP, without making the draws before it.

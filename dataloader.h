@@ -13,6 +13,14 @@ a trailing partial window is skipped. After the last batch of a shard comes the 
 after the last shard the loader wraps around to shard 0, batch 0: one pass over the data is an
 epoch. In order, (shard_index, batch_index) is the whole position and a resumed run restores it.
 
+One document per row (train's --pad-id P; dev/data/prepare.py --rows T writes such shards, as
+the paper's data was made: each document truncated or padded to T tokens): the shard is rows of
+T tokens, and batch k is rows k*B .. k*B+B-1, the B*T tokens from k*B*T, with nothing shared
+between rows. Inputs are the rows; the target of position t is the row's token t+1, except that
+a padding token (P) is no target, nor is anything after a row's last position: those targets are
+IGNORED_TARGET, and the loss is the mean over the rest (PyTorch's ignore_index). A shard then
+holds ntok / (B*T) batches, and ntok must be whole rows.
+
 Shuffled (train's --data-order shuffled): every epoch visits the same batches, of all shards
 together, in an order of its own, a Fisher-Yates shuffle driven by splitmix64 from (shuffle_seed,
 epoch) alone. (shard_index, batch_index) then counts the visits of the epoch, and visit k reads
@@ -59,6 +67,7 @@ struct DataLoader {
     int shard_index = 0;      // shard the next batch comes from (shuffled: the next visit, counted
     size_t batch_index = 0;   // as if in order); batch within that shard: it takes tokens
                               // [batch_index*B*T, batch_index*B*T + B*T + 1)
+    int pad_id = -1;          // >= 0: one document per row, padded with this token (see the top); -1: a stream
     bool shuffled = false;    // --data-order shuffled
     uint64_t shuffle_seed = 0;
     std::vector<size_t> order;   // shuffled: the batches of epoch order_epoch, in visiting order
@@ -78,7 +87,8 @@ inline int32_t dataloader_read_le_int32(const unsigned char* p) {
 }
 
 // Reads and checks one shard's header and size. Returns the token count and sets *token_bytes.
-inline size_t dataloader_check_shard(const char* path, int B, int T, int* token_bytes) {
+// rows: the shard holds one document per row of T tokens (pad_id >= 0).
+inline size_t dataloader_check_shard(const char* path, int B, int T, bool rows, int* token_bytes) {
     FILE* f = fopen_or_fail(path, "rb");
     unsigned char header[DATALOADER_HEADER_BYTES];
     size_t got = fread(header, 1, sizeof(header), f);
@@ -125,6 +135,17 @@ inline size_t dataloader_check_shard(const char* path, int B, int T, int* token_
              path, count, expected_bytes, (size_t)file_bytes);
     }
 
+    if (rows) {
+        // whole rows of T tokens, and at least B of them
+        if (count % T != 0) {
+            fail("'%s': %d tokens are not whole rows of T = %d tokens (with --pad-id a shard holds one document "
+                 "per row of the run's sequence length)", path, count, T);
+        }
+        if ((size_t)count < (size_t)B * T) {
+            fail("'%s': shard has %d rows of %d tokens, fewer than the B = %d one batch needs", path, count / T, T, B);
+        }
+        return (size_t)count;
+    }
     // one batch needs B*T inputs plus one more token for the last target
     size_t window = (size_t)B * T + 1;
     if ((size_t)count < window) {
@@ -135,7 +156,8 @@ inline size_t dataloader_check_shard(const char* path, int B, int T, int* token_
 }
 
 inline size_t dataloader_shard_batches(const DataLoader* loader, int shard) {
-    return (loader->shard_tokens[shard] - 1) / ((size_t)loader->B * loader->T);
+    size_t BT = (size_t)loader->B * loader->T;
+    return loader->pad_id >= 0 ? loader->shard_tokens[shard] / BT : (loader->shard_tokens[shard] - 1) / BT;
 }
 
 // ---- API
@@ -160,12 +182,15 @@ inline void dataloader_shuffled_order(std::vector<size_t>* order, size_t n, uint
     }
 }
 
-inline void dataloader_init(DataLoader* loader, const char* pattern, int B, int T, int vocab_size) {
+// pad_id: -1 for a stream of tokens; a token id for one document per row padded with it (see the top)
+inline void dataloader_init(DataLoader* loader, const char* pattern, int B, int T, int vocab_size, int pad_id = -1) {
     if (B < 1 || T < 1) fail("dataloader: B and T must be at least 1, got B=%d, T=%d", B, T);
     if (vocab_size < 1) fail("dataloader: vocab_size must be at least 1, got %d", vocab_size);
+    if (pad_id < -1 || pad_id >= vocab_size) fail("dataloader: the padding token %d is not in the vocabulary [0, %d)", pad_id, vocab_size);
     loader->B = B;
     loader->T = T;
     loader->vocab_size = vocab_size;
+    loader->pad_id = pad_id;
 
     glob_t matches;
     int rc = glob(pattern, 0, nullptr, &matches);
@@ -180,7 +205,7 @@ inline void dataloader_init(DataLoader* loader, const char* pattern, int B, int 
     loader->shard_token_bytes.clear();
     for (const std::string& path : loader->shard_paths) {
         int token_bytes = 0;
-        loader->shard_tokens.push_back(dataloader_check_shard(path.c_str(), B, T, &token_bytes));
+        loader->shard_tokens.push_back(dataloader_check_shard(path.c_str(), B, T, pad_id >= 0, &token_bytes));
         loader->shard_token_bytes.push_back(token_bytes);
     }
 
@@ -230,19 +255,22 @@ inline void dataloader_next_batch(DataLoader* loader) {
     }
 
     size_t BT = (size_t)loader->B * loader->T;
+    const bool rows = loader->pad_id >= 0;
+    size_t window = rows ? BT : BT + 1;   // a stream's last target is the next batch's first input
     int token_bytes = loader->shard_token_bytes[shard];
     size_t first_token = batch * BT;
     off_t offset = (off_t)DATALOADER_HEADER_BYTES + (off_t)(first_token * token_bytes);
     if (fseeko(loader->file, offset, SEEK_SET) != 0) fail("cannot seek in '%s': %s", path, strerror(errno));
-    size_t got = fread(loader->read_buffer, token_bytes, BT + 1, loader->file);
+    size_t got = fread(loader->read_buffer, token_bytes, window, loader->file);
     // init checked the size, so a short read here means the file changed or the disk failed
-    if (got != BT + 1) {
-        fail("cannot read tokens %zu..%zu of '%s': %s", first_token, first_token + BT, path,
+    if (got != window) {
+        fail("cannot read tokens %zu..%zu of '%s': %s", first_token, first_token + window - 1, path,
              ferror(loader->file) ? strerror(errno) : "file ended early (was it changed after init?)");
     }
 
-    // window (BT+1): token i is input i and target i-1
-    for (size_t i = 0; i <= BT; i++) {
+    // the window: token i is input i and, but where a row ends, target i-1
+    const size_t T = (size_t)loader->T;
+    for (size_t i = 0; i < window; i++) {
         const unsigned char* p = loader->read_buffer + i * token_bytes;
         uint32_t token = token_bytes == 2 ? (uint32_t)p[0] | ((uint32_t)p[1] << 8)
                                           : (uint32_t)dataloader_read_le_int32(p);
@@ -251,8 +279,12 @@ inline void dataloader_next_batch(DataLoader* loader) {
                  token, loader->vocab_size);
         }
         if (i < BT) loader->inputs[i] = (int)token;
-        if (i > 0) loader->targets[i - 1] = (int)token;
+        if (i == 0) continue;
+        if (!rows) loader->targets[i - 1] = (int)token;
+        // one document per row: a row's first token is no target of the row before, nor is padding
+        else loader->targets[i - 1] = i % T == 0 || (int)token == loader->pad_id ? IGNORED_TARGET : (int)token;
     }
+    if (rows) loader->targets[BT - 1] = IGNORED_TARGET;   // the last row's end
 
     // the next visit; after the last shard's last batch, the next epoch
     loader->batch_index++;

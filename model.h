@@ -672,7 +672,9 @@ struct Model {
     int* host_token_positions = nullptr;  // (B*T)
     int* host_token_group_starts = nullptr;   // (B*T + 1)
     int* host_token_counts = nullptr;     // (V + 1) host scratch
-    double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1
+    double mean_loss = -1.0;          // loss of the last forward pass with targets, else -1: the mean
+                                      // over the positions with a target (0 where none has one)
+    int target_count = 0;             // the last forward pass's positions with a target (not IGNORED_TARGET)
     bool backward_ready = false;      // a forward pass with targets ran and backward has not
     // model_zero_grad leaves the gradients of the projections and the LM head (nearly all of the
     // gradient memory) to the next backward pass, which writes them instead of adding to zeros
@@ -1251,13 +1253,20 @@ inline bool next_stream_norm(const Model* model, const ActivationTensorsOf<float
     return true;
 }
 
-// model->mean_loss from the per-position losses (B, T) in model memory (waits for the GPU)
+// model->mean_loss from the per-position losses (B, T) in model memory (waits for the GPU): their
+// mean over the positions with a target (an ignored one's loss is 0)
 inline void model_read_loss(Model* model, const real* losses) {
     const int BT = model->B * model->T;
     model_copy_out(model, model->host_losses, losses, (size_t)BT * sizeof(real));
     double sum = 0.0;
     for (int i = 0; i < BT; i++) sum += model->host_losses[i];
-    model->mean_loss = sum / BT;
+    model->mean_loss = model->target_count > 0 ? sum / model->target_count : 0.0;
+}
+
+// The gradient of the mean loss with respect to each scored position's loss: loss_scale over the
+// positions with a target (none: nothing to learn, 0)
+inline double model_position_dloss(const Model* model, float loss_scale) {
+    return model->target_count > 0 ? loss_scale / (double)model->target_count : 0.0;
 }
 
 // The forward pass in one storage type (model_forward below picks it).
@@ -1399,11 +1408,11 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
     // a skipped layer's activations are stale, and those before a resumed pass another pass's
     model->backward_ready = with_targets && model->skip_layer < 0 && first_layer == 0;
     if (with_targets && loss_gradient) {
-        // loss = mean over positions: each position's loss has gradient loss_scale / BT. The
-        // losses are read after the backward pass is queued (model_backward_typed), so that the
-        // GPU never waits for the host in between.
+        // loss = mean over the positions with a target: each one's loss has gradient
+        // loss_scale / target_count. The losses are read after the backward pass is queued
+        // (model_backward_typed), so that the GPU never waits for the host in between.
         LAYER(crossentropy_forward_backward, a.logits, a.losses, a.logit_stats, a.logits, model->targets,
-              (real)(loss_scale / (double)BT), BT, V);
+              (real)model_position_dloss(model, loss_scale), BT, V);
     } else if (with_targets) {
         LAYER(crossentropy_forward, a.losses, a.logit_stats, a.logits, model->targets, BT, V);
         model_read_loss(model, a.losses);
@@ -1414,9 +1423,12 @@ inline void model_forward_typed(Model* model, bool with_targets, bool loss_gradi
 inline void model_forward_with(Model* model, const int* inputs, const int* targets, bool loss_gradient,
                                float loss_scale) {
     const int BT = model->B * model->T, V = model->config.vocab_size;
+    model->target_count = 0;
     for (int i = 0; i < BT; i++) {
         if (inputs[i] < 0 || inputs[i] >= V) fail("input token %d at position %d is outside the vocabulary [0, %d)", inputs[i], i, V);
+        if (targets && targets[i] == IGNORED_TARGET) continue;
         if (targets && (targets[i] < 0 || targets[i] >= V)) fail("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
+        if (targets) model->target_count++;
     }
     // through the page-locked host buffers, whose copies are queued (model_host_alloc); host_inputs
     // is also what backward groups by token
@@ -1436,7 +1448,7 @@ inline void model_forward_with(Model* model, const int* inputs, const int* targe
 }
 
 // Runs the model on inputs (B, T); with targets (B, T) it also computes the per-position losses
-// and model->mean_loss. Token ids must be in [0, V).
+// and model->mean_loss. Token ids must be in [0, V); a target may also be IGNORED_TARGET.
 inline void model_forward(Model* model, const int* inputs, const int* targets) {
     model_forward_with(model, inputs, targets, false, 1.0f);
 }
@@ -1547,12 +1559,12 @@ inline void model_backward_typed(Model* model, float loss_scale, bool logits_hol
     const ActivationTensorsOf<floatX> a = model_activations<floatX>(model);
     const size_t stream_size = (size_t)BT * C;
 
-    // loss = mean over positions, so each position's loss has gradient loss_scale/BT; the
-    // logits turn into their gradient in place
+    // loss = mean over the positions with a target, so each one's loss has gradient
+    // loss_scale / target_count; the logits turn into their gradient in place
     floatX* dlogits = a.logits;
     if (!logits_hold_gradient)
-        LAYER(crossentropy_backward, dlogits, a.logits, a.logit_stats, model->targets, (real)(loss_scale / (double)BT),
-              BT, V);
+        LAYER(crossentropy_backward, dlogits, a.logits, a.logit_stats, model->targets,
+              (real)model_position_dloss(model, loss_scale), BT, V);
     const floatX* last_output = layer_output(layer_activations(a, c, B, T, c.num_layers - 1), c, c.num_layers - 1);
     LAYER(matmul_backward, a.dnorm, g.lm_head, dlogits, a.final_norm, p.lm_head, BT, C, V, 0.0f,
           projection_grad_scale(model));   // dnorm written

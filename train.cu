@@ -66,6 +66,7 @@ struct Args {
     std::string train_data, val_data;
     std::string data_order = "sequential";   // sequential | shuffled (dataloader.h)
     int data_seed = 1;                       // shuffled: the order's seed, apart from --seed
+    int pad_id = -1;           // >= 0: the data holds one document per row, padded with this token
     int val_batches = 0;       // 0: every whole window of the validation data
     int val_every = 0;         // 0: validate only at the end
     int batch = 8;
@@ -140,6 +141,8 @@ static void print_help() {
            "                         shuffled: every pass in an order of its own, drawn from --data-seed (default %s)\n",
            d.data_order.c_str());
     printf("  --data-seed S          with shuffled: the seed of the order, apart from --seed (default %d)\n", d.data_seed);
+    printf("  --pad-id P             the data holds one document per row of T tokens, padded with token P (shards\n"
+           "                         from prepare.py --rows T): no target after a row's end (default off: a stream)\n");
     printf("  --val-data PATTERN     validation shards (default: none)\n");
     printf("  --val-batches K        validate on the first K batches (default 0: every whole window)\n");
     printf("  --val-every N          also validate every N steps (default 0: only at the end)\n");
@@ -277,6 +280,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--val-data") a.val_data = v;
         else if (flag == "--data-order") a.data_order = v;
         else if (flag == "--data-seed") a.data_seed = parse_int(f, v);
+        else if (flag == "--pad-id") a.pad_id = parse_int(f, v);
         else if (flag == "--val-batches") a.val_batches = parse_int(f, v);
         else if (flag == "--val-every") a.val_every = parse_int(f, v);
         else if (flag == "--batch") a.batch = parse_int(f, v);
@@ -331,6 +335,8 @@ static Args parse_args(int argc, char** argv) {
         fail("--data-order must be sequential or shuffled, got '%s'", a.data_order.c_str());
     }
     if (a.data_seed < 0) fail("--data-seed must be at least 0, got %d", a.data_seed);
+    bool pad_id_given = std::find(a.given.begin(), a.given.end(), "--pad-id") != a.given.end();
+    if (pad_id_given && a.pad_id < 0) fail("--pad-id must be a token id (at least 0), got %d", a.pad_id);
     if (a.batch < 1) fail("--batch must be at least 1, got %d", a.batch);
     if (a.grad_accum < 1) fail("--grad-accum must be at least 1, got %d", a.grad_accum);
     if (a.steps < 0) fail("--steps must be at least 0, got %d", a.steps);
@@ -501,6 +507,7 @@ static std::vector<RunSetting> run_settings(const Args& a) {
     return {{"--train-data", a.train_data, false},
             {"--data-order", a.data_order, false},
             {"--data-seed", std::to_string(a.data_seed), false},
+            {"--pad-id", std::to_string(a.pad_id), false},
             {"--batch", std::to_string(a.batch), false},
             {"--grad-accum", std::to_string(a.grad_accum), false},
             {"--seq-len", std::to_string(a.seq_len), false},
@@ -606,14 +613,15 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         // before --precision, the simple attention (the only one on the CPU, the default on the
         // GPU) before --attention, nearest rounding before --rounding, AdamW's betas 0.9/0.999
         // and eps 1e-8 before their flags, the cosine before --lr-schedule, the data in order
-        // before --data-order, no snapshots before --keep-every (and full ones before
-        // --keep-what), weight decay on every parameter before --weight-decay-on. Those states
-        // did not save the seed, which nothing after the initialisation read: the run goes on
-        // with the one given, or the default.
+        // before --data-order, a stream before --pad-id, no snapshots before --keep-every (and
+        // full ones before --keep-what), weight decay on every parameter before
+        // --weight-decay-on. Those states did not save the seed, which nothing after the
+        // initialisation read: the run goes on with the one given, or the default.
         static const std::pair<const char*, const char*> before_saved[] = {
             {"--precision", "fp32"}, {"--attention", "simple"}, {"--rounding", "nearest"},
             {"--beta1", "0.9"}, {"--beta2", "0.999"}, {"--adam-eps", "1e-08"},
             {"--lr-schedule", "cosine"}, {"--decay-frac", "0.2"}, {"--data-order", "sequential"}, {"--data-seed", "1"},
+            {"--pad-id", "-1"},
             {"--keep-every", "0"}, {"--keep-what", "full"}, {"--weight-decay-on", "all"}};
         JsonValue old_default;
         old_default.type = JsonValue::String;
@@ -660,6 +668,7 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         if (flag == "--train-data") a->train_data = v;
         else if (flag == "--data-order") a->data_order = v;
         else if (flag == "--data-seed") a->data_seed = parse_int("--data-seed", v);
+        else if (flag == "--pad-id") a->pad_id = parse_int("--pad-id", v);
         else if (flag == "--batch") a->batch = parse_int("--batch", v);
         else if (flag == "--grad-accum") a->grad_accum = parse_int("--grad-accum", v);
         // (states saved before 2026-11-30 hold 0 for a run given no --seq-len: the model's)
@@ -896,6 +905,45 @@ static bool choose_device(const Args& a, const std::string& saved_device) {
 }
 
 // ----------------------------------------------------------------------------
+// the data's layout
+
+// A stream of documents, or one document per row (--pad-id): what the shards hold must be what the
+// run reads them as. prepare.py records it in the meta.json beside the shards ("rows" and "pad_id"
+// for one document per row); shards without one are taken as the flags say.
+static void check_data_layout(const std::string& pattern, const char* flag, int pad_id, int T) {
+    size_t slash = pattern.rfind('/');
+    std::string meta_path = (slash == std::string::npos ? std::string(".") : pattern.substr(0, slash)) + "/meta.json";
+    struct stat st;
+    if (stat(meta_path.c_str(), &st) != 0) return;
+    JsonValue meta;
+    std::string error;
+    if (!json_parse(read_text_file(meta_path), &meta, &error) || meta.type != JsonValue::Object) {
+        fail("%s: cannot read '%s' beside the shards: %s", flag, meta_path.c_str(), error.c_str());
+    }
+    const JsonValue* rows = meta.get("rows");
+    const JsonValue* meta_pad = meta.get("pad_id");
+    if (rows == nullptr || rows->type != JsonValue::Number) {
+        if (pad_id >= 0) {
+            fail("%s: '%s' says the shards are a stream of documents, but --pad-id reads one document per row "
+                 "(shards from prepare.py --rows T)", flag, meta_path.c_str());
+        }
+        return;
+    }
+    int meta_rows = (int)rows->number, meta_pad_id = meta_pad && meta_pad->type == JsonValue::Number ? (int)meta_pad->number : -1;
+    if (pad_id < 0) {
+        fail("%s: '%s' says the shards hold one document per row of %d tokens padded with token %d: give --pad-id %d "
+             "(and --seq-len %d)", flag, meta_path.c_str(), meta_rows, meta_pad_id, meta_pad_id, meta_rows);
+    }
+    if (pad_id != meta_pad_id) {
+        fail("%s: --pad-id %d, but '%s' says the shards are padded with token %d", flag, pad_id, meta_path.c_str(), meta_pad_id);
+    }
+    if (T != meta_rows) {
+        fail("%s: the sequence length is %d, but '%s' says the shards hold rows of %d tokens (--seq-len %d)", flag, T,
+             meta_path.c_str(), meta_rows, meta_rows);
+    }
+}
+
+// ----------------------------------------------------------------------------
 // evaluation
 
 struct EvalResult {
@@ -909,13 +957,17 @@ static EvalResult evaluate(Model* model, DataLoader* loader, int max_batches) {
     if (max_batches > 0 && (size_t)max_batches < batches) batches = (size_t)max_batches;
     dataloader_reset(loader);
     double sum = 0.0;
+    size_t tokens = 0;
     for (size_t i = 0; i < batches; i++) {
         dataloader_next_batch(loader);
         model_forward(model, loader->inputs, loader->targets);
-        sum += model->mean_loss;   // every batch has B*T tokens, so the mean of means is the token mean
+        // the token mean: each batch's mean weighted by its targets (all B*T of them, but where
+        // the data is a document per row, --pad-id: then padding has none)
+        sum += model->mean_loss * model->target_count;
+        tokens += (size_t)model->target_count;
     }
     model->backward_ready = false;
-    return {sum / (double)batches, batches * (size_t)model->B * model->T};
+    return {tokens > 0 ? sum / (double)tokens : 0.0, tokens};
 }
 
 // Generates n tokens after the prompt: each step runs the model on the last T tokens of the text
@@ -1046,12 +1098,21 @@ int main(int argc, char** argv) {
     DataLoader train_loader, val_loader;
     bool have_train = training && args.steps > 0;
     bool have_val = !args.val_data.empty();
+    if (args.pad_id >= config.vocab_size) fail("--pad-id %d is outside the vocabulary [0, %d)", args.pad_id, config.vocab_size);
+    if (args.pad_id >= 0 && args.analyze) {
+        fail("--analyze reads a stream of documents (its angular distances take each sequence's last token); "
+             "with --pad-id the rows end in padding");
+    }
     if (have_train) {
-        dataloader_init(&train_loader, args.train_data.c_str(), B, T, config.vocab_size);
+        check_data_layout(args.train_data, "--train-data", args.pad_id, T);
+        dataloader_init(&train_loader, args.train_data.c_str(), B, T, config.vocab_size, args.pad_id);
         train_loader.shuffled = args.data_order == "shuffled";
         train_loader.shuffle_seed = (uint64_t)args.data_seed;
     }
-    if (have_val) dataloader_init(&val_loader, args.val_data.c_str(), B, T, config.vocab_size);
+    if (have_val) {
+        check_data_layout(args.val_data, "--val-data", args.pad_id, T);
+        dataloader_init(&val_loader, args.val_data.c_str(), B, T, config.vocab_size, args.pad_id);
+    }
 
     Model model;
     Precision precision = args.precision == "bf16" ? PRECISION_BF16 : args.precision == "bf16-pure" ? PRECISION_BF16_PURE : PRECISION_FP32;

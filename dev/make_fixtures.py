@@ -5,7 +5,9 @@ Generate the fixtures the C++ parity tests compare against (at test time; never 
 
 Cases (CASES below): Mix-LN by alpha (pre, post, mix, mix_half) and by an explicit per-layer list
 of norm kinds (peri, deepnorm, lns, zoo: one layer of each kind, with LayerNorm, and hybrid,
-hybrid_ln: HybridNorm layers beside others, preqkv: HybridNorm*'s first layer), all in fp32;
+hybrid_ln: HybridNorm layers beside others, preqkv: HybridNorm*'s first layer), all in fp32,
+with mix_rows: mix's model on one padded document per row (train.bin 6*B rows of T, train.json's
+"pad_id"; targets after a row's end are IGNORED_TARGET, -1);
 and the bf16 cases (mix_bf16, mix_bf16_pure, zoo_bf16, hybrid_bf16): the mix, zoo and hybrid cases (same checkpoint,
 data and hyperparameters) computed by the reference's emulation of --precision bf16 / bf16-pure;
 mix_bf16_tc is mix_bf16 with 3 heads of 16 channels (the others have 4 of 12) and the emulation
@@ -72,6 +74,9 @@ CASES = {
     # fused with its last residual add
     "preqkv":   dict(L=4, norm_layers=["preqkv", "hybrid", "preqkv", "pre"], seed=1011, weight_decay=0.0,
                      grad_clip=0.0),
+    # one document per row, padded with token 0 (the paper's C4 data, T5's <pad>): the loader's
+    # --pad-id; documents of every length from 1 token to longer than the row (make_rows)
+    "mix_rows": dict(L=4, alpha=0.25, seed=1012, weight_decay=0.0, grad_clip=0.0, pad_id=0),
 }
 # bf16 emulation (reference.py, "Precision"): an fp32 case with a "precision" key. Same seed, so
 # the same checkpoint and tokens as the case they copy.
@@ -96,13 +101,27 @@ def case_config(spec):
                            norm_layers=spec.get("norm_layers"), norm_type=spec.get("norm_type", "rmsnorm"))
 
 
-def reference_train(model, train_args):
+def reference_train(model, train_args, pad_id=None):
     """ref.train on a case's train_args: the positional arguments, then weight_decay_on."""
     *args, weight_decay_on = train_args
-    return ref.train(model, *args, weight_decay_on=weight_decay_on)
+    return ref.train(model, *args, weight_decay_on=weight_decay_on, pad_id=pad_id)
 
 
-def check_scales_matter(name, d, tokens, train_args, log):
+def make_rows(gen, rows, pad_id):
+    """Tokens of `rows` rows of T, one document each, padded with pad_id: documents of 1 to T + 8
+    tokens (a row of 1 has no target; one of T or more is cut to T), their tokens drawn from the
+    vocabulary without pad_id. The first rows take the edge lengths 1, T - 1, T and T + 8."""
+    lengths = torch.randint(1, T + 9, (rows,), generator=gen)
+    lengths[:4] = torch.tensor([1, T - 1, T, T + 8])
+    out = torch.full((rows, T), pad_id, dtype=torch.int64)
+    for r in range(rows):
+        n = min(int(lengths[r]), T)
+        doc = torch.randint(0, V - 1, (n,), generator=gen)
+        out[r, :n] = doc + (doc >= pad_id).long()  # skips pad_id
+    return out.reshape(-1).numpy()
+
+
+def check_scales_matter(name, d, tokens, train_args, log, pad_id=None):
     """For each layer kind with a constant of its own (deepnorm's a = (2L)^(1/4) on the residual,
     lns's 1/sqrt(l+1) on the norm outputs), the same 10 steps with that constant set to 1 must
     end elsewhere by more than float noise, or the case would not test it."""
@@ -115,17 +134,17 @@ def check_scales_matter(name, d, tokens, train_args, log):
             continue  # 1/sqrt(0 + 1) = 1: nothing to check
         for layer in layers:
             setattr(layer, attr, 1.0)
-        unscaled = reference_train(model, train_args)
+        unscaled = reference_train(model, train_args, pad_id)
         diff = max(abs(a[0] - b[0]) for a, b in zip(log, unscaled))
         assert diff > 1e-4, f"{name}: {kind} with its scale set to 1 changed the train losses by only {diff:.2e}"
 
 
-def run_reference(d, tokens, train_args):
+def run_reference(d, tokens, train_args, pad_id=None):
     """Forward + backward of batch 0 at the initial weights, then 10 training steps from them, both
     from the checkpoint in d and in the current precision -> (results dict in fixture order, the
     training log, the loss)."""
     model = ref.load_checkpoint(d)
-    x, y = ref.batch(tokens, 0, B, T)
+    x, y = ref.batch(tokens, 0, B, T, pad_id)
     logits, loss = model(x, y)
     loss.backward()
     fx = {
@@ -139,7 +158,7 @@ def run_reference(d, tokens, train_args):
 
     # 10 training steps from the same initial weights.
     model = ref.load_checkpoint(d)
-    log = reference_train(model, train_args)
+    log = reference_train(model, train_args, pad_id)
     fx["train_loss"] = torch.tensor([l for l, _, _ in log], dtype=torch.float32)
     fx["lr"] = torch.tensor([lr for _, lr, _ in log], dtype=torch.float32)
     fx["grad_norm"] = torch.tensor([g for _, _, g in log], dtype=torch.float32)
@@ -186,7 +205,11 @@ def make_case(out, name, spec, fp64_drift):
     ref.save_checkpoint(model, d)
 
     tok_gen = torch.Generator().manual_seed(spec["seed"] + 500)
-    tokens = torch.randint(0, V, (10 * B * T + 1,), generator=tok_gen).numpy()
+    pad_id = spec.get("pad_id")
+    if pad_id is None:
+        tokens = torch.randint(0, V, (10 * B * T + 1,), generator=tok_gen).numpy()
+    else:  # 6 batches of rows, so that the 10 steps also wrap around to the first
+        tokens = make_rows(tok_gen, 6 * B, pad_id)
     ref.shard_save(os.path.join(d, "train.bin"), tokens)
     tokens = ref.shard_load(os.path.join(d, "train.bin"))  # use exactly what the C++ side reads
 
@@ -198,6 +221,8 @@ def make_case(out, name, spec, fp64_drift):
         hp["precision"] = precision
     if "attention" in spec:  # likewise: the attention the case emulates, where it is not the plain one
         hp["attention"] = spec["attention"]
+    if pad_id is not None:  # likewise: one document per row, padded with this token
+        hp["pad_id"] = pad_id
     with open(os.path.join(d, "train.json"), "w") as f:
         json.dump(hp, f, indent=2)
         f.write("\n")
@@ -208,14 +233,19 @@ def make_case(out, name, spec, fp64_drift):
                   spec.get("weight_decay_on", "all"))
     ref.Attention.tensor_core = spec.get("attention") == "tensor-core"
     with ref.using_precision(precision):
-        fx, log, loss, model = run_reference(d, tokens, train_args)
+        fx, log, loss, model = run_reference(d, tokens, train_args, pad_id)
+        if pad_id is not None:
+            # the case must ignore targets: some in the first batch, and a row with none at all
+            y = fx["targets"]
+            assert (y == ref.IGNORED_TARGET).any() and (y != ref.IGNORED_TARGET).any(), f"{name}: no ignored targets"
+            assert ((y == ref.IGNORED_TARGET).all(dim=1)).any(), f"{name}: no row without a target"
 
         if spec["grad_clip"] > 0:
             # Clipping must engage, and must change the result by more than float noise, or the
             # case would not test it.
             assert any(g > spec["grad_clip"] for _, _, g in log), f"{name}: grad_clip never engaged"
             unclipped = ref.load_checkpoint(d)
-            reference_train(unclipped, train_args[:-2] + (0.0, train_args[-1]))
+            reference_train(unclipped, train_args[:-2] + (0.0, train_args[-1]), pad_id)
             diff = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), unclipped.parameters()))
             assert diff > 1e-4, f"{name}: clipping changed the final weights by only {diff:.2e}"
 
@@ -223,17 +253,17 @@ def make_case(out, name, spec, fp64_drift):
             # Every norm weight and bias must end elsewhere when decayed too, or the case would
             # not test which parameters the decay skips
             decayed_all = ref.load_checkpoint(d)
-            reference_train(decayed_all, train_args[:-1] + ("all",))
+            reference_train(decayed_all, train_args[:-1] + ("all",), pad_id)
             for (pname, p), q in zip(model.named_parameters(), decayed_all.parameters()):
                 diff = float((p - q).abs().max())
                 if p.dim() < 2:
                     assert diff > 1e-4, f"{name}: decaying {pname} too changed it by only {diff:.2e}"
 
-        check_scales_matter(name, d, tokens, train_args, log)
+        check_scales_matter(name, d, tokens, train_args, log, pad_id)
 
     if precision != "fp32":
         # The fp32 reference from the same checkpoint and data, under fp32.<key>.
-        fp32, _, _, _ = run_reference(d, tokens, train_args)
+        fp32, _, _, _ = run_reference(d, tokens, train_args, pad_id)
         fp32 = {k: v for k, v in fp32.items() if k.startswith(FP32_KEYS)}
         # the emulation must be on: bf16 results differ from fp32 ones, and the logits are stored
         # (bf16-pure: the parameters too) as bf16 values
@@ -263,7 +293,7 @@ def make_case(out, name, spec, fp64_drift):
 
     if fp64_drift and precision == "fp32":  # (a bf16 case compares with fp32 above instead)
         m64 = ref.load_checkpoint(d).double()
-        log64 = reference_train(m64, train_args)
+        log64 = reference_train(m64, train_args, pad_id)
         dl = max(abs(a[0] - b[0]) for a, b in zip(log, log64))
         dw = max(float((p.double() - q).abs().max()) for p, q in zip(model.parameters(), m64.parameters()))
         dn = max(abs(a[2] - b[2]) / b[2] for a, b in zip(log, log64))

@@ -814,14 +814,15 @@ class MixLNForCausalLM(nn.Module):
 
     def forward(self, inputs, targets=None):
         """inputs (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean token
-        cross-entropy (else None; computed in fp32 from the logits as stored)."""
+        cross-entropy over the targets that are not IGNORED_TARGET (else None; computed in fp32
+        from the logits as stored)."""
         T = inputs.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} > max_position_embeddings {self.config.max_position_embeddings}")
         logits = self.lm_head(self.model(inputs))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+            loss = _token_loss(logits, targets)
         return logits, loss
 
 
@@ -924,13 +925,31 @@ def load_checkpoint(dir):
 # Data and training
 
 
-def num_batches(n, B, T):
-    """Whole batches in a shard of n tokens (each needs B*T inputs + 1 token for the last target)."""
-    return (n - 1) // (B * T)
+# The target of a position that is neither trained on nor scored (the engine's IGNORED_TARGET):
+# padding, and a row's last position, when the data holds one document per row (pad_id below).
+IGNORED_TARGET = -1
 
 
-def batch(tokens, k, B, T):
-    """Batch k of a shard -> inputs (B, T), targets (B, T), int64; targets are inputs shifted by one."""
+def num_batches(n, B, T, pad_id=None):
+    """Whole batches in a shard of n tokens: in a stream each needs B*T inputs + 1 token for the
+    last target; with one document per row (pad_id), B rows of T tokens."""
+    return n // (B * T) if pad_id is not None else (n - 1) // (B * T)
+
+
+def batch(tokens, k, B, T, pad_id=None):
+    """Batch k of a shard -> inputs (B, T), targets (B, T), int64. In a stream, targets are the
+    inputs shifted by one. With pad_id, the shard is one document per row of T tokens (padded with
+    pad_id): batch k is rows k*B .. k*B+B-1, each row's targets its own tokens shifted by one,
+    IGNORED_TARGET after its last position and wherever the token is padding."""
+    if pad_id is not None:
+        buf = np.asarray(tokens[k * B * T: (k + 1) * B * T]).astype(np.int64)
+        if buf.size != B * T:
+            raise ValueError(f"batch {k} needs {B * T} tokens, shard has only {buf.size} left")
+        rows = torch.from_numpy(buf).view(B, T)
+        targets = torch.full((B, T), IGNORED_TARGET, dtype=torch.int64)
+        targets[:, :-1] = rows[:, 1:]
+        targets[targets == pad_id] = IGNORED_TARGET
+        return rows, targets
     buf = np.asarray(tokens[k * B * T: k * B * T + B * T + 1]).astype(np.int64)
     if buf.size != B * T + 1:
         raise ValueError(f"batch {k} needs {B * T + 1} tokens, shard has only {buf.size} left")
@@ -1108,44 +1127,47 @@ def round_parameters_(model):
 
 def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, grad_clip,
           betas=(0.9, 0.999), eps=1e-8, schedule="cosine", decay_steps=0, shuffle_seed=None,
-          weight_decay_on="matrices"):
+          weight_decay_on="matrices", pad_id=None):
     """Train in place for `steps` steps walking batches 0, 1, ... of `tokens` (wrapping to 0), or
-    with shuffle_seed each pass in its shuffled_order, in the current precision (using_precision).
-    -> list of (train_loss, lr, grad_norm) per step. bf16-pure first rounds the parameters to
-    bf16, as the engine's load does."""
+    with shuffle_seed each pass in its shuffled_order, in the current precision (using_precision);
+    pad_id: one document per row (batch). -> list of (train_loss, lr, grad_norm) per step.
+    bf16-pure first rounds the parameters to bf16, as the engine's load does."""
     model.train()
     if _precision == "bf16-pure":
         round_parameters_(model)
     params = [p for _, p in model.named_parameters()]
     opt = make_optimizer(params, lr, weight_decay, betas, eps, weight_decay_on)
-    nb = num_batches(len(tokens), B, T)
+    nb = num_batches(len(tokens), B, T, pad_id)
     if nb < 1:
         raise ValueError(f"shard of {len(tokens)} tokens holds no whole batch of {B}x{T}")
     log = []
     for s in range(steps):
         lr_s = lr * lr_lambda(s, warmup, steps, min_lr_ratio, schedule, decay_steps)
         k = s % nb if shuffle_seed is None else shuffled_order(nb, shuffle_seed, s // nb)[s % nb]
-        x, y = batch(tokens, k, B, T)
+        x, y = batch(tokens, k, B, T, pad_id)
         loss, gnorm = train_step(model, opt, params, x, y, lr_s, grad_clip)
         log.append((loss, lr_s, gnorm))
     return log
 
 
 @torch.no_grad()
-def evaluate(model, tokens, B, T, batches=None):
-    """Mean loss over whole batches 0..nb-1 (or the first `batches`) -> (loss, target tokens)."""
+def evaluate(model, tokens, B, T, batches=None, pad_id=None):
+    """Mean token loss over whole batches 0..nb-1 (or the first `batches`) -> (loss, target
+    tokens); pad_id: one document per row (batch), whose ignored targets count for nothing."""
     model.eval()
-    nb = num_batches(len(tokens), B, T)
+    nb = num_batches(len(tokens), B, T, pad_id)
     if batches is not None:
         nb = min(nb, batches)
     if nb < 1:
         raise ValueError(f"shard of {len(tokens)} tokens holds no whole batch of {B}x{T}")
-    total = 0.0
+    total, count = 0.0, 0
     for k in range(nb):
-        x, y = batch(tokens, k, B, T)
+        x, y = batch(tokens, k, B, T, pad_id)
         _, loss = model(x, y)
-        total += float(loss)  # batches are equal size, so the mean of means is the token mean
-    return total / nb, nb * B * T
+        n = int((y != IGNORED_TARGET).sum())
+        total += float(loss) * n  # each batch's mean weighted by its targets
+        count += n
+    return (total / count if count else 0.0), count
 
 
 # -----------------------------------------------------------------------------
@@ -1185,8 +1207,13 @@ def angular_distance(a, b):
     return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 
-def _token_loss(logits, targets):  # mean token cross-entropy, as MixLNForCausalLM.forward computes it
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+def _token_loss(logits, targets):
+    """The mean token cross-entropy over the targets that are not IGNORED_TARGET (0, with no
+    gradient, where every one is: nothing to learn from), as MixLNForCausalLM.forward computes it."""
+    flat = targets.reshape(-1)
+    if not bool((flat != IGNORED_TARGET).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), flat, ignore_index=IGNORED_TARGET)
 
 
 @torch.no_grad()
@@ -1260,7 +1287,7 @@ def cmd_init(a):
 def cmd_eval(a):
     model = load_checkpoint(a.ckpt)
     with using_precision(a.precision):
-        loss, n = evaluate(model, shard_load(a.data), a.batch, a.seq_len, a.batches)
+        loss, n = evaluate(model, shard_load(a.data), a.batch, a.seq_len, a.batches, a.pad_id)
     print(json.dumps({"val_loss": loss, "tokens": n}))
 
 
@@ -1282,7 +1309,7 @@ def cmd_train(a):
         log = train(model, shard_load(a.data), a.batch, a.seq_len, a.steps, a.lr, a.warmup,
                     a.min_lr_ratio, a.weight_decay, a.grad_clip, (a.beta1, a.beta2), a.adam_eps,
                     a.lr_schedule, wsd_decay_steps(a.decay_frac, a.steps),
-                    a.data_seed if a.data_order == "shuffled" else None, a.weight_decay_on)
+                    a.data_seed if a.data_order == "shuffled" else None, a.weight_decay_on, a.pad_id)
     save_checkpoint(model, a.out)
     lines = [json.dumps({"step": s, "train_loss": l, "lr": lr, "grad_norm": g}) for s, (l, lr, g) in enumerate(log)]
     with open(os.path.join(a.out, "log.jsonl"), "w") as f:
@@ -1327,6 +1354,12 @@ def checkpoint_data_args(q):
     q.add_argument("--seq-len", type=int, required=True)
 
 
+def pad_id_arg(q):
+    q.add_argument("--pad-id", type=int, default=None,
+                   help="the shard holds one document per row of --seq-len tokens, padded with this token "
+                        "(train's --pad-id): no target after a row's end (default: a stream)")
+
+
 def precision_arg(q):
     q.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default), or emulate the engine's bf16 storage: bf16 (bf16 copies of the "
@@ -1366,6 +1399,7 @@ def main(argv=None):
     q = sub.add_parser("eval", help="mean loss over whole batches of a shard")
     checkpoint_data_args(q)
     q.add_argument("--batches", type=int, default=None)
+    pad_id_arg(q)
     precision_arg(q)
     q.set_defaults(fn=cmd_eval)
 
@@ -1394,6 +1428,7 @@ def main(argv=None):
     q.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay (default 0.999)")
     q.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW's epsilon (default 1e-8)")
     q.add_argument("--out", required=True)
+    pad_id_arg(q)
     precision_arg(q)
     q.set_defaults(fn=cmd_train)
 

@@ -658,6 +658,35 @@ def test_angular_distance_formula():
     assert torch.allclose(ref.angular_distance(e[:2], e[2:4]), torch.full((2,), 0.5, dtype=torch.float64))  # orthogonal
 
 
+def test_padded_rows_batches_and_ignored_targets():
+    # batch() with pad_id: rows of their own, no target across rows or on padding
+    B, T, pad = 2, 4, 0
+    toks = np.array([5, 6, 7, 8, 9, 10, 0, 0, 3, 0, 0, 0, 4, 5, 6, 7], dtype=np.uint16)
+    assert ref.num_batches(len(toks), B, T, pad) == 2 and ref.num_batches(len(toks), B, T) == 1
+    x, y = ref.batch(toks, 1, B, T, pad)
+    X = ref.IGNORED_TARGET
+    assert x.tolist() == [[3, 0, 0, 0], [4, 5, 6, 7]] and y.tolist() == [[X, X, X, X], [5, 6, 7, X]]
+    x, y = ref.batch(toks, 0, B, T, pad)
+    assert y.tolist() == [[6, 7, 8, X], [10, X, X, X]]
+    # the loss is the mean over the targets left, as F.cross_entropy of those alone gives it
+    model = tiny_model(L=2, seed=60, T=4)
+    logits, loss = model(x, y)
+    keep = y.reshape(-1) != X
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1])[keep], y.reshape(-1)[keep])
+    assert torch.allclose(loss, want, rtol=1e-6, atol=0), (loss, want)
+    # no target at all: 0 and no gradient, where F.cross_entropy would give nan
+    _, none = model(x, torch.full_like(y, X))
+    none.backward()
+    assert float(none) == 0.0 and all(float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+    # evaluate: the token mean (each batch's mean weighted by its targets), and the targets counted
+    model.zero_grad()
+    loss, n = ref.evaluate(model, toks, B, T, pad_id=pad)
+    sums = [(float(model(*ref.batch(toks, k, B, T, pad))[1]), int((ref.batch(toks, k, B, T, pad)[1] != X).sum()))
+            for k in range(2)]
+    assert n == 3 + 1 + 0 + 3 == sum(c for _, c in sums)
+    assert abs(loss - sum(l * c for l, c in sums) / n) < 1e-9
+
+
 def test_analyze_shapes_ranges_and_loss():
     L, B, T = 3, 2, 6
     model = analysis_model(L=L)

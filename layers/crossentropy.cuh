@@ -1,6 +1,9 @@
 /*
 The loss at the end of the LM head: softmax over the vocabulary and cross-entropy against the
-next token, loss = -log softmax(logits)[target], averaged over all B*T positions by the caller.
+next token, loss = -log softmax(logits)[target], averaged over the positions by the caller.
+A position whose target is IGNORED_TARGET (-1: padding, or a row's last position when the data
+holds one document per row) has loss 0 and a zero gradient row, and the caller's mean leaves it
+out (PyTorch's ignore_index).
 
 Backward overwrites the logits with their gradient, (softmax - onehot(target)) * dloss, so no
 separate (B, T, V) buffer is needed: the logits are not used again after the loss.
@@ -46,16 +49,18 @@ inline void crossentropy_forward_cpu(real* losses, real* stats, const T* logits,
         double sum = 0.0;
         #pragma omp simd reduction(+ : sum)
         for (int v = 0; v < V; v++) sum += std::exp(to_real(row[v]) - max_logit);
-        // -log p[target] = log(sum) - (logit[target] - max)
-        losses[i] = (real)(log(sum) - (double)(to_real(row[targets[i]]) - max_logit));
+        // -log p[target] = log(sum) - (logit[target] - max); nothing for an ignored position
+        int target = targets[i];
+        losses[i] = target < 0 ? (real)0 : (real)(log(sum) - (double)(to_real(row[target]) - max_logit));
         stats[2 * i] = max_logit;
         stats[2 * i + 1] = (real)sum;
     }
 }
 
 // dlogits (N, V) = (softmax(logits) - onehot) * dloss, written over logits (they may alias);
-// dloss is the gradient of the final loss with respect to each position's loss (1/N for a mean);
-// stats (N, 2) from the forward pass over the same logits
+// dloss is the gradient of the final loss with respect to each position's loss (1/N for a mean
+// over N targets); stats (N, 2) from the forward pass over the same logits. An ignored position's
+// row is zeros.
 template <typename T>
 inline void crossentropy_backward_cpu(T* dlogits, const T* logits, const real* stats, const int* targets, real dloss,
                                       int N, int V) {
@@ -63,8 +68,13 @@ inline void crossentropy_backward_cpu(T* dlogits, const T* logits, const real* s
     for (int i = 0; i < N; i++) {
         const T* row = logits + (size_t)i * V;
         T* drow = dlogits + (size_t)i * V;
-        real max_logit = stats[2 * i], scale = (real)(1.0 / (double)stats[2 * i + 1]) * dloss;
         int target = targets[i];
+        if (target < 0) {
+            // an ignored position: no loss, so no gradient
+            for (int v = 0; v < V; v++) drow[v] = from_real<T>((real)0);
+            continue;
+        }
+        real max_logit = stats[2 * i], scale = (real)(1.0 / (double)stats[2 * i + 1]) * dloss;
         real target_logit = to_real(row[target]);   // read before the loop overwrites it (in place)
         // probabilities times dloss, each element read just before its own store, rounded once
         for (int v = 0; v < V; v++) drow[v] = from_real<T>(std::exp(to_real(row[v]) - max_logit) * scale);
@@ -200,7 +210,8 @@ __global__ void crossentropy_forward_kernel(float* losses, float* stats, const T
     float max_logit, sum;
     row_softmax_stats(&max_logit, &sum, row, V, crossentropy_vectors_fit(logits, V));
     if (threadIdx.x == 0) {
-        losses[blockIdx.x] = logf(sum) - (to_float(row[targets[blockIdx.x]]) - max_logit);
+        int target = targets[blockIdx.x];
+        losses[blockIdx.x] = target < 0 ? 0.0f : logf(sum) - (to_float(row[target]) - max_logit);
         stats[2 * blockIdx.x] = max_logit;
         stats[2 * blockIdx.x + 1] = sum;
     }
@@ -209,7 +220,7 @@ __global__ void crossentropy_forward_kernel(float* losses, float* stats, const T
 // The gradient of one row, for a whole block, from the row's statistics (max_logit, scale = dloss /
 // sum): each thread reads its elements (a chunk's loads first) and overwrites them with
 // (softmax - onehot(target)) * dloss, so in place is safe. `vectors`: crossentropy_vectors_fit for
-// both buffers.
+// both buffers. An ignored position (target < 0) comes with dloss and scale 0: a row of zeros.
 template <typename T>
 __device__ __forceinline__ void row_crossentropy_gradient(T* drow, const T* row, float max_logit, float scale,
                                                           int target, float dloss, int V, bool vectors) {
@@ -250,8 +261,10 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
     const T* row = logits + (size_t)blockIdx.x * V;
     T* drow = dlogits + (size_t)blockIdx.x * V;
     bool vectors = crossentropy_vectors_fit(logits, V) && crossentropy_vectors_fit(dlogits, V);
-    float max_logit = stats[2 * blockIdx.x], scale = dloss / stats[2 * blockIdx.x + 1];
-    row_crossentropy_gradient(drow, row, max_logit, scale, targets[blockIdx.x], dloss, V, vectors);
+    int target = targets[blockIdx.x];
+    float row_dloss = target < 0 ? 0.0f : dloss;   // an ignored position: zeros
+    float max_logit = stats[2 * blockIdx.x], scale = row_dloss / stats[2 * blockIdx.x + 1];
+    row_crossentropy_gradient(drow, row, max_logit, scale, target, row_dloss, V, vectors);
 }
 
 // One block per row: the forward kernel's statistics and loss, then the backward kernel's gradient
@@ -267,20 +280,21 @@ __global__ void crossentropy_forward_backward_kernel(T* dlogits, float* losses, 
     bool stats_vectors = crossentropy_vectors_fit(logits, V);
     bool vectors = stats_vectors && crossentropy_vectors_fit(dlogits, V);
     int target = targets[blockIdx.x];
-    float target_logit = to_float(row[target]);
+    float target_logit = target < 0 ? 0.0f : to_float(row[target]);
+    float row_dloss = target < 0 ? 0.0f : dloss;   // an ignored position: no loss, zeros
     float max_logit, sum;
     row_softmax_stats(&max_logit, &sum, row, V, stats_vectors);
     if (threadIdx.x == 0) {
-        losses[blockIdx.x] = logf(sum) - (target_logit - max_logit);
+        losses[blockIdx.x] = target < 0 ? 0.0f : logf(sum) - (target_logit - max_logit);
         stats[2 * blockIdx.x] = max_logit;
         stats[2 * blockIdx.x + 1] = sum;
     }
-    row_crossentropy_gradient(drow, row, max_logit, dloss / sum, target, dloss, V, vectors);
+    row_crossentropy_gradient(drow, row, max_logit, row_dloss / sum, target, row_dloss, V, vectors);
 }
 
 // ---- launchers
 
-// losses (N); stats (N, 2) kept for backward; logits (N, V); targets (N)
+// losses (N); stats (N, 2) kept for backward; logits (N, V); targets (N), IGNORED_TARGET for none
 template <typename T>
 inline void crossentropy_forward(float* losses, float* stats, const T* logits, const int* targets, int N, int V,
                                  cudaStream_t stream) {

@@ -225,6 +225,58 @@ TEST_CASE("restoring shard_index and batch_index resumes at that batch", "[datal
     dataloader_free(&loader);
 }
 
+// ---- one document per row (--pad-id)
+
+TEST_CASE("with a padding token the loader reads one document per row: no target across rows or on padding",
+          "[dataloader][rows]") {
+    std::string dir = make_temp_dir();
+    const int B = 2, T = 4, pad = 0;
+    // 5 rows of 4: a full row, a row of 2 then padding, a row of 1 token, a full row, a row of 3
+    std::vector<uint32_t> tokens = {5, 6, 7, 8, 9, 10, 0, 0, 11, 0, 0, 0, 12, 13, 14, 15, 16, 17, 18, 0};
+    write_shard(dir + "/a.bin", 2, tokens);
+    DataLoader loader;
+    dataloader_init(&loader, (dir + "/a.bin").c_str(), B, T, 20, pad);
+    // 5 rows hold 2 whole batches of 2 rows (the fifth row is left over, as a stream's tail is)
+    CHECK(dataloader_num_batches(&loader) == 2);
+    const int X = IGNORED_TARGET;
+    const std::vector<int> targets0 = {6, 7, 8, X, 10, X, X, X}, targets1 = {X, X, X, X, 13, 14, 15, X};
+    for (int pass = 0; pass < 2; pass++) {   // and the same again after wrapping around
+        dataloader_next_batch(&loader);
+        CHECK(std::vector<int>(loader.inputs, loader.inputs + B * T) == std::vector<int>({5, 6, 7, 8, 9, 10, 0, 0}));
+        CHECK(std::vector<int>(loader.targets, loader.targets + B * T) == targets0);
+        dataloader_next_batch(&loader);
+        CHECK(std::vector<int>(loader.inputs, loader.inputs + B * T) == std::vector<int>({11, 0, 0, 0, 12, 13, 14, 15}));
+        CHECK(std::vector<int>(loader.targets, loader.targets + B * T) == targets1);
+    }
+    CHECK(loader.epoch == 2);
+    dataloader_free(&loader);
+
+    // shuffled: the same batches, visited in the epoch's order
+    DataLoader shuffled;
+    dataloader_init(&shuffled, (dir + "/a.bin").c_str(), B, T, 20, pad);
+    shuffled.shuffled = true;
+    shuffled.shuffle_seed = 3;
+    std::vector<size_t> order;
+    dataloader_shuffled_order(&order, 2, 3, 0);
+    for (size_t k = 0; k < 2; k++) {
+        dataloader_next_batch(&shuffled);
+        CHECK(std::vector<int>(shuffled.targets, shuffled.targets + B * T) == (order[k] == 0 ? targets0 : targets1));
+    }
+    dataloader_free(&shuffled);
+}
+
+TEST_CASE("with a padding token, a shard that is not whole rows, or too few of them, fails naming it", "[dataloader][rows]") {
+    std::string dir = make_temp_dir();
+    write_shard(dir + "/a.bin", 2, sequence(10, 1));
+    DataLoader loader;
+    REQUIRE_FAILS_WITH("'" + dir + "/a.bin': 10 tokens are not whole rows of T = 4 tokens",
+                       dataloader_init(&loader, (dir + "/a.bin").c_str(), 1, 4, 20, 0));
+    REQUIRE_FAILS_WITH("'" + dir + "/a.bin': shard has 2 rows of 5 tokens, fewer than the B = 3 one batch needs",
+                       dataloader_init(&loader, (dir + "/a.bin").c_str(), 3, 5, 20, 0));
+    REQUIRE_FAILS_WITH("the padding token 20 is not in the vocabulary [0, 20)",
+                       dataloader_init(&loader, (dir + "/a.bin").c_str(), 1, 5, 20, 20));
+}
+
 // ---- bad input
 
 TEST_CASE("a pattern that matches no file fails naming the pattern", "[dataloader]") {

@@ -3,7 +3,8 @@ Layer-level checks of the CPU kernels that have edge cases the model-level parit
 not reach: the blocked GEMM at shapes that are not multiples of its tiles (MR = 6 rows,
 NR = 32 columns, KC = 256 deep), against plain triple loops in double; LayerNorm, against a plain
 double computation and finite differences; the fused residual add + RMSNorm, bitwise against
-the unfused pair it replaces in the model; and the learning-rate schedules at their boundaries.
+the unfused pair it replaces in the model; the cross-entropy's ignored targets (padding); and
+the learning-rate schedules at their boundaries.
 */
 #include <catch2/catch.hpp>
 
@@ -100,6 +101,36 @@ TEST_CASE("group_positions_by_token groups the positions by token, in order", "[
             for (int k = starts[g]; k < starts[g + 1]; k++) CHECK(tokens[positions[k]] == distinct[g]);
         }
     }
+}
+
+TEST_CASE("cross-entropy: an ignored target's row has loss 0 and a zero gradient; the other rows are unchanged",
+          "[layers][cpu][rows]") {
+    const int N = 7, V = 50;
+    std::vector<real> logits = random_vector((size_t)N * V, 90);
+    std::vector<int> all(N), some(N);
+    uint64_t state = 91;
+    for (int i = 0; i < N; i++) all[i] = (int)(random_u64(&state) % V);
+    some = all;
+    some[0] = some[3] = some[6] = IGNORED_TARGET;
+    std::vector<real> losses_all(N), losses_some(N, NAN), stats_all(2 * N), stats_some(2 * N);
+    std::vector<real> d_all((size_t)N * V), d_some((size_t)N * V, NAN);
+    crossentropy_forward_backward_cpu(d_all.data(), losses_all.data(), stats_all.data(), logits.data(), all.data(), 0.25f, N, V);
+    crossentropy_forward_backward_cpu(d_some.data(), losses_some.data(), stats_some.data(), logits.data(), some.data(), 0.25f,
+                                      N, V);
+    for (int i = 0; i < N; i++) {
+        INFO("row " << i);
+        bool ignored = some[i] == IGNORED_TARGET;
+        CHECK(losses_some[i] == (ignored ? 0.0f : losses_all[i]));
+        CHECK(losses_all[i] > 0);
+        CHECK(stats_some[2 * i] == stats_all[2 * i]);
+        for (int v = 0; v < V; v++) CHECK(d_some[(size_t)i * V + v] == (ignored ? 0.0f : d_all[(size_t)i * V + v]));
+    }
+    // the same from the two-call form, in place as the model's backward runs it
+    std::vector<real> in_place = logits, losses(N), stats(2 * N);
+    crossentropy_forward_cpu(losses.data(), stats.data(), logits.data(), some.data(), N, V);
+    crossentropy_backward_cpu(in_place.data(), in_place.data(), stats.data(), some.data(), 0.25f, N, V);
+    CHECK(losses == losses_some);
+    CHECK(in_place == d_some);
 }
 
 TEST_CASE("RoPE backward is the inverse rotation of forward", "[layers][cpu]") {

@@ -261,9 +261,11 @@ static void require_reference_checkpoint_agrees(const std::string& dir, int laye
 
 // ---- agreement with PyTorch
 
-TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]") {
-    std::string dir = fixture_dir("mix");
-    INFO("fixture case mix in " << dir);
+// train with the settings of a fixture case (extra: flags the case needs beyond them) ends where
+// the reference's 10 steps did, step by step and weight by weight
+static void require_reproduces_fixture_run(const std::string& name, const std::string& extra) {
+    std::string dir = fixture_dir(name);
+    INFO("fixture case " << name << " in " << dir);
     JsonValue hp = parse_json(read_file(dir + "/train.json"));
     int steps = (int)number(hp, "steps");
     std::string out = make_temp_dir() + "/run";
@@ -275,7 +277,7 @@ TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]
                        " --min-lr-ratio " + num(number(hp, "min_lr_ratio")) +
                        " --weight-decay " + num(number(hp, "weight_decay")) +
                        " --weight-decay-on " + hp.get("weight_decay_on")->string +
-                       " --grad-clip " + num(number(hp, "grad_clip")) + " --out " + quote(out);
+                       " --grad-clip " + num(number(hp, "grad_clip")) + " --out " + quote(out) + extra;
     train_ok(args);
 
     // the weights after the run, tensor by tensor
@@ -328,6 +330,74 @@ TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]
         CHECK(std::fabs(lr - ref_lr[s]) <= (relative + 5e-7) * std::fabs(ref_lr[s]));
         CHECK(std::fabs(norm - ref_norm[s]) <= relative * std::fabs(ref_norm[s]) + 5e-7);
     }
+}
+
+TEST_CASE("train reproduces the PyTorch reference's 10 steps end to end", "[cli]") {
+    require_reproduces_fixture_run("mix", "");
+}
+
+// One document per row, padded (the paper's data): the loader's ignored targets and the loss's
+// mean over the rest, through the whole program, against the reference; and --eval-only's loss
+// and token count (the targets that count) against the reference's eval.
+TEST_CASE("train --pad-id reproduces the reference on padded rows, and evaluates them as it does", "[cli][rows]") {
+    require_reproduces_fixture_run("mix_rows", " --pad-id 0");
+    std::string dir = fixture_dir("mix_rows");
+    const std::string data = " --batch 3 --seq-len 24 --pad-id 0";
+    JsonValue ours = last_line_json(
+        train_ok("--eval-only --init-from " + quote(dir) + " --val-data " + quote(dir + "/train.bin") + data).out);
+    JsonValue theirs = last_line_json(
+        reference_ok("eval --ckpt " + quote(dir) + " --data " + quote(dir + "/train.bin") + data).out);
+    double loss = number(ours, "val_loss"), reference_loss = number(theirs, "val_loss");
+    CAPTURE(loss, reference_loss);
+    CHECK(std::fabs(loss - reference_loss) <= 1e-5 * std::fabs(reference_loss));
+    CHECK(number(ours, "tokens") == number(theirs, "tokens"));
+    CHECK(number(ours, "tokens") < 6 * 3 * 23);   // 18 rows of 24, fewer targets than 23 a row
+    // read as a stream, the same shard gives another loss: the flag matters
+    JsonValue stream = last_line_json(
+        train_ok("--eval-only --init-from " + quote(dir) + " --val-data " + quote(dir + "/train.bin") +
+                 " --batch 3 --seq-len 24").out);
+    CHECK(std::fabs(number(stream, "val_loss") - loss) > 1e-2);
+}
+
+// What the shards hold must be what the run reads them as: prepare.py's meta.json beside them says
+// (rows and pad_id for one document per row), and a run that reads them otherwise is refused.
+TEST_CASE("--pad-id: the meta.json beside the shards must agree, and bad values are refused", "[cli][rows]") {
+    std::string tmp = make_temp_dir(), rows_dir = fixture_dir("mix_rows");
+    const std::string model = " --init-from " + quote(rows_dir) + " --batch 3 --seq-len 24 --steps 1";
+    REQUIRE(system(("cp " + quote(rows_dir + "/train.bin") + " " + quote(tmp + "/train_000000.bin")).c_str()) == 0);
+    const std::string data = " --train-data " + quote(tmp + "/train_*.bin");
+    write_file(tmp + "/meta.json", "{\"vocab_size\": 97, \"rows\": 24, \"pad_id\": 0}\n");
+    require_train_fails(model + data, "--train-data: '" + tmp + "/meta.json' says the shards hold one document per row of "
+                                      "24 tokens padded with token 0: give --pad-id 0 (and --seq-len 24)");
+    require_train_fails(model + data + " --pad-id 5", "--train-data: --pad-id 5, but '" + tmp + "/meta.json' says the "
+                                                      "shards are padded with token 0");
+    require_train_fails("--init-from " + quote(rows_dir) + " --batch 3 --seq-len 12 --steps 1 --pad-id 0" + data,
+                        "--train-data: the sequence length is 12, but '" + tmp + "/meta.json' says the shards hold rows "
+                        "of 24 tokens (--seq-len 24)");
+    require_train_fails(model + " --eval-only --val-data " + quote(tmp + "/train_000000.bin"), "--val-data: '" + tmp +
+                        "/meta.json' says the shards hold one document per row");
+    train_ok(model + data + " --pad-id 0");
+    // a stream's meta.json: --pad-id would read it wrong
+    write_file(tmp + "/meta.json", "{\"vocab_size\": 97, \"tokens\": {\"train\": 432}}\n");
+    require_train_fails(model + data + " --pad-id 0", "--train-data: '" + tmp + "/meta.json' says the shards are a "
+                                                      "stream of documents, but --pad-id reads one document per row");
+    train_ok(model + data);
+    write_file(tmp + "/meta.json", "{\"rows\": ");
+    require_train_fails(model + data, "--train-data: cannot read '" + tmp + "/meta.json' beside the shards");
+    // the values themselves
+    require_train_fails("--steps 0 --pad-id -2", "--pad-id must be a token id (at least 0), got -2");
+    require_train_fails(model + " --train-data " + quote(rows_dir + "/train.bin") + " --pad-id 97",
+                        "--pad-id 97 is outside the vocabulary [0, 97)");
+    require_train_fails("--init-from " + quote(rows_dir) + " --analyze --val-data " + quote(rows_dir + "/train.bin") +
+                        " --batch 3 --seq-len 24 --pad-id 0", "--analyze reads a stream of documents");
+    // a shard of rows of another length, without a meta.json, fails in the loader
+    require_train_fails("--init-from " + quote(rows_dir) + " --batch 3 --seq-len 20 --steps 1 --pad-id 0 --train-data " +
+                        quote(rows_dir + "/train.bin"), "432 tokens are not whole rows of T = 20 tokens");
+    // a saved run keeps its setting: resumed, it reads rows; told otherwise, it refuses
+    train_ok(model + " --steps 2 --stop-at 1 --pad-id 0 --train-data " + quote(rows_dir + "/train.bin") + " --out " +
+             quote(tmp + "/run"));
+    require_train_fails("--resume " + quote(tmp + "/run") + " --pad-id 3", "--pad-id 3 differs from the saved run's 0");
+    train_ok("--resume " + quote(tmp + "/run"));
 }
 
 // ||ours - theirs|| / ||theirs|| over every weight of two checkpoints of the model in config_dir.
@@ -562,7 +632,7 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
     Run r = train_ok("--help");
     const char* flags[] = {
         "--model", "--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len", "--norm", "--alpha",
-        "--train-data", "--data-order", "--data-seed", "--val-data", "--val-batches", "--val-every", "--batch", "--steps",
+        "--train-data", "--data-order", "--data-seed", "--pad-id", "--val-data", "--val-batches", "--val-every", "--batch", "--steps",
         "--lr", "--warmup",
         "--min-lr-ratio", "--lr-schedule", "--decay-frac", "--weight-decay", "--weight-decay-on", "--beta1", "--beta2",
         "--adam-eps", "--grad-clip", "--seed", "--device", "--attention", "--rope", "--precision",
@@ -1261,10 +1331,10 @@ TEST_CASE("format-1 and format-2 training states still resume, and an unknown se
     // --data-order); format 1 also the rounding and the seed (added with --rounding), AdamW's
     // betas and eps (with their flags) and the schedule (with --lr-schedule)
     // (format 3 lacked --keep-every and --weight-decay-on until they came, the same day, and
-    // --keep-what until 2026-12-01; a state without --weight-decay-on decayed every parameter,
+    // --keep-what and --pad-id until 2026-12-01; a state without --weight-decay-on decayed every parameter,
     // which at weight decay 0 is no difference)
     const std::vector<const char*> format2_lacks = {"\"--data-order\": \"sequential\", ", "\"--data-seed\": \"1\", ",
-                                                    "\"--keep-every\": \"0\", ", "\"--keep-what\": \"full\", ",
+                                                    "\"--pad-id\": \"-1\", ", "\"--keep-every\": \"0\", ", "\"--keep-what\": \"full\", ",
                                                     "\"--weight-decay-on\": \"matrices\", "};
     std::vector<const char*> format1_lacks = {"\"--rounding\": \"nearest\", ", "\"--seed\": \"1337\", ",
                                               "\"--beta1\": \"0.899999976\", ", "\"--beta2\": \"0.999000013\", ",
