@@ -5,6 +5,8 @@ Data preparation: text -> llm.c token shards for ./train, with the tokenizer sav
     python3 dev/data/prepare.py --corpus kjv --tokenizer bpe --vocab-size 4096 --out data/kjv-bpe
     python3 dev/data/prepare.py a.txt b.txt --tokenizer hf:/path/to/t5-base --out data/t5
     python3 dev/data/prepare.py c4/c4-train.0000[0-7]-of-01024.json.gz --tokenizer hf:/path/to/t5-base --out data/c4
+    python3 dev/data/prepare.py c4/c4-train.0000[0-7]-of-01024.json.gz --tokenizer hf:/path/to/t5-base \
+        --rows 256 --out data/c4-rows      # one document per row, as the paper's data: ./train --pad-id
     python3 dev/data/prepare.py decode --data data/kjv val_000000.bin --count 200
 
 Output folder: train_000000.bin, train_000001.bin, ..., val_000000.bin, ... (llm.c shards, written
@@ -28,6 +30,16 @@ and train + val is the whole text. Deterministic; for the KJV it is the end of t
 The BPE is trained on the train split only. Each split is cut into shards of at most
 --shard-tokens tokens; the last two shards are evened out when the last would hold less than
 half, so that no shard is a sliver smaller than the B*T+1 tokens one batch of ./train needs.
+
+One document per row (--rows R), as the paper trained (its C4 documents truncated or padded to 256
+tokens): each document becomes one row of R tokens, its first R - 1 tokens and the end-of-text
+separator (its first R where there is none), then the padding token to the end. The padding
+token is the tokenizer's own (<pad>, [PAD], <|pad|> or <|padding|>: t5-base's <pad> is id 0),
+or one added after its last id: <|pad|>, saved with the tokenizer (bytes: id 257, or 256 without
+a separator). Only a document's start is tokenized. Validation takes whole documents: those that
+start at or after (1 - val_fraction) of the corpus's bytes. Shards hold whole rows. meta.json
+records "rows" and "pad_id", which ./train checks against its --seq-len and --pad-id (the loader
+then trains on no target after a row's end), "rows_count" and "rows_truncated" (documents cut short).
 
 Tokenizers (--tokenizer):
   bytes        UTF-8 bytes, vocab 256 (+1 for the separator).
@@ -503,10 +515,12 @@ def load_gpt2(path, separator):
 
 
 class ShardWriter:
-    """Writes {split}_000000.bin, ... of at most shard_tokens tokens each."""
+    """Writes {split}_000000.bin, ... of at most shard_tokens tokens each, a whole number of rows of
+    `row` tokens (--rows: no row is cut between two shards)."""
 
-    def __init__(self, out_dir, split, shard_tokens, uint32):
-        self.out_dir, self.split, self.shard_tokens, self.uint32 = out_dir, split, shard_tokens, uint32
+    def __init__(self, out_dir, split, shard_tokens, uint32, row=1):
+        self.out_dir, self.split, self.uint32, self.row = out_dir, split, uint32, row
+        self.shard_tokens = shard_tokens // row * row
         self.pending, self.pending_count = [], 0
         self.names, self.counts = [], []
 
@@ -538,7 +552,7 @@ class ShardWriter:
         if self.names and 2 * tail.size < self.shard_tokens:
             # even out the last two shards: both then hold at least shard_tokens / 2
             both = np.concatenate([reference().shard_load(os.path.join(self.out_dir, self.names[-1])), tail])
-            half = (both.size + 1) // 2
+            half = (both.size // self.row + 1) // 2 * self.row
             self._write(both[:half], index=len(self.names) - 1)
             tail = both[half:]
         self._write(tail)
@@ -603,6 +617,80 @@ def encode_corpus(tok, docs, boundary, writers, total_bytes):
     return split_bytes
 
 
+PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")   # a tokenizer's own padding token, if it has one
+PAD = "<|pad|>"   # the padding token --rows adds to a tokenizer that has none
+
+
+def add_padding(tok):
+    """--rows: the padding token's id, the tokenizer's own (T5's <pad>, say) or one added after its
+    last id (bytes: 256 or 257; the others: <|pad|>, saved with the tokenizer). -> (id, text)"""
+    if isinstance(tok, ByteTokenizer):
+        tok.add_padding()
+        return tok.pad_id, PAD
+    for name in PAD_NAMES:
+        if tok.tokenizer.token_to_id(name) is not None:
+            return tok.tokenizer.token_to_id(name), name
+    tok.tokenizer.add_special_tokens([PAD])
+    tok.vocab_size = max(tok.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    return tok.tokenizer.token_to_id(PAD), PAD
+
+
+def encode_rows(tok, docs, boundary, writers, total_bytes, rows, pad_id):
+    """--rows: one row of `rows` tokens per document, as the paper's data was made: the document's
+    first rows - 1 tokens and the end-of-text token (its first `rows` tokens where there is none),
+    then pad_id to the end. A document belongs to val when it starts at or after byte `boundary`.
+    Only the start of a long document is tokenized: 64 bytes per token kept, far more than any
+    tokenizer's longest token needs. Returns the bytes of text in each split and the documents cut
+    short in each."""
+    progress = Progress(total_bytes, "tokenize")
+    split_bytes, truncated = {"train": 0, "val": 0}, {"train": 0, "val": 0}
+    keep = rows - 1 if tok.separator_id is not None else rows
+    budget = 64 * rows
+    pending = []   # (split, text of the document's start, whether the document goes on past it)
+
+    def flush():
+        texts = [text for _, text, _ in pending]
+        encoded = tok.encode_batch(texts) if not isinstance(tok, ByteTokenizer) else [
+            tok.encode_bytes(t.encode("utf-8")) for t in texts]
+        for (split, _, more), ids in zip(pending, encoded):
+            ids = list(ids)
+            if more and len(ids) < keep:
+                raise DataError(f"a document's first {budget} bytes gave only {len(ids)} tokens, fewer than "
+                                f"the {keep} a row keeps")
+            if len(ids) > keep or more:
+                truncated[split] += 1
+            row = ids[:keep] + ([tok.separator_id] if tok.separator_id is not None else [])
+            writers[split].add(row + [pad_id] * (rows - len(row)))
+        pending.clear()
+
+    def finish(split, start, taken, doc_bytes):
+        # the document's start: cut at the budget, maybe through a character (dropped: it lies
+        # far past the tokens a row keeps)
+        pending.append((split, b"".join(start).decode("utf-8", errors="ignore"), doc_bytes > taken))
+        if len(pending) >= BATCH_PIECES * 64:
+            flush()
+
+    pos, split, start, taken, doc_bytes = 0, None, [], 0, 0
+    for doc in docs:
+        for starts, piece in doc.pieces():
+            if starts:
+                if split is not None:
+                    finish(split, start, taken, doc_bytes)
+                split, start, taken, doc_bytes = ("val" if pos >= boundary else "train"), [], 0, 0
+            if taken < budget:
+                start.append(piece[:budget - taken])
+                taken += len(start[-1])
+            doc_bytes += len(piece)
+            split_bytes[split] += len(piece)
+            pos += len(piece)
+            progress.update(len(piece))
+    if split is not None:
+        finish(split, start, taken, doc_bytes)
+    flush()
+    progress.close()
+    return split_bytes, truncated
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -628,6 +716,9 @@ def parse_prepare_args(argv):
                    help="the end of the corpus kept for validation (default 0.05)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard at most (default 1e8)")
     p.add_argument("--no-separator", action="store_true", help="no <|endoftext|> between documents")
+    p.add_argument("--rows", type=int, default=None,
+                   help="one document per row of ROWS tokens, cut or padded to it, as the paper's data (train "
+                        "with --seq-len ROWS --pad-id <meta.json's pad_id>); default: a stream of documents")
     return p.parse_args(argv)
 
 
@@ -647,6 +738,8 @@ def prepare(argv):
         raise DataError(f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS}], got {args.shard_tokens}")
     if not args.files and not args.corpus:
         raise DataError("no input: give text files or --corpus kjv")
+    if args.rows is not None and not 2 <= args.rows <= args.shard_tokens:
+        raise DataError(f"--rows must be in [2, --shard-tokens {args.shard_tokens}], got {args.rows}")
     prepare_out_dir(args.out)
 
     docs, sources = [], []
@@ -680,24 +773,37 @@ def prepare(argv):
         tok, saved_json = load_hf(spec_path, separator)
     else:
         tok, tokenizer_sources = load_gpt2(spec_path, separator)
+    pad_id = pad = None
+    if args.rows is not None:
+        pad_id, pad = add_padding(tok)
+        if kind == "hf" and pad == PAD:
+            saved_json = None   # the tokenizer gained <|pad|>: saved as it now is
     dtype = token_dtype_for(tok.vocab_size)
 
     clear_out_dir(args.out)
-    writers = {s: ShardWriter(args.out, s, args.shard_tokens, dtype == "uint32") for s in ("train", "val")}
-    split_bytes = encode_corpus(tok, docs, boundary, writers, total_bytes)
+    writers = {s: ShardWriter(args.out, s, args.shard_tokens, dtype == "uint32", args.rows or 1) for s in ("train", "val")}
+    truncated = None
+    if args.rows is None:
+        split_bytes = encode_corpus(tok, docs, boundary, writers, total_bytes)
+    else:
+        split_bytes, truncated = encode_rows(tok, docs, boundary, writers, total_bytes, args.rows, pad_id)
     if args.val_fraction > 0 and split_bytes["val"] == 0:
         clear_out_dir(args.out)
+        if args.rows is not None:
+            raise DataError("the validation split is empty: with --rows it takes whole documents, and the last "
+                            f"one starts before the last {args.val_fraction} of the corpus; use --val-fraction 0 "
+                            "or more documents")
         raise DataError("the validation split is empty: the last line of the corpus starts before "
                         f"the last {args.val_fraction} of it; use --val-fraction 0 or more lines")
     for w in writers.values():
         w.close()
 
     tokenizer_file = None
-    if kind == "hf":
+    if kind == "hf" and saved_json is not None:
         tokenizer_file = "tokenizer.json"
         with open(os.path.join(args.out, tokenizer_file), "wb") as f:
             f.write(saved_json)
-    elif kind in ("bpe", "gpt2"):
+    elif kind in ("bpe", "gpt2", "hf"):
         tokenizer_file = "tokenizer.json"
         tok.tokenizer.save(os.path.join(args.out, tokenizer_file))
     meta = {
@@ -711,7 +817,9 @@ def prepare(argv):
             SEPARATOR if kind == "bytes" else tok.tokenizer.id_to_token(tok.separator_id)),
         "val_fraction": args.val_fraction,
         "split": "val is the end of the corpus: from the first line start at or after "
-                 "(1 - val_fraction) of its UTF-8 bytes",
+                 "(1 - val_fraction) of its UTF-8 bytes" if args.rows is None else
+                 "val is the end of the corpus: the documents that start at or after (1 - val_fraction) "
+                 "of its UTF-8 bytes",
         "sources": sources,
         "documents": sum(d.count for d in docs),
         "bytes": split_bytes,
@@ -719,6 +827,13 @@ def prepare(argv):
         "shards": {s: w.names for s, w in writers.items()},
         "shard_tokens": args.shard_tokens,
     }
+    if args.rows is not None:
+        # one document per row: what ./train --pad-id checks its flags against
+        meta.update({"rows": args.rows, "pad_id": pad_id, "pad": pad,
+                     "layout": "one document per row of `rows` tokens: its first rows - 1 tokens and the "
+                               "separator (its first `rows` where there is none), then pad_id to the end",
+                     "rows_count": {s: w.total // args.rows for s, w in writers.items()},
+                     "rows_truncated": truncated})
     tmp = os.path.join(args.out, "meta.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
@@ -730,7 +845,12 @@ def prepare(argv):
               f"({split_bytes[s]:,} bytes of text)")
     print(f"vocab {tok.vocab_size} ({kind}, {dtype} ids) -> {args.out}")
     val = f" --val-data '{args.out}/val_*.bin'" if writers["val"].names else ""
-    print(f"train with: ./train --vocab {tok.vocab_size} --train-data '{args.out}/train_*.bin'{val}")
+    rows = ""
+    if args.rows is not None:
+        for s, w in writers.items():
+            print(f"{s}: {w.total // args.rows:,} documents in rows of {args.rows}, {truncated[s]:,} of them cut short")
+        rows = f" --seq-len {args.rows} --pad-id {pad_id}"
+    print(f"train with: ./train --vocab {tok.vocab_size} --train-data '{args.out}/train_*.bin'{val}{rows}")
 
 
 def decode(argv):

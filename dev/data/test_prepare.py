@@ -504,6 +504,124 @@ def test_train_learns_from_prepared_bytes():
         assert val and val[-1] < losses[0] - 0.5, val
 
 
+def test_rows_one_document_per_row_cut_or_padded():
+    # bytes, so that each row can be checked token by token: a document's first rows - 1 bytes,
+    # then the separator (256), then padding (257, the id --rows adds after the separator)
+    R = 24
+    texts = ["short\n", "x" * (R - 1), "y" * R, "exactly one row minus one", "ünïcödé " * 9, TRICKY] + \
+            [f"document {i}: " + "words " * i for i in range(30)]
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "docs.jsonl")
+        with open(src, "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+        out = os.path.join(d, "out")
+        # shards of 100 tokens hold 4 rows (96): no row is cut between two shards
+        r = prepare_ok(src, "--out", out, "--rows", str(R), "--val-fraction", "0.2", "--shard-tokens", "100")
+        m = meta(out)
+        assert m["rows"] == R and m["pad_id"] == 257 and m["pad"] == "<|pad|>" and m["vocab_size"] == 258
+        assert f"--seq-len {R} --pad-id 257" in r.stdout, r.stdout
+        for split in ("train", "val"):
+            assert all(s.size % R == 0 for s in shard_ids(out, split)), [s.size for s in shard_ids(out, split)]
+        rows = [row for split in ("train", "val") for s in shard_ids(out, split) for row in s.reshape(-1, R)]
+        assert len(rows) == len(texts) and m["rows_count"]["train"] + m["rows_count"]["val"] == len(texts)
+        truncated = 0
+        for text, row in zip(texts, rows):
+            data = list(text.encode())
+            want = data[:R - 1] + [256]
+            want += [257] * (R - len(want))
+            assert list(row) == want, (text, list(row))
+            truncated += len(data) > R - 1
+        assert m["rows_truncated"]["train"] + m["rows_truncated"]["val"] == truncated
+        # val: the documents that start at or after 80% of the bytes, whole
+        starts = [sum(len(t.encode()) for t in texts[:i]) for i in range(len(texts))]
+        total = sum(len(t.encode()) for t in texts)
+        assert m["rows_count"]["val"] == sum(s >= int(0.8 * total) for s in starts)
+        # decode drops the padding
+        tok = load_tokenizer(out)
+        assert tok.pad_id == 257 and tok.decode(list(rows[0])) == "short\n" + SEPARATOR
+
+
+def test_rows_with_bpe_and_with_a_tokenizer_that_has_its_own_pad():
+    import tokenizers as tk
+    text = sample_text()
+    half = text.index("\n", len(text) // 2) + 1
+    R = 32
+    with tempfile.TemporaryDirectory() as d:
+        a, b = write(os.path.join(d, "a.txt"), text[:half]), write(os.path.join(d, "b.txt"), text[half:])
+        # a trained BPE gains <|pad|> after its last id, saved with it
+        out = os.path.join(d, "bpe")
+        prepare_ok(a, b, "--out", out, "--tokenizer", "bpe", "--vocab-size", "400", "--rows", str(R), "--val-fraction", "0")
+        m, tok = meta(out), load_tokenizer(out)
+        assert m["pad"] == "<|pad|>" and tok.tokenizer.token_to_id("<|pad|>") == m["pad_id"] == m["vocab_size"] - 1
+        rows = shard_ids(out, "train")[0].reshape(-1, R)
+        assert rows.shape[0] == 2 and m["rows_truncated"]["train"] == 2
+        for row, doc in zip(rows, (text[:half], text[half:])):
+            assert row[-1] == m["separator_id"] and m["pad_id"] not in row   # both long: cut, no padding
+            assert doc.startswith(tok.decode(list(row[:-1])))
+        # a T5-like tokenizer brings <pad>: used, and its tokenizer.json copied as it is
+        t5 = tk.Tokenizer(tk.models.Unigram())
+        t5.pre_tokenizer = tk.pre_tokenizers.Metaspace()
+        t5.decoder = tk.decoders.Metaspace()
+        trainer = tk.trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+                                             unk_token="<unk>", show_progress=False)
+        t5.train_from_iterator([text], trainer=trainer)
+        tj = os.path.join(d, "tokenizer.json")
+        t5.save(tj)
+        short = write(os.path.join(d, "short.txt"), "In the beginning")
+        out = os.path.join(d, "t5")
+        prepare_ok(short, a, "--out", out, "--tokenizer", f"hf:{tj}", "--rows", str(R), "--val-fraction", "0")
+        m = meta(out)
+        assert m["pad"] == "<pad>" and m["pad_id"] == 0 and m["separator"] == "</s>"
+        with open(tj, "rb") as f, open(os.path.join(out, "tokenizer.json"), "rb") as g:
+            assert f.read() == g.read()
+        row = shard_ids(out, "train")[0].reshape(-1, R)[0]
+        n = len(load_tokenizer(out).encode("In the beginning"))
+        assert list(row[n:n + 1]) == [m["separator_id"]] and all(row[n + 1:] == 0), list(row)
+
+
+def test_rows_bad_input():
+    with tempfile.TemporaryDirectory() as d:
+        good = write(os.path.join(d, "a.txt"), sample_text())
+        out = os.path.join(d, "out")
+        expect_error([good, "--out", out, "--rows", "1"], "--rows must be in [2, --shard-tokens", d)
+        expect_error([good, "--out", out, "--rows", "500", "--shard-tokens", "100"], "--rows must be in", d)
+        # one document cannot be split between train and val
+        expect_error([good, "--out", out, "--rows", "64"], "with --rows it takes whole documents", d)
+
+
+def test_train_learns_from_prepared_rows():
+    train_bin = os.path.join(REPO, "train")
+    if not os.path.exists(train_bin):
+        subprocess.run(["make"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    lines = sample_text().splitlines(keepends=True)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "lines.jsonl")
+        with open(src, "w", encoding="utf-8") as f:
+            for i in range(0, len(lines), 2):   # two lines a document: some shorter than a row, some longer
+                f.write(json.dumps({"text": "".join(lines[i:i + 2])}) + "\n")
+        out, run = os.path.join(d, "data"), os.path.join(d, "run")
+        prepare_ok(src, "--out", out, "--rows", "64", "--val-fraction", "0.1")
+        m = meta(out)
+        assert m["rows_truncated"]["train"] > 0 and m["rows_count"]["train"] > m["rows_truncated"]["train"]
+        base = [train_bin, "--model", "tiny", "--vocab", str(m["vocab_size"]), "--seq-len", "64", "--batch", "4",
+                "--train-data", os.path.join(out, "train_*.bin"), "--val-data", os.path.join(out, "val_*.bin")]
+        # the shards say what they hold: read as a stream, they are refused
+        r = subprocess.run(base + ["--steps", "1"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"give --pad-id {m['pad_id']}" in r.stderr, r.stderr
+        r = subprocess.run(base + ["--steps", "20", "--pad-id", str(m["pad_id"]), "--out", run],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        with open(os.path.join(run, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f]
+        losses = [e["train_loss"] for e in log if "train_loss" in e]
+        assert len(losses) == 20 and 5.0 < losses[0] < 6.0, losses
+        assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses
+        val = [e for e in log if "val_loss" in e]
+        # the validation counts the targets, not the padding: fewer than every position
+        assert val and val[-1]["tokens"] < m["tokens"]["val"], (val, m["tokens"])
+
+
 class Skip(Exception):
     pass
 

@@ -8,7 +8,8 @@ shards are in, to turn ids back into text (and text into ids):
     text = tok.decode(ids)                    # -> str
 
 Kinds (meta.json "tokenizer" -> "kind"):
-  bytes            UTF-8 bytes: ids 0..255, and 256 for the document separator when there is one.
+  bytes            UTF-8 bytes: ids 0..255, and 256 for the document separator when there is one,
+                   and after it the padding token of one document per row (prepare.py --rows).
                    Needs nothing beyond numpy.
   bpe, hf, gpt2    a Hugging Face tokenizer.json beside the shards, run by the `tokenizers`
                    library (PyPI; see prepare.py for installing it).
@@ -41,13 +42,21 @@ def import_tokenizers():
 
 
 class ByteTokenizer:
-    """UTF-8 bytes; id 256 is the document separator when `separator` is set."""
+    """UTF-8 bytes; id 256 is the document separator when `separator` is set; with `padding` the
+    next id is the padding token (prepare.py --rows), which decodes to nothing."""
 
     kind = "bytes"
 
-    def __init__(self, separator=True):
+    def __init__(self, separator=True, padding=False):
         self.separator_id = 256 if separator else None
         self.vocab_size = 257 if separator else 256
+        self.pad_id = None
+        if padding:
+            self.add_padding()
+
+    def add_padding(self):
+        self.pad_id = self.vocab_size
+        self.vocab_size += 1
 
     def encode(self, text):
         return list(text.encode("utf-8"))
@@ -61,6 +70,8 @@ class ByteTokenizer:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
             raise DataError(f"token id {bad} is outside the byte vocabulary (0..{self.vocab_size - 1})")
+        if self.pad_id is not None:
+            ids = ids[ids != self.pad_id]
         sep = b"" if skip_separator else SEPARATOR.encode("utf-8")
         out = bytearray()
         start = 0
@@ -127,7 +138,7 @@ def load_tokenizer(data_dir):
     kind = info.get("kind")
     separator_id = meta.get("separator_id")
     if kind == "bytes":
-        return ByteTokenizer(separator=separator_id is not None)
+        return ByteTokenizer(separator=separator_id is not None, padding=meta.get("pad_id") is not None)
     if kind in ("bpe", "hf", "gpt2"):
         path = os.path.join(data_dir, info.get("file") or "tokenizer.json")
         if not os.path.isfile(path):
