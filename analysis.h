@@ -12,6 +12,10 @@ The paper's layer diagnostics, run on a trained model and validation data (./tra
       adds its unnormalised branch), which is what shrinks the deep layers' share of it; a Post-LN
       layer's output is its norm's output, of the scale of the norm's weight.
 
+On one document per row (the loader's pad_id, train's --pad-id) "the last token of each sequence"
+is each row's last token that is not padding (the document's end), hidden_rms is over the
+positions that are not padding, and the losses are means over the targets (padding has none).
+
 Cosines and sums of squares are computed in double from the fp32 hidden states; arccos of a value
 clamped to [-1, 1].
 dev/reference.py's `analyze` implements the same definitions independently; the tests compare.
@@ -46,25 +50,44 @@ inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches)
     result.layer_drop_loss.assign(L, 0.0);
     result.hidden_rms.assign(L + 1, 0.0);   // sums of squares until the end
     std::vector<float> states((size_t)B * (L + 1) * C);   // (B, L+1, C) h_0 .. h_L of each sequence's last token
+    std::vector<int> last_position(B);   // (B) each sequence's last token that is not padding
+    std::vector<char> is_padding((size_t)B * T);   // (B, T)
+    size_t positions = 0;   // the positions the RMS is over
     dataloader_reset(loader);
     for (size_t batch = 0; batch < batches; batch++) {
         dataloader_next_batch(loader);
         model->skip_layer = -1;
         model_forward(model, loader->inputs, loader->targets);
-        result.val_loss += model->mean_loss;
+        // the token means: each batch's weighted by its targets
+        const int targets = model->target_count;
+        result.val_loss += model->mean_loss * targets;
+        result.tokens += (size_t)targets;
+        // which positions are padding (a stream has none), and each row's last token that is not
+        for (int b = 0; b < B; b++) {
+            last_position[b] = 0;
+            for (int t = 0; t < T; t++) {
+                is_padding[(size_t)b * T + t] = loader->pad_id >= 0 && loader->inputs[b * T + t] == loader->pad_id;
+                if (is_padding[(size_t)b * T + t]) continue;
+                last_position[b] = t;
+                positions++;
+            }
+        }
         for (int l = 0; l <= L; l++) {
             // h_l of the whole batch, in either storage type
             auto stream = [&](const auto& a) {
                 return l == 0 ? a.embedded : layer_output(layer_activations(a, c, B, T, l - 1), c, l - 1);
             };
             std::vector<real> h = model_activations_to_host(model, stream, 0, (size_t)B * T * C);   // (B, T, C)
-            // its sum of squares, for the RMS
+            // its sum of squares over the positions that are not padding, for the RMS
             double sum_squares = 0;
-            for (real v : h) sum_squares += (double)v * v;
+            for (size_t p = 0; p < (size_t)B * T; p++) {
+                if (is_padding[p]) continue;
+                for (int i = 0; i < C; i++) sum_squares += (double)h[p * C + i] * h[p * C + i];
+            }
             result.hidden_rms[l] += sum_squares;
             // the last token of each sequence, for the angular distances
             for (int b = 0; b < B; b++) {
-                const real* last = &h[((size_t)b * T + T - 1) * C];
+                const real* last = &h[((size_t)b * T + last_position[b]) * C];
                 for (int i = 0; i < C; i++) states[((size_t)b * (L + 1) + l) * C + i] = (float)last[i];
             }
         }
@@ -97,20 +120,20 @@ inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches)
             model->skip_layer = l;
             model->resume_layer = l >= 1 ? l - 1 : 0;
             model_forward(model, loader->inputs, loader->targets);
-            result.layer_drop_loss[l] += model->mean_loss;
+            result.layer_drop_loss[l] += model->mean_loss * targets;
         }
         model->skip_layer = -1;
         model->resume_layer = 0;
     }
     model->backward_ready = false;
-    // means: every batch has B*T tokens and B sequences
-    result.val_loss /= (double)batches;
-    for (double& loss : result.layer_drop_loss) loss /= (double)batches;
+    // means: over the targets, the sequences, and the positions that are not padding
+    double targets = result.tokens > 0 ? (double)result.tokens : 1.0;   // (no target: losses 0)
+    result.val_loss /= targets;
+    for (double& loss : result.layer_drop_loss) loss /= targets;
     for (auto& row : result.angular_distance) {
         for (double& d : row) d /= (double)batches * B;
     }
-    for (double& rms : result.hidden_rms) rms = sqrt(rms / ((double)batches * B * T * C));
-    result.tokens = batches * (size_t)B * T;
+    for (double& rms : result.hidden_rms) rms = sqrt(rms / ((double)(positions > 0 ? positions : 1) * C));
     return result;
 }
 

@@ -1099,10 +1099,6 @@ int main(int argc, char** argv) {
     bool have_train = training && args.steps > 0;
     bool have_val = !args.val_data.empty();
     if (args.pad_id >= config.vocab_size) fail("--pad-id %d is outside the vocabulary [0, %d)", args.pad_id, config.vocab_size);
-    if (args.pad_id >= 0 && args.analyze) {
-        fail("--analyze reads a stream of documents (its angular distances take each sequence's last token); "
-             "with --pad-id the rows end in padding");
-    }
     if (have_train) {
         check_data_layout(args.train_data, "--train-data", args.pad_id, T);
         dataloader_init(&train_loader, args.train_data.c_str(), B, T, config.vocab_size, args.pad_id);

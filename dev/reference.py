@@ -1217,44 +1217,53 @@ def _token_loss(logits, targets):
 
 
 @torch.no_grad()
-def analyze(model, tokens, B, T, max_batches=0):
+def analyze(model, tokens, B, T, max_batches=0, pad_id=None):
     """Angular distances between layer inputs and the loss with each layer dropped, over whole
     windows 0..nb-1 of `tokens` (or the first max_batches; 0 means all) ->
       {"val_loss": full-model mean token loss, "tokens": target tokens,
        "angular_distance": rows l = 0..L-1, row l holding n = 1..L-l (a ragged triangle):
            mean over every sequence of arccos(cos_sim(h_l, h_{l+n})) / pi at its last token,
        "layer_drop": [{"layer": l, "val_loss": mean token loss with layer l skipped}, ...],
-       "hidden_rms": l = 0..L: sqrt(mean of h_l^2 over every token and channel)}"""
+       "hidden_rms": l = 0..L: sqrt(mean of h_l^2 over every token and channel)}
+    pad_id: one document per row (batch): a sequence's last token is its last that is not
+    padding, the RMS is over the tokens that are not padding, and the losses over the targets."""
     if max_batches < 0:
         raise ValueError(f"max_batches must be >= 0 (0 means all), got {max_batches}")
     model.eval()
     L = model.config.num_hidden_layers
-    nb = num_batches(len(tokens), B, T)
+    nb = num_batches(len(tokens), B, T, pad_id)
     if max_batches:
         nb = min(nb, max_batches)
     if nb < 1:
         raise ValueError(f"shard of {len(tokens)} tokens holds no whole batch of {B}x{T}")
-    # sums over windows in float64; windows are equal size, so the mean of window means is the token mean
-    full = 0.0
+    # sums over windows in float64: the losses weighted by each window's targets (the token mean)
+    full, count, positions = 0.0, 0, 0
     dropped = [0.0] * L
     dist = [np.zeros(L - l) for l in range(L)]  # dist[l][n-1]: sum over sequences
-    squares = [0.0] * (L + 1)                    # squares[l]: sum of h_l^2 over every element
+    squares = [0.0] * (L + 1)                    # squares[l]: sum of h_l^2 over every element not padding
     for k in range(nb):
-        x, y = batch(tokens, k, B, T)
+        x, y = batch(tokens, k, B, T, pad_id)
+        real = torch.ones_like(x, dtype=torch.bool) if pad_id is None else x != pad_id   # (B, T)
+        # each sequence's last token that is not padding: T-1 in a stream
+        last_at = (T - 1 - real.flip(1).long().argmax(dim=1))
         hs = layer_states(model, x)              # L+1 tensors (B, T, C)
-        last = [h[:, -1, :] for h in hs]         # (B, C): the last token of each sequence
+        last = [h[torch.arange(B), last_at, :] for h in hs]   # (B, C)
         for l in range(L):
             for n in range(1, L - l + 1):
                 dist[l][n - 1] += float(angular_distance(last[l], last[l + n]).sum())
         for l in range(L + 1):
-            squares[l] += float(hs[l].double().square().sum())
-        full += float(_token_loss(logits_from(model, hs[L], L), y))
+            squares[l] += float(hs[l].double()[real].square().sum())
+        positions += int(real.sum())
+        n_targets = int((y != IGNORED_TARGET).sum())
+        count += n_targets
+        full += float(_token_loss(logits_from(model, hs[L], L), y)) * n_targets
         for l in range(L):
-            dropped[l] += float(_token_loss(logits_from(model, hs[l], l + 1), y))
-    return {"val_loss": full / nb, "tokens": nb * B * T,
+            dropped[l] += float(_token_loss(logits_from(model, hs[l], l + 1), y)) * n_targets
+    count_or_1 = max(count, 1)
+    return {"val_loss": full / count_or_1, "tokens": count,
             "angular_distance": [[float(s) / (nb * B) for s in row] for row in dist],
-            "layer_drop": [{"layer": l, "val_loss": dropped[l] / nb} for l in range(L)],
-            "hidden_rms": [math.sqrt(s / (nb * B * T * model.config.hidden_size)) for s in squares]}
+            "layer_drop": [{"layer": l, "val_loss": dropped[l] / count_or_1} for l in range(L)],
+            "hidden_rms": [math.sqrt(s / (max(positions, 1) * model.config.hidden_size)) for s in squares]}
 
 
 # -----------------------------------------------------------------------------
@@ -1293,7 +1302,7 @@ def cmd_eval(a):
 
 def cmd_analyze(a):
     model = load_checkpoint(a.ckpt)
-    result = analyze(model, shard_load(a.data), a.batch, a.seq_len, a.batches)
+    result = analyze(model, shard_load(a.data), a.batch, a.seq_len, a.batches, a.pad_id)
     line = json.dumps(result)
     if a.out:
         tmp = a.out + ".tmp"
@@ -1408,6 +1417,7 @@ def main(argv=None):
     checkpoint_data_args(q)
     q.add_argument("--batches", type=int, default=0, help="only the first K windows (default 0: all)")
     q.add_argument("--out", default=None, help="also write the JSON to this file")
+    pad_id_arg(q)
     q.set_defaults(fn=cmd_analyze)
 
     q = sub.add_parser("train", help="train from a checkpoint, write the result and log.jsonl to --out")

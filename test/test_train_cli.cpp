@@ -388,8 +388,6 @@ TEST_CASE("--pad-id: the meta.json beside the shards must agree, and bad values 
     require_train_fails("--steps 0 --pad-id -2", "--pad-id must be a token id (at least 0), got -2");
     require_train_fails(model + " --train-data " + quote(rows_dir + "/train.bin") + " --pad-id 97",
                         "--pad-id 97 is outside the vocabulary [0, 97)");
-    require_train_fails("--init-from " + quote(rows_dir) + " --analyze --val-data " + quote(rows_dir + "/train.bin") +
-                        " --batch 3 --seq-len 24 --pad-id 0", "--analyze reads a stream of documents");
     // a shard of rows of another length, without a meta.json, fails in the loader
     require_train_fails("--init-from " + quote(rows_dir) + " --batch 3 --seq-len 20 --steps 1 --pad-id 0 --train-data " +
                         quote(rows_dir + "/train.bin"), "432 tokens are not whole rows of T = 20 tokens");
@@ -1473,26 +1471,28 @@ static JsonValue read_json_file(const std::string& path) {
     return value;
 }
 
-TEST_CASE("--analyze gives the PyTorch reference's angular distances, layer-drop losses and hidden-state RMS",
-          "[cli][analyze]") {
+// train --analyze and the reference's analyze on a fixture case of L layers (extra: flags both
+// take), compared number by number; returns ours
+static JsonValue require_analysis_agrees(const std::string& name, size_t L, const std::string& extra) {
     std::string tmp = make_temp_dir();
-    std::string dir = fixture_dir("mix_half");   // 6 layers, 3 of them Post-LN
+    std::string dir = fixture_dir(name);
+    INFO("fixture case " << name);
     train_ok("--init-from " + quote(dir) + " --analyze --val-data " + quote(dir + "/train.bin") +
-             " --batch 3 --seq-len 24 --out " + quote(tmp));
+             " --batch 3 --seq-len 24 --out " + quote(tmp) + extra);
     reference_ok("analyze --ckpt " + quote(dir) + " --data " + quote(dir + "/train.bin") +
-                 " --batch 3 --seq-len 24 --out " + quote(tmp + "/reference.json"));
+                 " --batch 3 --seq-len 24 --out " + quote(tmp + "/reference.json") + extra);
     JsonValue ours = read_json_file(tmp + "/analysis.json"), theirs = read_json_file(tmp + "/reference.json");
     CHECK(ours.get("tokens")->number == theirs.get("tokens")->number);
     // losses: fp32 forward passes on both sides, as in the parity tests (measured 7e-8 apart)
     CHECK(fabs(ours.get("val_loss")->number - theirs.get("val_loss")->number) < 1e-6);
     const JsonValue& ours_angular = *ours.get("angular_distance");
     const JsonValue& theirs_angular = *theirs.get("angular_distance");
-    REQUIRE(ours_angular.array.size() == 6);
-    REQUIRE(theirs_angular.array.size() == 6);
-    for (size_t l = 0; l < 6; l++) {
-        REQUIRE(ours_angular.array[l].array.size() == 6 - l);
-        REQUIRE(theirs_angular.array[l].array.size() == 6 - l);
-        for (size_t n = 0; n < 6 - l; n++) {
+    REQUIRE(ours_angular.array.size() == L);
+    REQUIRE(theirs_angular.array.size() == L);
+    for (size_t l = 0; l < L; l++) {
+        REQUIRE(ours_angular.array[l].array.size() == L - l);
+        REQUIRE(theirs_angular.array[l].array.size() == L - l);
+        for (size_t n = 0; n < L - l; n++) {
             INFO("angular distance [" << l << "][" << n << "]");
             // measured 1.2e-9 apart (distances of 1.5e-3 to 5e-2). arccos amplifies rounding near
             // cos = 1 (d acos/dx ~ 1/sqrt(1 - x^2)), hence a bound well above that
@@ -1501,18 +1501,18 @@ TEST_CASE("--analyze gives the PyTorch reference's angular distances, layer-drop
     }
     const JsonValue& ours_drop = *ours.get("layer_drop");
     const JsonValue& theirs_drop = *theirs.get("layer_drop");
-    REQUIRE(ours_drop.array.size() == 6);
-    REQUIRE(theirs_drop.array.size() == 6);
-    for (size_t l = 0; l < 6; l++) {
+    REQUIRE(ours_drop.array.size() == L);
+    REQUIRE(theirs_drop.array.size() == L);
+    for (size_t l = 0; l < L; l++) {
         INFO("layer " << l << " dropped");
         CHECK(ours_drop.array[l].get("layer")->number == l);
         CHECK(fabs(ours_drop.array[l].get("val_loss")->number - theirs_drop.array[l].get("val_loss")->number) < 1e-6);
     }
     const JsonValue& ours_rms = *ours.get("hidden_rms");
     const JsonValue& theirs_rms = *theirs.get("hidden_rms");
-    REQUIRE(ours_rms.array.size() == 7);   // h_0 .. h_6
-    REQUIRE(theirs_rms.array.size() == 7);
-    for (size_t l = 0; l < 7; l++) {
+    REQUIRE(ours_rms.array.size() == L + 1);   // h_0 .. h_L
+    REQUIRE(theirs_rms.array.size() == L + 1);
+    for (size_t l = 0; l <= L; l++) {
         INFO("hidden-state RMS at boundary " << l);
         double rms = ours_rms.array[l].number, reference_rms = theirs_rms.array[l].number;
         CAPTURE(rms, reference_rms);
@@ -1520,11 +1520,38 @@ TEST_CASE("--analyze gives the PyTorch reference's angular distances, layer-drop
         // summed in double on both sides, to as much: 1e-6 leaves room
         CHECK(fabs(rms - reference_rms) <= 1e-6 * reference_rms);
     }
+    return ours;
+}
+
+TEST_CASE("--analyze gives the PyTorch reference's angular distances, layer-drop losses and hidden-state RMS",
+          "[cli][analyze]") {
+    JsonValue ours = require_analysis_agrees("mix_half", 6, "");   // 6 layers, 3 of them Post-LN
     // the first three layers are Post-LN: their outputs are their norms', of the scale of the norm
     // weights (the fixture's are 1 + noise of std 0.1, so RMS near 1), where the Pre-LN layers pass
     // on the embeddings' scale (std 0.02) plus their branches
-    CHECK(fabs(ours_rms.array[1].number - 1.0) < 0.2);
-    CHECK(ours_rms.array[0].number < 0.1);
+    CHECK(fabs(ours.get("hidden_rms")->array[1].number - 1.0) < 0.2);
+    CHECK(ours.get("hidden_rms")->array[0].number < 0.1);
+}
+
+// On padded rows each sequence's last token is its document's last, the RMS is over the tokens
+// that are not padding, and the losses over the targets: the reference computes the same. Read as
+// a stream (last position, every position) the distances and the RMS come out otherwise.
+TEST_CASE("--analyze on padded rows (--pad-id) agrees with the reference's", "[cli][analyze][rows]") {
+    JsonValue rows = require_analysis_agrees("mix_rows", 4, " --pad-id 0");
+    std::string tmp = make_temp_dir(), dir = fixture_dir("mix_rows");
+    train_ok("--init-from " + quote(dir) + " --analyze --val-data " + quote(dir + "/train.bin") +
+             " --batch 3 --seq-len 24 --out " + quote(tmp));
+    JsonValue stream = read_json_file(tmp + "/analysis.json");
+    CHECK(rows.get("tokens")->number < stream.get("tokens")->number);
+    CHECK(fabs(rows.get("hidden_rms")->array[2].number - stream.get("hidden_rms")->array[2].number) > 1e-4);
+    double distance_change = 0;   // over the triangle (distances 2e-3 to 4e-2; measured 3e-3 in all)
+    for (size_t l = 0; l < 4; l++) {
+        for (size_t n = 0; n < 4 - l; n++) {
+            distance_change += fabs(rows.get("angular_distance")->array[l].array[n].number -
+                                    stream.get("angular_distance")->array[l].array[n].number);
+        }
+    }
+    CHECK(distance_change > 1e-3);
 }
 
 TEST_CASE("--analyze without --val-data is refused", "[cli][analyze]") {
