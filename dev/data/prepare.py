@@ -27,6 +27,8 @@ tokenizer's own end-of-text token for hf:/gpt2: (the first of <|endoftext|>, <|e
 Split: the validation split is the end of the corpus (files in the order given): it starts at the
 first line start at or after (1 - val_fraction) of the corpus's UTF-8 bytes, so no line is cut
 and train + val is the whole text. Deterministic; for the KJV it is the end of the New Testament.
+--val-fraction 1 makes all of it validation: a validation set of its own (C4's validation files),
+prepared with the tokenizer the training data was (hf:THAT_FOLDER/tokenizer.json).
 The BPE is trained on the train split only. Each split is cut into shards of at most
 --shard-tokens tokens; the last two shards are evened out when the last would hold less than
 half, so that no shard is a sliver smaller than the B*T+1 tokens one batch of ./train needs.
@@ -713,7 +715,8 @@ def parse_prepare_args(argv):
     p.add_argument("--tokenizer", default="bytes", help="bytes | bpe | hf:PATH | gpt2:PATH (default bytes)")
     p.add_argument("--vocab-size", type=int, help="bpe: vocabulary size (default 4096)")
     p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="the end of the corpus kept for validation (default 0.05)")
+                   help="the end of the corpus kept for validation (default 0.05; 1: all of it, a validation "
+                        "set of its own, such as C4's validation files, with the training data's tokenizer)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard at most (default 1e8)")
     p.add_argument("--no-separator", action="store_true", help="no <|endoftext|> between documents")
     p.add_argument("--rows", type=int, default=None,
@@ -732,8 +735,11 @@ def prepare(argv):
     if kind == "bpe" and vocab_size < 256 + separator:
         raise DataError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
                         f"{256 + separator} (the 256 bytes{' and <|endoftext|>' if separator else ''})")
-    if not 0 <= args.val_fraction < 1:
-        raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if not 0 <= args.val_fraction <= 1:
+        raise DataError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
+    if args.val_fraction == 1 and kind == "bpe":
+        raise DataError("--val-fraction 1 leaves nothing to train the BPE on: give the tokenizer the training "
+                        "data was prepared with (--tokenizer hf:THAT_FOLDER/tokenizer.json)")
     if not 1 <= args.shard_tokens <= MAX_SHARD_TOKENS:
         raise DataError(f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS}], got {args.shard_tokens}")
     if not args.files and not args.corpus:
@@ -761,7 +767,7 @@ def prepare(argv):
     if total_bytes == 0:
         raise DataError(f"the corpus is empty (no text in {', '.join(d.name for d in docs)})")
     boundary = math.floor(total_bytes * (1 - args.val_fraction))
-    if boundary == 0:
+    if boundary == 0 and args.val_fraction < 1:
         raise DataError(f"the train split is empty: --val-fraction {args.val_fraction} of {total_bytes} bytes")
 
     tokenizer_sources, saved_json = [spec_path] if spec_path else [], None
@@ -850,7 +856,10 @@ def prepare(argv):
         for s, w in writers.items():
             print(f"{s}: {w.total // args.rows:,} documents in rows of {args.rows}, {truncated[s]:,} of them cut short")
         rows = f" --seq-len {args.rows} --pad-id {pad_id}"
-    print(f"train with: ./train --vocab {tok.vocab_size} --train-data '{args.out}/train_*.bin'{val}{rows}")
+    if writers["train"].names:
+        print(f"train with: ./train --vocab {tok.vocab_size} --train-data '{args.out}/train_*.bin'{val}{rows}")
+    else:
+        print(f"validate with: ./train ...{val}{rows}")
 
 
 def decode(argv):

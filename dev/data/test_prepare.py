@@ -580,6 +580,24 @@ def test_rows_with_bpe_and_with_a_tokenizer_that_has_its_own_pad():
         assert list(row[n:n + 1]) == [m["separator_id"]] and all(row[n + 1:] == 0), list(row)
 
 
+def test_val_fraction_1_makes_a_validation_set_of_its_own():
+    # C4's way: training files in one folder, its validation files in another, one tokenizer
+    text = sample_text()
+    half = text.index("\n", len(text) // 2) + 1
+    with tempfile.TemporaryDirectory() as d:
+        a, b = write(os.path.join(d, "a.txt"), text[:half]), write(os.path.join(d, "b.txt"), text[half:])
+        train, val = os.path.join(d, "train"), os.path.join(d, "val")
+        prepare_ok(a, "--out", train, "--tokenizer", "bpe", "--vocab-size", "300", "--val-fraction", "0", "--rows", "32")
+        r = prepare_ok(b, "--out", val, "--tokenizer", "hf:" + os.path.join(train, "tokenizer.json"),
+                       "--val-fraction", "1", "--rows", "32")
+        assert "validate with: ./train ... --val-data" in r.stdout, r.stdout
+        assert not shard_ids(val, "train") and decoded_splits(val)[0] == ""
+        mt, mv = meta(train), meta(val)
+        assert mv["rows_count"] == {"train": 0, "val": 1} and mv["pad_id"] == mt["pad_id"] and mv["vocab_size"] == mt["vocab_size"]
+        expect_error([b, "--out", os.path.join(d, "out"), "--tokenizer", "bpe", "--val-fraction", "1"],
+                     "leaves nothing to train the BPE on", d)
+
+
 def test_rows_bad_input():
     with tempfile.TemporaryDirectory() as d:
         good = write(os.path.join(d, "a.txt"), sample_text())
