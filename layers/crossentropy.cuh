@@ -220,10 +220,22 @@ __global__ void crossentropy_forward_kernel(float* losses, float* stats, const T
 // The gradient of one row, for a whole block, from the row's statistics (max_logit, scale = dloss /
 // sum): each thread reads its elements (a chunk's loads first) and overwrites them with
 // (softmax - onehot(target)) * dloss, so in place is safe. `vectors`: crossentropy_vectors_fit for
-// both buffers. An ignored position (target < 0) comes with dloss and scale 0: a row of zeros.
+// both buffers. An ignored position (target < 0) gets a row of zeros, without reading the row.
 template <typename T>
 __device__ __forceinline__ void row_crossentropy_gradient(T* drow, const T* row, float max_logit, float scale,
                                                           int target, float dloss, int V, bool vectors) {
+    if (target < 0) {
+        if (vectors) {
+            constexpr int E = VECTOR16_SIZE<T>;
+            Vector16<T> zeros;
+            KERNEL_UNROLL
+            for (int e = 0; e < E; e++) zeros.values[e] = from_float<T>(0.0f);
+            for (int v = threadIdx.x * E; v < V; v += blockDim.x * E) store_vector16(drow + v, zeros);
+        } else {
+            for (int v = threadIdx.x; v < V; v += blockDim.x) drow[v] = from_float<T>(0.0f);
+        }
+        return;
+    }
     if (vectors) {
         constexpr int E = VECTOR16_SIZE<T>;
         for (int v0 = threadIdx.x * E; v0 < V; v0 += blockDim.x * E * CROSSENTROPY_VECTORS) {
@@ -261,10 +273,8 @@ __global__ void crossentropy_backward_kernel(T* dlogits, const T* logits, const 
     const T* row = logits + (size_t)blockIdx.x * V;
     T* drow = dlogits + (size_t)blockIdx.x * V;
     bool vectors = crossentropy_vectors_fit(logits, V) && crossentropy_vectors_fit(dlogits, V);
-    int target = targets[blockIdx.x];
-    float row_dloss = target < 0 ? 0.0f : dloss;   // an ignored position: zeros
-    float max_logit = stats[2 * blockIdx.x], scale = row_dloss / stats[2 * blockIdx.x + 1];
-    row_crossentropy_gradient(drow, row, max_logit, scale, target, row_dloss, V, vectors);
+    float max_logit = stats[2 * blockIdx.x], scale = dloss / stats[2 * blockIdx.x + 1];
+    row_crossentropy_gradient(drow, row, max_logit, scale, targets[blockIdx.x], dloss, V, vectors);
 }
 
 // One block per row: the forward kernel's statistics and loss, then the backward kernel's gradient
@@ -280,8 +290,7 @@ __global__ void crossentropy_forward_backward_kernel(T* dlogits, float* losses, 
     bool stats_vectors = crossentropy_vectors_fit(logits, V);
     bool vectors = stats_vectors && crossentropy_vectors_fit(dlogits, V);
     int target = targets[blockIdx.x];
-    float target_logit = target < 0 ? 0.0f : to_float(row[target]);
-    float row_dloss = target < 0 ? 0.0f : dloss;   // an ignored position: no loss, zeros
+    float target_logit = target < 0 ? 0.0f : to_float(row[target]);   // an ignored position: no loss, zeros
     float max_logit, sum;
     row_softmax_stats(&max_logit, &sum, row, V, stats_vectors);
     if (threadIdx.x == 0) {
@@ -289,7 +298,7 @@ __global__ void crossentropy_forward_backward_kernel(T* dlogits, float* losses, 
         stats[2 * blockIdx.x] = max_logit;
         stats[2 * blockIdx.x + 1] = sum;
     }
-    row_crossentropy_gradient(drow, row, max_logit, row_dloss / sum, target, row_dloss, V, vectors);
+    row_crossentropy_gradient(drow, row, max_logit, dloss / sum, target, dloss, V, vectors);
 }
 
 // ---- launchers
