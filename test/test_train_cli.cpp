@@ -1076,6 +1076,20 @@ TEST_CASE("a wsd run's stable phase, branched into a decay of its own, is the st
     CHECK(train_loss_lines(tmp + "/long/log.jsonl").size() == 16);
 }
 
+// A snapshot's weights load as any checkpoint's: --eval-only on them gives the validation loss
+// its log holds for its step (val: the run's --val-data flags)
+static void require_snapshot_evaluates_as_logged(const std::string& snapshot, int step, const std::string& val) {
+    Run eval = train_ok("--eval-only --init-from " + quote(snapshot) + val + " --batch 3 --seq-len 24");
+    std::string log = read_file(snapshot + "/log.jsonl");
+    const std::string entry = "{\"step\": " + std::to_string(step) + ", \"val_loss\": ";
+    size_t at = log.find(entry);
+    REQUIRE(at != std::string::npos);
+    double logged = atof(log.c_str() + at + entry.size());
+    size_t eval_at = eval.out.find("\"val_loss\": ");
+    REQUIRE(eval_at != std::string::npos);
+    CHECK(std::fabs(atof(eval.out.c_str() + eval_at + strlen("\"val_loss\": ")) - logged) < 1e-6);
+}
+
 TEST_CASE("--keep-every keeps snapshots that are the run at their step: they resume, branch and continue the run",
           "[cli][resume][keep]") {
     std::string tmp = make_temp_dir();
@@ -1133,14 +1147,7 @@ TEST_CASE("--keep-every keeps snapshots that are the run at their step: they res
     CHECK(train_loss_lines(tmp + "/run/log.jsonl") == run_lines);
 
     // the snapshot's weights load as any checkpoint's: the loss of the run's validation at step 6
-    Run eval = train_ok("--eval-only --init-from " + quote(snap6) + val + " --batch 3 --seq-len 24");
-    std::string snap6_log = read_file(snap6 + "/log.jsonl");
-    size_t at = snap6_log.find("{\"step\": 6, \"val_loss\": ");
-    REQUIRE(at != std::string::npos);
-    double logged = atof(snap6_log.c_str() + at + strlen("{\"step\": 6, \"val_loss\": "));
-    size_t eval_at = eval.out.find("\"val_loss\": ");
-    REQUIRE(eval_at != std::string::npos);
-    CHECK(std::fabs(atof(eval.out.c_str() + eval_at + strlen("\"val_loss\": ")) - logged) < 1e-6);
+    require_snapshot_evaluates_as_logged(snap6, 6, val);
 
     require_train_fails("--steps 0 --keep-every -1", "--keep-every must be at least 0, got -1");
     require_train_fails(mix_run_args(4) + " --keep-every 2", "--keep-every keeps its snapshots in the run's folder: give --out DIR");
@@ -1298,14 +1305,7 @@ TEST_CASE("--keep-what weights keeps the checkpoint and log of each snapshot, no
     CHECK(file_exists(snap6 + "/model.safetensors"));
     CHECK(!file_exists(snap6 + "/training_state.safetensors"));
     // and its weights evaluate as the run did at step 6
-    Run eval = train_ok("--eval-only --init-from " + quote(snap6) + val + " --batch 3 --seq-len 24");
-    std::string snap6_log = read_file(snap6 + "/log.jsonl");
-    size_t at = snap6_log.find("{\"step\": 6, \"val_loss\": ");
-    REQUIRE(at != std::string::npos);
-    double logged = atof(snap6_log.c_str() + at + strlen("{\"step\": 6, \"val_loss\": "));
-    size_t eval_at = eval.out.find("\"val_loss\": ");
-    REQUIRE(eval_at != std::string::npos);
-    CHECK(std::fabs(atof(eval.out.c_str() + eval_at + strlen("\"val_loss\": ")) - logged) < 1e-6);
+    require_snapshot_evaluates_as_logged(snap6, 6, val);
     // it may change on --resume (it only watches the run): the full run goes on keeping weights
     train_ok("--resume " + quote(tmp + "/full") + " --keep-what weights");
     CHECK(file_exists(tmp + "/full/step_000006/model.safetensors"));

@@ -251,17 +251,24 @@ def test_hf_tokenizer_is_copied_and_gives_the_same_shards():
         assert meta(hf)["tokenizer"]["kind"] == "hf" and meta(hf)["separator_id"] == meta(bpe)["separator_id"]
 
 
+def t5_like_tokenizer(text):
+    """Like t5-base: Unigram, Metaspace, <pad> (id 0), </s> as end of text, <unk>; trained on text."""
+    import tokenizers as tk
+    tokenizer = tk.Tokenizer(tk.models.Unigram())
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.Metaspace()
+    tokenizer.decoder = tk.decoders.Metaspace()
+    trainer = tk.trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+                                         unk_token="<unk>", show_progress=False)
+    tokenizer.train_from_iterator([text], trainer=trainer)
+    return tokenizer
+
+
 def test_hf_sentencepiece_style_tokenizer_uses_its_eos_and_no_post_processor():
-    # like t5-base: Unigram, Metaspace, </s> as end of text, a post-processor appending </s>
+    # like t5-base, with a post-processor appending </s>
     import tokenizers as tk
     text = sample_text()
     with tempfile.TemporaryDirectory() as d:
-        tokenizer = tk.Tokenizer(tk.models.Unigram())
-        tokenizer.pre_tokenizer = tk.pre_tokenizers.Metaspace()
-        tokenizer.decoder = tk.decoders.Metaspace()
-        trainer = tk.trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
-                                             unk_token="<unk>", show_progress=False)
-        tokenizer.train_from_iterator([text], trainer=trainer)
+        tokenizer = t5_like_tokenizer(text)
         eos = tokenizer.token_to_id("</s>")
         tokenizer.post_processor = tk.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
         tj = os.path.join(d, "tokenizer.json")
@@ -543,7 +550,6 @@ def test_rows_one_document_per_row_cut_or_padded():
 
 
 def test_rows_with_bpe_and_with_a_tokenizer_that_has_its_own_pad():
-    import tokenizers as tk
     text = sample_text()
     half = text.index("\n", len(text) // 2) + 1
     R = 32
@@ -560,14 +566,8 @@ def test_rows_with_bpe_and_with_a_tokenizer_that_has_its_own_pad():
             assert row[-1] == m["separator_id"] and m["pad_id"] not in row   # both long: cut, no padding
             assert doc.startswith(tok.decode(list(row[:-1])))
         # a T5-like tokenizer brings <pad>: used, and its tokenizer.json copied as it is
-        t5 = tk.Tokenizer(tk.models.Unigram())
-        t5.pre_tokenizer = tk.pre_tokenizers.Metaspace()
-        t5.decoder = tk.decoders.Metaspace()
-        trainer = tk.trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
-                                             unk_token="<unk>", show_progress=False)
-        t5.train_from_iterator([text], trainer=trainer)
         tj = os.path.join(d, "tokenizer.json")
-        t5.save(tj)
+        t5_like_tokenizer(text).save(tj)
         short = write(os.path.join(d, "short.txt"), "In the beginning")
         out = os.path.join(d, "t5")
         prepare_ok(short, a, "--out", out, "--tokenizer", f"hf:{tj}", "--rows", str(R), "--val-fraction", "0")
