@@ -96,6 +96,7 @@ struct Args {
     std::string prompt_ids;        // comma-separated token ids to start from
     float temperature = 1.0f;
     int top_k = 0;                 // 0: the whole vocabulary
+    int stop_id = -1;              // >= 0: generation ends once it samples this token (an end of text)
     int checkpoint_every = 0;  // 0: a checkpoint at the end only
     int keep_every = 0;        // 0: no snapshots kept along the way
     std::string keep_what = "full";   // full | weights: what a --keep-every snapshot holds
@@ -208,6 +209,7 @@ static void print_help() {
     printf("  --prompt-ids LIST      comma-separated token ids to continue (default: token 0)\n");
     printf("  --temperature X        sampling temperature (default %g)\n", d.temperature);
     printf("  --top-k K              sample among the K most likely tokens, 0 = all (default %d)\n", d.top_k);
+    printf("  --stop-id ID           end the sample once it generates token ID, an end of text (default off)\n");
     printf("  --help                 this text\n");
 }
 
@@ -312,6 +314,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--prompt-ids") a.prompt_ids = v;
         else if (flag == "--temperature") a.temperature = parse_float(f, v);
         else if (flag == "--top-k") a.top_k = parse_int(f, v);
+        else if (flag == "--stop-id") a.stop_id = parse_int(f, v);
         else if (flag == "--layer-grads-every") a.layer_grads_every = parse_int(f, v);
         else if (flag == "--stop-at") a.stop_at = parse_int(f, v);
         else if (flag == "--resume") a.resume = v;
@@ -347,6 +350,9 @@ static Args parse_args(int argc, char** argv) {
     if (a.keep_what != "full" && a.keep_what != "weights") fail("--keep-what must be full or weights, got '%s'", a.keep_what.c_str());
     if (a.layer_grads_every < 0) fail("--layer-grads-every must be at least 0");
     if (a.sample < 0 || a.top_k < 0) fail("--sample and --top-k must be at least 0");
+    bool stop_id_given = std::find(a.given.begin(), a.given.end(), "--stop-id") != a.given.end();
+    if (stop_id_given && a.stop_id < 0) fail("--stop-id must be a token id (at least 0), got %d", a.stop_id);
+    if (stop_id_given && a.sample == 0) fail("--stop-id ends a sample: it needs --sample N");
     if (!(a.temperature > 0.0f)) fail("--temperature must be positive, got %g", a.temperature);
     if (!a.resume.empty() && !a.init_from.empty()) fail("--resume and --init-from exclude each other");
     if (!(a.lr >= 0.0f)) fail("--lr must be at least 0, got %g", a.lr);
@@ -973,8 +979,10 @@ static EvalResult evaluate(Model* model, DataLoader* loader, int max_batches) {
 // Generates n tokens after the prompt: each step runs the model on the last T tokens of the text
 // (a window; positions restart at its start) and samples the next token from the logits at the
 // last position, softened by temperature and cut to the top_k most likely. Positions after the
-// text are filled with token 0; causal attention keeps them from affecting earlier ones.
-static std::vector<int> generate(Model* model, std::vector<int> text, int n, float temperature, int top_k, uint64_t seed) {
+// text are filled with token 0; causal attention keeps them from affecting earlier ones. A
+// stop_id >= 0 (an end-of-text token) ends the generation once sampled, and is kept.
+static std::vector<int> generate(Model* model, std::vector<int> text, int n, float temperature, int top_k, uint64_t seed,
+                                 int stop_id) {
     const int T = model->T, V = model->config.vocab_size;
     if (model->B != 1) fail("generation needs a model built for batch 1");
     uint64_t state = seed;
@@ -1007,6 +1015,7 @@ static std::vector<int> generate(Model* model, std::vector<int> text, int n, flo
         }
         text.push_back(next);
         generated.push_back(next);
+        if (next == stop_id) break;   // the end of the text
     }
     return generated;
 }
@@ -1073,6 +1082,7 @@ int main(int argc, char** argv) {
             prompt.push_back(id);
             i = end + 1;
         }
+        if (args.stop_id >= config.vocab_size) fail("--stop-id %d is outside the vocabulary [0, %d)", args.stop_id, config.vocab_size);
         args.eval_only = true;
         B = 1;
     }
@@ -1174,7 +1184,7 @@ int main(int argc, char** argv) {
            model.activation_bytes / 1048576.0, B, T);
 
     if (args.sample > 0) {
-        std::vector<int> ids = generate(&model, prompt, args.sample, args.temperature, args.top_k, args.seed);
+        std::vector<int> ids = generate(&model, prompt, args.sample, args.temperature, args.top_k, args.seed, args.stop_id);
         std::string json = "{\"prompt_ids\": [";
         for (size_t i = 0; i < prompt.size(); i++) json += (i ? ", " : "") + std::to_string(prompt[i]);
         json += "], \"ids\": [";

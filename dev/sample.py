@@ -4,6 +4,10 @@ are decoded back to text.
 
     python3 dev/sample.py --ckpt runs/kjv-mix --data data/kjv --prompt "And God said" \
         [--tokens 200] [--temperature 0.8] [--top-k 40] [--seed 1] [--samples 3]
+
+A document begins as it began in training: after the separator in a stream of documents; at the
+row's first token in data of one document per row (prepare.py --rows), where the separator ends
+a document, so the sample ends there too (./train --stop-id).
 """
 import argparse
 import json
@@ -32,13 +36,17 @@ def main():
         meta = tokenizers.read_meta(a.data)
     except Exception as e:  # the tokenizer module's own errors name the problem
         sys.exit(f"error: {e}")
-    # a document starts after the separator, as in training
-    ids = ([meta["separator_id"]] if meta.get("separator_id") is not None else []) + tok.encode(a.prompt)
+    separator = meta.get("separator_id")
+    rows = meta.get("rows") is not None
+    # a document starts as in training: after the separator in a stream, at the row's start in rows
+    ids = ([separator] if separator is not None and not rows else []) + tok.encode(a.prompt)
     if not ids:
-        sys.exit("error: empty prompt and no document separator to start from")
+        sys.exit("error: empty prompt and no document separator to start from" if not rows else
+                 "error: empty prompt: with one document per row a document starts at its own first token")
+    stop = ["--stop-id", str(separator)] if rows and separator is not None else []
     for i in range(a.samples):
         cmd = [a.train, "--init-from", a.ckpt, "--sample", str(a.tokens), "--prompt-ids", ",".join(map(str, ids)),
-               "--temperature", str(a.temperature), "--top-k", str(a.top_k), "--seed", str(a.seed + i)]
+               "--temperature", str(a.temperature), "--top-k", str(a.top_k), "--seed", str(a.seed + i)] + stop
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             sys.exit(run.stderr.strip() or f"error: {a.train} failed")

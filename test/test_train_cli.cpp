@@ -635,6 +635,7 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
         "--min-lr-ratio", "--lr-schedule", "--decay-frac", "--weight-decay", "--weight-decay-on", "--beta1", "--beta2",
         "--adam-eps", "--grad-clip", "--seed", "--device", "--attention", "--rope", "--precision",
         "--init-from", "--out", "--eval-only", "--embed-std", "--checkpoint-every", "--keep-every", "--keep-what", "--stop-at",
+        "--stop-id",
         "--resume",
     };
     for (const char* flag : flags) {
@@ -1586,10 +1587,31 @@ TEST_CASE("--sample generates N in-vocabulary tokens, the same ones for the same
     CHECK(sampled_ids(train_ok(greedy + " --seed 1")) == sampled_ids(train_ok(greedy + " --seed 2")));
 }
 
+// --stop-id: the sample ends at the first token it names (an end of text), kept, and is otherwise
+// the same sample: the tokens before it are the ones a run without it draws
+TEST_CASE("--sample --stop-id ends the sample at that token", "[cli][sample]") {
+    std::string dir = fixture_dir("mix");
+    std::string args = "--init-from " + quote(dir) + " --sample 30 --prompt-ids 5,6,7 --temperature 0.9 --top-k 10 --seed 3";
+    std::vector<double> full = sampled_ids(train_ok(args));
+    REQUIRE(full.size() == 30);
+    // stop at the 5th token's id: the sample ends at its first occurrence, at or before the 5th
+    int stop = (int)full[4];
+    size_t first = std::find(full.begin(), full.end(), (double)stop) - full.begin();
+    std::vector<double> stopped = sampled_ids(train_ok(args + " --stop-id " + std::to_string(stop)));
+    CHECK(stopped == std::vector<double>(full.begin(), full.begin() + first + 1));
+    // a token it never draws: the whole sample
+    int never = 0;
+    while (std::find(full.begin(), full.end(), (double)never) != full.end()) never++;
+    CHECK(sampled_ids(train_ok(args + " --stop-id " + std::to_string(never))) == full);
+}
+
 TEST_CASE("--sample refuses a prompt id outside the vocabulary and a temperature of 0", "[cli][sample]") {
     std::string dir = quote(fixture_dir("mix"));
     require_train_fails("--init-from " + dir + " --sample 5 --prompt-ids 3,97", "--prompt-ids: token 97 is outside the vocabulary [0, 97)");
     require_train_fails("--init-from " + dir + " --sample 5 --temperature 0", "--temperature must be positive, got 0");
+    require_train_fails("--init-from " + dir + " --sample 5 --stop-id 97", "--stop-id 97 is outside the vocabulary [0, 97)");
+    require_train_fails("--init-from " + dir + " --sample 5 --stop-id -1", "--stop-id must be a token id (at least 0), got -1");
+    require_train_fails("--init-from " + dir + " --eval-only --stop-id 3", "--stop-id ends a sample: it needs --sample N");
 }
 
 TEST_CASE("--attention fused is refused on the CPU, and an unknown attention or RoPE placement too", "[cli]") {

@@ -638,6 +638,23 @@ def test_train_learns_from_prepared_rows():
         val = [e for e in log if "val_loss" in e]
         # the validation counts the targets, not the padding: fewer than every position
         assert val and val[-1]["tokens"] < m["tokens"]["val"], (val, m["tokens"])
+        # dev/sample.py starts the document at the prompt (no separator before it) and has
+        # ./train stop at the separator, which ends a row's document (./train, through a wrapper
+        # that records its arguments)
+        calls = os.path.join(d, "calls.txt")
+        wrapper = write(os.path.join(d, "train.sh"), f'#!/bin/sh\necho "$@" >> {calls}\nexec {train_bin} "$@"\n')
+        os.chmod(wrapper, 0o755)
+        sample = [sys.executable, os.path.join(REPO, "dev", "sample.py"), "--ckpt", run, "--data", out,
+                  "--train", wrapper, "--tokens", "40", "--seed", "2"]
+        r = subprocess.run(sample + ["--prompt", "And God said"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.splitlines()[1].startswith("And God said"), r.stdout + r.stderr
+        with open(calls) as f:
+            call = f.read().split()
+        prompt = ",".join(map(str, load_tokenizer(out).encode("And God said")))
+        assert call[call.index("--prompt-ids") + 1] == prompt, call
+        assert call[call.index("--stop-id") + 1] == str(m["separator_id"]), call
+        r = subprocess.run(sample + ["--prompt", ""], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "a document starts at its own first token" in r.stderr, r.stderr
 
 
 class Skip(Exception):
