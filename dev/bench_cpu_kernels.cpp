@@ -2,8 +2,8 @@
 CPU kernel microbenchmark: the three kernels that the CPU backend's step time hangs on, timed
 alone, so that a change to one of them can be measured without the noise of a whole step.
     - the GEMM (matmul_forward_cpu, then matmul_backward_cpu's two products) at the linear layers'
-      shapes of the small config of dev/bench_cpu.py (B8 T128) and of LLaMA-71M (B2 T256), in
-      GFLOP/s (6 N IC OC flops per shape: the three products);
+      shapes of the small config of dev/bench_cpu.py (B8 T128), of LLaMA-71M (B2 T256) and of the
+      12 x 128 model of EXPERIMENTS.md (B16 T128), in GFLOP/s (6 N IC OC flops per shape: the three products);
     - AdamW over 71M fp32 parameters, in GB/s (28 bytes moved per parameter: p, m, v and the
       gradient read, p, m, v written);
     - the global gradient norm over 71M fp32 values, in GB/s;
@@ -16,6 +16,7 @@ with OMP_NUM_THREADS threads. The checksum lines let two builds be compared for 
 Build and run (repository root):
     make build/bench_cpu_kernels && OMP_NUM_THREADS=2 ./build/bench_cpu_kernels
 */
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <vector>
@@ -50,6 +51,9 @@ int main() {
         {"71m qkv", 512, 512, 1536},         {"71m o", 512, 512, 512},
         {"71m gate_up", 512, 512, 2736},     {"71m down", 512, 1368, 512},
         {"71m lm_head", 512, 512, 32000},
+        {"12x128 qkv", 2048, 128, 384},      {"12x128 o", 2048, 128, 128},
+        {"12x128 gate_up", 2048, 128, 688},  {"12x128 down", 2048, 344, 128},
+        {"12x128 lm_head", 2048, 128, 4096},
     };
     printf("GEMM: forward + both backward products, best of 5\n");
     double total_ms = 0, total_flops = 0, checksum = 0;
@@ -58,18 +62,22 @@ int main() {
         std::vector<float> weight = fixed_values((size_t)s.OC * s.IC, 2, 0.05f);
         std::vector<float> dout = fixed_values((size_t)s.N * s.OC, 3, 1.0f);
         std::vector<float> out((size_t)s.N * s.OC), dinp((size_t)s.N * s.IC), dweight((size_t)s.OC * s.IC);
-        double best = 1e30;
+        double best = 1e30, best_forward = 1e30, best_backward = 1e30;
         for (int repeat = 0; repeat < 5; repeat++) {
             auto start = std::chrono::steady_clock::now();
             matmul_forward_cpu(out.data(), inp.data(), weight.data(), s.N, s.IC, s.OC);
+            double forward_ms = elapsed_ms(start);
             matmul_backward_cpu(dinp.data(), dweight.data(), dout.data(), inp.data(), weight.data(), s.N, s.IC, s.OC,
                                 0.0f, 0.0f);
             double ms = elapsed_ms(start);
-            if (ms < best) best = ms;
+            best = std::min(best, ms);
+            best_forward = std::min(best_forward, forward_ms);
+            best_backward = std::min(best_backward, ms - forward_ms);
         }
         double flops = 6.0 * s.N * s.IC * s.OC;
-        printf("  %-14s N %5d IC %5d OC %5d: %8.2f ms %7.1f GFLOP/s\n", s.name, s.N, s.IC, s.OC, best,
-               flops / best / 1e6);
+        printf("  %-14s N %5d IC %5d OC %5d: %8.2f ms %7.1f GFLOP/s (forward %.1f, backward %.1f GFLOP/s)\n",
+               s.name, s.N, s.IC, s.OC, best, flops / best / 1e6, flops / 3 / best_forward / 1e6,
+               flops * 2 / 3 / best_backward / 1e6);
         total_ms += best;
         total_flops += flops;
         checksum += (double)out[out.size() / 3] + dinp[dinp.size() / 2] + dweight[dweight.size() / 5];

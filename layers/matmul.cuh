@@ -74,12 +74,17 @@ constexpr int GEMM_NR = 2 * GEMM_VEC;
 constexpr int GEMM_KC = 256;
 constexpr int GEMM_NC = 512;   // columns of B per cache block: a (KC, NC) fp32 block is 512 KB
 
-// The inner kernel: C tile (MR, NR) += A panel (MR, kc) @ B panel (kc, NR), or = with store.
-// A panel is stored k-major (MR values per k), B panel k-major (NR values per k).
+// The inner kernel: C tile (MR, NR) += A strip (MR, kc) @ B panel (kc, NR), or = with store.
+// The B panel is stored k-major (NR values per k). The A strip is read through a stride:
+//   A_ROWS_APART false: element (m, k) at a[k * a_stride + m], MR values side by side per k (a
+//                       packed strip, a_stride MR, or a column-major A read in place);
+//   A_ROWS_APART true:  element (m, k) at a[m * a_stride + k], MR rows of kc values (a row-major
+//                       A read in place).
 // rows/cols < MR/NR at the edges of C: the full tile is computed, only the valid part stored.
-// Each element of C is summed over k in order, whatever the tile's shape.
-inline void gemm_tile_cpu(real* C, int ldc, const real* a_panel, const real* b_panel,
-                                 int kc, int rows, int cols, bool store) {
+// Each element of C is summed over k in order, whatever the tile's shape or A's layout.
+template <bool A_ROWS_APART>
+inline void gemm_tile_cpu(real* C, int ldc, const real* a_strip, size_t a_stride, const real* b_panel,
+                          int kc, int rows, int cols, bool store) {
     gemm_vec acc[GEMM_MR][2] = {};   // (MR, NR): row m is acc[m][0] then acc[m][1]
     for (int k = 0; k < kc; k++) {
         // row k of the B panel, NR values, into two registers
@@ -87,10 +92,10 @@ inline void gemm_tile_cpu(real* C, int ldc, const real* a_panel, const real* b_p
         memcpy(&b_left, b_panel + (size_t)k * GEMM_NR, sizeof(gemm_vec));
         memcpy(&b_right, b_panel + (size_t)k * GEMM_NR + GEMM_VEC, sizeof(gemm_vec));
         // each row of the tile += its A value (broadcast) times that row of B
-        const real* a = a_panel + (size_t)k * GEMM_MR;
         for (int m = 0; m < GEMM_MR; m++) {
-            acc[m][0] += a[m] * b_left;
-            acc[m][1] += a[m] * b_right;
+            real a = A_ROWS_APART ? a_strip[(size_t)m * a_stride + k] : a_strip[(size_t)k * a_stride + m];
+            acc[m][0] += a * b_left;
+            acc[m][1] += a * b_right;
         }
     }
     // store (or add) the valid part of the tile
@@ -168,18 +173,31 @@ inline real* gemm_workspace(int which, size_t n) {
 // block of K stores its sums, the later ones add). C is row-major with row stride N. Element
 // (m, k) of A is A[m * a_row + k * a_col]; element (k, n) of B is B[k * b_row + n * b_col]. A and B
 // are stored as S (converted to real when packed); C is real.
+//
+// A is read where it lies, not packed, when it is stored as real with one of its strides 1 (every
+// product of the model: inp and dout row-major, dout^T column-major): only its last strip, when M
+// is not a multiple of MR, is packed (zero-padded). A strip of MR rows by KC values is 6 KB of
+// fp32 either way, in L1 while a block of B passes it, so packing it only copied it: 10 to 15% of
+// the GEMM's time where N is small (the 12 x 128 model's C = 128; dev/PERF.md, 2026-12-01).
 template <typename S>
 inline void gemm_accumulate_cpu(real* C, const S* A, size_t a_row, size_t a_col,
                                 const S* B, size_t b_row, size_t b_col, int M, int N, int K, bool overwrite = false) {
     if (overwrite && K == 0) memset(C, 0, (size_t)M * N * sizeof(real));   // no block of K to store
     int m_strips = (M + GEMM_MR - 1) / GEMM_MR;
     int n_panels = (N + GEMM_NR - 1) / GEMM_NR;
-    real* a_packed = gemm_workspace(0, (size_t)m_strips * GEMM_MR * GEMM_KC);   // (m_strips, KC, MR)
+    bool a_in_place = std::is_same_v<S, real> && (a_col == 1 || a_row == 1);
+    int first_packed_strip = a_in_place ? M / GEMM_MR : 0;   // strips before it are read in place
+    real* a_packed = gemm_workspace(0, (size_t)(m_strips - first_packed_strip) * GEMM_MR * GEMM_KC);   // (strips, KC, MR)
     real* b_packed = gemm_workspace(1, (size_t)n_panels * GEMM_NR * GEMM_KC);   // (n_panels, KC, NR)
+    const real* a_real = nullptr;   // A itself, where it is read in place
+    if constexpr (std::is_same_v<S, real>) a_real = A;
     for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
         int kc = std::min(GEMM_KC, K - k0);
         // B's columns play the role of rows in its panels: B^T has strides (b_col, b_row)
-        gemm_pack_cpu(a_packed, A + (size_t)k0 * a_col, a_row, a_col, M, kc, GEMM_MR);
+        if (first_packed_strip < m_strips) {
+            gemm_pack_cpu(a_packed, A + (size_t)k0 * a_col + (size_t)first_packed_strip * GEMM_MR * a_row, a_row,
+                          a_col, M - first_packed_strip * GEMM_MR, kc, GEMM_MR);
+        }
         gemm_pack_cpu(b_packed, B + (size_t)k0 * b_row, b_col, b_row, N, kc, GEMM_NR);
         // every (strip, panel) tile of C is independent. Panels go in blocks of GEMM_NC columns
         // so that one (kc, GEMM_NC) block of B stays in cache while every strip of A passes it.
@@ -188,12 +206,25 @@ inline void gemm_accumulate_cpu(real* C, const S* A, size_t a_row, size_t a_col,
         for (int block = 0; block < panel_blocks; block++) {
             for (int strip = 0; strip < m_strips; strip++) {
                 int rows = std::min(GEMM_MR, M - strip * GEMM_MR);
-                const real* a_strip = a_packed + (size_t)strip * kc * GEMM_MR;
+                // the strip's A: in place (row-major: rows a_row apart; column-major: MR values
+                // side by side, k a_col apart), or its packed copy
+                bool rows_apart = strip < first_packed_strip && a_col == 1;
+                const real* a_strip = a_packed + (size_t)(strip - first_packed_strip) * kc * GEMM_MR;
+                size_t a_stride = GEMM_MR;
+                if (strip < first_packed_strip) {
+                    a_strip = a_real + (size_t)k0 * a_col + (size_t)strip * GEMM_MR * a_row;
+                    a_stride = rows_apart ? a_row : a_col;
+                }
                 int p_end = std::min(n_panels, (block + 1) * (GEMM_NC / GEMM_NR));
                 for (int p = block * (GEMM_NC / GEMM_NR); p < p_end; p++) {
                     int cols = std::min(GEMM_NR, N - p * GEMM_NR);
-                    gemm_tile_cpu(C + (size_t)strip * GEMM_MR * N + (size_t)p * GEMM_NR, N, a_strip,
-                                  b_packed + (size_t)p * kc * GEMM_NR, kc, rows, cols, overwrite && k0 == 0);
+                    real* c_tile = C + (size_t)strip * GEMM_MR * N + (size_t)p * GEMM_NR;
+                    const real* b_panel = b_packed + (size_t)p * kc * GEMM_NR;
+                    if (rows_apart) {
+                        gemm_tile_cpu<true>(c_tile, N, a_strip, a_stride, b_panel, kc, rows, cols, overwrite && k0 == 0);
+                    } else {
+                        gemm_tile_cpu<false>(c_tile, N, a_strip, a_stride, b_panel, kc, rows, cols, overwrite && k0 == 0);
+                    }
                 }
             }
         }
