@@ -9,7 +9,9 @@ alone, so that a change to one of them can be measured without the noise of a wh
     - the global gradient norm over 71M fp32 values, in GB/s;
     - the attention (attention_forward_cpu, then attention_backward_cpu) at the shapes of the
       12 x 128 model of EXPERIMENTS.md (B16 T128, 4 heads of 32) and of LLaMA-71M (B2 T256, 8 heads
-      of 64), in ms per layer.
+      of 64), in ms per layer;
+    - the cross-entropy (loss and logits' gradient) and SwiGLU (forward and backward) at both
+      models' shapes, in ms: most of their time is e^x.
 Each number is the best of several repetitions (the least disturbed by the rest of the machine),
 with OMP_NUM_THREADS threads. The checksum lines let two builds be compared for equal results.
 
@@ -23,8 +25,10 @@ Build and run (repository root):
 
 #include "../layers/adamw.cuh"
 #include "../layers/attention.cuh"
+#include "../layers/crossentropy.cuh"
 #include "../layers/global_norm.cuh"
 #include "../layers/matmul.cuh"
+#include "../layers/swiglu.cuh"
 
 // milliseconds since start
 static double elapsed_ms(std::chrono::steady_clock::time_point start) {
@@ -127,6 +131,35 @@ int main() {
         printf("  %-7s B %2d T %3d NH %d hs %2d: forward %6.2f ms, backward %6.2f ms (checksum %.9g)\n", s.name, s.B,
                s.T, s.NH, s.hs, best_forward, best_backward,
                (double)out[out.size() / 3] + dqkv[dqkv.size() / 2] + dqkv[dqkv.size() / 5 + 7]);
+    }
+
+    // ---- the cross-entropy (training's one call: loss, then the logits' gradient in place) and
+    // SwiGLU, forward and backward: the kernels whose time is mostly e^x
+    struct RowShape { const char* name; int N, V, F; };
+    const RowShape row_shapes[] = {{"12x128", 2048, 4096, 344}, {"71m", 512, 32000, 1368}};
+    printf("cross-entropy (forward and backward) and SwiGLU (forward + backward), best of 5\n");
+    for (const RowShape& s : row_shapes) {
+        std::vector<float> logits_init = fixed_values((size_t)s.N * s.V, 8, 4.0f), logits(logits_init.size());
+        std::vector<float> losses(s.N), stats(2 * (size_t)s.N);
+        std::vector<int> targets(s.N);
+        for (int i = 0; i < s.N; i++) targets[i] = (i * 7919) % s.V;
+        std::vector<float> gate_up = fixed_values((size_t)s.N * 2 * s.F, 9, 3.0f), dgate_up(gate_up.size());
+        std::vector<float> dout = fixed_values((size_t)s.N * s.F, 10, 1.0f), out(dout.size());
+        double best_ce = 1e30, best_swiglu = 1e30;
+        for (int repeat = 0; repeat < 5; repeat++) {
+            logits = logits_init;   // the gradient is written over the logits
+            auto start = std::chrono::steady_clock::now();
+            crossentropy_forward_backward_cpu(logits.data(), losses.data(), stats.data(), logits.data(), targets.data(),
+                                              1.0f / s.N, s.N, s.V);
+            best_ce = std::min(best_ce, elapsed_ms(start));
+            start = std::chrono::steady_clock::now();
+            swiglu_forward_cpu(out.data(), gate_up.data(), s.N, s.F);
+            swiglu_backward_cpu(dgate_up.data(), dout.data(), gate_up.data(), s.N, s.F);
+            best_swiglu = std::min(best_swiglu, elapsed_ms(start));
+        }
+        printf("  %-7s N %4d V %5d F %4d: cross-entropy %6.2f ms, SwiGLU %6.2f ms (checksum %.9g)\n", s.name, s.N, s.V,
+               s.F, best_ce, best_swiglu,
+               (double)losses[s.N / 3] + logits[logits.size() / 2] + out[out.size() / 3] + dgate_up[dgate_up.size() / 5]);
     }
     return 0;
 }

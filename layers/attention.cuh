@@ -119,12 +119,11 @@ inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int
                         att_row[t2] *= scale;
                         if (att_row[t2] > max_score) max_score = att_row[t2];
                     }
-                    // softmax over 0..t in place; the masked future gets probability 0
+                    // softmax over 0..t in place (the exponentials, then their sum in order); the
+                    // masked future gets probability 0
+                    for (int t2 = 0; t2 <= t; t2++) att_row[t2] = exp_cpu(att_row[t2] - max_score);
                     real sum = 0;
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        att_row[t2] = std::exp(att_row[t2] - max_score);
-                        sum += att_row[t2];
-                    }
+                    for (int t2 = 0; t2 <= t; t2++) sum += att_row[t2];
                     for (int t2 = 0; t2 <= t; t2++) att_row[t2] = att_row[t2] / sum;
                     for (int t2 = t + 1; t2 < T; t2++) att_row[t2] = 0;
                     // weighted sum of the values, rounded once into out

@@ -48,7 +48,7 @@ inline void crossentropy_forward_cpu(real* losses, real* stats, const T* logits,
         }
         double sum = 0.0;
         #pragma omp simd reduction(+ : sum)
-        for (int v = 0; v < V; v++) sum += std::exp(to_real(row[v]) - max_logit);
+        for (int v = 0; v < V; v++) sum += exp_cpu(to_real(row[v]) - max_logit);
         // -log p[target] = log(sum) - (logit[target] - max); nothing for an ignored position
         int target = targets[i];
         losses[i] = target < 0 ? (real)0 : (real)(log(sum) - (double)(to_real(row[target]) - max_logit));
@@ -77,9 +77,9 @@ inline void crossentropy_backward_cpu(T* dlogits, const T* logits, const real* s
         real max_logit = stats[2 * i], scale = (real)(1.0 / (double)stats[2 * i + 1]) * dloss;
         real target_logit = to_real(row[target]);   // read before the loop overwrites it (in place)
         // probabilities times dloss, each element read just before its own store, rounded once
-        for (int v = 0; v < V; v++) drow[v] = from_real<T>(std::exp(to_real(row[v]) - max_logit) * scale);
+        for (int v = 0; v < V; v++) drow[v] = from_real<T>(exp_cpu(to_real(row[v]) - max_logit) * scale);
         // minus the one-hot target (the target's element recomputed, so it too is rounded once)
-        drow[target] = from_real<T>(std::exp(target_logit - max_logit) * scale - dloss);
+        drow[target] = from_real<T>(exp_cpu(target_logit - max_logit) * scale - dloss);
     }
 }
 

@@ -40,7 +40,7 @@ inline void swiglu_forward_cpu(T* out, const T* gate_up, int N, int F) {
         const T* up = gate + F;
         for (int f = 0; f < F; f++) {
             real g = to_real(gate[f]);
-            real sigmoid = 1 / (1 + std::exp(-g));
+            real sigmoid = 1 / (1 + exp_cpu(-g));
             out[(size_t)i * F + f] = from_real<T>(g * sigmoid * to_real(up[f]));
         }
     }
@@ -57,7 +57,7 @@ inline void swiglu_backward_cpu(T* dgate_up, const T* dout, const T* gate_up, in
         T* dup = dgate + F;
         for (int f = 0; f < F; f++) {
             real g = to_real(gate[f]);
-            real sigmoid = 1 / (1 + std::exp(-g));
+            real sigmoid = 1 / (1 + exp_cpu(-g));
             real dy = to_real(dout[(size_t)i * F + f]);
             dgate[f] = from_real<T>(dy * to_real(up[f]) * sigmoid * (1 + g * (1 - sigmoid)));
             dup[f] = from_real<T>(dy * g * sigmoid);

@@ -3,14 +3,16 @@ Layer-level checks of the CPU kernels that have edge cases the model-level parit
 not reach: the blocked GEMM at shapes that are not multiples of its tiles (MR = 6 rows,
 NR = 32 columns, KC = 256 deep), against plain triple loops in double; LayerNorm, against a plain
 double computation and finite differences; the fused residual add + RMSNorm, bitwise against
-the unfused pair it replaces in the model; the cross-entropy's ignored targets (padding); and
-the learning-rate schedules at their boundaries.
+the unfused pair it replaces in the model; the cross-entropy's ignored targets (padding); exp_cpu (the CPU's vectorisable e^x) against
+the exact value; and the learning-rate schedules at their boundaries.
 */
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../model.h"
@@ -73,6 +75,50 @@ TEST_CASE("matmul forward and backward match plain loops at ragged shapes", "[la
         CHECK(max_relative_error(dinp_written, dinp_ref) < 1e-5);
         CHECK(max_relative_error(dweight_written, dweight_ref) < 1e-5);
     }
+}
+
+TEST_CASE("exp_cpu is within one ulp of e^x, through overflow, underflow and subnormals", "[layers][cpu]") {
+    // the float sample: every 1021st bit pattern between -110 and 95 (both signs, every binade:
+    // about 2.2 million values), then the special values
+    std::vector<float> xs;
+    for (uint64_t bits = 0; bits <= 0xFFFFFFFFull; bits += 1021) {
+        float x;
+        uint32_t b32 = (uint32_t)bits;
+        memcpy(&x, &b32, sizeof(float));
+        if (x >= -110.0f && x <= 95.0f) xs.push_back(x);
+    }
+    REQUIRE(xs.size() > 2000000);
+    std::vector<float> ys(xs.size());
+    for (size_t i = 0; i < xs.size(); i++) ys[i] = exp_cpu(xs[i]);   // the loop vectorised, as the layers' are
+    double worst_ulps = 0;
+    float worst_x = 0;
+    for (size_t i = 0; i < xs.size(); i++) {
+        double exact = std::exp((double)xs[i]);
+        float rounded = (float)exact;
+        if (std::isinf(rounded)) {
+            CHECK(ys[i] == INFINITY);   // overflow
+            continue;
+        }
+        // the spacing of floats at the exact value (the subnormals' below FLT_MIN)
+        double ulp = rounded < FLT_MIN ? (double)std::numeric_limits<float>::denorm_min()
+                                       : (double)std::nextafter(rounded, INFINITY) - rounded;
+        double ulps = std::fabs((double)ys[i] - exact) / ulp;
+        if (!(ulps <= worst_ulps)) {
+            worst_ulps = ulps;
+            worst_x = xs[i];
+        }
+    }
+    INFO("worst " << worst_ulps << " ulp at x = " << worst_x);
+    CHECK(worst_ulps <= 1.0);
+    // special values
+    CHECK(exp_cpu(0.0f) == 1.0f);
+    CHECK(exp_cpu(-INFINITY) == 0.0f);
+    CHECK(exp_cpu(INFINITY) == INFINITY);
+    CHECK(exp_cpu(-1e30f) == 0.0f);
+    CHECK(exp_cpu(1e30f) == INFINITY);
+    CHECK(std::isnan(exp_cpu(NAN)));
+    CHECK(exp_cpu(-103.0f) > 0.0f);   // a subnormal, not flushed
+    CHECK(exp_cpu(88.7f) < INFINITY);
 }
 
 TEST_CASE("group_positions_by_token groups the positions by token, in order", "[layers][cpu]") {
