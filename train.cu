@@ -1039,8 +1039,8 @@ int main(int argc, char** argv) {
         // checkpoint from elsewhere) cannot continue a run, but can start one
         struct stat st;
         if (stat(training_state_path(args.resume).c_str(), &st) != 0 && stat((args.resume + "/model.safetensors").c_str(), &st) == 0) {
-            fail("--resume '%s': it holds a model's weights but no training state (%s), so no run to continue%s; "
-                 "--init-from '%s' starts a new run from its weights", args.resume.c_str(), "training_state.safetensors",
+            fail("--resume '%s': it holds a model's weights but no training state (training_state.safetensors), so no "
+                 "run to continue%s; --init-from '%s' starts a new run from its weights", args.resume.c_str(),
                  is_kept_snapshot(args.resume) ? " (a snapshot kept with --keep-what weights?)" : "", args.resume.c_str());
         }
         std::string settings;

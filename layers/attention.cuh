@@ -115,9 +115,10 @@ inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int
                     // scaled scores q . k against keys 0..t, and their maximum for a stable softmax
                     attn_cpu_weighted_rows(att_row, q.data(), keys_t.data(), head_size, t + 1, T_pad);
                     real max_score = -INFINITY;
+                    #pragma omp simd reduction(max : max_score)
                     for (int t2 = 0; t2 <= t; t2++) {
                         att_row[t2] *= scale;
-                        if (att_row[t2] > max_score) max_score = att_row[t2];
+                        max_score = att_row[t2] > max_score ? att_row[t2] : max_score;
                     }
                     // softmax over 0..t in place (the exponentials, then their sum in order); the
                     // masked future gets probability 0

@@ -42,6 +42,7 @@ inline void crossentropy_forward_cpu(real* losses, real* stats, const T* logits,
     for (int i = 0; i < N; i++) {
         const T* row = logits + (size_t)i * V;
         real max_logit = to_real(row[0]);
+        #pragma omp simd reduction(max : max_logit)
         for (int v = 1; v < V; v++) {
             real x = to_real(row[v]);
             max_logit = x > max_logit ? x : max_logit;
