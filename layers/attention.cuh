@@ -53,26 +53,46 @@ att * datt in float (see the fused section's comment for the size of that).
 // sums at every term: each term then waits for the store of the one before.) So the head's keys
 // and values are first copied into per-thread tables laid out for the block's loads: transposed,
 // (hs, T) (a channel's values for consecutive keys side by side), or per key, (T, hs); both padded
-// with zeros to whole blocks, whose extra sums are never used. Every sum still runs over its
-// terms in order. dev/bench_cpu_kernels.cpp times the two passes (dev/PERF.md).
+// with zeros to whole blocks, whose extra sums are never used. The backward pass takes dq row by
+// row, as the forward takes the scores, then dk and dv column by column from the score gradients
+// (kept for the whole head in the scratch) and the probabilities: each of the four is then a sum
+// in registers. Every sum still runs over its terms in order. dev/bench_cpu_kernels.cpp times the
+// two passes (dev/PERF.md).
 constexpr int ATTN_CPU_BLOCK = 16;
 
 inline int attn_cpu_padded(int n) { return (n + ATTN_CPU_BLOCK - 1) / ATTN_CPU_BLOCK * ATTN_CPU_BLOCK; }
 
-// out[c] = sum over r < rows, in order, of weights[r] * table[r][c], for c < cols; table (rows,
-// width), width a whole number of blocks. Every sum of the two passes is one of these: the scores
-// (weights q, table the keys transposed), y (the probabilities, the values), datt (dy, the values
-// transposed) and dq (the score gradients, the keys).
-inline void attn_cpu_weighted_rows(real* out, const real* weights, const real* table, int rows, int cols, int width) {
-    for (int c0 = 0; c0 < cols; c0 += ATTN_CPU_BLOCK) {
-        real sums[ATTN_CPU_BLOCK] = {};   // one vector register
-        for (int r = 0; r < rows; r++) {
-            const real* row = &table[(size_t)r * width + c0];
-            #pragma omp simd
-            for (int j = 0; j < ATTN_CPU_BLOCK; j++) sums[j] += weights[r] * row[j];
-        }
-        for (int j = 0; j < ATTN_CPU_BLOCK && c0 + j < cols; j++) out[c0 + j] = sums[j];
+// out[c] = sum over r < rows, in order, of weights[r * weight_stride] * table[r][c], for c < cols;
+// table (rows, width), width a whole number of blocks. Every sum of the two passes is one of these:
+// the scores (weights q, table the keys transposed), y (the probabilities, the values), datt (dy,
+// the values transposed), dq (the score gradients, the keys), and dv and dk (a column of the
+// probabilities or of the score gradients, the output gradients or the queries).
+// Up to four blocks are summed side by side: four independent chains of vector FMAs, where one
+// block alone waits out each FMA's latency before the next row's. Not inlined: inside the passes'
+// large loops gcc kept the sums on the stack, loaded and stored around every FMA.
+template <int BLOCKS>
+__attribute__((noinline)) void attn_cpu_weighted_blocks(real* out, const real* weights, const real* table, int rows, int cols, int width,
+                                     size_t weight_stride) {
+    real sums[BLOCKS * ATTN_CPU_BLOCK] = {};   // BLOCKS vector registers
+    for (int r = 0; r < rows; r++) {
+        const real* row = &table[(size_t)r * width];
+        real weight = weights[(size_t)r * weight_stride];
+        #pragma omp simd
+        for (int j = 0; j < BLOCKS * ATTN_CPU_BLOCK; j++) sums[j] += weight * row[j];
     }
+    for (int j = 0; j < BLOCKS * ATTN_CPU_BLOCK && j < cols; j++) out[j] = sums[j];
+}
+
+inline void attn_cpu_weighted_rows(real* out, const real* weights, const real* table, int rows, int cols, int width,
+                                   size_t weight_stride = 1) {
+    int c0 = 0;
+    for (; cols - c0 > 3 * ATTN_CPU_BLOCK; c0 += 4 * ATTN_CPU_BLOCK) {
+        attn_cpu_weighted_blocks<4>(out + c0, weights, table + c0, rows, cols - c0, width, weight_stride);
+    }
+    int blocks_left = (cols - c0 + ATTN_CPU_BLOCK - 1) / ATTN_CPU_BLOCK;
+    if (blocks_left == 3) attn_cpu_weighted_blocks<3>(out + c0, weights, table + c0, rows, cols - c0, width, weight_stride);
+    if (blocks_left == 2) attn_cpu_weighted_blocks<2>(out + c0, weights, table + c0, rows, cols - c0, width, weight_stride);
+    if (blocks_left == 1) attn_cpu_weighted_blocks<1>(out + c0, weights, table + c0, rows, cols - c0, width, weight_stride);
 }
 
 // table (n_pad, m_pad) zero-padded from rows of the head: table[r][c] = x[c][r] (transposed,
@@ -83,11 +103,19 @@ inline void attn_cpu_table(real* table, const floatX* src, size_t row_stride, in
     int width = transposed ? attn_cpu_padded(positions) : attn_cpu_padded(channels);
     int rows = transposed ? channels : positions;
     std::fill(table, table + (size_t)rows * width, (real)0);
-    for (int p = 0; p < positions; p++) {
+    if (!transposed) {
+        for (int p = 0; p < positions; p++) {
+            for (int i = 0; i < channels; i++) table[(size_t)p * width + i] = to_real(src[p * row_stride + i]);
+        }
+        return;
+    }
+    // transposed a block of positions at a time: the block's rows of x are read once, and each
+    // channel's values for the block are written side by side (one cache line), rather than every
+    // value to a line of its own
+    for (int p0 = 0; p0 < positions; p0 += ATTN_CPU_BLOCK) {
+        int p_end = std::min(positions, p0 + ATTN_CPU_BLOCK);
         for (int i = 0; i < channels; i++) {
-            real v = to_real(src[p * row_stride + i]);
-            if (transposed) table[(size_t)i * width + p] = v;
-            else table[(size_t)p * width + i] = v;
+            for (int p = p0; p < p_end; p++) table[(size_t)i * width + p] = to_real(src[p * row_stride + i]);
         }
     }
 }
@@ -137,8 +165,8 @@ inline void attention_forward_cpu(floatX* out, real* att, const floatX* qkv, int
     }
 }
 
-// dqkv (B, T, 3C) written; scratch (B, NH, T, T) workspace (the CPU uses one row of it per (b, h),
-// the CUDA version all of it); dout (B, T, C); qkv (B, T, 3C) and att (B, NH, T, T, real) from forward
+// dqkv (B, T, 3C) written; scratch (B, NH, T, T) workspace (each (b, h) its own (T, T) block: the
+// score gradients); dout (B, T, C); qkv (B, T, 3C) and att (B, NH, T, T, real) from forward
 template <typename floatX>
 inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* dout, const floatX* qkv,
                                    const real* att, int B, int T, int NH, int head_size) {
@@ -147,48 +175,46 @@ inline void attention_backward_cpu(floatX* dqkv, real* scratch, const floatX* do
     real scale = 1 / sqrt((real)head_size);
     #pragma omp parallel
     {
-        // per thread: the head's gradients (T, 3, hs), [dq | dk | dv] per position, summed here and
-        // written to dqkv once at the end of the head; its values transposed (hs, T_pad) and keys
-        // (T, hs_pad); one position's q and dy
+        // per thread: the head's gradients (T, 3, hs), [dq | dk | dv] per position, each written
+        // once and copied to dqkv at the end of the head; its values transposed (hs, T_pad), and
+        // keys, queries and output gradients (T, hs_pad)
         std::vector<real> grad((size_t)T * 3 * head_size), values_t((size_t)head_size * T_pad),
-            keys((size_t)T * hs_pad), q(head_size), dy(head_size);
+            keys((size_t)T * hs_pad), queries((size_t)T * hs_pad), dys((size_t)T * hs_pad);
         #pragma omp for collapse(2)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < NH; h++) {
-                real* datt = scratch + ((size_t)b * NH + h) * T * T;   // (T) one row at a time
+                real* dscores = scratch + ((size_t)b * NH + h) * T * T;   // (T, T): row t, keys t2 <= t
+                const real* att_head = att + ((size_t)b * NH + h) * T * T;
                 const floatX* head = qkv + (size_t)b * T * 3 * C + (size_t)h * head_size;   // q of position 0
                 attn_cpu_table(values_t.data(), head + 2 * C, 3 * (size_t)C, T, head_size, true);
                 attn_cpu_table(keys.data(), head + C, 3 * (size_t)C, T, head_size, false);
-                std::fill(grad.begin(), grad.end(), (real)0);
+                attn_cpu_table(queries.data(), head, 3 * (size_t)C, T, head_size, false);
+                attn_cpu_table(dys.data(), dout + (size_t)b * T * C + (size_t)h * head_size, (size_t)C, T, head_size,
+                               false);
+                // row by row: the gradients of the scores, and through them dq
                 for (int t = 0; t < T; t++) {
-                    const real* att_row = att + (((size_t)b * NH + h) * T + t) * T;
-                    for (int i = 0; i < head_size; i++) {
-                        q[i] = to_real(head[(size_t)t * 3 * C + i]);
-                        dy[i] = to_real(dout[((size_t)b * T + t) * C + (size_t)h * head_size + i]);
-                    }
-                    real* dq = grad.data() + (size_t)t * 3 * head_size;
-                    // through y = att v: the gradients of the probabilities, datt[t2] = v[t2] . dy ...
-                    attn_cpu_weighted_rows(datt, dy.data(), values_t.data(), head_size, t + 1, T_pad);
-                    // ... and of the values, dv[t2] += att[t2] dy
-                    real weighted = 0;   // sum_j att[j] * datt[j]
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        real* dv = grad.data() + ((size_t)t2 * 3 + 2) * head_size;
-                        real p = att_row[t2];
-                        #pragma omp simd
-                        for (int i = 0; i < head_size; i++) dv[i] += p * dy[i];
-                        weighted += p * datt[t2];
-                    }
-                    // through the softmax: the gradients of the scaled scores, in place of datt
-                    for (int t2 = 0; t2 <= t; t2++) datt[t2] = att_row[t2] * (datt[t2] - weighted) * scale;
-                    // then the dot products q . k: dq = sum_t2 dscore[t2] k[t2] ...
-                    attn_cpu_weighted_rows(dq, datt, keys.data(), t + 1, head_size, hs_pad);
-                    // ... and dk[t2] += dscore[t2] q
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        real* dk = grad.data() + ((size_t)t2 * 3 + 1) * head_size;
-                        real dscore = datt[t2];
-                        #pragma omp simd
-                        for (int i = 0; i < head_size; i++) dk[i] += dscore * q[i];
-                    }
+                    const real* att_row = att_head + (size_t)t * T;
+                    real* dscore = dscores + (size_t)t * T;
+                    // through y = att v: the gradients of the probabilities, datt[t2] = v[t2] . dy
+                    // (kept in dscore's row)
+                    attn_cpu_weighted_rows(dscore, &dys[(size_t)t * hs_pad], values_t.data(), head_size, t + 1, T_pad);
+                    // through the softmax: dscore = att (datt - sum_j att[j] datt[j]) * scale
+                    real weighted = 0;
+                    for (int t2 = 0; t2 <= t; t2++) weighted += att_row[t2] * dscore[t2];
+                    for (int t2 = 0; t2 <= t; t2++) dscore[t2] = att_row[t2] * (dscore[t2] - weighted) * scale;
+                    // then the dot products q . k: dq = sum_t2 dscore[t2] k[t2]
+                    attn_cpu_weighted_rows(grad.data() + (size_t)t * 3 * head_size, dscore, keys.data(), t + 1,
+                                           head_size, hs_pad);
+                }
+                // column by column: dk[t2] = sum over t >= t2 of dscore[t][t2] q[t], and
+                // dv[t2] = sum over t >= t2 of att[t][t2] dy[t]
+                for (int t2 = 0; t2 < T; t2++) {
+                    real* dk = grad.data() + ((size_t)t2 * 3 + 1) * head_size;
+                    real* dv = grad.data() + ((size_t)t2 * 3 + 2) * head_size;
+                    attn_cpu_weighted_rows(dk, dscores + (size_t)t2 * T + t2, &queries[(size_t)t2 * hs_pad], T - t2,
+                                           head_size, hs_pad, T);
+                    attn_cpu_weighted_rows(dv, att_head + (size_t)t2 * T + t2, &dys[(size_t)t2 * hs_pad], T - t2,
+                                           head_size, hs_pad, T);
                 }
                 // the head's totals into dqkv, one rounding each
                 for (int t = 0; t < T; t++) {
