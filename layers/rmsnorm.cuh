@@ -123,8 +123,10 @@ inline void rmsnorm_backward_cpu(T* dinp, G* dweight, real* scratch, const T* do
         const T* dy = dout + (size_t)i * stride;
         T* dx = dinp + (size_t)i * stride;
         real r = rstd[i];
-        // mean over the row of g * xhat, the part of the gradient along x itself
+        // mean over the row of g * xhat, the part of the gradient along x itself (in double, in
+        // SIMD lanes: a fixed order per build)
         double dot = 0.0;
+        #pragma omp simd reduction(+ : dot)
         for (int c = 0; c < C; c++) dot += (double)(to_real(dy[c]) * to_real(weight[c])) * (to_real(x[c]) * r);
         real mean_dot = (real)(dot / C);
         // accumulate: read, add in real, round once (or write: round once)
@@ -134,13 +136,21 @@ inline void rmsnorm_backward_cpu(T* dinp, G* dweight, real* scratch, const T* do
             dx[c] = from_real<T>(old + r * (g - to_real(x[c]) * r * mean_dot));
         }
     }
-    // weight gradient: a sum over rows, so parallelise over channels instead (rows in order)
+    // weight gradient: a sum over rows, so parallelise over channels instead: a thread takes a
+    // block of channels and walks the rows in order, the block's sums side by side
+    constexpr int CHANNELS = 32;
     #pragma omp parallel for
-    for (int c = 0; c < C; c++) {
-        double sum = 0.0;
-        for (int i = 0; i < N; i++)
-            sum += (double)to_real(dout[(size_t)i * stride + c]) * (to_real(inp[(size_t)i * stride + c]) * rstd[i]);
-        dweight[c] = from_real<G>(to_real(dweight[c]) + (real)sum);
+    for (int c0 = 0; c0 < C; c0 += CHANNELS) {
+        int channels = std::min(CHANNELS, C - c0);
+        double sums[CHANNELS] = {};
+        for (int i = 0; i < N; i++) {
+            const T* dy = dout + (size_t)i * stride + c0;
+            const T* x = inp + (size_t)i * stride + c0;
+            real r = rstd[i];
+            #pragma omp simd
+            for (int c = 0; c < channels; c++) sums[c] += (double)to_real(dy[c]) * (to_real(x[c]) * r);
+        }
+        for (int c = 0; c < channels; c++) dweight[c0 + c] = from_real<G>(to_real(dweight[c0 + c]) + (real)sums[c]);
     }
 }
 
