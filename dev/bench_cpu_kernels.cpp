@@ -10,6 +10,7 @@ alone, so that a change to one of them can be measured without the noise of a wh
     - the attention (attention_forward_cpu, then attention_backward_cpu) at the shapes of the
       12 x 128 model of EXPERIMENTS.md (B16 T128, 4 heads of 32) and of LLaMA-71M (B2 T256, 8 heads
       of 64), in ms per layer;
+    - the RMSNorm backward at both models' rows, in ms;
     - the cross-entropy (loss and logits' gradient) and SwiGLU (forward and backward) at both
       models' shapes, in ms: most of their time is e^x.
 Each number is the best of several repetitions (the least disturbed by the rest of the machine),
@@ -28,6 +29,7 @@ Build and run (repository root):
 #include "../layers/crossentropy.cuh"
 #include "../layers/global_norm.cuh"
 #include "../layers/matmul.cuh"
+#include "../layers/rmsnorm.cuh"
 #include "../layers/swiglu.cuh"
 
 // milliseconds since start
@@ -131,6 +133,25 @@ int main() {
         printf("  %-7s B %2d T %3d NH %d hs %2d: forward %6.2f ms, backward %6.2f ms (checksum %.9g)\n", s.name, s.B,
                s.T, s.NH, s.hs, best_forward, best_backward,
                (double)out[out.size() / 3] + dqkv[dqkv.size() / 2] + dqkv[dqkv.size() / 5 + 7]);
+    }
+
+    // ---- the RMSNorm backward (input and weight gradients) at both models' rows
+    struct NormShape { const char* name; int N, C; };
+    const NormShape norm_shapes[] = {{"12x128", 2048, 128}, {"71m", 512, 512}};
+    printf("RMSNorm backward (input and weight gradients), best of 5\n");
+    for (const NormShape& s : norm_shapes) {
+        std::vector<float> inp = fixed_values((size_t)s.N * s.C, 11, 1.0f), dout = fixed_values((size_t)s.N * s.C, 12, 1.0f);
+        std::vector<float> weight = fixed_values(s.C, 13, 1.0f), rstd = fixed_values(s.N, 14, 1.0f);
+        std::vector<float> dinp((size_t)s.N * s.C), dweight(s.C, 0.0f);
+        double best = 1e30;
+        for (int repeat = 0; repeat < 5; repeat++) {
+            auto start = std::chrono::steady_clock::now();
+            rmsnorm_backward_cpu(dinp.data(), dweight.data(), (float*)nullptr, dout.data(), inp.data(), weight.data(),
+                                 rstd.data(), s.N, s.C, s.C, false);
+            best = std::min(best, elapsed_ms(start));
+        }
+        printf("  %-7s N %4d C %4d: %6.3f ms (checksum %.9g)\n", s.name, s.N, s.C, best,
+               (double)dinp[dinp.size() / 3] + dweight[s.C / 2]);
     }
 
     // ---- the cross-entropy (training's one call: loss, then the logits' gradient in place) and
