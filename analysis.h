@@ -30,16 +30,24 @@ dev/reference.py's `analyze` implements the same definitions independently; the 
 #include "json.h"
 #include "model.h"
 
+// A validation batch's weight in the mean loss: its targets (every target counts alike), or, with
+// batch_means (--val-mean batches, the paper's code's way), 1 for a batch with targets and 0 for
+// one without.
+inline double validation_batch_weight(int targets, bool batch_means) {
+    return batch_means ? (targets > 0 ? 1.0 : 0.0) : (double)targets;
+}
+
 struct Analysis {
-    double val_loss = 0;                                // the full model's mean token loss
+    double val_loss = 0;                                // the full model's mean loss (--val-mean)
     size_t tokens = 0;                                  // target tokens evaluated
     std::vector<std::vector<double>> angular_distance;  // [l][n-1], a triangle
     std::vector<double> layer_drop_loss;                // [l] loss with layer l skipped
     std::vector<double> hidden_rms;                     // [l] for l = 0..L: RMS of h_l
 };
 
-// Runs the diagnostics over the first max_batches whole windows of the loader (all if 0).
-inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches) {
+// Runs the diagnostics over the first max_batches whole windows of the loader (all if 0); the
+// losses are means over the targets, or with batch_means the means of the batches' means.
+inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches, bool batch_means) {
     const ModelConfig& c = model->config;
     const int L = c.num_layers, C = c.channels, B = model->B, T = model->T;
     size_t batches = dataloader_num_batches(loader);
@@ -53,15 +61,17 @@ inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches)
     std::vector<int> last_position(B);   // (B) each sequence's last token that is not padding
     std::vector<char> is_padding((size_t)B * T);   // (B, T)
     size_t positions = 0;   // the positions the RMS is over
+    double loss_weights = 0;   // the losses' divisor: the targets, or the batches with targets
     dataloader_reset(loader);
     for (size_t batch = 0; batch < batches; batch++) {
         dataloader_next_batch(loader);
         model->skip_layer = -1;
         model_forward(model, loader->inputs, loader->targets);
-        // the token means: each batch's weighted by its targets
-        const int targets = model->target_count;
-        result.val_loss += model->mean_loss * targets;
-        result.tokens += (size_t)targets;
+        // the loss means: each batch's weighted by its targets, or by 1 (validation_batch_weight)
+        const double weight = validation_batch_weight(model->target_count, batch_means);
+        result.val_loss += model->mean_loss * weight;
+        loss_weights += weight;
+        result.tokens += (size_t)model->target_count;
         // which positions are padding (a stream has none), and each row's last token that is not
         for (int b = 0; b < B; b++) {
             last_position[b] = 0;
@@ -120,16 +130,16 @@ inline Analysis model_analyze(Model* model, DataLoader* loader, int max_batches)
             model->skip_layer = l;
             model->resume_layer = l >= 1 ? l - 1 : 0;
             model_forward(model, loader->inputs, loader->targets);
-            result.layer_drop_loss[l] += model->mean_loss * targets;
+            result.layer_drop_loss[l] += model->mean_loss * weight;
         }
         model->skip_layer = -1;
         model->resume_layer = 0;
     }
     model->backward_ready = false;
-    // means: over the targets, the sequences, and the positions that are not padding
-    double targets = result.tokens > 0 ? (double)result.tokens : 1.0;   // (no target: losses 0)
-    result.val_loss /= targets;
-    for (double& loss : result.layer_drop_loss) loss /= targets;
+    // means: over the targets (or the batches), the sequences, and the positions that are not padding
+    double divisor = loss_weights > 0 ? loss_weights : 1.0;   // (no target: losses 0)
+    result.val_loss /= divisor;
+    for (double& loss : result.layer_drop_loss) loss /= divisor;
     for (auto& row : result.angular_distance) {
         for (double& d : row) d /= (double)batches * B;
     }

@@ -68,6 +68,7 @@ struct Args {
     int data_seed = 1;                       // shuffled: the order's seed, apart from --seed
     int pad_id = -1;           // >= 0: the data holds one document per row, padded with this token
     int val_batches = 0;       // 0: every whole window of the validation data
+    std::string val_mean = "tokens";   // tokens: every target counts alike; batches: the mean of batch means
     int val_every = 0;         // 0: validate only at the end
     int batch = 8;
     int grad_accum = 1;        // micro-batches per optimizer step
@@ -147,6 +148,9 @@ static void print_help() {
     printf("  --val-data PATTERN     validation shards (default: none)\n");
     printf("  --val-batches K        validate on the first K batches (default 0: every whole window)\n");
     printf("  --val-every N          also validate every N steps (default 0: only at the end)\n");
+    printf("  --val-mean tokens|batches  the validation loss: the mean over every target (tokens), or the mean of\n"
+           "                         each batch's mean (batches), as the paper's code reports it; the two differ only\n"
+           "                         where batches hold different numbers of targets (--pad-id) (default tokens)\n");
     printf("optimisation (AdamW; a linear warmup, then the schedule):\n");
     printf("  --batch B              sequences per micro-batch (default %d)\n", d.batch);
     printf("  --grad-accum K         micro-batches per optimizer step: a global batch of K*B sequences (default %d)\n", d.grad_accum);
@@ -285,6 +289,7 @@ static Args parse_args(int argc, char** argv) {
         else if (flag == "--pad-id") a.pad_id = parse_int(f, v);
         else if (flag == "--val-batches") a.val_batches = parse_int(f, v);
         else if (flag == "--val-every") a.val_every = parse_int(f, v);
+        else if (flag == "--val-mean") a.val_mean = v;
         else if (flag == "--batch") a.batch = parse_int(f, v);
         else if (flag == "--grad-accum") a.grad_accum = parse_int(f, v);
         else if (flag == "--steps") a.steps = parse_int(f, v);
@@ -345,6 +350,7 @@ static Args parse_args(int argc, char** argv) {
     if (a.steps < 0) fail("--steps must be at least 0, got %d", a.steps);
     if (a.warmup < 0) fail("--warmup must be at least 0, got %d", a.warmup);
     if (a.val_batches < 0 || a.val_every < 0) fail("--val-batches and --val-every must be at least 0");
+    if (a.val_mean != "tokens" && a.val_mean != "batches") fail("--val-mean must be tokens or batches, got '%s'", a.val_mean.c_str());
     if (a.checkpoint_every < 0 || a.stop_at < 0) fail("--checkpoint-every and --stop-at must be at least 0");
     if (a.keep_every < 0) fail("--keep-every must be at least 0, got %d", a.keep_every);
     if (a.keep_what != "full" && a.keep_what != "weights") fail("--keep-what must be full or weights, got '%s'", a.keep_what.c_str());
@@ -537,6 +543,7 @@ static std::vector<RunSetting> run_settings(const Args& a) {
             {"--val-data", a.val_data, true},
             {"--val-every", std::to_string(a.val_every), true},
             {"--val-batches", std::to_string(a.val_batches), true},
+            {"--val-mean", a.val_mean, true},
             {"--checkpoint-every", std::to_string(a.checkpoint_every), true},
             {"--keep-every", std::to_string(a.keep_every), true},
             {"--keep-what", a.keep_what, true},
@@ -698,6 +705,7 @@ static std::string apply_saved_settings(Args* a, const std::string& settings_jso
         else if (flag == "--val-data") a->val_data = v;
         else if (flag == "--val-every") a->val_every = parse_int("--val-every", v);
         else if (flag == "--val-batches") a->val_batches = parse_int("--val-batches", v);
+        else if (flag == "--val-mean") a->val_mean = v;
         else if (flag == "--checkpoint-every") a->checkpoint_every = parse_int("--checkpoint-every", v);
         else if (flag == "--keep-every") a->keep_every = parse_int("--keep-every", v);
         else if (flag == "--keep-what") a->keep_what = v;
@@ -957,23 +965,27 @@ struct EvalResult {
     size_t tokens;        // target tokens evaluated
 };
 
-// Mean loss over the first max_batches whole windows of the loader's data (all of them if 0).
-static EvalResult evaluate(Model* model, DataLoader* loader, int max_batches) {
+// Mean loss over the first max_batches whole windows of the loader's data (all of them if 0):
+// over the targets (batch_means false), or the mean of the batches' means (true; a batch without
+// targets left out).
+static EvalResult evaluate(Model* model, DataLoader* loader, int max_batches, bool batch_means) {
     size_t batches = dataloader_num_batches(loader);
     if (max_batches > 0 && (size_t)max_batches < batches) batches = (size_t)max_batches;
     dataloader_reset(loader);
-    double sum = 0.0;
+    double sum = 0.0, weights = 0.0;
     size_t tokens = 0;
     for (size_t i = 0; i < batches; i++) {
         dataloader_next_batch(loader);
         model_forward(model, loader->inputs, loader->targets);
-        // the token mean: each batch's mean weighted by its targets (all B*T of them, but where
-        // the data is a document per row, --pad-id: then padding has none)
-        sum += model->mean_loss * model->target_count;
+        // each batch's mean weighted by its targets (all B*T of them, but where the data is a
+        // document per row, --pad-id: then padding has none), or by 1
+        double weight = validation_batch_weight(model->target_count, batch_means);
+        sum += model->mean_loss * weight;
+        weights += weight;
         tokens += (size_t)model->target_count;
     }
     model->backward_ready = false;
-    return {tokens > 0 ? sum / (double)tokens : 0.0, tokens};
+    return {weights > 0 ? sum / weights : 0.0, tokens};
 }
 
 // Generates n tokens after the prompt: each step runs the model on the last T tokens of the text
@@ -1196,7 +1208,7 @@ int main(int argc, char** argv) {
     if (args.analyze) {
         std::string dir = !args.out.empty() ? args.out : !args.init_from.empty() ? args.init_from : ".";
         make_directory(dir);
-        Analysis analysis = model_analyze(&model, &val_loader, args.val_batches);
+        Analysis analysis = model_analyze(&model, &val_loader, args.val_batches, args.val_mean == "batches");
         write_file_atomic(dir + "/analysis.json", analysis_to_json(analysis));
         printf("val loss %.4f over %zu tokens; with one layer dropped:", analysis.val_loss, analysis.tokens);
         for (double loss : analysis.layer_drop_loss) printf(" %.4f", loss);
@@ -1208,7 +1220,7 @@ int main(int argc, char** argv) {
         return 0;
     }
     if (args.eval_only) {
-        EvalResult r = evaluate(&model, &val_loader, args.val_batches);
+        EvalResult r = evaluate(&model, &val_loader, args.val_batches, args.val_mean == "batches");
         printf("{\"val_loss\": %.6f, \"perplexity\": %.4f, \"tokens\": %zu}\n", r.loss, exp(r.loss), r.tokens);
         dataloader_free(&val_loader);
         model_free(&model);
@@ -1264,7 +1276,7 @@ int main(int argc, char** argv) {
         printf("snapshot kept in %s (step %d)\n", dir.c_str(), next_step);
     };
     auto validate = [&](int step) {
-        EvalResult r = evaluate(&model, &val_loader, args.val_batches);
+        EvalResult r = evaluate(&model, &val_loader, args.val_batches, args.val_mean == "batches");
         printf("step %d | val loss %.4f | perplexity %.2f | %zu tokens\n", step, r.loss, exp(r.loss), r.tokens);
         if (log) {
             fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"tokens\": %zu}\n", step, r.loss, r.tokens);

@@ -1150,24 +1150,39 @@ def train(model, tokens, B, T, steps, lr, warmup, min_lr_ratio, weight_decay, gr
     return log
 
 
+VAL_MEANS = ("tokens", "batches")
+
+
+def _batch_weight(n_targets, val_mean):
+    """A validation batch's weight in the mean loss: its targets ("tokens": each target counts
+    alike), or 1 ("batches": the mean of the batches' means, as the paper's code reports it; a
+    batch without targets counts for nothing)."""
+    if val_mean not in VAL_MEANS:
+        raise ValueError(f"val_mean must be one of {VAL_MEANS}, got {val_mean!r}")
+    return n_targets if val_mean == "tokens" else (1 if n_targets > 0 else 0)
+
+
 @torch.no_grad()
-def evaluate(model, tokens, B, T, batches=None, pad_id=None):
-    """Mean token loss over whole batches 0..nb-1 (or the first `batches`) -> (loss, target
-    tokens); pad_id: one document per row (batch), whose ignored targets count for nothing."""
+def evaluate(model, tokens, B, T, batches=None, pad_id=None, val_mean="tokens"):
+    """Mean loss over whole batches 0..nb-1 (or the first `batches`) -> (loss, target tokens);
+    pad_id: one document per row (batch), whose ignored targets count for nothing; val_mean: the
+    mean over the targets, or of the batches' means (_batch_weight)."""
     model.eval()
     nb = num_batches(len(tokens), B, T, pad_id)
     if batches is not None:
         nb = min(nb, batches)
     if nb < 1:
         raise ValueError(f"shard of {len(tokens)} tokens holds no whole batch of {B}x{T}")
-    total, count = 0.0, 0
+    total, weights, count = 0.0, 0, 0
     for k in range(nb):
         x, y = batch(tokens, k, B, T, pad_id)
         _, loss = model(x, y)
         n = int((y != IGNORED_TARGET).sum())
-        total += float(loss) * n  # each batch's mean weighted by its targets
+        w = _batch_weight(n, val_mean)
+        total += float(loss) * w  # each batch's mean weighted by its targets, or by 1
+        weights += w
         count += n
-    return (total / count if count else 0.0), count
+    return (total / weights if weights else 0.0), count
 
 
 # -----------------------------------------------------------------------------
@@ -1217,7 +1232,7 @@ def _token_loss(logits, targets):
 
 
 @torch.no_grad()
-def analyze(model, tokens, B, T, max_batches=0, pad_id=None):
+def analyze(model, tokens, B, T, max_batches=0, pad_id=None, val_mean="tokens"):
     """Angular distances between layer inputs and the loss with each layer dropped, over whole
     windows 0..nb-1 of `tokens` (or the first max_batches; 0 means all) ->
       {"val_loss": full-model mean token loss, "tokens": target tokens,
@@ -1226,7 +1241,8 @@ def analyze(model, tokens, B, T, max_batches=0, pad_id=None):
        "layer_drop": [{"layer": l, "val_loss": mean token loss with layer l skipped}, ...],
        "hidden_rms": l = 0..L: sqrt(mean of h_l^2 over every token and channel)}
     pad_id: one document per row (batch): a sequence's last token is its last that is not
-    padding, the RMS is over the tokens that are not padding, and the losses over the targets."""
+    padding, the RMS is over the tokens that are not padding, and the losses over the targets.
+    val_mean "batches": the losses are the means of the batches' means (_batch_weight)."""
     if max_batches < 0:
         raise ValueError(f"max_batches must be >= 0 (0 means all), got {max_batches}")
     model.eval()
@@ -1236,8 +1252,9 @@ def analyze(model, tokens, B, T, max_batches=0, pad_id=None):
         nb = min(nb, max_batches)
     if nb < 1:
         raise ValueError(f"shard of {len(tokens)} tokens holds no whole batch of {B}x{T}")
-    # sums over windows in float64: the losses weighted by each window's targets (the token mean)
-    full, count, positions = 0.0, 0, 0
+    # sums over windows in float64: the losses weighted by each window's targets (the token mean),
+    # or by 1 (the mean of the batch means)
+    full, weights, count, positions = 0.0, 0, 0, 0
     dropped = [0.0] * L
     dist = [np.zeros(L - l) for l in range(L)]  # dist[l][n-1]: sum over sequences
     squares = [0.0] * (L + 1)                    # squares[l]: sum of h_l^2 over every element not padding
@@ -1255,11 +1272,13 @@ def analyze(model, tokens, B, T, max_batches=0, pad_id=None):
             squares[l] += float(hs[l].double()[real].square().sum())
         positions += int(real.sum())
         n_targets = int((y != IGNORED_TARGET).sum())
+        w = _batch_weight(n_targets, val_mean)
         count += n_targets
-        full += float(_token_loss(logits_from(model, hs[L], L), y)) * n_targets
+        weights += w
+        full += float(_token_loss(logits_from(model, hs[L], L), y)) * w
         for l in range(L):
-            dropped[l] += float(_token_loss(logits_from(model, hs[l], l + 1), y)) * n_targets
-    count_or_1 = max(count, 1)
+            dropped[l] += float(_token_loss(logits_from(model, hs[l], l + 1), y)) * w
+    count_or_1 = max(weights, 1)
     return {"val_loss": full / count_or_1, "tokens": count,
             "angular_distance": [[float(s) / (nb * B) for s in row] for row in dist],
             "layer_drop": [{"layer": l, "val_loss": dropped[l] / count_or_1} for l in range(L)],
@@ -1296,13 +1315,13 @@ def cmd_init(a):
 def cmd_eval(a):
     model = load_checkpoint(a.ckpt)
     with using_precision(a.precision):
-        loss, n = evaluate(model, shard_load(a.data), a.batch, a.seq_len, a.batches, a.pad_id)
+        loss, n = evaluate(model, shard_load(a.data), a.batch, a.seq_len, a.batches, a.pad_id, a.val_mean)
     print(json.dumps({"val_loss": loss, "tokens": n}))
 
 
 def cmd_analyze(a):
     model = load_checkpoint(a.ckpt)
-    result = analyze(model, shard_load(a.data), a.batch, a.seq_len, a.batches, a.pad_id)
+    result = analyze(model, shard_load(a.data), a.batch, a.seq_len, a.batches, a.pad_id, a.val_mean)
     line = json.dumps(result)
     if a.out:
         tmp = a.out + ".tmp"
@@ -1369,6 +1388,12 @@ def pad_id_arg(q):
                         "(train's --pad-id): no target after a row's end (default: a stream)")
 
 
+def val_mean_arg(q):
+    q.add_argument("--val-mean", choices=VAL_MEANS, default="tokens",
+                   help="the loss: the mean over every target (default), or of the batches' means (train's "
+                        "--val-mean)")
+
+
 def precision_arg(q):
     q.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default), or emulate the engine's bf16 storage: bf16 (bf16 copies of the "
@@ -1409,6 +1434,7 @@ def main(argv=None):
     checkpoint_data_args(q)
     q.add_argument("--batches", type=int, default=None)
     pad_id_arg(q)
+    val_mean_arg(q)
     precision_arg(q)
     q.set_defaults(fn=cmd_eval)
 
@@ -1418,6 +1444,7 @@ def main(argv=None):
     q.add_argument("--batches", type=int, default=0, help="only the first K windows (default 0: all)")
     q.add_argument("--out", default=None, help="also write the JSON to this file")
     pad_id_arg(q)
+    val_mean_arg(q)
     q.set_defaults(fn=cmd_analyze)
 
     q = sub.add_parser("train", help="train from a checkpoint, write the result and log.jsonl to --out")

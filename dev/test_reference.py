@@ -685,6 +685,21 @@ def test_padded_rows_batches_and_ignored_targets():
             for k in range(2)]
     assert n == 3 + 1 + 0 + 3 == sum(c for _, c in sums)
     assert abs(loss - sum(l * c for l, c in sums) / n) < 1e-9
+    # val_mean "batches": the mean of the batches' means (the paper's code's), which differs here
+    # (4 and 3 targets); a batch without targets (a third of padding only) is left out of both
+    padded = np.concatenate([toks, np.zeros(B * T, dtype=np.uint16)])
+    assert ref.num_batches(len(padded), B, T, pad) == 3
+    by_batch, n_b = ref.evaluate(model, padded, B, T, pad_id=pad, val_mean="batches")
+    assert n_b == n and abs(by_batch - (sums[0][0] + sums[1][0]) / 2) < 1e-9
+    assert abs(by_batch - loss) > 1e-4
+    assert abs(ref.evaluate(model, padded, B, T, pad_id=pad)[0] - loss) < 1e-12
+    res = ref.analyze(model, padded, B, T, pad_id=pad, val_mean="batches")
+    assert abs(res["val_loss"] - by_batch) < 1e-9 and res["tokens"] == n
+    try:
+        ref.evaluate(model, toks, B, T, pad_id=pad, val_mean="rows")
+        raise AssertionError("a bad val_mean was accepted")
+    except ValueError as e:
+        assert "val_mean" in str(e)
 
 
 def test_analyze_shapes_ranges_and_loss():

@@ -520,16 +520,18 @@ def test_analyze_follows_the_snapshots_over_training():
 
 def test_analyze_dry_run_and_bad_input():
     out = os.path.join(tmp(), "analyze_dry")
-    # (--pad-id: the data's layout, which the analysis must read as the runs did)
+    # (--pad-id: the data's layout, which the analysis must read as the runs did; --val-mean: its
+    # losses the runs' validation means)
     common = ["--layers", "2", "--train-data", "x.bin", "--val-data", "v.bin", "--val-batches", "3", "--batch", "4",
-              "--pad-id", "0", "--lr", "1e-3"]
+              "--pad-id", "0", "--val-mean", "batches", "--lr", "1e-3"]
     stdout, _ = sweep("--out", out, "--placements", "pre", "--analyze", "--dry-run", common=common)
-    want = f"# {TRAIN} --analyze --init-from {out}/pre-s1 --val-data v.bin --val-batches 3 --batch 4 --pad-id 0"
+    want = f"# {TRAIN} --analyze --init-from {out}/pre-s1 --val-data v.bin --val-batches 3 --batch 4 --pad-id 0 " \
+           "--val-mean batches"
     assert want in stdout.splitlines(), stdout
     assert "snapshot" not in stdout, stdout
     stdout, _ = sweep("--out", out, "--placements", "pre", "--analyze", "--dry-run", common=common + ["--keep-every", "5"])
     assert f"# {TRAIN} --analyze --init-from {out}/<run>/step_NNNNNN --val-data v.bin --val-batches 3 --batch 4 " \
-           "--pad-id 0" in stdout.splitlines(), stdout
+           "--pad-id 0 --val-mean batches" in stdout.splitlines(), stdout
     assert not os.path.exists(out)
     _, stderr = sweep("--out", out, "--placements", "pre", "--analyze", common=["--layers", "2", "--train-data", "x.bin"],
                       expect=None)

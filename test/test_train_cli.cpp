@@ -359,6 +359,35 @@ TEST_CASE("train --pad-id reproduces the reference on padded rows, and evaluates
     CHECK(std::fabs(number(stream, "val_loss") - loss) > 1e-2);
 }
 
+// --val-mean batches: the mean of the batches' means, as the paper's code reports its validation
+// loss, against the reference's; on rows the batches hold different numbers of targets, so it
+// differs from the token mean. The validation during training uses it too, and a resumed run
+// keeps it.
+TEST_CASE("--val-mean batches averages the batches' means, as the reference does", "[cli][rows]") {
+    std::string dir = fixture_dir("mix_rows"), tmp = make_temp_dir();
+    const std::string data = " --val-data " + quote(dir + "/train.bin") + " --batch 3 --seq-len 24 --pad-id 0";
+    JsonValue tokens = last_line_json(train_ok("--eval-only --init-from " + quote(dir) + data).out);
+    JsonValue batches = last_line_json(train_ok("--eval-only --init-from " + quote(dir) + data + " --val-mean batches").out);
+    JsonValue theirs = last_line_json(reference_ok("eval --ckpt " + quote(dir) + " --data " + quote(dir + "/train.bin") +
+                                                   " --batch 3 --seq-len 24 --pad-id 0 --val-mean batches").out);
+    double loss = number(batches, "val_loss"), reference_loss = number(theirs, "val_loss");
+    CAPTURE(loss, reference_loss, number(tokens, "val_loss"));
+    CHECK(std::fabs(loss - reference_loss) <= 1e-5 * std::fabs(reference_loss));
+    CHECK(std::fabs(loss - number(tokens, "val_loss")) > 1e-4);
+    CHECK(number(batches, "tokens") == number(tokens, "tokens"));
+    // in training: the logged validation loss is the same mean, and --resume keeps the setting
+    train_ok("--init-from " + quote(dir) + " --steps 2 --stop-at 1 --lr 0 --train-data " + quote(dir + "/train.bin") +
+             data + " --val-every 1 --val-mean batches --out " + quote(tmp + "/run"));
+    train_ok("--resume " + quote(tmp + "/run"));
+    std::vector<double> logged;
+    for (const JsonValue& entry : read_jsonl(tmp + "/run/log.jsonl")) {
+        if (entry.get("val_loss") != nullptr) logged.push_back(entry.get("val_loss")->number);
+    }
+    REQUIRE(logged.size() == 2);   // steps 1 (before the stop) and 2 (the end, after the resume)
+    for (double v : logged) CHECK(std::fabs(v - loss) <= 1e-6 * std::fabs(loss));   // lr 0: the weights stay
+    require_train_fails("--steps 0 --val-mean rows", "--val-mean must be tokens or batches, got 'rows'");
+}
+
 // What the shards hold must be what the run reads them as: prepare.py's meta.json beside them says
 // (rows and pad_id for one document per row), and a run that reads them otherwise is refused.
 TEST_CASE("--pad-id: the meta.json beside the shards must agree, and bad values are refused", "[cli][rows]") {
@@ -630,7 +659,8 @@ TEST_CASE("--help lists every flag with its default", "[cli]") {
     Run r = train_ok("--help");
     const char* flags[] = {
         "--model", "--layers", "--dim", "--heads", "--ffn", "--vocab", "--seq-len", "--norm", "--alpha",
-        "--train-data", "--data-order", "--data-seed", "--pad-id", "--val-data", "--val-batches", "--val-every", "--batch", "--steps",
+        "--train-data", "--data-order", "--data-seed", "--pad-id", "--val-data", "--val-batches", "--val-every", "--val-mean",
+        "--batch", "--steps",
         "--lr", "--warmup",
         "--min-lr-ratio", "--lr-schedule", "--decay-frac", "--weight-decay", "--weight-decay-on", "--beta1", "--beta2",
         "--adam-eps", "--grad-clip", "--seed", "--device", "--attention", "--rope", "--precision",
@@ -1539,6 +1569,9 @@ TEST_CASE("--analyze gives the PyTorch reference's angular distances, layer-drop
 // a stream (last position, every position) the distances and the RMS come out otherwise.
 TEST_CASE("--analyze on padded rows (--pad-id) agrees with the reference's", "[cli][analyze][rows]") {
     JsonValue rows = require_analysis_agrees("mix_rows", 4, " --pad-id 0");
+    // the losses as the means of the batches' means (--val-mean batches), against the reference's
+    JsonValue by_batch = require_analysis_agrees("mix_rows", 4, " --pad-id 0 --val-mean batches");
+    CHECK(fabs(by_batch.get("val_loss")->number - rows.get("val_loss")->number) > 1e-4);
     std::string tmp = make_temp_dir(), dir = fixture_dir("mix_rows");
     train_ok("--init-from " + quote(dir) + " --analyze --val-data " + quote(dir + "/train.bin") +
              " --batch 3 --seq-len 24 --out " + quote(tmp));
