@@ -209,11 +209,14 @@ inline void gemm_accumulate_cpu(real* C, const S* A, size_t a_row, size_t a_col,
                 // the strip's A: in place (row-major: rows a_row apart; column-major: MR values
                 // side by side, k a_col apart), or its packed copy
                 bool rows_apart = strip < first_packed_strip && a_col == 1;
-                const real* a_strip = a_packed + (size_t)(strip - first_packed_strip) * kc * GEMM_MR;
-                size_t a_stride = GEMM_MR;
+                const real* a_strip;
+                size_t a_stride;
                 if (strip < first_packed_strip) {
                     a_strip = a_real + (size_t)k0 * a_col + (size_t)strip * GEMM_MR * a_row;
                     a_stride = rows_apart ? a_row : a_col;
+                } else {
+                    a_strip = a_packed + (size_t)(strip - first_packed_strip) * kc * GEMM_MR;
+                    a_stride = GEMM_MR;
                 }
                 int p_end = std::min(n_panels, (block + 1) * (GEMM_NC / GEMM_NR));
                 for (int p = block * (GEMM_NC / GEMM_NR); p < p_end; p++) {
