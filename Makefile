@@ -27,7 +27,7 @@ CUDA_HOME ?= /usr/local/cuda
 HEADERS = $(wildcard *.h layers/*.cuh test/emu/*.h test/*.h)
 TEST_SOURCES = $(filter-out test/test_main.cpp test/test_finite_difference.cpp test/test_cuda_emu.cpp,$(wildcard test/*.cpp))
 
-.PHONY: all test bench demo kernel-report clean
+.PHONY: all test sanitize bench demo kernel-report clean
 all: train
 
 ifneq ($(NVCC),)
@@ -105,6 +105,40 @@ test: train build/train_cpu build/bench_cpu_kernels build/train_emu build/test_c
 	./build/test_fd
 	MIXLN_FIXTURES=build/fixtures ./build/test_emu
 	$(if $(GPU_TESTS),MIXLN_FIXTURES=build/fixtures ./build/test_gpu)
+
+# AddressSanitizer and UndefinedBehaviorSanitizer builds: the CPU tests, ./train's CPU backend and
+# its CUDA backend under the emulation (which the CLI tests run), and the CUDA kernels' tests under
+# the emulation, where ASan reports a kernel's access outside its cudaMalloc allocation
+# (test/emu/cuda_emu.h), and the model's activation tensors are fenced off by poisoned redzones
+# (model.h). UBSan with float-cast-overflow, which gcc leaves out of "undefined". -O1 keeps them
+# quick to build; -Wno-maybe-uninitialized because gcc 12 warns inside libstdc++'s <regex> under
+# the sanitizers.
+#   make sanitize        build them and run the tests (the CLI tests included: ~25 min on 2 cores)
+SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all
+SAN_CXXFLAGS = -march=native -std=c++17 -fopenmp -fno-math-errno $(WARNINGS) -Wno-maybe-uninitialized $(SAN_FLAGS) \
+               $(if $(CATCH_INCLUDE),-I$(CATCH_INCLUDE))
+build/san/train_cpu: train.cu $(HEADERS)
+	@mkdir -p build/san
+	$(CXX) $(SAN_CXXFLAGS) -x c++ train.cu -o $@
+build/san/train_emu: train.cu $(HEADERS)
+	@mkdir -p build/san
+	$(CXX) $(SAN_CXXFLAGS) $(EMU_FLAGS) -x c++ train.cu -o $@
+build/san/test_main.o: test/test_main.cpp
+	@mkdir -p build/san
+	$(CXX) $(SAN_CXXFLAGS) -c $< -o $@
+build/san/test_cpu: $(TEST_SOURCES) build/san/test_main.o $(HEADERS) test/test_util.h
+	$(CXX) $(SAN_CXXFLAGS) -I. $(TEST_SOURCES) build/san/test_main.o -o $@
+SAN_EMU_OBJECTS = $(patsubst test/%,build/san/emu/%.o,$(EMU_SOURCES))
+build/san/emu/%.o: test/% $(HEADERS)
+	@mkdir -p build/san/emu
+	$(CXX) $(SAN_CXXFLAGS) $(EMU_FLAGS) -I. -x c++ -c $< -o $@
+build/san/test_emu: $(SAN_EMU_OBJECTS) build/san/test_main.o
+	$(CXX) $(SAN_CXXFLAGS) $(SAN_EMU_OBJECTS) build/san/test_main.o -o $@
+
+sanitize: build/san/train_cpu build/san/train_emu build/san/test_cpu build/san/test_emu build/fixtures/done
+	MIXLN_FIXTURES=build/fixtures MIXLN_TRAIN=build/san/train_cpu MIXLN_TRAIN_EMU=build/san/train_emu PYTHON=$(PYTHON) \
+	    ./build/san/test_cpu
+	MIXLN_FIXTURES=build/fixtures ./build/san/test_emu
 
 # the compiler's register and spill report for every kernel, per target architecture
 kernel-report:

@@ -92,6 +92,26 @@ inline float exp_cpu(float x) {
 }
 inline double exp_cpu(double x) { return std::exp(x); }
 
+// AddressSanitizer builds (make sanitize). The model's activations share one allocation, so an
+// access that runs past one tensor lands in the next, unseen; in these builds each tensor is
+// followed by ASAN_REDZONE_BYTES that are poisoned (with its padding to 256 bytes), and a kernel
+// that reads or writes there is reported. Other builds: no redzone, nothing poisoned.
+#if defined(__SANITIZE_ADDRESS__)
+#define MIXLN_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MIXLN_ASAN 1
+#endif
+#endif
+#ifdef MIXLN_ASAN
+#include <sanitizer/asan_interface.h>
+constexpr size_t ASAN_REDZONE_BYTES = 256;
+inline void asan_poison(void* p, size_t bytes) { ASAN_POISON_MEMORY_REGION(p, bytes); }
+#else
+constexpr size_t ASAN_REDZONE_BYTES = 0;
+inline void asan_poison(void*, size_t) {}
+#endif
+
 // Print "error: <message>" to stderr and exit with status 1.
 [[noreturn]] inline void fail(const char* format, ...) {
     fflush(stdout);

@@ -550,15 +550,20 @@ inline void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], const ModelCo
 // Points the struct's members into one buffer holding the tensors in order, each of the size
 // `sizes` gives in elements of its own type (floatX or real), starting on a 256-byte boundary (what
 // cuBLASLt and vector loads like). Returns the buffer's size in bytes; memory == nullptr only
-// measures it.
+// measures it. In AddressSanitizer builds a redzone follows each tensor, and poison_gaps poisons
+// it with the tensor's padding (common.h: ASAN_REDZONE_BYTES).
 template <typename floatX>
-inline size_t point_activations(ActivationTensorsOf<floatX>* a, void* memory, const size_t sizes[NUM_ACTIVATION_TENSORS]) {
+inline size_t point_activations(ActivationTensorsOf<floatX>* a, void* memory, const size_t sizes[NUM_ACTIVATION_TENSORS],
+                                bool poison_gaps = false) {
     size_t offset = 0;
     int i = 0;
     auto place = [&](auto*& member) {
         typedef std::remove_reference_t<decltype(*member)> Element;
         member = memory && sizes[i] ? (Element*)((char*)memory + offset) : nullptr;
-        offset += (sizes[i] * sizeof(Element) + 255) / 256 * 256;
+        size_t bytes = sizes[i] * sizeof(Element);
+        size_t next = offset + (bytes + 255) / 256 * 256 + ASAN_REDZONE_BYTES;
+        if (poison_gaps && memory) asan_poison((char*)memory + offset + bytes, next - offset - bytes);
+        offset = next;
         i++;
     };
     place(a->embedded), place(a->attn_norm), place(a->attn_norm_stats), place(a->qkv), place(a->att);
@@ -999,6 +1004,13 @@ inline void model_build(Model* model, const ModelConfig& config, int B, int T, b
     real* rope_sin_table = nullptr;
     model->acts_memory = model_alloc(on_gpu, model->activation_bytes, "activations");
     model_zero(model, model->acts_memory, model->activation_bytes);
+#ifdef MIXLN_ASAN
+    // the gaps between the tensors, where a kernel that overruns one would land (make sanitize)
+    if (precision == PRECISION_FP32) point_activations(&fp32_view, model->acts_memory, sizes, true);
+#ifdef MIXLN_HAS_BF16
+    else point_activations(&bf16_view, model->acts_memory, sizes, true);
+#endif
+#endif
     rope_cos_table = model_activations<real>(model).rope_cos;
     rope_sin_table = model_activations<real>(model).rope_sin;
 #ifdef MIXLN_HAS_BF16

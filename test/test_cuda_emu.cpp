@@ -402,6 +402,41 @@ __global__ void different_primitives_kernel(float* out) {
         out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.0f, 1);
 }
 
+#ifdef MIXLN_ASAN
+// Under AddressSanitizer (`make sanitize`): a kernel's access outside its allocation is reported,
+// on the fibers' stacks as on cudaMalloc memory. Each kernel reads or writes one element too far.
+__global__ void read_past_end_kernel(float* out, const float* inp, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) out[i % n] = inp[i];   // i == n reads one float past the end
+}
+__global__ void write_before_start_kernel(float* out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i - 1] = 1.0f;   // thread 0 writes the float before the allocation
+}
+__global__ void local_array_overrun_kernel(float* out, int index) {
+    float local[8];
+    for (int i = 0; i < 8; i++) local[i] = (float)(i + threadIdx.x);
+    const float* through_pointer = local;
+    __asm__("" : "+r"(through_pointer));   // hides the array from UBSan's bounds checks: ASan's turn
+    out[threadIdx.x] = through_pointer[index];   // index 8: past the array, on the fiber's stack
+}
+
+TEST_CASE("under AddressSanitizer a kernel's access outside its memory is reported", "[emu][asan]") {
+    const int n = 100;   // 400 bytes: not a multiple of 256, so the end is inside a rounded-up block
+    float* d_inp = device_zeros<float>(n);
+    float* d_out = device_zeros<float>(n);
+    // in bounds: clean
+    LAUNCH(read_past_end_kernel, 1, 64, 0, 0, d_out, d_inp, 63);
+    LAUNCH(local_array_overrun_kernel, 1, 32, 0, 0, d_out, 7);
+    REQUIRE_FAILS_WITH("heap-buffer-overflow", LAUNCH(read_past_end_kernel, 2, 64, 0, 0, d_out, d_inp, n));
+    REQUIRE_FAILS_WITH("read_past_end_kernel", LAUNCH(read_past_end_kernel, 2, 64, 0, 0, d_out, d_inp, n));
+    REQUIRE_FAILS_WITH("heap-buffer-overflow", LAUNCH(write_before_start_kernel, 2, 64, 0, 0, d_out, n));
+    REQUIRE_FAILS_WITH("stack-buffer-overflow", LAUNCH(local_array_overrun_kernel, 1, 32, 0, 0, d_out, 8));
+    CUDA_CHECK(cudaFree(d_inp));
+    CUDA_CHECK(cudaFree(d_out));
+}
+#endif
+
 TEST_CASE("barriers and warp primitives that cannot complete fail with the line instead of hanging", "[emu]") {
     float* d_out = device_zeros<float>(64);
     std::string file = __FILE__;

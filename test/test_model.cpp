@@ -982,3 +982,24 @@ TEST_CASE(BACKEND ": bf16 keeps fp32 master weights and a bf16 copy that follows
     CHECK(not_bf16 > master.size() / 2);   // the master weights are fp32 values, not bf16 ones
 }
 #endif
+
+#ifdef MIXLN_ASAN
+// `make sanitize` only: every activation tensor is followed by a poisoned redzone inside the one
+// activation allocation, so a kernel that overruns a tensor is reported rather than writing into
+// the next one. A write of one byte past qkv, and one before the logits, must be caught; writes
+// inside them must not.
+TEST_CASE(BACKEND ": under AddressSanitizer the activation tensors are fenced off from each other", "[asan]") {
+    ModelConfig c = small_config(64, 32, 4, 96, 8, "post,pre", NORM_RMSNORM);
+    const int B = 2, T = 8;
+    Model model;
+    model_build(&model, c, B, T, ON_GPU);
+    ActivationTensorsOf<real> a = model_activations<real>(&model);
+    char* qkv_end = (char*)(a.qkv + (size_t)c.num_layers * B * T * 3 * c.channels);
+    char* logits = (char*)a.logits;
+    memset(qkv_end - 4, 0, 4);   // the last float of qkv, and the first of the logits: in bounds
+    memset(logits, 0, 4);
+    REQUIRE_FAILS_WITH("use-after-poison", memset(qkv_end, 0, 1));
+    REQUIRE_FAILS_WITH("use-after-poison", memset(logits - 1, 0, 1));
+    model_free(&model);
+}
+#endif

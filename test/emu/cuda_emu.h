@@ -119,10 +119,11 @@ What it emulates
     binary (REQUIRE_FAILS_WITH) runs blocks sequentially: libgomp cannot start threads after fork.
 
 What it does NOT emulate
-  - Out-of-bounds global memory accesses, races between blocks, and shared-memory races inside one
-    synchronisation phase (a fiber runs a whole phase at once) are not detected; static
-    __shared__ variables keep their values from block to block (they cannot be poisoned) and do
-    not count toward the shared-memory limit (only the launch's dynamic bytes do).
+  - Out-of-bounds global memory accesses (except under AddressSanitizer, below), races between
+    blocks, and shared-memory races inside one synchronisation phase (a fiber runs a whole phase
+    at once) are not detected; static __shared__ variables keep their values from block to block
+    (they cannot be poisoned) and do not count toward the shared-memory limit (only the launch's
+    dynamic bytes do).
   - __CUDA_ARCH__ is not defined, so code under #ifdef __CUDA_ARCH__ is not what runs here.
     No texture/surface memory, __constant__ is plain memory, no cooperative groups, no dynamic
     parallelism, no clusters, no inline PTX, no WMMA beyond the subset above, no warp-divergence
@@ -133,7 +134,14 @@ What it does NOT emulate
     there are no denormal flush modes.
   - C++ exceptions cannot leave a kernel (they stop the test with an error), so Catch2's REQUIRE
     does not work inside kernels: write results to memory and check them on the host.
-  - AddressSanitizer and valgrind do not understand the hand-rolled stack switching.
+  - valgrind does not understand the hand-rolled stack switching. AddressSanitizer does: under
+    -fsanitize=address every switch is announced to it (`make sanitize` builds the tests so), and
+    cudaMalloc then allocates exactly the bytes asked for (not rounded up to 256), so a kernel's
+    read or write past the end of an allocation, or before its start, is reported with the
+    kernel's source line. The model's activations share one allocation; in these builds it puts
+    a poisoned redzone after each tensor (model.h, point_activations), and cudaFree unpoisons
+    before it poisons the memory with 0xFF. An access that lands inside another allocation, or
+    inside another tensor of the flat parameter buffers, is not seen.
   - g++ 12 cannot silence -Wunknown-pragmas from a header, so `#pragma unroll` in a kernel breaks a
     -Werror build unless the emulation build adds -Wno-unknown-pragmas.
 
@@ -190,6 +198,14 @@ the touched pages are used.
 // of __CET__); glibc's swapcontext does.
 #if !defined(__x86_64__) || defined(MIXLN_EMU_UCONTEXT) || (defined(__CET__) && (__CET__ & 2))
 #define MIXLN_EMU_USE_UCONTEXT 1
+#endif
+
+// Under AddressSanitizer (g++/clang++ -fsanitize=address: common.h defines MIXLN_ASAN) every
+// switch between stacks is announced to it (__sanitizer_start_switch_fiber /
+// __sanitizer_finish_switch_fiber), so that it knows which stack a thread runs on; then kernels'
+// out-of-bounds accesses to cudaMalloc memory are reported.
+#ifdef MIXLN_ASAN
+#include <sanitizer/common_interface_defs.h>
 #endif
 
 // ---- qualifiers: host_defines.h defines most of them for a host compiler; add what is missing.
@@ -265,6 +281,10 @@ inline std::string dims(dim3 v) { return strprintf("(%u,%u,%u)", v.x, v.y, v.z);
 // so every translation unit may include this header.
 struct Context {
     void* sp = nullptr;
+#ifdef MIXLN_ASAN
+    const void* stack_bottom = nullptr;  // the stack it runs on, for AddressSanitizer
+    size_t stack_size = 0;
+#endif
 };
 extern "C" void cuda_emu_switch_x86_64(void** save_sp, void* load_sp);
 extern "C" void cuda_emu_fiber_start_x86_64();
@@ -309,7 +329,7 @@ __asm__(
     ".size cuda_emu_fiber_start_x86_64, .-cuda_emu_fiber_start_x86_64\n"
     ".popsection\n");
 
-inline void context_init(Context& c, char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
+inline void context_init_machine(Context& c, char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
     uintptr_t top = (uintptr_t)(stack_lo + size) & ~(uintptr_t)15;
     // the return address sits at 8 (mod 16), so the entry function starts with the stack
     // alignment of an ordinary call
@@ -330,15 +350,19 @@ inline void context_init(Context& c, char* stack_lo, size_t size, void (*entry)(
     memcpy(control + 4, &fpucw, 2);
     c.sp = (void*)(ret - 7);
 }
-inline void context_switch(Context& from, Context& to) { cuda_emu_switch_x86_64(&from.sp, to.sp); }
+inline void context_switch_machine(Context& from, Context& to) { cuda_emu_switch_x86_64(&from.sp, to.sp); }
 #else
 struct Context {
     ucontext_t uc;
+#ifdef MIXLN_ASAN
+    const void* stack_bottom = nullptr;  // the stack it runs on, for AddressSanitizer
+    size_t stack_size = 0;
+#endif
 };
 inline thread_local void (*tls_fiber_entry)(void*) = nullptr;
 inline thread_local void* tls_fiber_arg = nullptr;
 inline void ucontext_trampoline() { tls_fiber_entry(tls_fiber_arg); }
-inline void context_init(Context& c, char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
+inline void context_init_machine(Context& c, char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
     // one entry and argument per OS thread: every fiber of a runner starts the same way
     tls_fiber_entry = entry;
     tls_fiber_arg = arg;
@@ -348,8 +372,53 @@ inline void context_init(Context& c, char* stack_lo, size_t size, void (*entry)(
     c.uc.uc_link = nullptr;
     makecontext(&c.uc, &ucontext_trampoline, 0);
 }
-inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void context_switch_machine(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
+
+// A fiber's context on a fresh stack [stack_lo, stack_lo + size), to start in entry(arg)
+inline void context_init(Context& c, char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
+#ifdef MIXLN_ASAN
+    // a stack is reused block after block, and an abandoned fiber's frames leave their redzones
+    // poisoned: start clean
+    ASAN_UNPOISON_MEMORY_REGION(stack_lo, size);
+    c.stack_bottom = stack_lo;
+    c.stack_size = size;
+#endif
+    context_init_machine(c, stack_lo, size, entry, arg);
+}
+#ifdef MIXLN_ASAN
+// The context that the last switch on this OS thread left; the one it entered learns that
+// context's stack bounds from AddressSanitizer (that is how the scheduler's, the OS thread's own
+// stack, become known).
+inline thread_local Context* tls_switched_from = nullptr;
+inline void context_switch_finished(void* fake_stack) {
+    const void* bottom = nullptr;
+    size_t size = 0;
+    __sanitizer_finish_switch_fiber(fake_stack, &bottom, &size);
+    if (tls_switched_from != nullptr) {
+        tls_switched_from->stack_bottom = bottom;
+        tls_switched_from->stack_size = size;
+    }
+}
+#endif
+// Leave the context from (saving it) for to; returns when something switches back to from.
+// A fiber entered for the first time calls context_entered() before anything else.
+inline void context_switch(Context& from, Context& to) {
+#ifdef MIXLN_ASAN
+    void* fake_stack = nullptr;
+    tls_switched_from = &from;
+    __sanitizer_start_switch_fiber(&fake_stack, to.stack_bottom, to.stack_size);
+    context_switch_machine(from, to);
+    context_switch_finished(fake_stack);
+#else
+    context_switch_machine(from, to);
+#endif
+}
+inline void context_entered() {
+#ifdef MIXLN_ASAN
+    context_switch_finished(nullptr);
+#endif
+}
 
 // ---- errors found while running a launch: the first one wins; the launch then fails with it
 struct LaunchError {
@@ -523,6 +592,7 @@ struct Runner {
         __builtin_unreachable();
     }
     static void fiber_main(void* arg) {
+        context_entered();
         Runner* r = static_cast<Runner*>(arg);
         try {
             r->body(r->body_arg);
@@ -1503,8 +1573,16 @@ inline cudaError_t cudaMalloc(void** ptr, size_t size) {
     if (ptr == nullptr) return cuda_emu::record(cudaErrorInvalidValue);
     *ptr = nullptr;
     if (size == 0) return cudaSuccess;
+#ifdef MIXLN_ASAN
+    // exactly size bytes: AddressSanitizer reports a kernel's access past the end, as
+    // compute-sanitizer's memcheck does on a GPU (which also counts bytes past size as outside)
+    size_t rounded = size;
+    void* p = nullptr;
+    if (posix_memalign(&p, 256, size) != 0) p = nullptr;
+#else
     size_t rounded = (size + 255) / 256 * 256;
     void* p = aligned_alloc(256, rounded);
+#endif
     if (p == nullptr) return cuda_emu::record(cudaErrorMemoryAllocation);
     memset(p, 0xFF, rounded);  // NaN floats: reading memory nobody wrote shows up
     cuda_emu::Allocations& a = cuda_emu::allocations();
@@ -1523,6 +1601,9 @@ inline cudaError_t cudaFree(void* ptr) {
             fprintf(stderr, "cuda emulation: cudaFree(%p): not a pointer that cudaMalloc returned\n", ptr);
             return cuda_emu::record(cudaErrorInvalidValue);
         }
+#ifdef MIXLN_ASAN
+        ASAN_UNPOISON_MEMORY_REGION(ptr, it->second);   // the redzones a model put inside it (model.h)
+#endif
         memset(ptr, 0xFF, it->second);
         a.blocks.erase(it);
     }
