@@ -723,10 +723,12 @@ static void log_flush(FILE* log, const std::string& path) {
 // A resumed run's log keeps the entries up to the saved step (an interrupted run may have logged
 // steps past its last checkpoint, which are about to run again) and continues after them. They
 // come from the log in resumed_from ("" when not resuming), which a branch (--out elsewhere)
-// copies and leaves as it was.
+// copies and leaves as it was. A torn last line (a run killed mid-write) is dropped silently;
+// other lines that are not log entries (a damaged file) are dropped with a warning that counts them.
 static FILE* open_log(const std::string& dir, const std::string& resumed_from, int resume_step) {
     std::string path = dir + "/log.jsonl", old_path = resumed_from + "/log.jsonl";
     std::string kept;
+    int unreadable = 0;
     if (!resumed_from.empty()) {
         FILE* old = fopen(old_path.c_str(), "rb");
         if (old != nullptr) {
@@ -738,12 +740,19 @@ static FILE* open_log(const std::string& dir, const std::string& resumed_from, i
                 line = text.substr(i, end - i);
                 JsonValue entry;
                 std::string error;
-                if (!json_parse(line, &entry, &error) || entry.get("step") == nullptr) continue;
-                int step = (int)entry.get("step")->number;
+                int step = json_parse(line, &entry, &error) ? json_int_or(entry.get("step"), -1) : -1;
+                if (step < 0) {
+                    unreadable++;
+                    continue;
+                }
                 bool is_train = entry.get("train_loss") != nullptr;
                 if (is_train ? step < resume_step : step <= resume_step) kept += line + "\n";
             }
         }
+    }
+    if (unreadable > 0) {
+        fprintf(stderr, "warning: %d line%s of '%s' %s not a log entry, left out of the resumed log\n", unreadable,
+                unreadable == 1 ? "" : "s", old_path.c_str(), unreadable == 1 ? "is" : "are");
     }
     write_file_atomic(path, kept);
     return fopen_or_fail(path.c_str(), "a");
@@ -943,7 +952,8 @@ static void check_data_layout(const std::string& pattern, const char* flag, int 
         }
         return;
     }
-    int meta_rows = (int)rows->number, meta_pad_id = meta_pad && meta_pad->type == JsonValue::Number ? (int)meta_pad->number : -1;
+    int meta_rows = json_int_or(rows, -1), meta_pad_id = json_int_or(meta_pad, -1);
+    if (meta_rows < 1) fail("%s: '%s' has a \"rows\" that is not a positive integer", flag, meta_path.c_str());
     if (pad_id < 0) {
         fail("%s: '%s' says the shards hold one document per row of %d tokens padded with token %d: give --pad-id %d "
              "(and --seq-len %d)", flag, meta_path.c_str(), meta_rows, meta_pad_id, meta_pad_id, meta_rows);

@@ -20,6 +20,7 @@ most of that is the three Python start-ups (importing torch).
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 #include <string>
@@ -413,6 +414,11 @@ TEST_CASE("--pad-id: the meta.json beside the shards must agree, and bad values 
     train_ok(model + data);
     write_file(tmp + "/meta.json", "{\"rows\": ");
     require_train_fails(model + data, "--train-data: cannot read '" + tmp + "/meta.json' beside the shards");
+    for (const char* rows : {"1e300", "24.5", "0", "-24"}) {
+        write_file(tmp + "/meta.json", std::string("{\"rows\": ") + rows + ", \"pad_id\": 0}");
+        require_train_fails(model + data + " --pad-id 0",
+                            "--train-data: '" + tmp + "/meta.json' has a \"rows\" that is not a positive integer");
+    }
     // the values themselves
     require_train_fails("--steps 0 --pad-id -2", "--pad-id must be a token id (at least 0), got -2");
     require_train_fails(model + " --train-data " + quote(rows_dir + "/train.bin") + " --pad-id 97",
@@ -817,6 +823,116 @@ TEST_CASE("a corrupt config.json is refused", "[cli]") {
     require_train_fails("--steps 0 --init-from " + quote(tmp + "/bad"), "is not valid JSON");
 }
 
+// ---- damaged files, at random
+
+// One seeded mutation of a file's bytes: a few bytes overwritten (with random values, or with the
+// characters JSON is made of), a cut, a span deleted or doubled. header_bytes > 0 aims most
+// changes at the first header_bytes (a safetensors file's length and JSON header, a shard's
+// 1 KB header), where they reach the parsers rather than the values.
+static std::string damage(const std::string& bytes, std::mt19937_64& gen, size_t header_bytes) {
+    std::string out = bytes;
+    auto below = [&](size_t n) { return n == 0 ? (size_t)0 : (size_t)(gen() % n); };
+    auto position = [&]() {
+        bool in_header = header_bytes > 0 && gen() % 5 != 0;
+        return below(in_header ? std::min(header_bytes, out.size()) : out.size());
+    };
+    static const char json_chars[] = "{}[]\",:0123456789-.eE \\ntfu";
+    switch (gen() % 5) {
+    case 0:   // 1 to 4 bytes overwritten with random values
+        for (int i = 0, n = 1 + (int)below(4); i < n && !out.empty(); i++) out[position()] = (char)(gen() & 0xFF);
+        break;
+    case 1:   // 1 to 4 bytes overwritten with JSON's characters
+        for (int i = 0, n = 1 + (int)below(4); i < n && !out.empty(); i++)
+            out[position()] = json_chars[below(sizeof(json_chars) - 1)];
+        break;
+    case 2:   // cut short
+        out.resize(below(out.size()));
+        break;
+    case 3: {  // 1 to 16 bytes deleted
+        size_t at = position();
+        out.erase(at, std::min(out.size() - at, 1 + below(16)));
+        break;
+    }
+    default: {  // 1 to 16 bytes doubled
+        size_t at = position();
+        out.insert(at, out.substr(at, 1 + below(16)));
+        break;
+    }
+    }
+    return out;
+}
+
+// A safetensors file's header: its 8-byte length, then that many bytes of JSON.
+static size_t safetensors_header_bytes(const std::string& bytes) {
+    uint64_t n = 0;
+    REQUIRE(bytes.size() >= 8);
+    memcpy(&n, bytes.data(), 8);
+    return 8 + (size_t)n;
+}
+
+// Whatever the damage, train ends well: success, or exit status 1 with a message; never a crash,
+// a hang (the time limit), or a report from the sanitizers (make sanitize runs this test against
+// a train built with AddressSanitizer and UBSan, which see the reads a parser is led into).
+static void require_clean_outcome(const Run& r, const std::string& what) {
+    INFO(what << "\nexit status " << r.exit_status << "\nstdout:\n" << r.out << "\nstderr:\n" << r.err);
+    CHECK(r.err.find("Sanitizer") == std::string::npos);
+    CHECK(r.err.find("runtime error:") == std::string::npos);
+    REQUIRE((r.exit_status == 0 || r.exit_status == 1));
+    if (r.exit_status == 1) REQUIRE(r.err.find("error: ") != std::string::npos);
+}
+
+// Each round damages one file and runs train on it: a checkpoint's config.json or
+// model.safetensors (--init-from, which reads both), a stopped run's training_state.safetensors or
+// log.jsonl (--resume, for at most 2 more steps), or the training shard (2 steps on it). 60 rounds
+// per file, seeded: the same damage every run.
+TEST_CASE("randomly damaged checkpoints, training states, logs and shards end in success or a clear error", "[cli][damage]") {
+    std::string tmp = make_temp_dir();
+    std::string shard = tmp + "/train.bin";
+    write_shard(shard, random_tokens(SHARD_TOKENS, SMALL_VOCAB, 5));
+    const std::string data = SMALL_BATCH + " --train-data " + quote(shard);
+    train_ok("--steps 6 --lr 0.003 --warmup 2 " + SMALL_MODEL + " " + data + " --stop-at 4 --out " + quote(tmp + "/run"));
+    const std::string train = "timeout 60 " + quote(env_or("MIXLN_TRAIN", "./train")) + " --device cpu ";
+    const std::string copy = tmp + "/damaged";
+    struct Target {
+        const char* file;
+        std::string command;
+    };
+    const Target targets[] = {
+        {"config.json", train + "--init-from " + quote(copy) + " --steps 2 " + data},
+        {"model.safetensors", train + "--init-from " + quote(copy) + " --steps 2 " + data},
+        {"training_state.safetensors", train + "--resume " + quote(copy) + " --stop-at 6"},
+        {"log.jsonl", train + "--resume " + quote(copy) + " --stop-at 6"},
+    };
+    std::mt19937_64 gen(20261201);
+    std::map<std::string, int> refused, ran;
+    for (const Target& target : targets) {
+        std::string original = read_file(tmp + "/run/" + target.file);
+        size_t header = std::string(target.file).find(".safetensors") != std::string::npos ? safetensors_header_bytes(original) : 0;
+        for (int round = 0; round < 60; round++) {
+            REQUIRE(run_command("rm -rf " + quote(copy) + " && cp -r " + quote(tmp + "/run") + " " + quote(copy)).exit_status == 0);
+            write_file(copy + "/" + target.file, damage(original, gen, header));
+            Run r = run_split(target.command);
+            require_clean_outcome(r, std::string(target.file) + ", round " + std::to_string(round));
+            (r.exit_status == 0 ? ran : refused)[target.file]++;
+        }
+    }
+    std::string shard_bytes = read_file(shard);
+    for (int round = 0; round < 60; round++) {
+        write_file(tmp + "/damaged.bin", damage(shard_bytes, gen, 256 * sizeof(int32_t)));
+        Run r = run_split(train + "--steps 2 " + SMALL_MODEL + " " + SMALL_BATCH + " --train-data " + quote(tmp + "/damaged.bin"));
+        require_clean_outcome(r, "train.bin, round " + std::to_string(round));
+        (r.exit_status == 0 ? ran : refused)["train.bin"]++;
+    }
+    for (const char* file : {"config.json", "model.safetensors", "training_state.safetensors", "log.jsonl", "train.bin"})
+        WARN(file << ": " << refused[file] << " damaged copies refused with a message, " << ran[file] << " ran");
+    // the damage reaches the checks: the files with checksums or strict parsers refuse most rounds
+    // (a changed weight or token is harmless; a damaged log line is dropped, as a torn one is)
+    CHECK(refused["config.json"] >= 30);
+    CHECK(refused["model.safetensors"] >= 30);
+    CHECK(refused["training_state.safetensors"] >= 50);
+    CHECK(refused["train.bin"] >= 30);
+}
+
 // What the engine does not implement is refused, as dev/reference.py refuses it, rather than
 // loaded as if it were not there.
 TEST_CASE("a config.json asking for biases or tied embeddings is refused", "[cli]") {
@@ -973,6 +1089,21 @@ TEST_CASE("10 steps, then --resume for 10 more, is bitwise identical to 20 steps
     CHECK(read_file(tmp + "/straight/model.safetensors") == read_file(tmp + "/resumed/model.safetensors"));
     CHECK(read_file(tmp + "/straight/training_state.safetensors") == read_file(tmp + "/resumed/training_state.safetensors"));
     CHECK(train_loss_lines(tmp + "/straight/log.jsonl") == train_loss_lines(tmp + "/resumed/log.jsonl"));
+}
+
+TEST_CASE("--resume leaves out a damaged log's lines that are not entries, with a warning that counts them", "[cli][resume]") {
+    std::string tmp = make_temp_dir();
+    train_ok(mix_run_args(6) + " --out " + quote(tmp + "/run") + " --stop-at 4");
+    std::string log = read_file(tmp + "/run/log.jsonl");
+    size_t first_line_end = log.find('\n') + 1;
+    write_file(tmp + "/run/log.jsonl", log.substr(0, first_line_end) + "not json\n{\"step\": 1e300}\n" + log.substr(first_line_end));
+    Run r = train_ok("--resume " + quote(tmp + "/run"));
+    CHECK(r.err.find("warning: 2 lines of '" + tmp + "/run/log.jsonl' are not a log entry, left out of the resumed log") !=
+          std::string::npos);
+    std::string resumed = read_file(tmp + "/run/log.jsonl");
+    CHECK(resumed.find("not json") == std::string::npos);
+    CHECK(resumed.find("1e300") == std::string::npos);
+    CHECK(train_loss_lines(tmp + "/run/log.jsonl").size() == 6);
 }
 
 // The signal arrives once the log shows 3 steps (of 4000 small ones: a second or more of run
