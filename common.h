@@ -83,7 +83,7 @@ inline float exp_cpu(float x) {
     taylor = std::fma(taylor, r, 1.0f / 2);
     taylor = std::fma(taylor, r, 1.0f);
     taylor = std::fma(taylor, r, 1.0f);
-    int32_t n_int = (int32_t)n, n_half = n_int / 2;
+    int32_t n_int = n == n ? (int32_t)n : 0, n_half = n_int / 2;   // (a NaN's cast is undefined; taylor is NaN)
     uint32_t bits_a = (uint32_t)(n_half + 127) << 23, bits_b = (uint32_t)(n_int - n_half + 127) << 23;
     float power_a, power_b;   // 2^n_half, 2^(n - n_half)
     memcpy(&power_a, &bits_a, sizeof(float));
