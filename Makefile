@@ -113,7 +113,7 @@ test: train build/train_cpu build/bench_cpu_kernels build/train_emu build/test_c
 # (model.h). UBSan with float-cast-overflow, which gcc leaves out of "undefined". -O1 keeps them
 # quick to build; -Wno-maybe-uninitialized because gcc 12 warns inside libstdc++'s <regex> under
 # the sanitizers.
-#   make sanitize        build them and run the tests (the CLI tests included: ~25 min on 2 cores)
+#   make sanitize        build them and run the tests (the CLI tests included: ~11 min on 2 cores)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all
 SAN_CXXFLAGS = -march=native -std=c++17 -fopenmp -fno-math-errno $(WARNINGS) -Wno-maybe-uninitialized $(SAN_FLAGS) \
                $(if $(CATCH_INCLUDE),-I$(CATCH_INCLUDE))
