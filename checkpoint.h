@@ -102,9 +102,7 @@ inline int config_int(const JsonValue& root, const char* key, const std::string&
         if (required) fail("'%s' has no \"%s\"", path.c_str(), key);
         return fallback;
     }
-    if (v->type != JsonValue::Number || v->number != floor(v->number) || fabs(v->number) > 2e9) {
-        fail("'%s': \"%s\" must be an integer", path.c_str(), key);
-    }
+    if (!json_is_int(v)) fail("'%s': \"%s\" must be an integer", path.c_str(), key);
     return (int)v->number;
 }
 

@@ -297,14 +297,16 @@ inline bool json_parse(const std::string& text, JsonValue* out, std::string* err
     return true;
 }
 
-// v as an int when it is a number with an integer value in int's range; otherwise `fallback`
-// (a cast of a larger or fractional double to int is not defined, and damaged files have them).
+// Whether v is a number with an integer value in int's range: only then may it be cast to int
+// (a cast of a larger or fractional double is not defined, and damaged files have them).
+inline bool json_is_int(const JsonValue* v) {
+    return v != nullptr && v->type == JsonValue::Number && v->number == std::floor(v->number) &&
+           std::fabs(v->number) <= 2147483647.0;
+}
+
+// v as an int where json_is_int(v); otherwise `fallback`.
 inline int json_int_or(const JsonValue* v, int fallback) {
-    if (v == nullptr || v->type != JsonValue::Number || v->number != std::floor(v->number) ||
-        std::fabs(v->number) > 2147483647.0) {
-        return fallback;
-    }
-    return (int)v->number;
+    return json_is_int(v) ? (int)v->number : fallback;
 }
 
 // s as a quoted JSON string literal. Bytes >= 0x80 pass through, so UTF-8 stays UTF-8.

@@ -950,6 +950,9 @@ TEST_CASE("a config.json asking for biases or tied embeddings is refused", "[cli
         {"\"mlp_bias\": false", "\"mlp_bias\": true", "biases in the MLP projections are not supported"},
         {"\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true", "tied embeddings are not supported"},
         {"\"mlp_bias\": false", "\"mlp_bias\": \"false\"", "\"mlp_bias\" must be true or false"},
+        // sizes that are not integers, or beyond int's range, never reach a cast to int
+        {"\"num_key_value_heads\": ", "\"num_key_value_heads\": 0.5, \"x\": ", "\"num_key_value_heads\" must be an integer"},
+        {"\"num_key_value_heads\": ", "\"num_key_value_heads\": 3e9, \"x\": ", "\"num_key_value_heads\" must be an integer"},
     };
     int n = 0;
     for (const Case& c : cases) {
