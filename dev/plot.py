@@ -10,7 +10,8 @@ Figures from training logs and layer analyses, as PNG files (matplotlib, Agg bac
            that ./train --keep-every keeps (RUN/step_NNNNNN), one panel per run
 
 and, as functions for dev/sweep, the figures of a sweep over placements and seeds
-(sweep_loss_curves, sweep_ppl_vs_alpha, and with --analyze sweep_hidden_rms, sweep_layer_drop).
+(sweep_loss_curves, sweep_ppl_vs_alpha, sweep_loss_vs_lr with --lrs, and with --analyze sweep_hidden_rms,
+sweep_layer_drop).
 
     python3 dev/plot.py loss --out loss.png runs/pre/log.jsonl runs/post/log.jsonl runs/mix/log.jsonl
     python3 dev/plot.py grads --out grads.png runs/pre/log.jsonl runs/mix/log.jsonl --step 0
@@ -475,32 +476,41 @@ def sweep_loss_curves(groups, out, title=None):
 
 def sweep_ppl_vs_alpha(points, out, title=None):
     """Validation perplexity against the Mix-LN alpha: the mean over the seeds that did not
-    diverge as a line, every such seed as a point, and diverged runs as red crosses on the top
-    edge. points: [{"alpha": a, "ppl": p, "diverged": bool}, ...] (alpha 0 = Pre-LN runs,
-    alpha 1 = Post-LN runs, when the caller includes them). A logarithmic axis when the
-    perplexities span more than a factor of 20."""
+    diverge as a line, every such seed as a point, and diverged runs as crosses on the top edge.
+    points: [{"alpha": a, "ppl": p, "diverged": bool, "series": name or None}, ...] (alpha 0 =
+    Pre-LN runs, alpha 1 = Post-LN runs, when the caller includes them); one line and colour per
+    series (the sweep's learning rates), in the order they first appear. A logarithmic axis when
+    the perplexities span more than a factor of 20."""
     plt = pyplot()
     import matplotlib.transforms as mtransforms
     fig, ax = plt.subplots(figsize=(8, 5))
-    good = [p for p in points if not p["diverged"] and _finite(p["ppl"])]
-    bad = [p for p in points if p not in good]
+    series = []
+    for p in points:
+        if p.get("series") not in series:
+            series.append(p.get("series"))
+    edge = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
     alphas = sorted({p["alpha"] for p in points})
-    means = []
-    for a in alphas:
-        vals = [p["ppl"] for p in good if p["alpha"] == a]
-        if vals:
-            means.append((a, sum(vals) / len(vals)))
-    if good:
-        ax.plot([p["alpha"] for p in good], [p["ppl"] for p in good], "o", color="tab:blue", alpha=0.45,
-                markersize=5, label="one seed")
-    if means:
-        ax.plot([a for a, _ in means], [m for _, m in means], "-s", color="tab:blue", markersize=7,
-                linewidth=1.6, label="mean over seeds (not diverged)")
-    if bad:
-        edge = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
-        ax.plot([p["alpha"] for p in bad], [0.97] * len(bad), "x", color="tab:red", markersize=9,
-                markeredgewidth=2, transform=edge, clip_on=False, label="diverged")
-    vals = [p["ppl"] for p in good]
+    vals = []
+    for i, name in enumerate(series):
+        mine = [p for p in points if p.get("series") == name]
+        good = [p for p in mine if not p["diverged"] and _finite(p["ppl"])]
+        bad = [p for p in mine if p not in good]
+        color = "tab:blue" if len(series) == 1 else f"C{i % 10}"
+        prefix = f"{name}: " if name is not None else ""
+        means = []
+        for a in sorted({p["alpha"] for p in good}):
+            v = [p["ppl"] for p in good if p["alpha"] == a]
+            means.append((a, sum(v) / len(v)))
+        if good:
+            ax.plot([p["alpha"] for p in good], [p["ppl"] for p in good], "o", color=color, alpha=0.45,
+                    markersize=5, label=prefix + "one seed" if len(series) == 1 else None)
+        if means:
+            ax.plot([a for a, _ in means], [m for _, m in means], "-s", color=color, markersize=7,
+                    linewidth=1.6, label=prefix + "mean over seeds (not diverged)" if len(series) == 1 else name)
+        if bad:
+            ax.plot([p["alpha"] for p in bad], [0.97] * len(bad), "x", color="tab:red" if len(series) == 1 else color,
+                    markersize=9, markeredgewidth=2, transform=edge, clip_on=False, label=prefix + "diverged")
+        vals += [p["ppl"] for p in good]
     if not vals:
         ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center", va="center", color="tab:red")
         ax.set_yticks([])
@@ -516,6 +526,52 @@ def sweep_ppl_vs_alpha(points, out, title=None):
     ax.set_title(title or "Mix-LN: validation perplexity vs alpha")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, out)
+    plt.close(fig)
+
+
+def sweep_loss_vs_lr(lines, out, title=None):
+    """The final validation loss against the peak learning rate (logarithmic axis), one colour per
+    placement: the mean over the seeds that did not diverge as a line, every such seed as a point,
+    and diverged runs as crosses on the top edge in the placement's colour.
+    lines: [{"label": str, "points": [{"lr": lr, "loss": loss, "diverged": bool}, ...]}, ...]."""
+    plt = pyplot()
+    import matplotlib.transforms as mtransforms
+    fig, ax = plt.subplots(figsize=(8, 5))
+    edge = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+    lrs = sorted({p["lr"] for line in lines for p in line["points"]})
+    any_good = False
+    for i, line in enumerate(lines):
+        color = f"C{i % 10}"
+        good = [p for p in line["points"] if not p["diverged"] and _finite(p["loss"])]
+        bad = [p for p in line["points"] if p not in good]
+        means = []
+        for lr in sorted({p["lr"] for p in good}):
+            v = [p["loss"] for p in good if p["lr"] == lr]
+            means.append((lr, sum(v) / len(v)))
+        if good:
+            any_good = True
+            ax.plot([p["lr"] for p in good], [p["loss"] for p in good], "o", color=color, alpha=0.4, markersize=4)
+            ax.plot([lr for lr, _ in means], [m for _, m in means], "-s", color=color, markersize=6, linewidth=1.5,
+                    label=line["label"])
+        if bad:
+            ax.plot([p["lr"] for p in bad], [0.97] * len(bad), "x", color=color, markersize=9, markeredgewidth=2,
+                    transform=edge, clip_on=False, label=f"{line['label']}: diverged")
+    if not any_good:
+        ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center", va="center", color="tab:red")
+        ax.set_yticks([])
+    ax.set_xscale("log")
+    ax.set_xticks(lrs)
+    ax.set_xticklabels([f"{lr:g}" for lr in lrs])
+    ax.minorticks_off()
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss")
+    ax.set_title((title + ": " if title else "") + "final validation loss vs learning rate (mean over seeds)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, out)
     plt.close(fig)

@@ -259,6 +259,46 @@ def test_report_only():
     assert "no_such_dir" in stderr, stderr
 
 
+def test_lrs_train_every_placement_at_every_learning_rate():
+    ensure_train()
+    out = os.path.join(tmp(), "lrs")
+    common = data_args()
+    i = common.index("--lr")
+    del common[i:i + 2]
+    stdout, _ = sweep("--out", out, "--placements", "pre,mix", "--alphas", "0.5", "--lrs", "1e-2,3e-2,0.01",
+                      "--jobs", "2", common=common)
+    runs = ["pre-lr0.01-s1", "pre-lr0.03-s1", "mix-0.5-lr0.01-s1", "mix-0.5-lr0.03-s1"]   # 0.01 twice: once
+    assert "training 4 runs" in stdout, stdout
+    rows = read_csv(out)
+    assert [r["run"] for r in rows] == runs, rows
+    for r in rows:
+        lr = "0.01" if "lr0.01" in r["run"] else "0.03"
+        assert float(r["lr"]) == float(lr), r
+        assert f"--lr {lr} --seed 1" in r["command"], r["command"]
+        assert r["status"] == "ok" and math.isfinite(float(r["val_loss"])), r
+    assert result(out, "pre-lr0.03-s1")["base"] == "pre"
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    # the table by placement and learning rate holds each run's own loss (one seed: the mean is it)
+    assert "| placement | lr 0.01 | lr 0.03 |" in md, md
+    loss = {r["run"]: float(r["val_loss"]) for r in rows}
+    assert f"| pre | {loss['pre-lr0.01-s1']:.4f} | {loss['pre-lr0.03-s1']:.4f} |" in md, md
+    assert f"| mix-0.5 | {loss['mix-0.5-lr0.01-s1']:.4f} | {loss['mix-0.5-lr0.03-s1']:.4f} |" in md, md
+    assert is_png(os.path.join(out, "loss_vs_lr.png")) and is_png(os.path.join(out, "ppl_vs_alpha.png"))
+    # a sweep of one learning rate has neither
+    main_out, _ = main_sweep()
+    assert not os.path.exists(os.path.join(main_out, "loss_vs_lr.png"))
+    assert all(float(r["lr"]) == 0.01 for r in read_csv(main_out))   # from the common --lr
+    # --lr after -- would be overridden by every run: refused, as are learning rates that are not
+    for args, c, message in [(["--lrs", "1e-3"], data_args(), "--lrs sets it for each run"),
+                             (["--lrs", "1e-3,x"], common, "'x' is not a number"),
+                             (["--lrs", "1e-3,0"], common, "0 is not a positive learning rate"),
+                             (["--lrs", ""], common, "--lrs")]:
+        _, stderr = sweep("--out", os.path.join(tmp(), "lrs_bad"), "--placements", "pre", *args, common=c, expect=None)
+        assert message in stderr, (args, stderr)
+    assert not os.path.exists(os.path.join(tmp(), "lrs_bad"))
+
+
 def test_diverging_runs_are_results():
     ensure_train()
     out = os.path.join(tmp(), "diverge")
@@ -598,6 +638,10 @@ def test_placement_labels():
     assert [p["label"] for p in ps] == ["mix-0.25", "mix-0.125", "pre", "list-post2-pre3"], ps
     assert ps[3]["args"] == ["--norm-layers", "post,post,pre,pre,pre"]
     assert sw.parse_seeds("3, 1,3") == [3, 1]
+    lr = sw.with_lr(ps[0], 3e-3)
+    assert lr["label"] == "mix-0.25-lr0.003" and lr["base"] == "mix-0.25" and lr["lr"] == 3e-3
+    assert lr["args"] == ["--norm", "mix", "--alpha", "0.25", "--lr", "0.003"] and ps[0]["lr"] is None
+    assert sw.lr_of(["--lr", "1e-3", "--steps", "5", "--lr", "2e-3"]) == 2e-3 and sw.lr_of(["--steps", "5"]) is None
 
 
 def main():
