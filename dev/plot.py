@@ -408,6 +408,18 @@ def _over_seeds(curves):
     return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
 
 
+def _finish_sweep_figure(fig, ax, title, out, grid_axis="both"):
+    """The sweep figures' one-panel ending: a small title, a light grid, the legend (where anything
+    is labelled), then write the PNG and free the figure."""
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, out)
+    pyplot().close(fig)
+
+
 def sweep_loss_curves(groups, out, title=None):
     """Two panels: validation loss vs step (mean over seeds, band from min to max) and smoothed
     training loss vs step (mean over seeds), one colour per placement.
@@ -567,14 +579,8 @@ def sweep_loss_vs_lr(lines, out, title=None):
     ax.minorticks_off()
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss")
-    ax.set_title((title + ": " if title else "") + "final validation loss vs learning rate (mean over seeds)",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    save(fig, out)
-    plt.close(fig)
+    _finish_sweep_figure(fig, ax, (title + ": " if title else "") + "final validation loss vs learning rate "
+                         "(mean over seeds)", out)
 
 
 def sweep_hidden_rms(groups, out, title=None):
@@ -600,13 +606,8 @@ def sweep_hidden_rms(groups, out, title=None):
     ax.set_xticks(range(0, L + 1, max(1, math.ceil((L + 1) / 16))))
     ax.set_xlabel("layer boundary l (0: the embeddings, l: the output of layer l-1)")
     ax.set_ylabel("RMS of the hidden state h_l")
-    ax.set_title((title + ": " if title else "") + "hidden-state RMS (mean over seeds, band: min..max)", fontsize=10)
-    ax.grid(alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    save(fig, out)
-    plt.close(fig)
+    _finish_sweep_figure(fig, ax, (title + ": " if title else "") + "hidden-state RMS (mean over seeds, band: min..max)",
+                         out)
 
 
 def sweep_layer_drop(groups, out, title=None):
@@ -630,14 +631,8 @@ def sweep_layer_drop(groups, out, title=None):
     ax.set_xticks(range(0, L, max(1, math.ceil(L / 16))))
     ax.set_xlabel("layer removed")
     ax.set_ylabel("val loss without the layer - full model val loss")
-    ax.set_title((title + ": " if title else "") + "loss rise with one layer removed (mean over seeds, whiskers: min..max)",
-                 fontsize=10)
-    ax.grid(alpha=0.3, axis="y")
-    if groups:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    save(fig, out)
-    plt.close(fig)
+    _finish_sweep_figure(fig, ax, (title + ": " if title else "") + "loss rise with one layer removed (mean over seeds, "
+                         "whiskers: min..max)", out, grid_axis="y")
 
 
 def sweep_drop_steps(groups, out, title=None, logy=False):
