@@ -8,6 +8,8 @@ Figures from training logs and layer analyses, as PNG files (matplotlib, Agg bac
   rms      the hidden states' RMS at every layer boundary, several models on one plot
   drop-steps  each layer's layer-drop loss over training, from the analyses of the snapshots
            that ./train --keep-every keeps (RUN/step_NNNNNN), one panel per run
+  lr       the final validation loss against the peak learning rate, from the results.csv of one
+           or more sweeps (dev/sweep, one learning rate each or several with --lrs), pooled by placement
 
 and, as functions for dev/sweep, the figures of a sweep over placements and seeds
 (sweep_loss_curves, sweep_ppl_vs_alpha, sweep_loss_vs_lr with --lrs, and with --analyze sweep_hidden_rms,
@@ -21,10 +23,11 @@ sweep_layer_drop).
     python3 dev/plot.py rms --out rms.png runs/pre/analysis.json runs/mix/analysis.json --logy
     for d in runs/pre/step_* runs/mix/step_*; do ./train --analyze --init-from $d --val-data data/val.bin; done
     python3 dev/plot.py drop-steps --out drop_steps.png runs/pre runs/mix
+    python3 dev/plot.py lr --out loss_vs_lr.png runs/sweep_lr1e-3/results.csv runs/sweep_lr3e-3/results.csv
 
 Inputs: log.jsonl as ./train writes it (training lines: step, train_loss, lr, grad_norm and
 optionally layer_grad_norms; validation lines: step, val_loss, tokens), and the JSON of
-`reference.py analyze` (or the engine's equivalent). Bad input stops with `error: ...` and exit
+`reference.py analyze` (or the engine's equivalent), and the results.csv of dev/sweep. Bad input stops with `error: ...` and exit
 status 1. Inputs are read and checked before matplotlib is imported, so those errors do not need it.
 
 matplotlib is the Debian package python3-matplotlib (for /usr/bin/python3):
@@ -375,6 +378,50 @@ def cmd_drop_steps(a):
     sweep_drop_steps(groups, a.out, title=a.title, logy=a.logy)
 
 
+def read_sweep_lines(paths):
+    """results.csv files of dev/sweep -> the lines of sweep_loss_vs_lr: one per placement (the
+    base column, the placement without its -lr suffix; older files without it: the placement),
+    the runs of every file pooled, so the seeds and learning rates of separate sweeps meet on one
+    line. Failed runs are left out; so are runs without a learning rate, with a warning."""
+    import csv
+    lines, unknown = {}, []
+    for path in paths:
+        text = read_text(path)
+        rows = list(csv.DictReader(text.splitlines()))
+        if not rows:
+            fail(f"{path}: no runs (expected the results.csv of dev/sweep)")
+        missing = [k for k in ("run", "placement", "lr", "status", "val_loss") if k not in rows[0]]
+        if missing:
+            fail(f"{path}: no {', '.join(missing)} column (expected the results.csv of dev/sweep)")
+        for i, row in enumerate(rows, start=2):
+            if row["status"] == "failed":
+                continue
+            if row["status"] not in ("ok", "diverged"):
+                fail(f"{path}: line {i} (run {row['run']}): status '{row['status']}', expected ok, diverged or failed")
+            if row["lr"] == "":
+                unknown.append(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{row['run']}")
+                continue
+            try:
+                lr, loss = float(row["lr"]), float(row["val_loss"])
+            except ValueError:
+                fail(f"{path}: line {i} (run {row['run']}): lr '{row['lr']}' or val_loss '{row['val_loss']}' "
+                     "is not a number")
+            if not (math.isfinite(lr) and lr > 0):
+                fail(f"{path}: line {i} (run {row['run']}): lr {row['lr']} is not a positive learning rate")
+            label = row.get("base") or row["placement"]
+            lines.setdefault(label, []).append({"lr": lr, "loss": loss, "diverged": row["status"] == "diverged"})
+    if unknown:
+        print(f"warning: {len(unknown)} run(s) without a learning rate (no --lr in their command), left out: "
+              + ", ".join(unknown), file=sys.stderr)
+    if not lines:
+        fail("no run with a learning rate and a result in " + ", ".join(paths))
+    return [{"label": label, "points": points} for label, points in lines.items()]
+
+
+def cmd_lr(a):
+    sweep_loss_vs_lr(read_sweep_lines(a.results), a.out, title=a.title)
+
+
 # -----------------------------------------------------------------------------
 # Figures of a sweep (dev/sweep): several placements, several seeds each. The caller has read and
 # checked the logs; these take plain lists and draw.
@@ -707,6 +754,12 @@ def main(argv=None):
     q.add_argument("--labels", default=None, help="a,b,...: one per file (default: the directory names)")
     q.add_argument("--logy", action="store_true", help="logarithmic y axis")
     q.set_defaults(fn=cmd_rms)
+
+    q = sub.add_parser("lr", help="final val loss against the peak learning rate, from the results.csv of "
+                                  "one or more sweeps (their runs pooled by placement)")
+    common(q)
+    q.add_argument("results", nargs="+", metavar="RESULTS.csv")
+    q.set_defaults(fn=cmd_lr)
 
     q = sub.add_parser("drop-steps", help="each layer's layer-drop loss over training, from a run's analysed snapshots")
     common(q)

@@ -1369,6 +1369,43 @@ def write_synthetic_snapshots(d, L=4):
                                           for l in range(L)]}, f)
 
 
+SWEEP_CSV_HEADER = "run,placement,base,kind,alpha,lr,seed,status,val_loss\n"
+
+
+def write_synthetic_sweeps(d):
+    """d/a/results.csv (pre and mix-0.5 at lr 0.01 and 0.03, seed 1, one failed run) and
+    d/b/results.csv (an older sweep: no base column, one learning rate, seed 2, one diverged run,
+    one without a learning rate), in the columns of dev/sweep that plot.py lr reads."""
+    os.makedirs(os.path.join(d, "a"))
+    os.makedirs(os.path.join(d, "b"))
+    with open(os.path.join(d, "a", "results.csv"), "w") as f:
+        f.write(SWEEP_CSV_HEADER
+                + "pre-lr0.01-s1,pre-lr0.01,pre,pre,0.0,0.01,1,ok,5.1\n"
+                + "pre-lr0.03-s1,pre-lr0.03,pre,pre,0.0,0.03,1,ok,5.3\n"
+                + "mix-0.5-lr0.01-s1,mix-0.5-lr0.01,mix-0.5,mix,0.5,0.01,1,ok,4.8\n"
+                + "mix-0.5-lr0.03-s1,mix-0.5-lr0.03,mix-0.5,mix,0.5,0.03,1,failed,nan\n")
+    with open(os.path.join(d, "b", "results.csv"), "w") as f:
+        f.write("run,placement,kind,alpha,lr,seed,status,val_loss\n"
+                + "pre-s2,pre,pre,0.0,0.01,2,ok,5.2\n"
+                + "mix-0.5-s2,mix-0.5,mix,0.5,0.01,2,diverged,nan\n"
+                + "post-s2,post,post,1.0,,2,ok,4.7\n")
+
+
+def test_plot_sweep_lines():
+    # plot.py lr pools the runs of several sweeps by placement (base, else placement), leaves out
+    # failed runs and, with a warning, runs without a learning rate
+    import plot   # dev/, on the path since the reference's import
+    with tempfile.TemporaryDirectory() as d:
+        write_synthetic_sweeps(d)
+        lines = plot.read_sweep_lines([os.path.join(d, "a", "results.csv"), os.path.join(d, "b", "results.csv")])
+    assert [line["label"] for line in lines] == ["pre", "mix-0.5"], lines
+    pre, mix = lines[0]["points"], lines[1]["points"]
+    assert pre == [{"lr": 0.01, "loss": 5.1, "diverged": False}, {"lr": 0.03, "loss": 5.3, "diverged": False},
+                   {"lr": 0.01, "loss": 5.2, "diverged": False}], pre
+    assert len(mix) == 2 and mix[0] == {"lr": 0.01, "loss": 4.8, "diverged": False}, mix
+    assert mix[1]["lr"] == 0.01 and math.isnan(mix[1]["loss"]) and mix[1]["diverged"] is True, mix
+
+
 def test_plot_bad_input():
     # Inputs are checked before matplotlib is imported, so this runs with or without it.
     import json
@@ -1407,6 +1444,23 @@ def test_plot_bad_input():
         cases += [(("drop-steps", "--out", png, os.path.join(d, "nowhere")), "not a directory"),
                   (("drop-steps", "--out", png, os.path.join(d, "unanalysed")), "no analysed snapshot"),
                   (("drop-steps", "--out", png, os.path.join(d, "deeper")), "disagree on the number of layers ([2, 3])")]
+        # lr: the results.csv of sweeps
+        bad_csvs = {"nolr.csv": "run,placement,status,val_loss\npre-s1,pre,ok,5.0\n",
+                    "header_only.csv": SWEEP_CSV_HEADER,
+                    "status.csv": SWEEP_CSV_HEADER + "pre-s1,pre,pre,pre,0.0,0.01,1,running,5.0\n",
+                    "lr_text.csv": SWEEP_CSV_HEADER + "pre-s1,pre,pre,pre,0.0,fast,1,ok,5.0\n",
+                    "lr_zero.csv": SWEEP_CSV_HEADER + "pre-s1,pre,pre,pre,0.0,0,1,ok,5.0\n",
+                    "lr_none.csv": SWEEP_CSV_HEADER + "pre-s1,pre,pre,pre,0.0,,1,ok,5.0\n"}
+        for name, text in bad_csvs.items():
+            with open(os.path.join(d, name), "w") as f:
+                f.write(text)
+        cases += [(("lr", "--out", png, os.path.join(d, "missing.csv")), "No such file"),
+                  (("lr", "--out", png, os.path.join(d, "nolr.csv")), "no lr column"),
+                  (("lr", "--out", png, os.path.join(d, "header_only.csv")), "no runs"),
+                  (("lr", "--out", png, os.path.join(d, "status.csv")), "line 2 (run pre-s1): status 'running'"),
+                  (("lr", "--out", png, os.path.join(d, "lr_text.csv")), "lr 'fast' or val_loss '5.0' is not a number"),
+                  (("lr", "--out", png, os.path.join(d, "lr_zero.csv")), "lr 0 is not a positive learning rate"),
+                  (("lr", "--out", png, os.path.join(d, "lr_none.csv")), "no run with a learning rate")]
         for args, want in cases:
             r = run_plot(*args)
             assert r.returncode == 1 and "error: " in r.stderr and want in r.stderr, (args, r.returncode, r.stderr)
@@ -1427,6 +1481,7 @@ if HAVE_MATPLOTLIB:  # defined (and counted) only when matplotlib is there: skip
     def test_plot_figures():
         with tempfile.TemporaryDirectory() as d:
             write_synthetic_runs(d)
+            write_synthetic_sweeps(d)
             logs = [os.path.join(d, n, "log.jsonl") for n in ("pre", "mix")]
             analyses = [os.path.join(d, n, "analysis.json") for n in ("pre", "mix")]
             runs = {"loss.png": ("loss", *logs, "--labels", "Pre-LN,Mix-LN"),
@@ -1434,13 +1489,16 @@ if HAVE_MATPLOTLIB:  # defined (and counted) only when matplotlib is there: skip
                     "grads_two.png": ("grads", *logs),
                     "angular.png": ("angular", analyses[1]),
                     "drop.png": ("drop", *analyses),
-                    "rms.png": ("rms", *analyses, "--logy")}
+                    "rms.png": ("rms", *analyses, "--logy"),
+                    "lr.png": ("lr", os.path.join(d, "a", "results.csv"), os.path.join(d, "b", "results.csv"))}
             for name, args in runs.items():
                 out = os.path.join(d, name)
                 r = run_plot(args[0], "--out", out, *args[1:])
                 assert r.returncode == 0, (args, r.stderr)
                 with open(out, "rb") as f:
                     assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+                if name == "lr.png":   # the run without a learning rate is named, not drawn
+                    assert "1 run(s) without a learning rate" in r.stderr and "b/post-s2" in r.stderr, r.stderr
         with tempfile.TemporaryDirectory() as d:
             write_synthetic_snapshots(d)
             out = os.path.join(d, "drop_steps.png")

@@ -277,6 +277,7 @@ def test_lrs_train_every_placement_at_every_learning_rate():
         assert f"--lr {lr} --seed 1" in r["command"], r["command"]
         assert r["status"] == "ok" and math.isfinite(float(r["val_loss"])), r
     assert result(out, "pre-lr0.03-s1")["base"] == "pre"
+    assert [r["base"] for r in rows] == ["pre", "pre", "mix-0.5", "mix-0.5"], rows
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
     # the table by placement and learning rate holds each run's own loss (one seed: the mean is it)
